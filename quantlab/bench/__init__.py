@@ -1,0 +1,1 @@
+"""Scoring: perplexity, speed and size of a (reloaded) model."""

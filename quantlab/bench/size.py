@@ -1,0 +1,28 @@
+"""Size figures: bytes on disk and effective bits per weight of the linear layers."""
+
+from __future__ import annotations
+
+import fnmatch
+
+from torch import nn
+
+PACKED_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
+
+
+def linear_bits_per_weight(model: nn.Module, exclude: tuple[str, ...] = ("lm_head",)) -> float:
+    """Stored bits per weight averaged over the model's linear layers (except ``exclude``),
+    counting everything a quantized layer stores for its weight (codes, scales, zeros, group
+    index) and the dtype width for layers left in float."""
+    bits = 0
+    weights = 0
+    for name, m in model.named_modules():
+        if any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, f"*.{p}") for p in exclude):
+            continue
+        if hasattr(m, "qweight"):
+            bits += sum(getattr(m, t).numel() * getattr(m, t).element_size() * 8
+                        for t in PACKED_TENSORS if getattr(m, t, None) is not None)
+            weights += m.in_features * m.out_features
+        elif isinstance(m, nn.Linear):
+            bits += m.weight.numel() * m.weight.element_size() * 8
+            weights += m.weight.numel()
+    return bits / weights if weights else float("nan")

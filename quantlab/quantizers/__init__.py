@@ -1,0 +1,1 @@
+"""Quantizer backends. See :mod:`quantlab.quantizers.base` for the interface."""

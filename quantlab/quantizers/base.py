@@ -1,0 +1,175 @@
+"""The backend interface every quantizer implements, and the helpers they share.
+
+A backend is a small class:
+
+- ``name``, ``description``, ``Config`` (a frozen pydantic model, unknown keys are errors,
+  with a ``version`` that changes whenever the same options would give different output),
+  ``needs_calibration`` and ``extra`` (the pip extra its library comes with, if any);
+- ``check(model)`` raises a clear error before any work when the model cannot be quantized
+  with these options;
+- ``quantize(model, calibration)`` returns the quantized model (it may modify ``model``);
+- ``save(model, out_dir)`` writes the weight files and returns the ``quantization_config``
+  that goes into ``config.json`` (``None`` for an unquantized model), in the format the
+  ecosystem expects for the method;
+- ``load(ckpt_dir, meta, dtype, device)`` rebuilds the model from a checkpoint directory.
+
+Everything else (config, tokenizer, sidecar metadata, atomic writes) is done once, in
+:mod:`quantlab.checkpoint`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from quantlab.errors import QuantlabError
+
+WEIGHTS_NAME = "model.safetensors"
+
+
+class BackendConfig(BaseModel):
+    """Base of every backend's options: frozen, unknown keys rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    version: ClassVar[int] = 1
+
+    def table_fields(self) -> dict[str, Any]:
+        """Columns this config contributes to the results table (bits, group_size)."""
+        return {}
+
+
+class Backend(ABC):
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    Config: ClassVar[type[BackendConfig]]
+    needs_calibration: ClassVar[bool] = False
+    extra: ClassVar[str | None] = None
+
+    def __init__(self, config: BackendConfig | None = None):
+        self.config = config if config is not None else self.Config()
+        #: per-layer statistics recorded while quantizing (name -> dict), for reports
+        self.layer_stats: dict[str, dict[str, float]] = {}
+
+    def check(self, model: nn.Module) -> None:
+        """Raise :class:`QuantlabError` if ``model`` cannot be quantized with this config
+        (the default accepts every model)."""
+        return None
+
+    @abstractmethod
+    def quantize(self, model: nn.Module, calibration: torch.Tensor | None) -> nn.Module:
+        """Quantize ``model``; ``calibration`` is a LongTensor [samples, seq_len] of token ids
+        (``None`` for backends that need none). Returns the quantized model."""
+
+    @abstractmethod
+    def save(self, model: nn.Module, out_dir: Path) -> dict[str, Any] | None:
+        """Write the weight files of ``model`` into ``out_dir``; return its quantization_config."""
+
+    @classmethod
+    @abstractmethod
+    def load(cls, ckpt_dir: Path, meta: dict[str, Any], dtype: torch.dtype, device: torch.device) -> nn.Module:
+        """Rebuild the model saved by :meth:`save` (``meta``: the checkpoint's quantlab.json)."""
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+def target_linears(model: nn.Module, skip: list[str]) -> list[tuple[str, nn.Linear]]:
+    """The ``nn.Linear`` modules of ``model`` whose names match no pattern in ``skip``.
+
+    Patterns are shell-style globs on module names (``lm_head``, ``*.mlp.down_proj``,
+    ``model.layers.0.*``); a plain name also matches as a suffix after a dot."""
+
+    def skipped(name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, f"*.{p}") for p in skip)
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and not skipped(n)]
+
+
+def tied_parameter_names(model: nn.Module) -> set[str]:
+    """Names of parameters that share storage with an earlier parameter (tied weights)."""
+    seen: dict[int, str] = {}
+    tied = set()
+    for name, t in model.state_dict(keep_vars=True).items():
+        key = t.data_ptr() if t.device.type != "meta" else id(t)
+        if key in seen and t.numel():
+            tied.add(name)
+        else:
+            seen[key] = name
+    return tied
+
+
+def check_not_tied(model: nn.Module, targets: list[tuple[str, nn.Module]]) -> None:
+    tied = tied_parameter_names(model)
+    for name, _ in targets:
+        if f"{name}.weight" in tied:
+            raise QuantlabError(
+                f"layer '{name}' shares its weight with another layer (tied embeddings); "
+                "quantizing it alone is not supported: keep it in 'skip'"
+            )
+
+
+def save_weights(model: nn.Module, path: Path, dtype: torch.dtype | None = None) -> None:
+    """Save the state dict as safetensors, storing tied tensors once (floating tensors cast
+    to ``dtype`` when given)."""
+    from safetensors.torch import save_file
+
+    tied = tied_parameter_names(model)
+    tensors = {}
+    for name, t in model.state_dict().items():
+        if name in tied:
+            continue
+        t = t.detach()
+        if dtype is not None and t.is_floating_point() and t.dtype != torch.float16:
+            t = t.to(dtype)
+        tensors[name] = t.contiguous().cpu()
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Load a safetensors file into ``model``; only tied tensors may be absent from it."""
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(path))
+    except FileNotFoundError:
+        raise QuantlabError(f"checkpoint weights '{path}' are missing") from None
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise QuantlabError(f"checkpoint weights '{path}' cannot be read: {e}") from None
+    tied = tied_parameter_names(model)
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if k not in tied]
+    if missing or result.unexpected_keys:
+        raise QuantlabError(
+            f"checkpoint weights '{path}' do not match the model: "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+
+
+def build_skeleton(config, dtype: torch.dtype) -> nn.Module:
+    """An architecture from its config, weights left uninitialised (they are loaded next)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers < 5
+        from transformers.modeling_utils import no_init_weights
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()  # from_config leaves tying to from_pretrained in transformers 5
+    return model.eval()
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)

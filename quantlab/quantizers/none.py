@@ -1,0 +1,34 @@
+"""``none``: the unquantized model, exported in the run's dtype. It is the reference row."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from quantlab.quantizers.base import WEIGHTS_NAME, Backend, BackendConfig, save_weights
+
+
+class NoQuantConfig(BackendConfig):
+    pass
+
+
+class NoQuant(Backend):
+    name = "none"
+    description = "No quantization: the float model in the run's dtype (the baseline)."
+    Config = NoQuantConfig
+
+    def quantize(self, model: nn.Module, calibration: torch.Tensor | None) -> nn.Module:
+        return model
+
+    def save(self, model: nn.Module, out_dir: Path) -> None:
+        save_weights(model, out_dir / WEIGHTS_NAME)
+        return None
+
+    @classmethod
+    def load(cls, ckpt_dir: Path, meta: dict, dtype: torch.dtype, device: torch.device) -> nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(ckpt_dir, dtype=dtype)
+        return model.to(device).eval()

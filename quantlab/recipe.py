@@ -1,0 +1,308 @@
+"""The recipe: a typed, validated description of one quantization run.
+
+Every default lives here. Unknown keys are errors at every level (with a "did you mean"),
+and backend options are validated by the backend's own ``Config`` when the recipe loads,
+so a typo never reaches the expensive part of a run.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from quantlab.errors import RecipeError, did_you_mean
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+CONVENTIONS = ("gptq",)
+_DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+_LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    """Which model to quantize and how to hold it in memory."""
+
+    source: str = Field(
+        "smollm2-135m",
+        description="Demo alias 'smollm2-135m', a Hugging Face Hub id, a local HF directory "
+        "or a local .gguf file.",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Compute and export dtype of the unquantized tensors. 'auto': float32 on "
+        "CPU, bfloat16 on CUDA when supported (else float16).",
+    )
+    device: str = Field("auto", description="'auto' (CUDA if available, else CPU), 'cpu', "
+                        "'cuda', 'cuda:N' or 'mps'.")
+    trust_remote_code: bool = Field(False, description="Allow code from the model repository to run.")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not _DEVICE_RE.match(v):
+            raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps (got {v!r})")
+        return v
+
+
+class TextSpec(_Strict):
+    """A text source: 'pydoc' (embedded), 'wikitext2' (Hub, online), a .txt/.jsonl file, or a
+    directory holding WikiText-style train.txt/valid.txt/test.txt."""
+
+    source: str = Field("pydoc", description="Text source (see README, 'Text sources').")
+    split: str | None = Field(
+        None,
+        description="Which part of the source. pydoc: 'calibration' or 'evaluation'; a "
+        "WikiText directory or wikitext2: 'train', 'valid'/'validation' or 'test'. Default: the "
+        "calibration part for calibration, the held-out part for evaluation.",
+    )
+    text_field: str = Field("text", description="Field holding the text in a .jsonl file.")
+
+
+class CalibrationSpec(TextSpec):
+    """Calibration samples: random windows of `seq_len` tokens drawn with `seed`."""
+
+    samples: int = Field(128, ge=1, le=100_000, description="Number of calibration windows.")
+    seq_len: int = Field(512, ge=8, le=1_000_000, description="Tokens per calibration window.")
+    seed: int = Field(0, description="Seed of the window sampler.")
+
+
+class SpeedSpec(_Strict):
+    """Decode speed at batch 1 with a KV cache, greedy, end-of-sequence ignored."""
+
+    enabled: bool = True
+    prompt_tokens: int = Field(32, ge=1, description="Prompt length (tokens of the evaluation text).")
+    new_tokens: int = Field(32, ge=2, description="Tokens decoded per repeat.")
+    warmup: int = Field(1, ge=0, description="Untimed repeats first.")
+    repeats: int = Field(3, ge=1, description="Timed repeats; the median is reported.")
+
+
+class EvalSpec(TextSpec):
+    """How each reloaded checkpoint is scored."""
+
+    convention: Literal["gptq"] = Field(
+        "gptq",
+        description="Perplexity convention. 'gptq': the GPTQ/AWQ papers' non-overlapping "
+        "windows of seq_len tokens over the text joined with blank lines, remainder dropped, "
+        "mean NLL over all predicted tokens.",
+    )
+    seq_len: int = Field(512, ge=8, le=1_000_000, description="Window length in tokens.")
+    max_windows: int | None = Field(None, ge=1, description="Score only the first N windows (None: all).")
+    batch_size: int = Field(4, ge=1, description="Windows per forward pass.")
+    speed: SpeedSpec = SpeedSpec()
+
+
+class MethodSpec(_Strict):
+    """One quantization method: a backend and its options."""
+
+    label: str = Field(description="Unique name of the method in this run (a directory name).")
+    backend: str = Field(description="Backend name; see `quantlab backends`.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Backend options.")
+
+    @field_validator("label")
+    @classmethod
+    def _label(cls, v: str) -> str:
+        if not _LABEL_RE.match(v):
+            raise ValueError(
+                f"label {v!r} must start with a letter or digit and use only letters, digits, "
+                "'.', '_', '+' and '-'"
+            )
+        return v
+
+    def config(self):
+        """The backend's validated, frozen option object."""
+        from quantlab.registry import get_backend
+
+        return get_backend(self.backend).Config(**self.options)
+
+
+class OutputSpec(_Strict):
+    dir: str = Field("runs/{name}", description="Run directory; '{name}' is the recipe name.")
+
+
+class Recipe(_Strict):
+    """A whole run. Load with :func:`load_recipe`."""
+
+    name: str = Field(description="Run name (default: the recipe file's stem).")
+    description: str = ""
+    model: ModelSpec = ModelSpec()
+    calibration: CalibrationSpec = CalibrationSpec()
+    baseline: bool = Field(
+        True,
+        description="Add the unquantized model as a 'baseline' method when no method uses "
+        "backend 'none', so every table has a reference row.",
+    )
+    methods: list[MethodSpec] = Field(min_length=1)
+    eval: EvalSpec = EvalSpec()
+    output: OutputSpec = OutputSpec()
+    threads: int | None = Field(None, ge=1, description="torch threads (default: all cores).")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _LABEL_RE.match(v):
+            raise ValueError(f"name {v!r} must use only letters, digits, '.', '_', '+' and '-'")
+        return v
+
+    @model_validator(mode="after")
+    def _methods(self) -> Recipe:
+        from quantlab.registry import get_backend
+
+        labels = [m.label for m in self.methods]
+        dup = sorted({x for x in labels if labels.count(x) > 1})
+        if dup:
+            raise ValueError(f"method labels must be unique; repeated: {', '.join(dup)}")
+        for i, m in enumerate(self.methods):
+            backend = get_backend(m.backend, where=f"methods[{i}].backend")
+            try:
+                backend.Config(**m.options)
+            except ValidationError as e:
+                raise RecipeError(_format_errors(e, backend.Config, f"methods[{i}].options")) from None
+        return self
+
+    def all_methods(self) -> list[MethodSpec]:
+        """Methods to run, with the implicit baseline first when `baseline` is on."""
+        if self.baseline and not any(m.backend == "none" for m in self.methods):
+            return [MethodSpec(label="baseline", backend="none"), *self.methods]
+        return list(self.methods)
+
+    def output_dir(self) -> Path:
+        return Path(self.output.dir.replace("{name}", self.name))
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _set_path(doc: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node: Any = doc
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        where = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise RecipeError(f"--set {dotted}: '{where}' is not an index of a list of {len(node)}")
+            idx = int(part)
+            if last:
+                node[idx] = value
+            else:
+                node = node[idx]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                if node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
+        else:
+            raise RecipeError(f"--set {dotted}: '{'.'.join(parts[:i])}' is a value, not a section")
+
+
+def apply_overrides(doc: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b=c`` overrides (values parsed as YAML scalars) to a recipe document."""
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"--set expects KEY=VALUE, e.g. calibration.samples=32 (got {item!r})")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise RecipeError(f"--set expects KEY=VALUE (got {item!r})")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_path(doc, key, value)
+    return doc
+
+
+def _model_at(cls: type[BaseModel] | None, loc: tuple) -> type[BaseModel] | None:
+    """Follow a pydantic error location through nested models."""
+    for part in loc:
+        if cls is None or isinstance(part, int):
+            continue
+        field = cls.model_fields.get(str(part))
+        if field is None:
+            return None
+        ann = field.annotation
+        args = getattr(ann, "__args__", ())
+        candidates = [ann, *args]
+        cls = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+    return cls
+
+
+def _format_errors(exc: ValidationError, root: type[BaseModel], prefix: str = "") -> str:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        # pydantic reports errors raised in validators under an unnamed location
+        path = prefix
+        for part in loc:
+            path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+        if err["type"] == "extra_forbidden":
+            parent = _model_at(root, loc[:-1])
+            known = list(parent.model_fields) if parent else []
+            hint = did_you_mean(str(loc[-1]), known)
+            lines.append(f"{path}: unknown key{hint}; known keys: {', '.join(known)}")
+            continue
+        msg = err["msg"]
+        if err["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")
+        if err["type"] in {"literal_error"} or err["type"].endswith("_type") or "greater" in err["type"] or "less" in err["type"]:
+            msg += f" (got {err.get('input')!r})"
+        lines.append(f"{path or 'recipe'}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_recipe(doc: Any, *, default_name: str = "run", origin: str = "recipe") -> Recipe:
+    """Validate a recipe document (a dict) and return a :class:`Recipe`."""
+    if doc is None:
+        raise RecipeError(f"{origin}: the recipe is empty; it needs at least a 'methods' list")
+    if not isinstance(doc, dict):
+        raise RecipeError(f"{origin}: a recipe is a mapping of keys (model, calibration, methods, "
+                          f"eval, output), not a {type(doc).__name__}")
+    doc = dict(doc)
+    doc.setdefault("name", default_name)
+    try:
+        return Recipe.model_validate(doc)
+    except RecipeError as e:
+        raise RecipeError(f"{origin}: {e}") from None
+    except ValidationError as e:
+        text = _format_errors(e, Recipe)
+        raise RecipeError("\n".join(f"{origin}: {line}" for line in text.splitlines())) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read a YAML recipe, apply ``--set`` overrides and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file '{path}' does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise RecipeError(f"{path}: not a UTF-8 text file") from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise RecipeError(f"{path}: invalid YAML{where}: {problem}") from None
+    if overrides:
+        if doc is None:
+            doc = {}
+        if not isinstance(doc, dict):
+            raise RecipeError(f"{path}: a recipe is a mapping of keys, not a {type(doc).__name__}")
+        doc = apply_overrides(doc, overrides)
+    return parse_recipe(doc, default_name=path.stem, origin=str(path))
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    """A plain, YAML-ready dict of the resolved recipe (all defaults filled in)."""
+    return recipe.model_dump(mode="json")

@@ -1,0 +1,1 @@
+"""Tables (and, later, plots and HTML) built from a run directory's results."""

@@ -1,0 +1,101 @@
+"""The command line, end to end on the tiny model."""
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+
+from quantlab.cli import main
+
+REQUIRED = ["method", "backend", "bits", "group_size", "ppl", "ppl_convention", "eval_tokens",
+            "size_bytes", "bits_per_weight", "decode_tokens_per_s", "quantize_s", "checkpoint"]
+
+
+def test_run_writes_a_complete_run_directory(tiny_recipe, tmp_path, capsys):
+    assert main(["run", str(tiny_recipe)]) == 0
+    run = tmp_path / "run"
+    table = pd.read_csv(run / "results.csv")
+    assert list(table["method"]) == ["baseline", "rtn-w4-g32"]
+    assert set(REQUIRED) <= set(table.columns)
+    assert (table["ppl_convention"] == "gptq").all() and (table["eval_tokens"] == 6 * 63).all()
+    base, rtn = table.iloc[0], table.iloc[1]
+    assert rtn["size_bytes"] < base["size_bytes"] and rtn["bits_per_weight"] < 6 and base["bits_per_weight"] == 32
+    for row in table.itertuples():
+        assert (run / row.checkpoint / "quantlab.json").is_file()
+        metrics = json.loads((run / row.method / "metrics.json").read_text())
+        assert metrics["ppl"] == pytest.approx(row.ppl)
+        assert len(metrics["speed"]["decode_tokens_per_s_samples"]) == 2
+    assert (run / "recipe.yaml").is_file() and (run / "environment.json").is_file()
+    out = capsys.readouterr().out
+    assert "rtn-w4-g32" in out and "convention gptq" in out and "pydoc:evaluation" in out
+
+    # the table's perplexity is the reloaded checkpoint's, recomputed independently here
+    from quantlab.bench.perplexity import perplexity_gptq
+    from quantlab.checkpoint import load_checkpoint
+    from quantlab.data import pydoc_text, tokenize
+
+    lm = load_checkpoint(run / rtn["checkpoint"], dtype=torch.float32, device=torch.device("cpu"))
+    ids = tokenize(pydoc_text("evaluation"), lm.tokenizer)
+    assert perplexity_gptq(lm.model, ids, 64, max_windows=6).ppl == pytest.approx(rtn["ppl"], rel=1e-6)
+
+
+def test_rerun_reuses_finished_methods_and_force_redoes_them(tiny_recipe, tmp_path, capsys):
+    assert main(["run", str(tiny_recipe)]) == 0
+    marker = tmp_path / "run" / "rtn-w4-g32" / "metrics.json"
+    first = marker.stat().st_mtime_ns
+    assert main(["run", str(tiny_recipe)]) == 0
+    assert marker.stat().st_mtime_ns == first
+    assert "reusing" in capsys.readouterr().err
+    # a changed option is a different method: it is recomputed
+    assert main(["run", str(tiny_recipe), "--set", "methods.0.options.sym=false"]) == 0
+    second = marker.stat().st_mtime_ns
+    assert second != first
+    assert main(["run", str(tiny_recipe), "--set", "methods.0.options.sym=false", "--force"]) == 0
+    assert marker.stat().st_mtime_ns != second
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("methods.0.backend=rnt", "unknown backend 'rnt' (did you mean 'rtn'?)"),
+    ("methods.0.options.bits=9", "methods[0].options.bits"),
+    ("methods.0.options.group_size=48", "group_size 48 does not divide the input width 64 of layer 'model.layers.0.self_attn.q_proj'"),
+    ("model.source=/no/such/model", "model path '/no/such/model' does not exist"),
+    ("eval.source=EMPTY", "is empty"),
+    ("eval.seq_len=4096", "longer than the model's context"),
+    ("modle.source=x", "did you mean 'model'"),
+])
+def test_bad_input_exit_2_and_earlier_results_survive(tiny_recipe, tmp_path, capsys, override, needle):
+    assert main(["run", str(tiny_recipe)]) == 0
+    results = (tmp_path / "run" / "results.csv").read_bytes()
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    capsys.readouterr()
+    assert main(["run", str(tiny_recipe), "--set", override.replace("EMPTY", str(empty))]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.strip().splitlines()[-1].startswith("error: ")
+    assert "Traceback" not in err
+    assert (tmp_path / "run" / "results.csv").read_bytes() == results
+
+
+def test_validate_and_listing_commands(tiny_recipe, capsys):
+    assert main(["validate", str(tiny_recipe)]) == 0
+    assert "valid recipe" in capsys.readouterr().out
+    assert main(["backends"]) == 0
+    out = capsys.readouterr().out
+    assert "rtn:" in out and "group_size" in out and "none:" in out
+    assert main(["models"]) == 0
+    assert "smollm2-135m" in capsys.readouterr().out
+
+
+def test_user_errors_have_no_traceback_in_a_real_process(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("methods: [{label: a, backend: rtn, options: {bits: 12}}]\n")
+    proc = subprocess.run([sys.executable, "-m", "quantlab", "run", str(bad)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "bits" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    proc = subprocess.run([sys.executable, "-m", "quantlab", "validate", str(tmp_path / "none.yaml")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr

@@ -1,0 +1,82 @@
+"""The gptq perplexity convention against a straightforward float64 implementation."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from quantlab.bench.perplexity import perplexity_gptq
+from quantlab.bench.size import linear_bits_per_weight
+from quantlab.bench.speed import decode_speed
+from quantlab.data import pydoc_text, tokenize
+from quantlab.errors import QuantlabError
+
+
+def reference_ppl(model, ids: list[int], seq_len: int) -> tuple[float, int]:
+    """Window by window, log-softmax in float64 NumPy, one token at a time."""
+    nll, count = 0.0, 0
+    for start in range(0, len(ids) - seq_len + 1, seq_len):
+        window = ids[start : start + seq_len]
+        with torch.no_grad():
+            logits = model(torch.tensor([window])).logits[0].double().numpy()
+        for t in range(seq_len - 1):
+            row = logits[t]
+            logz = row.max() + math.log(np.exp(row - row.max()).sum())
+            nll += logz - row[window[t + 1]]
+            count += 1
+    return math.exp(nll / count), count
+
+
+def test_gptq_convention_matches_reference(tiny):
+    model, tok = tiny
+    ids = tokenize(pydoc_text("evaluation"), tok)[:1000]  # 1000 // 96 = 10 windows, 40 dropped
+    got = perplexity_gptq(model, ids, 96, batch_size=3)
+    want, count = reference_ppl(model, ids.tolist(), 96)
+    assert got.scored_tokens == count == 10 * 95
+    assert got.windows == 10 and got.text_tokens == 1000 and got.convention == "gptq"
+    assert got.ppl == pytest.approx(want, rel=1e-5)
+    # max_windows scores a prefix
+    part = perplexity_gptq(model, ids, 96, max_windows=2)
+    assert part.scored_tokens == 2 * 95
+    assert part.ppl == pytest.approx(reference_ppl(model, ids[:192].tolist(), 96)[0], rel=1e-5)
+
+
+def test_tokenize_joins_documents_with_blank_lines(tiny):
+    _, tok = tiny
+    from quantlab.data import Text
+
+    t = Text("x", ["first doc", "second doc"])
+    assert tokenize(t, tok).tolist() == tok("first doc\n\nsecond doc").input_ids
+
+
+def test_errors_for_short_text_and_long_windows(tiny):
+    model, _ = tiny
+    with pytest.raises(QuantlabError, match="fewer than one window"):
+        perplexity_gptq(model, torch.arange(50), 64)
+    with pytest.raises(QuantlabError, match="longer than the model's context"):
+        perplexity_gptq(model, torch.arange(5000), 512)
+
+
+def test_decode_speed_reports_median_and_samples(tiny):
+    model, _ = tiny
+    s = decode_speed(model, torch.tensor([[1, 2, 3, 4]]), new_tokens=4, warmup=1, repeats=3)
+    assert len(s["decode_tokens_per_s_samples"]) == 3
+    assert s["decode_tokens_per_s_min"] <= s["decode_tokens_per_s"] <= s["decode_tokens_per_s_max"]
+    assert s["decode_tokens_per_s"] > 0
+
+
+def test_bits_per_weight_of_float_and_packed(tiny):
+    import copy
+
+    from quantlab.quantizers.rtn import RTN
+
+    model, _ = tiny
+    assert linear_bits_per_weight(model) == 32.0
+    q = RTN(RTN.Config(bits=4, group_size=32)).quantize(copy.deepcopy(model), None)
+    # per weight: 4 code bits + 16/32 scale + 4/32 zero + g_idx 32 bits per input column / out
+    n_out = {"q_proj": 64, "k_proj": 32, "v_proj": 32, "o_proj": 64, "gate_proj": 128, "up_proj": 128, "down_proj": 64}
+    n_in = {"q_proj": 64, "k_proj": 64, "v_proj": 64, "o_proj": 64, "gate_proj": 64, "up_proj": 64, "down_proj": 128}
+    bits = sum(n_in[k] * n_out[k] * (4 + 16 / 32 + 4 / 32) + 32 * n_in[k] for k in n_in)
+    weights = sum(n_in[k] * n_out[k] for k in n_in)
+    assert linear_bits_per_weight(q) == pytest.approx(bits / weights)

@@ -1,0 +1,81 @@
+"""Recipe schema: defaults, unknown keys, backend options, overrides."""
+
+import pytest
+
+from quantlab.errors import RecipeError
+from quantlab.recipe import apply_overrides, load_recipe, parse_recipe
+
+MINIMAL = {"methods": [{"label": "r", "backend": "rtn", "options": {"bits": 4, "group_size": 64}}]}
+
+
+def test_defaults_and_implicit_baseline():
+    r = parse_recipe(MINIMAL, default_name="demo")
+    assert r.name == "demo" and r.model.source == "smollm2-135m" and r.model.dtype == "auto"
+    assert (r.calibration.samples, r.calibration.seq_len, r.calibration.seed) == (128, 512, 0)
+    assert r.eval.convention == "gptq"
+    assert [m.label for m in r.all_methods()] == ["baseline", "r"]
+    assert str(r.output_dir()) == "runs/demo"
+    assert r.methods[0].config().bits == 4
+
+
+def test_baseline_not_duplicated_and_can_be_turned_off():
+    doc = {"methods": [{"label": "float", "backend": "none"}, *MINIMAL["methods"]]}
+    assert [m.label for m in parse_recipe(doc).all_methods()] == ["float", "r"]
+    assert [m.label for m in parse_recipe({**MINIMAL, "baseline": False}).all_methods()] == ["r"]
+
+
+@pytest.mark.parametrize("doc,needle", [
+    ({**MINIMAL, "modle": {}}, "modle: unknown key (did you mean 'model'?)"),
+    ({**MINIMAL, "calibration": {"sampels": 3}}, "calibration.sampels: unknown key (did you mean 'samples'?)"),
+    ({**MINIMAL, "eval": {"speed": {"repeat": 3}}}, "eval.speed.repeat: unknown key (did you mean 'repeats'?)"),
+    ({"methods": [{"label": "r", "backend": "rnt"}]}, "unknown backend 'rnt' (did you mean 'rtn'?)"),
+    ({"methods": [{"label": "r", "backend": "rtn", "options": {"bits": 9}}]}, "methods[0].options.bits"),
+    ({"methods": [{"label": "r", "backend": "rtn", "options": {"bits": 1}}]}, "greater than or equal to 2"),
+    ({"methods": [{"label": "r", "backend": "rtn", "options": {"group_sise": 64}}]}, "did you mean 'group_size'"),
+    ({"methods": [{"label": "r", "backend": "rtn", "options": {"group_size": 0}}]}, "group_size must be"),
+    ({"methods": [{"label": "a b", "backend": "rtn"}]}, "label 'a b'"),
+    ({"methods": [{"label": "x", "backend": "rtn"}, {"label": "x", "backend": "none"}]}, "repeated: x"),
+    ({"methods": []}, "methods"),
+    ({**MINIMAL, "model": {"dtype": "fp8"}}, "model.dtype"),
+    ({**MINIMAL, "model": {"device": "gpu"}}, "device must be"),
+    ({**MINIMAL, "calibration": {"samples": "many"}}, "calibration.samples"),
+    ([1, 2], "mapping"),
+    (None, "empty"),
+])
+def test_bad_recipes_name_the_problem(doc, needle):
+    with pytest.raises(RecipeError) as e:
+        parse_recipe(doc, origin="r.yaml")
+    assert needle in str(e.value)
+    assert str(e.value).startswith("r.yaml: ")
+
+
+def test_overrides():
+    doc = {"methods": [{"label": "r", "backend": "rtn", "options": {"bits": 4}}]}
+    apply_overrides(doc, ["calibration.samples=32", "methods.0.options.bits=3", "model.source=x/y",
+                          "eval.max_windows=null", "methods.0.options.sym=false"])
+    assert doc["calibration"] == {"samples": 32}
+    assert doc["methods"][0]["options"] == {"bits": 3, "sym": False}
+    assert doc["model"]["source"] == "x/y" and doc["eval"]["max_windows"] is None
+    for bad in ["methods.3.label=x", "nokey", "=3", "model.source.x=1"]:
+        with pytest.raises(RecipeError):
+            apply_overrides({"methods": [{}], "model": {"source": "a"}}, [bad])
+
+
+def test_load_recipe_yaml_errors(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("methods:\n  - label: a\n    backend: [rtn\n")
+    with pytest.raises(RecipeError, match=r"invalid YAML at line \d+"):
+        load_recipe(p)
+    with pytest.raises(RecipeError, match="does not exist"):
+        load_recipe(tmp_path / "missing.yaml")
+
+
+def test_every_shipped_recipe_is_valid():
+    from pathlib import Path
+
+    recipes = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
+    assert recipes
+    for path in recipes:
+        r = load_recipe(path)
+        for m in r.all_methods():
+            m.config()

@@ -1,0 +1,84 @@
+"""RTN against an independent float64 NumPy dequantize-and-compare implementation."""
+
+import numpy as np
+import pytest
+import torch
+
+from quantlab.errors import QuantlabError
+from quantlab.quantizers.grid import quantize_matrix
+from quantlab.quantizers.linear import PackedLinear
+from quantlab.quantizers.rtn import RTN
+
+
+def numpy_rtn(w: np.ndarray, bits: int, group: int, sym: bool) -> np.ndarray:
+    """Fake-quantize W [out, in] group by group, written from the grid definition."""
+    maxq = 2**bits - 1
+    out = np.empty_like(w, dtype=np.float64)
+    g = w.shape[1] if group == -1 else group
+    for o in range(w.shape[0]):
+        for j in range(0, w.shape[1], g):
+            x = w[o, j : j + g].astype(np.float64)
+            lo, hi = min(x.min(), 0.0), max(x.max(), 0.0)
+            if sym:
+                amax = max(abs(lo), hi)
+                scale, zero = 2 * amax / maxq, (maxq + 1) // 2
+            else:
+                scale = (hi - lo) / maxq
+            scale = float(np.float16(max(scale, np.finfo(np.float16).tiny)))  # stored as fp16
+            if not sym:
+                zero = np.clip(np.round(-lo / scale), 0, maxq)
+            q = np.clip(np.round(x / scale) + zero, 0, maxq)
+            out[o, j : j + g] = (q - zero) * scale
+    return out
+
+
+@pytest.mark.parametrize("bits,group,sym", [(4, 32, True), (4, 32, False), (3, 64, True),
+                                            (2, 16, False), (8, -1, True), (6, 32, False)])
+def test_rtn_matches_numpy_reference(bits, group, sym):
+    torch.manual_seed(bits)
+    w = torch.randn(64, 128) * 0.05
+    w[3, 5] = 0.9  # an outlier row
+    codes, scales, zeros = quantize_matrix(w, bits, group, sym)
+    g = 128 if group == -1 else group
+    layer = PackedLinear.from_codes(codes, scales, zeros, torch.arange(128) // g, bits, group, None, torch.float32)
+    ref = numpy_rtn(w.numpy(), bits, group, sym)
+    # the packed layer, unpacked from its int32 words, encodes the reference weights
+    np.testing.assert_allclose(layer.dequantize().numpy(), ref, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(layer.weight.numpy(), ref, rtol=0, atol=1e-6)
+    assert codes.min() >= 0 and codes.max() <= 2**bits - 1
+
+
+def test_error_shrinks_with_bits():
+    torch.manual_seed(0)
+    w = torch.randn(64, 128)
+    errs = []
+    for bits in range(2, 9):
+        codes, s, z = quantize_matrix(w, bits, 32, False)
+        what = (codes.view(64, 4, 32) - z.t().unsqueeze(-1)).float() * s.t().unsqueeze(-1)
+        errs.append(float((what.view(64, 128) - w).pow(2).mean()))
+    assert all(a > b for a, b in zip(errs, errs[1:]))
+
+
+def test_rtn_backend_replaces_linears_and_keeps_lm_head(tiny):
+    import copy
+
+    model, _ = tiny
+    q = RTN(RTN.Config(bits=4, group_size=32)).quantize(copy.deepcopy(model), None)
+    packed = [n for n, m in q.named_modules() if isinstance(m, PackedLinear)]
+    assert len(packed) == 2 * 7  # q k v o gate up down per layer
+    assert isinstance(q.lm_head, torch.nn.Linear) and not isinstance(q.lm_head, PackedLinear)
+    assert torch.equal(q.model.embed_tokens.weight, model.model.embed_tokens.weight)
+
+
+def test_group_size_that_does_not_divide_names_layer_and_fits(tiny):
+    model, _ = tiny
+    with pytest.raises(QuantlabError) as e:
+        RTN(RTN.Config(bits=4, group_size=48)).check(model)
+    msg = str(e.value)
+    assert "model.layers.0.self_attn.q_proj" in msg and "64" in msg and "32" in msg
+
+
+def test_quantizing_tied_lm_head_is_refused(tiny):
+    model, _ = tiny
+    with pytest.raises(QuantlabError, match="tied"):
+        RTN(RTN.Config(bits=4, group_size=32, skip=[])).check(model)
