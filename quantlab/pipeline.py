@@ -1,10 +1,9 @@
-"""One run: load the base model once, then for every method quantize, export, RELOAD the
+"""One run: load the base model, then for every method quantize, export, RELOAD the
 checkpoint from disk and score the reloaded model. Scores never come from the object that
 was quantized in memory: a lab that does so never proves its export works."""
 
 from __future__ import annotations
 
-import copy
 import gc
 import sys
 import time
@@ -50,10 +49,26 @@ def _dtype_bits(dtype: torch.dtype) -> int:
     return torch.finfo(dtype).bits
 
 
+def _refuse_foreign_run(out_dir: Path, recipe: Recipe, force: bool) -> None:
+    """Do not let another recipe's run replace this directory's results table."""
+    previous = out_dir / "recipe.yaml"
+    if force or not previous.is_file():
+        return
+    try:
+        name = (yaml.safe_load(previous.read_text()) or {}).get("name")
+    except (yaml.YAMLError, OSError, AttributeError):
+        name = None
+    if name != recipe.name:
+        raise QuantlabError(
+            f"'{out_dir}' holds the results of recipe '{name}', not '{recipe.name}'; choose another "
+            "--out, or pass --force to replace them")
+
+
 def run_recipe(recipe: Recipe, out: str | Path | None = None, *, force: bool = False,
                echo: bool = True) -> RunResult:
     """Run every method of ``recipe`` into ``out`` (default: the recipe's output.dir)."""
     out_dir = prepare_run_dir(Path(out) if out else recipe.output_dir())
+    _refuse_foreign_run(out_dir, recipe, force)
     methods = recipe.all_methods()
     backends = {m.label: get_backend(m.backend)(m.config()) for m in methods}
     if recipe.threads:
@@ -105,6 +120,18 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, *, force: bool = F
                   calibration_sha256=calibration.sha256 if calibration else None,
                   model_info={k: v for k, v in base.info.items() if k != "path"})
     source_info = dict(base.info, dtype=str(dtype).removeprefix("torch."))
+    spare = [base.model]
+
+    def take_base_model():
+        """A float model to quantize: the loaded one first, then fresh loads from its source.
+        Reloading (under a second for local sources) keeps one model in memory, not two."""
+        if spare:
+            return spare.pop()
+        gc.collect()
+        return load_model(recipe.model.source, dtype=dtype, device=device, revision=recipe.model.revision,
+                          trust_remote_code=recipe.model.trust_remote_code).model
+
+    base.model = None  # the methods own it from here on
     rows: list[dict] = []
     for i, method in enumerate(methods, 1):
         backend = backends[method.label]
@@ -118,7 +145,7 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, *, force: bool = F
             continue
         _log(f"[{i}/{len(methods)}] {method.label}: quantize ({backend.name})")
         mdir.mkdir(parents=True, exist_ok=True)
-        work = copy.deepcopy(base.model)
+        work = take_base_model()
         t0 = time.perf_counter()
         work = backend.quantize(work, calibration.ids if (calibration and backend.needs_calibration) else None)
         quantize_s = time.perf_counter() - t0

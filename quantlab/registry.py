@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 BACKENDS: dict[str, str] = {
     "none": "quantlab.quantizers.none:NoQuant",
     "rtn": "quantlab.quantizers.rtn:RTN",
+    "gptq": "quantlab.quantizers.gptq:GPTQ",
+    "awq": "quantlab.quantizers.awq:AWQ",
 }
 
 

@@ -99,3 +99,14 @@ def test_user_errors_have_no_traceback_in_a_real_process(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "quantlab", "validate", str(tmp_path / "none.yaml")],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+
+def test_another_recipe_does_not_take_over_a_run_directory(tiny_recipe, tmp_path, capsys):
+    assert main(["run", str(tiny_recipe)]) == 0
+    results = (tmp_path / "run" / "results.csv").read_bytes()
+    other = tmp_path / "other.yaml"
+    other.write_text(tiny_recipe.read_text())
+    capsys.readouterr()
+    assert main(["run", str(other)]) == 2
+    assert "holds the results of recipe 'tiny'" in capsys.readouterr().err
+    assert (tmp_path / "run" / "results.csv").read_bytes() == results

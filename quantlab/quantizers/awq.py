@@ -1,0 +1,389 @@
+"""``awq``: AWQ (Lin et al., 2023), quantlab's own implementation in pure PyTorch.
+
+For each group of linears that read the same input (q/k/v after the attention norm, gate/up
+after the MLP norm, down after up, o after v when their widths match), a per-input-channel
+scale s is searched on a grid: s = mean|x|^a / mean|w|^(1-a) ("duo scaling", or mean|x|^a
+alone), a in {0, 1/n, ..., (n-1)/n}, plus s = 1 (no scaling), normalised so that
+max(s) * min(s) = 1. Each candidate is scored by the squared error of the linears' outputs
+when W * s is quantized and the input is x / s; the best is folded into the model (the
+preceding norm's weight or linear's output rows divided by s, the linears' columns
+multiplied by s), which leaves the float model's function unchanged. Then, optionally,
+each weight group's clipping range is searched (shrinking max|w| by up to ``max_shrink``),
+q/k excepted as in the reference implementation. Finally every linear is quantized
+round-to-nearest with zero points.
+
+Departures from the reference code, for CPU speed: the search objective is the outputs of
+the scaled linears themselves (not of the whole attention or MLP block), and it is computed
+exactly from the inputs' second moment Sigma = X^T X / t (mean squared output error of a
+weight error dW = sum((dW Sigma) * dW) / out) over a seeded random subset of
+``search_tokens`` calibration tokens, instead of a matmul over the tokens per candidate;
+mean|x| uses every token. The clipping search scores each group on its diagonal block of Sigma.
+
+Checkpoints: the AutoAWQ "gemm" layout (4 bits: ``qweight`` [in, out/8] int32 with the
+nibble order 0,2,4,6,1,3,5,7; ``qzeros`` likewise; ``scales`` float16 [groups, out]) with
+``quantization_config: {quant_method: awq, version: gemm, zero_point}``; or, with
+``format: gptq`` (any of 2/3/4/8 bits), the GPTQ v1 layout.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import nn
+from tqdm.auto import tqdm
+
+from quantlab.errors import QuantlabError
+from quantlab.quantizers.arch import arch_spec, decoder_layers
+from quantlab.quantizers.base import (
+    WEIGHTS_NAME,
+    Backend,
+    build_skeleton,
+    check_not_tied,
+    load_weights,
+    save_weights,
+    set_module,
+    target_linears,
+)
+from quantlab.quantizers.grid import dequantize_matrix, quantize_matrix
+from quantlab.quantizers.linear import PackedLinear
+from quantlab.quantizers.rtn import (
+    GPTQ_BITS,
+    WeightQuantConfig,
+    check_layers,
+    gptq_quantization_config,
+    load_packed,
+)
+from quantlab.quantizers.sequential import first_layer_inputs, input_hooks, run_layer
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of a word holds column 8*word + AWQ_ORDER[i]
+
+
+# --------------------------------------------------------------------------- algorithm core
+
+
+def fake_quant(w: torch.Tensor, bits: int, group_size: int, sym: bool) -> torch.Tensor:
+    """W [out, in] rounded to its grid and dequantized (float32)."""
+    codes, scales, zeros = quantize_matrix(w, bits, group_size, sym)
+    g = w.shape[1] if group_size == -1 else group_size
+    return dequantize_matrix(codes, scales, zeros, torch.arange(w.shape[1], device=w.device) // g)
+
+
+def awq_candidates(x_mean: torch.Tensor, w_mean: torch.Tensor, n_grid: int, duo_scaling: bool):
+    """The scale vectors AWQ tries, identity first: list of [in] tensors."""
+    cands = [torch.ones_like(x_mean)]
+    for i in range(n_grid):
+        a = i / n_grid
+        s = x_mean.pow(a) / w_mean.pow(1 - a).clamp(min=1e-4) if duo_scaling else x_mean.pow(a)
+        s = s.clamp(min=1e-4)
+        s = s / (s.max() * s.min()).sqrt()
+        cands.append(s)
+    return cands
+
+
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """Second moment of inputs x [t, in]: X^T X / t [in, in]. The mean squared output error
+    of any weight error dW is then sum((dW @ gram) * dW) / out, without touching x again."""
+    x = x.float()
+    return x.t() @ x / x.shape[0]
+
+
+def output_mse(dw: torch.Tensor, sigma: torch.Tensor) -> float:
+    """mean over tokens and outputs of (x @ dW^T)^2, from the input second moment."""
+    return float(((dw @ sigma) * dw).sum() / dw.shape[0])
+
+
+def awq_search_scales(w: torch.Tensor, sigma: torch.Tensor, x_mean: torch.Tensor, bits: int, group_size: int,
+                      sym: bool, n_grid: int = 20, duo_scaling: bool = True):
+    """Best input-channel scales for the linears stacked in W [out, in] whose inputs have
+    second moment ``sigma`` [in, in] (see :func:`gram`) and mean |x| ``x_mean`` [in].
+
+    The objective of a candidate s is the mean squared error of the linears' outputs when the
+    weights are W * s quantized and the inputs x / s. Returns (scales [in], losses
+    [n_grid + 1]); losses[0] is no scaling, and the returned scales are those of the smallest
+    loss, so they are never worse than no scaling."""
+    w = w.float()
+    g = w.shape[1] if group_size == -1 else group_size
+    wn = w.abs().view(w.shape[0], -1, g)
+    w_mean = (wn / wn.amax(dim=2, keepdim=True).clamp(min=1e-12)).view_as(w).mean(dim=0)
+    losses, best, best_loss = [], None, float("inf")
+    for s in awq_candidates(x_mean.float(), w_mean, n_grid, duo_scaling):
+        wq = fake_quant(w * s, bits, group_size, sym) / s
+        loss = output_mse(wq - w, sigma)
+        losses.append(loss)
+        if loss < best_loss:
+            best, best_loss = s, loss
+    return best, torch.tensor(losses)
+
+
+def awq_search_clip(w: torch.Tensor, sigma: torch.Tensor, bits: int, group_size: int, sym: bool,
+                    n_grid: int = 20, max_shrink: float = 0.5) -> torch.Tensor:
+    """Per (row, group) clipping bound of W [out, in] minimising that group's share of the
+    output error, (dW_g) Sigma_gg (dW_g)^T with Sigma_gg the group's diagonal block of the
+    input second moment ``sigma``. Returns max_val [out, n_groups]."""
+    out_f, in_f = w.shape
+    g = in_f if group_size == -1 else group_size
+    ng = in_f // g
+    blocks = torch.stack([sigma[j * g : (j + 1) * g, j * g : (j + 1) * g] for j in range(ng)])  # [ng, g, g]
+    wb = w.float().view(out_f, ng, g)
+    org_max = wb.abs().amax(dim=2, keepdim=True)  # [o, ng, 1]
+    best_err = torch.full((out_f, ng), float("inf"))
+    best_max = org_max.squeeze(2).clone()
+    for i in range(max(1, int(max_shrink * n_grid))):
+        mx = org_max * (1 - i / n_grid)
+        cur = torch.clamp(wb, -mx, mx)
+        dq = fake_quant(cur.reshape(-1, g), bits, -1, sym).view_as(wb) - wb  # one grid per (row, group)
+        err = torch.einsum("ong,ngh,onh->on", dq, blocks, dq)
+        better = err < best_err
+        best_err[better] = err[better]
+        best_max[better] = mx.squeeze(2)[better]
+    return best_max
+
+
+def pack_awq(codes: torch.Tensor) -> torch.Tensor:
+    """4-bit codes [in, out] -> int32 [in, out/8] in AutoAWQ's GEMM order."""
+    rows, cols = codes.shape
+    v = codes.to(torch.int64).view(rows, cols // 8, 8)[..., list(AWQ_ORDER)]
+    words = (v << (torch.arange(8, device=codes.device) * 4)).sum(dim=2)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def unpack_awq(words: torch.Tensor) -> torch.Tensor:
+    """int32 [in, out/8] in AutoAWQ's GEMM order -> codes [in, out] (int64)."""
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    nib = (w.unsqueeze(2) >> (torch.arange(8, device=w.device) * 4)) & 0xF  # nibble i
+    out = torch.empty_like(nib)
+    out[..., list(AWQ_ORDER)] = nib
+    return out.reshape(w.shape[0], -1)
+
+
+class AWQLinear(nn.Module):
+    """A linear layer stored in the AutoAWQ GEMM layout (4-bit), unpacked once at
+    construction into a dense ``weight`` buffer (not saved): ``kernel=dense-dequant``.
+
+    qweight int32 [in, out/8], qzeros int32 [n_groups, out/8], scales float16 [n_groups, out]."""
+
+    kernel = "dense-dequant"
+    bits = 4
+
+    def __init__(self, in_features: int, out_features: int, group_size: int, bias: bool,
+                 dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        ng = 1 if group_size == -1 else in_features // group_size
+        self.register_buffer("qweight", torch.zeros(in_features, out_features // 8, dtype=torch.int32, device=device))
+        self.register_buffer("qzeros", torch.zeros(ng, out_features // 8, dtype=torch.int32, device=device))
+        self.register_buffer("scales", torch.zeros(ng, out_features, dtype=torch.float16, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=dtype, device=device), persistent=False)
+
+    def g_idx(self) -> torch.Tensor:
+        g = self.in_features if self.group_size == -1 else self.group_size
+        return torch.arange(self.in_features, device=self.qweight.device) // g
+
+    @classmethod
+    def from_codes(cls, codes, scales, zeros, group_size, bias, dtype) -> AWQLinear:
+        """codes [out, in], scales/zeros [n_groups, out]."""
+        out_f, in_f = codes.shape
+        m = cls(in_f, out_f, group_size, bias is not None, dtype, device=codes.device)
+        m.qweight.copy_(pack_awq(codes.t()))
+        m.qzeros.copy_(pack_awq(zeros))
+        m.scales.copy_(scales.half())
+        if bias is not None:
+            m.bias.data.copy_(bias.to(dtype))
+        m.weight = dequantize_matrix(codes, m.scales, zeros, m.g_idx()).to(dtype)
+        return m
+
+    def dequantize(self) -> torch.Tensor:
+        codes = unpack_awq(self.qweight).t()
+        return dequantize_matrix(codes, self.scales, unpack_awq(self.qzeros), self.g_idx())
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        self.weight = self.dequantize().to(self.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits=4, "
+                f"group_size={self.group_size}, format=awq-gemm, kernel={self.kernel}")
+
+
+# --------------------------------------------------------------------------- backend
+
+
+class AWQConfig(WeightQuantConfig):
+    version = 1
+    sym: bool = Field(False, description="Symmetric grid; AWQ's default is asymmetric (zero_point: true).")
+    n_grid: int = Field(20, ge=1, le=200, description="Grid points of the scale search.")
+    duo_scaling: bool = Field(True, description="s = mean|x|^a / mean|w|^(1-a) (else mean|x|^a).")
+    clip: bool = Field(True, description="Search each weight group's clipping range after scaling.")
+    clip_grid: int = Field(20, ge=1, description="Grid points of the clipping search.")
+    max_shrink: float = Field(0.5, gt=0, lt=1, description="Largest fraction by which clipping shrinks max|w|.")
+    search_tokens: int = Field(8192, ge=64, description="Calibration tokens (seeded random subset) whose input "
+                               "second moment the scale and clipping searches score on.")
+    seed: int = Field(0, description="Seed of the token subsets.")
+    batch_size: int = Field(8, ge=1, description="Calibration windows per forward pass.")
+    format: Literal["gemm", "gptq"] = Field(
+        "gemm", description="Checkpoint layout: 'gemm' (AutoAWQ, 4 bits only) or 'gptq' (GPTQ v1, 2/3/4/8 bits).")
+
+    @model_validator(mode="after")
+    def _format_bits(self) -> AWQConfig:
+        if self.format == "gemm" and self.bits != 4:
+            raise ValueError(f"the AWQ gemm format stores 4-bit weights only (got bits={self.bits}); "
+                             "use format: gptq for 2, 3 or 8 bits")
+        if self.format == "gptq" and self.bits not in GPTQ_BITS:
+            raise ValueError(f"format gptq stores {', '.join(map(str, GPTQ_BITS))} bits (got {self.bits})")
+        return self
+
+
+def _fold(prev: nn.Module, s: torch.Tensor) -> None:
+    """Divide the output of ``prev`` (a norm or a linear) by s."""
+    if isinstance(prev, nn.Linear):
+        prev.weight.data.div_(s.view(-1, 1).to(prev.weight.dtype))
+        if prev.bias is not None:
+            prev.bias.data.div_(s.to(prev.bias.dtype))
+    elif hasattr(prev, "weight") and prev.weight is not None and prev.weight.dim() == 1:
+        prev.weight.data.div_(s.to(prev.weight.dtype))
+        if getattr(prev, "bias", None) is not None:
+            prev.bias.data.div_(s.to(prev.bias.dtype))
+    else:
+        raise QuantlabError(f"AWQ cannot fold scales into a {type(prev).__name__}")
+
+
+class AWQ(Backend):
+    name = "awq"
+    description = "AWQ (Lin et al. 2023), quantlab's PyTorch implementation; AutoAWQ gemm or GPTQ checkpoints."
+    Config = AWQConfig
+    needs_calibration = True
+
+    def check(self, model: nn.Module) -> None:
+        c = self.config
+        targets = target_linears(model, c.skip)
+        check_not_tied(model, targets)
+        check_layers(targets, c.bits, c.group_size)
+        spec = arch_spec(model)
+        decoder_layers(model, spec)
+        if not spec.scale_groups:
+            raise QuantlabError(f"AWQ does not know how to fold scales in a '{model.config.model_type}' "
+                                "model (no scale groups for this architecture)")
+        if c.format == "gemm":
+            for name, m in targets:
+                if m.out_features % 8:
+                    raise QuantlabError(f"layer '{name}' has output width {m.out_features}, not a multiple "
+                                        "of 8 as the AWQ gemm format needs; use format: gptq or skip it")
+
+    @torch.no_grad()
+    def quantize(self, model: nn.Module, calibration: torch.Tensor | None) -> nn.Module:
+        if calibration is None:
+            raise QuantlabError("awq needs calibration data")
+        c = self.config
+        spec = arch_spec(model)
+        layers = decoder_layers(model, spec)
+        targets = dict(target_linears(model, c.skip))
+        hidden, kwargs = first_layer_inputs(model, layers, calibration, c.batch_size)
+        gen = torch.Generator().manual_seed(c.seed)
+        n_tok = sum(h.shape[0] * h.shape[1] for h in hidden)
+        pick = torch.randperm(n_tok, generator=gen)[: c.search_tokens].sort().values
+        for li, layer in enumerate(tqdm(layers, desc="awq: layers", unit="layer", leave=False, disable=None)):
+            prefix = f"{spec.layers}.{li}."
+            mine = {n[len(prefix):]: m for n, m in targets.items() if n.startswith(prefix)}
+            # one pass: mean |x| over all tokens and a token subset, per distinct input
+            abs_sum: dict[str, torch.Tensor] = {}
+            chunks: dict[str, list[torch.Tensor]] = {n: [] for n in mine}
+            offset = [0]
+
+            def collect(name, x, abs_sum=abs_sum, chunks=chunks, offset=offset):
+                x = x.reshape(-1, x.shape[-1]).float()
+                abs_sum[name] = abs_sum.get(name, 0) + x.abs().sum(dim=0)
+                lo = offset[0]
+                sel = pick[(pick >= lo) & (pick < lo + x.shape[0])] - lo
+                chunks[name].append(x[sel.to(x.device)])
+
+            with input_hooks(mine, collect) as seen:
+                for h, kw in zip(hidden, kwargs):
+                    seen.clear()
+                    layer(h, **kw)
+                    offset[0] += h.shape[0] * h.shape[1]
+            # one second moment per distinct input (q/k/v share one, gate/up another)
+            sig: dict[str, torch.Tensor] = {}
+            for n in mine:
+                twin = next((m for m in sig if chunks[m][0] is chunks[n][0] or torch.equal(chunks[m][0], chunks[n][0])), None)
+                sig[n] = sig[twin] if twin else gram(torch.cat(chunks[n]))
+            x_mean = {n: abs_sum[n] / n_tok for n in mine}
+            del chunks
+
+            for sg in spec.scale_groups:
+                names = [n for n in sg.linears if n in mine]
+                if len(names) != len(sg.linears):
+                    continue  # part of the group is skipped: scaling it would change float layers
+                prev = layer.get_submodule(sg.prev)
+                width = mine[names[0]].in_features
+                if isinstance(prev, nn.Linear) and prev.out_features != width:
+                    continue  # e.g. v_proj -> o_proj under grouped-query attention
+                w_cat = torch.cat([mine[n].weight.data for n in names])
+                s, losses = awq_search_scales(w_cat, sig[names[0]], x_mean[names[0]], c.bits, c.group_size,
+                                              c.sym, c.n_grid, c.duo_scaling)
+                _fold(prev, s)
+                for n in names:
+                    mine[n].weight.data.mul_(s.view(1, -1).to(mine[n].weight.dtype))
+                    # inputs become x / s: their second moment Sigma / (s s^T)
+                    sig[n] = sig[n] / (s.view(-1, 1) * s.view(1, -1))
+                    self.layer_stats[prefix + n] = {"awq_loss_identity": float(losses[0]),
+                                                    "awq_loss_best": float(losses.min()),
+                                                    "awq_best_grid_index": int(losses.argmin())}
+            for n, lin in mine.items():
+                w = lin.weight.data
+                if c.clip and not any(k in n for k in ("q_proj", "k_proj")):
+                    mx = awq_search_clip(w, sig[n], c.bits, c.group_size, c.sym, c.clip_grid, c.max_shrink)
+                    g = w.shape[1] if c.group_size == -1 else c.group_size
+                    bound = mx.repeat_interleave(g, dim=1).to(w.dtype)
+                    w = torch.clamp(w, -bound, bound)
+                codes, scales, zeros = quantize_matrix(w, c.bits, c.group_size, c.sym)
+                if c.format == "gemm":
+                    q = AWQLinear.from_codes(codes, scales, zeros, c.group_size, lin.bias, lin.weight.dtype)
+                else:
+                    g = w.shape[1] if c.group_size == -1 else c.group_size
+                    q = PackedLinear.from_codes(codes, scales, zeros, torch.arange(w.shape[1]) // g, c.bits,
+                                                c.group_size, lin.bias, dtype=lin.weight.dtype)
+                stats = self.layer_stats.setdefault(prefix + n, {})
+                stats["weight_rel_error"] = float((q.weight.float() - lin.weight.float()).norm()
+                                                  / lin.weight.float().norm().clamp(min=1e-12))
+                set_module(layer, n, q)
+            hidden = run_layer(layer, hidden, kwargs)
+        return model
+
+    def save(self, model: nn.Module, out_dir: Path) -> dict:
+        save_weights(model, out_dir / WEIGHTS_NAME)
+        c = self.config
+        if c.format == "gptq":
+            return gptq_quantization_config(c.bits, c.group_size, c.sym)
+        skipped = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        return {"quant_method": "awq", "bits": 4, "group_size": c.group_size, "zero_point": not c.sym,
+                "version": "gemm", "modules_to_not_convert": skipped or None}
+
+    @classmethod
+    def load(cls, ckpt_dir: Path, meta: dict, dtype: torch.dtype, device: torch.device) -> nn.Module:
+        from transformers import AutoConfig
+
+        if meta.get("options", {}).get("format") == "gptq":
+            return load_packed(ckpt_dir, meta, dtype, device)
+        config = AutoConfig.from_pretrained(ckpt_dir)
+        qcfg = getattr(config, "quantization_config", None) or {}
+        if qcfg.get("quant_method") != "awq" or qcfg.get("version") != "gemm":
+            raise QuantlabError(f"checkpoint '{ckpt_dir}' is not an AWQ gemm checkpoint")
+        del config.quantization_config
+        model = build_skeleton(config, dtype)
+        for name in meta.get("modules", []):
+            lin = model.get_submodule(name)
+            set_module(model, name, AWQLinear(lin.in_features, lin.out_features, qcfg["group_size"],
+                                              lin.bias is not None, dtype))
+        load_weights(model, ckpt_dir / WEIGHTS_NAME)
+        for m in model.modules():
+            if isinstance(m, AWQLinear):
+                m.refresh()
+        return model.to(device).eval()

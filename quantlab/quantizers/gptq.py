@@ -1,0 +1,250 @@
+"""``gptq``: GPTQ (Frantar et al., 2022), quantlab's own implementation in pure PyTorch.
+
+Per linear layer, with H = 2/n * sum(x x^T) over the calibration inputs x of that layer,
+the columns of W are quantized one at a time and each column's rounding error is spread
+over the not-yet-quantized columns through the inverse Hessian (its upper Cholesky factor),
+in lazy blocks. Options: dampening (a fraction of mean(diag H) added to the diagonal),
+act-order (columns in order of decreasing diag H; the checkpoint's g_idx then maps columns
+to groups), static groups (group grids fixed from the unquantized weights before any update),
+and true-sequential (within a layer, q/k/v first, then o, then gate/up, then down, each
+group's Hessian computed with the earlier groups already quantized).
+
+The checkpoint is the standard GPTQ v1 layout (see :mod:`quantlab.quantizers.linear`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from pydantic import Field, field_validator
+from torch import nn
+from tqdm.auto import tqdm
+
+from quantlab.errors import QuantlabError
+from quantlab.quantizers.arch import arch_spec, decoder_layers
+from quantlab.quantizers.base import (
+    WEIGHTS_NAME,
+    Backend,
+    check_not_tied,
+    save_weights,
+    set_module,
+    target_linears,
+)
+from quantlab.quantizers.grid import group_params, quantize_codes
+from quantlab.quantizers.linear import PackedLinear
+from quantlab.quantizers.rtn import (
+    GPTQ_BITS,
+    WeightQuantConfig,
+    check_layers,
+    gptq_quantization_config,
+    load_packed,
+)
+from quantlab.quantizers.sequential import (
+    feed,
+    first_layer_inputs,
+    input_hooks,
+    run_layer,
+    staged_prenorm_layer,
+)
+
+# --------------------------------------------------------------------------- algorithm core
+
+
+def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, sym: bool, *,
+                  damp_percent: float = 0.01, act_order: bool = False, static_groups: bool = False,
+                  block_size: int = 128):
+    """GPTQ of one weight matrix W [out, in] given the Hessian H [in, in] of its inputs.
+
+    Returns (codes int64 [out, in], scales float32 [n_groups, out], zeros int64
+    [n_groups, out], g_idx int64 [in]) in the original column order, ready for packing."""
+    out_f, in_f = w.shape
+    g = in_f if group_size == -1 else group_size
+    n_groups = in_f // g
+    w = w.detach().float().clone()
+    h = h.detach().float().clone()
+
+    dead = torch.diag(h) == 0  # inputs that were always zero: their weights do not matter
+    h[dead, dead] = 1
+    w[:, dead] = 0
+
+    static = None
+    if static_groups or group_size == -1:
+        # grid of each group fixed from the unquantized weights, in original column order
+        static = [group_params(w[:, j * g : (j + 1) * g], bits, sym) for j in range(n_groups)]
+
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(in_f)
+    w = w[:, perm]
+    h = h[perm][:, perm]
+
+    damp = damp_percent * torch.mean(torch.diag(h))
+    h.diagonal().add_(damp)
+    try:
+        hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    except torch.linalg.LinAlgError:
+        raise QuantlabError(
+            f"GPTQ: the Hessian is not positive definite even with damp_percent={damp_percent}; "
+            "raise damp_percent (e.g. 0.1) or use more calibration samples") from None
+
+    codes = torch.zeros(out_f, in_f, dtype=torch.int64)
+    scales = torch.zeros(n_groups, out_f)
+    zeros = torch.zeros(n_groups, out_f, dtype=torch.int64)
+    g_idx = torch.zeros(in_f, dtype=torch.int64)
+    # blocks hold whole groups, so a group's grid is computed from up-to-date weights
+    block = max(g, (block_size // g) * g) if group_size != -1 else block_size
+    scale = zero = None
+    for i1 in range(0, in_f, block):
+        i2 = min(i1 + block, in_f)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i  # position in the (possibly permuted) order
+            orig = int(perm[col])
+            if static is not None:
+                j = orig // g
+                scale, zero = static[j]
+            elif col % g == 0:
+                j = col // g  # groups formed in processing order (act-order: by importance)
+                scale, zero = group_params(w1[:, i : i + g], bits, sym)
+                scales[j], zeros[j] = scale, zero
+            g_idx[orig] = j
+            x = w1[:, i]
+            q = quantize_codes(x.unsqueeze(1), scale, zero, bits).squeeze(1)
+            codes[:, orig] = q
+            deq = (q - zero).float() * scale
+            e = (x - deq) / hinv1[i, i]
+            w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    if static is not None:
+        for j, (s, z) in enumerate(static):
+            scales[j], zeros[j] = s, z
+    return codes, scales, zeros, g_idx
+
+
+# --------------------------------------------------------------------------- backend
+
+
+class GPTQConfig(WeightQuantConfig):
+    version = 1
+    bits: int = Field(4, description="Bits per weight: 2, 3, 4 or 8 (the GPTQ format's widths).")
+    act_order: bool = Field(False, description="Quantize columns in order of decreasing Hessian "
+                            "diagonal (desc_act); the checkpoint's g_idx then maps columns to groups.")
+    static_groups: bool = Field(False, description="Fix every group's grid from the unquantized weights first.")
+    damp_percent: float = Field(0.01, gt=0, le=1, description="Dampening: this fraction of mean(diag H) is added to diag H.")
+    true_sequential: bool = Field(True, description="Within a layer, quantize q/k/v, o, gate/up, down in "
+                                  "turn, each with inputs from the already-quantized part.")
+    block_size: int = Field(128, ge=1, description="Columns per lazy-update block.")
+    batch_size: int = Field(8, ge=1, description="Calibration windows per forward pass.")
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, v: int) -> int:
+        if v not in GPTQ_BITS:
+            raise ValueError(f"GPTQ bits must be one of {', '.join(map(str, GPTQ_BITS))} (got {v})")
+        return v
+
+
+class GPTQ(Backend):
+    name = "gptq"
+    description = "GPTQ (Frantar et al. 2022), quantlab's PyTorch implementation; GPTQ v1 checkpoints."
+    Config = GPTQConfig
+    needs_calibration = True
+
+    def check(self, model: nn.Module) -> None:
+        targets = target_linears(model, self.config.skip)
+        check_not_tied(model, targets)
+        check_layers(targets, self.config.bits, self.config.group_size)
+        decoder_layers(model, arch_spec(model))
+
+    @torch.no_grad()
+    def quantize(self, model: nn.Module, calibration: torch.Tensor | None) -> nn.Module:
+        if calibration is None:
+            raise QuantlabError("gptq needs calibration data")
+        c = self.config
+        spec = arch_spec(model)
+        layers = decoder_layers(model, spec)
+        targets = dict(target_linears(model, c.skip))
+        hidden, kwargs = first_layer_inputs(model, layers, calibration, c.batch_size)
+        stages = dict(zip(("attn_in", "o_in", "mlp_in", "down_in"), spec.sequential))
+        for li, layer in enumerate(tqdm(layers, desc="gptq: layers", unit="layer", leave=False, disable=None)):
+            prefix = f"{spec.layers}.{li}."
+            mine = {n[len(prefix):]: m for n, m in targets.items() if n.startswith(prefix)}
+            staged = c.true_sequential and spec.prenorm is not None and set(mine) <= {n for g in spec.sequential for n in g}
+            if staged:
+                # each stage of the layer runs once; a group is quantized before the next stage
+                def on_inputs(stage, xs, layer=layer, mine=mine, prefix=prefix):
+                    names = [n for n in stages[stage] if n in mine]
+                    if names:
+                        h = torch.zeros(xs[0].shape[-1], xs[0].shape[-1], device=xs[0].device)
+                        count = 0
+                        for x in xs:
+                            x = x.reshape(-1, x.shape[-1]).float()
+                            h.addmm_(x.t(), x)
+                            count += x.shape[0]
+                        self._quantize_group(layer, mine, names, h * (2 / count), prefix)
+
+                hidden = staged_prenorm_layer(layer, spec.prenorm, hidden, kwargs, on_inputs)
+                continue
+            groups = [tuple(n for n in grp if n in mine) for grp in spec.sequential] if c.true_sequential else []
+            groups = [grp for grp in groups if grp]
+            covered = {n for grp in groups for n in grp}
+            if set(mine) - covered:  # generic architecture or true_sequential off: one group
+                groups = [tuple(n for n in mine if n not in covered)] + groups if covered else [tuple(mine)]
+            for grp in groups:
+                hess: dict[str, torch.Tensor] = {}
+                count = {n: 0 for n in grp}
+                shares: dict[str, str] = {}  # q/k/v (and gate/up) read one tensor: one Hessian
+                last: dict[tuple, str] = {}
+
+                def accumulate(name, x, hess=hess, count=count, shares=shares, last=last):
+                    key = (x.data_ptr(), tuple(x.shape))
+                    owner = last.get(key)
+                    if owner is not None and owner != name:
+                        shares[name] = owner
+                        return
+                    last.clear()
+                    last[key] = name
+                    x = x.reshape(-1, x.shape[-1]).float()
+                    if name not in hess:
+                        hess[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+                    hess[name].addmm_(x.t(), x)
+                    count[name] += x.shape[0]
+
+                with input_hooks({n: mine[n] for n in grp}, accumulate, stop_after=grp) as seen:
+                    feed(layer, hidden, kwargs, seen)
+                for n in grp:
+                    src = shares.get(n, n)
+                    self._quantize_group(layer, mine, [n], hess[src] * (2 / max(count[src], 1)), prefix)
+                del hess
+            hidden = run_layer(layer, hidden, kwargs)
+        return model
+
+    def _quantize_group(self, layer: nn.Module, mine: dict[str, nn.Module], names: list[str],
+                        h: torch.Tensor, prefix: str) -> None:
+        """GPTQ each named linear of ``layer`` with the shared Hessian ``h``; swap it in."""
+        c = self.config
+        for n in names:
+            lin = mine[n]
+            codes, scales, zeros, g_idx = gptq_quantize(
+                lin.weight.data, h, c.bits, c.group_size, c.sym, damp_percent=c.damp_percent,
+                act_order=c.act_order, static_groups=c.static_groups, block_size=c.block_size)
+            q = PackedLinear.from_codes(codes.to(lin.weight.device), scales, zeros, g_idx, c.bits,
+                                        c.group_size, lin.bias, dtype=lin.weight.dtype)
+            w = lin.weight.data.float()
+            dw = q.weight.float() - w
+            # output error on the calibration inputs: trace(dW H dW^T) / trace(W H W^T)
+            rel = float(((dw @ h) * dw).sum() / ((w @ h) * w).sum().clamp(min=1e-20))
+            self.layer_stats[prefix + n] = {"weight_rel_error": float(dw.norm() / w.norm().clamp(min=1e-12)),
+                                            "output_rel_error": rel}
+            set_module(layer, n, q)
+
+    def save(self, model: nn.Module, out_dir: Path) -> dict:
+        save_weights(model, out_dir / WEIGHTS_NAME)
+        c = self.config
+        return gptq_quantization_config(c.bits, c.group_size, c.sym, desc_act=c.act_order)
+
+    @classmethod
+    def load(cls, ckpt_dir: Path, meta: dict, dtype: torch.dtype, device: torch.device) -> nn.Module:
+        return load_packed(ckpt_dir, meta, dtype, device)

@@ -1,0 +1,126 @@
+"""AWQ: its search never loses to no scaling, folding preserves the float model, the GEMM
+packing follows AutoAWQ's published layout, and checkpoints round-trip."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from quantlab.checkpoint import export_checkpoint, load_checkpoint
+from quantlab.quantizers.awq import (
+    AWQ,
+    AWQLinear,
+    awq_search_clip,
+    awq_search_scales,
+    fake_quant,
+    gram,
+    pack_awq,
+    unpack_awq,
+)
+
+
+def reference_pack_awq(intweight: torch.Tensor) -> torch.Tensor:
+    """AutoAWQ GEMM packing as its format description states it: for 4 bits, word `col`
+    holds columns col*8 + [0, 2, 4, 6, 1, 3, 5, 7] in nibbles 0..7 (written independently)."""
+    order_map = [0, 2, 4, 6, 1, 3, 5, 7]
+    rows, cols = intweight.shape
+    out = torch.zeros(rows, cols // 8, dtype=torch.int64)
+    for col in range(cols // 8):
+        for i in range(8):
+            out[:, col] |= intweight[:, col * 8 + order_map[i]].to(torch.int64) << (4 * i)
+    return torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
+
+
+def test_awq_packing_matches_published_order_and_round_trips():
+    codes = torch.randint(0, 16, (40, 64), generator=torch.Generator().manual_seed(0))
+    codes[0, :8] = torch.tensor([15, 0, 1, 2, 3, 4, 5, 6])
+    packed = pack_awq(codes)
+    assert torch.equal(packed, reference_pack_awq(codes))
+    assert torch.equal(unpack_awq(packed), codes)
+    # columns 0..7 = 15,0,1,2,3,4,5,6 -> nibbles hold columns 0,2,4,6,1,3,5,7 = 15,1,3,5,0,2,4,6
+    assert packed[0, 0].item() & 0xFFFFFFFF == 0x6420531F
+
+
+def _problem(seed=0, out_f=96, in_f=128, n=1024):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, in_f, generator=g)
+    x[:, :6] *= 20  # salient input channels, the case AWQ exists for
+    w = torch.randn(out_f, in_f, generator=g) * 0.05
+    return w, x
+
+
+@pytest.mark.parametrize("bits,group,sym,duo", [(4, 32, False, True), (4, 64, True, False),
+                                                (3, 32, False, True), (2, 32, False, False)])
+def test_scale_search_never_worse_than_no_scaling(bits, group, sym, duo):
+    w, x = _problem(bits)
+    s, losses = awq_search_scales(w, gram(x), x.abs().mean(0), bits, group, sym, n_grid=10, duo_scaling=duo)
+    assert losses.shape == (11,)
+    # the objective, computed directly on the tokens, agrees with the second-moment form
+    best = float(torch.nn.functional.mse_loss(x / s @ (fake_quant(w * s, bits, group, sym)).t(), x @ w.t()))
+    none = float(torch.nn.functional.mse_loss(x @ fake_quant(w, bits, group, sym).t(), x @ w.t()))
+    assert best == pytest.approx(float(losses.min()), rel=1e-3)
+    assert none == pytest.approx(float(losses[0]), rel=1e-3)
+    assert best <= none
+    assert best < 0.9 * none  # with salient channels scaling really helps
+
+
+def test_clip_search_does_not_increase_error():
+    w, x = _problem(1, out_f=32)
+    mx = awq_search_clip(w, gram(x[:256]), 4, 32, False, n_grid=20, max_shrink=0.5)
+    assert mx.shape == (32, 4)
+    org = w.abs().view(32, 4, 32).amax(2)
+    assert (mx <= org + 1e-7).all() and (mx >= 0.5 * org - 1e-6).all()
+    clipped = torch.clamp(w, -mx.repeat_interleave(32, 1), mx.repeat_interleave(32, 1))
+    err = lambda v: float(((x[:256] @ (fake_quant(v, 4, 32, False) - w).t()) ** 2).mean())  # noqa: E731
+    assert err(clipped) <= err(w) * (1 + 1e-4)
+    assert (mx < org - 1e-7).any()  # it does clip somewhere
+
+
+def test_awq_on_tiny_model_preserves_function_then_quantizes(tiny, tmp_path):
+    from quantlab.data import pydoc_text, tokenize
+
+    model, tok = tiny
+    ids = tokenize(pydoc_text("calibration"), tok)
+    cal = ids[: 8 * 64].view(8, 64)
+    backend = AWQ(AWQ.Config(bits=4, group_size=32, search_tokens=256))
+    q = backend.quantize(copy.deepcopy(model), cal)
+    assert sum(isinstance(m, AWQLinear) for m in q.modules()) == 14
+    stats = backend.layer_stats["model.layers.0.self_attn.q_proj"]
+    assert stats["awq_loss_best"] <= stats["awq_loss_identity"]
+    # GQA here (4 heads, 2 kv heads): v_proj -> o_proj scaling is skipped, by design
+    assert "awq_loss_identity" not in backend.layer_stats["model.layers.0.self_attn.o_proj"]
+    ckpt = export_checkpoint(q, tok, backend, tmp_path / "ckpt", source={}, label="a")
+    qc = json.loads((ckpt / "config.json").read_text())["quantization_config"]
+    assert qc == {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True,
+                  "version": "gemm", "modules_to_not_convert": ["lm_head"]}
+    loaded = load_checkpoint(ckpt, dtype=torch.float32, device=torch.device("cpu")).model
+    with torch.inference_mode():
+        assert torch.equal(loaded(cal[:2]).logits, q(cal[:2]).logits)
+    from safetensors import safe_open
+
+    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("model.layers.0.mlp.down_proj.qweight").shape == (128, 64 // 8)
+        assert f.get_tensor("model.layers.0.mlp.down_proj.scales").shape == (4, 64)
+
+
+def test_scale_folding_alone_keeps_the_float_model(tiny):
+    """With 8 bits and fine groups, AWQ's model stays close to float: folding is exact."""
+    from quantlab.data import pydoc_text, tokenize
+
+    model, tok = tiny
+    cal = tokenize(pydoc_text("calibration"), tok)[: 4 * 64].view(4, 64)
+    q = AWQ(AWQ.Config(bits=8, group_size=16, format="gptq", clip=False, search_tokens=128)).quantize(copy.deepcopy(model), cal)
+    with torch.inference_mode():
+        a, b = model(cal).logits, q(cal).logits
+    assert float((a - b).abs().max()) < 0.05 * float(a.abs().max())
+
+
+def test_awq_options_are_validated():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="gemm format stores 4-bit weights only"):
+        AWQ.Config(bits=3)
+    AWQ.Config(bits=3, format="gptq")
+    with pytest.raises(ValidationError, match="format gptq stores"):
+        AWQ.Config(bits=5, format="gptq")
