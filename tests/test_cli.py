@@ -110,3 +110,25 @@ def test_another_recipe_does_not_take_over_a_run_directory(tiny_recipe, tmp_path
     assert main(["run", str(other)]) == 2
     assert "holds the results of recipe 'tiny'" in capsys.readouterr().err
     assert (tmp_path / "run" / "results.csv").read_bytes() == results
+
+
+def test_every_backend_runs_through_the_pipeline(tiny_model_dir, tmp_path):
+    """quantize -> export -> reload -> score for each backend, on the tiny model."""
+    recipe = tmp_path / "all.yaml"
+    recipe.write_text(f"""
+model: {{source: "{tiny_model_dir}"}}
+calibration: {{samples: 8, seq_len: 64}}
+methods:
+  - {{label: rtn, backend: rtn, options: {{bits: 4, group_size: 32}}}}
+  - {{label: gptq, backend: gptq, options: {{bits: 4, group_size: 32, act_order: true}}}}
+  - {{label: awq, backend: awq, options: {{bits: 4, group_size: 32, search_tokens: 128}}}}
+  - {{label: awq-gptq-layout, backend: awq, options: {{bits: 3, group_size: 32, format: gptq, clip: false}}}}
+eval: {{seq_len: 64, max_windows: 4, speed: {{new_tokens: 2, warmup: 0, repeats: 1}}}}
+""")
+    assert main(["run", str(recipe), "--out", str(tmp_path / "run")]) == 0
+    table = pd.read_csv(tmp_path / "run" / "results.csv").set_index("method")
+    assert list(table.index) == ["baseline", "rtn", "gptq", "awq", "awq-gptq-layout"]
+    assert table["ppl"].notna().all() and (table["ppl"] > 1).all()
+    assert (table.loc[["rtn", "gptq", "awq"], "bits_per_weight"] < 6).all()
+    assert table.loc["awq-gptq-layout", "bits_per_weight"] < table.loc["awq", "bits_per_weight"]
+    assert json.loads((tmp_path / "run" / "calibration.json").read_text())["samples"] == 8

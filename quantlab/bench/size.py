@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 
+import torch
 from torch import nn
 
 PACKED_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
@@ -19,8 +20,8 @@ def linear_bits_per_weight(model: nn.Module, exclude: tuple[str, ...] = ("lm_hea
         if any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, f"*.{p}") for p in exclude):
             continue
         if hasattr(m, "qweight"):
-            bits += sum(getattr(m, t).numel() * getattr(m, t).element_size() * 8
-                        for t in PACKED_TENSORS if getattr(m, t, None) is not None)
+            stored = [getattr(m, t, None) for t in PACKED_TENSORS]
+            bits += sum(t.numel() * t.element_size() * 8 for t in stored if isinstance(t, torch.Tensor))
             weights += m.in_features * m.out_features
         elif isinstance(m, nn.Linear):
             bits += m.weight.numel() * m.weight.element_size() * 8
