@@ -185,6 +185,8 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, *, force: bool = F
             "size_bytes": weight_bytes(ckpt),
             "bits_per_weight": linear_bits_per_weight(loaded.model),
             "decode_tokens_per_s": speed.get("decode_tokens_per_s"),
+            "decode_tokens_per_s_min": speed.get("decode_tokens_per_s_min"),
+            "decode_tokens_per_s_max": speed.get("decode_tokens_per_s_max"),
             "quantize_s": quantize_s,
             "export_s": export_s,
             "load_s": load_s,

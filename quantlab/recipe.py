@@ -81,7 +81,7 @@ class SpeedSpec(_Strict):
     prompt_tokens: int = Field(32, ge=1, description="Prompt length (tokens of the evaluation text).")
     new_tokens: int = Field(32, ge=2, description="Tokens decoded per repeat.")
     warmup: int = Field(1, ge=0, description="Untimed repeats first.")
-    repeats: int = Field(3, ge=1, description="Timed repeats; the median is reported.")
+    repeats: int = Field(5, ge=1, description="Timed repeats; the median, min and max are reported.")
 
 
 class EvalSpec(TextSpec):

@@ -8,7 +8,7 @@ import pandas as pd
 COLUMNS = [
     "method", "backend", "bits", "group_size", "ppl", "ppl_convention", "eval_source",
     "eval_seq_len", "eval_tokens", "size_bytes", "bits_per_weight", "decode_tokens_per_s",
-    "quantize_s", "export_s", "load_s", "eval_s", "dtype", "device", "threads", "kernel",
+    "decode_tokens_per_s_min", "decode_tokens_per_s_max", "quantize_s", "export_s", "load_s", "eval_s", "dtype", "device", "threads", "kernel",
     "tokenizer", "eval_sha256", "checkpoint",
 ]
 
@@ -43,7 +43,9 @@ def summary_frame(frame: pd.DataFrame) -> pd.DataFrame:
         out["×size"] = (order["size_bytes"] / base["size_bytes"]).map("{:.3f}".format)
     out["bits/weight"] = order["bits_per_weight"].map("{:.2f}".format)
     speed = order["decode_tokens_per_s"]
-    out["decode_tok/s"] = speed.map(lambda v: "" if pd.isna(v) else f"{v:.1f}")
+    lo, hi = order["decode_tokens_per_s_min"], order["decode_tokens_per_s_max"]
+    out["decode_tok/s (min-max)"] = [
+        "" if pd.isna(v) else f"{v:.1f} ({a:.1f}-{b:.1f})" for v, a, b in zip(speed, lo, hi)]
     if base is not None and pd.notna(base["decode_tokens_per_s"]):
         out["×speed"] = (speed / base["decode_tokens_per_s"]).map(lambda v: "" if pd.isna(v) else f"{v:.2f}")
     out["quantize_s"] = order["quantize_s"].map("{:.1f}".format)
@@ -62,7 +64,8 @@ def format_summary(frame: pd.DataFrame, env: dict | None = None) -> str:
         f"tokenizer {first['tokenizer']}",
         f"device {first['device']}, dtype {first['dtype']}, {first['threads']} threads"
         + (f", {env['cpu']}" if env and env.get("cpu") else "")
-        + "; decode speed: batch 1, KV cache, median of repeats; size: weight files on disk",
+        + "; decode speed: batch 1, KV cache, median (min-max) of repeats: ratios inside the "
+        "spread are noise; size: weight files on disk",
         "",
         summary_frame(frame).to_string(index=False),
     ]
