@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 from tqdm.auto import tqdm
@@ -41,15 +40,14 @@ from quantlab.quantizers.arch import arch_spec, decoder_layers
 from quantlab.quantizers.base import (
     WEIGHTS_NAME,
     Backend,
-    build_skeleton,
     check_not_tied,
-    load_weights,
+    load_quantized,
     save_weights,
     set_module,
     target_linears,
 )
 from quantlab.quantizers.grid import dequantize_matrix, quantize_matrix
-from quantlab.quantizers.linear import PackedLinear
+from quantlab.quantizers.linear import DenseDequantLinear, PackedLinear
 from quantlab.quantizers.rtn import (
     GPTQ_BITS,
     WeightQuantConfig,
@@ -160,13 +158,12 @@ def unpack_awq(words: torch.Tensor) -> torch.Tensor:
     return out.reshape(w.shape[0], -1)
 
 
-class AWQLinear(nn.Module):
+class AWQLinear(DenseDequantLinear):
     """A linear layer stored in the AutoAWQ GEMM layout (4-bit), unpacked once at
     construction into a dense ``weight`` buffer (not saved): ``kernel=dense-dequant``.
 
     qweight int32 [in, out/8], qzeros int32 [n_groups, out/8], scales float16 [n_groups, out]."""
 
-    kernel = "dense-dequant"
     bits = 4
 
     def __init__(self, in_features: int, out_features: int, group_size: int, bias: bool,
@@ -200,13 +197,6 @@ class AWQLinear(nn.Module):
     def dequantize(self) -> torch.Tensor:
         codes = unpack_awq(self.qweight).t()
         return dequantize_matrix(codes, self.scales, unpack_awq(self.qzeros), self.g_idx())
-
-    @torch.no_grad()
-    def refresh(self) -> None:
-        self.weight = self.dequantize().to(self.weight.dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits=4, "
@@ -368,22 +358,12 @@ class AWQ(Backend):
 
     @classmethod
     def load(cls, ckpt_dir: Path, meta: dict, dtype: torch.dtype, device: torch.device) -> nn.Module:
-        from transformers import AutoConfig
-
         if meta.get("options", {}).get("format") == "gptq":
             return load_packed(ckpt_dir, meta, dtype, device)
-        config = AutoConfig.from_pretrained(ckpt_dir)
-        qcfg = getattr(config, "quantization_config", None) or {}
-        if qcfg.get("quant_method") != "awq" or qcfg.get("version") != "gemm":
-            raise QuantlabError(f"checkpoint '{ckpt_dir}' is not an AWQ gemm checkpoint")
-        del config.quantization_config
-        model = build_skeleton(config, dtype)
-        for name in meta.get("modules", []):
-            lin = model.get_submodule(name)
-            set_module(model, name, AWQLinear(lin.in_features, lin.out_features, qcfg["group_size"],
-                                              lin.bias is not None, dtype))
-        load_weights(model, ckpt_dir / WEIGHTS_NAME)
-        for m in model.modules():
-            if isinstance(m, AWQLinear):
-                m.refresh()
-        return model.to(device).eval()
+
+        def make(lin: nn.Linear, qcfg: dict) -> nn.Module:
+            if qcfg.get("quant_method") != "awq" or qcfg.get("version") != "gemm":
+                raise QuantlabError(f"checkpoint '{ckpt_dir}' is not an AWQ gemm checkpoint")
+            return AWQLinear(lin.in_features, lin.out_features, qcfg["group_size"], lin.bias is not None, dtype)
+
+        return load_quantized(ckpt_dir, meta, dtype, device, make)

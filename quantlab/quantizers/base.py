@@ -173,3 +173,26 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
+
+
+def load_quantized(ckpt_dir: Path, meta: dict[str, Any], dtype: torch.dtype, device: torch.device,
+                   make) -> nn.Module:
+    """Rebuild a quantized checkpoint: the architecture from ``config.json``, each module named
+    in ``meta['modules']`` replaced by ``make(float_linear, quantization_config)``, the weights
+    loaded, then every packed module's dense weight recomputed (``refresh``)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(ckpt_dir)
+    qcfg = getattr(config, "quantization_config", None) or {}
+    if not isinstance(qcfg, dict):
+        qcfg = qcfg.to_dict()
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = build_skeleton(config, dtype)
+    for name in meta.get("modules", []):
+        set_module(model, name, make(model.get_submodule(name), qcfg))
+    load_weights(model, Path(ckpt_dir) / WEIGHTS_NAME)
+    for m in model.modules():
+        if hasattr(m, "refresh"):
+            m.refresh()
+    return model.to(device).eval()

@@ -24,9 +24,26 @@ from quantlab.quantizers.grid import dequantize_matrix
 from quantlab.quantizers.packing import pack_cols, pack_rows, unpack_cols, unpack_rows
 
 
-class PackedLinear(nn.Module):
+class DenseDequantLinear(nn.Module):
+    """Execution shared by the packed layouts: the codes are unpacked once into a dense
+    ``weight`` buffer (not saved) and ``forward`` is ``F.linear``. Subclasses hold the
+    packed buffers and implement :meth:`dequantize`."""
+
     kernel = "dense-dequant"
 
+    def dequantize(self) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Recompute the dense weight from the packed buffers (after loading a state dict)."""
+        self.weight = self.dequantize().to(self.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class PackedLinear(DenseDequantLinear):
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int,
                  bias: bool, dtype: torch.dtype = torch.float32, device=None):
         super().__init__()
@@ -68,14 +85,6 @@ class PackedLinear(nn.Module):
     def dequantize(self) -> torch.Tensor:
         """The dense weight [out, in] in float32 that the packed tensors encode."""
         return dequantize_matrix(self.codes(), self.scales, self.zeros(), self.g_idx)
-
-    @torch.no_grad()
-    def refresh(self) -> None:
-        """Recompute the dense weight from the packed buffers (after loading a state dict)."""
-        self.weight = self.dequantize().to(self.weight.dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -22,9 +22,8 @@ from quantlab.quantizers.base import (
     WEIGHTS_NAME,
     Backend,
     BackendConfig,
-    build_skeleton,
     check_not_tied,
-    load_weights,
+    load_quantized,
     save_weights,
     set_module,
     target_linears,
@@ -92,25 +91,15 @@ def gptq_quantization_config(bits: int, group_size: int, sym: bool, desc_act: bo
 
 def load_packed(ckpt_dir: Path, meta: dict, dtype: torch.dtype, device: torch.device) -> nn.Module:
     """Rebuild a model whose quantized layers are :class:`PackedLinear` (GPTQ v1 layout)."""
-    from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(ckpt_dir)
-    qcfg = getattr(config, "quantization_config", None) or {}
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    bits, group_size = qcfg.get("bits"), qcfg.get("group_size")
-    if bits is None or group_size is None:
-        raise QuantlabError(f"checkpoint '{ckpt_dir}': config.json has no quantization_config with bits and group_size")
-    model = build_skeleton(config, dtype)
-    for name in meta.get("modules", []):
-        lin = model.get_submodule(name)
-        set_module(model, name, PackedLinear(lin.in_features, lin.out_features, bits, group_size,
-                                             lin.bias is not None, dtype))
-    load_weights(model, ckpt_dir / WEIGHTS_NAME)
-    for m in model.modules():
-        if isinstance(m, PackedLinear):
-            m.refresh()
-    return model.to(device).eval()
+    def make(lin: nn.Linear, qcfg: dict) -> nn.Module:
+        bits, group_size = qcfg.get("bits"), qcfg.get("group_size")
+        if bits is None or group_size is None:
+            raise QuantlabError(f"checkpoint '{ckpt_dir}': config.json has no quantization_config "
+                                "with bits and group_size")
+        return PackedLinear(lin.in_features, lin.out_features, bits, group_size, lin.bias is not None, dtype)
+
+    return load_quantized(ckpt_dir, meta, dtype, device, make)
 
 
 class RTN(Backend):
