@@ -67,8 +67,6 @@ def _refuse_foreign_run(out_dir: Path, recipe: Recipe, force: bool) -> None:
 def run_recipe(recipe: Recipe, out: str | Path | None = None, *, force: bool = False,
                echo: bool = True) -> RunResult:
     """Run every method of ``recipe`` into ``out`` (default: the recipe's output.dir)."""
-    out_dir = prepare_run_dir(Path(out) if out else recipe.output_dir())
-    _refuse_foreign_run(out_dir, recipe, force)
     methods = recipe.all_methods()
     backends = {m.label: get_backend(m.backend)(m.config()) for m in methods}
     if recipe.threads:
@@ -87,6 +85,8 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, *, force: bool = F
     cal = recipe.calibration
     need_cal = any(b.needs_calibration for b in backends.values())
     cal_text = load_text(cal.source, cal.split, "calibration", cal.text_field) if need_cal else None
+    out_dir = prepare_run_dir(Path(out) if out else recipe.output_dir())
+    _refuse_foreign_run(out_dir, recipe, force)
 
     _log(f"loading model '{recipe.model.source}' ({str(dtype).removeprefix('torch.')} on {device})")
     t0 = time.perf_counter()

@@ -132,3 +132,16 @@ eval: {{seq_len: 64, max_windows: 4, speed: {{new_tokens: 2, warmup: 0, repeats:
     assert (table.loc[["rtn", "gptq", "awq"], "bits_per_weight"] < 6).all()
     assert table.loc["awq-gptq-layout", "bits_per_weight"] < table.loc["awq", "bits_per_weight"]
     assert json.loads((tmp_path / "run" / "calibration.json").read_text())["samples"] == 8
+
+
+def test_output_directory_that_is_a_file(tiny_recipe, tmp_path, capsys):
+    target = tmp_path / "taken"
+    target.write_text("not a directory")
+    assert main(["run", str(tiny_recipe), "--out", str(target)]) == 2
+    assert "exists and is a file" in capsys.readouterr().err
+    assert target.read_text() == "not a directory"
+
+
+def test_bad_model_path_creates_nothing(tiny_recipe, tmp_path):
+    assert main(["run", str(tiny_recipe), "--out", str(tmp_path / "new"), "--set", "model.source=/nope/x"]) == 2
+    assert not (tmp_path / "new").exists()
