@@ -16,7 +16,6 @@ Prints one JSON line per method and a table at the end. Run alone: two cores are
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import sys
@@ -84,8 +83,11 @@ def main() -> int:
     for key in args.methods.split(","):
         backend_name, opts = METHODS[key]
         backend = get_backend(backend_name)(get_backend(backend_name).Config(**opts))
-        work = copy.deepcopy(base.model)
+        # like the pipeline: one float model in memory while quantizing (the base is reloaded
+        # afterwards for the divergence pass), so the peak is the quantizer's own footprint
+        base.model = None
         gc.collect()
+        work = load_model("smollm2-135m", dtype=torch.float32, device=cpu).model
         with PeakRSS() as mem:
             t0 = time.perf_counter()
             q = backend.quantize(work, cal.ids if backend.needs_calibration else None)
@@ -96,8 +98,10 @@ def main() -> int:
         del q, work
         gc.collect()
         loaded = load_checkpoint(ckpt, dtype=torch.float32, device=cpu).model
+        base.model = load_model("smollm2-135m", dtype=torch.float32, device=cpu).model
         row = {"method": key, "backend": backend_name, **opts, "quantize_s": round(quantize_s, 1),
                "export_s": round(export_s, 1), "peak_rss_quantize_bytes": mem.peak_bytes,
+               "rss_before_quantize_bytes": mem.start_bytes,
                "peak_rss_over_float_weights": round(mem.peak_bytes / weights_bytes, 2),
                "size_bytes": weight_bytes(ckpt), **score(loaded)}
         if windows is not None:
