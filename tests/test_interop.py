@@ -1,0 +1,44 @@
+"""quantlab's GPTQ and AWQ checkpoints loaded by an independent loader: transformers with
+gptqmodel's CPU kernels (TorchAtenLinear / TorchAtenAwqLinear). Needs the [gptq] extra
+(gptqmodel pins numpy and compiles at install, so CI's default environment leaves it out)."""
+
+import copy
+import importlib.util
+
+import pytest
+import torch
+
+from quantlab.checkpoint import export_checkpoint, load_checkpoint
+from quantlab.data import pydoc_text, tokenize
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("gptqmodel") is None or importlib.util.find_spec("optimum") is None,
+    reason="gptqmodel/optimum not installed: pip install 'quantlab[gptq]' to run the interop tests")
+
+
+@pytest.mark.parametrize("backend,opts", [
+    ("rtn", dict(bits=4, group_size=32, sym=False)),   # zero points of 0 wrap in GPTQ v1
+    ("gptq", dict(bits=4, group_size=32, sym=True, act_order=True)),
+    ("awq", dict(bits=4, group_size=32, search_tokens=128)),
+])
+def test_transformers_with_gptqmodel_loads_quantlab_checkpoints(tiny, tmp_path, backend, opts):
+    from transformers import AutoModelForCausalLM
+
+    from quantlab.registry import get_backend
+
+    model, tok = tiny
+    cls = get_backend(backend)
+    b = cls(cls.Config(**opts))
+    cal = tokenize(pydoc_text("calibration"), tok)[: 8 * 64].view(8, 64)
+    q = b.quantize(copy.deepcopy(model), cal if b.needs_calibration else None)
+    ckpt = export_checkpoint(q, tok, b, tmp_path / "ckpt", source={}, label=backend)
+    ids = cal[:2]
+    ours = load_checkpoint(ckpt, dtype=torch.float32, device=torch.device("cpu")).model
+    theirs = AutoModelForCausalLM.from_pretrained(ckpt, device_map="cpu", dtype=torch.float32)
+    assert any(hasattr(m, "qweight") and type(m).__module__.startswith("gptqmodel") for m in theirs.modules())
+    with torch.inference_mode():
+        a, c = ours(ids).logits, theirs(ids).logits.float()
+    # gptqmodel's CPU kernels compute in half precision: agreement to that precision, not bits
+    kl = torch.nn.functional.kl_div(c.log_softmax(-1), a.log_softmax(-1), log_target=True, reduction="none").sum(-1)
+    assert float(kl.mean()) < 1e-3
+    assert float((a.argmax(-1) == c.argmax(-1)).float().mean()) > 0.95
