@@ -302,7 +302,7 @@ class AWQ(Backend):
             # one second moment per distinct input (q/k/v share one, gate/up another)
             sig: dict[str, torch.Tensor] = {}
             for n in mine:
-                twin = next((m for m in sig if chunks[m][0] is chunks[n][0] or torch.equal(chunks[m][0], chunks[n][0])), None)
+                twin = next((m for m in sig if torch.equal(chunks[m][0], chunks[n][0])), None)
                 sig[n] = sig[twin] if twin else gram(torch.cat(chunks[n]))
             x_mean = {n: abs_sum[n] / n_tok for n in mine}
             del chunks
