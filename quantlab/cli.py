@@ -1,4 +1,4 @@
-"""Command line: ``quantlab run|validate|backends|models``.
+"""Command line: ``quantlab run|validate|eval|backends|models``.
 
 User mistakes print one ``error:`` line per problem and exit with code 2 (no traceback
 unless ``--debug``)."""
@@ -40,6 +40,35 @@ def _parser() -> argparse.ArgumentParser:
     _add_recipe_args(p)
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
+    p = sub.add_parser("eval", help="score any model or checkpoint: perplexity by a convention, "
+                       "divergence from a base model, speed; nothing is quantized",
+                       description="Score MODEL (demo alias, Hub id, directory, .gguf or a checkpoint "
+                       "quantlab exported) on a text. Prints a summary, or one JSON object with --json.")
+    p.add_argument("model", help="model source or checkpoint directory")
+    p.add_argument("--data", default="pydoc", help="text source: pydoc (embedded, default), a .txt/.jsonl "
+                   "file, a WikiText-style directory, or wikitext2 (online)")
+    p.add_argument("--split", help="part of the text source (pydoc: evaluation; directories: test)")
+    p.add_argument("--text-field", default="text", help="field of a .jsonl source (default: text)")
+    p.add_argument("--convention", default="gptq", choices=["gptq", "llamacpp", "strided", "lm-eval"],
+                   help="perplexity convention (default gptq; see README)")
+    p.add_argument("--ctx", "--seq-len", dest="seq_len", type=int, help="window / context length "
+                   "(default: gptq 2048, llamacpp 512, strided and lm-eval the model's context)")
+    p.add_argument("--stride", type=int, help="strided convention: tokens between window starts (default 512)")
+    p.add_argument("--bos", choices=["auto", "yes", "no"], default="auto",
+                   help="llamacpp convention: BOS on each chunk (auto: when the tokenizer adds one)")
+    p.add_argument("--max-chunks", "--max-windows", dest="max_windows", type=int,
+                   help="score only the first N windows/chunks")
+    p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+    p.add_argument("--base", help="also score divergence (KL, top-1, Δp) from this model on the same tokens")
+    p.add_argument("--kl-windows", type=int, help="compare only the first N windows with --base (default: all)")
+    p.add_argument("--speed", action="store_true", help="also measure prefill/decode speed at batch 1")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's choice)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow code from the model repository to run")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
     sub.add_parser("backends", help="list quantizer backends and their options")
     sub.add_parser("models", help="list embedded demo models and the model sources accepted")
     return parser
@@ -63,6 +92,12 @@ def _cmd_validate(args) -> int:
           f"{len(methods)} methods ({', '.join(f'{m.label}={m.backend}' for m in methods)}), "
           f"output {recipe.output_dir()}")
     return 0
+
+
+def _cmd_eval(args) -> int:
+    from quantlab.evalcmd import run_eval
+
+    return run_eval(args)
 
 
 def _cmd_backends(args) -> int:
@@ -90,7 +125,7 @@ def _cmd_models(args) -> int:
     return 0
 
 
-COMMANDS = {"run": _cmd_run, "validate": _cmd_validate, "backends": _cmd_backends, "models": _cmd_models}
+COMMANDS = {"run": _cmd_run, "validate": _cmd_validate, "eval": _cmd_eval, "backends": _cmd_backends, "models": _cmd_models}
 
 
 def main(argv: list[str] | None = None) -> int:

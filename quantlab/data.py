@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,12 +37,32 @@ _SPLIT_ALIASES = {"validation": "valid", "val": "valid", "eval": "test", "evalua
                   "calibration": "train"}
 
 
+_HEADING = re.compile(r"^ = [^=].* = \s*$")
+
+
 @dataclass(frozen=True)
 class Text:
     """A named list of documents. ``name`` says where it came from (e.g. ``pydoc:evaluation``)."""
 
     name: str
     documents: list[str] = field(repr=False)
+    kind: str = "documents"  # "wikitext": one file of many articles; "wikitext-lines": Hub rows
+
+    def articles(self) -> list[str]:
+        """Documents for document-level scoring (the lm-eval convention). WikiText files
+        and rows are split into articles at their top-level headings (" = Title = "), as
+        lm-eval's document-level WikiText is; other sources keep their documents."""
+        if self.kind == "documents":
+            return list(self.documents)
+        text = "".join(self.documents) if self.kind == "wikitext-lines" else "\n".join(self.documents)
+        out: list[list[str]] = []
+        for line in text.splitlines(keepends=True):
+            if _HEADING.match(line) and out and "".join(out[-1]).strip():
+                out.append([])
+            if not out:
+                out.append([])
+            out[-1].append(line)
+        return ["".join(a) for a in out if "".join(a).strip()]
 
     def joined(self, sep: str = "\n\n") -> str:
         return sep.join(self.documents)
@@ -104,7 +125,7 @@ def _wikitext_dir(path: Path, split: str) -> Text:
         raise QuantlabError(f"directory sources have splits train, valid, test, not {split!r}")
     for name in _DIR_FILES[split]:
         if (path / name).is_file():
-            return Text(f"{path.name}:{split}", [_read_text_file(path / name)])
+            return Text(f"{path.name}:{split}", [_read_text_file(path / name)], kind="wikitext")
     if split == "train":  # WikiText copies often ship without train: calibrate on valid
         return _wikitext_dir(path, "valid")
     raise QuantlabError(f"directory '{path}' has no {split} file (looked for {', '.join(_DIR_FILES[split])})")
@@ -122,7 +143,7 @@ def _wikitext2_hub(split: str) -> Text:
         raise QuantlabError(
             f"could not load wikitext2 ({hub_split}) from the Hugging Face Hub: {e}. Offline? "
             "Point 'source' at a local directory with valid.txt/test.txt instead") from None
-    return Text(f"wikitext-2-raw-v1:{hub_split}", list(rows))
+    return Text(f"wikitext-2-raw-v1:{hub_split}", list(rows), kind="wikitext-lines")
 
 
 def load_text(source: str, split: str | None, role: str, text_field: str = "text") -> Text:

@@ -38,6 +38,14 @@ DEMO_MODELS = {
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+def quiet_progress_bars() -> None:
+    """Progress bars only where a person watches them (stderr is a terminal)."""
+    if not sys.stderr.isatty():
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
 def cache_dir() -> Path:
     """Where downloads and converted models live: $QUANTLAB_CACHE, else $XDG_CACHE_HOME/quantlab."""
     if os.environ.get("QUANTLAB_CACHE"):

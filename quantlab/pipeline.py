@@ -15,14 +15,22 @@ import torch
 import yaml
 
 from quantlab import __version__
-from quantlab.bench.perplexity import perplexity_gptq
-from quantlab.bench.size import linear_bits_per_weight
-from quantlab.bench.speed import decode_speed
+from quantlab.bench.memory import PeakRSS
+from quantlab.bench.size import directory_bytes, linear_bits_per_weight, quantized_tensor_bytes
+from quantlab.bench.speed import decode_bound, measure_speed, memory_bandwidth
 from quantlab.checkpoint import export_checkpoint, load_checkpoint, weight_bytes
 from quantlab.data import load_text, sample_calibration, tokenize
 from quantlab.env import environment
 from quantlab.errors import QuantlabError
-from quantlab.models import classify, load_model, resolve_device, resolve_dtype
+from quantlab.evaluate import (
+    EvalSettings,
+    build_plan,
+    compute_reference,
+    evaluate,
+    labels,
+    plan_key,
+)
+from quantlab.models import classify, load_model, quiet_progress_bars, resolve_device, resolve_dtype
 from quantlab.recipe import Recipe, recipe_to_dict
 from quantlab.registry import get_backend
 from quantlab.report.tables import format_summary, results_frame
@@ -43,6 +51,25 @@ class RunResult:
 
 def _log(msg: str) -> None:
     print(f"quantlab: {msg}", file=sys.stderr, flush=True)
+
+
+class _Peak:
+    """Peak resident memory of the process (and peak CUDA memory) during a block."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self._rss = PeakRSS().__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._rss.__exit__(*exc)
+        self.rss = self._rss.peak_bytes
+        self.cuda = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+        return False
 
 
 def _dtype_bits(dtype: torch.dtype) -> int:
@@ -76,11 +103,12 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, *, force: bool = F
 
     # Cheap checks first: the model source and texts exist before anything is loaded.
     classify(recipe.model.source)
-    if not sys.stderr.isatty():  # progress bars only where a person watches them
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
+    quiet_progress_bars()
     ev = recipe.eval
+    if ev.tasks:
+        from quantlab.bench.tasks import check_tasks
+
+        check_tasks(ev.tasks, ev.task_paths)
     eval_text = load_text(ev.source, ev.split, "evaluation", ev.text_field)
     cal = recipe.calibration
     need_cal = any(b.needs_calibration for b in backends.values())
@@ -94,9 +122,11 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, *, force: bool = F
                       trust_remote_code=recipe.model.trust_remote_code)
     base_load_s = time.perf_counter() - t0
     max_pos = getattr(base.model.config, "max_position_embeddings", None)
-    for what, n in (("eval.seq_len", ev.seq_len), ("calibration.seq_len", cal.seq_len if need_cal else 0)):
-        if max_pos and n > max_pos:
-            raise QuantlabError(f"{what}={n} is longer than the model's context ({max_pos} tokens)")
+    if need_cal and max_pos and cal.seq_len > max_pos:
+        raise QuantlabError(f"calibration.seq_len={cal.seq_len} is longer than the model's context ({max_pos} tokens)")
+    settings = EvalSettings(convention=ev.convention, seq_len=ev.seq_len, stride=ev.stride, bos=ev.bos,
+                            max_windows=ev.max_windows, batch_size=ev.batch_size)
+    plan = build_plan(settings, eval_text, base.tokenizer, base.model)
     for label, b in backends.items():
         try:
             b.check(base.model)
@@ -111,6 +141,8 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, *, force: bool = F
         atomic_write_json(out_dir / "calibration.json", calibration.record())
 
     env = environment(device, dtype)
+    if ev.speed.enabled:
+        env["memory_bandwidth_bytes_per_s"] = memory_bandwidth(device)
     resolved = recipe_to_dict(recipe)
     atomic_write_text(out_dir / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False))
     atomic_write_json(out_dir / "environment.json", env)
@@ -120,6 +152,16 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, *, force: bool = F
                   calibration_sha256=calibration.sha256 if calibration else None,
                   model_info={k: v for k, v in base.info.items() if k != "path"})
     source_info = dict(base.info, dtype=str(dtype).removeprefix("torch."))
+    eval_labels = labels(plan, eval_text, base.tokenizer, base.model)
+    reference = None
+    if ev.divergence.enabled:
+        part = plan.head(ev.divergence.max_windows)
+        ref_key = plan_key(part, eval_text, {"model": shared["model_info"], "dtype": str(dtype),
+                                             "device": device.type})
+        _log(f"base model distributions on {part.scored_tokens} tokens ({len(part.segments)} windows) "
+             "for divergence")
+        reference = compute_reference(base.model, part, out_dir / "reference", ev.batch_size, ref_key)
+        shared["reference_key"] = ref_key
     spare = [base.model]
 
     def take_base_model():
@@ -146,9 +188,10 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, *, force: bool = F
         _log(f"[{i}/{len(methods)}] {method.label}: quantize ({backend.name})")
         mdir.mkdir(parents=True, exist_ok=True)
         work = take_base_model()
-        t0 = time.perf_counter()
-        work = backend.quantize(work, calibration.ids if (calibration and backend.needs_calibration) else None)
-        quantize_s = time.perf_counter() - t0
+        with _Peak(device) as mem_quantize:
+            t0 = time.perf_counter()
+            work = backend.quantize(work, calibration.ids if (calibration and backend.needs_calibration) else None)
+            quantize_s = time.perf_counter() - t0
         _log(f"[{i}/{len(methods)}] {method.label}: export")
         t0 = time.perf_counter()
         ckpt = export_checkpoint(work, base.tokenizer, backend, mdir / "checkpoint",
@@ -158,15 +201,28 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, *, force: bool = F
         gc.collect()
 
         _log(f"[{i}/{len(methods)}] {method.label}: reload from disk and score")
-        t0 = time.perf_counter()
-        loaded = load_checkpoint(ckpt, dtype=dtype, device=device)
-        load_s = time.perf_counter() - t0
-        ppl = perplexity_gptq(loaded.model, eval_ids, ev.seq_len, max_windows=ev.max_windows,
-                              batch_size=ev.batch_size)
-        speed = {}
+        with _Peak(device) as mem_load:
+            t0 = time.perf_counter()
+            loaded = load_checkpoint(ckpt, dtype=dtype, device=device)
+            load_s = time.perf_counter() - t0
+        with _Peak(device) as mem_eval:
+            ppl, div = evaluate(loaded.model, plan, ev.batch_size, reference)
+        div = div or {}
+        speed, bound = {}, {}
         if ev.speed.enabled:
-            prompt = eval_ids[: ev.speed.prompt_tokens].unsqueeze(0)
-            speed = decode_speed(loaded.model, prompt, ev.speed.new_tokens, ev.speed.warmup, ev.speed.repeats)
+            prompt = eval_ids[: ev.speed.prompt_tokens]
+            speed = measure_speed(loaded.model, prompt, new_tokens=ev.speed.new_tokens,
+                                  batch_sizes=(1, ev.speed.batch_size), warmup=ev.speed.warmup,
+                                  repeats=ev.speed.repeats)
+            bound = decode_bound(loaded.model, env["memory_bandwidth_bytes_per_s"])
+        batch_speed = speed.get("by_batch", {}).get(f"b{ev.speed.batch_size}", {}) if ev.speed.batch_size > 1 else {}
+        tasks = {}
+        if ev.tasks:
+            from quantlab.bench.tasks import run_tasks
+
+            _log(f"[{i}/{len(methods)}] {method.label}: lm-eval tasks {', '.join(ev.tasks)}")
+            tasks = run_tasks(loaded.model, loaded.tokenizer, ev.tasks, ev.task_paths, limit=ev.task_limit,
+                              num_fewshot=ev.task_fewshot, batch_size=ev.batch_size)
         fields = backend.config.table_fields()
         kernels = sorted({m.kernel for m in loaded.model.modules() if hasattr(m, "kernel")})
         metrics = {
@@ -175,6 +231,7 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, *, force: bool = F
             "bits": fields.get("bits", _dtype_bits(dtype)),
             "group_size": fields.get("group_size"),
             "ppl": ppl.ppl,
+            "ppl_stderr": ppl.ppl_stderr,
             "ppl_convention": ppl.convention,
             "eval_source": eval_text.name,
             "eval_sha256": eval_text.sha256,
@@ -182,34 +239,64 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, *, force: bool = F
             "eval_windows": ppl.windows,
             "eval_tokens": ppl.scored_tokens,
             "tokenizer": base.tokenizer.__class__.__name__,
+            "kld_mean": div.get("kld_mean"),
+            "kld_p99": div.get("kld_p99"),
+            "top1_agreement": div.get("top1_agreement"),
+            "dp_rms": div.get("dp_rms"),
+            "kld_tokens": div.get("kld_tokens"),
             "size_bytes": weight_bytes(ckpt),
+            "checkpoint_bytes": directory_bytes(ckpt),
+            "quantized_tensor_bytes": quantized_tensor_bytes(loaded.model),
             "bits_per_weight": linear_bits_per_weight(loaded.model),
+            "prefill_tokens_per_s": speed.get("prefill_tokens_per_s"),
+            "ttft_ms": speed.get("ttft_ms"),
             "decode_tokens_per_s": speed.get("decode_tokens_per_s"),
             "decode_tokens_per_s_min": speed.get("decode_tokens_per_s_min"),
             "decode_tokens_per_s_max": speed.get("decode_tokens_per_s_max"),
+            "latency_p50_ms": speed.get("latency_p50_ms"),
+            "latency_p95_ms": speed.get("latency_p95_ms"),
+            "decode_bound_tokens_per_s": bound.get("decode_bound_tokens_per_s"),
+            "decode_fraction_of_bound": (speed["decode_tokens_per_s"] / bound["decode_bound_tokens_per_s"]
+                                         if speed else None),
+            "decode_batch_size": batch_speed.get("batch_size"),
+            "decode_tokens_per_s_batch": batch_speed.get("decode_tokens_per_s"),
+            "peak_rss_quantize_bytes": mem_quantize.rss,
+            "peak_rss_load_bytes": mem_load.rss,
+            "peak_rss_eval_bytes": mem_eval.rss,
+            "peak_cuda_quantize_bytes": mem_quantize.cuda,
+            "peak_cuda_eval_bytes": mem_eval.cuda,
             "quantize_s": quantize_s,
             "export_s": export_s,
             "load_s": load_s,
             "eval_s": ppl.seconds,
+            "eval_tokens_per_s": ppl.tokens_per_s,
             "dtype": str(dtype).removeprefix("torch."),
             "device": str(device),
             "threads": torch.get_num_threads(),
             "kernel": ",".join(kernels) or "dense",
             "checkpoint": str(ckpt.relative_to(out_dir)),
             "options": backend.config.model_dump(mode="json"),
-            "speed": speed,
+            "eval_labels": eval_labels,
             "perplexity": ppl.as_dict(),
+            "divergence": div,
+            "speed": speed,
+            "decode_bound": bound,
+            "tasks": tasks,
             "layers": backend.layer_stats,
             "base_load_s": base_load_s,
             "key": key,
         }
+        for task, values in tasks.items():
+            for metric, value in values.items():
+                metrics[f"task_{task}_{metric}"] = value
         atomic_write_json(mdir / "metrics.json", metrics)
         rows.append(metrics)
         atomic_write_text(out_dir / "results.csv", results_frame(rows).to_csv(index=False))
         del loaded
         gc.collect()
+        kl = f", KL {div['kld_mean']:.4f}" if div else ""
         _log(f"[{i}/{len(methods)}] {method.label}: ppl {ppl.ppl:.3f} ({ppl.convention}, "
-             f"{ppl.scored_tokens} tokens of {eval_text.name})")
+             f"{ppl.scored_tokens} tokens of {eval_text.name}){kl}")
 
     frame = results_frame(rows)
     atomic_write_text(out_dir / "results.csv", frame.to_csv(index=False))

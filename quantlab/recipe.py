@@ -17,7 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from quantlab.errors import RecipeError, did_you_mean
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-CONVENTIONS = ("gptq",)
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 _LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
@@ -75,28 +74,68 @@ class CalibrationSpec(TextSpec):
 
 
 class SpeedSpec(_Strict):
-    """Decode speed at batch 1 with a KV cache, greedy, end-of-sequence ignored."""
+    """Generation speed of each reloaded checkpoint: prefill, time to first token, greedy
+    decode with a KV cache (end-of-sequence ignored), at batch 1 and at ``batch_size``."""
 
     enabled: bool = True
-    prompt_tokens: int = Field(32, ge=1, description="Prompt length (tokens of the evaluation text).")
+    prompt_tokens: int = Field(64, ge=1, description="Prompt length (tokens of the evaluation text).")
     new_tokens: int = Field(32, ge=2, description="Tokens decoded per repeat.")
+    batch_size: int = Field(4, ge=1, description="A second batch size measured besides batch 1 "
+                            "(the prompt repeated); 1 measures batch 1 only.")
     warmup: int = Field(1, ge=0, description="Untimed repeats first.")
-    repeats: int = Field(5, ge=1, description="Timed repeats; the median, min and max are reported.")
+    repeats: int = Field(5, ge=1, description="Timed repeats; medians, min and max are reported.")
+
+
+class DivergenceSpec(_Strict):
+    """KL divergence, top-1 agreement and Δp of each method against the unquantized model,
+    on the first windows of the evaluation text. The base model's distributions are computed
+    once per run and stored in the run directory (2 bytes per vocabulary entry per token)."""
+
+    enabled: bool = True
+    max_windows: int | None = Field(8, ge=1, description="Windows compared (None: all windows "
+                                    "of the evaluation; storage grows with vocabulary x tokens).")
 
 
 class EvalSpec(TextSpec):
     """How each reloaded checkpoint is scored."""
 
-    convention: Literal["gptq"] = Field(
+    convention: Literal["gptq", "llamacpp", "strided", "lm-eval"] = Field(
         "gptq",
-        description="Perplexity convention. 'gptq': the GPTQ/AWQ papers' non-overlapping "
-        "windows of seq_len tokens over the text joined with blank lines, remainder dropped, "
-        "mean NLL over all predicted tokens.",
+        description="Perplexity convention. 'gptq': the GPTQ/AWQ papers (non-overlapping "
+        "windows over the text joined with blank lines, remainder dropped); 'llamacpp': "
+        "llama-perplexity (BOS-led chunks, second half scored, ± stderr); 'strided': the "
+        "transformers docs' sliding window; 'lm-eval': lm-evaluation-harness rolling "
+        "log-likelihood per document, reported as word perplexity (README, 'Perplexity').",
     )
-    seq_len: int = Field(512, ge=8, le=1_000_000, description="Window length in tokens.")
+    seq_len: int | None = Field(None, ge=8, le=1_000_000, description="Window length in tokens "
+                                "(llamacpp: ctx). None: gptq 2048, llamacpp 512, strided and "
+                                "lm-eval the model's context.")
+    stride: int | None = Field(None, ge=1, description="strided: tokens between window starts (default 512).")
+    bos: bool | None = Field(None, description="llamacpp: BOS on every chunk. None: when the "
+                             "tokenizer adds BOS to a text (as llama.cpp decides).")
     max_windows: int | None = Field(None, ge=1, description="Score only the first N windows (None: all).")
-    batch_size: int = Field(4, ge=1, description="Windows per forward pass.")
+    batch_size: int = Field(4, ge=1, description="Windows per forward pass (windows longer than "
+                            "512 tokens: as many as fit in batch_size x 512 tokens).")
+    divergence: DivergenceSpec = DivergenceSpec()
     speed: SpeedSpec = SpeedSpec()
+    tasks: list[str] = Field(default_factory=list, description="lm-eval tasks run on each "
+                             "checkpoint (needs the [eval] extra; offline: local task YAMLs).")
+    task_paths: list[str] = Field(default_factory=list, description="Directories of lm-eval task "
+                                  "YAML files (e.g. tasks defined on local data).")
+    task_limit: int | None = Field(None, ge=1, description="Examples per task (None: all).")
+    task_fewshot: int | None = Field(None, ge=0, description="Few-shot examples (None: the task's default).")
+
+    @model_validator(mode="after")
+    def _convention_keys(self) -> EvalSpec:
+        if self.stride is not None and self.convention != "strided":
+            raise ValueError(f"stride applies to the strided convention, not {self.convention!r}")
+        if self.bos is not None and self.convention != "llamacpp":
+            raise ValueError(f"bos applies to the llamacpp convention, not {self.convention!r}")
+        if self.max_windows is not None and self.convention == "lm-eval":
+            raise ValueError("max_windows does not apply to the lm-eval convention (it scores whole documents)")
+        if self.stride is not None and self.seq_len is not None and self.stride > self.seq_len:
+            raise ValueError(f"stride ({self.stride}) must not exceed seq_len ({self.seq_len})")
+        return self
 
 
 class MethodSpec(_Strict):

@@ -6,7 +6,7 @@ resident memory), export, RELOAD from disk, then score the reloaded model:
 - perplexity (gptq convention, 512-token windows) on the embedded pydoc evaluation split and
   on the WikiText-2 test split (../shared/data/wikitext-2, if present);
 - KL divergence from the float model and top-1 agreement on the WikiText-2 windows (the
-  float model's logits recomputed batch by batch on the same windows).
+  float model's distributions stored once and compared token by token).
 
 Prints one JSON line per method and a table at the end. Run alone: two cores are shared.
 
@@ -25,11 +25,11 @@ from pathlib import Path
 
 import torch
 
-from quantlab.bench.divergence import DivergenceStats
 from quantlab.bench.memory import PeakRSS, rss_bytes
-from quantlab.bench.perplexity import perplexity_gptq, windows_gptq
+from quantlab.bench.perplexity import gptq_plan, perplexity_gptq
 from quantlab.checkpoint import export_checkpoint, load_checkpoint, weight_bytes
 from quantlab.data import load_text, sample_calibration, tokenize
+from quantlab.evaluate import compute_reference, evaluate
 from quantlab.models import load_model
 from quantlab.registry import get_backend
 
@@ -68,23 +68,27 @@ def main() -> int:
           f"calibration {args.samples}x{args.seq_len} tokens of {cal_text.name}, threads {torch.get_num_threads()}",
           file=sys.stderr)
 
-    def score(model) -> dict:
+    out_root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench-gptq-awq-"))
+    wt_plan = gptq_plan(wt_ids, 512, args.wikitext_windows) if wt_ids is not None else None
+    reference = (compute_reference(base.model, wt_plan, out_root / "reference", args.batch_size, "wikitext")
+                 if wt_plan is not None else None)
+
+    def score(model, divergence: bool = False) -> dict:
         r = {"ppl_pydoc": perplexity_gptq(model, pydoc_ids, 512, max_windows=args.pydoc_windows,
                                           batch_size=args.batch_size).ppl}
-        if wt_ids is not None:
-            r["ppl_wikitext"] = perplexity_gptq(model, wt_ids, 512, max_windows=args.wikitext_windows,
-                                                batch_size=args.batch_size).ppl
+        if wt_plan is not None:
+            ppl, div = evaluate(model, wt_plan, args.batch_size, reference if divergence else None)
+            r["ppl_wikitext"] = ppl.ppl
+            r.update(div or {})
         return r
 
     rows = [{"method": "float", **score(base.model)}]
     print(json.dumps(rows[0]), flush=True)
-    windows = windows_gptq(wt_ids, 512, args.wikitext_windows) if wt_ids is not None else None
-    out_root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench-gptq-awq-"))
     for key in args.methods.split(","):
         backend_name, opts = METHODS[key]
         backend = get_backend(backend_name)(get_backend(backend_name).Config(**opts))
-        # like the pipeline: one float model in memory while quantizing (the base is reloaded
-        # afterwards for the divergence pass), so the peak is the quantizer's own footprint
+        # like the pipeline: one float model in memory while quantizing, so the peak is the
+        # quantizer's own footprint (divergence uses the base distributions stored once)
         base.model = None
         gc.collect()
         work = load_model("smollm2-135m", dtype=torch.float32, device=cpu).model
@@ -98,19 +102,11 @@ def main() -> int:
         del q, work
         gc.collect()
         loaded = load_checkpoint(ckpt, dtype=torch.float32, device=cpu).model
-        base.model = load_model("smollm2-135m", dtype=torch.float32, device=cpu).model
         row = {"method": key, "backend": backend_name, **opts, "quantize_s": round(quantize_s, 1),
                "export_s": round(export_s, 1), "peak_rss_quantize_bytes": mem.peak_bytes,
                "rss_before_quantize_bytes": mem.start_bytes,
                "peak_rss_over_float_weights": round(mem.peak_bytes / weights_bytes, 2),
-               "size_bytes": weight_bytes(ckpt), **score(loaded)}
-        if windows is not None:
-            div = DivergenceStats()
-            with torch.inference_mode():
-                for i in range(0, windows.shape[0], args.batch_size):
-                    b = windows[i : i + args.batch_size]
-                    div.update(base.model(b).logits, loaded(b).logits)
-            row.update(div.result())
+               "size_bytes": weight_bytes(ckpt), **score(loaded, divergence=True)}
         rows.append(row)
         print(json.dumps(row), flush=True)
         del loaded

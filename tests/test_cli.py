@@ -27,7 +27,17 @@ def test_run_writes_a_complete_run_directory(tiny_recipe, tmp_path, capsys):
         assert (run / row.checkpoint / "quantlab.json").is_file()
         metrics = json.loads((run / row.method / "metrics.json").read_text())
         assert metrics["ppl"] == pytest.approx(row.ppl)
-        assert len(metrics["speed"]["decode_tokens_per_s_samples"]) == 2
+        b1 = metrics["speed"]["by_batch"]["b1"]
+        assert len(b1["decode_tokens_per_s_samples"]) == len(b1["prefill_tokens_per_s_samples"]) == 2
+        assert metrics["speed"]["by_batch"]["b4"]["batch_size"] == 4 == row.decode_batch_size
+        assert row.latency_p50_ms <= row.latency_p95_ms and row.ttft_ms > 0
+        assert 0 < row.decode_fraction_of_bound and row.decode_bound_tokens_per_s > 0
+        assert row.peak_rss_eval_bytes > 0 and row.checkpoint_bytes > row.size_bytes
+        assert metrics["eval_labels"]["text_sha256"] == row.eval_sha256
+    # divergence from the base model: the float round trip is exact, RTN is not
+    assert base["kld_mean"] < 1e-6 and base["top1_agreement"] == 1.0
+    assert rtn["kld_mean"] > 1e-6 and base["kld_tokens"] == rtn["kld_tokens"] == 6 * 63
+    assert (run / "reference" / "meta.json").is_file()
     assert (run / "recipe.yaml").is_file() and (run / "environment.json").is_file()
     out = capsys.readouterr().out
     assert "rtn-w4-g32" in out and "convention gptq" in out and "pydoc:evaluation" in out

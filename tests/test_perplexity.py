@@ -8,7 +8,7 @@ import torch
 
 from quantlab.bench.perplexity import perplexity_gptq
 from quantlab.bench.size import linear_bits_per_weight
-from quantlab.bench.speed import decode_speed
+from quantlab.bench.speed import measure_speed
 from quantlab.data import pydoc_text, tokenize
 from quantlab.errors import QuantlabError
 
@@ -58,12 +58,39 @@ def test_errors_for_short_text_and_long_windows(tiny):
         perplexity_gptq(model, torch.arange(5000), 512)
 
 
-def test_decode_speed_reports_median_and_samples(tiny):
+def test_speed_reports_medians_samples_and_latency(tiny):
     model, _ = tiny
-    s = decode_speed(model, torch.tensor([[1, 2, 3, 4]]), new_tokens=4, warmup=1, repeats=3)
-    assert len(s["decode_tokens_per_s_samples"]) == 3
-    assert s["decode_tokens_per_s_min"] <= s["decode_tokens_per_s"] <= s["decode_tokens_per_s_max"]
-    assert s["decode_tokens_per_s"] > 0
+    s = measure_speed(model, torch.tensor([1, 2, 3, 4, 5, 6]), new_tokens=4, batch_sizes=(1, 3), warmup=1, repeats=3)
+    b1, b3 = s["by_batch"]["b1"], s["by_batch"]["b3"]
+    assert len(b1["decode_tokens_per_s_samples"]) == len(b1["prefill_tokens_per_s_samples"]) == 3
+    assert b1["decode_tokens_per_s_min"] <= b1["decode_tokens_per_s"] <= b1["decode_tokens_per_s_max"]
+    assert b1["latency_p50_ms"] <= b1["latency_p95_ms"] and b1["ttft_ms"] > 0
+    assert b3["batch_size"] == 3 and b3["prompt_tokens"] == 6
+    # batch-1 figures are repeated at the top level; the prefill rate is the TTFT's inverse
+    assert s["decode_tokens_per_s"] == b1["decode_tokens_per_s"]
+    assert b1["prefill_tokens_per_s"] == pytest.approx(6 / (b1["ttft_ms"] / 1e3), rel=1e-6)
+
+
+def test_bytes_per_token_counts_what_decode_reads(tiny):
+    import copy
+
+    from transformers import LlamaForCausalLM
+
+    from quantlab.bench.speed import bytes_per_token, decode_bound
+    from quantlab.quantizers.rtn import RTN
+
+    model, _ = tiny
+    everything = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    assert bytes_per_token(model) == everything  # tied head: the table is read whole, once
+    q = RTN(RTN.Config(bits=4, group_size=32)).quantize(copy.deepcopy(model), None)
+    assert bytes_per_token(q) == everything  # dense-dequant layers read float weights
+    cfg = copy.deepcopy(model.config)
+    cfg.tie_word_embeddings = False
+    untied = LlamaForCausalLM(cfg)
+    table = untied.model.embed_tokens.weight
+    total = sum(t.numel() * t.element_size() for t in list(untied.parameters()) + list(untied.buffers()))
+    assert bytes_per_token(untied) == total - table.numel() * 4 + table.shape[1] * 4  # one row
+    assert decode_bound(model, 1e9)["decode_bound_tokens_per_s"] == pytest.approx(1e9 / everything)
 
 
 def test_bits_per_weight_of_float_and_packed(tiny):

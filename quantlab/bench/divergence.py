@@ -1,33 +1,190 @@
 """Divergence of a quantized model from its base on the same tokens, as llama.cpp's
 ``--kl-divergence`` mode reports it: per-token KL(base || quantized) over the full
-vocabulary (mean, median, p99) and how often both pick the same top token."""
+vocabulary (mean ± standard error, median, percentiles, max), how often both pick the same
+top token, and Δp, the change in the probability of the token that actually follows.
+
+The base model's distributions are computed once and stored compactly, like llama.cpp's
+``--kl-divergence-base`` file: for every scored token, the vocabulary's log-probabilities
+quantized to 16 bits over that token's own [min, max] range (2 bytes per vocabulary entry),
+plus the exact float32 log-probability of the target token and the exact top-1 id. The
+quantization step is at most (max - min) / 65535 in log space, which puts a floor of about
+1e-8 under the KL divergence of a model from an exact copy of itself.
+"""
 
 from __future__ import annotations
 
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from quantlab.errors import QuantlabError
 
-class DivergenceStats:
-    """Accumulates per-token KL divergence and top-1 agreement over batches of logits."""
+_LEVELS = 65535
 
-    def __init__(self):
-        self._kld: list[torch.Tensor] = []
-        self._same: list[torch.Tensor] = []
+
+class ReferenceLogprobs:
+    """The base model's next-token distributions at the scored positions, on disk.
+
+    ``ReferenceLogprobs.create(dir, n_tokens, vocab)``, then :meth:`append` batches of logits
+    in scoring order, then :meth:`finish`; :meth:`open` reads a finished one back."""
+
+    def __init__(self, path: Path, n_tokens: int, vocab: int, mode: str, meta: dict | None = None):
+        self.path, self.n_tokens, self.vocab = Path(path), n_tokens, vocab
+        self.meta = meta or {}
+        self._codes = np.memmap(self.path / "logprobs.u16", dtype=np.uint16, mode=mode, shape=(n_tokens, vocab))
+        if mode == "r":
+            rows = np.load(self.path / "rows.npy")
+            self._rows = rows
+        else:
+            self._rows = np.zeros((n_tokens, 5), dtype=np.float64)  # min, step, target logp, argmax, target
+        self.filled = n_tokens if mode == "r" else 0
+
+    @classmethod
+    def create(cls, path: str | Path, n_tokens: int, vocab: int, meta: dict | None = None) -> ReferenceLogprobs:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "meta.json").unlink(missing_ok=True)  # "finished" marker, written last
+        return cls(path, n_tokens, vocab, "w+", meta)
+
+    @classmethod
+    def open(cls, path: str | Path) -> ReferenceLogprobs | None:
+        """A finished reference at ``path``, or None when there is none (or it is incomplete)."""
+        path = Path(path)
+        try:
+            meta = json.loads((path / "meta.json").read_text())
+            return cls(path, meta["n_tokens"], meta["vocab"], "r", meta)
+        except (OSError, ValueError, KeyError):
+            return None
 
     @torch.no_grad()
-    def update(self, base_logits: torch.Tensor, logits: torch.Tensor) -> None:
-        """base_logits, logits: [..., V] for the same positions (float32 math)."""
-        if base_logits is logits:
-            raise ValueError("divergence of a tensor from itself: pass the base model's logits")
-        lp = F.log_softmax(base_logits.float().reshape(-1, base_logits.shape[-1]), dim=-1)
-        lq = F.log_softmax(logits.float().reshape(-1, logits.shape[-1]), dim=-1)
+    def append(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        n = logits.shape[0]
+        if self.filled + n > self.n_tokens:
+            raise ValueError("more reference tokens than the plan scores")
+        lp = F.log_softmax(logits.float(), dim=-1)
+        lo = lp.min(dim=-1).values
+        step = ((lp.max(dim=-1).values - lo) / _LEVELS).clamp(min=1e-30)
+        codes = torch.round((lp - lo[:, None]) / step[:, None]).to(torch.int32)
+        s = slice(self.filled, self.filled + n)
+        self._codes[s] = codes.cpu().numpy().astype(np.uint16)
+        rows = torch.stack([lo.double(), step.double(), lp.gather(1, targets[:, None])[:, 0].double(),
+                            lp.argmax(-1).double(), targets.double()], dim=1)
+        self._rows[s] = rows.cpu().numpy()
+        self.filled += n
+
+    def finish(self) -> None:
+        if self.filled != self.n_tokens:
+            raise ValueError(f"reference holds {self.filled} of {self.n_tokens} tokens")
+        self._codes.flush()
+        np.save(self.path / "rows.npy", self._rows)
+        tmp = self.path / "meta.json.tmp"
+        tmp.write_text(json.dumps(dict(self.meta, n_tokens=self.n_tokens, vocab=self.vocab)))
+        os.replace(tmp, self.path / "meta.json")
+
+    def logprobs(self, start: int, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(log-probs [n, V] renormalized, target log-probs [n], top-1 ids [n], targets [n])
+        of tokens start..start+n."""
+        rows = torch.from_numpy(self._rows[start : start + n])
+        codes = torch.from_numpy(self._codes[start : start + n].astype(np.float32))
+        lp = rows[:, :1].float() + codes * rows[:, 1:2].float()
+        return F.log_softmax(lp, dim=-1), rows[:, 2], rows[:, 3].long(), rows[:, 4].long()
+
+    def nbytes(self) -> int:
+        return self.n_tokens * (self.vocab * 2 + 32)
+
+
+class DivergenceStats:
+    """Per-token KL(base || candidate), top-1 agreement and Δp, accumulated over batches.
+
+    Either pass both logits to :meth:`update`, or feed candidate logits to :meth:`compare`,
+    which reads the base distributions of the same tokens from a :class:`ReferenceLogprobs`."""
+
+    def __init__(self, reference: ReferenceLogprobs | None = None):
+        self.reference = reference
+        self._pos = 0
+        self._kld: list[torch.Tensor] = []
+        self._same: list[torch.Tensor] = []
+        self._p_base: list[torch.Tensor] = []
+        self._p_cand: list[torch.Tensor] = []
+
+    def _add(self, lp: torch.Tensor, lq: torch.Tensor, targets: torch.Tensor,
+             lp_target: torch.Tensor, top_base: torch.Tensor) -> None:
         self._kld.append((lp.exp() * (lp - lq)).sum(-1).clamp(min=0).double().cpu())
-        self._same.append((lp.argmax(-1) == lq.argmax(-1)).cpu())
+        self._same.append(top_base.cpu() == lq.argmax(-1).cpu())
+        self._p_base.append(lp_target.double().cpu())  # log-probabilities of the targets
+        self._p_cand.append(lq.gather(1, targets[:, None])[:, 0].double().cpu())
+
+    @torch.no_grad()
+    def update(self, base_logits: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        """base_logits, logits: [n, V] for the same positions; targets [n]."""
+        if base_logits is logits:
+            raise ValueError("divergence of logits from themselves: pass the base model's logits")
+        lp = F.log_softmax(base_logits.float(), dim=-1)
+        lq = F.log_softmax(logits.float(), dim=-1)
+        self._add(lp, lq, targets, lp.gather(1, targets[:, None])[:, 0], lp.argmax(-1))
+
+    @torch.no_grad()
+    def compare(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        """Hook for :func:`quantlab.bench.perplexity.score`: candidate logits [n, V] of the
+        next n scored tokens, against the stored reference. The reference may cover only the
+        first tokens of the plan (its first windows); later tokens are not compared."""
+        if self.reference is None:
+            raise ValueError("compare() needs a reference")
+        n = min(logits.shape[0], self.reference.n_tokens - self._pos)
+        if n <= 0:
+            return
+        if logits.shape[-1] != self.reference.vocab:
+            raise QuantlabError(f"vocabulary sizes differ: reference {self.reference.vocab}, "
+                                f"candidate {logits.shape[-1]}; compare models that share a tokenizer")
+        lp, lp_target, top, ref_targets = self.reference.logprobs(self._pos, n)
+        targets = targets[:n].cpu()
+        if not torch.equal(ref_targets, targets):
+            raise QuantlabError("the candidate is scored on other tokens than the reference; "
+                                "compare on the same text, tokenizer and windows")
+        lq = F.log_softmax(logits[:n].float(), dim=-1).cpu()
+        self._add(lp, lq, targets, lp_target, top)
+        self._pos += n
 
     def result(self) -> dict:
+        if not self._kld:
+            raise QuantlabError("no tokens were compared")
+        if self.reference is not None and self._pos != self.reference.n_tokens:
+            raise QuantlabError(f"compared {self._pos} tokens, but the reference holds "
+                                f"{self.reference.n_tokens}; were they scored on the same windows?")
         kld = torch.cat(self._kld)
         same = torch.cat(self._same).double()
-        return {"kld_mean": float(kld.mean()), "kld_median": float(kld.median()),
-                "kld_p99": float(torch.quantile(kld.float(), 0.99)),
-                "top1_agreement": float(same.mean()), "kld_tokens": int(kld.numel())}
+        lp_base, lp_cand = torch.cat(self._p_base), torch.cat(self._p_cand)
+        dp = lp_cand.exp() - lp_base.exp()
+        n = kld.numel()
+        q = lambda t, p: float(torch.quantile(t.float(), p))  # noqa: E731
+        top1 = float(same.mean())
+        out = {
+            "kld_mean": float(kld.mean()),
+            "kld_stderr": float(kld.std() / math.sqrt(n)) if n > 1 else 0.0,
+            "kld_median": float(kld.median()),
+            "kld_p90": q(kld, 0.90), "kld_p95": q(kld, 0.95), "kld_p99": q(kld, 0.99),
+            "kld_max": float(kld.max()),
+            "top1_agreement": top1,
+            "top1_stderr": math.sqrt(top1 * (1 - top1) / n),
+            "dp_mean": float(dp.mean()), "dp_std": float(dp.std()) if n > 1 else 0.0,
+            "dp_rms": float(dp.pow(2).mean().sqrt()),
+            "dp_p01": q(dp, 0.01), "dp_p05": q(dp, 0.05), "dp_median": float(dp.median()),
+            "dp_p95": q(dp, 0.95), "dp_p99": q(dp, 0.99),
+            "dp_min": float(dp.min()), "dp_max": float(dp.max()),
+            # mean ln(PPL(candidate) / PPL(base)) over these tokens, as llama.cpp prints it
+            "ln_ppl_ratio": float((lp_base - lp_cand).mean()),
+            "kld_tokens": n,
+        }
+        return out
+
+
+def check_distinct(base, candidate) -> None:
+    """Refuse to compare a model with itself (AutoAWQ's example does, and reports 0)."""
+    if base is candidate:
+        raise QuantlabError("the base model and the candidate are the same object: divergence "
+                            "would be 0 by construction; load the base model separately")

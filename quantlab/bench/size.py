@@ -27,3 +27,20 @@ def linear_bits_per_weight(model: nn.Module, exclude: tuple[str, ...] = ("lm_hea
             bits += m.weight.numel() * m.weight.element_size() * 8
             weights += m.weight.numel()
     return bits / weights if weights else float("nan")
+
+
+def quantized_tensor_bytes(model: nn.Module) -> int:
+    """Bytes of the tensors that encode quantized weights (codes, scales, zeros, group index)."""
+    total = 0
+    for m in model.modules():
+        if hasattr(m, "qweight"):
+            total += sum(t.numel() * t.element_size() for t in (getattr(m, n, None) for n in PACKED_TENSORS)
+                         if isinstance(t, torch.Tensor))
+    return total
+
+
+def directory_bytes(path) -> int:
+    """Bytes of every file under ``path`` (the checkpoint as it sits on disk)."""
+    from pathlib import Path
+
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())

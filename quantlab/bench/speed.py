@@ -1,6 +1,16 @@
-"""Decode speed at batch 1: prefill a prompt once, then decode greedily token by token with
-the KV cache, end-of-sequence ignored. Warm-up repeats are excluded; the median of the timed
-repeats is reported and every raw sample is kept."""
+"""Generation speed: prefill throughput, time to first token, decode throughput and
+per-token latency, at batch 1 and at a chosen batch size.
+
+One repeat: run the prompt (``batch`` copies) through the model with a KV cache -- that is
+the prefill, and its logits give the first new token, so its duration is the time to first
+token -- then decode ``new_tokens`` greedy tokens one step at a time (end-of-sequence
+ignored), timing every step. Warm-up repeats are excluded; medians over the timed repeats
+are reported with min and max, and every raw sample is kept.
+
+Decode is memory-bound at small batch: every step reads every weight once. The bound
+``memory bandwidth / bytes read per token`` (:func:`decode_bound`) says how fast decode could
+be on this machine, so each decode figure can be shown as a fraction of it.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +18,7 @@ import statistics
 import time
 
 import torch
+from torch import nn
 
 
 def _sync(device: torch.device) -> None:
@@ -15,33 +26,129 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _pct(values: list[float], p: float) -> float:
+    """Percentile by linear interpolation (numpy's default)."""
+    return float(torch.quantile(torch.tensor(values, dtype=torch.float64), p / 100))
+
+
 @torch.inference_mode()
-def decode_speed(model, prompt: torch.Tensor, new_tokens: int = 32, warmup: int = 1, repeats: int = 3) -> dict:
-    """Time ``new_tokens`` decode steps after prefilling ``prompt`` [1, P]."""
+def _one_batch(model, prompt: torch.Tensor, new_tokens: int, warmup: int, repeats: int) -> dict:
     device = next(model.parameters()).device
     prompt = prompt.to(device)
-    samples = []
+    b, p = prompt.shape
+    prefill, decode, steps = [], [], []
     for r in range(warmup + repeats):
-        out = model(prompt, use_cache=True)
-        past = out.past_key_values
-        nxt = out.logits[:, -1:].argmax(-1)
         _sync(device)
         t0 = time.perf_counter()
+        out = model(prompt, use_cache=True)
+        nxt = out.logits[:, -1:].argmax(-1)
+        _sync(device)
+        t_prefill = time.perf_counter() - t0
+        past = out.past_key_values
+        step_times = []
         for _ in range(new_tokens):
+            t1 = time.perf_counter()
             out = model(nxt, past_key_values=past, use_cache=True)
             past = out.past_key_values
             nxt = out.logits[:, -1:].argmax(-1)
-        _sync(device)
+            _sync(device)
+            step_times.append(time.perf_counter() - t1)
         if r >= warmup:
-            samples.append(new_tokens / (time.perf_counter() - t0))
+            prefill.append(t_prefill)
+            decode.append(b * new_tokens / sum(step_times))
+            steps.extend(step_times)
+    prefill_tps = [b * p / t for t in prefill]
     return {
-        "decode_tokens_per_s": statistics.median(samples),
-        "decode_tokens_per_s_min": min(samples),
-        "decode_tokens_per_s_max": max(samples),
-        "decode_tokens_per_s_samples": samples,
-        "prompt_tokens": int(prompt.shape[1]),
+        "batch_size": b,
+        "prompt_tokens": p,
         "new_tokens": new_tokens,
-        "batch_size": 1,
-        "warmup": warmup,
-        "repeats": repeats,
+        "prefill_tokens_per_s": statistics.median(prefill_tps),
+        "prefill_tokens_per_s_samples": prefill_tps,
+        "ttft_ms": statistics.median(prefill) * 1e3,
+        "decode_tokens_per_s": statistics.median(decode),
+        "decode_tokens_per_s_min": min(decode),
+        "decode_tokens_per_s_max": max(decode),
+        "decode_tokens_per_s_samples": decode,
+        "latency_p50_ms": _pct(steps, 50) * 1e3,
+        "latency_p95_ms": _pct(steps, 95) * 1e3,
     }
+
+
+def measure_speed(model, prompt: torch.Tensor, *, new_tokens: int = 32, batch_sizes: tuple[int, ...] = (1,),
+                  warmup: int = 1, repeats: int = 5) -> dict:
+    """Speed at each batch size (the prompt [1, P] repeated), keyed ``b1``, ``b4``...;
+    the batch-1 figures are also at the top level."""
+    if prompt.dim() == 1:
+        prompt = prompt[None]
+    device = next(model.parameters()).device
+    result = {"warmup": warmup, "repeats": repeats, "threads": torch.get_num_threads(), "device": str(device),
+              "by_batch": {}}
+    for b in dict.fromkeys(batch_sizes):
+        result["by_batch"][f"b{b}"] = _one_batch(model, prompt[:1].expand(b, -1), new_tokens, warmup, repeats)
+    first = result["by_batch"][f"b{batch_sizes[0]}"]
+    result.update({k: v for k, v in first.items() if not k.endswith("_samples")})
+    return result
+
+
+def decode_speed(model, prompt: torch.Tensor, new_tokens: int = 32, warmup: int = 1, repeats: int = 3) -> dict:
+    """Batch-1 speed (kept for callers of the first API)."""
+    return measure_speed(model, prompt, new_tokens=new_tokens, warmup=warmup, repeats=repeats)
+
+
+# ------------------------------------------------------------------------ hardware bound
+
+
+def memory_bandwidth(device: torch.device | str = "cpu", mbytes: int = 256, repeats: int = 5) -> float:
+    """Measured memory bandwidth in bytes/s: the best of ``repeats`` copies of a
+    ``mbytes`` MB buffer (each copy reads and writes it: 2x the bytes)."""
+    device = torch.device(device)
+    n = mbytes * (1 << 20) // 4
+    src = torch.ones(n, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # first touch
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.numel() * 4 / best
+
+
+def bytes_per_token(model: nn.Module) -> int:
+    """Bytes of weights one decode step reads: every parameter and buffer a forward uses,
+    once (shared tensors once); an input embedding table counts one row unless the output
+    head reads the same tensor; layers that execute from a dense copy of packed weights
+    count the dense copy (what the kernel reads), not the packed tensors."""
+    seen: set[int] = set()
+    total = 0
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_ptr = head.weight.data_ptr() if head is not None and hasattr(head, "weight") else None
+
+    def add(t: torch.Tensor | None, nbytes: int | None = None) -> None:
+        nonlocal total
+        if t is None or not isinstance(t, torch.Tensor) or t.numel() == 0 or t.data_ptr() in seen:
+            return
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size() if nbytes is None else nbytes
+
+    for m in model.modules():
+        if isinstance(m, nn.Embedding) and m is not head:
+            if m.weight.data_ptr() != head_ptr:
+                add(m.weight, m.weight.shape[1] * m.weight.element_size())
+            continue
+        if getattr(m, "kernel", None) == "dense-dequant":
+            add(m.weight)
+            add(getattr(m, "bias", None))
+            continue
+        for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)):
+            add(t)
+    return total
+
+
+def decode_bound(model: nn.Module, bandwidth: float, batch_size: int = 1) -> dict:
+    """Decode tokens/s the memory bandwidth allows if each step reads the weights once."""
+    per_token = bytes_per_token(model)
+    return {"weight_bytes_per_step": per_token, "memory_bandwidth_bytes_per_s": bandwidth,
+            "decode_bound_tokens_per_s": batch_size * bandwidth / per_token}

@@ -4,18 +4,33 @@ from __future__ import annotations
 
 import pandas as pd
 
-#: columns of results.csv, in order (metrics.json holds more: raw speed samples, options...)
+#: columns of results.csv, in order (metrics.json holds more: raw speed samples, Δp
+#: percentiles, per-layer statistics, options...)
 COLUMNS = [
-    "method", "backend", "bits", "group_size", "ppl", "ppl_convention", "eval_source",
-    "eval_seq_len", "eval_tokens", "size_bytes", "bits_per_weight", "decode_tokens_per_s",
-    "decode_tokens_per_s_min", "decode_tokens_per_s_max", "quantize_s", "export_s", "load_s", "eval_s", "dtype", "device", "threads", "kernel",
-    "tokenizer", "eval_sha256", "checkpoint",
+    "method", "backend", "bits", "group_size", "ppl", "ppl_stderr", "ppl_convention", "eval_source",
+    "eval_seq_len", "eval_windows", "eval_tokens", "kld_mean", "kld_p99", "top1_agreement", "dp_rms",
+    "kld_tokens", "size_bytes", "checkpoint_bytes", "quantized_tensor_bytes", "bits_per_weight",
+    "prefill_tokens_per_s", "ttft_ms", "decode_tokens_per_s", "decode_tokens_per_s_min",
+    "decode_tokens_per_s_max", "latency_p50_ms", "latency_p95_ms", "decode_bound_tokens_per_s",
+    "decode_fraction_of_bound", "decode_batch_size", "decode_tokens_per_s_batch",
+    "peak_rss_quantize_bytes", "peak_rss_load_bytes", "peak_rss_eval_bytes", "peak_cuda_quantize_bytes",
+    "peak_cuda_eval_bytes", "quantize_s", "export_s", "load_s", "eval_s", "eval_tokens_per_s", "dtype",
+    "device", "threads", "kernel", "tokenizer", "eval_sha256", "checkpoint",
 ]
+
+CONVENTION_TEXT = {
+    "gptq": "non-overlapping {seq}-token windows, mean NLL of every predicted token",
+    "llamacpp": "llama-perplexity: {seq}-token chunks with BOS, second half scored, ± standard error",
+    "strided": "sliding {seq}-token windows, each token scored once",
+    "lm-eval": "lm-eval rolling log-likelihood per document, word perplexity, context {seq}",
+}
 
 
 def results_frame(rows: list[dict]) -> pd.DataFrame:
     """A tidy DataFrame of the flat metric fields, in :data:`COLUMNS` order."""
-    frame = pd.DataFrame([{c: r.get(c) for c in COLUMNS} for r in rows], columns=COLUMNS)
+    tasks = sorted({k for r in rows for k in r if k.startswith("task_")})
+    cols = COLUMNS + tasks
+    frame = pd.DataFrame([{c: r.get(c) for c in cols} for r in rows], columns=cols)
     frame["group_size"] = frame["group_size"].astype("Int64")
     return frame
 
@@ -36,19 +51,33 @@ def summary_frame(frame: pd.DataFrame) -> pd.DataFrame:
         "group": order["group_size"].map(lambda g: "" if pd.isna(g) else ("channel" if g == -1 else str(g))),
         "ppl": order["ppl"].map("{:.3f}".format),
     })
+    if order["ppl_stderr"].notna().any():
+        out["±"] = order["ppl_stderr"].map(lambda v: "" if pd.isna(v) else f"{v:.3f}")
     if base is not None:
         out["Δppl_%"] = ((order["ppl"] / base["ppl"] - 1) * 100).map("{:+.2f}".format)
+    if order["kld_mean"].notna().any():
+        out["KL"] = order["kld_mean"].map(lambda v: "" if pd.isna(v) else f"{v:.4f}")
+        out["top1_%"] = order["top1_agreement"].map(lambda v: "" if pd.isna(v) else f"{100 * v:.1f}")
     out["size_MB"] = (order["size_bytes"] / 1e6).map("{:.1f}".format)
     if base is not None:
         out["×size"] = (order["size_bytes"] / base["size_bytes"]).map("{:.3f}".format)
     out["bits/weight"] = order["bits_per_weight"].map("{:.2f}".format)
+    if order["prefill_tokens_per_s"].notna().any():
+        out["prefill_tok/s"] = order["prefill_tokens_per_s"].map(lambda v: "" if pd.isna(v) else f"{v:.0f}")
     speed = order["decode_tokens_per_s"]
     lo, hi = order["decode_tokens_per_s_min"], order["decode_tokens_per_s_max"]
     out["decode_tok/s (min-max)"] = [
         "" if pd.isna(v) else f"{v:.1f} ({a:.1f}-{b:.1f})" for v, a, b in zip(speed, lo, hi)]
     if base is not None and pd.notna(base["decode_tokens_per_s"]):
         out["×speed"] = (speed / base["decode_tokens_per_s"]).map(lambda v: "" if pd.isna(v) else f"{v:.2f}")
+    if order["decode_fraction_of_bound"].notna().any():
+        out["%bound"] = order["decode_fraction_of_bound"].map(lambda v: "" if pd.isna(v) else f"{100 * v:.0f}")
     out["quantize_s"] = order["quantize_s"].map("{:.1f}".format)
+    if order["peak_rss_quantize_bytes"].notna().any():
+        out["peak_MB"] = order[["peak_rss_quantize_bytes", "peak_rss_eval_bytes"]].max(axis=1).map(
+            lambda v: "" if pd.isna(v) else f"{v / 1e6:.0f}")
+    for col in [c for c in order.columns if c.startswith("task_") and not c.endswith("_stderr")]:
+        out[col.removeprefix("task_")] = order[col].map(lambda v: "" if pd.isna(v) else f"{v:.4f}")
     return out.reset_index(drop=True)
 
 
@@ -57,15 +86,22 @@ def format_summary(frame: pd.DataFrame, env: dict | None = None) -> str:
     if frame.empty:
         return "(no results)"
     first = frame.iloc[0]
-    conv = ", ".join(sorted(set(frame["ppl_convention"])))
+    conv = first["ppl_convention"]
+    how = CONVENTION_TEXT.get(conv, "").format(seq=first["eval_seq_len"])
     lines = [
-        f"perplexity: convention {conv} (non-overlapping {first['eval_seq_len']}-token windows, "
-        f"mean NLL), {first['eval_tokens']} scored tokens of {first['eval_source']}, "
-        f"tokenizer {first['tokenizer']}",
+        f"perplexity: convention {conv} ({how}), {first['eval_tokens']} scored tokens of "
+        f"{first['eval_source']}, tokenizer {first['tokenizer']}",
         f"device {first['device']}, dtype {first['dtype']}, {first['threads']} threads"
-        + (f", {env['cpu']}" if env and env.get("cpu") else "")
-        + "; decode speed: batch 1, KV cache, median (min-max) of repeats: ratios inside the "
-        "spread are noise; size: weight files on disk",
+        + (f", {env['cpu']}" if env and env.get("cpu") else ""),
+    ]
+    if pd.notna(first.get("kld_mean")):
+        lines.append(f"KL: mean KL(base || method) per token over {first['kld_tokens']} tokens; top1_%: same "
+                     "top token as the base model")
+    if pd.notna(first.get("decode_tokens_per_s")):
+        lines.append("speed: batch 1, KV cache, median (min-max) of repeats; ratios inside the spread are "
+                     "noise; %bound: decode speed as a share of memory bandwidth / weight bytes per token")
+    lines.append("size: weight files on disk; peak_MB: process peak RSS while quantizing or scoring")
+    lines += [
         "",
         summary_frame(frame).to_string(index=False),
     ]

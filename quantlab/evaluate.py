@@ -1,0 +1,111 @@
+"""Scoring one model on one text: perplexity by a convention, divergence from a stored base,
+labelled with everything needed to reproduce the figure. Used by ``quantlab run`` (every
+reloaded checkpoint) and ``quantlab eval`` (any model, nothing quantized)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from quantlab.bench.divergence import DivergenceStats, ReferenceLogprobs
+from quantlab.bench.perplexity import PerplexityResult, Plan, adds_bos, make_plan, score, summarize
+from quantlab.data import Text, tokenize
+from quantlab.errors import QuantlabError
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    convention: str = "gptq"
+    seq_len: int | None = None
+    stride: int | None = None
+    bos: bool | None = None
+    max_windows: int | None = None
+    batch_size: int = 4
+
+
+def model_context(model) -> int | None:
+    """The model's context length from its config (as lm-eval resolves it), if stated."""
+    cfg = getattr(model, "config", None)
+    cfg = getattr(cfg, "text_config", None) or cfg
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+        v = getattr(cfg, attr, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def build_plan(settings: EvalSettings, text: Text, tokenizer, model) -> Plan:
+    ctx = model_context(model)
+    if settings.convention == "lm-eval":
+        if settings.max_windows is not None:
+            raise QuantlabError("eval.max_windows does not apply to the lm-eval convention (it scores "
+                                "whole documents); use a smaller text instead")
+        return make_plan("lm-eval", documents=text.articles(), tokenizer=tokenizer,
+                         seq_len=settings.seq_len, model_context=ctx)
+    return make_plan(settings.convention, ids=tokenize(text, tokenizer), tokenizer=tokenizer,
+                     seq_len=settings.seq_len, stride=settings.stride, max_windows=settings.max_windows,
+                     bos=settings.bos, model_context=ctx)
+
+
+def labels(plan: Plan, text: Text, tokenizer, model) -> dict:
+    """What a perplexity figure was measured on: convention, windows, text, tokenizer, dtype, device."""
+    p = next(model.parameters())
+    return {"convention": plan.convention, **plan.params, "text_source": text.name,
+            "text_sha256": text.sha256, "tokenizer": type(tokenizer).__name__,
+            "tokenizer_vocab": len(tokenizer), "adds_bos": adds_bos(tokenizer),
+            "dtype": str(p.dtype).removeprefix("torch."), "device": str(p.device)}
+
+
+def plan_key(plan: Plan, text: Text, extra: dict) -> str:
+    """A digest of exactly which tokens a plan scores (for reusing a stored reference)."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"plan": plan.params, "conv": plan.convention, "text": text.sha256, **extra},
+                        sort_keys=True, default=str).encode())
+    for s in plan.segments:
+        h.update(s.input_ids.numpy().tobytes())
+        h.update(s.targets.numpy().tobytes())
+    return h.hexdigest()
+
+
+def compute_reference(model, plan: Plan, path: Path, batch_size: int, key: str) -> ReferenceLogprobs:
+    """Score ``plan`` with the base model and store its distributions at ``path`` (reused
+    when a finished reference with the same key is already there)."""
+    found = ReferenceLogprobs.open(path)
+    if found is not None and found.meta.get("key") == key:
+        return found
+    vocab = model.get_output_embeddings().weight.shape[0] if hasattr(model, "get_output_embeddings") else None
+    if vocab is None:
+        raise QuantlabError("cannot tell the model's vocabulary size for the divergence reference")
+    ref = ReferenceLogprobs.create(path, plan.scored_tokens, vocab, meta={"key": key})
+    nll, seconds = score(model, plan, batch_size, on_logits=ref.append, desc="base distributions")
+    ref.finish()
+    ref.meta.update(seconds=seconds, ppl=float(torch.exp(nll.mean())))
+    return ReferenceLogprobs.open(path)
+
+
+def evaluate(model, plan: Plan, batch_size: int, reference: ReferenceLogprobs | None = None
+             ) -> tuple[PerplexityResult, dict | None]:
+    """Perplexity over ``plan``, and divergence from ``reference`` on the tokens it covers
+    (its first windows), in the same pass."""
+    stats = DivergenceStats(reference) if reference is not None else None
+    nll, seconds = score(model, plan, batch_size, on_logits=stats.compare if stats else None,
+                         desc=f"perplexity ({plan.convention})")
+    return summarize(plan, nll, seconds), (stats.result() if stats else None)
+
+
+class TemporaryReference:
+    """A reference in a temporary directory, removed on exit (``quantlab eval --base``)."""
+
+    def __enter__(self) -> Path:
+        self.dir = Path(tempfile.mkdtemp(prefix="quantlab-ref-"))
+        return self.dir
+
+    def __exit__(self, *exc):
+        shutil.rmtree(self.dir, ignore_errors=True)
+        return False
