@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 
 from quantlab.api import (  # noqa: E402
     backends,
+    evaluate,
     load_checkpoint,
     load_model,
     load_recipe,
@@ -28,6 +29,7 @@ __all__ = [
     "QuantlabError",
     "RecipeError",
     "backends",
+    "evaluate",
     "load_checkpoint",
     "load_model",
     "load_recipe",

@@ -8,7 +8,7 @@ from typing import Any
 from quantlab.errors import QuantlabError
 from quantlab.recipe import load_recipe, parse_recipe
 
-__all__ = ["backends", "load_checkpoint", "load_model", "load_recipe", "load_results",
+__all__ = ["backends", "evaluate", "load_checkpoint", "load_model", "load_recipe", "load_results",
            "parse_recipe", "run_recipe"]
 
 
@@ -61,6 +61,16 @@ def load_checkpoint(path: str | Path, *, dtype: str = "auto", device: str = "aut
 
     dev = resolve_device(device)
     return _load(Path(path), dtype=resolve_dtype(dtype, dev), device=dev)
+
+
+def evaluate(model: str | Path, **options: Any) -> dict:
+    """Score a model source or exported checkpoint without quantizing anything, as
+    ``quantlab eval`` does: ``evaluate("smollm2-135m", data="pydoc", convention="llamacpp",
+    seq_len=512, max_windows=20, base=None, speed=False)``. Returns the JSON object the
+    command prints (``ppl``, ``ppl_stderr``, ``scored_tokens``, labels, divergence with ``base``)."""
+    from quantlab.evalcmd import evaluate_source
+
+    return evaluate_source(str(model), **options)
 
 
 def backends() -> list[dict[str, Any]]:

@@ -58,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="llamacpp convention: BOS on each chunk (auto: when the tokenizer adds one)")
     p.add_argument("--max-chunks", "--max-windows", dest="max_windows", type=int,
                    help="score only the first N windows/chunks")
+    p.add_argument("--max-docs", type=int, help="lm-eval convention: score only the first N documents")
     p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
     p.add_argument("--base", help="also score divergence (KL, top-1, Δp) from this model on the same tokens")
     p.add_argument("--kl-windows", type=int, help="compare only the first N windows with --base (default: all)")

@@ -17,7 +17,7 @@ def _log(msg: str) -> None:
 
 
 def _check_positive(args) -> None:
-    for name in ("seq_len", "stride", "max_windows", "batch_size", "kl_windows", "threads"):
+    for name in ("seq_len", "stride", "max_windows", "max_docs", "batch_size", "kl_windows", "threads"):
         v = getattr(args, name, None)
         if v is not None and v < 1:
             raise QuantlabError(f"--{name.replace('_', '-')} must be a positive integer, not {v}")
@@ -28,9 +28,22 @@ def _finite(d: dict) -> dict:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
 
 
-def run_eval(args) -> int:
-    from quantlab.data import load_text
-    from quantlab.evaluate import (
+def evaluate_source(model: str, *, data: str = "pydoc", split: str | None = None, text_field: str = "text",
+                    convention: str = "gptq", seq_len: int | None = None, stride: int | None = None,
+                    bos: bool | None = None, max_windows: int | None = None, max_docs: int | None = None,
+                    batch_size: int = 4, base: str | None = None, kl_windows: int | None = None,
+                    speed: bool = False, dtype: str = "auto", device: str = "auto",
+                    trust_remote_code: bool = False) -> dict:
+    """Score ``model`` (any model source or quantlab checkpoint) on ``data``; see ``quantlab eval``."""
+    from quantlab.data import Text, load_text
+    from quantlab.models import (
+        classify,
+        load_model,
+        quiet_progress_bars,
+        resolve_device,
+        resolve_dtype,
+    )
+    from quantlab.scoring import (
         EvalSettings,
         TemporaryReference,
         build_plan,
@@ -39,74 +52,80 @@ def run_eval(args) -> int:
         labels,
         plan_key,
     )
-    from quantlab.models import (
-        classify,
-        load_model,
-        quiet_progress_bars,
-        resolve_device,
-        resolve_dtype,
-    )
 
-    _check_positive(args)
     quiet_progress_bars()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    classify(args.model)
-    if args.base:
-        classify(args.base)
-    text = load_text(args.data, args.split, "evaluation", args.text_field)
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    settings = EvalSettings(convention=args.convention, seq_len=args.seq_len, stride=args.stride,
-                            bos={"auto": None, "yes": True, "no": False}[args.bos],
-                            max_windows=args.max_windows, batch_size=args.batch_size)
-    kw = {"dtype": dtype, "device": device, "trust_remote_code": args.trust_remote_code}
+    classify(model)
+    if base:
+        classify(base)
+    text = load_text(data, split, "evaluation", text_field)
+    if max_docs is not None:
+        if convention != "lm-eval":
+            raise QuantlabError("--max-docs applies to the lm-eval convention; use --max-windows for the others")
+        text = Text(f"{text.name}[:{max_docs} docs]", text.articles()[:max_docs])
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    settings = EvalSettings(convention=convention, seq_len=seq_len, stride=stride, bos=bos,
+                            max_windows=max_windows, batch_size=batch_size)
+    kw = {"dtype": dt, "device": dev, "trust_remote_code": trust_remote_code}
 
     with TemporaryReference() as tmp:
         reference = None
-        if args.base:
-            _log(f"loading base model '{args.base}'")
-            base = load_model(args.base, **kw)
-            plan = build_plan(settings, text, base.tokenizer, base.model)
-            part = plan.head(args.kl_windows)
-            reference = compute_reference(base.model, part, tmp / "reference", settings.batch_size,
-                                          plan_key(part, text, {}))
-            base_tok = base.tokenizer
-            del base
+        if base:
+            _log(f"loading base model '{base}'")
+            b = load_model(base, **kw)
+            plan = build_plan(settings, text, b.tokenizer, b.model)
+            part = plan.head(kl_windows)
+            reference = compute_reference(b.model, part, tmp / "reference", batch_size, plan_key(part, text, {}))
+            base_vocab = len(b.tokenizer)
+            del b
             gc.collect()
-        _log(f"loading '{args.model}' ({str(dtype).removeprefix('torch.')} on {device})")
-        lm = load_model(args.model, **kw)
+        _log(f"loading '{model}' ({str(dt).removeprefix('torch.')} on {dev})")
+        lm = load_model(model, **kw)
         plan = build_plan(settings, text, lm.tokenizer, lm.model)
-        if reference is not None and len(lm.tokenizer) != len(base_tok):
-            raise QuantlabError(f"'{args.model}' and --base '{args.base}' have different tokenizers "
-                                f"({len(lm.tokenizer)} vs {len(base_tok)} tokens); divergence needs the same one")
+        if reference is not None and len(lm.tokenizer) != base_vocab:
+            raise QuantlabError(f"'{model}' and the base '{base}' have different tokenizers "
+                                f"({len(lm.tokenizer)} vs {base_vocab} tokens); divergence needs the same one")
         _log(f"scoring {plan.scored_tokens} tokens of {text.name} ({plan.convention}, {len(plan.segments)} windows)")
-        ppl, div = evaluate(lm.model, plan, settings.batch_size, reference)
-        out = {"model": args.model, "ppl": ppl.ppl, "ppl_stderr": ppl.ppl_stderr, "nll_mean": ppl.nll_mean,
+        ppl, div = evaluate(lm.model, plan, batch_size, reference)
+        out = {"model": model, "ppl": ppl.ppl, "ppl_stderr": ppl.ppl_stderr, "nll_mean": ppl.nll_mean,
                "scored_tokens": ppl.scored_tokens, "windows": ppl.windows, "text_tokens": ppl.text_tokens,
                **labels(plan, text, lm.tokenizer, lm.model), **ppl.extra,
                "seconds": ppl.seconds, "tokens_per_s": ppl.tokens_per_s, "threads": torch.get_num_threads()}
         if div is not None:
-            out.update(base=args.base, **div)
-        if args.speed:
+            out.update(base=base, **div)
+        if speed:
             from quantlab.bench.speed import measure_speed
             from quantlab.data import tokenize
 
             s = measure_speed(lm.model, tokenize(text, lm.tokenizer)[:128], new_tokens=32, warmup=1, repeats=3)
             out.update({f"speed_{k}": v for k, v in s.items() if k not in ("by_batch", "device", "threads")})
-    out = _finite(out)
+    return _finite(out)
+
+
+def run_eval(args) -> int:
+    _check_positive(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = evaluate_source(args.model, data=args.data, split=args.split, text_field=args.text_field,
+                          convention=args.convention, seq_len=args.seq_len, stride=args.stride,
+                          bos={"auto": None, "yes": True, "no": False}[args.bos], max_windows=args.max_windows,
+                          max_docs=args.max_docs, batch_size=args.batch_size, base=args.base,
+                          kl_windows=args.kl_windows, speed=args.speed, dtype=args.dtype, device=args.device,
+                          trust_remote_code=args.trust_remote_code)
+    div = "kld_mean" in out
     if args.json:
         print(json.dumps(out))
         return 0
-    unit = "word perplexity" if plan.convention == "lm-eval" else "perplexity"
+    conv = out["convention"]
+    unit = "word perplexity" if conv == "lm-eval" else "perplexity"
     err = f" ± {out['ppl_stderr']:.4f}" if out.get("ppl_stderr") is not None else ""
-    print(f"{unit} {out['ppl']:.4f}{err}  ({plan.convention}, seq_len {out['seq_len']}, "
-          f"{out['scored_tokens']} scored tokens in {out['windows']} windows of {text.name}, "
+    print(f"{unit} {out['ppl']:.4f}{err}  ({conv}, seq_len {out['seq_len']}, "
+          f"{out['scored_tokens']} scored tokens in {out['windows']} windows of {out['text_source']}, "
           f"tokenizer {out['tokenizer']}, {out['dtype']} on {out['device']})")
-    if plan.convention == "lm-eval":
+    if conv == "lm-eval":
         print(f"byte perplexity {out['byte_perplexity']:.4f}, bits per byte {out['bits_per_byte']:.4f}, "
               f"token perplexity {out['token_perplexity']:.4f} ({out['documents']} documents)")
-    if div is not None:
+    if div:
         print(f"vs {args.base}: KL mean {out['kld_mean']:.6f} ± {out['kld_stderr']:.6f}, median "
               f"{out['kld_median']:.6f}, p99 {out['kld_p99']:.6f}; same top token "
               f"{100 * out['top1_agreement']:.2f}%; Δp mean {100 * out['dp_mean']:+.3f}% "

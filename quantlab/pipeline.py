@@ -22,14 +22,6 @@ from quantlab.checkpoint import export_checkpoint, load_checkpoint, weight_bytes
 from quantlab.data import load_text, sample_calibration, tokenize
 from quantlab.env import environment
 from quantlab.errors import QuantlabError
-from quantlab.evaluate import (
-    EvalSettings,
-    build_plan,
-    compute_reference,
-    evaluate,
-    labels,
-    plan_key,
-)
 from quantlab.models import classify, load_model, quiet_progress_bars, resolve_device, resolve_dtype
 from quantlab.recipe import Recipe, recipe_to_dict
 from quantlab.registry import get_backend
@@ -40,6 +32,14 @@ from quantlab.runs import (
     finished_metrics,
     prepare_run_dir,
     stage_key,
+)
+from quantlab.scoring import (
+    EvalSettings,
+    build_plan,
+    compute_reference,
+    evaluate,
+    labels,
+    plan_key,
 )
 
 

@@ -29,9 +29,9 @@ from quantlab.bench.memory import PeakRSS, rss_bytes
 from quantlab.bench.perplexity import gptq_plan, perplexity_gptq
 from quantlab.checkpoint import export_checkpoint, load_checkpoint, weight_bytes
 from quantlab.data import load_text, sample_calibration, tokenize
-from quantlab.evaluate import compute_reference, evaluate
 from quantlab.models import load_model
 from quantlab.registry import get_backend
+from quantlab.scoring import compute_reference, evaluate
 
 METHODS = {
     "rtn4": ("rtn", dict(bits=4, group_size=64, sym=True)),

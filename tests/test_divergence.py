@@ -11,7 +11,7 @@ from quantlab.bench.divergence import DivergenceStats, ReferenceLogprobs, check_
 from quantlab.bench.perplexity import IGNORE, make_plan
 from quantlab.data import pydoc_text, tokenize
 from quantlab.errors import QuantlabError
-from quantlab.evaluate import compute_reference, evaluate, plan_key
+from quantlab.scoring import compute_reference, evaluate, plan_key
 
 
 @pytest.fixture(scope="module")

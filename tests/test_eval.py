@@ -57,6 +57,11 @@ def test_eval_lm_eval_convention_reports_word_and_byte_perplexity(tiny_model_dir
     out = _eval_json(capsys, tiny_model_dir, "--data", text_file, "--convention", "lm-eval")
     assert out["ppl"] == out["word_perplexity"] and out["bits_per_byte"] > 0 and out["documents"] == 1
     assert out["seq_len"] == 256  # the model's context, as lm-eval takes it
+    wiki = text_file.with_name("wiki")
+    wiki.mkdir(exist_ok=True)
+    (wiki / "test.txt").write_text(" = A = \n \n one two \n = B = \n \n three \n = C = \n \n four five six \n")
+    two = _eval_json(capsys, tiny_model_dir, "--data", wiki, "--convention", "lm-eval", "--max-docs", 2)
+    assert two["documents"] == 2 and two["text_source"] == "wiki:test[:2 docs]"
 
 
 def test_eval_with_base_reports_divergence(tiny_model_dir, rtn_checkpoint, text_file, capsys):
@@ -78,6 +83,7 @@ def test_eval_human_output_and_speed(tiny_model_dir, text_file, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--ctx", "0"], "--seq-len must be a positive integer"),
+    (["--max-docs", "2"], "--max-docs applies to the lm-eval convention"),
     (["--data", "/no/such.txt"], "does not exist"),
     (["--convention", "lm-eval", "--max-windows", "2"], "max_windows does not apply"),
     (["--ctx", "4096"], "longer than the model's context"),
@@ -175,3 +181,11 @@ def test_unknown_task_fails_before_any_work(tiny_recipe, mc_task, tmp_path, caps
                  "--set", f"eval.task_paths=[{mc_task}]"]) == 2
     assert "did you mean 'quantlab_mc_test'" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_public_api_evaluate(tiny_model_dir, text_file):
+    import quantlab
+
+    out = quantlab.evaluate(tiny_model_dir, data=str(text_file), convention="strided", seq_len=128, stride=64,
+                            max_windows=3)
+    assert out["convention"] == "strided" and out["stride"] == 64 and out["windows"] == 3

@@ -286,17 +286,24 @@ def score(model, plan: Plan, batch_size: int = 4, *, on_logits: LogitsHook | Non
             kwargs[keep_kw] = length - first
         logits = model(inp.to(device), **kwargs).logits
         logits = logits[:, logits.shape[1] - (length - first) :]  # [b, length-first, V]
-        flat = logits.reshape(-1, logits.shape[-1])
-        tgt = tgt[:, first:].reshape(-1)
-        rows = (tgt != IGNORE).nonzero()[:, 0]  # batch-major: plan order
-        for c in range(0, rows.numel(), ROW_CHUNK):
-            idx = rows[c : c + ROW_CHUNK]
-            sel, sel_t = flat[idx.to(device)], tgt[idx].to(device)
-            nlls.append(F.cross_entropy(sel.float(), sel_t, reduction="none").double().cpu())
-            if on_logits is not None:
-                on_logits(sel, sel_t)
-            del sel
-        del logits, flat
+        tgt = tgt[:, first:].to(device)
+        for j in range(len(batch)):  # batch-major: plan order
+            pos = (tgt[j] != IGNORE).nonzero()[:, 0]
+            if pos.numel() == 0:
+                continue
+            lo, hi = int(pos[0]), int(pos[-1]) + 1
+            if hi - lo == pos.numel():  # a contiguous run (every convention here): a view, no copy
+                rows, row_t = logits[j, lo:hi], tgt[j, lo:hi]
+            else:
+                rows, row_t = logits[j, pos], tgt[j, pos]
+            for c in range(0, row_t.numel(), ROW_CHUNK):
+                sel, sel_t = rows[c : c + ROW_CHUNK], row_t[c : c + ROW_CHUNK]
+                nlls.append(F.cross_entropy(sel.float(), sel_t, reduction="none").double().cpu())
+                if on_logits is not None:
+                    on_logits(sel, sel_t)
+                del sel
+            del rows
+        del logits
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
