@@ -283,6 +283,9 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, *, force: bool = F
             "decode_bound": bound,
             "tasks": tasks,
             "layers": backend.layer_stats,
+            # named stages of quantization; "other" is the rest (forward passes, packing...)
+            "quantize_stages": dict(backend.stage_seconds,
+                                    other=quantize_s - sum(backend.stage_seconds.values())),
             "base_load_s": base_load_s,
             "key": key,
         }

@@ -142,6 +142,13 @@ eval: {{seq_len: 64, max_windows: 4, speed: {{new_tokens: 2, warmup: 0, repeats:
     assert (table.loc[["rtn", "gptq", "awq"], "bits_per_weight"] < 6).all()
     assert table.loc["awq-gptq-layout", "bits_per_weight"] < table.loc["awq", "bits_per_weight"]
     assert json.loads((tmp_path / "run" / "calibration.json").read_text())["samples"] == 8
+    stages = {m: json.loads((tmp_path / "run" / m / "metrics.json").read_text())["quantize_stages"]
+              for m in ("gptq", "awq")}
+    assert stages["gptq"]["gptq solve"] > 0 and stages["gptq"]["capture inputs"] > 0
+    assert stages["awq"]["scale search"] > 0 and stages["awq"]["clip search"] > 0
+    assert table["compression_ratio"].loc["baseline"] == 1
+    assert table["compression_ratio"].loc["rtn"] == pytest.approx(
+        table["size_bytes"].loc["baseline"] / table["size_bytes"].loc["rtn"])
 
 
 def test_output_directory_that_is_a_file(tiny_recipe, tmp_path, capsys):

@@ -63,3 +63,25 @@ def test_demo_model_on_wikitext2_test(tmp_path):
     # llama.cpp reports F16 PPL 19.5 on this split (ctx 512, second halves scored); the gptq
     # convention scores every position, including the poorly-conditioned early ones
     assert 10 < r.ppl < 60 and torch.isfinite(torch.tensor(r.ppl))
+
+
+@pytest.mark.skipif(not WIKITEXT.is_dir(), reason=f"shared WikiText-2 copy not found at {WIKITEXT}")
+def test_llamacpp_convention_reproduces_llama_perplexity():
+    """llama.cpp's own figure for these weights: `llama-perplexity -m F32.gguf -f test.txt -c 512
+    --chunks 4` on the demo GGUF converted with `llama-quantize --allow-requantize ... F32`
+    (llama.cpp from llama-cpp-python 0.3.36) printed [4]18.5520 (and 23.0117 ± 0.98010 at 20
+    chunks). quantlab's llamacpp convention on the same text must land on the same number."""
+    import torch
+
+    from quantlab.api import load_model
+    from quantlab.bench.perplexity import make_plan, perplexity
+    from quantlab.data import load_text, tokenize
+
+    lm = load_model("smollm2-135m", device="cpu")
+    text = load_text(str(WIKITEXT), None, "evaluation")
+    plan = make_plan("llamacpp", ids=tokenize(text, lm.tokenizer), tokenizer=lm.tokenizer, seq_len=512,
+                     max_windows=4)
+    r = perplexity(lm.model, plan)
+    assert r.scored_tokens == 4 * 255 and r.params["bos"] is False  # this GGUF adds no BOS
+    assert r.ppl == pytest.approx(18.5520, abs=2e-3)
+    assert torch.isfinite(torch.tensor(r.ppl_stderr))

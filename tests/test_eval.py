@@ -189,3 +189,14 @@ def test_public_api_evaluate(tiny_model_dir, text_file):
     out = quantlab.evaluate(tiny_model_dir, data=str(text_file), convention="strided", seq_len=128, stride=64,
                             max_windows=3)
     assert out["convention"] == "strided" and out["stride"] == 64 and out["windows"] == 3
+
+
+def test_missing_lm_eval_names_the_extra(monkeypatch):
+    import sys
+
+    from quantlab.bench.tasks import check_tasks
+    from quantlab.errors import MissingDependencyError
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # what `import lm_eval` sees when it is absent
+    with pytest.raises(MissingDependencyError, match=r"quantlab\[eval\]"):
+        check_tasks(["arc_easy"], [])

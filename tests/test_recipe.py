@@ -39,6 +39,13 @@ def test_baseline_not_duplicated_and_can_be_turned_off():
     ({**MINIMAL, "model": {"dtype": "fp8"}}, "model.dtype"),
     ({**MINIMAL, "model": {"device": "gpu"}}, "device must be"),
     ({**MINIMAL, "calibration": {"samples": "many"}}, "calibration.samples"),
+    ({**MINIMAL, "eval": {"convention": "wikitext"}}, "eval.convention"),
+    ({**MINIMAL, "eval": {"convention": "gptq", "stride": 256}}, "stride applies to the strided convention"),
+    ({**MINIMAL, "eval": {"convention": "gptq", "bos": True}}, "bos applies to the llamacpp convention"),
+    ({**MINIMAL, "eval": {"convention": "lm-eval", "max_windows": 3}}, "max_windows does not apply"),
+    ({**MINIMAL, "eval": {"convention": "strided", "seq_len": 128, "stride": 256}}, "must not exceed seq_len"),
+    ({**MINIMAL, "eval": {"divergence": {"max_window": 2}}}, "did you mean 'max_windows'"),
+    ({**MINIMAL, "eval": {"tasks": "arc_easy"}}, "eval.tasks"),
     ([1, 2], "mapping"),
     (None, "empty"),
 ])

@@ -275,7 +275,8 @@ class AWQ(Backend):
         spec = arch_spec(model)
         layers = decoder_layers(model, spec)
         targets = dict(target_linears(model, c.skip))
-        hidden, kwargs = first_layer_inputs(model, layers, calibration, c.batch_size)
+        with self.stage("capture inputs"):
+            hidden, kwargs = first_layer_inputs(model, layers, calibration, c.batch_size)
         gen = torch.Generator().manual_seed(c.seed)
         n_tok = sum(h.shape[0] * h.shape[1] for h in hidden)
         pick = torch.randperm(n_tok, generator=gen)[: c.search_tokens].sort().values
@@ -316,8 +317,9 @@ class AWQ(Backend):
                 if isinstance(prev, nn.Linear) and prev.out_features != width:
                     continue  # e.g. v_proj -> o_proj under grouped-query attention
                 w_cat = torch.cat([mine[n].weight.data for n in names])
-                s, losses = awq_search_scales(w_cat, sig[names[0]], x_mean[names[0]], c.bits, c.group_size,
-                                              c.sym, c.n_grid, c.duo_scaling)
+                with self.stage("scale search"):
+                    s, losses = awq_search_scales(w_cat, sig[names[0]], x_mean[names[0]], c.bits, c.group_size,
+                                                  c.sym, c.n_grid, c.duo_scaling)
                 _fold(prev, s)
                 for n in names:
                     mine[n].weight.data.mul_(s.view(1, -1).to(mine[n].weight.dtype))
@@ -329,7 +331,8 @@ class AWQ(Backend):
             for n, lin in mine.items():
                 w = lin.weight.data
                 if c.clip and not any(k in n for k in ("q_proj", "k_proj")):
-                    mx = awq_search_clip(w, sig[n], c.bits, c.group_size, c.sym, c.clip_grid, c.max_shrink)
+                    with self.stage("clip search"):
+                        mx = awq_search_clip(w, sig[n], c.bits, c.group_size, c.sym, c.clip_grid, c.max_shrink)
                     g = w.shape[1] if c.group_size == -1 else c.group_size
                     bound = mx.repeat_interleave(g, dim=1).to(w.dtype)
                     w = torch.clamp(w, -bound, bound)

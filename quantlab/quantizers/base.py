@@ -19,7 +19,9 @@ Everything else (config, tokenizer, sidecar metadata, atomic writes) is done onc
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import time
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
@@ -55,6 +57,17 @@ class Backend(ABC):
         self.config = config if config is not None else self.Config()
         #: per-layer statistics recorded while quantizing (name -> dict), for reports
         self.layer_stats: dict[str, dict[str, float]] = {}
+        #: wall time of the named stages of quantization (seconds, summed over layers)
+        self.stage_seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        """Add the wall time of the block to ``stage_seconds[name]``."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stage_seconds[name] = self.stage_seconds.get(name, 0.0) + time.perf_counter() - t0
 
     def check(self, model: nn.Module) -> None:
         """Raise :class:`QuantlabError` if ``model`` cannot be quantized with this config

@@ -166,7 +166,8 @@ class GPTQ(Backend):
         spec = arch_spec(model)
         layers = decoder_layers(model, spec)
         targets = dict(target_linears(model, c.skip))
-        hidden, kwargs = first_layer_inputs(model, layers, calibration, c.batch_size)
+        with self.stage("capture inputs"):
+            hidden, kwargs = first_layer_inputs(model, layers, calibration, c.batch_size)
         stages = dict(zip(("attn_in", "o_in", "mlp_in", "down_in"), spec.sequential))
         for li, layer in enumerate(tqdm(layers, desc="gptq: layers", unit="layer", leave=False, disable=None)):
             prefix = f"{spec.layers}.{li}."
@@ -227,9 +228,10 @@ class GPTQ(Backend):
         c = self.config
         for n in names:
             lin = mine[n]
-            codes, scales, zeros, g_idx = gptq_quantize(
-                lin.weight.data, h, c.bits, c.group_size, c.sym, damp_percent=c.damp_percent,
-                act_order=c.act_order, static_groups=c.static_groups, block_size=c.block_size)
+            with self.stage("gptq solve"):
+                codes, scales, zeros, g_idx = gptq_quantize(
+                    lin.weight.data, h, c.bits, c.group_size, c.sym, damp_percent=c.damp_percent,
+                    act_order=c.act_order, static_groups=c.static_groups, block_size=c.block_size)
             q = PackedLinear.from_codes(codes.to(lin.weight.device), scales, zeros, g_idx, c.bits,
                                         c.group_size, lin.bias, dtype=lin.weight.dtype)
             w = lin.weight.data.float()

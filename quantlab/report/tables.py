@@ -32,6 +32,10 @@ def results_frame(rows: list[dict]) -> pd.DataFrame:
     cols = COLUMNS + tasks
     frame = pd.DataFrame([{c: r.get(c) for c in cols} for r in rows], columns=cols)
     frame["group_size"] = frame["group_size"].astype("Int64")
+    base = frame[frame["backend"] == "none"]
+    # compression ratio against the float baseline's weight files (None without a baseline)
+    frame.insert(frame.columns.get_loc("size_bytes") + 1, "compression_ratio",
+                 base["size_bytes"].iloc[0] / frame["size_bytes"] if len(base) else None)
     return frame
 
 
