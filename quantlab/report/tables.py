@@ -20,7 +20,7 @@ COLUMNS = [
 
 CONVENTION_TEXT = {
     "gptq": "non-overlapping {seq}-token windows, mean NLL of every predicted token",
-    "llamacpp": "llama-perplexity: {seq}-token chunks with BOS, second half scored, ± standard error",
+    "llamacpp": "llama-perplexity: {seq}-token chunks, BOS-led where the tokenizer adds BOS, second half scored, ± standard error",
     "strided": "sliding {seq}-token windows, each token scored once",
     "lm-eval": "lm-eval rolling log-likelihood per document, word perplexity, context {seq}",
 }
