@@ -51,17 +51,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--text-field", default="text", help="field of a .jsonl source (default: text)")
     p.add_argument("--convention", default="gptq", choices=["gptq", "llamacpp", "strided", "lm-eval"],
                    help="perplexity convention (default gptq; see README)")
-    p.add_argument("--ctx", "--seq-len", dest="seq_len", type=int, help="window / context length "
+    p.add_argument("--ctx", "--seq-len", dest="seq_len", type=int, metavar="N", help="window / context length "
                    "(default: gptq 2048, llamacpp 512, strided and lm-eval the model's context)")
-    p.add_argument("--stride", type=int, help="strided convention: tokens between window starts (default 512)")
+    p.add_argument("--stride", type=int, metavar="N", help="strided convention: tokens between window starts (default 512)")
     p.add_argument("--bos", choices=["auto", "yes", "no"], default="auto",
                    help="llamacpp convention: BOS on each chunk (auto: when the tokenizer adds one)")
-    p.add_argument("--max-chunks", "--max-windows", dest="max_windows", type=int,
+    p.add_argument("--max-chunks", "--max-windows", dest="max_windows", type=int, metavar="N",
                    help="score only the first N windows/chunks")
-    p.add_argument("--max-docs", type=int, help="lm-eval convention: score only the first N documents")
+    p.add_argument("--max-docs", type=int, metavar="N", help="lm-eval convention: score only the first N documents")
     p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
     p.add_argument("--base", help="also score divergence (KL, top-1, Δp) from this model on the same tokens")
-    p.add_argument("--kl-windows", type=int, help="compare only the first N windows with --base (default: all)")
+    p.add_argument("--kl-windows", type=int, metavar="N", help="compare only the first N windows with --base (default: all)")
     p.add_argument("--speed", action="store_true", help="also measure prefill/decode speed at batch 1")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
