@@ -6,6 +6,8 @@ import gc
 import json
 import math
 import sys
+import tempfile
+from pathlib import Path
 
 import torch
 
@@ -45,7 +47,6 @@ def evaluate_source(model: str, *, data: str = "pydoc", split: str | None = None
     )
     from quantlab.scoring import (
         EvalSettings,
-        TemporaryReference,
         build_plan,
         compute_reference,
         evaluate,
@@ -68,7 +69,8 @@ def evaluate_source(model: str, *, data: str = "pydoc", split: str | None = None
                             max_windows=max_windows, batch_size=batch_size)
     kw = {"dtype": dt, "device": dev, "trust_remote_code": trust_remote_code}
 
-    with TemporaryReference() as tmp:
+    with tempfile.TemporaryDirectory(prefix="quantlab-ref-") as tmpdir:
+        tmp = Path(tmpdir)
         reference = None
         if base:
             _log(f"loading base model '{base}'")

@@ -16,6 +16,7 @@ import yaml
 
 from quantlab import __version__
 from quantlab.bench.memory import PeakRSS
+from quantlab.bench.perplexity import model_context
 from quantlab.bench.size import directory_bytes, linear_bits_per_weight, quantized_tensor_bytes
 from quantlab.bench.speed import decode_bound, measure_speed, memory_bandwidth
 from quantlab.checkpoint import export_checkpoint, load_checkpoint, weight_bytes
@@ -121,7 +122,7 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, *, force: bool = F
     base = load_model(recipe.model.source, dtype=dtype, device=device, revision=recipe.model.revision,
                       trust_remote_code=recipe.model.trust_remote_code)
     base_load_s = time.perf_counter() - t0
-    max_pos = getattr(base.model.config, "max_position_embeddings", None)
+    max_pos = model_context(base.model)
     if need_cal and max_pos and cal.seq_len > max_pos:
         raise QuantlabError(f"calibration.seq_len={cal.seq_len} is longer than the model's context ({max_pos} tokens)")
     settings = EvalSettings(convention=ev.convention, seq_len=ev.seq_len, stride=ev.stride, bos=ev.bos,
@@ -133,7 +134,8 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, *, force: bool = F
         except QuantlabError as e:
             raise QuantlabError(f"method '{label}' ({b.name}): {e}") from None
 
-    eval_ids = tokenize(eval_text, base.tokenizer)
+    # the speed prompt: the first tokens of the evaluation text (the plan holds its own ids)
+    prompt = tokenize(eval_text, base.tokenizer)[: ev.speed.prompt_tokens] if ev.speed.enabled else None
     calibration = None
     if need_cal:
         calibration = sample_calibration(tokenize(cal_text, base.tokenizer), cal_text,
@@ -210,7 +212,6 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, *, force: bool = F
         div = div or {}
         speed, bound = {}, {}
         if ev.speed.enabled:
-            prompt = eval_ids[: ev.speed.prompt_tokens]
             speed = measure_speed(loaded.model, prompt, new_tokens=ev.speed.new_tokens,
                                   batch_sizes=(1, ev.speed.batch_size), warmup=ev.speed.warmup,
                                   repeats=ev.speed.repeats)

@@ -6,15 +6,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from quantlab.bench.divergence import DivergenceStats, ReferenceLogprobs
-from quantlab.bench.perplexity import PerplexityResult, Plan, adds_bos, make_plan, score, summarize
+from quantlab.bench.perplexity import (
+    PerplexityResult,
+    Plan,
+    adds_bos,
+    make_plan,
+    model_context,
+    score,
+    summarize,
+)
 from quantlab.data import Text, tokenize
 from quantlab.errors import QuantlabError
 
@@ -27,17 +33,6 @@ class EvalSettings:
     bos: bool | None = None
     max_windows: int | None = None
     batch_size: int = 4
-
-
-def model_context(model) -> int | None:
-    """The model's context length from its config (as lm-eval resolves it), if stated."""
-    cfg = getattr(model, "config", None)
-    cfg = getattr(cfg, "text_config", None) or cfg
-    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
-        v = getattr(cfg, attr, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return None
 
 
 def build_plan(settings: EvalSettings, text: Text, tokenizer, model) -> Plan:
@@ -84,8 +79,8 @@ def compute_reference(model, plan: Plan, path: Path, batch_size: int, key: str) 
         raise QuantlabError("cannot tell the model's vocabulary size for the divergence reference")
     ref = ReferenceLogprobs.create(path, plan.scored_tokens, vocab, meta={"key": key})
     nll, seconds = score(model, plan, batch_size, on_logits=ref.append, desc="base distributions")
-    ref.finish()
     ref.meta.update(seconds=seconds, ppl=float(torch.exp(nll.mean())))
+    ref.finish()
     return ReferenceLogprobs.open(path)
 
 
@@ -98,14 +93,3 @@ def evaluate(model, plan: Plan, batch_size: int, reference: ReferenceLogprobs | 
                          desc=f"perplexity ({plan.convention})")
     return summarize(plan, nll, seconds), (stats.result() if stats else None)
 
-
-class TemporaryReference:
-    """A reference in a temporary directory, removed on exit (``quantlab eval --base``)."""
-
-    def __enter__(self) -> Path:
-        self.dir = Path(tempfile.mkdtemp(prefix="quantlab-ref-"))
-        return self.dir
-
-    def __exit__(self, *exc):
-        shutil.rmtree(self.dir, ignore_errors=True)
-        return False

@@ -94,9 +94,6 @@ class ReferenceLogprobs:
         lp = rows[:, :1].float() + codes * rows[:, 1:2].float()
         return F.log_softmax(lp, dim=-1), rows[:, 2], rows[:, 3].long(), rows[:, 4].long()
 
-    def nbytes(self) -> int:
-        return self.n_tokens * (self.vocab * 2 + 32)
-
 
 class DivergenceStats:
     """Per-token KL(base || candidate), top-1 agreement and Δp, accumulated over batches.

@@ -338,6 +338,17 @@ def summarize(plan: Plan, nll: torch.Tensor, seconds: float) -> PerplexityResult
                             text_tokens=plan.text_tokens, seconds=seconds, ppl_stderr=stderr, extra=extra)
 
 
+def model_context(model) -> int | None:
+    """The model's context length from its config (as lm-eval resolves it), if stated."""
+    cfg = getattr(model, "config", None)
+    cfg = getattr(cfg, "text_config", None) or cfg
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+        v = getattr(cfg, attr, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
 def make_plan(convention: str, *, ids: torch.Tensor | None = None, documents: list[str] | None = None,
               tokenizer=None, seq_len: int | None = None, stride: int | None = None,
               max_windows: int | None = None, bos: bool | None = None, model_context: int | None = None) -> Plan:
@@ -386,7 +397,5 @@ def perplexity(model, plan: Plan, batch_size: int = 4, *, on_logits: LogitsHook 
 def perplexity_gptq(model, ids: torch.Tensor, seq_len: int, *, max_windows: int | None = None,
                     batch_size: int = 4) -> PerplexityResult:
     """Perplexity by the ``gptq`` convention over token ids [N]."""
-    max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if max_pos is not None and seq_len > max_pos:
-        raise QuantlabError(f"eval.seq_len={seq_len} is longer than the model's context ({max_pos} tokens)")
-    return perplexity(model, gptq_plan(ids, seq_len, max_windows), batch_size)
+    plan = make_plan("gptq", ids=ids, seq_len=seq_len, max_windows=max_windows, model_context=model_context(model))
+    return perplexity(model, plan, batch_size)

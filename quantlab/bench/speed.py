@@ -90,11 +90,6 @@ def measure_speed(model, prompt: torch.Tensor, *, new_tokens: int = 32, batch_si
     return result
 
 
-def decode_speed(model, prompt: torch.Tensor, new_tokens: int = 32, warmup: int = 1, repeats: int = 3) -> dict:
-    """Batch-1 speed (kept for callers of the first API)."""
-    return measure_speed(model, prompt, new_tokens=new_tokens, warmup=warmup, repeats=repeats)
-
-
 # ------------------------------------------------------------------------ hardware bound
 
 
