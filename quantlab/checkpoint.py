@@ -31,10 +31,6 @@ from quantlab.models import LoadedModel
 SIDECAR = "quantlab.json"
 
 
-def quantized_module_names(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if hasattr(m, "qweight")]
-
-
 def export_checkpoint(model: nn.Module, tokenizer, backend, out_dir: Path, *,
                       source: dict[str, Any], label: str) -> Path:
     """Write ``model`` (quantized by ``backend``) into ``out_dir``, atomically."""
@@ -60,7 +56,7 @@ def export_checkpoint(model: nn.Module, tokenizer, backend, out_dir: Path, *,
         "backend": backend.name,
         "backend_config_version": backend.Config.version,
         "options": backend.config.model_dump(mode="json"),
-        "modules": quantized_module_names(model),
+        "modules": backend.quantized_modules(model),
         "quantlab_version": __version__,
         "source": source,
     }

@@ -17,9 +17,14 @@ import yaml
 from quantlab import __version__
 from quantlab.bench.memory import PeakRSS
 from quantlab.bench.perplexity import model_context
-from quantlab.bench.size import directory_bytes, linear_bits_per_weight, quantized_tensor_bytes
+from quantlab.bench.size import (
+    checkpoint_bits_per_weight,
+    checkpoint_quantized_bytes,
+    checkpoint_tensor_bytes,
+    directory_bytes,
+)
 from quantlab.bench.speed import decode_bound, measure_speed, memory_bandwidth
-from quantlab.checkpoint import export_checkpoint, load_checkpoint, weight_bytes
+from quantlab.checkpoint import export_checkpoint, load_checkpoint, read_sidecar, weight_bytes
 from quantlab.data import load_text, sample_calibration, tokenize
 from quantlab.env import environment
 from quantlab.errors import QuantlabError
@@ -42,6 +47,72 @@ from quantlab.scoring import (
     labels,
     plan_key,
 )
+
+
+def _kernel_label(m) -> str:
+    """What executes a quantized layer: quantlab's own label, else the library's class (and
+    the weight's tensor subclass, for torchao)."""
+    if hasattr(m, "kernel"):
+        return m.kernel
+    lib = type(m).__module__.split(".")[0]
+    w = getattr(m, "weight", None)
+    if isinstance(w, torch.Tensor) and type(w.data if isinstance(w, torch.nn.Parameter) else w).__module__.startswith("torchao"):
+        return f"torchao:{type(w.data).__name__}"
+    if lib == "torch" and "dynamic" in type(m).__module__:
+        return "torch.ao:dynamic-int8(fbgemm)"
+    return f"{lib}:{type(m).__name__}"
+
+
+def _sensitivity(method, backend, spec, model, cal_ids, cal_text, calibration, mdir: Path):
+    """Run the sensitivity pass for one method; return the backend to quantize with (its skip
+    list resolved when the method says ``skip: auto``) and the pass's result."""
+    from quantlab.sensitivity import run_sensitivity
+
+    windows = sample_calibration(cal_ids, cal_text, spec.windows, spec.seq_len, spec.seed).ids
+    cls = type(backend)
+    auto = method.auto_skip()
+
+    def make(skip: list[str]):
+        return cls(backend.config.model_copy(update={"skip": skip}))
+
+    result = run_sensitivity(model, make, windows, base_skip=backend.config.skip_list(),
+                             granularity=spec.granularity, kl_budget=spec.kl_budget if auto else None,
+                             calibration=calibration, log=_log)
+    atomic_write_json(mdir / "sensitivity.json", result.as_dict())
+    _plot_sensitivity(result, mdir / "sensitivity.png", method.label)
+    if auto:
+        backend = make(backend.config.skip_list() + result.skip_patterns())
+    return backend, result
+
+
+def _plot_sensitivity(result, path: Path, label: str) -> None:
+    """Bar chart of per-candidate sensitivity (log scale), chosen candidates highlighted.
+    Skipped silently when matplotlib is not installed (the numbers are in the JSON)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    names = list(result.sensitivity)
+    values = [max(result.sensitivity[n], 1e-8) for n in names]
+    chosen = set(result.chosen)
+    fig, ax = plt.subplots(figsize=(max(6, 0.12 * len(names) + 2), 3.6))
+    ax.bar(range(len(names)), values, color=["#c0392b" if n in chosen else "#2c7fb8" for n in names])
+    ax.set_yscale("log")
+    ax.set_ylabel("KL(float || quantized), nats/token")
+    ax.set_title(f"{label}: sensitivity per {result.granularity} ({len(chosen)} left in float, red)")
+    if len(names) <= 40:
+        ax.set_xticks(range(len(names)), [n.replace("model.layers.", "L") for n in names], rotation=90, fontsize=7)
+    else:
+        ax.set_xlabel("layers in model order")
+    if result.kl_budget is not None:
+        ax.axhline(result.kl_budget, color="black", lw=0.8, ls="--", label=f"kl_budget {result.kl_budget}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 @dataclass
@@ -112,7 +183,8 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, *, force: bool = F
         check_tasks(ev.tasks, ev.task_paths)
     eval_text = load_text(ev.source, ev.split, "evaluation", ev.text_field)
     cal = recipe.calibration
-    need_cal = any(b.needs_calibration for b in backends.values())
+    sens_specs = {m.label: m.sensitivity_spec() for m in methods}
+    need_cal = any(b.needs_calibration for b in backends.values()) or any(sens_specs.values())
     cal_text = load_text(cal.source, cal.split, "calibration", cal.text_field) if need_cal else None
     out_dir = prepare_run_dir(Path(out) if out else recipe.output_dir())
     _refuse_foreign_run(out_dir, recipe, force)
@@ -137,10 +209,12 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, *, force: bool = F
     # the speed prompt: the first tokens of the evaluation text (the plan holds its own ids)
     prompt = tokenize(eval_text, base.tokenizer)[: ev.speed.prompt_tokens] if ev.speed.enabled else None
     calibration = None
+    cal_ids = None
     if need_cal:
-        calibration = sample_calibration(tokenize(cal_text, base.tokenizer), cal_text,
-                                         cal.samples, cal.seq_len, cal.seed)
-        atomic_write_json(out_dir / "calibration.json", calibration.record())
+        cal_ids = tokenize(cal_text, base.tokenizer)
+        if any(b.needs_calibration for b in backends.values()):
+            calibration = sample_calibration(cal_ids, cal_text, cal.samples, cal.seq_len, cal.seed)
+            atomic_write_json(out_dir / "calibration.json", calibration.record())
 
     env = environment(device, dtype)
     if ev.speed.enabled:
@@ -187,9 +261,16 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, *, force: bool = F
             _log(f"[{i}/{len(methods)}] {method.label}: finished earlier with the same settings; reusing it")
             rows.append(done)
             continue
-        _log(f"[{i}/{len(methods)}] {method.label}: quantize ({backend.name})")
         mdir.mkdir(parents=True, exist_ok=True)
         work = take_base_model()
+        sens = None
+        spec = sens_specs[method.label]
+        if spec is not None:
+            _log(f"[{i}/{len(methods)}] {method.label}: sensitivity pass ({spec.granularity}, "
+                 f"{spec.windows} x {spec.seq_len} calibration tokens)")
+            backend, sens = _sensitivity(method, backend, spec, work, cal_ids, cal_text,
+                                         calibration.ids if calibration is not None else None, mdir)
+        _log(f"[{i}/{len(methods)}] {method.label}: quantize ({backend.name})")
         with _Peak(device) as mem_quantize:
             t0 = time.perf_counter()
             work = backend.quantize(work, calibration.ids if (calibration and backend.needs_calibration) else None)
@@ -210,12 +291,16 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, *, force: bool = F
         with _Peak(device) as mem_eval:
             ppl, div = evaluate(loaded.model, plan, ev.batch_size, reference)
         div = div or {}
+        sizes = checkpoint_tensor_bytes(ckpt)
+        qmodules = read_sidecar(ckpt).get("modules", [])
         speed, bound = {}, {}
         if ev.speed.enabled:
             speed = measure_speed(loaded.model, prompt, new_tokens=ev.speed.new_tokens,
                                   batch_sizes=(1, ev.speed.batch_size), warmup=ev.speed.warmup,
                                   repeats=ev.speed.repeats)
-            bound = decode_bound(loaded.model, env["memory_bandwidth_bytes_per_s"])
+            stored = {n: checkpoint_quantized_bytes(sizes, [n]) + sizes.get(f"{n}.bias", 0) for n in qmodules
+                      if not hasattr(loaded.model.get_submodule(n), "kernel")}
+            bound = decode_bound(loaded.model, env["memory_bandwidth_bytes_per_s"], stored=stored)
         batch_speed = speed.get("by_batch", {}).get(f"b{ev.speed.batch_size}", {}) if ev.speed.batch_size > 1 else {}
         tasks = {}
         if ev.tasks:
@@ -225,7 +310,7 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, *, force: bool = F
             tasks = run_tasks(loaded.model, loaded.tokenizer, ev.tasks, ev.task_paths, limit=ev.task_limit,
                               num_fewshot=ev.task_fewshot, batch_size=ev.batch_size)
         fields = backend.config.table_fields()
-        kernels = sorted({m.kernel for m in loaded.model.modules() if hasattr(m, "kernel")})
+        kernels = sorted({_kernel_label(loaded.model.get_submodule(n)) for n in qmodules})
         metrics = {
             "method": method.label,
             "backend": backend.name,
@@ -247,8 +332,8 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, *, force: bool = F
             "kld_tokens": div.get("kld_tokens"),
             "size_bytes": weight_bytes(ckpt),
             "checkpoint_bytes": directory_bytes(ckpt),
-            "quantized_tensor_bytes": quantized_tensor_bytes(loaded.model),
-            "bits_per_weight": linear_bits_per_weight(loaded.model),
+            "quantized_tensor_bytes": checkpoint_quantized_bytes(sizes, qmodules),
+            "bits_per_weight": checkpoint_bits_per_weight(loaded.model, sizes),
             "prefill_tokens_per_s": speed.get("prefill_tokens_per_s"),
             "ttft_ms": speed.get("ttft_ms"),
             "decode_tokens_per_s": speed.get("decode_tokens_per_s"),
@@ -284,6 +369,9 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, *, force: bool = F
             "decode_bound": bound,
             "tasks": tasks,
             "layers": backend.layer_stats,
+            "skipped_layers": len(sens.chosen) if sens else None,
+            "sensitivity_s": sens.seconds if sens else None,
+            "sensitivity": sens.as_dict() if sens else None,
             # named stages of quantization; "other" is the rest (forward passes, packing...)
             "quantize_stages": dict(backend.stage_seconds,
                                     other=quantize_s - sum(backend.stage_seconds.values())),

@@ -138,12 +138,41 @@ class EvalSpec(TextSpec):
         return self
 
 
+class SensitivitySpec(_Strict):
+    """The sensitivity pass (README, "Sensitivity and skip: auto"): each candidate (a linear
+    layer, or a layer type) quantized alone with the method's backend, its KL divergence
+    from the float model measured on calibration windows. With ``options.skip: auto`` the
+    fewest candidates that keep the KL within ``kl_budget`` stay in float; with an explicit
+    skip list the pass only measures (for the report)."""
+
+    kl_budget: float = Field(0.02, gt=0, description="skip: auto: the largest mean KL(float || "
+                             "quantized) per token, in nats, on the sensitivity windows.")
+    granularity: Literal["layer", "type"] = Field(
+        "layer", description="Candidates: every linear layer, or every layer type "
+        "(e.g. all mlp.down_proj together; far fewer probes for calibration-heavy backends).")
+    windows: int = Field(4, ge=1, le=64, description="Calibration windows the KL is measured on.")
+    seq_len: int = Field(256, ge=8, le=8192, description="Tokens per sensitivity window.")
+    seed: int = Field(1, description="Seed of the window sampler (a different draw from the "
+                      "calibration windows by default).")
+
+
 class MethodSpec(_Strict):
     """One quantization method: a backend and its options."""
 
     label: str = Field(description="Unique name of the method in this run (a directory name).")
     backend: str = Field(description="Backend name; see `quantlab backends`.")
     options: dict[str, Any] = Field(default_factory=dict, description="Backend options.")
+    sensitivity: SensitivitySpec | None = Field(
+        None, description="Run the sensitivity pass (implied by options.skip: auto).")
+
+    def auto_skip(self) -> bool:
+        return self.options.get("skip") == "auto"
+
+    def sensitivity_spec(self) -> SensitivitySpec | None:
+        """The pass to run before quantizing, if any."""
+        if self.sensitivity is not None:
+            return self.sensitivity
+        return SensitivitySpec() if self.auto_skip() else None
 
     @field_validator("label")
     @classmethod
@@ -204,6 +233,9 @@ class Recipe(_Strict):
                 backend.Config(**m.options)
             except ValidationError as e:
                 raise RecipeError(_format_errors(e, backend.Config, f"methods[{i}].options")) from None
+            if m.sensitivity is not None and "skip" not in backend.Config.model_fields:
+                raise RecipeError(f"methods[{i}].sensitivity: backend '{m.backend}' quantizes no "
+                                  "individual layers (it has no 'skip' option); remove the block")
         return self
 
     def all_methods(self) -> list[MethodSpec]:

@@ -19,6 +19,10 @@ BACKENDS: dict[str, str] = {
     "rtn": "quantlab.quantizers.rtn:RTN",
     "gptq": "quantlab.quantizers.gptq:GPTQ",
     "awq": "quantlab.quantizers.awq:AWQ",
+    "int8-dynamic": "quantlab.quantizers.int8:Int8Dynamic",
+    "int8-weight-only": "quantlab.quantizers.int8:Int8WeightOnly",
+    "bnb": "quantlab.quantizers.bnb:Bnb",
+    "quanto": "quantlab.quantizers.quanto:Quanto",
 }
 
 

@@ -257,7 +257,7 @@ def batches(segs: list[Segment], batch_size: int) -> Iterable[list[Segment]]:
         yield batch
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def score(model, plan: Plan, batch_size: int = 4, *, on_logits: LogitsHook | None = None,
           desc: str = "perplexity") -> tuple[torch.Tensor, float]:
     """NLL (float64, CPU) of every scored token of ``plan``, in plan order, and the seconds

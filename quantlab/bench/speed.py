@@ -31,7 +31,7 @@ def _pct(values: list[float], p: float) -> float:
     return float(torch.quantile(torch.tensor(values, dtype=torch.float64), p / 100))
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def _one_batch(model, prompt: torch.Tensor, new_tokens: int, warmup: int, repeats: int) -> dict:
     device = next(model.parameters()).device
     prompt = prompt.to(device)
@@ -111,11 +111,13 @@ def memory_bandwidth(device: torch.device | str = "cpu", mbytes: int = 256, repe
     return 2 * src.numel() * 4 / best
 
 
-def bytes_per_token(model: nn.Module) -> int:
+def bytes_per_token(model: nn.Module, stored: dict[str, int] | None = None) -> int:
     """Bytes of weights one decode step reads: every parameter and buffer a forward uses,
     once (shared tensors once); an input embedding table counts one row unless the output
     head reads the same tensor; layers that execute from a dense copy of packed weights
-    count the dense copy (what the kernel reads), not the packed tensors."""
+    count the dense copy (what the kernel reads), not the packed tensors; ``stored`` gives
+    the bytes of modules whose library kernel reads its own packed form (bitsandbytes, torchao,
+    quanto, fbgemm), counted as they are stored in the checkpoint."""
     seen: set[int] = set()
     total = 0
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -128,7 +130,15 @@ def bytes_per_token(model: nn.Module) -> int:
         seen.add(t.data_ptr())
         total += t.numel() * t.element_size() if nbytes is None else nbytes
 
-    for m in model.modules():
+    stored = stored or {}
+    inside: set[int] = set()
+    for name, m in model.named_modules():
+        if id(m) in inside:
+            continue
+        if name in stored:
+            total += stored[name]
+            inside.update(id(x) for x in m.modules())
+            continue
         if isinstance(m, nn.Embedding) and m is not head:
             if m.weight.data_ptr() != head_ptr:
                 add(m.weight, m.weight.shape[1] * m.weight.element_size())
@@ -142,8 +152,9 @@ def bytes_per_token(model: nn.Module) -> int:
     return total
 
 
-def decode_bound(model: nn.Module, bandwidth: float, batch_size: int = 1) -> dict:
+def decode_bound(model: nn.Module, bandwidth: float, batch_size: int = 1,
+                 stored: dict[str, int] | None = None) -> dict:
     """Decode tokens/s the memory bandwidth allows if each step reads the weights once."""
-    per_token = bytes_per_token(model)
+    per_token = bytes_per_token(model, stored)
     return {"weight_bytes_per_step": per_token, "memory_bandwidth_bytes_per_s": bandwidth,
             "decode_bound_tokens_per_s": batch_size * bandwidth / per_token}

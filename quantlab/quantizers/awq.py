@@ -250,10 +250,11 @@ class AWQ(Backend):
     description = "AWQ (Lin et al. 2023), quantlab's PyTorch implementation; AutoAWQ gemm or GPTQ checkpoints."
     Config = AWQConfig
     needs_calibration = True
+    replaces_only = False  # it also rescales the norms and layers in front of the quantized ones
 
     def check(self, model: nn.Module) -> None:
         c = self.config
-        targets = target_linears(model, c.skip)
+        targets = target_linears(model, c.skip_list())
         check_not_tied(model, targets)
         check_layers(targets, c.bits, c.group_size)
         spec = arch_spec(model)
@@ -274,7 +275,7 @@ class AWQ(Backend):
         c = self.config
         spec = arch_spec(model)
         layers = decoder_layers(model, spec)
-        targets = dict(target_linears(model, c.skip))
+        targets = dict(target_linears(model, c.skip_list()))
         with self.stage("capture inputs"):
             hidden, kwargs = first_layer_inputs(model, layers, calibration, c.batch_size)
         gen = torch.Generator().manual_seed(c.seed)

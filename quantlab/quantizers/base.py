@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from quantlab.errors import QuantlabError
@@ -45,6 +45,26 @@ class BackendConfig(BaseModel):
         """Columns this config contributes to the results table (bits, group_size)."""
         return {}
 
+    def skip_list(self) -> list[str]:
+        """The ``skip`` patterns; ``skip: auto`` starts from the output head (the sensitivity
+        pass replaces it with the layers it chose, see :mod:`quantlab.sensitivity`)."""
+        skip = getattr(self, "skip", [])
+        return list(AUTO_SKIP_BASE) if skip == "auto" else list(skip)
+
+
+#: what ``skip: auto`` always leaves in float: the output head (tied to the embeddings in
+#: most small models, and the most sensitive layer)
+AUTO_SKIP_BASE = ("lm_head",)
+
+
+def skip_field():
+    """The ``skip`` option every backend that quantizes linear layers shares."""
+    return Field(default_factory=lambda: ["lm_head"],
+                 description="Glob patterns of linear layers left in float (embeddings are never "
+                 "quantized: they are not linear layers), or 'auto': the sensitivity pass leaves "
+                 "in float the fewest layers that keep the KL divergence within the method's "
+                 "sensitivity.kl_budget.")
+
 
 class Backend(ABC):
     name: ClassVar[str]
@@ -52,6 +72,9 @@ class Backend(ABC):
     Config: ClassVar[type[BackendConfig]]
     needs_calibration: ClassVar[bool] = False
     extra: ClassVar[str | None] = None
+    #: ``quantize`` only replaces (or re-parameterizes) the modules it quantizes and changes
+    #: nothing else, so the sensitivity pass can undo it in place
+    replaces_only: ClassVar[bool] = True
 
     def __init__(self, config: BackendConfig | None = None):
         self.config = config if config is not None else self.Config()
@@ -68,6 +91,10 @@ class Backend(ABC):
             yield
         finally:
             self.stage_seconds[name] = self.stage_seconds.get(name, 0.0) + time.perf_counter() - t0
+
+    def quantized_modules(self, model: nn.Module) -> list[str]:
+        """Names of the modules ``quantize`` replaced (recorded in the checkpoint sidecar)."""
+        return [n for n, m in model.named_modules() if hasattr(m, "qweight")]
 
     def check(self, model: nn.Module) -> None:
         """Raise :class:`QuantlabError` if ``model`` cannot be quantized with this config
@@ -109,7 +136,11 @@ def tied_parameter_names(model: nn.Module) -> set[str]:
     seen: dict[int, str] = {}
     tied = set()
     for name, t in model.state_dict(keep_vars=True).items():
-        key = t.data_ptr() if t.device.type != "meta" else id(t)
+        if not isinstance(t, torch.Tensor):
+            continue  # e.g. the dtype entry of torch.ao's packed parameters
+        plain = type(t.data if isinstance(t, nn.Parameter) else t) is torch.Tensor
+        # wrapper tensor subclasses (torchao) have no storage of their own: compare objects
+        key = t.data_ptr() if plain and t.device.type != "meta" else id(t)
         if key in seen and t.numel():
             tied.add(name)
         else:

@@ -153,7 +153,7 @@ class GPTQ(Backend):
     needs_calibration = True
 
     def check(self, model: nn.Module) -> None:
-        targets = target_linears(model, self.config.skip)
+        targets = target_linears(model, self.config.skip_list())
         check_not_tied(model, targets)
         check_layers(targets, self.config.bits, self.config.group_size)
         decoder_layers(model, arch_spec(model))
@@ -165,7 +165,7 @@ class GPTQ(Backend):
         c = self.config
         spec = arch_spec(model)
         layers = decoder_layers(model, spec)
-        targets = dict(target_linears(model, c.skip))
+        targets = dict(target_linears(model, c.skip_list()))
         with self.stage("capture inputs"):
             hidden, kwargs = first_layer_inputs(model, layers, calibration, c.batch_size)
         stages = dict(zip(("attn_in", "o_in", "mlp_in", "down_in"), spec.sequential))

@@ -10,7 +10,7 @@ the same layout with a ``quant_method: quantlab`` config that only quantlab load
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, field_validator
@@ -26,6 +26,7 @@ from quantlab.quantizers.base import (
     load_quantized,
     save_weights,
     set_module,
+    skip_field,
     target_linears,
 )
 from quantlab.quantizers.grid import quantize_matrix
@@ -43,10 +44,7 @@ class WeightQuantConfig(BackendConfig):
         128, description="Input columns per scale/zero group; -1 for one group per output "
         "channel. Must divide every quantized layer's input width.")
     sym: bool = Field(True, description="Symmetric grid (fixed zero point) or asymmetric.")
-    skip: list[str] = Field(
-        default_factory=lambda: ["lm_head"],
-        description="Glob patterns of linear layers left in float (embeddings are never "
-        "quantized: they are not linear layers).")
+    skip: list[str] | Literal["auto"] = skip_field()
 
     @field_validator("group_size")
     @classmethod
@@ -108,14 +106,14 @@ class RTN(Backend):
     Config = WeightQuantConfig
 
     def check(self, model: nn.Module) -> None:
-        targets = target_linears(model, self.config.skip)
+        targets = target_linears(model, self.config.skip_list())
         check_not_tied(model, targets)
         check_layers(targets, self.config.bits, self.config.group_size)
 
     @torch.no_grad()
     def quantize(self, model: nn.Module, calibration: torch.Tensor | None) -> nn.Module:
         c = self.config
-        targets = target_linears(model, c.skip)
+        targets = target_linears(model, c.skip_list())
         for name, lin in tqdm(targets, desc="rtn: layers", unit="layer", leave=False, disable=None):
             w = lin.weight.data
             codes, scales, zeros = quantize_matrix(w, c.bits, c.group_size, c.sym)

@@ -10,6 +10,7 @@ COLUMNS = [
     "method", "backend", "bits", "group_size", "ppl", "ppl_stderr", "ppl_convention", "eval_source",
     "eval_seq_len", "eval_windows", "eval_tokens", "kld_mean", "kld_p99", "top1_agreement", "dp_rms",
     "kld_tokens", "size_bytes", "checkpoint_bytes", "quantized_tensor_bytes", "bits_per_weight",
+    "skipped_layers", "sensitivity_s",
     "prefill_tokens_per_s", "ttft_ms", "decode_tokens_per_s", "decode_tokens_per_s_min",
     "decode_tokens_per_s_max", "latency_p50_ms", "latency_p95_ms", "decode_bound_tokens_per_s",
     "decode_fraction_of_bound", "decode_batch_size", "decode_tokens_per_s_batch",
@@ -66,6 +67,8 @@ def summary_frame(frame: pd.DataFrame) -> pd.DataFrame:
     if base is not None:
         out["×size"] = (order["size_bytes"] / base["size_bytes"]).map("{:.3f}".format)
     out["bits/weight"] = order["bits_per_weight"].map("{:.2f}".format)
+    if order["skipped_layers"].notna().any():
+        out["float_layers"] = order["skipped_layers"].map(lambda v: "" if pd.isna(v) else f"{int(v)}")
     if order["prefill_tokens_per_s"].notna().any():
         out["prefill_tok/s"] = order["prefill_tokens_per_s"].map(lambda v: "" if pd.isna(v) else f"{v:.0f}")
     speed = order["decode_tokens_per_s"]
@@ -83,6 +86,19 @@ def summary_frame(frame: pd.DataFrame) -> pd.DataFrame:
     for col in [c for c in order.columns if c.startswith("task_") and not c.endswith("_stderr")]:
         out[col.removeprefix("task_")] = order[col].map(lambda v: "" if pd.isna(v) else f"{v:.4f}")
     return out.reset_index(drop=True)
+
+
+def slower_than_baseline(frame: pd.DataFrame) -> list[tuple[str, float]]:
+    """Methods whose fastest decode repeat is slower than the float baseline's slowest one,
+    with their median speed ratio: said plainly in every summary."""
+    base = _baseline(frame)
+    if base is None or pd.isna(base.get("decode_tokens_per_s_min")):
+        return []
+    out = []
+    for _, row in frame[frame["backend"] != "none"].iterrows():
+        if pd.notna(row["decode_tokens_per_s_max"]) and row["decode_tokens_per_s_max"] < base["decode_tokens_per_s_min"]:
+            out.append((row["method"], row["decode_tokens_per_s"] / base["decode_tokens_per_s"]))
+    return out
 
 
 def format_summary(frame: pd.DataFrame, env: dict | None = None) -> str:
@@ -105,6 +121,12 @@ def format_summary(frame: pd.DataFrame, env: dict | None = None) -> str:
         lines.append("speed: batch 1, KV cache, median (min-max) of repeats; ratios inside the spread are "
                      "noise; %bound: decode speed as a share of memory bandwidth / weight bytes per token")
     lines.append("size: weight files on disk; peak_MB: process peak RSS while quantizing or scoring")
+    if "skipped_layers" in frame and frame["skipped_layers"].notna().any():
+        lines.append("float_layers: linear layers the sensitivity pass left in float (skip: auto), besides lm_head")
+    slower = slower_than_baseline(frame)
+    if slower:
+        lines.append("SLOWER THAN FLOAT on this device (decode, whole min-max range below the baseline's): "
+                     + ", ".join(f"{m} ({r:.2f}x)" for m, r in slower))
     lines += [
         "",
         summary_frame(frame).to_string(index=False),
