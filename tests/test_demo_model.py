@@ -85,3 +85,34 @@ def test_llamacpp_convention_reproduces_llama_perplexity():
     assert r.scored_tokens == 4 * 255 and r.params["bos"] is False  # this GGUF adds no BOS
     assert r.ppl == pytest.approx(18.5520, abs=2e-3)
     assert torch.isfinite(torch.tensor(r.ppl_stderr))
+
+
+def test_library_backends_on_the_demo_model(tmp_path):
+    """NF4, quanto int8 and per-tensor INT8 on the real model, through the whole pipeline
+    (export, reload from disk, score). Per-tensor INT8 on every layer collapses on this model
+    (activation outliers); per-type skip: auto brings it back within its KL budget."""
+    recipe = tmp_path / "libs.yaml"
+    recipe.write_text("""
+model: {source: smollm2-135m}
+methods:
+  - {label: nf4, backend: bnb, options: {mode: nf4}}
+  - {label: quanto-int8, backend: quanto, options: {weights: int8}}
+  - {label: int8-all, backend: int8-dynamic, options: {activations: per-tensor}}
+  - label: int8-auto
+    backend: int8-dynamic
+    options: {activations: per-tensor, skip: auto}
+    sensitivity: {kl_budget: 0.05, granularity: type, windows: 1, seq_len: 256}
+eval: {seq_len: 512, max_windows: 2, divergence: {max_windows: 2}, speed: {enabled: false}}
+""")
+    assert main(["run", str(recipe), "--out", str(tmp_path / "run")]) == 0
+    t = pd.read_csv(tmp_path / "run" / "results.csv").set_index("method")
+    base = t.loc["baseline", "ppl"]
+    assert base < t.loc["nf4", "ppl"] < 1.3 * base
+    assert 3.5 < t.loc["nf4", "bits_per_weight"] < 4.7
+    assert t.loc["quanto-int8", "ppl"] < 1.02 * base and t.loc["quanto-int8", "kld_mean"] < 0.01
+    assert t.loc["int8-all", "ppl"] > 2 * base  # the collapse the sensitivity pass exists for
+    auto = t.loc["int8-auto"]
+    assert auto["ppl"] < 1.3 * base and 0 < auto["skipped_layers"] < 7
+    sens = json.loads((tmp_path / "run" / "int8-auto" / "sensitivity.json").read_text())
+    assert sens["final_kl"] <= 0.05
+    assert max(sens["sensitivity"], key=sens["sensitivity"].get) == "model.layers.*.mlp.down_proj"

@@ -10,6 +10,9 @@ Faithful export: on CPUs with avx512_bf16, bitsandbytes repacks 4-bit weights in
 first forward pass, and saving afterwards writes scales that no longer match (the reloaded
 model is garbage). The backend therefore keeps the tensors of every quantized layer as they
 were right after quantization and writes those, whatever ran in between.
+
+LLM.int8 (``mode: int8``) quantizes its inputs from float16: float32 activations are cast to
+float16 first (bitsandbytes' own behaviour; its per-call log line is silenced).
 """
 
 from __future__ import annotations
@@ -39,6 +42,11 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _bnb():
+    import logging
+
+    # LLM.int8 logs "inputs will be cast from float32 to float16" on every matmul; that fact
+    # is stated once in the backend's documentation instead
+    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -61,6 +61,12 @@ def _quiet_torch_ao():
 
 
 def _torchao(backend: str):
+    import logging
+
+    # torchao logs a line per CUDA-only extension it cannot load, and torch warns about its
+    # pytree registrations: noise on every CPU run
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -1,8 +1,10 @@
 """``quanto``: optimum-quanto weight-only quantization (int8, int4, int2, float8).
 
 optimum-quanto replaces linear layers by ``QLinear`` modules and ``freeze`` stores the
-quantized weights (int8/float8 per output channel; int4/int2 in groups, quanto's default
-group size 128 where it divides the input width, else per-channel shapes it picks itself).
+quantized weights: int8/float8 with one scale per output channel; int4/int2 in groups of
+input columns with scale and shift, the group size chosen by quanto per layer (128, else the
+largest of 96, 64, 32 that divides the input width: 96 for the demo model's 576-wide layers,
+128 for its 1536-wide ones; per channel when none does).
 The checkpoint is optimum-quanto's own layout: ``model.safetensors`` with the
 quantized tensors flattened by quanto plus ``quanto_qmap.json`` (the quantization map), as
 ``QuantizedModelForCausalLM.save_pretrained`` writes it.
@@ -59,7 +61,7 @@ def _qtype(name: str):
 class QuantoConfig(BackendConfig):
     weights: Literal["int8", "int4", "int2", "float8"] = Field(
         "int8", description="Weight type: int8 and float8 per output channel, int4 and int2 in "
-        "groups (quanto's group size 128, or per-channel where 128 does not divide the width).")
+        "groups (quanto picks 128, else the largest of 96/64/32 dividing the input width).")
     skip: list[str] | Literal["auto"] = skip_field()
 
     def table_fields(self) -> dict[str, Any]:

@@ -1,0 +1,126 @@
+#!/usr/bin/env python
+"""Benchmark the library backends against the float baseline on the demo model (issue:
+library backends). Run alone: the machine's cores are shared by everything running.
+
+Phase 1 runs one quantlab recipe (every method quantized, exported, RELOADED from disk,
+scored): perplexity (gptq convention, 512-token windows of the embedded pydoc evaluation
+split), KL from the float model, size on disk, bits per weight, prefill and decode tokens/s.
+
+Phase 2 measures memory per checkpoint, each in a FRESH process (so no method inherits the
+previous one's allocations): resident memory after importing everything (torch,
+transformers and the backend's library), the growth when the checkpoint is loaded, and the
+peak during a 512-token prefill plus 32 decoded tokens.
+
+Prints a table with every figure and its ratio to the float baseline.
+
+    .venv/bin/python scripts/bench_backends.py [--windows 8] [--granularity layer] [--out runs/bench_backends]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+METHODS = [
+    {"label": "int8-per-token", "backend": "int8-dynamic", "options": {"activations": "per-token"}},
+    {"label": "int8-per-tensor", "backend": "int8-dynamic", "options": {"activations": "per-tensor"}},
+    {"label": "int8-per-tensor-auto", "backend": "int8-dynamic",
+     "options": {"activations": "per-tensor", "skip": "auto"}},
+    {"label": "int8-weight-only", "backend": "int8-weight-only"},
+    {"label": "bnb-nf4", "backend": "bnb", "options": {"mode": "nf4"}},
+    {"label": "bnb-nf4-dq", "backend": "bnb", "options": {"mode": "nf4", "double_quant": True}},
+    {"label": "bnb-nf4-bf16", "backend": "bnb", "options": {"mode": "nf4", "compute_dtype": "bfloat16"}},
+    {"label": "bnb-fp4", "backend": "bnb", "options": {"mode": "fp4"}},
+    {"label": "bnb-int8", "backend": "bnb", "options": {"mode": "int8"}},
+    {"label": "quanto-int8", "backend": "quanto", "options": {"weights": "int8"}},
+    {"label": "quanto-int4", "backend": "quanto", "options": {"weights": "int4"}},
+    {"label": "quanto-float8", "backend": "quanto", "options": {"weights": "float8"}},
+]
+
+MEMORY_PROBE = r"""
+import json, sys, torch
+from quantlab.bench.memory import PeakRSS, rss_bytes, release_free_memory
+import transformers, quantlab.checkpoint as ck
+from quantlab.registry import get_backend
+meta = ck.read_sidecar(sys.argv[1])
+get_backend(meta["backend"])  # import the backend module (and its library) before measuring
+try:
+    get_backend(meta["backend"]).load  # noqa
+    __import__({"bnb": "bitsandbytes", "quanto": "optimum.quanto", "int8-dynamic": "torchao",
+                "int8-weight-only": "torchao"}.get(meta["backend"], "torch"))
+except ImportError:
+    pass
+torch.set_num_threads(int(sys.argv[2]))
+release_free_memory()
+before = rss_bytes()
+lm = ck.load_checkpoint(sys.argv[1], dtype=torch.float32, device=torch.device("cpu"))
+release_free_memory()
+loaded = rss_bytes()
+ids = torch.randint(100, 40000, (1, 512), generator=torch.Generator().manual_seed(0))
+with torch.no_grad(), PeakRSS() as peak:
+    lm.model.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False)
+print(json.dumps({"rss_imports": before, "model_rss": loaded - before, "peak_run": peak.peak_bytes}))
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--windows", type=int, default=8, help="512-token evaluation windows (default 8)")
+    ap.add_argument("--granularity", choices=("layer", "type"), default="layer",
+                    help="sensitivity candidates for the skip: auto method")
+    ap.add_argument("--kl-budget", type=float, default=0.02)
+    ap.add_argument("--methods", default=None, help="comma-separated labels (default: all)")
+    ap.add_argument("--out", default="runs/bench_backends")
+    args = ap.parse_args()
+
+    from quantlab.api import run_recipe
+    from quantlab.recipe import parse_recipe
+
+    methods = [dict(m) for m in METHODS if args.methods is None or m["label"] in args.methods.split(",")]
+    for m in methods:
+        if m.get("options", {}).get("skip") == "auto":
+            m["sensitivity"] = {"kl_budget": args.kl_budget, "granularity": args.granularity,
+                                "windows": 2, "seq_len": 256}
+    doc = {"model": {"source": "smollm2-135m"}, "calibration": {"source": "pydoc"}, "methods": methods,
+           "eval": {"source": "pydoc", "seq_len": 512, "max_windows": args.windows},
+           "output": {"dir": args.out}}
+    result = run_recipe(parse_recipe(doc, default_name="bench_backends"), force=False, echo=True)
+
+    import torch
+
+    rows = []
+    for _, r in result.results.iterrows():
+        ckpt = result.path / r["checkpoint"]
+        proc = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(ckpt), str(torch.get_num_threads())],
+                              capture_output=True, text=True)
+        mem = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {}
+        if proc.returncode:
+            print(f"memory probe failed for {r['method']}: {proc.stderr[-500:]}", file=sys.stderr)
+        rows.append({"method": r["method"], "kernel": r["kernel"], "ppl": r["ppl"], "KL": r["kld_mean"],
+                     "size_MB": r["size_bytes"] / 1e6, "bits/w": r["bits_per_weight"],
+                     "prefill_tok/s": r["prefill_tokens_per_s"], "decode_tok/s": r["decode_tokens_per_s"],
+                     "decode_min": r["decode_tokens_per_s_min"], "decode_max": r["decode_tokens_per_s_max"],
+                     "model_MB": mem.get("model_rss", float("nan")) / 1e6,
+                     "peak_MB": mem.get("peak_run", float("nan")) / 1e6,
+                     "float_layers": r.get("skipped_layers")})
+    t = pd.DataFrame(rows)
+    base = t[t["method"] == "baseline"].iloc[0]
+    for col in ("size_MB", "prefill_tok/s", "decode_tok/s", "model_MB", "peak_MB"):
+        t[f"x{col.split('_')[0]}"] = t[col] / base[col]
+    pd.set_option("display.width", 250)
+    pd.set_option("display.max_columns", 30)
+    print("\nperplexity: gptq convention, 512-token windows of the embedded pydoc evaluation split; "
+          "KL: mean KL(float || method) per token; speed: batch 1, 64-token prompt, median of 5 repeats; "
+          "model_MB: RSS growth on loading the checkpoint in a fresh process; peak_MB: process peak RSS "
+          "during a 512-token prefill + 32 decoded tokens (includes ~imports)")
+    print(t.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    (Path(args.out) / "bench_backends.csv").write_text(t.to_csv(index=False))
+
+
+if __name__ == "__main__":
+    main()
