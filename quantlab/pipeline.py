@@ -299,7 +299,7 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, *, force: bool = F
                                   batch_sizes=(1, ev.speed.batch_size), warmup=ev.speed.warmup,
                                   repeats=ev.speed.repeats)
             stored = {n: checkpoint_quantized_bytes(sizes, [n]) + sizes.get(f"{n}.bias", 0) for n in qmodules
-                      if not hasattr(loaded.model.get_submodule(n), "kernel")}
+                      if getattr(loaded.model.get_submodule(n), "kernel", None) != "dense-dequant"}
             bound = decode_bound(loaded.model, env["memory_bandwidth_bytes_per_s"], stored=stored)
         batch_speed = speed.get("by_batch", {}).get(f"b{ev.speed.batch_size}", {}) if ev.speed.batch_size > 1 else {}
         tasks = {}

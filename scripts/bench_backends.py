@@ -28,7 +28,10 @@ import pandas as pd
 
 METHODS = [
     {"label": "int8-per-token", "backend": "int8-dynamic", "options": {"activations": "per-token"}},
+    {"label": "int8-per-token-fbgemm", "backend": "int8-dynamic", "options": {"engine": "fbgemm"}},
     {"label": "int8-per-tensor", "backend": "int8-dynamic", "options": {"activations": "per-tensor"}},
+    {"label": "int8-per-tensor-wpt", "backend": "int8-dynamic",
+     "options": {"activations": "per-tensor", "weights": "per-tensor"}},
     {"label": "int8-per-tensor-auto", "backend": "int8-dynamic",
      "options": {"activations": "per-tensor", "skip": "auto"}},
     {"label": "int8-weight-only", "backend": "int8-weight-only"},
@@ -37,6 +40,7 @@ METHODS = [
     {"label": "bnb-nf4-bf16", "backend": "bnb", "options": {"mode": "nf4", "compute_dtype": "bfloat16"}},
     {"label": "bnb-fp4", "backend": "bnb", "options": {"mode": "fp4"}},
     {"label": "bnb-int8", "backend": "bnb", "options": {"mode": "int8"}},
+    {"label": "bnb-int8-t0", "backend": "bnb", "options": {"mode": "int8", "threshold": 0.0}},
     {"label": "quanto-int8", "backend": "quanto", "options": {"weights": "int8"}},
     {"label": "quanto-int4", "backend": "quanto", "options": {"weights": "int4"}},
     {"label": "quanto-float8", "backend": "quanto", "options": {"weights": "float8"}},

@@ -29,6 +29,7 @@ CASES = [
     ("int8-dynamic", {}),
     ("int8-dynamic", {"activations": "per-tensor"}),
     ("int8-dynamic", {"activations": "per-tensor", "weights": "per-tensor"}),
+    ("int8-dynamic", {"engine": "fbgemm"}),  # per-token by row scaling on fbgemm
     ("int8-weight-only", {}),
     ("bnb", {}),
     ("bnb", {"mode": "nf4", "double_quant": True, "compute_dtype": "bfloat16"}),
@@ -92,7 +93,7 @@ def test_reload_in_a_fresh_process_gives_the_same_logits(exported):
         # ... and the quantization did something (a no-op export would also round-trip)
         assert float((saved["logits"] - saved["float"]).abs().max()) > 1e-4, f"{name} {options} changed nothing"
         qcfg = json.loads((ckpt / "config.json").read_text())["quantization_config"]
-        if options.get("activations") == "per-tensor":
+        if options.get("activations") == "per-tensor" or options.get("engine") == "fbgemm":
             assert qcfg["quant_method"] == "quantlab" and qcfg["format"] == "int8-fbgemm"
         else:
             assert qcfg["quant_method"] == QUANT_METHOD[name]
@@ -103,7 +104,7 @@ def test_transformers_loads_the_torchao_and_bnb_checkpoints_itself(exported):
     """The ecosystem loader (no quantlab code) reads these formats."""
     root, cases = exported
     picks = [i for i, (n, o, _) in enumerate(cases) if n in ("bnb", "int8-weight-only")
-             or (n == "int8-dynamic" and o.get("activations") != "per-tensor")]
+             or (n == "int8-dynamic" and o == {})]
     code = textwrap.dedent(f"""
         import torch
         from transformers import AutoModelForCausalLM
@@ -140,7 +141,9 @@ def test_skipped_layers_stay_float_after_reload(tiny_model_dir, tmp_path):
     ("bnb", {"mode": "int8", "compute_dtype": "float16"}, "compute_dtype applies to the 4-bit modes"),
     ("bnb", {"mode": "nf3"}, "nf4"),
     ("bnb", {"threshold": -1}, "greater than or equal to 0"),
-    ("int8-dynamic", {"activations": "per-token", "weights": "per-tensor"}, "needs activations: per-tensor"),
+    ("int8-dynamic", {"activations": "per-token", "weights": "per-tensor"}, "needs engine: fbgemm"),
+    ("int8-dynamic", {"activations": "per-tensor", "engine": "torchao"}, "runs on engine fbgemm"),
+    ("int8-dynamic", {"engine": "onednn"}, "fbgemm"),
     ("int8-dynamic", {"activations": "per-row"}, "per-token"),
     ("int8-weight-only", {"bits": 4}, "unknown key"),
     ("quanto", {"weights": "int3"}, "int8"),

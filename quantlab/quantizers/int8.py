@@ -1,23 +1,24 @@
 """``int8-dynamic`` and ``int8-weight-only``: INT8 linear layers from PyTorch's own stacks.
 
-``int8-dynamic`` stores INT8 weights and quantizes activations to INT8 at run time, with one
-of two engines, chosen by ``activations``:
+``int8-dynamic`` stores INT8 weights and quantizes activations to INT8 at run time, on one
+of two engines:
 
-- ``per-token`` (default): torchao's ``Int8DynamicActivationInt8WeightConfig`` through
-  ``torchao.quantization.quantize_``: one activation scale per token, one weight scale per
-  output channel, symmetric. Accurate (the demo model loses little). On a CPU without
-  AMX/VNNI-backed ``torch._int_mm`` the matmul runs slowly (measured: 8-40x slower than
-  float per layer here), so decoding is slower than float; the results table shows it.
-  The checkpoint is transformers' torchao format (``quant_method: torchao``), loadable with
-  ``AutoModelForCausalLM.from_pretrained``.
-- ``per-tensor``: ``torch.ao.quantization.quantize_dynamic`` (the fbgemm kernel): one
-  activation scale per call (per tensor), weights per channel or per tensor. The fastest
-  INT8 kernel on x86 CPUs (about 1.5-2x float per layer here), but activation outliers in
-  a few layers break per-tensor scales (the demo model's perplexity collapses when every
-  layer is quantized): pair it with ``skip: auto``. PyTorch has no serialization for these
-  modules that transformers reads, so the checkpoint is quantlab's own
-  (``quant_method: quantlab``, format ``int8-fbgemm``): int8 weights and float scales in
-  safetensors.
+- ``torchao`` (default for ``activations: per-token``): torchao's
+  ``Int8DynamicActivationInt8WeightConfig`` through ``torchao.quantization.quantize_``: one
+  symmetric int8 activation scale per token, one weight scale per output channel. Accurate.
+  On a CPU without a fast ``torch._int_mm`` (this one: AVX2, no VNNI/AMX) the matmul runs
+  8-40x slower than float per layer, so prefill and decode are slower than float; the results
+  table shows it. The checkpoint is transformers' torchao format (``quant_method: torchao``),
+  loadable with ``AutoModelForCausalLM.from_pretrained``.
+- ``fbgemm`` (default for ``activations: per-tensor``): ``torch.ao.quantization.quantize_dynamic``,
+  the fastest INT8 kernel on x86 CPUs (about 1.5-2x float per layer here). It scales
+  activations per tensor; activation outliers in a few layers break that (the demo model's
+  perplexity collapses when every layer is quantized): pair it with ``skip: auto``, or ask
+  for ``activations: per-token``, which divides each token by its largest magnitude before
+  the kernel and multiplies it back after (:class:`RowScaledDynamicLinear`). CPU and float32
+  only. PyTorch has no serialization for these modules that transformers reads, so the
+  checkpoint is quantlab's own (``quant_method: quantlab``, format ``int8-fbgemm``): int8
+  weights and float scales in safetensors.
 
 ``int8-weight-only`` is torchao's ``Int8WeightOnlyConfig`` (per-channel INT8 weights,
 activations in float), also in the transformers torchao format.
@@ -134,7 +135,7 @@ def transformers_load(ckpt_dir: Path, dtype: torch.dtype, device: torch.device) 
 # --------------------------------------------------------------------------- fbgemm
 
 
-def fbgemm_quantize(model: nn.Module, names: list[str], per_channel: bool) -> nn.Module:
+def fbgemm_quantize(model: nn.Module, names: list[str], per_channel: bool, per_token: bool = False) -> nn.Module:
     from torch.ao.quantization import (
         default_dynamic_qconfig,
         per_channel_dynamic_qconfig,
@@ -144,16 +145,51 @@ def fbgemm_quantize(model: nn.Module, names: list[str], per_channel: bool) -> nn
     qconfig = per_channel_dynamic_qconfig if per_channel else default_dynamic_qconfig
     with _quiet_torch_ao():
         quantize_dynamic(model, {n: qconfig for n in names}, dtype=torch.qint8, inplace=True)
+        if per_token:
+            for n in names:
+                dyn = model.get_submodule(n)
+                w, b = dyn._weight_bias()
+                dyn.set_weight_bias(w, None)
+                set_module(model, n, RowScaledDynamicLinear(dyn, b))
     return model
 
 
-def _fbgemm_modules(model: nn.Module):
+class RowScaledDynamicLinear(nn.Module):
+    """Per-token INT8 activations on the fbgemm kernel: each row (token) of the input is
+    divided by its largest magnitude before torch.ao's dynamic INT8 linear (which quantizes
+    its input with one scale for the whole tensor), and the output row multiplied back, so
+    the one scale fits every token alike. fbgemm quantizes activations to 7 bits on x86
+    (``reduce_range``, against int16 saturation in its AVX2 inner product), so the per-token
+    grid is 2x coarser than torchao's symmetric int8; the bias is added in float afterwards."""
+
+    kernel = "fbgemm-int8-rowscaled"
+
+    def __init__(self, inner: nn.Module, bias: torch.Tensor | None):
+        super().__init__()
+        self.inner = inner
+        self.in_features, self.out_features = inner.in_features, inner.out_features
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = x.abs().amax(-1, keepdim=True).clamp_min(1e-12)
+        y = self.inner(x / s) * s
+        return y if self.bias is None else y + self.bias
+
+
+def _fbgemm_modules(model: nn.Module) -> list[tuple[str, nn.Module, nn.Module, torch.Tensor | None]]:
+    """(name, layer, its torch.ao dynamic linear, float bias) of every fbgemm INT8 layer."""
     from torch.ao.nn.quantized.dynamic import Linear as DynLinear
 
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, DynLinear)]
+    out = []
+    for n, m in model.named_modules():
+        if isinstance(m, RowScaledDynamicLinear):
+            out.append((n, m, m.inner, m.bias))
+        elif isinstance(m, DynLinear) and not n.endswith(".inner"):
+            out.append((n, m, m, None))
+    return out
 
 
-def fbgemm_save(model: nn.Module, out_dir: Path, per_channel: bool) -> dict:
+def fbgemm_save(model: nn.Module, out_dir: Path, per_channel: bool, per_token: bool) -> dict:
     """int8 weights (``{name}.weight``), float32 scales (``{name}.weight_scale``, one per output
     channel or one in all) and float biases, with the rest of the model's tensors."""
     from safetensors.torch import save_file
@@ -161,8 +197,9 @@ def fbgemm_save(model: nn.Module, out_dir: Path, per_channel: bool) -> dict:
     tensors: dict[str, torch.Tensor] = {}
     quantized = set()
     with _quiet_torch_ao():
-        for name, m in _fbgemm_modules(model):
+        for name, _layer, m, outer_bias in _fbgemm_modules(model):
             w, b = m._weight_bias()
+            b = outer_bias if outer_bias is not None else b
             if w.qscheme() in (torch.per_channel_symmetric, torch.per_channel_affine):
                 scale, zero = w.q_per_channel_scales(), w.q_per_channel_zero_points()
             else:
@@ -176,14 +213,13 @@ def fbgemm_save(model: nn.Module, out_dir: Path, per_channel: bool) -> dict:
             quantized.add(name)
     tied = tied_parameter_names(model)
     for k, v in model.state_dict().items():
-        if k in tied or k.rsplit("._packed_params", 1)[0] in quantized or not isinstance(v, torch.Tensor):
-            continue
-        if any(k.startswith(f"{n}.") for n in quantized):
-            continue  # scale/zero_point/dtype entries of the dynamic modules
+        if k in tied or not isinstance(v, torch.Tensor) or any(k.startswith(f"{n}.") for n in quantized):
+            continue  # the int8 layers' own entries (packed weights, scale, zero point) are written above
         tensors[k] = v.detach().contiguous()
     save_file(tensors, str(out_dir / WEIGHTS_NAME), metadata={"format": "pt"})
     return {"quant_method": "quantlab", "format": FBGEMM_FORMAT, "bits": 8,
-            "weights": "per-channel" if per_channel else "per-tensor", "activations": "per-tensor-dynamic"}
+            "weights": "per-channel" if per_channel else "per-tensor",
+            "activations": "per-token-rowscaled" if per_token else "per-tensor"}
 
 
 def fbgemm_load(ckpt_dir: Path, meta: dict, dtype: torch.dtype, device: torch.device) -> nn.Module:
@@ -192,8 +228,9 @@ def fbgemm_load(ckpt_dir: Path, meta: dict, dtype: torch.dtype, device: torch.de
     from transformers import AutoConfig
 
     if device.type != "cpu":
-        raise QuantlabError(f"int8 per-tensor (fbgemm) checkpoints run on CPU only, not on '{device}'")
+        raise QuantlabError(f"int8 fbgemm checkpoints run on CPU only, not on '{device}'")
     config = AutoConfig.from_pretrained(ckpt_dir)
+    per_token = (getattr(config, "quantization_config", None) or {}).get("activations") == "per-token-rowscaled"
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     model = build_skeleton(config, dtype)
@@ -223,7 +260,11 @@ def fbgemm_load(ckpt_dir: Path, meta: dict, dtype: torch.dtype, device: torch.de
             else:
                 qw = torch._make_per_channel_quantized_tensor(w8, scale, torch.zeros_like(scale, dtype=torch.long), 0)
             q = DynLinear(lin.in_features, lin.out_features, bias_=bias is not None, dtype=torch.qint8)
-            q.set_weight_bias(qw, None if bias is None else bias.float())
+            if per_token:
+                q.set_weight_bias(qw, None)
+                q = RowScaledDynamicLinear(q, bias)
+            else:
+                q.set_weight_bias(qw, None if bias is None else bias.float())
             set_module(model, name, q)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
@@ -235,20 +276,31 @@ def fbgemm_load(ckpt_dir: Path, meta: dict, dtype: torch.dtype, device: torch.de
 
 class Int8DynamicConfig(BackendConfig):
     activations: Literal["per-token", "per-tensor"] = Field(
-        "per-token", description="Activation scales: 'per-token' (torchao; accurate, slow "
-        "matmul on CPUs without a fast int8 GEMM) or 'per-tensor' (torch.ao quantize_dynamic, "
-        "fbgemm: fastest on x86 CPUs, fragile with activation outliers; CPU only).")
+        "per-token", description="Activation scales: one per token (accurate) or one per "
+        "tensor (fragile with activation outliers; pair it with skip: auto).")
+    engine: Literal["torchao", "fbgemm"] | None = Field(
+        None, description="Kernel: 'torchao' (Int8DynamicActivationInt8Weight; symmetric int8 "
+        "per token; slow matmul on CPUs without a fast int8 GEMM) or 'fbgemm' (torch.ao "
+        "quantize_dynamic; fastest on x86 CPUs; CPU and float32 only; per token by row "
+        "scaling, with 7-bit activations). Default: torchao for per-token, fbgemm for per-tensor.")
     weights: Literal["per-channel", "per-tensor"] = Field(
-        "per-channel", description="Weight scales; 'per-tensor' only with per-tensor "
-        "activations (torchao's per-token engine is per-channel).")
+        "per-channel", description="Weight scales; 'per-tensor' only with the fbgemm engine.")
     skip: list[str] | Literal["auto"] = skip_field()
 
     @model_validator(mode="after")
     def _combo(self):
-        if self.activations == "per-token" and self.weights == "per-tensor":
-            raise ValueError("weights: per-tensor needs activations: per-tensor "
-                             "(the per-token engine, torchao, scales weights per channel)")
+        if self.activations == "per-tensor" and self.engine == "torchao":
+            raise ValueError("activations: per-tensor runs on engine fbgemm (torchao's int8 "
+                             "dynamic quantization is per token)")
+        if self.weights == "per-tensor" and self.resolved_engine() == "torchao":
+            raise ValueError("weights: per-tensor needs engine: fbgemm (torchao scales int8 "
+                             "weights per channel)")
         return self
+
+    def resolved_engine(self) -> str:
+        if self.engine is not None:
+            return self.engine
+        return "torchao" if self.activations == "per-token" else "fbgemm"
 
     def table_fields(self) -> dict[str, Any]:
         return {"bits": 8}
@@ -256,44 +308,51 @@ class Int8DynamicConfig(BackendConfig):
 
 class Int8Dynamic(Backend):
     name = "int8-dynamic"
-    description = ("INT8 weights and dynamic INT8 activations: per-token (torchao) or "
-                   "per-tensor (torch.ao quantize_dynamic, fbgemm).")
+    description = ("INT8 weights and dynamic INT8 activations, per token or per tensor, on "
+                   "torchao or torch.ao's fbgemm kernel.")
     Config = Int8DynamicConfig
     extra = "torchao"
+
+    @property
+    def _fbgemm(self) -> bool:
+        return self.config.resolved_engine() == "fbgemm"
 
     def check(self, model: nn.Module) -> None:
         targets = _layers(model, self.config.skip_list())
         check_not_tied(model, targets)
-        if self.config.activations == "per-token":
+        if not self._fbgemm:
             _torchao(self.name)
         elif next(model.parameters()).device.type != "cpu":
-            raise QuantlabError("activations: per-tensor uses torch.ao's fbgemm kernel, which runs on "
-                                "CPU only; use activations: per-token on this device")
+            raise QuantlabError("engine fbgemm (torch.ao quantize_dynamic) runs on CPU only; use "
+                                "engine: torchao (activations: per-token) on this device")
 
     @torch.no_grad()
     def quantize(self, model: nn.Module, calibration: torch.Tensor | None) -> nn.Module:
         names = [n for n, _ in _layers(model, self.config.skip_list())]
-        if self.config.activations == "per-token":
+        if not self._fbgemm:
             return torchao_quantize(model, set(names), "dynamic", self.name)
         if model.dtype != torch.float32:
-            raise QuantlabError("activations: per-tensor (fbgemm) needs model.dtype: float32")
-        return fbgemm_quantize(model, names, self.config.weights == "per-channel")
+            raise QuantlabError("engine fbgemm needs model.dtype: float32")
+        return fbgemm_quantize(model, names, self.config.weights == "per-channel",
+                               per_token=self.config.activations == "per-token")
 
     def quantized_modules(self, model: nn.Module) -> list[str]:
-        if self.config.activations == "per-token":
+        if not self._fbgemm:
             return [n for n, m in model.named_modules() if getattr(m, "quantlab_quantized", False)]
-        return [n for n, _ in _fbgemm_modules(model)]
+        return [n for n, *_ in _fbgemm_modules(model)]
 
     def save(self, model: nn.Module, out_dir: Path) -> dict:
-        if self.config.activations == "per-token":
+        if not self._fbgemm:
             skipped = [n for n, m in model.named_modules()
                        if isinstance(m, nn.Linear) and not getattr(m, "quantlab_quantized", False)]
             return torchao_save(model, out_dir, "dynamic", self.name, skipped)
-        return fbgemm_save(model, out_dir, self.config.weights == "per-channel")
+        return fbgemm_save(model, out_dir, self.config.weights == "per-channel",
+                           per_token=self.config.activations == "per-token")
 
     @classmethod
     def load(cls, ckpt_dir: Path, meta: dict, dtype: torch.dtype, device: torch.device) -> nn.Module:
-        if meta.get("options", {}).get("activations") == "per-tensor":
+        config = cls.Config(**meta.get("options", {}))
+        if config.resolved_engine() == "fbgemm":
             return fbgemm_load(ckpt_dir, meta, dtype, device)
         _torchao(cls.name)
         return transformers_load(ckpt_dir, dtype, device)
