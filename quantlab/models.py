@@ -38,8 +38,18 @@ DEMO_MODELS = {
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+#: loggers that only say things irrelevant to a CPU run (torchao's CUDA-only extensions that
+#: cannot load, torch's pytree registration notices), raised to ERROR
+_NOISY_LOGGERS = ("torchao", "torch.utils._pytree", "torchao.kernel.intmm")
+
+
 def quiet_progress_bars() -> None:
-    """Progress bars only where a person watches them (stderr is a terminal)."""
+    """Progress bars only where a person watches them (stderr is a terminal); library log
+    noise off."""
+    import logging
+
+    for name in _NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     if not sys.stderr.isatty():
         from transformers.utils import logging as hf_logging
 

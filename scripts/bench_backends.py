@@ -6,10 +6,13 @@ Phase 1 runs one quantlab recipe (every method quantized, exported, RELOADED fro
 scored): perplexity (gptq convention, 512-token windows of the embedded pydoc evaluation
 split), KL from the float model, size on disk, bits per weight, prefill and decode tokens/s.
 
-Phase 2 measures memory per checkpoint, each in a FRESH process (so no method inherits the
-previous one's allocations): resident memory after importing everything (torch,
-transformers and the backend's library), the growth when the checkpoint is loaded, and the
-peak during a 512-token prefill plus 32 decoded tokens.
+Phase 2 measures speed and memory per checkpoint, each in a FRESH process, one after the
+other (no method inherits another's allocations or competes for the cores): prefill
+tokens/s of a 512-token prompt and batch-1 decode tokens/s (32 tokens after a 64-token
+prompt, prefill subtracted), medians of ``--repeats``; resident memory after running (all
+weights touched: safetensors are memory-mapped, so RSS right after loading undercounts) and
+the peak while running, both above the process's RSS after importing torch, transformers
+and the backend's library.
 
 Prints a table with every figure and its ratio to the float baseline.
 
@@ -46,29 +49,39 @@ METHODS = [
     {"label": "quanto-float8", "backend": "quanto", "options": {"weights": "float8"}},
 ]
 
-MEMORY_PROBE = r"""
-import json, sys, torch
+PROBE = r"""
+import json, sys, time, statistics, torch
 from quantlab.bench.memory import PeakRSS, rss_bytes, release_free_memory
-import transformers, quantlab.checkpoint as ck
+import quantlab.checkpoint as ck
 from quantlab.registry import get_backend
 meta = ck.read_sidecar(sys.argv[1])
-get_backend(meta["backend"])  # import the backend module (and its library) before measuring
-try:
-    get_backend(meta["backend"]).load  # noqa
-    __import__({"bnb": "bitsandbytes", "quanto": "optimum.quanto", "int8-dynamic": "torchao",
-                "int8-weight-only": "torchao"}.get(meta["backend"], "torch"))
-except ImportError:
-    pass
 torch.set_num_threads(int(sys.argv[2]))
+lib = {"bnb": "bitsandbytes", "quanto": "optimum.quanto", "int8-dynamic": "torchao",
+       "int8-weight-only": "torchao"}.get(meta["backend"])
+if lib:
+    __import__(lib)  # the library's import cost is not the model's memory
+get_backend(meta["backend"])
+import transformers  # noqa
 release_free_memory()
 before = rss_bytes()
 lm = ck.load_checkpoint(sys.argv[1], dtype=torch.float32, device=torch.device("cpu"))
-release_free_memory()
-loaded = rss_bytes()
-ids = torch.randint(100, 40000, (1, 512), generator=torch.Generator().manual_seed(0))
+prompt = torch.randint(100, 40000, (1, 512), generator=torch.Generator().manual_seed(0))
 with torch.no_grad(), PeakRSS() as peak:
-    lm.model.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False)
-print(json.dumps({"rss_imports": before, "model_rss": loaded - before, "peak_run": peak.peak_bytes}))
+    lm.model(prompt[:, :32])  # warm-up
+    prefill = []
+    for _ in range(int(sys.argv[3])):
+        t0 = time.perf_counter(); lm.model(prompt); prefill.append(time.perf_counter() - t0)
+    decode = []
+    for _ in range(int(sys.argv[3])):
+        t0 = time.perf_counter()
+        lm.model.generate(prompt[:, :64], max_new_tokens=1, min_new_tokens=1, do_sample=False)
+        t1 = time.perf_counter()
+        lm.model.generate(prompt[:, :64], max_new_tokens=33, min_new_tokens=33, do_sample=False)
+        decode.append(32 / ((time.perf_counter() - t1) - (t1 - t0)))
+release_free_memory()
+print(json.dumps({"rss_imports": before, "model_rss": rss_bytes() - before, "peak_run": peak.peak_bytes - before,
+                  "prefill512_tok_s": 512 / statistics.median(prefill),
+                  "decode_tok_s": statistics.median(decode), "decode_min": min(decode), "decode_max": max(decode)}))
 """
 
 
@@ -80,6 +93,9 @@ def main() -> None:
     ap.add_argument("--kl-budget", type=float, default=0.02)
     ap.add_argument("--methods", default=None, help="comma-separated labels (default: all)")
     ap.add_argument("--out", default="runs/bench_backends")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--probe-only", action="store_true",
+                    help="skip phase 1: probe the checkpoints of the existing results.csv in --out")
     args = ap.parse_args()
 
     from quantlab.api import run_recipe
@@ -93,24 +109,30 @@ def main() -> None:
     doc = {"model": {"source": "smollm2-135m"}, "calibration": {"source": "pydoc"}, "methods": methods,
            "eval": {"source": "pydoc", "seq_len": 512, "max_windows": args.windows},
            "output": {"dir": args.out}}
-    result = run_recipe(parse_recipe(doc, default_name="bench_backends"), force=False, echo=True)
+    if args.probe_only:
+        results = pd.read_csv(Path(args.out) / "results.csv")
+        results = results[results["method"].isin(["baseline"] + [m["label"] for m in methods])]
+    else:
+        results = run_recipe(parse_recipe(doc, default_name="bench_backends"), echo=True).results
 
     import torch
 
     rows = []
-    for _, r in result.results.iterrows():
-        ckpt = result.path / r["checkpoint"]
-        proc = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(ckpt), str(torch.get_num_threads())],
-                              capture_output=True, text=True)
-        mem = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {}
+    for _, r in results.iterrows():
+        ckpt = Path(args.out) / r["checkpoint"]
+        proc = subprocess.run([sys.executable, "-c", PROBE, str(ckpt), str(torch.get_num_threads()),
+                               str(args.repeats)], capture_output=True, text=True)
+        probe = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {}
         if proc.returncode:
-            print(f"memory probe failed for {r['method']}: {proc.stderr[-500:]}", file=sys.stderr)
+            print(f"probe failed for {r['method']}: {proc.stderr[-800:]}", file=sys.stderr)
+        print(f"probed {r['method']}: {probe}", file=sys.stderr, flush=True)
         rows.append({"method": r["method"], "kernel": r["kernel"], "ppl": r["ppl"], "KL": r["kld_mean"],
                      "size_MB": r["size_bytes"] / 1e6, "bits/w": r["bits_per_weight"],
-                     "prefill_tok/s": r["prefill_tokens_per_s"], "decode_tok/s": r["decode_tokens_per_s"],
-                     "decode_min": r["decode_tokens_per_s_min"], "decode_max": r["decode_tokens_per_s_max"],
-                     "model_MB": mem.get("model_rss", float("nan")) / 1e6,
-                     "peak_MB": mem.get("peak_run", float("nan")) / 1e6,
+                     "prefill_tok/s": probe.get("prefill512_tok_s", float("nan")),
+                     "decode_tok/s": probe.get("decode_tok_s", float("nan")),
+                     "decode_min": probe.get("decode_min"), "decode_max": probe.get("decode_max"),
+                     "model_MB": probe.get("model_rss", float("nan")) / 1e6,
+                     "peak_MB": probe.get("peak_run", float("nan")) / 1e6,
                      "float_layers": r.get("skipped_layers")})
     t = pd.DataFrame(rows)
     base = t[t["method"] == "baseline"].iloc[0]
@@ -119,9 +141,10 @@ def main() -> None:
     pd.set_option("display.width", 250)
     pd.set_option("display.max_columns", 30)
     print("\nperplexity: gptq convention, 512-token windows of the embedded pydoc evaluation split; "
-          "KL: mean KL(float || method) per token; speed: batch 1, 64-token prompt, median of 5 repeats; "
-          "model_MB: RSS growth on loading the checkpoint in a fresh process; peak_MB: process peak RSS "
-          "during a 512-token prefill + 32 decoded tokens (includes ~imports)")
+          "KL: mean KL(float || method) per token; fresh process per checkpoint, nothing else running: "
+          f"prefill: 512-token prompt, decode: batch 1, 32 tokens after a 64-token prompt, medians of "
+          f"{args.repeats}; model_MB: RSS after running minus RSS after imports; peak_MB: peak RSS while "
+          "running minus RSS after imports")
     print(t.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     (Path(args.out) / "bench_backends.csv").write_text(t.to_csv(index=False))
 

@@ -63,6 +63,7 @@ def test_forward_from_a_cached_layer_equals_a_full_forward(tiny_model_dir):
     ("rtn", {"bits": 3, "group_size": 32}),
     ("int8-dynamic", {}),  # torchao re-parameterizes the Linear in place
     ("int8-dynamic", {"activations": "per-tensor"}),
+    ("int8-dynamic", {"engine": "fbgemm"}),
     ("bnb", {}),
     ("quanto", {"weights": "int4"}),
 ])
