@@ -11,7 +11,7 @@ of two engines:
   table shows it. The checkpoint is transformers' torchao format (``quant_method: torchao``),
   loadable with ``AutoModelForCausalLM.from_pretrained``.
 - ``fbgemm`` (default for ``activations: per-tensor``): ``torch.ao.quantization.quantize_dynamic``,
-  the fastest INT8 kernel on x86 CPUs (about 1.5-2x float per layer here). It scales
+  the fastest INT8 kernel on x86 CPUs (0.4-0.7x the float32 time per layer here). It scales
   activations per tensor; activation outliers in a few layers break that (the demo model's
   perplexity collapses when every layer is quantized): pair it with ``skip: auto``, or ask
   for ``activations: per-token``, which divides each token by its largest magnitude before
