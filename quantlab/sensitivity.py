@@ -187,7 +187,8 @@ def run_sensitivity(model: nn.Module, make_backend: Callable[[list[str]], Backen
 
     ``make_backend(skip)`` returns the method's backend with ``skip`` as its skip list;
     ``ids`` [windows, seq_len] are the windows KL is measured on; ``calibration`` goes to
-    backends that need calibration data; ``base_skip`` are the patterns always left in float. ``model`` is left as it was (float)."""
+    backends that need calibration data; ``base_skip`` are the patterns always left in
+    float. ``model`` is left as it was (float)."""
     t0 = time.perf_counter()
     log = log or (lambda msg: print(f"quantlab: {msg}", file=sys.stderr, flush=True))
     names = [n for n, _ in target_linears(model, base_skip)]
