@@ -26,6 +26,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _cache_kwarg(model) -> str:
+    """The forward argument that takes the KV cache: ``cache`` from transformers 5.24 on
+    (``past_key_values`` is deprecated there), ``past_key_values`` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _cache_of(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
 def _pct(values: list[float], p: float) -> float:
     """Percentile by linear interpolation (numpy's default)."""
     return float(torch.quantile(torch.tensor(values, dtype=torch.float64), p / 100))
@@ -37,6 +50,7 @@ def _one_batch(model, prompt: torch.Tensor, new_tokens: int, warmup: int, repeat
     prompt = prompt.to(device)
     b, p = prompt.shape
     prefill, decode, steps = [], [], []
+    cache_kw = _cache_kwarg(model)
     for r in range(warmup + repeats):
         _sync(device)
         t0 = time.perf_counter()
@@ -44,12 +58,12 @@ def _one_batch(model, prompt: torch.Tensor, new_tokens: int, warmup: int, repeat
         nxt = out.logits[:, -1:].argmax(-1)
         _sync(device)
         t_prefill = time.perf_counter() - t0
-        past = out.past_key_values
+        past = _cache_of(out)
         step_times = []
         for _ in range(new_tokens):
             t1 = time.perf_counter()
-            out = model(nxt, past_key_values=past, use_cache=True)
-            past = out.past_key_values
+            out = model(nxt, **{cache_kw: past}, use_cache=True)
+            past = _cache_of(out)
             nxt = out.logits[:, -1:].argmax(-1)
             _sync(device)
             step_times.append(time.perf_counter() - t1)
