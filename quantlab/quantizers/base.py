@@ -131,6 +131,16 @@ def target_linears(model: nn.Module, skip: list[str]) -> list[tuple[str, nn.Line
     return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and not skipped(n)]
 
 
+def quantizable_linears(model: nn.Module, skip: list[str]) -> list[tuple[str, nn.Linear]]:
+    """:func:`target_linears`, refusing an empty result and tied weights (the checks every
+    backend that quantizes linear layers starts with)."""
+    targets = target_linears(model, skip)
+    if not targets:
+        raise QuantlabError("no linear layer is left to quantize: 'skip' excludes them all")
+    check_not_tied(model, targets)
+    return targets
+
+
 def tied_parameter_names(model: nn.Module) -> set[str]:
     """Names of parameters that share storage with an earlier parameter (tied weights)."""
     seen: dict[int, str] = {}

@@ -30,7 +30,7 @@ from quantlab.quantizers.base import (
     WEIGHTS_NAME,
     Backend,
     BackendConfig,
-    check_not_tied,
+    quantizable_linears,
     set_module,
     skip_field,
     target_linears,
@@ -115,10 +115,7 @@ class Bnb(Backend):
     extra = "bnb"
 
     def check(self, model: nn.Module) -> None:
-        targets = target_linears(model, self.config.skip_list())
-        if not targets:
-            raise QuantlabError("no linear layer is left to quantize: 'skip' excludes them all")
-        check_not_tied(model, targets)
+        targets = quantizable_linears(model, self.config.skip_list())
         _bnb()
         if self.config.mode != "int8":
             odd = [n for n, m in targets if m.in_features * m.out_features % 2]

@@ -41,7 +41,7 @@ from quantlab.quantizers.base import (
     Backend,
     BackendConfig,
     build_skeleton,
-    check_not_tied,
+    quantizable_linears,
     set_module,
     skip_field,
     target_linears,
@@ -75,13 +75,6 @@ def _torchao(backend: str):
     except ImportError:
         raise MissingDependencyError("torchao", "torchao", f"backend '{backend}'") from None
     return q
-
-
-def _layers(model: nn.Module, skip: list[str]) -> list[tuple[str, nn.Linear]]:
-    targets = target_linears(model, skip)
-    if not targets:
-        raise QuantlabError("no linear layer is left to quantize: 'skip' excludes them all")
-    return targets
 
 
 # --------------------------------------------------------------------------- torchao
@@ -318,8 +311,7 @@ class Int8Dynamic(Backend):
         return self.config.resolved_engine() == "fbgemm"
 
     def check(self, model: nn.Module) -> None:
-        targets = _layers(model, self.config.skip_list())
-        check_not_tied(model, targets)
+        quantizable_linears(model, self.config.skip_list())
         if not self._fbgemm:
             _torchao(self.name)
         elif next(model.parameters()).device.type != "cpu":
@@ -328,7 +320,7 @@ class Int8Dynamic(Backend):
 
     @torch.no_grad()
     def quantize(self, model: nn.Module, calibration: torch.Tensor | None) -> nn.Module:
-        names = [n for n, _ in _layers(model, self.config.skip_list())]
+        names = [n for n, _ in target_linears(model, self.config.skip_list())]
         if not self._fbgemm:
             return torchao_quantize(model, set(names), "dynamic", self.name)
         if model.dtype != torch.float32:
@@ -372,12 +364,12 @@ class Int8WeightOnly(Backend):
     extra = "torchao"
 
     def check(self, model: nn.Module) -> None:
-        check_not_tied(model, _layers(model, self.config.skip_list()))
+        quantizable_linears(model, self.config.skip_list())
         _torchao(self.name)
 
     @torch.no_grad()
     def quantize(self, model: nn.Module, calibration: torch.Tensor | None) -> nn.Module:
-        names = {n for n, _ in _layers(model, self.config.skip_list())}
+        names = {n for n, _ in target_linears(model, self.config.skip_list())}
         return torchao_quantize(model, names, "weight-only", self.name)
 
     def quantized_modules(self, model: nn.Module) -> list[str]:

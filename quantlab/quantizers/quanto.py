@@ -33,10 +33,10 @@ from quantlab.quantizers.base import (
     Backend,
     BackendConfig,
     build_skeleton,
-    check_not_tied,
+    quantizable_linears,
+    save_weights,
     skip_field,
     target_linears,
-    tied_parameter_names,
 )
 
 QMAP_NAME = "quanto_qmap.json"
@@ -75,10 +75,7 @@ class Quanto(Backend):
     extra = "quanto"
 
     def check(self, model: nn.Module) -> None:
-        targets = target_linears(model, self.config.skip_list())
-        if not targets:
-            raise QuantlabError("no linear layer is left to quantize: 'skip' excludes them all")
-        check_not_tied(model, targets)
+        quantizable_linears(model, self.config.skip_list())
         _quanto()
 
     @torch.no_grad()
@@ -96,13 +93,8 @@ class Quanto(Backend):
         return [n for n, m in model.named_modules() if isinstance(m, q.QModuleMixin)]
 
     def save(self, model: nn.Module, out_dir: Path) -> dict:
-        from safetensors.torch import save_file
-
         q = _quanto()
-        tied = tied_parameter_names(model)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
-                   if k not in tied and isinstance(v, torch.Tensor)}
-        save_file(tensors, str(out_dir / WEIGHTS_NAME), metadata={"format": "pt"})
+        save_weights(model, out_dir / WEIGHTS_NAME)
         (out_dir / QMAP_NAME).write_text(json.dumps(q.quantization_map(model), indent=2))
         # optimum-quanto checkpoints carry no quantization_config (quanto_qmap.json holds the
         # map); this one names the method so that tools reading config.json see it
