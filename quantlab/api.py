@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from quantlab.errors import QuantlabError
 from quantlab.recipe import load_recipe, parse_recipe
 
-__all__ = ["backends", "evaluate", "load_checkpoint", "load_model", "load_recipe", "load_results",
-           "parse_recipe", "run_recipe"]
+__all__ = ["backends", "evaluate", "load_checkpoint", "load_metrics", "load_model", "load_recipe",
+           "load_results", "parse_recipe", "run_recipe", "summary_table", "write_report"]
 
 
 def run_recipe(recipe, out: str | Path | None = None, *, force: bool = False, echo: bool = True):
@@ -23,33 +22,46 @@ def run_recipe(recipe, out: str | Path | None = None, *, force: bool = False, ec
 
 
 def load_results(paths: str | Path | list[str | Path]):
-    """Concatenate the ``results.csv`` of one or more run directories into a DataFrame
-    (a ``run`` column names the directory)."""
-    import pandas as pd
+    """The results of one or more run directories (or results.csv files) as one DataFrame,
+    one row per method, every column of ``results.csv``; a ``run`` column names the
+    directory. A path that is not a readable run raises :class:`QuantlabError` saying why."""
+    from quantlab.report.data import combined_frame, load_runs
 
-    if isinstance(paths, (str, Path)):
-        paths = [paths]
-    frames = []
-    for p in paths:
-        csv = Path(p) / "results.csv" if Path(p).is_dir() else Path(p)
-        if not csv.is_file():
-            raise QuantlabError(f"'{p}' holds no results.csv; is it a quantlab run directory?")
-        try:
-            frame = pd.read_csv(csv)
-        except Exception as e:
-            raise QuantlabError(f"'{csv}' cannot be read as a results table: {e}") from None
-        if "method" not in frame.columns or "ppl" not in frame.columns:
-            raise QuantlabError(f"'{csv}' is not a quantlab results table (no method/ppl columns)")
-        frames.append(frame.assign(run=str(Path(p))))
-    return pd.concat(frames, ignore_index=True)
+    return combined_frame(load_runs(paths))
+
+
+def load_metrics(run_dir: str | Path) -> dict[str, dict]:
+    """Every method's ``metrics.json`` of a run directory (method label -> dict): raw speed
+    samples, per-layer statistics, options, stage times..."""
+    from quantlab.report.data import load_run
+
+    return load_run(run_dir).metrics
+
+
+def write_report(paths: str | Path | list[str | Path], out: str | Path | None = None, *,
+                 title: str | None = None) -> Path:
+    """Write ``report.html`` (+ results.md, plots/) for a run directory (into it by default)
+    or for several runs into ``out``; returns the report's path."""
+    from quantlab.report.html import write_report as _write
+
+    return _write(paths, out, title=title)
+
+
+def summary_table(frame):
+    """The readable table of :func:`load_results`' frame: baseline first, deltas against
+    each run's baseline, units in the column names (strings, ready to print)."""
+    from quantlab.report.tables import summary_frame
+
+    return summary_frame(frame)
 
 
 def load_model(source: str, *, dtype: str = "auto", device: str = "auto", **kwargs: Any):
     """Load a model source (demo alias, Hub id, directory, .gguf, quantlab checkpoint);
     returns a ``LoadedModel`` with ``model``, ``tokenizer`` and ``info``."""
     from quantlab.models import load_model as _load
-    from quantlab.models import resolve_device, resolve_dtype
+    from quantlab.models import quiet_progress_bars, resolve_device, resolve_dtype
 
+    quiet_progress_bars()
     dev = resolve_device(device)
     return _load(source, dtype=resolve_dtype(dtype, dev), device=dev, **kwargs)
 
@@ -57,8 +69,9 @@ def load_model(source: str, *, dtype: str = "auto", device: str = "auto", **kwar
 def load_checkpoint(path: str | Path, *, dtype: str = "auto", device: str = "auto"):
     """Reload a checkpoint quantlab exported."""
     from quantlab.checkpoint import load_checkpoint as _load
-    from quantlab.models import resolve_device, resolve_dtype
+    from quantlab.models import quiet_progress_bars, resolve_device, resolve_dtype
 
+    quiet_progress_bars()
     dev = resolve_device(device)
     return _load(Path(path), dtype=resolve_dtype(dtype, dev), device=dev)
 

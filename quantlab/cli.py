@@ -1,4 +1,4 @@
-"""Command line: ``quantlab run|validate|eval|backends|models``.
+"""Command line: ``quantlab run|validate|eval|report|compare|backends|models``.
 
 User mistakes print one ``error:`` line per problem and exit with code 2 (no traceback
 unless ``--debug``)."""
@@ -70,6 +70,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
+    p = sub.add_parser("report", help="(re)write report.html, results.md and plots of a run directory",
+                       description="Regenerate RUN_DIR/report.html (self-contained: table, plots, per-method "
+                       "details, recipe, environment, warnings), RUN_DIR/results.md and RUN_DIR/plots/.")
+    p.add_argument("run_dir", help="a run directory (it holds results.csv)")
+    p.add_argument("--out", help="write the report into this directory instead of RUN_DIR")
+    p.add_argument("--title", help="the report's title")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    p = sub.add_parser("compare", help="one report across several run directories",
+                       description="Write one report across several runs (e.g. the same methods on two "
+                       "models) into --out: report.html, results.csv/.parquet/.md (a 'run' column names each "
+                       "run) and plots/. Each method is compared with its own run's baseline.")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (each holds results.csv)")
+    p.add_argument("--out", required=True, help="directory for the comparison report")
+    p.add_argument("--title", help="the report's title")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
     sub.add_parser("backends", help="list quantizer backends and their options")
     sub.add_parser("models", help="list embedded demo models and the model sources accepted")
     return parser
@@ -101,6 +118,30 @@ def _cmd_eval(args) -> int:
     return run_eval(args)
 
 
+def _cmd_report(args) -> int:
+    from quantlab.report.html import write_report
+
+    path = write_report(args.run_dir, args.out, title=args.title)
+    print(f"report: {path}")
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    from quantlab.report.html import write_report
+    from quantlab.report.tables import format_summary
+
+    if len({os.path.realpath(p) for p in args.run_dirs}) < len(args.run_dirs):
+        from quantlab.errors import QuantlabError
+
+        raise QuantlabError("the same run directory is given twice; name each run once")
+    path = write_report(args.run_dirs, args.out, title=args.title)
+    from quantlab.api import load_results
+
+    print(format_summary(load_results(args.run_dirs)))
+    print(f"\nreport: {path}")
+    return 0
+
+
 def _cmd_backends(args) -> int:
     from quantlab.api import backends
 
@@ -126,7 +167,8 @@ def _cmd_models(args) -> int:
     return 0
 
 
-COMMANDS = {"run": _cmd_run, "validate": _cmd_validate, "eval": _cmd_eval, "backends": _cmd_backends, "models": _cmd_models}
+COMMANDS = {"run": _cmd_run, "validate": _cmd_validate, "eval": _cmd_eval, "report": _cmd_report,
+            "compare": _cmd_compare, "backends": _cmd_backends, "models": _cmd_models}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,7 @@ was quantized in memory: a lab that does so never proves its export works."""
 
 from __future__ import annotations
 
+import datetime as _dt
 import gc
 import sys
 import time
@@ -87,13 +88,12 @@ def _sensitivity(method, backend, spec, model, cal_ids, cal_text, calibration, m
 
 def _plot_sensitivity(result, path: Path, label: str) -> None:
     """Bar chart of per-candidate sensitivity (log scale), chosen candidates highlighted.
-    Skipped silently when matplotlib is not installed (the numbers are in the JSON)."""
-    try:
-        import matplotlib
+    Skipped when matplotlib is not installed (the numbers are in the JSON)."""
+    from quantlab.report.plots import _plt
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    try:
+        plt = _plt()
+    except QuantlabError:
         return
     names = list(result.sensitivity)
     values = [max(result.sensitivity[n], 1e-8) for n in names]
@@ -250,6 +250,7 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, *, force: bool = F
                           trust_remote_code=recipe.model.trust_remote_code).model
 
     base.model = None  # the methods own it from here on
+    session = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
     rows: list[dict] = []
     for i, method in enumerate(methods, 1):
         backend = backends[method.label]
@@ -313,6 +314,7 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, *, force: bool = F
         kernels = sorted({_kernel_label(loaded.model.get_submodule(n)) for n in qmodules})
         metrics = {
             "method": method.label,
+            "model": recipe.model.source,
             "backend": backend.name,
             "bits": fields.get("bits", _dtype_bits(dtype)),
             "group_size": fields.get("group_size"),
@@ -376,6 +378,9 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, *, force: bool = F
             "quantize_stages": dict(backend.stage_seconds,
                                     other=quantize_s - sum(backend.stage_seconds.values())),
             "base_load_s": base_load_s,
+            # when this row was measured, and by which run (a resumed run reuses older rows)
+            "measured_at": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "session": session,
             "key": key,
         }
         for task, values in tasks.items():
@@ -383,7 +388,7 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, *, force: bool = F
                 metrics[f"task_{task}_{metric}"] = value
         atomic_write_json(mdir / "metrics.json", metrics)
         rows.append(metrics)
-        atomic_write_text(out_dir / "results.csv", results_frame(rows).to_csv(index=False))
+        _write_results(out_dir, results_frame(rows))
         del loaded
         gc.collect()
         kl = f", KL {div['kld_mean']:.4f}" if div else ""
@@ -391,8 +396,28 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, *, force: bool = F
              f"{ppl.scored_tokens} tokens of {eval_text.name}){kl}")
 
     frame = results_frame(rows)
-    atomic_write_text(out_dir / "results.csv", frame.to_csv(index=False))
+    _write_results(out_dir, frame)
+    report = None
+    if recipe.output.report:
+        from quantlab.report.html import write_report
+
+        _log("writing report.html and plots")
+        try:
+            report = write_report(out_dir)
+        except QuantlabError as e:  # e.g. matplotlib missing: the results are already on disk
+            _log(f"no report: {e}")
     if echo:
         print(format_summary(frame, env))
-        print(f"\nrun directory: {out_dir}  (results.csv, per-method metrics.json and checkpoints)")
+        print(f"\nrun directory: {out_dir}  (results.csv/.parquet/.md, per-method metrics.json and checkpoints)")
+        if report:
+            print(f"report: {report}")
     return RunResult(out_dir, frame)
+
+
+def _write_results(out_dir: Path, frame: pd.DataFrame) -> None:
+    """results.csv (and results.parquet where pyarrow is installed), rewritten after every
+    method so a crash keeps what finished."""
+    from quantlab.report.html import write_parquet
+
+    atomic_write_text(out_dir / "results.csv", frame.to_csv(index=False))
+    write_parquet(frame, out_dir / "results.parquet")

@@ -193,6 +193,8 @@ class MethodSpec(_Strict):
 
 class OutputSpec(_Strict):
     dir: str = Field("runs/{name}", description="Run directory; '{name}' is the recipe name.")
+    report: bool = Field(True, description="Write report.html (plots, table, details) and results.md into "
+                         "the run directory when the run ends; `quantlab report RUN_DIR` regenerates them.")
 
 
 class Recipe(_Strict):

@@ -35,6 +35,19 @@ eval: {seq_len: 512, max_windows: 4, speed: {new_tokens: 8, warmup: 1, repeats: 
     assert info["source"]["gguf"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert "baseline" in capsys.readouterr().out
 
+    # the demo run's report, as a person sees it in Chromium (skips only without a browser)
+    import os
+    from pathlib import Path
+
+    from test_report_browser import open_report
+
+    shots = Path(os.environ.get("QUANTLAB_SCREENSHOT_DIR") or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
+    seen = open_report(tmp_path / "run" / "report.html", shots / "report-demo.png")
+    assert seen["errors"] == [] and seen["failed"] == []
+    assert [r.split("\t")[0] for r in seen["rows"]] == ["baseline", "rtn-w4-g64"]
+    assert len(seen["images"]) == 4 and all(i["complete"] and i["w"] > 300 for i in seen["images"])
+
 
 def test_demo_model_generates_english():
     import torch

@@ -7,7 +7,7 @@ import pandas as pd
 #: columns of results.csv, in order (metrics.json holds more: raw speed samples, Δp
 #: percentiles, per-layer statistics, options...)
 COLUMNS = [
-    "method", "backend", "bits", "group_size", "ppl", "ppl_stderr", "ppl_convention", "eval_source",
+    "method", "model", "backend", "bits", "group_size", "ppl", "ppl_stderr", "ppl_convention", "eval_source",
     "eval_seq_len", "eval_windows", "eval_tokens", "kld_mean", "kld_p99", "top1_agreement", "dp_rms",
     "kld_tokens", "size_bytes", "checkpoint_bytes", "quantized_tensor_bytes", "bits_per_weight",
     "skipped_layers", "sensitivity_s",
@@ -16,7 +16,7 @@ COLUMNS = [
     "decode_fraction_of_bound", "decode_batch_size", "decode_tokens_per_s_batch",
     "peak_rss_quantize_bytes", "peak_rss_load_bytes", "peak_rss_eval_bytes", "peak_cuda_quantize_bytes",
     "peak_cuda_eval_bytes", "quantize_s", "export_s", "load_s", "eval_s", "eval_tokens_per_s", "dtype",
-    "device", "threads", "kernel", "tokenizer", "eval_sha256", "checkpoint",
+    "device", "threads", "kernel", "tokenizer", "eval_sha256", "checkpoint", "measured_at", "session",
 ]
 
 CONVENTION_TEXT = {
@@ -46,7 +46,17 @@ def _baseline(frame: pd.DataFrame) -> pd.Series | None:
 
 
 def summary_frame(frame: pd.DataFrame) -> pd.DataFrame:
-    """A readable table: baseline first, deltas against it, units in the headers."""
+    """A readable table: baseline first, deltas against it, units in the headers. With
+    several runs (a ``run`` column, as :func:`quantlab.load_results` gives), each run's rows
+    are compared with that run's own baseline, and a ``run`` column leads."""
+    if "run" in frame.columns and frame["run"].nunique() > 1:
+        parts = [_summary_one(part).assign(run=run) for run, part in frame.groupby("run", sort=False)]
+        out = pd.concat(parts, ignore_index=True).fillna("")
+        return out[["run"] + [c for c in out.columns if c != "run"]]
+    return _summary_one(frame)
+
+
+def _summary_one(frame: pd.DataFrame) -> pd.DataFrame:
     base = _baseline(frame)
     order = frame.assign(_b=frame["backend"] != "none").sort_values("_b", kind="stable").drop(columns="_b")
     out = pd.DataFrame({
@@ -79,7 +89,7 @@ def summary_frame(frame: pd.DataFrame) -> pd.DataFrame:
         out["×speed"] = (speed / base["decode_tokens_per_s"]).map(lambda v: "" if pd.isna(v) else f"{v:.2f}")
     if order["decode_fraction_of_bound"].notna().any():
         out["%bound"] = order["decode_fraction_of_bound"].map(lambda v: "" if pd.isna(v) else f"{100 * v:.0f}")
-    out["quantize_s"] = order["quantize_s"].map("{:.1f}".format)
+    out["quantize_s"] = order["quantize_s"].map(lambda v: "" if pd.isna(v) else f"{v:.1f}")
     if order["peak_rss_quantize_bytes"].notna().any():
         out["peak_MB"] = order[["peak_rss_quantize_bytes", "peak_rss_eval_bytes"]].max(axis=1).map(
             lambda v: "" if pd.isna(v) else f"{v / 1e6:.0f}")
@@ -106,16 +116,23 @@ def format_summary(frame: pd.DataFrame, env: dict | None = None) -> str:
     if frame.empty:
         return "(no results)"
     first = frame.iloc[0]
+
+    def vals(col: str) -> str:
+        v = [str(x) for x in frame[col].dropna().unique()] if col in frame else []
+        return " / ".join(v) if v else "?"
+
     conv = first["ppl_convention"]
     how = CONVENTION_TEXT.get(conv, "").format(seq=first["eval_seq_len"])
+    if frame["ppl_convention"].nunique() > 1 or frame["eval_seq_len"].nunique() > 1:
+        how = "DIFFERENT CONVENTIONS OR CONTEXTS BETWEEN ROWS: " + vals("ppl_convention") + ", ctx " + vals("eval_seq_len")
     lines = [
-        f"perplexity: convention {conv} ({how}), {first['eval_tokens']} scored tokens of "
-        f"{first['eval_source']}, tokenizer {first['tokenizer']}",
-        f"device {first['device']}, dtype {first['dtype']}, {first['threads']} threads"
+        f"perplexity: convention {vals('ppl_convention')} ({how}), {vals('eval_tokens')} scored tokens of "
+        f"{vals('eval_source')}, tokenizer {vals('tokenizer')}",
+        f"device {vals('device')}, dtype {vals('dtype')}, {vals('threads')} threads"
         + (f", {env['cpu']}" if env and env.get("cpu") else ""),
     ]
     if pd.notna(first.get("kld_mean")):
-        lines.append(f"KL: mean KL(base || method) per token over {first['kld_tokens']} tokens; top1_%: same "
+        lines.append(f"KL: mean KL(base || method) per token over {vals('kld_tokens')} tokens; top1_%: same "
                      "top token as the base model")
     if pd.notna(first.get("decode_tokens_per_s")):
         lines.append("speed: batch 1, KV cache, median (min-max) of repeats; ratios inside the spread are "
@@ -132,3 +149,26 @@ def format_summary(frame: pd.DataFrame, env: dict | None = None) -> str:
         summary_frame(frame).to_string(index=False),
     ]
     return "\n".join(lines)
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    """A GitHub-flavoured Markdown table of a (formatted) frame, numbers right-aligned."""
+    cols = [str(c) for c in table.columns]
+    cells = [["" if pd.isna(v) else str(v).replace("|", "\\|") for v in row] for row in table.itertuples(index=False)]
+
+    def numeric(j: int) -> bool:
+        vals = [r[j] for r in cells if r[j]]
+        return bool(vals) and all(_looks_numeric(v) for v in vals)
+
+    align = ["---:" if numeric(j) else "---" for j in range(len(cols))]
+    lines = ["| " + " | ".join(cols) + " |", "| " + " | ".join(align) + " |"]
+    lines += ["| " + " | ".join(r) + " |" for r in cells]
+    return "\n".join(lines) + "\n"
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text.split(" ")[0].replace("+", ""))
+        return True
+    except ValueError:
+        return False

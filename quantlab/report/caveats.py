@@ -1,0 +1,109 @@
+"""Warnings a report states above its table: anything that makes two rows less comparable
+than they look, or a figure less trustworthy than it looks."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from quantlab.report.data import RunData
+from quantlab.report.tables import slower_than_baseline
+
+#: two engines of the same method disagree when their perplexities differ by more than this
+#: many combined standard errors, or (without standard errors) by more than ENGINE_REL_TOL
+ENGINE_SIGMAS = 3.0
+ENGINE_REL_TOL = 0.01
+
+
+def _distinct(frame: pd.DataFrame, col: str) -> list[str]:
+    return [str(v) for v in frame[col].dropna().unique()] if col in frame else []
+
+
+def _rows(frame: pd.DataFrame, col: str, value: str) -> str:
+    return ", ".join(frame.loc[frame[col].astype(str) == value, "method"].astype(str))
+
+
+def _differs(frame: pd.DataFrame, col: str, what: str, scope: str) -> str | None:
+    values = _distinct(frame, col)
+    if len(values) <= 1:
+        return None
+    parts = "; ".join(f"{v[:16]}: {_rows(frame, col, v)}" for v in values)
+    return f"{scope}: rows differ in {what} ({parts}); their {('perplexities' if col != 'device' else 'speeds')} are not directly comparable"
+
+
+def engine_disagreements(frame: pd.DataFrame, metrics: dict[str, dict]) -> list[str]:
+    """Pairs of rows whose options are equal except for ``engine`` and whose perplexities
+    differ by more than noise."""
+    out = []
+    rows = [(str(r["method"]), r, (metrics.get(str(r["method"])) or {}).get("options") or {})
+            for _, r in frame.iterrows()]
+    for i, (la, ra, oa) in enumerate(rows):
+        for lb, rb, ob in rows[i + 1:]:
+            if ra["backend"] != rb["backend"] or "engine" not in oa or oa.get("engine") == ob.get("engine"):
+                continue
+            if {k: v for k, v in oa.items() if k != "engine"} != {k: v for k, v in ob.items() if k != "engine"}:
+                continue
+            diff = abs(float(ra["ppl"]) - float(rb["ppl"]))
+            se = [float(x) for x in (ra.get("ppl_stderr"), rb.get("ppl_stderr")) if pd.notna(x)]
+            noise = ENGINE_SIGMAS * math.sqrt(sum(s * s for s in se)) if len(se) == 2 else ENGINE_REL_TOL * float(ra["ppl"])
+            if diff > noise:
+                out.append(f"engines disagree: {la} (engine {oa['engine']}, ppl {ra['ppl']:.3f}) and {lb} "
+                           f"(engine {ob['engine']}, ppl {rb['ppl']:.3f}) run the same options but differ by "
+                           f"{diff:.3f}, more than noise ({noise:.3f})")
+    return out
+
+
+def report_warnings(runs: list[RunData], frame: pd.DataFrame) -> list[str]:
+    out: list[str] = []
+    multi = len(runs) > 1
+    for run in runs:
+        part = run.frame
+        scope = f"run {run.path.name}" if multi else "this run"
+        for col, what in (("ppl_convention", "perplexity convention"), ("eval_seq_len", "evaluation context length"),
+                          ("eval_sha256", "evaluation text"), ("eval_tokens", "number of scored tokens"),
+                          ("dtype", "dtype"), ("device", "device")):
+            msg = _differs(part, col, what, scope)
+            if msg:
+                out.append(msg)
+        out += [f"{scope}: {w}" if multi else w for w in engine_disagreements(part, run.metrics)]
+        if "session" in part and part["decode_tokens_per_s"].notna().any():
+            timed = part[part["decode_tokens_per_s"].notna()]
+            sessions = _distinct(timed, "session")
+            if len(sessions) > 1:
+                latest = str(timed["session"].dropna().astype(str).max())
+                older = timed[timed["session"].astype(str) != latest]["method"].astype(str).tolist()
+                out.append(f"{scope}: speed of {', '.join(older)} was measured in an earlier session (finished "
+                           "methods are reused when a run resumes); the machine's load may have differed, so "
+                           "speed ratios between those rows and the others are unreliable (re-run with --force "
+                           "to measure all of them together)")
+        slower = slower_than_baseline(part)
+        if slower:
+            out.append(f"{scope}: slower than the float baseline on this device (decode, whole min-max range "
+                       f"below the baseline's): " + ", ".join(f"{m} ({r:.2f}x)" for m, r in slower))
+        model = run.recipe.get("model") or {}
+        if model.get("trust_remote_code"):
+            out.append(f"{scope}: trust_remote_code was ON: code from the model repository "
+                       f"'{model.get('source')}' ran in this process")
+        for label in part["method"].astype(str):
+            if label not in run.metrics:
+                out.append(f"{scope}: {label} has no metrics.json (only its results row); its details are missing")
+            ckpt = (run.metrics.get(label) or {}).get("checkpoint")
+            if ckpt and not (run.path / ckpt).exists():
+                out.append(f"{scope}: the checkpoint of {label} ({Path(run.path) / ckpt}) is no longer on disk")
+    if multi:
+        tok = _distinct(frame, "tokenizer")
+        models = _distinct(frame, "model")
+        if len(models) > 1:
+            out.append(f"the runs use different models ({', '.join(models)}): compare each method with its own "
+                       "run's baseline (Δppl_%, KL), not raw perplexities across models"
+                       + (" (their tokenizers also differ)" if len(tok) > 1 else ""))
+        for col, what in (("ppl_convention", "perplexity convention"), ("eval_seq_len", "evaluation context length"),
+                          ("eval_sha256", "evaluation text"), ("eval_tokens", "number of scored tokens")):
+            values = _distinct(frame, col)
+            if len(values) > 1:
+                out.append(f"the runs differ in {what} ({', '.join(v[:16] for v in values)}); perplexities across "
+                           "runs are not comparable; compare each run's Δppl_% against its own baseline instead")
+                break
+    return out

@@ -1,0 +1,249 @@
+"""The self-contained HTML report (jinja2 template, plots embedded as PNG data URIs) and the
+files written next to it: results.md, plots/*.png|svg, and for a comparison the combined
+results.csv / results.parquet."""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import io
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from quantlab import __version__
+from quantlab.errors import MissingDependencyError, QuantlabError
+from quantlab.report import plots as P
+from quantlab.report.caveats import report_warnings
+from quantlab.report.data import RunData, combined_frame, load_runs
+from quantlab.report.tables import CONVENTION_TEXT, markdown_table, summary_frame
+from quantlab.runs import atomic_write_text
+
+TEMPLATE = "report.html.j2"
+
+PLOTS = [
+    ("quality_vs_size", "Quality vs size",
+     "One point per method: perplexity (left) and mean KL divergence from the float model (right) against the "
+     "stored bits per weight of its weight files; the line is the Pareto front (no other method is both "
+     "smaller and better); the star is the float baseline."),
+    ("speed", "Speed",
+     "Prefill and decode tokens/s at batch 1 (median, bars: min-max of the repeats); red ticks: the "
+     "memory-bandwidth bound of decode (measured bandwidth / weight bytes read per token)."),
+    ("layer_error", "Per-layer quantization error",
+     "Relative weight error per linear layer (decoder block × layer type) for the methods that record it; "
+     "one colour scale for all panels."),
+    ("quantization_cost", "Cost of quantization",
+     "Seconds to quantize, stacked by the backend's stages (other: forward passes, packing...), and the "
+     "process's peak resident memory while quantizing, reloading the checkpoint and scoring it."),
+]
+
+
+def _jinja_env():
+    try:
+        import jinja2
+    except ImportError:
+        raise MissingDependencyError("jinja2", "report", "writing the HTML report") from None
+    return jinja2.Environment(loader=jinja2.PackageLoader("quantlab.report", "templates"),
+                              autoescape=jinja2.select_autoescape(["html", "j2"]),
+                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+
+
+def _mb(v: Any) -> str:
+    return "" if v is None or pd.isna(v) else f"{float(v) / 1e6:.1f} MB"
+
+
+def _s(v: Any) -> str:
+    return "" if v is None or pd.isna(v) else f"{float(v):.1f} s"
+
+
+def _facts(frame: pd.DataFrame, runs: list[RunData]) -> list[tuple[str, str]]:
+    def vals(col: str) -> str:
+        v = [str(x) for x in frame[col].dropna().unique()] if col in frame else []
+        return ", ".join(v) if v else "?"
+
+    convs = []
+    for conv, seq in frame[["ppl_convention", "eval_seq_len"]].drop_duplicates().itertuples(index=False):
+        convs.append(f"{conv} — {CONVENTION_TEXT.get(str(conv), '').format(seq=seq)}")
+    first = frame.iloc[0]
+    facts = [
+        ("model", vals("model")),
+        ("evaluation text", f"{vals('eval_source')} (sha256 {vals('eval_sha256')[:16]}…), "
+                            f"{vals('eval_tokens')} scored tokens"),
+        ("tokenizer", vals("tokenizer")),
+        ("perplexity convention", "; ".join(convs)),
+    ]
+    if "kld_mean" in frame and frame["kld_mean"].notna().any():
+        facts.append(("divergence", f"mean KL(base ‖ method) per token over {vals('kld_tokens')} tokens of the same "
+                                    "windows; top1_%: tokens where both models rank the same token first"))
+    cpu = ", ".join(sorted({str(r.environment.get("cpu")) for r in runs if r.environment.get("cpu")}))
+    facts.append(("device", f"{vals('device')}, {vals('dtype')}, {vals('threads')} threads" + (f", {cpu}" if cpu else "")))
+    if pd.notna(first.get("decode_tokens_per_s")):
+        facts.append(("speed", "batch 1 with KV cache; median (min-max) of repeats; ratios inside the spread are noise"))
+    facts.append(("size", "weight files on disk; bits/weight: stored bits of the quantized layers' weights, "
+                          "scales and zero points per weight"))
+    return facts
+
+
+def _png_b64(path: Path) -> str:
+    return base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    head = Path(path).read_bytes()[:24]
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+
+
+def _method_details(run: RunData, row: pd.Series, label: str) -> dict[str, Any]:
+    m = run.metrics.get(str(row["method"]), {})
+    facts = [("backend", row["backend"])]
+    ckpt = m.get("checkpoint") or row.get("checkpoint")
+    if ckpt and isinstance(ckpt, str):
+        path = run.path / ckpt
+        facts.append(("checkpoint", str(path) + ("" if path.exists() else " (no longer on disk)")))
+        if path.is_dir():
+            files = sorted(p for p in path.iterdir() if p.is_file())
+            facts.append(("checkpoint files", ", ".join(f"{p.name} ({p.stat().st_size / 1e6:.1f} MB)" for p in files)))
+    facts += [
+        ("weight files", _mb(row.get("size_bytes"))),
+        ("checkpoint directory", _mb(row.get("checkpoint_bytes"))),
+        ("bits per weight", "" if pd.isna(row.get("bits_per_weight")) else f"{row['bits_per_weight']:.3f}"),
+        ("kernel", row.get("kernel") or ""),
+    ]
+    ppl = f"{row['ppl']:.4f}" + ("" if pd.isna(row.get("ppl_stderr")) else f" ± {row['ppl_stderr']:.4f}")
+    facts.append(("perplexity", f"{ppl} ({row['ppl_convention']}, ctx {row['eval_seq_len']}, {row['eval_tokens']} tokens)"))
+    if pd.notna(row.get("kld_mean")):
+        facts.append(("KL divergence", f"mean {row['kld_mean']:.5f}, p99 {row['kld_p99']:.4f}, top-1 agreement "
+                                       f"{100 * row['top1_agreement']:.2f}%"))
+    stages = m.get("quantize_stages") or {}
+    split = ", ".join(f"{k} {v:.1f} s" for k, v in stages.items() if v is not None)
+    facts.append(("quantization time", _s(row.get("quantize_s")) + (f" ({split})" if split else "")))
+    if pd.notna(row.get("sensitivity_s")):
+        facts.append(("sensitivity pass", f"{_s(row['sensitivity_s'])}, {int(row['skipped_layers'])} layers left in float"))
+    facts += [("export / reload / scoring", f"{_s(row.get('export_s'))} / {_s(row.get('load_s'))} / {_s(row.get('eval_s'))}"),
+              ("peak memory (quantize / reload / score)",
+               f"{_mb(row.get('peak_rss_quantize_bytes'))} / {_mb(row.get('peak_rss_load_bytes'))} / "
+               f"{_mb(row.get('peak_rss_eval_bytes'))} resident")]
+    if pd.notna(row.get("decode_tokens_per_s")):
+        facts.append(("speed", f"prefill {row['prefill_tokens_per_s']:.0f} tok/s, decode {row['decode_tokens_per_s']:.2f} "
+                               f"tok/s ({row['decode_tokens_per_s_min']:.2f}-{row['decode_tokens_per_s_max']:.2f}), "
+                               f"bound {row['decode_bound_tokens_per_s']:.1f} tok/s"
+                               if pd.notna(row.get("decode_bound_tokens_per_s")) else
+                               f"prefill {row['prefill_tokens_per_s']:.0f} tok/s, decode {row['decode_tokens_per_s']:.2f} tok/s"))
+    if m.get("measured_at"):
+        facts.append(("measured at", m["measured_at"]))
+    layers = m.get("layers") or {}
+    errs = sorted(((n, s["weight_rel_error"]) for n, s in layers.items() if s.get("weight_rel_error") is not None),
+                  key=lambda x: -x[1])[:5]
+    sens = run.path / str(row["method"]) / "sensitivity.png"
+    return {
+        "label": label,
+        "anchor": re.sub(r"[^A-Za-z0-9_-]", "-", label),
+        "backend": row["backend"],
+        "facts": [(k, v) for k, v in facts if v not in ("", None)],
+        "options": json.dumps(m["options"], indent=2) if m.get("options") else "",
+        "worst_layers": [(n, f"relative weight error {v:.4f}") for n, v in errs],
+        "sensitivity_png": _png_b64(sens) if sens.is_file() else "",
+        "granularity": ((m.get("sensitivity") or {}).get("granularity") or "layer"),
+    }
+
+
+def _env_rows(env: dict) -> list[tuple[str, str]]:
+    rows = []
+    for k, v in env.items():
+        if isinstance(v, dict):
+            v = ", ".join(f"{a} {b}" for a, b in v.items())
+        elif k == "memory_bandwidth_bytes_per_s" and v:
+            k, v = "memory bandwidth (measured)", f"{float(v) / 1e9:.1f} GB/s"
+        rows.append((k, str(v)))
+    return rows
+
+
+def write_report(paths: str | Path | list[str | Path], out: str | Path | None = None, *,
+                 title: str | None = None, log=None) -> Path:
+    """Write ``report.html`` (with results.md and plots/) for one run directory, into it by
+    default, or for several runs into ``out`` (then also the combined results.csv and
+    results.parquet). Returns the report's path."""
+    runs = load_runs(paths)
+    if out is None:
+        if len(runs) > 1:
+            raise QuantlabError("a report across several runs needs an output directory (--out DIR)")
+        out = runs[0].path
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise QuantlabError(f"report output '{out}' is a file; choose a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise QuantlabError(f"cannot create report directory '{out}': {e.strerror or e}") from None
+    env = _jinja_env()
+    multi = len(runs) > 1
+    frame = combined_frame(runs) if multi else runs[0].frame.assign(run=str(runs[0].path))
+    metrics = {}
+    for run in runs:
+        for label, m in run.metrics.items():
+            metrics[f"{run.path.name}/{label}" if multi else label] = m
+    table = summary_frame(frame)
+    atomic_write_text(out / "results.md", markdown_table(table))
+    if multi:
+        atomic_write_text(out / "results.csv", frame.to_csv(index=False))
+        write_parquet(frame, out / "results.parquet")
+
+    figures = [
+        ("quality_vs_size", lambda: P.quality_vs_size(frame)),
+        ("speed", lambda: P.speed(frame)),
+        ("layer_error", lambda: P.layer_error(metrics, frame)),
+        ("quantization_cost", lambda: P.quantization_cost(frame, metrics)),
+    ]
+    plots = []
+    for (name, make), (_, ptitle, caption) in zip(figures, PLOTS):
+        fig = make()
+        if fig is None:
+            continue
+        files = P.save_figure(fig, out / "plots", name)
+        w, h = _png_size(files["png"])
+        plots.append({"name": name, "title": ptitle, "caption": caption, "png_b64": _png_b64(files["png"]),
+                      "svg": str(files["svg"].relative_to(out)), "width": w, "height": h})
+        if log:
+            log(f"plot {files['png']}")
+
+    methods = []
+    for run in runs:
+        for _, row in run.frame.iterrows():
+            label = f"{run.path.name}/{row['method']}" if multi else str(row["method"])
+            methods.append(_method_details(run, row, label))
+    names = sorted({r.name for r in runs})
+    html = env.get_template(TEMPLATE).render(
+        title=title or (f"quantlab report: {names[0]}" if not multi else f"quantlab comparison: {', '.join(names)}"),
+        version=__version__,
+        generated=_dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        runs=[{"path": str(r.path), "recipe_yaml": yaml.safe_dump(r.recipe, sort_keys=False) if r.recipe else "(recipe.yaml missing)",
+               "environment": _env_rows(r.environment)} for r in runs],
+        facts=_facts(frame, runs),
+        warnings=report_warnings(runs, frame),
+        table_note=("Baseline first; Δppl_% and ×size/×speed are against the float baseline"
+                    + (" of the same run" if multi else "") + "; units are in the column names."),
+        table_html=table.to_html(index=False, classes="results", border=0, na_rep="", escape=True),
+        plots=plots,
+        methods=methods,
+    )
+    path = out / "report.html"
+    atomic_write_text(path, html)
+    return path
+
+
+def write_parquet(frame: pd.DataFrame, path: Path) -> bool:
+    """Write a results frame as Parquet (atomically); False when no Parquet engine is
+    installed (the CSV holds the same table)."""
+    buf = io.BytesIO()
+    try:
+        frame.to_parquet(buf, index=False)
+    except ImportError:
+        return False
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(buf.getvalue())
+    tmp.replace(path)
+    return True
