@@ -6,7 +6,8 @@ Layout::
     config.json         the model config, with ``quantization_config`` when quantized
     generation_config.json, tokenizer files
     quantlab.json       sidecar, written last: backend, its config version and options,
-                        quantized module names, quantlab version, source model
+                        quantized module names, quantlab version, source model, and the
+                        manifest: sha256 and size of every other file, verified on load
 
 The directory is built under a temporary name and renamed into place, so a directory with
 ``quantlab.json`` is always complete.
@@ -15,6 +16,7 @@ The directory is built under a temporary name and renamed into place, so a direc
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import shutil
@@ -35,10 +37,23 @@ def export_checkpoint(model: nn.Module, tokenizer, backend, out_dir: Path, *,
                       source: dict[str, Any], label: str) -> Path:
     """Write ``model`` (quantized by ``backend``) into ``out_dir``, atomically."""
     out_dir = Path(out_dir)
+    # half-written exports of killed runs (the run directory's lock makes this run the only writer)
+    for stale in out_dir.parent.glob(f"{out_dir.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
+    try:
+        _write(model, tokenizer, backend, tmp, source, label)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk leaves no half checkpoint behind
+        raise
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def _write(model: nn.Module, tokenizer, backend, tmp: Path, source: dict[str, Any], label: str) -> None:
     qconfig = backend.save(model, tmp)
     config = copy.deepcopy(model.config)
     if hasattr(config, "quantization_config"):
@@ -59,12 +74,9 @@ def export_checkpoint(model: nn.Module, tokenizer, backend, out_dir: Path, *,
         "modules": backend.quantized_modules(model),
         "quantlab_version": __version__,
         "source": source,
+        "files": manifest(tmp),
     }
     (tmp / SIDECAR).write_text(json.dumps(meta, indent=2))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
-    return out_dir
 
 
 def read_sidecar(ckpt_dir: Path) -> dict[str, Any]:
@@ -73,19 +85,66 @@ def read_sidecar(ckpt_dir: Path) -> dict[str, Any]:
         raise QuantlabError(f"'{ckpt_dir}' is not a quantlab checkpoint (no {SIDECAR}); "
                             "an incomplete export leaves none")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise QuantlabError(f"'{path}' is corrupt: {e}") from None
+    if not isinstance(meta, dict):
+        raise QuantlabError(f"'{path}' is corrupt: expected a JSON object")
+    return meta
 
 
-def load_checkpoint(ckpt_dir: Path, *, dtype: torch.dtype, device: torch.device) -> LoadedModel:
-    """Reload an exported checkpoint from disk with the backend that wrote it."""
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def manifest(ckpt_dir: Path) -> dict[str, dict[str, Any]]:
+    """sha256 and size of every file of a checkpoint directory but the sidecar."""
+    ckpt_dir = Path(ckpt_dir)
+    return {p.relative_to(ckpt_dir).as_posix(): {"sha256": _sha256(p), "bytes": p.stat().st_size}
+            for p in sorted(ckpt_dir.rglob("*")) if p.is_file() and p.name != SIDECAR}
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".gguf")
+
+
+def verify_checkpoint(ckpt_dir: Path) -> None:
+    """Check every file against the manifest in the sidecar: present, same size, same
+    sha256; no weight file the manifest does not list. Checkpoints written before manifests
+    existed (no ``files`` key) pass unchecked."""
+    ckpt_dir = Path(ckpt_dir)
+    files = read_sidecar(ckpt_dir).get("files")
+    if files is None:
+        return
+    hint = "re-export it (run the recipe again with --force), or pass --no-verify to load it anyway"
+    for name, want in files.items():
+        path = ckpt_dir / name
+        if not path.is_file():
+            raise QuantlabError(f"checkpoint '{ckpt_dir}' is missing '{name}', which its manifest lists; {hint}")
+        if path.stat().st_size != want.get("bytes") or _sha256(path) != want.get("sha256"):
+            raise QuantlabError(f"checkpoint file '{path}' does not match its manifest (sha256 or size "
+                                f"differs: damaged or changed since export); {hint}")
+    extra = [p.relative_to(ckpt_dir).as_posix() for p in ckpt_dir.rglob("*")
+             if p.is_file() and p.suffix in WEIGHT_SUFFIXES and p.relative_to(ckpt_dir).as_posix() not in files]
+    if extra:
+        raise QuantlabError(f"checkpoint '{ckpt_dir}' holds weight files its manifest does not list: "
+                            f"{', '.join(sorted(extra))}; {hint}")
+
+
+def load_checkpoint(ckpt_dir: Path, *, dtype: torch.dtype, device: torch.device, verify: bool = True) -> LoadedModel:
+    """Reload an exported checkpoint from disk with the backend that wrote it; ``verify``
+    checks every file against the manifest first."""
     from transformers import AutoTokenizer
 
     from quantlab.registry import get_backend
 
     ckpt_dir = Path(ckpt_dir)
     meta = read_sidecar(ckpt_dir)
+    if verify:
+        verify_checkpoint(ckpt_dir)
     backend = get_backend(meta.get("backend", "?"), where=f"{ckpt_dir}/{SIDECAR}")
     model = backend.load(ckpt_dir, meta, dtype, device)
     tokenizer = AutoTokenizer.from_pretrained(ckpt_dir)

@@ -35,8 +35,9 @@ def evaluate_source(model: str, *, data: str = "pydoc", split: str | None = None
                     bos: bool | None = None, max_windows: int | None = None, max_docs: int | None = None,
                     batch_size: int = 4, base: str | None = None, kl_windows: int | None = None,
                     speed: bool = False, dtype: str = "auto", device: str = "auto",
-                    trust_remote_code: bool = False) -> dict:
-    """Score ``model`` (any model source or quantlab checkpoint) on ``data``; see ``quantlab eval``."""
+                    trust_remote_code: bool = False, verify: bool = True) -> dict:
+    """Score ``model`` (any model source or quantlab checkpoint) on ``data``; see ``quantlab eval``.
+    ``verify``: check quantlab checkpoints against their sha256 manifest before loading."""
     from quantlab.data import Text, load_text
     from quantlab.models import (
         classify,
@@ -67,7 +68,9 @@ def evaluate_source(model: str, *, data: str = "pydoc", split: str | None = None
     dt = resolve_dtype(dtype, dev)
     settings = EvalSettings(convention=convention, seq_len=seq_len, stride=stride, bos=bos,
                             max_windows=max_windows, batch_size=batch_size)
-    kw = {"dtype": dt, "device": dev, "trust_remote_code": trust_remote_code}
+    kw = {"dtype": dt, "device": dev, "trust_remote_code": trust_remote_code, "verify": verify}
+    if trust_remote_code:
+        _log("trust_remote_code is ON: code from the model repositories may run in this process")
 
     with tempfile.TemporaryDirectory(prefix="quantlab-ref-") as tmpdir:
         tmp = Path(tmpdir)
@@ -113,7 +116,7 @@ def run_eval(args) -> int:
                           bos={"auto": None, "yes": True, "no": False}[args.bos], max_windows=args.max_windows,
                           max_docs=args.max_docs, batch_size=args.batch_size, base=args.base,
                           kl_windows=args.kl_windows, speed=args.speed, dtype=args.dtype, device=args.device,
-                          trust_remote_code=args.trust_remote_code)
+                          trust_remote_code=args.trust_remote_code, verify=not args.no_verify)
     div = "kld_mean" in out
     if args.json:
         print(json.dumps(out))

@@ -230,9 +230,33 @@ def classify(source: str) -> tuple[str, Path | str]:
     return "hub", source
 
 
+def _check_quantization_config(path: Path, source: str) -> None:
+    """A model directory whose config.json names a quantization method transformers cannot
+    load (another tool's format) is an error here, not a float model loaded with its
+    quantized tensors misread."""
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise QuantlabError(f"'{path / 'config.json'}' cannot be read ({type(e).__name__}); is '{source}' a "
+                            "Hugging Face model directory?") from None
+    qc = config.get("quantization_config") if isinstance(config, dict) else None
+    if not qc:
+        return
+    method = str(qc.get("quant_method", "?")) if isinstance(qc, dict) else "?"
+    from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING
+
+    known = {*AUTO_QUANTIZATION_CONFIG_MAPPING, "bitsandbytes"}
+    if method not in known:
+        raise QuantlabError(f"model '{source}' holds weights quantized by another tool (quantization_config: "
+                            f"quant_method '{method}'), which transformers cannot load; formats it loads: "
+                            f"{', '.join(sorted(known))}")
+
+
 def load_model(source: str, *, dtype: torch.dtype, device: torch.device,
-               revision: str | None = None, trust_remote_code: bool = False) -> LoadedModel:
-    """Load a float model (or a quantlab checkpoint) with its tokenizer."""
+               revision: str | None = None, trust_remote_code: bool = False, verify: bool = True) -> LoadedModel:
+    """Load a float model (or a quantlab checkpoint, verified against its manifest unless
+    ``verify`` is off) with its tokenizer. Weights are read from safetensors only (GGUF is
+    converted to safetensors first): a pickle checkpoint (.bin) can run code when loaded."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kind, loc = classify(source)
@@ -240,7 +264,7 @@ def load_model(source: str, *, dtype: torch.dtype, device: torch.device,
     if kind == "checkpoint":
         from quantlab.checkpoint import load_checkpoint
 
-        return load_checkpoint(Path(loc), dtype=dtype, device=device)
+        return load_checkpoint(Path(loc), dtype=dtype, device=device, verify=verify)
     if kind == "demo":
         loc = demo_model_dir(source)
     elif kind == "gguf":
@@ -248,11 +272,21 @@ def load_model(source: str, *, dtype: torch.dtype, device: torch.device,
     if kind in ("demo", "gguf"):
         info.update(json.loads((Path(loc) / "quantlab_source.json").read_text()))
     info["path"] = str(loc)
+    if kind == "local":
+        _check_quantization_config(Path(loc), source)
     kwargs = {"revision": revision} if kind == "hub" and revision else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(loc, trust_remote_code=trust_remote_code, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(loc, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
+        # safetensors only: a pickle (.bin) checkpoint can run arbitrary code when loaded
+        model = AutoModelForCausalLM.from_pretrained(loc, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                     use_safetensors=True, **kwargs)
     except (OSError, ValueError) as e:
+        if kind == "local" and not any(Path(loc).glob("*.safetensors")) and any(
+                Path(loc).glob(pat) for pat in ("*.bin", "*.pt", "*.pth")):
+            raise QuantlabError(
+                f"model directory '{source}' has weights only in pickle files (.bin/.pt), which can run code "
+                "when loaded; quantlab reads safetensors only. Convert them once in a process you trust "
+                "(model.save_pretrained(dir, safe_serialization=True)) and point quantlab at that") from None
         if kind == "hub":
             raise QuantlabError(
                 f"could not load '{source}' from the Hugging Face Hub ({type(e).__name__}: "

@@ -98,11 +98,28 @@ def test_corrupt_or_incomplete_checkpoints_give_clear_errors(tiny, tmp_path):
     _, ckpt = _export(tiny, tmp_path, RTN(RTN.Config(bits=4, group_size=32)))
     data = (ckpt / "model.safetensors").read_bytes()
     (ckpt / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(QuantlabError, match="does not match its manifest.*--no-verify"):
+        load_checkpoint(ckpt, dtype=torch.float32, device=CPU)
+    # without the manifest check, the truncated file itself is still a clear error
     with pytest.raises(QuantlabError, match="cannot be read"):
+        load_checkpoint(ckpt, dtype=torch.float32, device=CPU, verify=False)
+    # one flipped byte, same size: only the sha256 sees it
+    flipped = bytearray(data)
+    flipped[-1] ^= 0xFF
+    (ckpt / "model.safetensors").write_bytes(bytes(flipped))
+    with pytest.raises(QuantlabError, match="does not match its manifest"):
         load_checkpoint(ckpt, dtype=torch.float32, device=CPU)
+    (ckpt / "model.safetensors").write_bytes(data)
+    (ckpt / "extra.bin").write_bytes(b"pickle")
+    with pytest.raises(QuantlabError, match="does not list: extra.bin"):
+        load_checkpoint(ckpt, dtype=torch.float32, device=CPU)
+    (ckpt / "extra.bin").unlink()
+    load_checkpoint(ckpt, dtype=torch.float32, device=CPU)  # intact again
     (ckpt / "model.safetensors").unlink()
-    with pytest.raises(QuantlabError, match="missing"):
+    with pytest.raises(QuantlabError, match="missing 'model.safetensors'"):
         load_checkpoint(ckpt, dtype=torch.float32, device=CPU)
+    with pytest.raises(QuantlabError, match="missing"):
+        load_checkpoint(ckpt, dtype=torch.float32, device=CPU, verify=False)
     (ckpt / "quantlab.json").unlink()
     with pytest.raises(QuantlabError, match="not a quantlab checkpoint"):
         load_checkpoint(ckpt, dtype=torch.float32, device=CPU)

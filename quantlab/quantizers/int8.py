@@ -121,7 +121,8 @@ def transformers_load(ckpt_dir: Path, dtype: torch.dtype, device: torch.device) 
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_pretrained(ckpt_dir, dtype=dtype, device_map=str(device))
+        model = AutoModelForCausalLM.from_pretrained(ckpt_dir, dtype=dtype, device_map=str(device),
+                                                     use_safetensors=True)
     return model.eval()
 
 
@@ -310,6 +311,10 @@ class Int8Dynamic(Backend):
     def _fbgemm(self) -> bool:
         return self.config.resolved_engine() == "fbgemm"
 
+    def check_dependencies(self) -> None:
+        if not self._fbgemm:
+            _torchao(self.name)
+
     def check(self, model: nn.Module) -> None:
         quantizable_linears(model, self.config.skip_list())
         if not self._fbgemm:
@@ -362,6 +367,9 @@ class Int8WeightOnly(Backend):
     description = "INT8 per-channel weights, float activations (torchao Int8WeightOnlyConfig)."
     Config = Int8WeightOnlyConfig
     extra = "torchao"
+
+    def check_dependencies(self) -> None:
+        _torchao(self.name)
 
     def check(self, model: nn.Module) -> None:
         quantizable_linears(model, self.config.skip_list())
