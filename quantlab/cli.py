@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import traceback
 
@@ -67,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's choice)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow code from the model repository to run")
+    p.add_argument("--no-verify", action="store_true", help="load a quantlab checkpoint without checking its files "
+                   "against the sha256 manifest in quantlab.json")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
@@ -172,6 +175,7 @@ COMMANDS = {"run": _cmd_run, "validate": _cmd_validate, "eval": _cmd_eval, "repo
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
     debug = args.debug or os.environ.get("QUANTLAB_DEBUG") == "1"
     try:
@@ -183,8 +187,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {line}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("\ninterrupted; finished methods are kept in the run directory, and running the "
-              "same command again reuses them", file=sys.stderr)
+        if args.command == "run":
+            again = " ".join(shlex.quote(a) for a in ["quantlab", *argv])
+            print("\ninterrupted: finished methods (and exported checkpoints) are kept in the run directory;"
+                  f" to resume, run the same command again:\n    {again}", file=sys.stderr)
+        else:
+            print("\ninterrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 

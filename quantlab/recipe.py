@@ -19,6 +19,9 @@ from quantlab.errors import RecipeError, did_you_mean
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 _LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+#: run-directory entries a method directory (named by its label) must not collide with
+RESERVED_LABELS = frozenset({"reference", "plots", "recipe.yaml", "environment.json", "calibration.json",
+                             "results.csv", "results.parquet", "results.md", "report.html"})
 
 
 class _Strict(BaseModel):
@@ -182,6 +185,9 @@ class MethodSpec(_Strict):
                 f"label {v!r} must start with a letter or digit and use only letters, digits, "
                 "'.', '_', '+' and '-'"
             )
+        if v.lower() in RESERVED_LABELS:
+            raise ValueError(f"label {v!r} is the name of a file or directory quantlab writes into the run "
+                             f"directory; choose another (reserved: {', '.join(sorted(RESERVED_LABELS))})")
         return v
 
     def config(self):
@@ -212,7 +218,7 @@ class Recipe(_Strict):
     methods: list[MethodSpec] = Field(min_length=1)
     eval: EvalSpec = EvalSpec()
     output: OutputSpec = OutputSpec()
-    threads: int | None = Field(None, ge=1, description="torch threads (default: all cores).")
+    threads: int | None = Field(None, ge=1, le=4096, description="torch threads (default: all cores).")
 
     @field_validator("name")
     @classmethod
@@ -354,6 +360,8 @@ def parse_recipe(doc: Any, *, default_name: str = "run", origin: str = "recipe")
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read a YAML recipe, apply ``--set`` overrides and validate it."""
     path = Path(path)
+    if path.is_dir():
+        raise RecipeError(f"'{path}' is a directory; give a recipe file (.yaml), e.g. recipes/rtn_int4.yaml")
     if not path.is_file():
         raise RecipeError(f"recipe file '{path}' does not exist")
     try:

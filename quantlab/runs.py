@@ -5,15 +5,21 @@
       environment.json    versions, device, dtype, threads
       calibration.json    how the calibration windows were drawn (when a method used them)
       results.csv         one row per finished method (rewritten after each method)
-      LABEL/checkpoint/   the exported checkpoint
+      LABEL/checkpoint/   the exported checkpoint (its quantlab.json, written last, holds the
+                          sha256 of every file)
+      LABEL/export.json   written once the checkpoint is exported: a resumed run skips
+                          quantization and export when its key matches
       LABEL/metrics.json  the method's metrics; written last, it marks the method done
+      .quantlab.lock      held (flock) while a run writes into the directory
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -64,3 +70,77 @@ def finished_metrics(method_dir: Path, key: str) -> dict | None:
     except (OSError, json.JSONDecodeError):
         return None
     return metrics if metrics.get("key") == key else None
+
+
+#: written after a method's checkpoint is exported: what a resumed run needs to skip the
+#: sensitivity pass, quantization and export (options as resolved, stage times, layer stats)
+EXPORT_RECORD = "export.json"
+
+
+def finished_stage(record: Path, key: str, ckpt_dir: Path) -> dict | None:
+    """The export record if the checkpoint was exported with the same key and is complete
+    (its sidecar, written last, exists), else None."""
+    from quantlab.checkpoint import SIDECAR
+
+    path = Path(record)
+    if not path.is_file() or not (Path(ckpt_dir) / SIDECAR).is_file():
+        return None
+    try:
+        stage = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return stage if isinstance(stage, dict) and stage.get("key") == key else None
+
+
+_STORAGE_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EFBIG: "a file grew past the size "
+                   "this process may write", errno.EDQUOT: "the disk quota is exhausted"}
+
+
+def storage_error(exc: BaseException) -> str | None:
+    """A plain description when ``exc`` means the disk (or quota, or file-size limit) is
+    full, else None. Also recognises libraries that wrap the OS error in their own exception
+    (safetensors: "... (os error 28)")."""
+    for e in (exc, exc.__cause__, exc.__context__):
+        if isinstance(e, OSError) and e.errno in _STORAGE_ERRNOS:
+            return _STORAGE_ERRNOS[e.errno]
+        text = str(e) if e is not None else ""
+        for code, what in _STORAGE_ERRNOS.items():
+            if f"(os error {code})" in text or os.strerror(code) in text:
+                return what
+    return None
+
+
+class RunLock:
+    """An exclusive lock on a run directory for the length of a run: a second run into the
+    same directory refuses with a clear message instead of corrupting the first. The lock
+    is the kernel's (flock), so a killed run leaves no stale lock behind."""
+
+    NAME = ".quantlab.lock"
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / self.NAME
+        self._fd: int | None = None
+
+    def __enter__(self) -> RunLock:
+        try:
+            import fcntl
+        except ImportError:  # no flock on this platform: run without the lock
+            return self
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise QuantlabError(f"another quantlab run is writing into '{self.path.parent}' ({holder}); wait "
+                                "for it to finish, or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if self._fd is not None:
+            os.close(self._fd)  # closing releases the flock
+            self._fd = None
+        return False

@@ -96,6 +96,11 @@ class Backend(ABC):
         """Names of the modules ``quantize`` replaced (recorded in the checkpoint sidecar)."""
         return [n for n, m in model.named_modules() if hasattr(m, "qweight")]
 
+    def check_dependencies(self) -> None:
+        """Raise :class:`MissingDependencyError` (naming the pip extra) when the library this
+        config needs is not installed. Called before any model is loaded."""
+        return None
+
     def check(self, model: nn.Module) -> None:
         """Raise :class:`QuantlabError` if ``model`` cannot be quantized with this config
         (the default accepts every model)."""

@@ -114,6 +114,9 @@ class Bnb(Backend):
     Config = BnbConfig
     extra = "bnb"
 
+    def check_dependencies(self) -> None:
+        _bnb()
+
     def check(self, model: nn.Module) -> None:
         targets = quantizable_linears(model, self.config.skip_list())
         _bnb()

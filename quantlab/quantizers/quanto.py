@@ -74,6 +74,9 @@ class Quanto(Backend):
     Config = QuantoConfig
     extra = "quanto"
 
+    def check_dependencies(self) -> None:
+        _quanto()
+
     def check(self, model: nn.Module) -> None:
         quantizable_linears(model, self.config.skip_list())
         _quanto()
