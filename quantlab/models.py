@@ -123,7 +123,11 @@ def convert_gguf(gguf: Path, dest: Path, source_info: dict) -> Path:
     except ImportError as e:
         raise QuantlabError(f"loading a GGUF file needs a package that is missing: {e}") from None
     except Exception as e:
-        raise QuantlabError(f"cannot read GGUF file '{gguf}': {type(e).__name__}: {e}") from None
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if len(detail) > 160:
+            detail = detail[:160] + "…"
+        raise QuantlabError(f"cannot read GGUF file '{gguf}': it is truncated, damaged or of an architecture "
+                            f"transformers cannot convert ({type(e).__name__}: {detail})") from None
     tmp = _atomic_dir(dest)
     config = model.config
     if hasattr(config, "quantization_config"):
