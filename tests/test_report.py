@@ -161,12 +161,14 @@ def test_compare_command_writes_one_report_across_runs(runs, tmp_path, capsys):
     assert "report.html" in capsys.readouterr().out
 
 
-def test_a_resumed_run_warns_that_speed_came_from_another_session(tiny_model_dir, tmp_path):
+def test_a_resumed_run_warns_that_speed_came_from_another_session(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "run"
     recipe = _recipe(tiny_model_dir, out, "resume", RTN.splitlines()[0] + "\n")
     assert main(["run", str(recipe)]) == 0
     recipe.write_text(recipe.read_text().replace("methods:\n", "methods:\n" + RTN.splitlines()[1] + "\n"))
+    capsys.readouterr()
     assert main(["run", str(recipe)]) == 0
+    assert "SPEED FROM AN EARLIER SESSION" in capsys.readouterr().out
     frame = pd.read_csv(out / "results.csv")
     assert frame["session"].nunique() == 2
     html = (out / "report.html").read_text()

@@ -140,6 +140,13 @@ def format_summary(frame: pd.DataFrame, env: dict | None = None) -> str:
     lines.append("size: weight files on disk; peak_MB: process peak RSS while quantizing or scoring")
     if "skipped_layers" in frame and frame["skipped_layers"].notna().any():
         lines.append("float_layers: linear layers the sensitivity pass left in float (skip: auto), besides lm_head")
+    if "session" in frame and frame["decode_tokens_per_s"].notna().any():
+        timed = frame[frame["decode_tokens_per_s"].notna()]
+        sessions = timed["session"].dropna().astype(str)
+        if sessions.nunique() > 1:
+            older = timed[timed["session"].astype(str) != sessions.max()]["method"].astype(str)
+            lines.append("SPEED FROM AN EARLIER SESSION (reused on resume; machine load may have differed, "
+                         f"--force re-measures): {', '.join(older)}")
     slower = slower_than_baseline(frame)
     if slower:
         lines.append("SLOWER THAN FLOAT on this device (decode, whole min-max range below the baseline's): "
