@@ -110,11 +110,17 @@ def test_staged_layer_runner_equals_the_layer(tiny):
     hidden, kwargs = first_layer_inputs(model, layers, cal, 2)
     seen = {}
     got = staged_prenorm_layer(layers[0], spec.prenorm, hidden, kwargs,
-                               lambda stage, xs: seen.setdefault(stage, xs[0].shape))
+                               lambda stage, xs: seen.setdefault(stage, [x.shape for x in xs]))
     want = run_layer(layers[0], hidden, kwargs)
     for a, b in zip(got, want):
         assert torch.allclose(a, b, atol=1e-5)
-    assert seen == {"attn_in": (2, 64, 64), "o_in": (2, 64, 64), "mlp_in": (2, 64, 64), "down_in": (2, 64, 128)}
+    # every batch's input, computed on demand
+    assert seen == {"attn_in": [(2, 64, 64)] * 2, "o_in": [(2, 64, 64)] * 2, "mlp_in": [(2, 64, 64)] * 2,
+                    "down_in": [(2, 64, 128)] * 2}
+    # a stage nobody consumes costs nothing and changes nothing
+    untouched = staged_prenorm_layer(layers[0], spec.prenorm, hidden, kwargs, lambda stage, xs: None)
+    for a, b in zip(untouched, want):
+        assert torch.allclose(a, b, atol=1e-5)
 
 
 def test_staged_and_hook_based_gptq_agree(tiny):

@@ -178,10 +178,11 @@ class GPTQ(Backend):
                 def on_inputs(stage, xs, layer=layer, mine=mine, prefix=prefix):
                     names = [n for n in stages[stage] if n in mine]
                     if names:
-                        h = torch.zeros(xs[0].shape[-1], xs[0].shape[-1], device=xs[0].device)
-                        count = 0
-                        for x in xs:
+                        h, count = None, 0
+                        for x in xs:  # one batch at a time: the stage's inputs are never all held
                             x = x.reshape(-1, x.shape[-1]).float()
+                            if h is None:
+                                h = torch.zeros(x.shape[-1], x.shape[-1], device=x.device)
                             h.addmm_(x.t(), x)
                             count += x.shape[0]
                         self._quantize_group(layer, mine, names, h * (2 / count), prefix)

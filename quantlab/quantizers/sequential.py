@@ -124,17 +124,24 @@ def staged_prenorm_layer(layer: nn.Module, prenorm: tuple[str, ...], hidden: lis
     ``on_inputs(stage, xs)`` is called with the inputs of every linear group before that group
     is used (stage 'attn_in': the q/k/v input, 'o_in', 'mlp_in': the gate/up input, 'down_in'),
     so a quantizer can replace the group's weights before the next stage sees their outputs
-    (true-sequential order at the cost of about one forward pass). Returns the layer outputs."""
-    norm1, attn, o_proj, norm2, mlp, down = (layer.get_submodule(n) for n in prenorm)
+    (true-sequential order at the cost of about one forward pass). Returns the layer outputs.
 
-    x1 = [norm1(h) for h in hidden]
-    on_inputs("attn_in", x1)
-    a = [_capture_input(o_proj, lambda x=x, kw=kw: attn(hidden_states=x, **kw)) for x, kw in zip(x1, kwargs)]
-    del x1
-    on_inputs("o_in", a)
+    ``xs`` is a one-pass iterable that computes each batch's input when asked, so only the
+    layer's input, the attention output and the residual stream are held for all batches
+    (the MLP's 4×-wide intermediate never is); a stage whose inputs are not consumed costs
+    nothing."""
+    norm1, attn, _, norm2, mlp, down = (layer.get_submodule(n) for n in prenorm)
+
+    on_inputs("attn_in", (norm1(h) for h in hidden))
+    o_proj = layer.get_submodule(prenorm[2])
+    a = [_capture_input(o_proj, lambda h=h, kw=kw: attn(hidden_states=norm1(h), **kw))
+         for h, kw in zip(hidden, kwargs)]
+    on_inputs("o_in", iter(a))
     o_proj = layer.get_submodule(prenorm[2])  # it may have been replaced by a quantized one
     h2 = [h + o_proj(ai) for h, ai in zip(hidden, a)]
     del a
-    on_inputs("mlp_in", [norm2(t) for t in h2])
-    on_inputs("down_in", [_capture_input(down, lambda t=t: mlp(norm2(t))) for t in h2])
+    on_inputs("mlp_in", (norm2(t) for t in h2))
+    mlp = layer.get_submodule(prenorm[4])
+    down = layer.get_submodule(prenorm[5])
+    on_inputs("down_in", (_capture_input(down, lambda t=t: mlp(norm2(t))) for t in h2))
     return [t + mlp(norm2(t)) for t in h2]
