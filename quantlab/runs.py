@@ -42,16 +42,17 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
-def prepare_run_dir(path: Path) -> Path:
+def prepare_run_dir(path: Path, what: str = "output directory") -> Path:
+    """Create ``path`` (a directory quantlab writes into) or say plainly why it cannot be."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise QuantlabError(f"output directory '{path}' exists and is a file; choose another --out")
+        raise QuantlabError(f"{what} '{path}' exists and is a file; choose another --out")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise QuantlabError(f"cannot create output directory '{path}': {e.strerror or e}") from None
+        raise QuantlabError(f"cannot create {what} '{path}': {e.strerror or e}") from None
     if not os.access(path, os.W_OK):
-        raise QuantlabError(f"output directory '{path}' is not writable; choose another --out")
+        raise QuantlabError(f"{what} '{path}' is not writable; choose another --out")
     return path
 
 

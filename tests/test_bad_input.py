@@ -60,12 +60,16 @@ def _with_eval_source(ctx: Ctx, path: Path) -> list[str]:
     return ctx.run(edit=lambda t: t.replace("eval: {", f'eval: {{source: "{path}", '))
 
 
+def _altered_copy(src: Path, dest: Path, change: Callable[[Path], None]) -> Path:
+    """A copy of ``src`` (made once per session) with ``change`` applied to it."""
+    if not dest.exists():
+        shutil.copytree(src, dest)
+        change(dest)
+    return dest
+
+
 def _model_dir(ctx: Ctx, name: str, change: Callable[[Path], None]) -> Path:
-    d = ctx.root / "models" / name
-    if not d.exists():
-        shutil.copytree(ctx.model, d)
-        change(d)
-    return d
+    return _altered_copy(ctx.model, ctx.root / "models" / name, change)
 
 
 def _foreign_quant(d: Path) -> None:
@@ -84,11 +88,7 @@ def _pickle_only(d: Path) -> None:
 
 
 def _damaged_ckpt(ctx: Ctx, name: str, damage: Callable[[Path], None]) -> Path:
-    d = ctx.root / "ckpts" / name
-    if not d.exists():
-        shutil.copytree(ctx.ckpt, d)
-        damage(d)
-    return d
+    return _altered_copy(ctx.ckpt, ctx.root / "ckpts" / name, damage)
 
 
 def _flip_last_byte(d: Path) -> None:

@@ -21,7 +21,7 @@ from quantlab.report import plots as P
 from quantlab.report.caveats import report_warnings
 from quantlab.report.data import RunData, combined_frame, load_runs
 from quantlab.report.tables import CONVENTION_TEXT, markdown_table, summary_frame
-from quantlab.runs import atomic_write_text
+from quantlab.runs import atomic_write_text, prepare_run_dir
 
 TEMPLATE = "report.html.j2"
 
@@ -172,13 +172,7 @@ def write_report(paths: str | Path | list[str | Path], out: str | Path | None = 
         if len(runs) > 1:
             raise QuantlabError("a report across several runs needs an output directory (--out DIR)")
         out = runs[0].path
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise QuantlabError(f"report output '{out}' is a file; choose a directory")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise QuantlabError(f"cannot create report directory '{out}': {e.strerror or e}") from None
+    out = prepare_run_dir(Path(out), "report directory")
     env = _jinja_env()
     multi = len(runs) > 1
     frame = combined_frame(runs) if multi else runs[0].frame.assign(run=str(runs[0].path))
