@@ -39,6 +39,7 @@ METHODS = {
     "gptq4": ("gptq", dict(bits=4, group_size=64, sym=True, act_order=True)),
     "gptq4a": ("gptq", dict(bits=4, group_size=64, sym=False, act_order=True)),
     "awq4": ("awq", dict(bits=4, group_size=64, sym=False)),
+    "awq4f": ("awq", dict(bits=4, group_size=64, sym=False, next_inputs="float")),
     "rtn3": ("rtn", dict(bits=3, group_size=64, sym=True)),
     "gptq3": ("gptq", dict(bits=3, group_size=64, sym=True, act_order=True)),
 }

@@ -124,3 +124,22 @@ def test_awq_options_are_validated():
     AWQ.Config(bits=3, format="gptq")
     with pytest.raises(ValidationError, match="format gptq stores"):
         AWQ.Config(bits=5, format="gptq")
+
+
+def test_next_inputs_float_calibrates_later_layers_on_float_outputs(tiny):
+    """'float' (AutoAWQ's one pass per layer) and 'quantized' (a second pass) see the same
+    inputs in layer 0, different ones from layer 1 on, and both quantize every layer."""
+    from quantlab.data import pydoc_text, tokenize
+
+    model, tok = tiny
+    cal = tokenize(pydoc_text("calibration"), tok)[: 4 * 64].view(4, 64)
+    stats = {}
+    for mode in ("quantized", "float"):
+        backend = AWQ(AWQ.Config(bits=4, group_size=32, search_tokens=128, next_inputs=mode))
+        q = backend.quantize(copy.deepcopy(model), cal)
+        assert all(not isinstance(m, torch.nn.Linear) or n == "lm_head" for n, m in q.named_modules())
+        stats[mode] = backend.layer_stats
+    first = "model.layers.0.self_attn.q_proj"
+    second = "model.layers.1.self_attn.q_proj"
+    assert stats["quantized"][first] == stats["float"][first]
+    assert stats["quantized"][second]["awq_loss_identity"] != stats["float"][second]["awq_loss_identity"]

@@ -55,7 +55,7 @@ from quantlab.quantizers.rtn import (
     gptq_quantization_config,
     load_packed,
 )
-from quantlab.quantizers.sequential import first_layer_inputs, input_hooks, run_layer
+from quantlab.quantizers.sequential import first_layer_inputs, input_hooks, layer_output, run_layer
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of a word holds column 8*word + AWQ_ORDER[i]
 
@@ -218,6 +218,10 @@ class AWQConfig(WeightQuantConfig):
                                "second moment the scale and clipping searches score on.")
     seed: int = Field(0, description="Seed of the token subsets.")
     batch_size: int = Field(8, ge=1, description="Calibration windows per forward pass.")
+    next_inputs: Literal["quantized", "float"] = Field(
+        "quantized", description="What the next layer is calibrated on: 'quantized', the outputs of "
+        "this layer after quantization (a second pass per layer; errors propagate as at inference), "
+        "or 'float', its float outputs from the statistics pass (one pass per layer, as AutoAWQ does).")
     format: Literal["gemm", "gptq"] = Field(
         "gemm", description="Checkpoint layout: 'gemm' (AutoAWQ, 4 bits only) or 'gptq' (GPTQ v1, 2/3/4/8 bits).")
 
@@ -296,10 +300,13 @@ class AWQ(Backend):
                 sel = pick[(pick >= lo) & (pick < lo + x.shape[0])] - lo
                 chunks[name].append(x[sel.to(x.device)])
 
+            float_out = []
             with input_hooks(mine, collect) as seen:
                 for h, kw in zip(hidden, kwargs):
                     seen.clear()
-                    layer(h, **kw)
+                    out = layer_output(layer(h, **kw))
+                    if c.next_inputs == "float":
+                        float_out.append(out)
                     offset[0] += h.shape[0] * h.shape[1]
             # one second moment per distinct input (q/k/v share one, gate/up another)
             sig: dict[str, torch.Tensor] = {}
@@ -348,7 +355,7 @@ class AWQ(Backend):
                 stats["weight_rel_error"] = float((q.weight.float() - lin.weight.float()).norm()
                                                   / lin.weight.float().norm().clamp(min=1e-12))
                 set_module(layer, n, q)
-            hidden = run_layer(layer, hidden, kwargs)
+            hidden = float_out if c.next_inputs == "float" else run_layer(layer, hidden, kwargs)
         return model
 
     def save(self, model: nn.Module, out_dir: Path) -> dict:

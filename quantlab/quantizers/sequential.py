@@ -19,8 +19,12 @@ class _Stop(Exception):
     """Raised by a hook to end a forward pass once the wanted inputs were seen."""
 
 
-def _first(out):
+def layer_output(out):
+    """The hidden states a decoder layer returned (some return a tuple)."""
     return out[0] if isinstance(out, (tuple, list)) else out
+
+
+_first = layer_output
 
 
 @torch.no_grad()
