@@ -130,17 +130,15 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_compare(args) -> int:
-    from quantlab.report.html import write_report
+    from quantlab.report.data import combined_frame, load_runs
+    from quantlab.report.html import build_report
     from quantlab.report.tables import format_summary
 
     if len({os.path.realpath(p) for p in args.run_dirs}) < len(args.run_dirs):
-        from quantlab.errors import QuantlabError
-
         raise QuantlabError("the same run directory is given twice; name each run once")
-    path = write_report(args.run_dirs, args.out, title=args.title)
-    from quantlab.api import load_results
-
-    print(format_summary(load_results(args.run_dirs)))
+    runs = load_runs(args.run_dirs)
+    path = build_report(runs, args.out, title=args.title)
+    print(format_summary(combined_frame(runs)))
     print(f"\nreport: {path}")
     return 0
 

@@ -48,7 +48,7 @@ from quantlab.runs import (
     finished_stage,
     prepare_run_dir,
     stage_key,
-    storage_error,
+    storage_errors,
 )
 from quantlab.scoring import (
     EvalSettings,
@@ -99,10 +99,10 @@ def _sensitivity(method, backend, spec, model, cal_ids, cal_text, calibration, m
 def _plot_sensitivity(result, path: Path, label: str) -> None:
     """Bar chart of per-candidate sensitivity (log scale), chosen candidates highlighted.
     Skipped when matplotlib is not installed (the numbers are in the JSON)."""
-    from quantlab.report.plots import _plt
+    from quantlab.report.plots import pyplot
 
     try:
-        plt = _plt()
+        plt = pyplot()
     except QuantlabError:
         return
     names = list(result.sensitivity)
@@ -230,269 +230,261 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, *, force: bool = F
     out_dir = prepare_run_dir(Path(out) if out else recipe.output_dir())
     _refuse_foreign_run(out_dir, recipe, force)
 
-    with RunLock(out_dir):
-        try:
-            _log(f"loading model '{recipe.model.source}' ({str(dtype).removeprefix('torch.')} on {device})")
-            if recipe.model.trust_remote_code:
-                _log("trust_remote_code is ON (recipe model.trust_remote_code): code from the model "
-                     "repository may run in this process; the report says so")
-            t0 = time.perf_counter()
-            base = load_model(recipe.model.source, dtype=dtype, device=device, revision=recipe.model.revision,
-                              trust_remote_code=recipe.model.trust_remote_code)
-            base_load_s = time.perf_counter() - t0
-            qc = getattr(base.model.config, "quantization_config", None)
-            if qc:
-                method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", "?")
-                raise QuantlabError(f"model '{recipe.model.source}' is already quantized (quant_method "
-                                    f"'{method}'); quantlab quantizes float models: give the unquantized one "
-                                    "(score this one with `quantlab eval`)")
-            max_pos = model_context(base.model)
-            if need_cal and max_pos and cal.seq_len > max_pos:
-                raise QuantlabError(f"calibration.seq_len={cal.seq_len} is longer than the model's context ({max_pos} tokens)")
-            settings = EvalSettings(convention=ev.convention, seq_len=ev.seq_len, stride=ev.stride, bos=ev.bos,
-                                    max_windows=ev.max_windows, batch_size=ev.batch_size)
-            plan = build_plan(settings, eval_text, base.tokenizer, base.model)
-            for label, b in backends.items():
-                try:
-                    b.check(base.model)
-                except QuantlabError as e:  # same class, the method named
-                    e.args = (f"method '{label}' ({b.name}): {e}",)
-                    raise
-
-            # the speed prompt: the first tokens of the evaluation text (the plan holds its own ids)
-            prompt = tokenize(eval_text, base.tokenizer)[: ev.speed.prompt_tokens] if ev.speed.enabled else None
-            calibration = None
-            cal_ids = None
-            if need_cal:
-                cal_ids = tokenize(cal_text, base.tokenizer)
-                if any(b.needs_calibration for b in backends.values()):
-                    calibration = sample_calibration(cal_ids, cal_text, cal.samples, cal.seq_len, cal.seed)
-                    atomic_write_json(out_dir / "calibration.json", calibration.record())
-
-            env = environment(device, dtype)
-            if ev.speed.enabled:
-                env["memory_bandwidth_bytes_per_s"] = memory_bandwidth(device)
-            resolved = recipe_to_dict(recipe)
-            atomic_write_text(out_dir / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False))
-            atomic_write_json(out_dir / "environment.json", env)
-
-            # what determines every method's results; the calibration set joins the keys of only
-            # the methods that use it, so adding a GPTQ method does not invalidate finished RTN rows
-            shared = {k: v for k, v in resolved.items()
-                      if k not in ("methods", "output", "name", "description", "calibration")}
-            shared.update(quantlab=__version__, eval_sha256=eval_text.sha256,
-                          model_info={k: v for k, v in base.info.items() if k != "path"})
-            # what determines a checkpoint (not the evaluation settings: changing those re-scores the
-            # checkpoints already exported instead of quantizing again)
-            export_shared = {"model": resolved["model"], "model_info": shared["model_info"], "quantlab": __version__}
-            export_cal = {"calibration": resolved["calibration"], "calibration_text_sha256": cal_text.sha256 if cal_text else None}
-            source_info = dict(base.info, dtype=str(dtype).removeprefix("torch."))
-            eval_labels = labels(plan, eval_text, base.tokenizer, base.model)
-            reference = None
-            if ev.divergence.enabled:
-                part = plan.head(ev.divergence.max_windows)
-                ref_key = plan_key(part, eval_text, {"model": shared["model_info"], "dtype": str(dtype),
-                                                     "device": device.type})
-                _log(f"base model distributions on {part.scored_tokens} tokens ({len(part.segments)} windows) "
-                     "for divergence")
-                reference = compute_reference(base.model, part, out_dir / "reference", ev.batch_size, ref_key)
-                shared["reference_key"] = ref_key
-            spare = [base.model]
-
-            def take_base_model():
-                """A float model to quantize: the loaded one first, then fresh loads from its source.
-                Reloading (under a second for local sources) keeps one model in memory, not two."""
-                if spare:
-                    return spare.pop()
-                gc.collect()
-                return load_model(recipe.model.source, dtype=dtype, device=device, revision=recipe.model.revision,
-                                  trust_remote_code=recipe.model.trust_remote_code).model
-
-            base.model = None  # the methods own it from here on
-            session = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
-            rows: list[dict] = []
-            for i, method in enumerate(methods, 1):
-                backend = backends[method.label]
-                uses_cal = backend.needs_calibration or sens_specs[method.label] is not None
-                method_cal = (dict(export_cal, calibration_sha256=calibration.sha256 if backend.needs_calibration else None)
-                              if uses_cal else None)
-                key = stage_key({"shared": shared, "calibration": method_cal,
-                                 "method": method.model_dump(mode="json"), "backend_version": backend.Config.version})
-                mdir = out_dir / method.label
-                done = None if force else finished_metrics(mdir, key)
-                if done is not None:
-                    _log(f"[{i}/{len(methods)}] {method.label}: finished earlier with the same settings; reusing it")
-                    rows.append(done)
-                    continue
-                mdir.mkdir(parents=True, exist_ok=True)
-                export_key = stage_key({"export": export_shared, "calibration": method_cal,
-                                        "method": method.model_dump(mode="json"), "backend_version": backend.Config.version})
-                ckpt = mdir / "checkpoint"
-                stage = None if force else finished_stage(mdir / EXPORT_RECORD, export_key, ckpt)
-                if stage is not None:
-                    try:
-                        verify_checkpoint(ckpt)
-                    except QuantlabError as e:
-                        _log(f"[{i}/{len(methods)}] {method.label}: the checkpoint exported earlier is damaged "
-                             f"({e}); quantizing again")
-                        stage = None
-                if stage is not None:
-                    _log(f"[{i}/{len(methods)}] {method.label}: quantized and exported earlier with the same "
-                         "settings; reusing the checkpoint")
-                    cls = type(backend)
-                    backend = cls(cls.Config(**stage["options"]))  # the options as resolved then (skip: auto)
-                    backend.layer_stats, backend.stage_seconds = stage["layers"], stage["stage_seconds"]
-                else:
-                    stage = _quantize_and_export(i, len(methods), method, backend, take_base_model(), sens_specs[method.label],
-                                                 cal_ids, cal_text, calibration, base.tokenizer, source_info, mdir, device)
-                    backend = stage.pop("backend")
-                    atomic_write_json(mdir / EXPORT_RECORD, dict(stage, key=export_key))
-                quantize_s, export_s = stage["quantize_s"], stage["export_s"]
-                sens = stage["sensitivity"]
-                gc.collect()
-
-                _log(f"[{i}/{len(methods)}] {method.label}: reload from disk and score")
-                verify_checkpoint(ckpt)  # sha256 of every file against the manifest (not timed as loading)
-                with _Peak(device) as mem_load:
-                    t0 = time.perf_counter()
-                    loaded = load_checkpoint(ckpt, dtype=dtype, device=device, verify=False)
-                    load_s = time.perf_counter() - t0
-                with _Peak(device) as mem_eval:
-                    ppl, div = evaluate(loaded.model, plan, ev.batch_size, reference)
-                div = div or {}
-                sizes = checkpoint_tensor_bytes(ckpt)
-                qmodules = read_sidecar(ckpt).get("modules", [])
-                speed, bound = {}, {}
-                if ev.speed.enabled:
-                    speed = measure_speed(loaded.model, prompt, new_tokens=ev.speed.new_tokens,
-                                          batch_sizes=(1, ev.speed.batch_size), warmup=ev.speed.warmup,
-                                          repeats=ev.speed.repeats)
-                    stored = {n: checkpoint_quantized_bytes(sizes, [n]) + sizes.get(f"{n}.bias", 0) for n in qmodules
-                              if getattr(loaded.model.get_submodule(n), "kernel", None) != "dense-dequant"}
-                    bound = decode_bound(loaded.model, env["memory_bandwidth_bytes_per_s"], stored=stored)
-                batch_speed = speed.get("by_batch", {}).get(f"b{ev.speed.batch_size}", {}) if ev.speed.batch_size > 1 else {}
-                tasks = {}
-                if ev.tasks:
-                    from quantlab.bench.tasks import run_tasks
-
-                    _log(f"[{i}/{len(methods)}] {method.label}: lm-eval tasks {', '.join(ev.tasks)}")
-                    tasks = run_tasks(loaded.model, loaded.tokenizer, ev.tasks, ev.task_paths, limit=ev.task_limit,
-                                      num_fewshot=ev.task_fewshot, batch_size=ev.batch_size)
-                fields = backend.config.table_fields()
-                kernels = sorted({_kernel_label(loaded.model.get_submodule(n)) for n in qmodules})
-                metrics = {
-                    "method": method.label,
-                    "model": recipe.model.source,
-                    "backend": backend.name,
-                    "bits": fields.get("bits", _dtype_bits(dtype)),
-                    "group_size": fields.get("group_size"),
-                    "ppl": ppl.ppl,
-                    "ppl_stderr": ppl.ppl_stderr,
-                    "ppl_convention": ppl.convention,
-                    "eval_source": eval_text.name,
-                    "eval_sha256": eval_text.sha256,
-                    "eval_seq_len": ppl.seq_len,
-                    "eval_windows": ppl.windows,
-                    "eval_tokens": ppl.scored_tokens,
-                    "tokenizer": base.tokenizer.__class__.__name__,
-                    "kld_mean": div.get("kld_mean"),
-                    "kld_p99": div.get("kld_p99"),
-                    "top1_agreement": div.get("top1_agreement"),
-                    "dp_rms": div.get("dp_rms"),
-                    "kld_tokens": div.get("kld_tokens"),
-                    "size_bytes": weight_bytes(ckpt),
-                    "checkpoint_bytes": directory_bytes(ckpt),
-                    "quantized_tensor_bytes": checkpoint_quantized_bytes(sizes, qmodules),
-                    "bits_per_weight": checkpoint_bits_per_weight(loaded.model, sizes),
-                    "prefill_tokens_per_s": speed.get("prefill_tokens_per_s"),
-                    "ttft_ms": speed.get("ttft_ms"),
-                    "decode_tokens_per_s": speed.get("decode_tokens_per_s"),
-                    "decode_tokens_per_s_min": speed.get("decode_tokens_per_s_min"),
-                    "decode_tokens_per_s_max": speed.get("decode_tokens_per_s_max"),
-                    "latency_p50_ms": speed.get("latency_p50_ms"),
-                    "latency_p95_ms": speed.get("latency_p95_ms"),
-                    "decode_bound_tokens_per_s": bound.get("decode_bound_tokens_per_s"),
-                    "decode_fraction_of_bound": (speed["decode_tokens_per_s"] / bound["decode_bound_tokens_per_s"]
-                                                 if speed else None),
-                    "decode_batch_size": batch_speed.get("batch_size"),
-                    "decode_tokens_per_s_batch": batch_speed.get("decode_tokens_per_s"),
-                    "peak_rss_quantize_bytes": stage["peak_rss_quantize_bytes"],
-                    "peak_rss_load_bytes": mem_load.rss,
-                    "peak_rss_eval_bytes": mem_eval.rss,
-                    "peak_cuda_quantize_bytes": stage["peak_cuda_quantize_bytes"],
-                    "peak_cuda_eval_bytes": mem_eval.cuda,
-                    "quantize_s": quantize_s,
-                    "export_s": export_s,
-                    "load_s": load_s,
-                    "eval_s": ppl.seconds,
-                    "eval_tokens_per_s": ppl.tokens_per_s,
-                    "dtype": str(dtype).removeprefix("torch."),
-                    "device": str(device),
-                    "threads": torch.get_num_threads(),
-                    "kernel": ",".join(kernels) or "dense",
-                    "checkpoint": str(ckpt.relative_to(out_dir)),
-                    "options": backend.config.model_dump(mode="json"),
-                    "eval_labels": eval_labels,
-                    "perplexity": ppl.as_dict(),
-                    "divergence": div,
-                    "speed": speed,
-                    "decode_bound": bound,
-                    "tasks": tasks,
-                    "layers": backend.layer_stats,
-                    "skipped_layers": len(sens["chosen"]) if sens else None,
-                    "sensitivity_s": sens["seconds"] if sens else None,
-                    "sensitivity": sens,
-                    # named stages of quantization; "other" is the rest (forward passes, packing...)
-                    "quantize_stages": dict(backend.stage_seconds,
-                                            other=quantize_s - sum(backend.stage_seconds.values())),
-                    "base_load_s": base_load_s,
-                    # when this row was measured, and by which run (a resumed run reuses older rows)
-                    "measured_at": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-                    "session": session,
-                    "key": key,
-                }
-                for task, values in tasks.items():
-                    for metric, value in values.items():
-                        metrics[f"task_{task}_{metric}"] = value
-                atomic_write_json(mdir / "metrics.json", metrics)
-                rows.append(metrics)
-                _write_results(out_dir, results_frame(rows))
-                del loaded
-                gc.collect()
-                kl = f", KL {div['kld_mean']:.4f}" if div else ""
-                _log(f"[{i}/{len(methods)}] {method.label}: ppl {ppl.ppl:.3f} ({ppl.convention}, "
-                     f"{ppl.scored_tokens} tokens of {eval_text.name}){kl}")
-
-            frame = results_frame(rows)
-            _write_results(out_dir, frame)
-            report = None
-            if recipe.output.report:
-                from quantlab.report.html import write_report
-
-                _log("writing report.html and plots")
-                try:
-                    report = write_report(out_dir)
-                except QuantlabError as e:  # e.g. matplotlib missing: the results are already on disk
-                    _log(f"no report: {e}")
-            if echo:
-                print(format_summary(frame, env))
-                print(f"\nrun directory: {out_dir}  (results.csv/.parquet/.md, per-method metrics.json and checkpoints)")
-                if report:
-                    print(f"report: {report}")
-            return RunResult(out_dir, frame)
-        except Exception as e:  # a full disk is the user's to fix; say so, keep what finished
-            problem = storage_error(e)
-            if problem is None:
+    with RunLock(out_dir), storage_errors(out_dir):
+        _log(f"loading model '{recipe.model.source}' ({str(dtype).removeprefix('torch.')} on {device})")
+        if recipe.model.trust_remote_code:
+            _log("trust_remote_code is ON (recipe model.trust_remote_code): code from the model "
+                 "repository may run in this process; the report says so")
+        t0 = time.perf_counter()
+        base = load_model(recipe.model.source, dtype=dtype, device=device, revision=recipe.model.revision,
+                          trust_remote_code=recipe.model.trust_remote_code)
+        base_load_s = time.perf_counter() - t0
+        qc = getattr(base.model.config, "quantization_config", None)
+        if qc:
+            method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", "?")
+            raise QuantlabError(f"model '{recipe.model.source}' is already quantized (quant_method "
+                                f"'{method}'); quantlab quantizes float models: give the unquantized one "
+                                "(score this one with `quantlab eval`)")
+        max_pos = model_context(base.model)
+        if need_cal and max_pos and cal.seq_len > max_pos:
+            raise QuantlabError(f"calibration.seq_len={cal.seq_len} is longer than the model's context ({max_pos} tokens)")
+        settings = EvalSettings(convention=ev.convention, seq_len=ev.seq_len, stride=ev.stride, bos=ev.bos,
+                                max_windows=ev.max_windows, batch_size=ev.batch_size)
+        plan = build_plan(settings, eval_text, base.tokenizer, base.model)
+        for label, b in backends.items():
+            try:
+                b.check(base.model)
+            except QuantlabError as e:  # same class, the method named
+                e.args = (f"method '{label}' ({b.name}): {e}",)
                 raise
-            raise QuantlabError(f"{problem} while writing into '{out_dir}'; free some space (or choose "
-                                "another --out) and run the same command again: finished methods are "
-                                "kept and reused") from None
+
+        # the speed prompt: the first tokens of the evaluation text (the plan holds its own ids)
+        prompt = tokenize(eval_text, base.tokenizer)[: ev.speed.prompt_tokens] if ev.speed.enabled else None
+        calibration = None
+        cal_ids = None
+        if need_cal:
+            cal_ids = tokenize(cal_text, base.tokenizer)
+            if any(b.needs_calibration for b in backends.values()):
+                calibration = sample_calibration(cal_ids, cal_text, cal.samples, cal.seq_len, cal.seed)
+                atomic_write_json(out_dir / "calibration.json", calibration.record())
+
+        env = environment(device, dtype)
+        if ev.speed.enabled:
+            env["memory_bandwidth_bytes_per_s"] = memory_bandwidth(device)
+        resolved = recipe_to_dict(recipe)
+        atomic_write_text(out_dir / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False))
+        atomic_write_json(out_dir / "environment.json", env)
+
+        # what determines every method's results; the calibration set joins the keys of only
+        # the methods that use it, so adding a GPTQ method does not invalidate finished RTN rows
+        shared = {k: v for k, v in resolved.items()
+                  if k not in ("methods", "output", "name", "description", "calibration")}
+        shared.update(quantlab=__version__, eval_sha256=eval_text.sha256,
+                      model_info={k: v for k, v in base.info.items() if k != "path"})
+        # what determines a checkpoint (not the evaluation settings: changing those re-scores the
+        # checkpoints already exported instead of quantizing again)
+        export_shared = {"model": resolved["model"], "model_info": shared["model_info"], "quantlab": __version__}
+        export_cal = {"calibration": resolved["calibration"], "calibration_text_sha256": cal_text.sha256 if cal_text else None}
+        source_info = dict(base.info, dtype=str(dtype).removeprefix("torch."))
+        eval_labels = labels(plan, eval_text, base.tokenizer, base.model)
+        reference = None
+        if ev.divergence.enabled:
+            part = plan.head(ev.divergence.max_windows)
+            ref_key = plan_key(part, eval_text, {"model": shared["model_info"], "dtype": str(dtype),
+                                                 "device": device.type})
+            _log(f"base model distributions on {part.scored_tokens} tokens ({len(part.segments)} windows) "
+                 "for divergence")
+            reference = compute_reference(base.model, part, out_dir / "reference", ev.batch_size, ref_key)
+            shared["reference_key"] = ref_key
+        spare = [base.model]
+
+        def take_base_model():
+            """A float model to quantize: the loaded one first, then fresh loads from its source.
+            Reloading (under a second for local sources) keeps one model in memory, not two."""
+            if spare:
+                return spare.pop()
+            gc.collect()
+            return load_model(recipe.model.source, dtype=dtype, device=device, revision=recipe.model.revision,
+                              trust_remote_code=recipe.model.trust_remote_code).model
+
+        base.model = None  # the methods own it from here on
+        session = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+        rows: list[dict] = []
+        for i, method in enumerate(methods, 1):
+            backend = backends[method.label]
+            uses_cal = backend.needs_calibration or sens_specs[method.label] is not None
+            method_cal = (dict(export_cal, calibration_sha256=calibration.sha256 if backend.needs_calibration else None)
+                          if uses_cal else None)
+            what = {"calibration": method_cal, "method": method.model_dump(mode="json"),
+                    "backend_version": backend.Config.version}
+            key = stage_key({"shared": shared, **what})
+            mdir = out_dir / method.label
+            done = None if force else finished_metrics(mdir, key)
+            if done is not None:
+                _log(f"[{i}/{len(methods)}] {method.label}: finished earlier with the same settings; reusing it")
+                rows.append(done)
+                continue
+            mdir.mkdir(parents=True, exist_ok=True)
+            export_key = stage_key({"export": export_shared, **what})
+            ckpt = mdir / "checkpoint"
+            stage = None if force else finished_stage(mdir, export_key)
+            if stage is not None:
+                try:
+                    verify_checkpoint(ckpt)
+                except QuantlabError as e:
+                    _log(f"[{i}/{len(methods)}] {method.label}: the checkpoint exported earlier is damaged "
+                         f"({e}); quantizing again")
+                    stage = None
+            if stage is not None:
+                _log(f"[{i}/{len(methods)}] {method.label}: quantized and exported earlier with the same "
+                     "settings; reusing the checkpoint")
+                cls = type(backend)
+                backend = cls(cls.Config(**stage["options"]))  # the options as resolved then (skip: auto)
+                backend.layer_stats, backend.stage_seconds = stage["layers"], stage["stage_seconds"]
+            else:
+                stage = _quantize_and_export(i, len(methods), method, backend, take_base_model(), sens_specs[method.label],
+                                             cal_ids, cal_text, calibration, base.tokenizer, source_info, mdir, device)
+                backend = stage.pop("backend")
+                atomic_write_json(mdir / EXPORT_RECORD, dict(stage, key=export_key))
+            quantize_s, export_s = stage["quantize_s"], stage["export_s"]
+            sens = stage["sensitivity"]
+            gc.collect()
+
+            _log(f"[{i}/{len(methods)}] {method.label}: reload from disk and score")
+            # a reused checkpoint was verified above; a fresh one was just hashed for its manifest
+            with _Peak(device) as mem_load:
+                t0 = time.perf_counter()
+                loaded = load_checkpoint(ckpt, dtype=dtype, device=device, verify=False)
+                load_s = time.perf_counter() - t0
+            with _Peak(device) as mem_eval:
+                ppl, div = evaluate(loaded.model, plan, ev.batch_size, reference)
+            div = div or {}
+            sizes = checkpoint_tensor_bytes(ckpt)
+            qmodules = read_sidecar(ckpt).get("modules", [])
+            speed, bound = {}, {}
+            if ev.speed.enabled:
+                speed = measure_speed(loaded.model, prompt, new_tokens=ev.speed.new_tokens,
+                                      batch_sizes=(1, ev.speed.batch_size), warmup=ev.speed.warmup,
+                                      repeats=ev.speed.repeats)
+                stored = {n: checkpoint_quantized_bytes(sizes, [n]) + sizes.get(f"{n}.bias", 0) for n in qmodules
+                          if getattr(loaded.model.get_submodule(n), "kernel", None) != "dense-dequant"}
+                bound = decode_bound(loaded.model, env["memory_bandwidth_bytes_per_s"], stored=stored)
+            batch_speed = speed.get("by_batch", {}).get(f"b{ev.speed.batch_size}", {}) if ev.speed.batch_size > 1 else {}
+            tasks = {}
+            if ev.tasks:
+                from quantlab.bench.tasks import run_tasks
+
+                _log(f"[{i}/{len(methods)}] {method.label}: lm-eval tasks {', '.join(ev.tasks)}")
+                tasks = run_tasks(loaded.model, loaded.tokenizer, ev.tasks, ev.task_paths, limit=ev.task_limit,
+                                  num_fewshot=ev.task_fewshot, batch_size=ev.batch_size)
+            fields = backend.config.table_fields()
+            kernels = sorted({_kernel_label(loaded.model.get_submodule(n)) for n in qmodules})
+            metrics = {
+                "method": method.label,
+                "model": recipe.model.source,
+                "backend": backend.name,
+                "bits": fields.get("bits", _dtype_bits(dtype)),
+                "group_size": fields.get("group_size"),
+                "ppl": ppl.ppl,
+                "ppl_stderr": ppl.ppl_stderr,
+                "ppl_convention": ppl.convention,
+                "eval_source": eval_text.name,
+                "eval_sha256": eval_text.sha256,
+                "eval_seq_len": ppl.seq_len,
+                "eval_windows": ppl.windows,
+                "eval_tokens": ppl.scored_tokens,
+                "tokenizer": base.tokenizer.__class__.__name__,
+                "kld_mean": div.get("kld_mean"),
+                "kld_p99": div.get("kld_p99"),
+                "top1_agreement": div.get("top1_agreement"),
+                "dp_rms": div.get("dp_rms"),
+                "kld_tokens": div.get("kld_tokens"),
+                "size_bytes": weight_bytes(ckpt),
+                "checkpoint_bytes": directory_bytes(ckpt),
+                "quantized_tensor_bytes": checkpoint_quantized_bytes(sizes, qmodules),
+                "bits_per_weight": checkpoint_bits_per_weight(loaded.model, sizes),
+                "prefill_tokens_per_s": speed.get("prefill_tokens_per_s"),
+                "ttft_ms": speed.get("ttft_ms"),
+                "decode_tokens_per_s": speed.get("decode_tokens_per_s"),
+                "decode_tokens_per_s_min": speed.get("decode_tokens_per_s_min"),
+                "decode_tokens_per_s_max": speed.get("decode_tokens_per_s_max"),
+                "latency_p50_ms": speed.get("latency_p50_ms"),
+                "latency_p95_ms": speed.get("latency_p95_ms"),
+                "decode_bound_tokens_per_s": bound.get("decode_bound_tokens_per_s"),
+                "decode_fraction_of_bound": (speed["decode_tokens_per_s"] / bound["decode_bound_tokens_per_s"]
+                                             if speed else None),
+                "decode_batch_size": batch_speed.get("batch_size"),
+                "decode_tokens_per_s_batch": batch_speed.get("decode_tokens_per_s"),
+                "peak_rss_quantize_bytes": stage["peak_rss_quantize_bytes"],
+                "peak_rss_load_bytes": mem_load.rss,
+                "peak_rss_eval_bytes": mem_eval.rss,
+                "peak_cuda_quantize_bytes": stage["peak_cuda_quantize_bytes"],
+                "peak_cuda_eval_bytes": mem_eval.cuda,
+                "quantize_s": quantize_s,
+                "export_s": export_s,
+                "load_s": load_s,
+                "eval_s": ppl.seconds,
+                "eval_tokens_per_s": ppl.tokens_per_s,
+                "dtype": str(dtype).removeprefix("torch."),
+                "device": str(device),
+                "threads": torch.get_num_threads(),
+                "kernel": ",".join(kernels) or "dense",
+                "checkpoint": str(ckpt.relative_to(out_dir)),
+                "options": backend.config.model_dump(mode="json"),
+                "eval_labels": eval_labels,
+                "perplexity": ppl.as_dict(),
+                "divergence": div,
+                "speed": speed,
+                "decode_bound": bound,
+                "tasks": tasks,
+                "layers": backend.layer_stats,
+                "skipped_layers": len(sens["chosen"]) if sens else None,
+                "sensitivity_s": sens["seconds"] if sens else None,
+                "sensitivity": sens,
+                # named stages of quantization; "other" is the rest (forward passes, packing...)
+                "quantize_stages": dict(backend.stage_seconds,
+                                        other=quantize_s - sum(backend.stage_seconds.values())),
+                "base_load_s": base_load_s,
+                # when this row was measured, and by which run (a resumed run reuses older rows)
+                "measured_at": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+                "session": session,
+                "key": key,
+            }
+            for task, values in tasks.items():
+                for metric, value in values.items():
+                    metrics[f"task_{task}_{metric}"] = value
+            atomic_write_json(mdir / "metrics.json", metrics)
+            rows.append(metrics)
+            _write_results(out_dir, results_frame(rows))
+            del loaded
+            gc.collect()
+            kl = f", KL {div['kld_mean']:.4f}" if div else ""
+            _log(f"[{i}/{len(methods)}] {method.label}: ppl {ppl.ppl:.3f} ({ppl.convention}, "
+                 f"{ppl.scored_tokens} tokens of {eval_text.name}){kl}")
+
+        frame = results_frame(rows)
+        _write_results(out_dir, frame)
+        report = None
+        if recipe.output.report:
+            from quantlab.report.html import write_report
+
+            _log("writing report.html and plots")
+            try:
+                report = write_report(out_dir)
+            except QuantlabError as e:  # e.g. matplotlib missing: the results are already on disk
+                _log(f"no report: {e}")
+        if echo:
+            print(format_summary(frame, env))
+            print(f"\nrun directory: {out_dir}  (results.csv/.parquet/.md, per-method metrics.json and checkpoints)")
+            if report:
+                print(f"report: {report}")
+        return RunResult(out_dir, frame)
 
 
 def _write_results(out_dir: Path, frame: pd.DataFrame) -> None:
     """results.csv (and results.parquet where pyarrow is installed), rewritten after every
     method so a crash keeps what finished."""
-    from quantlab.report.html import write_parquet
+    from quantlab.report.tables import write_parquet
 
     atomic_write_text(out_dir / "results.csv", frame.to_csv(index=False))
     write_parquet(frame, out_dir / "results.parquet")

@@ -20,22 +20,27 @@ import hashlib
 import json
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from quantlab.errors import QuantlabError
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write via a temporary file and rename, so readers never see half a file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_bytes(data)
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise QuantlabError(f"cannot write '{path}': {e.strerror or e}") from None
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -61,16 +66,18 @@ def stage_key(parts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _record(path: Path, key: str) -> dict | None:
+    """A JSON record written with ``key``, or None (missing, unreadable, other key)."""
+    try:
+        record = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return record if isinstance(record, dict) and record.get("key") == key else None
+
+
 def finished_metrics(method_dir: Path, key: str) -> dict | None:
     """The method's metrics if it finished with the same key, else None."""
-    path = Path(method_dir) / "metrics.json"
-    if not path.is_file():
-        return None
-    try:
-        metrics = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return metrics if metrics.get("key") == key else None
+    return _record(Path(method_dir) / "metrics.json", key)
 
 
 #: written after a method's checkpoint is exported: what a resumed run needs to skip the
@@ -78,19 +85,14 @@ def finished_metrics(method_dir: Path, key: str) -> dict | None:
 EXPORT_RECORD = "export.json"
 
 
-def finished_stage(record: Path, key: str, ckpt_dir: Path) -> dict | None:
-    """The export record if the checkpoint was exported with the same key and is complete
-    (its sidecar, written last, exists), else None."""
+def finished_stage(method_dir: Path, key: str) -> dict | None:
+    """The export record if the method's checkpoint was exported with the same key and is
+    complete (its sidecar, written last, exists), else None."""
     from quantlab.checkpoint import SIDECAR
 
-    path = Path(record)
-    if not path.is_file() or not (Path(ckpt_dir) / SIDECAR).is_file():
+    if not (Path(method_dir) / "checkpoint" / SIDECAR).is_file():
         return None
-    try:
-        stage = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return stage if isinstance(stage, dict) and stage.get("key") == key else None
+    return _record(Path(method_dir) / EXPORT_RECORD, key)
 
 
 _STORAGE_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EFBIG: "a file grew past the size "
@@ -109,6 +111,21 @@ def storage_error(exc: BaseException) -> str | None:
             if f"(os error {code})" in text or os.strerror(code) in text:
                 return what
     return None
+
+
+@contextmanager
+def storage_errors(out_dir: Path):
+    """Turn a full disk (quota, file-size limit) anywhere in the block into one clear
+    QuantlabError; what finished before stays on disk."""
+    try:
+        yield
+    except Exception as e:
+        problem = storage_error(e)
+        if problem is None:
+            raise
+        raise QuantlabError(f"{problem} while writing into '{out_dir}'; free some space (or choose "
+                            "another --out) and run the same command again: finished methods are "
+                            "kept and reused") from None
 
 
 class RunLock:

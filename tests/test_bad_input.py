@@ -56,6 +56,11 @@ class Ctx:
         return path
 
 
+def _edit(old: str, new: str) -> Callable[[Ctx], list[str]]:
+    """A case: run the base recipe with ``old`` replaced by ``new``."""
+    return lambda c: c.run(edit=lambda t: t.replace(old, new))
+
+
 def _with_eval_source(ctx: Ctx, path: Path) -> list[str]:
     return ctx.run(edit=lambda t: t.replace("eval: {", f'eval: {{source: "{path}", '))
 
@@ -129,35 +134,34 @@ CASES: list[tuple] = [
     ("wrong-type", lambda c: c.run(edit=lambda t: t + "calibration: {samples: many}\n"), RecipeError,
      r"calibration\.samples.*integer"),
     ("unknown-top-key", lambda c: c.run(edit=lambda t: t + "modle: {}\n"), RecipeError, r"modle.*did you mean 'model'"),
-    ("unknown-nested-key", lambda c: c.run(edit=lambda t: t.replace("seq_len: 64", "seq_lenn: 64")), RecipeError,
+    ("unknown-nested-key", _edit("seq_len: 64", "seq_lenn: 64"), RecipeError,
      r"seq_lenn.*did you mean 'seq_len'"),
-    ("unknown-option-key", lambda c: c.run(edit=lambda t: t.replace("group_size: 32", "group_sise: 32")), RecipeError,
+    ("unknown-option-key", _edit("group_size: 32", "group_sise: 32"), RecipeError,
      r"group_sise.*did you mean 'group_size'"),
-    ("unknown-backend", lambda c: c.run(edit=lambda t: t.replace("backend: rtn", "backend: gptqq")), RecipeError,
+    ("unknown-backend", _edit("backend: rtn", "backend: gptqq"), RecipeError,
      r"gptqq.*did you mean 'gptq'"),
-    ("unknown-engine", lambda c: c.run(edit=lambda t: t.replace(
-        "backend: rtn, options: {bits: 4, group_size: 32}", "backend: int8-dynamic, options: {engine: fbgem}")),
+    ("unknown-engine", _edit("backend: rtn, options: {bits: 4, group_size: 32}", "backend: int8-dynamic, options: {engine: fbgem}"),
      RecipeError, r"engine"),
-    ("unknown-convention", lambda c: c.run(edit=lambda t: t.replace("eval: {", "eval: {convention: gpqt, ")),
+    ("unknown-convention", _edit("eval: {", "eval: {convention: gpqt, "),
      RecipeError, r"convention.*gptq"),
-    ("bits-out-of-range", lambda c: c.run(edit=lambda t: t.replace("bits: 4", "bits: 9")), RecipeError, r"bits"),
-    ("group-size-out-of-range", lambda c: c.run(edit=lambda t: t.replace("group_size: 32", "group_size: 0")),
+    ("bits-out-of-range", _edit("bits: 4", "bits: 9"), RecipeError, r"bits"),
+    ("group-size-out-of-range", _edit("group_size: 32", "group_size: 0"),
      RecipeError, r"group_size"),
-    ("group-size-not-dividing", lambda c: c.run(edit=lambda t: t.replace("group_size: 32", "group_size: 48")),
+    ("group-size-not-dividing", _edit("group_size: 32", "group_size: 48"),
      QuantlabError, r"48.*(64|128).*32"),
-    ("dtype-unknown", lambda c: c.run(edit=lambda t: t.replace('source: "', 'dtype: float8, source: "')),
+    ("dtype-unknown", _edit('source: "', 'dtype: float8, source: "'),
      RecipeError, r"dtype.*float32"),
-    ("device-unknown", lambda c: c.run(edit=lambda t: t.replace('source: "', 'device: gpu, source: "')),
+    ("device-unknown", _edit('source: "', 'device: gpu, source: "'),
      RecipeError, r"device must be auto, cpu, cuda"),
-    ("labels-repeated", lambda c: c.run(edit=lambda t: t.replace("methods:\n", "methods:\n  - {label: rtn-w4, backend: rtn}\n")),
+    ("labels-repeated", _edit("methods:\n", "methods:\n  - {label: rtn-w4, backend: rtn}\n"),
      RecipeError, r"unique.*rtn-w4"),
-    ("label-path-traversal", lambda c: c.run(edit=lambda t: t.replace("label: rtn-w4", "label: ../../evil")),
+    ("label-path-traversal", _edit("label: rtn-w4", "label: ../../evil"),
      RecipeError, r"label '../../evil' must start with a letter"),
-    ("label-reserved", lambda c: c.run(edit=lambda t: t.replace("label: rtn-w4", "label: reference")),
+    ("label-reserved", _edit("label: rtn-w4", "label: reference"),
      RecipeError, r"reserved"),
     ("name-path-traversal", lambda c: c.run(edit=lambda t: "name: ../up\n" + t), RecipeError, r"name '../up'"),
     ("methods-empty", lambda c: c.run(text=f'model: {{source: "{c.model}"}}\nmethods: []\n'), RecipeError, r"methods"),
-    ("max-windows-zero", lambda c: c.run(edit=lambda t: t.replace("max_windows: 2", "max_windows: 0")),
+    ("max-windows-zero", _edit("max_windows: 2", "max_windows: 0"),
      RecipeError, r"max_windows"),
     ("threads-negative", lambda c: c.run(edit=lambda t: t + "threads: -1\n"), RecipeError, r"threads"),
     ("set-without-value", lambda c: c.run() + ["--set", "calibration.samples"], RecipeError, r"KEY=VALUE"),
@@ -173,7 +177,7 @@ CASES: list[tuple] = [
      QuantlabError, r"not valid UTF-8"),
     ("jsonl-missing-field", lambda c: _with_eval_source(c, c.file("d.jsonl", b'{"body": "x"}\n')), QuantlabError,
      r"field 'text'"),
-    ("text-split-unknown", lambda c: c.run(edit=lambda t: t.replace("eval: {", "eval: {split: training, ")),
+    ("text-split-unknown", _edit("eval: {", "eval: {split: training, "),
      QuantlabError, r"pydoc has splits"),
     ("model-missing", lambda c: c.run(edit=lambda t: t.replace(str(c.model), str(c.root / "no-model"))),
      QuantlabError, r"does not exist"),
@@ -201,8 +205,7 @@ CASES: list[tuple] = [
      QuantlabError, r"cannot create output directory"),
     ("output-of-another-recipe", lambda c: ["run", str(_renamed(c.recipe(), "other.yaml")), "--out", str(c.ref)],
      QuantlabError, r"holds the results of recipe 'ref'"),
-    ("optional-dependency-missing", lambda c: c.run(edit=lambda t: t.replace(
-        "backend: rtn, options: {bits: 4, group_size: 32}", "backend: bnb")), MissingDependencyError,
+    ("optional-dependency-missing", _edit("backend: rtn, options: {bits: 4, group_size: 32}", "backend: bnb"), MissingDependencyError,
      r"pip install 'quantlab\[bnb\]'", _bnb_missing),
     ("eval-base-missing", lambda c: ["eval", str(c.model), "--base", str(c.root / "no-base")], QuantlabError,
      r"does not exist"),

@@ -24,8 +24,6 @@ def layer_output(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-_first = layer_output
-
 
 @torch.no_grad()
 def first_layer_inputs(model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor,
@@ -59,7 +57,7 @@ def first_layer_inputs(model: nn.Module, layers: nn.ModuleList, ids: torch.Tenso
 @torch.no_grad()
 def run_layer(layer: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
     """Outputs of one decoder layer for every batch."""
-    return [_first(layer(h, **kw)) for h, kw in zip(hidden, kwargs)]
+    return [layer_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs)]
 
 
 @contextmanager

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import datetime as _dt
-import io
 import json
 import re
 from pathlib import Path
@@ -20,7 +19,7 @@ from quantlab.errors import MissingDependencyError, QuantlabError
 from quantlab.report import plots as P
 from quantlab.report.caveats import report_warnings
 from quantlab.report.data import RunData, combined_frame, load_runs
-from quantlab.report.tables import CONVENTION_TEXT, markdown_table, summary_frame
+from quantlab.report.tables import CONVENTION_TEXT, markdown_table, summary_frame, write_parquet
 from quantlab.runs import atomic_write_text, prepare_run_dir
 
 TEMPLATE = "report.html.j2"
@@ -163,11 +162,15 @@ def _env_rows(env: dict) -> list[tuple[str, str]]:
 
 
 def write_report(paths: str | Path | list[str | Path], out: str | Path | None = None, *,
-                 title: str | None = None, log=None) -> Path:
+                 title: str | None = None) -> Path:
     """Write ``report.html`` (with results.md and plots/) for one run directory, into it by
     default, or for several runs into ``out`` (then also the combined results.csv and
     results.parquet). Returns the report's path."""
-    runs = load_runs(paths)
+    return build_report(load_runs(paths), out, title=title)
+
+
+def build_report(runs: list[RunData], out: str | Path | None = None, *, title: str | None = None) -> Path:
+    """:func:`write_report` for runs already loaded."""
     if out is None:
         if len(runs) > 1:
             raise QuantlabError("a report across several runs needs an output directory (--out DIR)")
@@ -201,8 +204,6 @@ def write_report(paths: str | Path | list[str | Path], out: str | Path | None = 
         w, h = _png_size(files["png"])
         plots.append({"name": name, "title": ptitle, "caption": caption, "png_b64": _png_b64(files["png"]),
                       "svg": str(files["svg"].relative_to(out)), "width": w, "height": h})
-        if log:
-            log(f"plot {files['png']}")
 
     methods = []
     for run in runs:
@@ -227,17 +228,3 @@ def write_report(paths: str | Path | list[str | Path], out: str | Path | None = 
     path = out / "report.html"
     atomic_write_text(path, html)
     return path
-
-
-def write_parquet(frame: pd.DataFrame, path: Path) -> bool:
-    """Write a results frame as Parquet (atomically); False when no Parquet engine is
-    installed (the CSV holds the same table)."""
-    buf = io.BytesIO()
-    try:
-        frame.to_parquet(buf, index=False)
-    except ImportError:
-        return False
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(buf.getvalue())
-    tmp.replace(path)
-    return True

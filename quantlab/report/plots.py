@@ -5,6 +5,7 @@ nothing for it to draw (no speed measured, no per-layer statistics...)."""
 
 from __future__ import annotations
 
+import io
 import math
 import re
 import sys
@@ -14,6 +15,7 @@ from typing import Any
 import pandas as pd
 
 from quantlab.errors import MissingDependencyError
+from quantlab.runs import atomic_write_bytes
 
 BASE_COLOR = "#222222"
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2",
@@ -21,7 +23,8 @@ PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8
 _LAYER = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(?:.*\.)?([^.]+)$")
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot, on the file-only Agg backend outside Jupyter."""
     try:
         import matplotlib
 
@@ -69,7 +72,7 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
 def quality_vs_size(frame: pd.DataFrame):
     """Perplexity (and KL, when measured) against stored bits per weight: one point per
     method, the Pareto front of each run drawn, the float baseline marked with a star."""
-    plt = _plt()
+    plt = pyplot()
     metrics = [("ppl", "perplexity (lower is better)", False)]
     if "kld_mean" in frame and frame["kld_mean"].notna().any():
         metrics.append(("kld_mean", "mean KL(base ‖ method), nats/token (log)", True))
@@ -135,7 +138,7 @@ def speed(frame: pd.DataFrame):
     memory-bandwidth bound of decode drawn for each method."""
     if "decode_tokens_per_s" not in frame or frame["decode_tokens_per_s"].isna().all():
         return None
-    plt = _plt()
+    plt = pyplot()
     multi = _multi(frame)
     data = frame[frame["decode_tokens_per_s"].notna()].reset_index(drop=True)
     names = [_label(r, multi) for _, r in data.iterrows()]
@@ -195,7 +198,7 @@ def layer_error(metrics: dict[str, dict[str, Any]], frame: pd.DataFrame | None =
               if (t := _layer_table(m.get("layers") or {}, stat)) is not None}
     if not tables:
         return None
-    plt = _plt()
+    plt = pyplot()
     vmin = min(float(t.min().min()) for t in tables.values())
     vmax = max(float(t.max().max()) for t in tables.values())
     n = len(tables)
@@ -225,7 +228,7 @@ def quantization_cost(frame: pd.DataFrame, metrics: dict[str, dict[str, Any]] | 
     sensitivity pass), and peak resident memory while quantizing, loading and scoring.
     ``metrics`` maps a row's label (the method; ``run-name/method`` across several runs) to
     its metrics.json."""
-    plt = _plt()
+    plt = pyplot()
     metrics = metrics or {}
     multi = _multi(frame)
     data = frame.reset_index(drop=True)
@@ -268,17 +271,16 @@ def quantization_cost(frame: pd.DataFrame, metrics: dict[str, dict[str, Any]] | 
 
 
 def save_figure(fig, directory: Path, name: str) -> dict[str, Path]:
-    """Write ``name.png`` and ``name.svg`` into ``directory``; close the figure."""
-    plt = _plt()
+    """Write ``name.png`` and ``name.svg`` into ``directory`` (atomically); close the figure."""
+    plt = pyplot()
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     out = {}
     for ext, kw in (("png", {"dpi": 110}), ("svg", {})):
-        kw["bbox_inches"] = "tight"  # legends placed below the axes stay in the picture
-        path = directory / f"{name}.{ext}"
-        tmp = path.with_name(f".{path.name}.tmp")
-        fig.savefig(tmp, format=ext, **kw)
-        tmp.replace(path)
-        out[ext] = path
+        buf = io.BytesIO()
+        # bbox "tight": legends placed below the axes stay in the picture
+        fig.savefig(buf, format=ext, bbox_inches="tight", **kw)
+        out[ext] = directory / f"{name}.{ext}"
+        atomic_write_bytes(out[ext], buf.getvalue())
     plt.close(fig)
     return out

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import io
+from pathlib import Path
+
 import pandas as pd
+
+from quantlab.runs import atomic_write_bytes
 
 #: columns of results.csv, in order (metrics.json holds more: raw speed samples, Δp
 #: percentiles, per-layer statistics, options...)
@@ -179,3 +184,15 @@ def _looks_numeric(text: str) -> bool:
         return True
     except ValueError:
         return False
+
+
+def write_parquet(frame: pd.DataFrame, path: Path) -> bool:
+    """Write a results frame as Parquet (atomically); False when no Parquet engine is
+    installed (the CSV holds the same table)."""
+    buf = io.BytesIO()
+    try:
+        frame.to_parquet(buf, index=False)
+    except ImportError:
+        return False
+    atomic_write_bytes(path, buf.getvalue())
+    return True
