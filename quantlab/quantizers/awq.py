@@ -47,7 +47,7 @@ from quantlab.quantizers.base import (
     target_linears,
 )
 from quantlab.quantizers.grid import dequantize_matrix, quantize_matrix
-from quantlab.quantizers.linear import DenseDequantLinear, PackedLinear
+from quantlab.quantizers.linear import DenseDequantLinear, PackedLinear, drop_dense_weights
 from quantlab.quantizers.rtn import (
     GPTQ_BITS,
     WeightQuantConfig,
@@ -170,6 +170,7 @@ class AWQLinear(DenseDequantLinear):
                  dtype: torch.dtype = torch.float32, device=None):
         super().__init__()
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.compute_dtype = dtype
         ng = 1 if group_size == -1 else in_features // group_size
         self.register_buffer("qweight", torch.zeros(in_features, out_features // 8, dtype=torch.int32, device=device))
         self.register_buffer("qzeros", torch.zeros(ng, out_features // 8, dtype=torch.int32, device=device))
@@ -287,7 +288,8 @@ class AWQ(Backend):
         pick = torch.randperm(n_tok, generator=gen)[: c.search_tokens].sort().values
         for li, layer in enumerate(tqdm(layers, desc="awq: layers", unit="layer", leave=False, disable=None)):
             prefix = f"{spec.layers}.{li}."
-            mine = {n[len(prefix):]: m for n, m in targets.items() if n.startswith(prefix)}
+            # taken out of `targets`, so each float layer is freed once its quantized copy is in
+            mine = {n[len(prefix):]: targets.pop(n) for n in [n for n in targets if n.startswith(prefix)]}
             # one pass: mean |x| over all tokens and a token subset, per distinct input
             abs_sum: dict[str, torch.Tensor] = {}
             chunks: dict[str, list[torch.Tensor]] = {n: [] for n in mine}
@@ -356,6 +358,7 @@ class AWQ(Backend):
                                                   / lin.weight.float().norm().clamp(min=1e-12))
                 set_module(layer, n, q)
             hidden = float_out if c.next_inputs == "float" else run_layer(layer, hidden, kwargs)
+            drop_dense_weights(layer)
         return model
 
     def save(self, model: nn.Module, out_dir: Path) -> dict:

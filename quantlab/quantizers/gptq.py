@@ -32,7 +32,7 @@ from quantlab.quantizers.base import (
     target_linears,
 )
 from quantlab.quantizers.grid import group_params, quantize_codes
-from quantlab.quantizers.linear import PackedLinear
+from quantlab.quantizers.linear import PackedLinear, drop_dense_weights
 from quantlab.quantizers.rtn import (
     GPTQ_BITS,
     WeightQuantConfig,
@@ -171,7 +171,8 @@ class GPTQ(Backend):
         stages = dict(zip(("attn_in", "o_in", "mlp_in", "down_in"), spec.sequential))
         for li, layer in enumerate(tqdm(layers, desc="gptq: layers", unit="layer", leave=False, disable=None)):
             prefix = f"{spec.layers}.{li}."
-            mine = {n[len(prefix):]: m for n, m in targets.items() if n.startswith(prefix)}
+            # taken out of `targets`, so each float layer is freed once its quantized copy is in
+            mine = {n[len(prefix):]: targets.pop(n) for n in [n for n in targets if n.startswith(prefix)]}
             staged = c.true_sequential and spec.prenorm is not None and set(mine) <= {n for g in spec.sequential for n in g}
             if staged:
                 # each stage of the layer runs once; a group is quantized before the next stage
@@ -188,6 +189,7 @@ class GPTQ(Backend):
                         self._quantize_group(layer, mine, names, h * (2 / count), prefix)
 
                 hidden = staged_prenorm_layer(layer, spec.prenorm, hidden, kwargs, on_inputs)
+                drop_dense_weights(layer)
                 continue
             groups = [tuple(n for n in grp if n in mine) for grp in spec.sequential] if c.true_sequential else []
             groups = [grp for grp in groups if grp]
@@ -221,6 +223,7 @@ class GPTQ(Backend):
                     self._quantize_group(layer, mine, [n], hess[src] * (2 / max(count[src], 1)), prefix)
                 del hess
             hidden = run_layer(layer, hidden, kwargs)
+            drop_dense_weights(layer)
         return model
 
     def _quantize_group(self, layer: nn.Module, mine: dict[str, nn.Module], names: list[str],

@@ -7,11 +7,13 @@ Persistent buffers (what the checkpoint holds, GPTQ names and dtypes):
   g_idx   int32 [in]  group of each input column
   bias    [out] (optional)
 
-Execution: the codes are unpacked once, at construction, into a dense ``weight`` buffer
-(not saved) in the compute dtype, and ``forward`` is a plain ``F.linear``. On CPU this is
-the fastest path PyTorch offers (no int4 GEMM kernel runs here), so speed equals the float
+Execution: a loaded checkpoint's codes are unpacked once, at load, into a dense ``weight``
+buffer (not saved) in the compute dtype, and ``forward`` is a plain ``F.linear``. On CPU this
+is the fastest path PyTorch offers (no int4 GEMM kernel runs here), so speed equals the float
 model's and the saving is on disk and in transfer; the results table labels it
-``kernel=dense-dequant``.
+``kernel=dense-dequant``. While a quantizer works, the layers it has finished with hold only
+their packed buffers (``weight`` is None, see :func:`drop_dense_weights`) and dequantize in
+each forward: quantizing never holds a dense copy of the weights beside the float model's.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ class DenseDequantLinear(nn.Module):
     packed buffers and implement :meth:`dequantize`."""
 
     kernel = "dense-dequant"
+    weight: torch.Tensor | None
+    #: dtype of the dense weight and of the computation
+    compute_dtype: torch.dtype = torch.float32
 
     def dequantize(self) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -37,10 +42,23 @@ class DenseDequantLinear(nn.Module):
     @torch.no_grad()
     def refresh(self) -> None:
         """Recompute the dense weight from the packed buffers (after loading a state dict)."""
-        self.weight = self.dequantize().to(self.weight.dtype)
+        self.weight = self.dequantize().to(self.compute_dtype)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The dense weight [out, in]: the unpacked buffer, or dequantized now when the
+        layer holds only its packed form."""
+        return self.weight if self.weight is not None else self.dequantize().to(self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return F.linear(x, self.dense_weight(), self.bias)
+
+
+def drop_dense_weights(module: nn.Module) -> None:
+    """Free the dense weights of the packed layers inside ``module`` (they keep working,
+    dequantizing in each forward); quantizers call it on each decoder layer they finish."""
+    for m in module.modules():
+        if isinstance(m, DenseDequantLinear):
+            m.weight = None
 
 
 class PackedLinear(DenseDequantLinear):
@@ -49,6 +67,7 @@ class PackedLinear(DenseDequantLinear):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, group_size
+        self.compute_dtype = dtype
         n_groups = 1 if group_size == -1 else in_features // group_size
         self.register_buffer("qweight", torch.zeros(in_features * bits // 32, out_features, dtype=torch.int32, device=device))
         self.register_buffer("qzeros", torch.zeros(n_groups, out_features * bits // 32, dtype=torch.int32, device=device))
@@ -60,8 +79,9 @@ class PackedLinear(DenseDequantLinear):
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                    g_idx: torch.Tensor, bits: int, group_size: int, bias: torch.Tensor | None,
-                   dtype: torch.dtype) -> PackedLinear:
-        """Build from codes [out, in], scales/zeros [n_groups, out] and g_idx [in]."""
+                   dtype: torch.dtype, dense: bool = True) -> PackedLinear:
+        """Build from codes [out, in], scales/zeros [n_groups, out] and g_idx [in]; with
+        ``dense`` off the layer keeps only its packed buffers (quantizers, see above)."""
         out_f, in_f = codes.shape
         m = cls(in_f, out_f, bits, group_size, bias is not None, dtype, device=codes.device)
         maxq = 2**bits - 1
@@ -73,7 +93,7 @@ class PackedLinear(DenseDequantLinear):
         if bias is not None:
             m.bias.data.copy_(bias.to(dtype))
         # the codes are at hand: no need to unpack what was just packed
-        m.weight = dequantize_matrix(codes, m.scales, zeros, g_idx).to(dtype)
+        m.weight = dequantize_matrix(codes, m.scales, zeros, g_idx).to(dtype) if dense else None
         return m
 
     def codes(self) -> torch.Tensor:

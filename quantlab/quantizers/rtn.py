@@ -113,15 +113,17 @@ class RTN(Backend):
     @torch.no_grad()
     def quantize(self, model: nn.Module, calibration: torch.Tensor | None) -> nn.Module:
         c = self.config
-        targets = target_linears(model, c.skip_list())
-        for name, lin in tqdm(targets, desc="rtn: layers", unit="layer", leave=False, disable=None):
+        names = [name for name, _ in target_linears(model, c.skip_list())]
+        # by name, not holding the float layers: each is freed once its quantized copy is in
+        for name in tqdm(names, desc="rtn: layers", unit="layer", leave=False, disable=None):
+            lin = model.get_submodule(name)
             w = lin.weight.data
             codes, scales, zeros = quantize_matrix(w, c.bits, c.group_size, c.sym)
             g = w.shape[1] if c.group_size == -1 else c.group_size
             g_idx = torch.arange(w.shape[1], device=w.device) // g
             q = PackedLinear.from_codes(codes, scales, zeros, g_idx, c.bits, c.group_size,
-                                        lin.bias, dtype=w.dtype)
-            err = (q.weight.float() - w.float()).norm() / w.float().norm().clamp(min=1e-12)
+                                        lin.bias, dtype=w.dtype, dense=False)
+            err = (q.dequantize() - w.float()).norm() / w.float().norm().clamp(min=1e-12)
             self.layer_stats[name] = {"weight_rel_error": float(err)}
             set_module(model, name, q)
         return model
