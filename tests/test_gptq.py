@@ -141,3 +141,19 @@ def test_staged_and_hook_based_gptq_agree(tiny):
         if hasattr(ma, "qweight"):
             assert torch.equal(ma.qweight, mb.qweight), na
             assert torch.allclose(ma.scales.float(), mb.scales.float()), na
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_stacked_linears_solve_like_separate_ones(act_order):
+    """GPTQ is row-independent given H, so q/k/v (or gate/up) stacked into one matrix get the
+    same codes, grids and column order as each solved alone (what the backend relies on)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2048, 256, generator=gen)
+    h = x.t() @ x * (2 / x.shape[0])
+    w1, w2 = torch.randn(96, 256, generator=gen), torch.randn(64, 256, generator=gen)
+    stacked = gptq_quantize(torch.cat([w1, w2]), h, 4, 64, False, act_order=act_order)
+    one, two = (gptq_quantize(w, h, 4, 64, False, act_order=act_order) for w in (w1, w2))
+    assert torch.equal(stacked[0], torch.cat([one[0], two[0]]))
+    assert torch.equal(stacked[1], torch.cat([one[1], two[1]], dim=1))
+    assert torch.equal(stacked[2], torch.cat([one[2], two[2]], dim=1))
+    assert torch.equal(stacked[3], one[3]) and torch.equal(stacked[3], two[3])

@@ -219,10 +219,11 @@ class AWQConfig(WeightQuantConfig):
                                "second moment the scale and clipping searches score on.")
     seed: int = Field(0, description="Seed of the token subsets.")
     batch_size: int = Field(8, ge=1, description="Calibration windows per forward pass.")
-    next_inputs: Literal["quantized", "float"] = Field(
-        "quantized", description="What the next layer is calibrated on: 'quantized', the outputs of "
-        "this layer after quantization (a second pass per layer; errors propagate as at inference), "
-        "or 'float', its float outputs from the statistics pass (one pass per layer, as AutoAWQ does).")
+    next_inputs: Literal["float", "quantized"] = Field(
+        "float", description="What the next layer is calibrated on: 'float', this layer's float outputs "
+        "from the statistics pass (one pass per layer, as the reference AutoAWQ does), or 'quantized', "
+        "its outputs after quantization (a second pass per layer, ~1.6x the time; errors propagate as "
+        "at inference).")
     format: Literal["gemm", "gptq"] = Field(
         "gemm", description="Checkpoint layout: 'gemm' (AutoAWQ, 4 bits only) or 'gptq' (GPTQ v1, 2/3/4/8 bits).")
 

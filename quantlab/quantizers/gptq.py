@@ -228,16 +228,23 @@ class GPTQ(Backend):
 
     def _quantize_group(self, layer: nn.Module, mine: dict[str, nn.Module], names: list[str],
                         h: torch.Tensor, prefix: str) -> None:
-        """GPTQ each named linear of ``layer`` with the shared Hessian ``h``; swap it in."""
+        """GPTQ the named linears of ``layer``, which share the Hessian ``h``; swap them in.
+
+        GPTQ treats the rows of W independently given H, so linears that read the same input
+        (q/k/v, gate/up) are solved as one stacked matrix: one factorization, one column loop."""
         c = self.config
-        for n in names:
-            lin = mine[n]
-            with self.stage("gptq solve"):
-                codes, scales, zeros, g_idx = gptq_quantize(
-                    lin.weight.data, h, c.bits, c.group_size, c.sym, damp_percent=c.damp_percent,
-                    act_order=c.act_order, static_groups=c.static_groups, block_size=c.block_size)
-            q = PackedLinear.from_codes(codes.to(lin.weight.device), scales, zeros, g_idx, c.bits,
-                                        c.group_size, lin.bias, dtype=lin.weight.dtype)
+        lins = [mine[n] for n in names]
+        with self.stage("gptq solve"):
+            codes, scales, zeros, g_idx = gptq_quantize(
+                torch.cat([lin.weight.data for lin in lins]), h, c.bits, c.group_size, c.sym,
+                damp_percent=c.damp_percent, act_order=c.act_order, static_groups=c.static_groups,
+                block_size=c.block_size)
+        r0 = 0
+        for n, lin in zip(names, lins):
+            r1 = r0 + lin.out_features
+            q = PackedLinear.from_codes(codes[r0:r1].to(lin.weight.device), scales[:, r0:r1], zeros[:, r0:r1],
+                                        g_idx, c.bits, c.group_size, lin.bias, dtype=lin.weight.dtype)
+            r0 = r1
             w = lin.weight.data.float()
             dw = q.weight.float() - w
             # output error on the calibration inputs: trace(dW H dW^T) / trace(W H W^T)
