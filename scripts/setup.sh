@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Create .venv and install quantlab into it, with PyTorch pinned to the local CPU build.
 # Usage: scripts/setup.sh [EXTRAS]   e.g. scripts/setup.sh dev
+# VENV=DIR picks another environment directory (scripts/interop.sh uses .venv-gptq).
 # Idempotent: a second call with unchanged pyproject.toml returns at once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-}"
-venv=".venv"
+venv="${VENV:-.venv}"
 python="${PYTHON:-python3}"
 stamp="$venv/.quantlab-setup-$(sha256sum pyproject.toml | cut -c1-16)-${extras:-base}"
 if [ -f "$stamp" ]; then
@@ -22,6 +23,8 @@ echo "setup: installing torch==2.13.0 (CPU build)" >&2
 target="."
 [ -n "$extras" ] && target=".[$extras]"
 echo "setup: installing quantlab${extras:+[$extras]} (editable)" >&2
-"${pip[@]}" -e "$target"
+# the pin again, in the same resolution: an extra whose newest release wants a newer torch
+# (gptqmodel 7.7 does) must get an older release of itself, not a CUDA torch
+"${pip[@]}" -e "$target" "torch==2.13.0"
 rm -f "$venv"/.quantlab-setup-*
 touch "$stamp"
