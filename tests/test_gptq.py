@@ -157,3 +157,15 @@ def test_stacked_linears_solve_like_separate_ones(act_order):
     assert torch.equal(stacked[1], torch.cat([one[1], two[1]], dim=1))
     assert torch.equal(stacked[2], torch.cat([one[2], two[2]], dim=1))
     assert torch.equal(stacked[3], one[3]) and torch.equal(stacked[3], two[3])
+
+
+def test_gptqmodel_engine_names_its_extra_when_missing():
+    import importlib.util
+
+    from quantlab.errors import MissingDependencyError
+
+    if importlib.util.find_spec("gptqmodel") is not None:
+        pytest.skip("gptqmodel is installed here (tests/test_interop.py runs the engine)")
+    GPTQ(GPTQ.Config(engine="quantlab")).check_dependencies()
+    with pytest.raises(MissingDependencyError, match=r"quantlab\[gptq\]"):
+        GPTQ(GPTQ.Config(engine="gptqmodel")).check_dependencies()

@@ -36,11 +36,17 @@ class ReferenceLogprobs:
     def __init__(self, path: Path, n_tokens: int, vocab: int, mode: str, meta: dict | None = None):
         self.path, self.n_tokens, self.vocab = Path(path), n_tokens, vocab
         self.meta = meta or {}
-        self._codes = np.memmap(self.path / "logprobs.u16", dtype=np.uint16, mode=mode, shape=(n_tokens, vocab))
+        # plain file reads and writes, not a memory map: the codes (n_tokens x vocab x 2 bytes,
+        # 2 GB for 40 windows of a 49k vocabulary) would otherwise stay mapped in this process
+        # and count in its resident memory, which quantlab reports
+        self._file = self.path / "logprobs.u16"
+        self._writer = None
         if mode == "r":
-            rows = np.load(self.path / "rows.npy")
-            self._rows = rows
+            if self._file.stat().st_size != n_tokens * vocab * 2:
+                raise ValueError(f"{self._file} does not hold {n_tokens} x {vocab} codes")
+            self._rows = np.load(self.path / "rows.npy")
         else:
+            self._writer = open(self._file, "wb")  # noqa: SIM115 - closed in finish()
             self._rows = np.zeros((n_tokens, 5), dtype=np.float64)  # min, step, target logp, argmax, target
         self.filled = n_tokens if mode == "r" else 0
 
@@ -49,7 +55,7 @@ class ReferenceLogprobs:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         (path / "meta.json").unlink(missing_ok=True)  # "finished" marker, written last
-        return cls(path, n_tokens, vocab, "w+", meta)
+        return cls(path, n_tokens, vocab, "w", meta)
 
     @classmethod
     def open(cls, path: str | Path) -> ReferenceLogprobs | None:
@@ -71,7 +77,7 @@ class ReferenceLogprobs:
         step = ((lp.max(dim=-1).values - lo) / _LEVELS).clamp(min=1e-30)
         codes = torch.round((lp - lo[:, None]) / step[:, None]).to(torch.int32)
         s = slice(self.filled, self.filled + n)
-        self._codes[s] = codes.cpu().numpy().astype(np.uint16)
+        self._writer.write(codes.cpu().numpy().astype(np.uint16).tobytes())
         rows = torch.stack([lo.double(), step.double(), lp.gather(1, targets[:, None])[:, 0].double(),
                             lp.argmax(-1).double(), targets.double()], dim=1)
         self._rows[s] = rows.cpu().numpy()
@@ -80,7 +86,8 @@ class ReferenceLogprobs:
     def finish(self) -> None:
         if self.filled != self.n_tokens:
             raise ValueError(f"reference holds {self.filled} of {self.n_tokens} tokens")
-        self._codes.flush()
+        self._writer.close()
+        self._writer = None
         np.save(self.path / "rows.npy", self._rows)
         tmp = self.path / "meta.json.tmp"
         tmp.write_text(json.dumps(dict(self.meta, n_tokens=self.n_tokens, vocab=self.vocab)))
@@ -90,7 +97,10 @@ class ReferenceLogprobs:
         """(log-probs [n, V] renormalized, target log-probs [n], top-1 ids [n], targets [n])
         of tokens start..start+n."""
         rows = torch.from_numpy(self._rows[start : start + n])
-        codes = torch.from_numpy(self._codes[start : start + n].astype(np.float32))
+        if start < 0 or start + n > self.n_tokens:
+            raise ValueError(f"tokens {start}..{start + n} are outside the reference's {self.n_tokens}")
+        raw = np.fromfile(self._file, dtype=np.uint16, count=n * self.vocab, offset=start * self.vocab * 2)
+        codes = torch.from_numpy(raw.reshape(n, self.vocab).astype(np.float32))
         lp = rows[:, :1].float() + codes * rows[:, 1:2].float()
         return F.log_softmax(lp, dim=-1), rows[:, 2], rows[:, 3].long(), rows[:, 4].long()
 

@@ -14,14 +14,16 @@ The checkpoint is the standard GPTQ v1 layout (see :mod:`quantlab.quantizers.lin
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import Field, field_validator
 from torch import nn
 from tqdm.auto import tqdm
 
-from quantlab.errors import QuantlabError
+from quantlab.errors import MissingDependencyError, QuantlabError
 from quantlab.quantizers.arch import arch_spec, decoder_layers
 from quantlab.quantizers.base import (
     WEIGHTS_NAME,
@@ -126,6 +128,16 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, 
 # --------------------------------------------------------------------------- backend
 
 
+def _placeholder_tokenizer():
+    """gptqmodel loads a tokenizer from the model directory even when the calibration comes
+    as token ids (as quantlab passes it), so the directory gets this one: never used to encode."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({"<unk>": 0, "<pad>": 1}, unk_token="<unk>"))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>")
+
+
 class GPTQConfig(WeightQuantConfig):
     version = 1
     bits: int = Field(4, description="Bits per weight: 2, 3, 4 or 8 (the GPTQ format's widths).")
@@ -137,6 +149,10 @@ class GPTQConfig(WeightQuantConfig):
                                   "turn, each with inputs from the already-quantized part.")
     block_size: int = Field(128, ge=1, description="Columns per lazy-update block.")
     batch_size: int = Field(8, ge=1, description="Calibration windows per forward pass.")
+    engine: Literal["quantlab", "gptqmodel"] = Field(
+        "quantlab", description="Who runs GPTQ: 'quantlab' (this module) or 'gptqmodel', the same "
+        "options through the gptqmodel library as a cross-check (the [gptq] extra; its layers are "
+        "re-exported in the same GPTQ v1 layout; block_size is quantlab's alone).")
 
     @field_validator("bits")
     @classmethod
@@ -151,6 +167,14 @@ class GPTQ(Backend):
     description = "GPTQ (Frantar et al. 2022), quantlab's PyTorch implementation; GPTQ v1 checkpoints."
     Config = GPTQConfig
     needs_calibration = True
+    extra = "gptq"
+
+    def check_dependencies(self) -> None:
+        if self.config.engine == "gptqmodel":
+            import importlib.util
+
+            if importlib.util.find_spec("gptqmodel") is None:
+                raise MissingDependencyError("gptqmodel", "gptq", "gptq with engine: gptqmodel")
 
     def check(self, model: nn.Module) -> None:
         targets = target_linears(model, self.config.skip_list())
@@ -162,6 +186,8 @@ class GPTQ(Backend):
     def quantize(self, model: nn.Module, calibration: torch.Tensor | None) -> nn.Module:
         if calibration is None:
             raise QuantlabError("gptq needs calibration data")
+        if self.config.engine == "gptqmodel":
+            return self._quantize_gptqmodel(model, calibration)
         c = self.config
         spec = arch_spec(model)
         layers = decoder_layers(model, spec)
@@ -252,6 +278,55 @@ class GPTQ(Backend):
             self.layer_stats[prefix + n] = {"weight_rel_error": float(dw.norm() / w.norm().clamp(min=1e-12)),
                                             "output_rel_error": rel}
             set_module(layer, n, q)
+
+    def _quantize_gptqmodel(self, model: nn.Module, calibration: torch.Tensor) -> nn.Module:
+        """The same GPTQ through gptqmodel: the float model is saved to a temporary directory,
+        quantized there by gptqmodel with this config's options (its extras that quantlab's
+        GPTQ does not have, act-group-aware ordering, MSE grids and the RTN fallback, off),
+        and its packed tensors (GPTQ v1) are put into this model's layers as PackedLinear."""
+        from gptqmodel import GPTQModel, QuantizeConfig
+        from safetensors import safe_open
+
+        c = self.config
+        targets = dict(target_linears(model, c.skip_list()))
+        qc = QuantizeConfig(bits=c.bits, group_size=c.group_size, sym=c.sym, desc_act=c.act_order,
+                            act_group_aware=False, static_groups=c.static_groups,
+                            damp_percent=c.damp_percent, true_sequential=c.true_sequential,
+                            mse=0.0, fallback=None)
+        rows = [{"input_ids": r, "attention_mask": torch.ones_like(r)} for r in calibration.cpu()]
+        with tempfile.TemporaryDirectory(prefix="quantlab-gptqmodel-") as tmp:
+            src, dst = Path(tmp) / "float", Path(tmp) / "quantized"
+            with self.stage("gptqmodel: save float model"):
+                model.save_pretrained(src, safe_serialization=True)
+                _placeholder_tokenizer().save_pretrained(src)
+            with self.stage("gptqmodel: quantize"):
+                gm = GPTQModel.load(str(src), qc, device=str(next(model.parameters()).device))
+                gm.quantize(rows, batch_size=c.batch_size)
+                gm.save(str(dst))
+                del gm
+            tensors: dict[str, torch.Tensor] = {}
+            for f in sorted(dst.glob("*.safetensors")):
+                with safe_open(str(f), framework="pt") as sf:
+                    for k in sf.keys():
+                        if k.rsplit(".", 1)[-1] in ("qweight", "qzeros", "scales", "g_idx"):
+                            tensors[k] = sf.get_tensor(k)
+        for name, lin in targets.items():
+            if f"{name}.qweight" not in tensors:
+                raise QuantlabError(f"gptqmodel left layer '{name}' unquantized; its checkpoint has "
+                                    "no qweight for it")
+            q = PackedLinear(lin.in_features, lin.out_features, c.bits, c.group_size, lin.bias is not None,
+                             lin.weight.dtype, device=lin.weight.device)
+            for k in ("qweight", "qzeros", "scales", "g_idx"):
+                getattr(q, k).copy_(tensors[f"{name}.{k}"])
+            if lin.bias is not None:
+                q.bias.data.copy_(lin.bias.data)
+            q.refresh()
+            w = lin.weight.data.float()
+            self.layer_stats[name] = {"weight_rel_error": float((q.weight.float() - w).norm()
+                                                                / w.norm().clamp(min=1e-12))}
+            q.weight = None  # packed only, as the quantlab engine leaves its layers
+            set_module(model, name, q)
+        return model
 
     def save(self, model: nn.Module, out_dir: Path) -> dict:
         save_weights(model, out_dir / WEIGHTS_NAME)
