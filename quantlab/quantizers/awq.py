@@ -304,7 +304,7 @@ class AWQ(Backend):
                 chunks[name].append(x[sel.to(x.device)])
 
             float_out = []
-            with input_hooks(mine, collect) as seen:
+            with self.stage("statistics pass"), input_hooks(mine, collect) as seen:
                 for h, kw in zip(hidden, kwargs):
                     seen.clear()
                     out = layer_output(layer(h, **kw))
@@ -358,7 +358,11 @@ class AWQ(Backend):
                 stats["weight_rel_error"] = float((q.weight.float() - lin.weight.float()).norm()
                                                   / lin.weight.float().norm().clamp(min=1e-12))
                 set_module(layer, n, q)
-            hidden = float_out if c.next_inputs == "float" else run_layer(layer, hidden, kwargs)
+            if c.next_inputs == "float":
+                hidden = float_out
+            else:
+                with self.stage("quantized pass"):
+                    hidden = run_layer(layer, hidden, kwargs)
             drop_dense_weights(layer)
         return model
 

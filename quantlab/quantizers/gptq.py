@@ -210,7 +210,8 @@ class GPTQ(Backend):
                             x = x.reshape(-1, x.shape[-1]).float()
                             if h is None:
                                 h = torch.zeros(x.shape[-1], x.shape[-1], device=x.device)
-                            h.addmm_(x.t(), x)
+                            with self.stage("hessian"):
+                                h.addmm_(x.t(), x)
                             count += x.shape[0]
                         self._quantize_group(layer, mine, names, h * (2 / count), prefix)
 
@@ -239,7 +240,8 @@ class GPTQ(Backend):
                     x = x.reshape(-1, x.shape[-1]).float()
                     if name not in hess:
                         hess[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
-                    hess[name].addmm_(x.t(), x)
+                    with self.stage("hessian"):
+                        hess[name].addmm_(x.t(), x)
                     count[name] += x.shape[0]
 
                 with input_hooks({n: mine[n] for n in grp}, accumulate, stop_after=grp) as seen:
