@@ -158,7 +158,10 @@ def bytes_per_token(model: nn.Module, stored: dict[str, int] | None = None) -> i
                 add(m.weight, m.weight.shape[1] * m.weight.element_size())
             continue
         if getattr(m, "kernel", None) == "dense-dequant":
-            add(m.weight)
+            if m.weight is not None:
+                add(m.weight)
+            else:  # packed only (as a quantizer leaves it): each forward makes and reads a dense copy
+                total += m.out_features * m.in_features * torch.finfo(m.compute_dtype).bits // 8
             add(getattr(m, "bias", None))
             continue
         for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)):
