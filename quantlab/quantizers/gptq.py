@@ -322,11 +322,10 @@ class GPTQ(Backend):
                 getattr(q, k).copy_(tensors[f"{name}.{k}"])
             if lin.bias is not None:
                 q.bias.data.copy_(lin.bias.data)
-            q.refresh()
-            w = lin.weight.data.float()
-            self.layer_stats[name] = {"weight_rel_error": float((q.weight.float() - w).norm()
-                                                                / w.norm().clamp(min=1e-12))}
             q.weight = None  # packed only, as the quantlab engine leaves its layers
+            w = lin.weight.data.float()
+            self.layer_stats[name] = {"weight_rel_error": float((q.dequantize() - w).norm()
+                                                                / w.norm().clamp(min=1e-12))}
             set_module(model, name, q)
         return model
 
