@@ -19,13 +19,24 @@ from quantlab.errors import RecipeError, did_you_mean
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 _LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+#: labels name directories: well under any filesystem's 255-byte name limit
+MAX_LABEL = 100
+#: recipes are small documents; anything larger is refused before it is read
+MAX_RECIPE_BYTES = 1 << 20
+#: values a recipe may hold once YAML aliases are expanded (a real recipe has a few hundred)
+MAX_RECIPE_NODES = 100_000
+#: the longest input value echoed back in an error message
+MAX_ECHO = 120
 #: run-directory entries a method directory (named by its label) must not collide with
 RESERVED_LABELS = frozenset({"reference", "plots", "recipe.yaml", "environment.json", "calibration.json",
                              "results.csv", "results.parquet", "results.md", "report.html"})
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Unknown keys are errors, and types are strict: ``true`` is not the integer 1, "3" is
+    not 3 (a recipe value of the wrong type is a mistake, not something to convert)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class ModelSpec(_Strict):
@@ -180,6 +191,9 @@ class MethodSpec(_Strict):
     @field_validator("label")
     @classmethod
     def _label(cls, v: str) -> str:
+        if len(v) > MAX_LABEL:
+            raise ValueError(f"label '{v[:40]}…' is {len(v)} characters long; labels name directories: "
+                             f"at most {MAX_LABEL}")
         if not _LABEL_RE.match(v):
             raise ValueError(
                 f"label {v!r} must start with a letter or digit and use only letters, digits, "
@@ -235,6 +249,9 @@ class Recipe(_Strict):
         dup = sorted({x for x in labels if labels.count(x) > 1})
         if dup:
             raise ValueError(f"method labels must be unique; repeated: {', '.join(dup)}")
+        if len(self.all_methods()) > len(self.methods) and "baseline" in labels:
+            raise ValueError("a method is labelled 'baseline', the name of the float baseline that 'baseline: "
+                             "true' adds; rename the method, or set 'baseline: false' (or give it backend 'none')")
         for i, m in enumerate(self.methods):
             backend = get_backend(m.backend, where=f"methods[{i}].backend")
             try:
@@ -316,6 +333,12 @@ def _model_at(cls: type[BaseModel] | None, loc: tuple) -> type[BaseModel] | None
     return cls
 
 
+def _echo(value: Any) -> str:
+    """A value as an error message shows it: its repr, cut to MAX_ECHO characters."""
+    text = repr(value)  # bounded: documents are refused past MAX_RECIPE_NODES values
+    return text if len(text) <= MAX_ECHO else text[:MAX_ECHO] + "…"
+
+
 def _format_errors(exc: ValidationError, root: type[BaseModel], prefix: str = "") -> str:
     lines = []
     for err in exc.errors():
@@ -334,7 +357,7 @@ def _format_errors(exc: ValidationError, root: type[BaseModel], prefix: str = ""
         if err["type"] == "value_error":
             msg = msg.removeprefix("Value error, ")
         if err["type"] in {"literal_error"} or err["type"].endswith("_type") or "greater" in err["type"] or "less" in err["type"]:
-            msg += f" (got {err.get('input')!r})"
+            msg += f" (got {_echo(err.get('input'))})"
         lines.append(f"{path or 'recipe'}: {msg}")
     return "\n".join(lines)
 
@@ -357,24 +380,72 @@ def parse_recipe(doc: Any, *, default_name: str = "run", origin: str = "recipe")
         raise RecipeError("\n".join(f"{origin}: {line}" for line in text.splitlines())) from None
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read a YAML recipe, apply ``--set`` overrides and validate it."""
-    path = Path(path)
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (the last one would
+    silently win)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                mark = key_node.start_mark
+                raise RecipeError(f"key '{key}' is given twice in the same section (line {mark.line + 1}); "
+                                  "keep one")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _count_nodes(doc: Any, limit: int) -> int:
+    """Values in ``doc`` with aliases expanded, counting stops past ``limit`` (so a "billion
+    laughs" document costs microseconds, not minutes)."""
+    count, stack = 0, [doc]
+    while stack:
+        item = stack.pop()
+        count += 1
+        if count > limit:
+            return count
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return count
+
+
+def read_recipe_document(path: Path) -> Any:
+    """The YAML document of a recipe file, refused when it is too large, not UTF-8, not
+    YAML, has duplicate keys, or expands (through aliases) past MAX_RECIPE_NODES values."""
     if path.is_dir():
         raise RecipeError(f"'{path}' is a directory; give a recipe file (.yaml), e.g. recipes/rtn_int4.yaml")
     if not path.is_file():
         raise RecipeError(f"recipe file '{path}' does not exist")
+    size = path.stat().st_size
+    if size > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{path}: {size} bytes is too large for a recipe (at most {MAX_RECIPE_BYTES} bytes); "
+                          "is it the right file?")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise RecipeError(f"{path}: not a UTF-8 text file") from None
     try:
-        doc = yaml.safe_load(text)
+        doc = yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+    except RecipeError as e:
+        raise RecipeError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise RecipeError(f"{path}: invalid YAML{where}: {problem}") from None
+    if _count_nodes(doc, MAX_RECIPE_NODES) > MAX_RECIPE_NODES:
+        raise RecipeError(f"{path}: the recipe expands to more than {MAX_RECIPE_NODES} values (YAML aliases "
+                          "repeated inside each other?); write it out plainly")
+    return doc
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read a YAML recipe, apply ``--set`` overrides and validate it."""
+    path = Path(path)
+    doc = read_recipe_document(path)
     if overrides:
         if doc is None:
             doc = {}

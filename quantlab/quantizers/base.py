@@ -36,9 +36,10 @@ WEIGHTS_NAME = "model.safetensors"
 
 
 class BackendConfig(BaseModel):
-    """Base of every backend's options: frozen, unknown keys rejected."""
+    """Base of every backend's options: frozen, unknown keys rejected, strict types (``true``
+    is not a group size of 1)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
     version: ClassVar[int] = 1
 
     def table_fields(self) -> dict[str, Any]:
@@ -241,7 +242,7 @@ def load_quantized(ckpt_dir: Path, meta: dict[str, Any], dtype: torch.dtype, dev
     loaded, then every packed module's dense weight recomputed (``refresh``)."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(ckpt_dir)
+    config = AutoConfig.from_pretrained(ckpt_dir, trust_remote_code=False)
     qcfg = getattr(config, "quantization_config", None) or {}
     if not isinstance(qcfg, dict):
         qcfg = qcfg.to_dict()
