@@ -20,7 +20,7 @@ from quantlab.report import plots as P
 from quantlab.report.caveats import report_warnings
 from quantlab.report.data import RunData, combined_frame, load_runs
 from quantlab.report.tables import CONVENTION_TEXT, markdown_table, summary_frame, write_parquet
-from quantlab.runs import atomic_write_text, prepare_run_dir
+from quantlab.runs import atomic_write_text, owned_path, prepare_run_dir
 
 TEMPLATE = "report.html.j2"
 
@@ -175,7 +175,9 @@ def build_report(runs: list[RunData], out: str | Path | None = None, *, title: s
         if len(runs) > 1:
             raise QuantlabError("a report across several runs needs an output directory (--out DIR)")
         out = runs[0].path
-    out = prepare_run_dir(Path(out), "report directory")
+    # a report goes into its own run, or a directory of its own: never over another run's files
+    out = prepare_run_dir(Path(out), "report directory", kind="report", allow=None if len(runs) > 1 else runs[0].path)
+    plots_dir = owned_path(out, "plots", directory=True, what="plots directory")
     env = _jinja_env()
     multi = len(runs) > 1
     frame = combined_frame(runs) if multi else runs[0].frame.assign(run=str(runs[0].path))
@@ -200,7 +202,7 @@ def build_report(runs: list[RunData], out: str | Path | None = None, *, title: s
         fig = make()
         if fig is None:
             continue
-        files = P.save_figure(fig, out / "plots", name)
+        files = P.save_figure(fig, plots_dir, name)
         w, h = _png_size(files["png"])
         plots.append({"name": name, "title": ptitle, "caption": caption, "png_b64": _png_b64(files["png"]),
                       "svg": str(files["svg"].relative_to(out)), "width": w, "height": h})
