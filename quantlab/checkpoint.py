@@ -35,21 +35,26 @@ SIDECAR = "quantlab.json"
 
 def export_checkpoint(model: nn.Module, tokenizer, backend, out_dir: Path, *,
                       source: dict[str, Any], label: str) -> Path:
-    """Write ``model`` (quantized by ``backend``) into ``out_dir``, atomically."""
+    """Write ``model`` (quantized by ``backend``) into ``out_dir``, atomically. An existing
+    ``out_dir`` is replaced only when it is a checkpoint quantlab wrote (it has a sidecar)."""
     out_dir = Path(out_dir)
+    if out_dir.is_symlink() or (out_dir.exists() and not (out_dir / SIDECAR).is_file()):
+        raise QuantlabError(f"'{out_dir}' exists but is not a checkpoint quantlab wrote (a file, a link, or a "
+                            "directory without quantlab.json); move it away and run again")
     # half-written exports of killed runs (the run directory's lock makes this run the only writer)
     for stale in out_dir.parent.glob(f"{out_dir.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
-    tmp.mkdir(parents=True)
     try:
+        tmp.mkdir(parents=True)
         _write(model, tokenizer, backend, tmp, source, label)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # a full disk leaves no half checkpoint behind
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk or Ctrl-C leaves no half checkpoint behind
         raise
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
     return out_dir
 
 
@@ -76,7 +81,15 @@ def _write(model: nn.Module, tokenizer, backend, tmp: Path, source: dict[str, An
         "source": source,
         "files": manifest(tmp),
     }
+    meta["sidecar_sha256"] = sidecar_digest(meta)
     (tmp / SIDECAR).write_text(json.dumps(meta, indent=2))
+
+
+def sidecar_digest(meta: dict[str, Any]) -> str:
+    """sha256 of the sidecar's content (its own digest left out): the manifest covers every
+    other file, this covers the sidecar, so no part of a checkpoint can be edited unnoticed."""
+    body = {k: v for k, v in meta.items() if k != "sidecar_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def read_sidecar(ckpt_dir: Path) -> dict[str, Any]:
@@ -111,20 +124,43 @@ def manifest(ckpt_dir: Path) -> dict[str, dict[str, Any]]:
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".gguf")
 
 
+def _manifest_entries(ckpt_dir: Path, meta: dict[str, Any], hint: str) -> dict[str, dict[str, Any]]:
+    """The sidecar's manifest, checked for shape: a mapping of relative paths inside the
+    checkpoint to {sha256, bytes}. Anything else is an error, never a reason to skip."""
+    files = meta.get("files")
+    where = f"'{Path(ckpt_dir) / SIDECAR}'"
+    if not isinstance(files, dict) or not files:
+        raise QuantlabError(f"{where} has no manifest of its files ('files' is missing or not a mapping), so "
+                            f"the checkpoint cannot be verified; {hint}")
+    for name, want in files.items():
+        parts = Path(name).parts
+        if Path(name).is_absolute() or ".." in parts or not parts:
+            raise QuantlabError(f"{where} lists '{name}', which is outside the checkpoint; {hint}")
+        if not isinstance(want, dict) or not isinstance(want.get("sha256"), str) or not isinstance(want.get("bytes"), int):
+            raise QuantlabError(f"{where}: the manifest entry of '{name}' is not {{sha256, bytes}}; {hint}")
+    return files
+
+
 def verify_checkpoint(ckpt_dir: Path) -> None:
-    """Check every file against the manifest in the sidecar: present, same size, same
-    sha256; no weight file the manifest does not list. Checkpoints written before manifests
-    existed (no ``files`` key) pass unchecked."""
+    """Check the sidecar against its own digest and every file against the manifest in it:
+    present, same size, same sha256; no weight file the manifest does not list. A sidecar
+    without a manifest (or with a malformed one) fails: verification is never skipped
+    silently (``--no-verify`` is the explicit way)."""
     ckpt_dir = Path(ckpt_dir)
-    files = read_sidecar(ckpt_dir).get("files")
-    if files is None:
-        return
+    meta = read_sidecar(ckpt_dir)
     hint = "re-export it (run the recipe again with --force), or pass --no-verify to load it anyway"
+    files = _manifest_entries(ckpt_dir, meta, hint)
+    if "sidecar_sha256" not in meta:
+        raise QuantlabError(f"'{ckpt_dir / SIDECAR}' has no digest of its own (written by an earlier quantlab, "
+                            f"or edited), so it cannot be verified; {hint}")
+    if meta["sidecar_sha256"] != sidecar_digest(meta):
+        raise QuantlabError(f"'{ckpt_dir / SIDECAR}' was changed since export (its digest does not match "
+                            f"its content); {hint}")
     for name, want in files.items():
         path = ckpt_dir / name
-        if not path.is_file():
+        if path.is_symlink() or not path.is_file():
             raise QuantlabError(f"checkpoint '{ckpt_dir}' is missing '{name}', which its manifest lists; {hint}")
-        if path.stat().st_size != want.get("bytes") or _sha256(path) != want.get("sha256"):
+        if path.stat().st_size != want["bytes"] or _sha256(path) != want["sha256"]:
             raise QuantlabError(f"checkpoint file '{path}' does not match its manifest (sha256 or size "
                                 f"differs: damaged or changed since export); {hint}")
     extra = [p.relative_to(ckpt_dir).as_posix() for p in ckpt_dir.rglob("*")
@@ -139,15 +175,27 @@ def load_checkpoint(ckpt_dir: Path, *, dtype: torch.dtype, device: torch.device,
     checks every file against the manifest first."""
     from transformers import AutoTokenizer
 
+    from quantlab.models import check_no_remote_code, check_safetensors
     from quantlab.registry import get_backend
 
     ckpt_dir = Path(ckpt_dir)
     meta = read_sidecar(ckpt_dir)
     if verify:
         verify_checkpoint(ckpt_dir)
-    backend = get_backend(meta.get("backend", "?"), where=f"{ckpt_dir}/{SIDECAR}")
-    model = backend.load(ckpt_dir, meta, dtype, device)
-    tokenizer = AutoTokenizer.from_pretrained(ckpt_dir)
+    # a checkpoint is data: code it names (auto_map) never runs, whatever it says
+    check_no_remote_code(ckpt_dir, str(ckpt_dir), trust_remote_code=False)
+    check_safetensors(ckpt_dir)
+    backend = get_backend(str(meta.get("backend", "?")), where=f"{ckpt_dir}/{SIDECAR}")
+    try:
+        model = backend.load(ckpt_dir, meta, dtype, device)
+        tokenizer = AutoTokenizer.from_pretrained(ckpt_dir, trust_remote_code=False)
+    except QuantlabError:
+        raise
+    except Exception as e:  # a sidecar that contradicts its tensors, a config transformers rejects...
+        detail = (str(e).splitlines() or [""])[0][:200]
+        raise QuantlabError(f"checkpoint '{ckpt_dir}' cannot be loaded by backend '{meta.get('backend')}' "
+                            f"({type(e).__name__}: {detail}); re-export it (run its recipe again with "
+                            "--force)") from None
     info = {"source": str(ckpt_dir), "kind": "checkpoint", "backend": meta["backend"],
             "options": meta.get("options", {})}
     return LoadedModel(model, tokenizer, info)

