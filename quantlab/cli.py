@@ -105,9 +105,11 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_validate(args) -> int:
+    from quantlab.pipeline import check_sources
     from quantlab.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
+    check_sources(recipe)
     methods = recipe.all_methods()
     print(f"{args.recipe}: valid recipe '{recipe.name}': model {recipe.model.source}, "
           f"{len(methods)} methods ({', '.join(f'{m.label}={m.backend}' for m in methods)}), "

@@ -46,3 +46,19 @@ def environment(device: torch.device | None = None, dtype: torch.dtype | None = 
     if dtype is not None:
         env["dtype"] = str(dtype).removeprefix("torch.")
     return env
+
+
+def extra_packages(extra: str) -> list[str]:
+    """The distribution names a pip extra of quantlab installs (from the installed metadata)."""
+    import re
+
+    try:
+        requires = importlib.metadata.requires("quantlab") or []
+    except importlib.metadata.PackageNotFoundError:
+        return []
+    out = []
+    for req in requires:
+        spec, _, marker = req.partition(";")
+        if re.search(rf"extra\s*==\s*['\"]{re.escape(extra)}['\"]", marker):
+            out.append(re.match(r"[A-Za-z0-9_.\-]+", spec.strip()).group(0))
+    return out

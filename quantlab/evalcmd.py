@@ -107,8 +107,23 @@ def evaluate_source(model: str, *, data: str = "pydoc", split: str | None = None
     return _finite(out)
 
 
+def _check_applicable(args) -> None:
+    """Options that would be ignored are refused, as a recipe refuses them: a flag the user
+    typed always changes what is measured, or the command says why it cannot."""
+    if args.stride is not None and args.convention != "strided":
+        raise QuantlabError(f"--stride applies to the strided convention, not {args.convention!r}; add "
+                            "--convention strided or drop --stride")
+    if args.bos != "auto" and args.convention != "llamacpp":
+        raise QuantlabError(f"--bos applies to the llamacpp convention, not {args.convention!r}; add "
+                            "--convention llamacpp or drop --bos")
+    if args.kl_windows is not None and not args.base:
+        raise QuantlabError("--kl-windows applies to the divergence from a base model; add --base MODEL or "
+                            "drop --kl-windows")
+
+
 def run_eval(args) -> int:
     _check_positive(args)
+    _check_applicable(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     out = evaluate_source(args.model, data=args.data, split=args.split, text_field=args.text_field,

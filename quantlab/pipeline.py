@@ -44,11 +44,14 @@ from quantlab.runs import (
     RunLock,
     atomic_write_json,
     atomic_write_text,
+    code_digest,
     finished_metrics,
     finished_stage,
+    owned_path,
     prepare_run_dir,
     stage_key,
     storage_errors,
+    write_record,
 )
 from quantlab.scoring import (
     EvalSettings,
@@ -198,17 +201,12 @@ def _refuse_foreign_run(out_dir: Path, recipe: Recipe, force: bool) -> None:
             "--out, or pass --force to replace them")
 
 
-def run_recipe(recipe: Recipe, out: str | Path | None = None, *, force: bool = False,
-               echo: bool = True) -> RunResult:
-    """Run every method of ``recipe`` into ``out`` (default: the recipe's output.dir)."""
-    methods = recipe.all_methods()
-    backends = {m.label: get_backend(m.backend)(m.config()) for m in methods}
-    if recipe.threads:
-        torch.set_num_threads(recipe.threads)
-    device = resolve_device(recipe.model.device)
-    dtype = resolve_dtype(recipe.model.dtype, device)
-
-    # Cheap checks first: libraries, the model source and texts exist before anything is loaded.
+def check_sources(recipe: Recipe, backends: dict | None = None) -> None:
+    """The cheap checks, before anything is loaded (``quantlab validate`` runs them too):
+    the backends' libraries are installed, the model source exists, lm-eval tasks are
+    known, and local text sources exist and read as text."""
+    if backends is None:
+        backends = {m.label: get_backend(m.backend)(m.config()) for m in recipe.all_methods()}
     for label, b in backends.items():
         try:
             b.check_dependencies()
@@ -216,19 +214,131 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, *, force: bool = F
             e.args = (f"method '{label}': {e}",)
             raise
     classify(recipe.model.source)
-    quiet_progress_bars()
-    ev = recipe.eval
-    if ev.tasks:
+    if recipe.eval.tasks:
         from quantlab.bench.tasks import check_tasks
 
-        check_tasks(ev.tasks, ev.task_paths)
+        check_tasks(recipe.eval.tasks, recipe.eval.task_paths)
+    need_cal = any(b.needs_calibration for b in backends.values()) or any(m.sensitivity_spec() for m in recipe.methods)
+    texts = [(recipe.eval, "evaluation")] + ([(recipe.calibration, "calibration")] if need_cal else [])
+    for spec, role in texts:
+        if spec.source != "wikitext2":  # online: checked when the run loads it
+            load_text(spec.source, spec.split, role, spec.text_field)
+
+
+def _absolute_sources(recipe: Recipe) -> Recipe:
+    """The recipe with every path source (model, texts) made absolute: a result is identified
+    by what it measured, and a relative path means another thing from another directory."""
+    from quantlab.models import DEMO_MODELS
+
+    def absolute(source: str) -> str:
+        path = Path(source).expanduser()
+        if source in DEMO_MODELS or source in ("pydoc", "wikitext2") or not path.exists():
+            return source
+        return str(path.resolve())
+
+    model = recipe.model.model_copy(update={"source": absolute(recipe.model.source)})
+    cal = recipe.calibration.model_copy(update={"source": absolute(recipe.calibration.source)})
+    ev = recipe.eval.model_copy(update={"source": absolute(recipe.eval.source)})
+    return recipe.model_copy(update={"model": model, "calibration": cal, "eval": ev})
+
+
+def _check_lengths(recipe: Recipe, backends: dict, max_pos: int | None) -> None:
+    """Every window quantlab will run fits the model's context, each named by the key that
+    sets it (checked before any work, so nothing runs past the model's positions)."""
+    if not max_pos:
+        return
+    cal, speed = recipe.calibration, recipe.eval.speed
+    if any(b.needs_calibration for b in backends.values()) and cal.seq_len > max_pos:
+        raise QuantlabError(f"calibration.seq_len={cal.seq_len} is longer than the model's context ({max_pos} tokens)")
+    for i, m in enumerate(recipe.methods):
+        spec = m.sensitivity_spec()
+        if spec is not None and spec.seq_len > max_pos:
+            raise QuantlabError(f"methods[{i}].sensitivity.seq_len={spec.seq_len} ({m.label}) is longer than the "
+                                f"model's context ({max_pos} tokens)")
+    if speed.enabled and speed.prompt_tokens + speed.new_tokens > max_pos:
+        raise QuantlabError(f"eval.speed.prompt_tokens + eval.speed.new_tokens = {speed.prompt_tokens} + "
+                            f"{speed.new_tokens} tokens decode past the model's context ({max_pos} tokens); "
+                            "lower them")
+
+
+def _backend_versions(backends: dict) -> dict:
+    """Versions of everything that computes a result: torch, transformers, and the libraries
+    the backends use (their pip extras' packages, where installed)."""
+    env = environment()["packages"]
+    keep = ("torch", "transformers", "safetensors", "tokenizers", "accelerate", "numpy")
+    return {k: env.get(k) for k in keep} | {f"extra:{b.extra}": _extra_versions(b.extra)
+                                            for b in backends.values() if b.extra}
+
+
+def _extra_versions(extra: str) -> dict:
+    import importlib.metadata
+
+    from quantlab.env import extra_packages
+
+    out = {}
+    for name in extra_packages(extra):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _reusable_stage(stage: dict, backend, ckpt: Path, log_prefix: str):
+    """The backend rebuilt from an export record, when the record agrees with the
+    checkpoint it describes (same options as its sidecar, valid options); else None: the
+    stage is done again."""
+    cls = type(backend)
+    try:
+        verify_checkpoint(ckpt)
+        if read_sidecar(ckpt).get("options") != stage["options"]:
+            raise QuantlabError("its export record and its sidecar disagree on the options")
+        again = cls(cls.Config(**stage["options"]))  # the options as resolved then (skip: auto)
+        again.layer_stats, again.stage_seconds = dict(stage["layers"]), dict(stage["stage_seconds"])
+        for k in ("quantize_s", "export_s", "peak_rss_quantize_bytes", "peak_cuda_quantize_bytes", "sensitivity"):
+            stage[k]  # noqa: B018 - present, or the record is not ours
+    except QuantlabError as e:
+        _log(f"{log_prefix}: the checkpoint exported earlier cannot be reused ({e}); quantizing again")
+        return None
+    except (KeyError, TypeError, ValueError) as e:
+        _log(f"{log_prefix}: the export record is not readable ({type(e).__name__}); quantizing again")
+        return None
+    return again
+
+
+def _write_run_files(out_dir: Path, resolved: dict, env: dict, calibration) -> None:
+    """recipe.yaml, environment.json and calibration.json: written together with the results
+    table, so a run that stops before its first method finishes (a late error, Ctrl-C) leaves
+    a finished run's description as it was, consistent with its results."""
+    atomic_write_text(out_dir / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False))
+    atomic_write_json(out_dir / "environment.json", env)
+    if calibration is not None:
+        atomic_write_json(out_dir / "calibration.json", calibration.record())
+
+
+def run_recipe(recipe: Recipe, out: str | Path | None = None, *, force: bool = False,
+               echo: bool = True) -> RunResult:
+    """Run every method of ``recipe`` into ``out`` (default: the recipe's output.dir)."""
+    recipe = _absolute_sources(recipe)
+    methods = recipe.all_methods()
+    backends = {m.label: get_backend(m.backend)(m.config()) for m in methods}
+    if recipe.threads:
+        torch.set_num_threads(recipe.threads)
+    device = resolve_device(recipe.model.device)
+    dtype = resolve_dtype(recipe.model.dtype, device)
+
+    check_sources(recipe, backends)
+    quiet_progress_bars()
+    ev = recipe.eval
     eval_text = load_text(ev.source, ev.split, "evaluation", ev.text_field)
     cal = recipe.calibration
     sens_specs = {m.label: m.sensitivity_spec() for m in methods}
     need_cal = any(b.needs_calibration for b in backends.values()) or any(sens_specs.values())
     cal_text = load_text(cal.source, cal.split, "calibration", cal.text_field) if need_cal else None
-    out_dir = prepare_run_dir(Path(out) if out else recipe.output_dir())
+    out_dir = prepare_run_dir(Path(out) if out else recipe.output_dir(), kind="run")
     _refuse_foreign_run(out_dir, recipe, force)
+    for label in backends:  # a method directory of the wrong kind or a link: refused before any work
+        owned_path(out_dir, label, directory=True, what=f"method directory of '{label}'")
 
     with RunLock(out_dir), storage_errors(out_dir):
         _log(f"loading model '{recipe.model.source}' ({str(dtype).removeprefix('torch.')} on {device})")
@@ -245,9 +355,7 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, *, force: bool = F
             raise QuantlabError(f"model '{recipe.model.source}' is already quantized (quant_method "
                                 f"'{method}'); quantlab quantizes float models: give the unquantized one "
                                 "(score this one with `quantlab eval`)")
-        max_pos = model_context(base.model)
-        if need_cal and max_pos and cal.seq_len > max_pos:
-            raise QuantlabError(f"calibration.seq_len={cal.seq_len} is longer than the model's context ({max_pos} tokens)")
+        _check_lengths(recipe, backends, model_context(base.model))
         settings = EvalSettings(convention=ev.convention, seq_len=ev.seq_len, stride=ev.stride, bos=ev.bos,
                                 max_windows=ev.max_windows, batch_size=ev.batch_size)
         plan = build_plan(settings, eval_text, base.tokenizer, base.model)
@@ -266,24 +374,23 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, *, force: bool = F
             cal_ids = tokenize(cal_text, base.tokenizer)
             if any(b.needs_calibration for b in backends.values()):
                 calibration = sample_calibration(cal_ids, cal_text, cal.samples, cal.seq_len, cal.seed)
-                atomic_write_json(out_dir / "calibration.json", calibration.record())
 
         env = environment(device, dtype)
         if ev.speed.enabled:
             env["memory_bandwidth_bytes_per_s"] = memory_bandwidth(device)
         resolved = recipe_to_dict(recipe)
-        atomic_write_text(out_dir / "recipe.yaml", yaml.safe_dump(resolved, sort_keys=False))
-        atomic_write_json(out_dir / "environment.json", env)
 
         # what determines every method's results; the calibration set joins the keys of only
         # the methods that use it, so adding a GPTQ method does not invalidate finished RTN rows
         shared = {k: v for k, v in resolved.items()
                   if k not in ("methods", "output", "name", "description", "calibration")}
-        shared.update(quantlab=__version__, eval_sha256=eval_text.sha256,
-                      model_info={k: v for k, v in base.info.items() if k != "path"})
+        # the code and library versions that compute results, and the model by content
+        shared.update(quantlab=__version__, code=code_digest(), versions=_backend_versions(backends),
+                      eval_sha256=eval_text.sha256, model_info={k: v for k, v in base.info.items() if k != "path"})
         # what determines a checkpoint (not the evaluation settings: changing those re-scores the
         # checkpoints already exported instead of quantizing again)
-        export_shared = {"model": resolved["model"], "model_info": shared["model_info"], "quantlab": __version__}
+        export_shared = {"model": resolved["model"], "model_info": shared["model_info"], "quantlab": __version__,
+                         "code": shared["code"], "versions": shared["versions"]}
         export_cal = {"calibration": resolved["calibration"], "calibration_text_sha256": cal_text.sha256 if cal_text else None}
         source_info = dict(base.info, dtype=str(dtype).removeprefix("torch."))
         eval_labels = labels(plan, eval_text, base.tokenizer, base.model)
@@ -291,10 +398,12 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, *, force: bool = F
         if ev.divergence.enabled:
             part = plan.head(ev.divergence.max_windows)
             ref_key = plan_key(part, eval_text, {"model": shared["model_info"], "dtype": str(dtype),
-                                                 "device": device.type})
+                                                 "device": device.type, "code": shared["code"],
+                                                 "versions": shared["versions"]})
             _log(f"base model distributions on {part.scored_tokens} tokens ({len(part.segments)} windows) "
                  "for divergence")
-            reference = compute_reference(base.model, part, out_dir / "reference", ev.batch_size, ref_key)
+            ref_dir = owned_path(out_dir, "reference", directory=True, what="divergence reference")
+            reference = compute_reference(base.model, part, ref_dir, ev.batch_size, ref_key)
             shared["reference_key"] = ref_key
         spare = [base.model]
 
@@ -315,37 +424,29 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, *, force: bool = F
             uses_cal = backend.needs_calibration or sens_specs[method.label] is not None
             method_cal = (dict(export_cal, calibration_sha256=calibration.sha256 if backend.needs_calibration else None)
                           if uses_cal else None)
-            what = {"calibration": method_cal, "method": method.model_dump(mode="json"),
-                    "backend_version": backend.Config.version}
+            # the options as resolved (every default filled in): a changed default is a changed key
+            what = {"calibration": method_cal, "backend_version": backend.Config.version,
+                    "method": dict(method.model_dump(mode="json"), options=backend.config.model_dump(mode="json"))}
             key = stage_key({"shared": shared, **what})
-            mdir = out_dir / method.label
+            mdir = owned_path(out_dir, method.label, directory=True, what=f"method directory of '{method.label}'")
             done = None if force else finished_metrics(mdir, key)
             if done is not None:
                 _log(f"[{i}/{len(methods)}] {method.label}: finished earlier with the same settings; reusing it")
                 rows.append(done)
                 continue
-            mdir.mkdir(parents=True, exist_ok=True)
             export_key = stage_key({"export": export_shared, **what})
-            ckpt = mdir / "checkpoint"
+            ckpt = owned_path(mdir, "checkpoint", directory=True, what="checkpoint directory", create=False)
             stage = None if force else finished_stage(mdir, export_key)
-            if stage is not None:
-                try:
-                    verify_checkpoint(ckpt)
-                except QuantlabError as e:
-                    _log(f"[{i}/{len(methods)}] {method.label}: the checkpoint exported earlier is damaged "
-                         f"({e}); quantizing again")
-                    stage = None
-            if stage is not None:
+            reused = stage and _reusable_stage(stage, backend, ckpt, f"[{i}/{len(methods)}] {method.label}")
+            if reused:
                 _log(f"[{i}/{len(methods)}] {method.label}: quantized and exported earlier with the same "
                      "settings; reusing the checkpoint")
-                cls = type(backend)
-                backend = cls(cls.Config(**stage["options"]))  # the options as resolved then (skip: auto)
-                backend.layer_stats, backend.stage_seconds = stage["layers"], stage["stage_seconds"]
+                backend = reused
             else:
                 stage = _quantize_and_export(i, len(methods), method, backend, take_base_model(), sens_specs[method.label],
                                              cal_ids, cal_text, calibration, base.tokenizer, source_info, mdir, device)
                 backend = stage.pop("backend")
-                atomic_write_json(mdir / EXPORT_RECORD, dict(stage, key=export_key))
+                write_record(mdir / EXPORT_RECORD, dict(stage, key=export_key))
             quantize_s, export_s = stage["quantize_s"], stage["export_s"]
             sens = stage["sensitivity"]
             gc.collect()
@@ -453,8 +554,9 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, *, force: bool = F
             for task, values in tasks.items():
                 for metric, value in values.items():
                     metrics[f"task_{task}_{metric}"] = value
-            atomic_write_json(mdir / "metrics.json", metrics)
+            write_record(mdir / "metrics.json", metrics)
             rows.append(metrics)
+            _write_run_files(out_dir, resolved, env, calibration)
             _write_results(out_dir, results_frame(rows))
             del loaded
             gc.collect()
@@ -463,6 +565,7 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, *, force: bool = F
                  f"{ppl.scored_tokens} tokens of {eval_text.name}){kl}")
 
         frame = results_frame(rows)
+        _write_run_files(out_dir, resolved, env, calibration)
         _write_results(out_dir, frame)
         report = None
         if recipe.output.report:
