@@ -124,6 +124,76 @@ def _bnb_missing(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` raises ImportError
 
 
+# --------------------------------------------------------------------------- the second pass
+# (issue 20): state that a careless or hostile user can produce
+
+
+def _run_copy(ctx: Ctx, name: str, change: Callable[[Path], None] | None = None) -> Path:
+    """A copy of the finished run (made once per session), ``change`` applied to it."""
+    return _altered_copy(ctx.ref, ctx.root / "runs" / name, change or (lambda d: None))
+
+
+def _replace_with_file(name: str) -> Callable[[Path], None]:
+    def change(run: Path) -> None:
+        target = run / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        target.write_text("not a directory")
+    return change
+
+
+def _replace_with_dir(name: str) -> Callable[[Path], None]:
+    def change(run: Path) -> None:
+        (run / name).unlink(missing_ok=True)
+        (run / name).mkdir()
+    return change
+
+
+def _edit_json(name: str, edit: Callable[[dict], None]) -> Callable[[Path], None]:
+    def change(d: Path) -> None:
+        doc = json.loads((d / name).read_text())
+        edit(doc)
+        (d / name).write_text(json.dumps(doc))
+    return change
+
+
+def _auto_map(doc: dict) -> None:
+    doc["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
+
+
+def _safetensors(data: bytes) -> Callable[[Path], None]:
+    def change(d: Path) -> None:
+        (d / "model.safetensors").write_bytes(data)
+    return change
+
+
+def _truncated_weights(d: Path) -> None:
+    data = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[: len(data) // 2])
+
+
+def _no_weights(d: Path) -> None:
+    (d / "model.safetensors").unlink()
+
+
+def _demo_run(ctx: Ctx) -> list[str]:
+    return ctx.run(edit=lambda t: t.replace(f'"{ctx.model}"', "smollm2-135m"))
+
+
+def _billion_laughs() -> str:
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for i in range(1, 10):
+        lines.append(f"a{i}: &a{i} [{', '.join(f'*a{i - 1}' for _ in range(10))}]")
+    return "\n".join(lines) + "\nmethods: *a9\n"
+
+
+def _foreign_dir(ctx: Ctx) -> Path:
+    d = ctx.root / "foreign"
+    d.mkdir(exist_ok=True)
+    (d / "thesis.tex").write_text("precious")
+    return d
+
+
+
 # id, argv builder, exact error class, regex the message must match (, optional set-up with monkeypatch)
 CASES: list[tuple] = [
     ("yaml-malformed", lambda c: c.run(text="model: {source: x\nmethods: [\n"), RecipeError, r"invalid YAML.*line"),
@@ -212,6 +282,107 @@ CASES: list[tuple] = [
     ("report-not-a-run", lambda c: ["report", str(c.root / "files")], QuantlabError, r"holds no results.csv"),
     ("report-results-corrupt", lambda c: ["report", str(c.file("bad-run/results.csv", b"\x00\xff" * 64).parent)],
      QuantlabError, r"cannot be read as a results table"),
+    # 2. writing over other runs or outside the output directory
+    ("report-out-over-another-run", lambda c: ["report", str(_run_copy(c, "other")), "--out", str(c.ref)],
+     QuantlabError, r"holds a quantlab run, not a report"),
+    ("compare-out-over-a-compared-run", lambda c: ["compare", str(_run_copy(c, "other")), str(_run_copy(c, "other2")),
+                                                   "--out", str(c.ref)], QuantlabError, r"holds a quantlab run, not a report"),
+    ("run-out-inside-another-run", lambda c: ["run", str(_renamed(c.recipe(), "nested.yaml")), "--out",
+                                              str(c.ref / "rtn-w4" / "checkpoint" / "nested")],
+     QuantlabError, r"is inside the quantlab (run|checkpoint) directory"),
+    ("run-out-foreign-directory", lambda c: ["run", str(c.recipe()), "--out", str(_foreign_dir(c))],
+     QuantlabError, r"already holds files that quantlab did not write"),
+    ("label-300-characters", _edit("label: rtn-w4", "label: " + "x" * 300), RecipeError, r"300 characters.*at most 100"),
+    ("late-failure-nothing-left-to-quantize", _edit("group_size: 32}", "group_size: 32, skip: ['*']}"),
+     QuantlabError, r"no linear layer is left to quantize"),
+    # 3. code or content from a checkpoint that should not be trusted
+    ("checkpoint-auto-map", lambda c: ["eval", "--no-verify", str(_damaged_ckpt(c, "auto-map", _edit_json(
+        "config.json", _auto_map)))], QuantlabError, r"auto_map.*does not run"),
+    ("model-auto-map", lambda c: c.run(edit=lambda t: t.replace(str(c.model), str(_model_dir(
+        c, "auto-map", _edit_json("config.json", _auto_map))))), QuantlabError, r"auto_map.*trust_remote_code"),
+    ("checkpoint-manifest-deleted", lambda c: ["eval", str(_damaged_ckpt(c, "no-files", _edit_json(
+        "quantlab.json", lambda d: d.pop("files"))))], QuantlabError, r"has no manifest of its files"),
+    ("checkpoint-manifest-a-list", lambda c: ["eval", str(_damaged_ckpt(c, "files-list", _edit_json(
+        "quantlab.json", lambda d: d.update(files=list(d["files"])))))], QuantlabError, r"has no manifest"),
+    ("checkpoint-manifest-null-entry", lambda c: ["eval", str(_damaged_ckpt(c, "files-null", _edit_json(
+        "quantlab.json", lambda d: d["files"].update({"config.json": None}))))], QuantlabError,
+     r"entry of 'config.json' is not"),
+    ("checkpoint-manifest-outside", lambda c: ["eval", str(_damaged_ckpt(c, "files-outside", _edit_json(
+        "quantlab.json", lambda d: d["files"].update({"../../etc/passwd": {"sha256": "0", "bytes": 1}}))))],
+     QuantlabError, r"outside the checkpoint"),
+    ("checkpoint-sidecar-options-edited", lambda c: ["eval", str(_damaged_ckpt(c, "bits-8", _edit_json(
+        "quantlab.json", lambda d: d["options"].update(bits=8))))], QuantlabError, r"changed since export"),
+    # 4. damaged or odd state: one error line each
+    ("weights-random-bytes", lambda c: c.run(edit=lambda t: t.replace(str(c.model), str(_model_dir(
+        c, "random", _safetensors(os.urandom(4096)))))), QuantlabError, r"model.safetensors' cannot be read"),
+    ("weights-header-size-absurd", lambda c: c.run(edit=lambda t: t.replace(str(c.model), str(_model_dir(
+        c, "absurd", _safetensors((2**62).to_bytes(8, "little") + b"{}"))))), QuantlabError, r"header size is impossible"),
+    ("weights-truncated", lambda c: c.run(edit=lambda t: t.replace(str(c.model), str(_model_dir(
+        c, "half", _truncated_weights)))), QuantlabError, r"shorter than its header says"),
+    ("checkpoint-random-bytes-no-verify", lambda c: ["eval", "--no-verify", str(_damaged_ckpt(
+        c, "random", _safetensors(os.urandom(4096))))], QuantlabError, r"cannot be read"),
+    ("sidecar-backend-contradicts-tensors", lambda c: ["eval", "--no-verify", str(_damaged_ckpt(c, "as-awq", _edit_json(
+        "quantlab.json", lambda d: d.update(backend="int8-dynamic"))))], QuantlabError, r"cannot be loaded by backend 'int8-dynamic'"),
+    ("eval-device-torch-rejects", lambda c: ["eval", str(c.model), "--device", "gpu:x"], QuantlabError,
+     r"not a device torch knows"),
+    ("eval-device-no-cuda", lambda c: ["eval", str(c.model), "--device", "cuda:3"], QuantlabError, r"CUDA is not available"),
+    ("cache-is-a-file", _demo_run, QuantlabError, r"cache directory .* cannot be used.*QUANTLAB_CACHE",
+     lambda mp: mp.setenv("QUANTLAB_CACHE", "/proc/self/status")),
+    ("cache-unwritable", _demo_run, QuantlabError, r"cache directory .* cannot be used",
+     lambda mp: mp.setenv("QUANTLAB_CACHE", "/proc/self/quantlab-cache")),
+    ("lock-file-is-a-directory", lambda c: ["run", str(c.recipe()), "--out", str(_run_copy(
+        c, "lock-dir", _replace_with_dir(".quantlab.lock")))], QuantlabError, r"lock file .* is not a plain file"),
+    ("method-directory-is-a-file", lambda c: ["run", str(c.recipe()), "--out", str(_run_copy(
+        c, "mdir-file", _replace_with_file("rtn-w4")))], QuantlabError, r"method directory .* is a file"),
+    ("checkpoint-is-a-file", lambda c: ["run", str(c.recipe()), "--force", "--out", str(_run_copy(
+        c, "ckpt-file", _replace_with_file("rtn-w4/checkpoint")))], QuantlabError, r"checkpoint directory .* is a file"),
+    ("reference-is-a-file", lambda c: ["run", str(c.recipe()), "--force", "--out", str(_run_copy(
+        c, "ref-file", _replace_with_file("reference")))], QuantlabError, r"divergence reference .* is a file"),
+    ("plots-is-a-file", lambda c: ["report", str(_run_copy(c, "plots-file", _replace_with_file("plots")))],
+     QuantlabError, r"plots directory .* is a file"),
+    # 5. resource exhaustion
+    ("yaml-billion-laughs", lambda c: c.run(text=_billion_laughs()), RecipeError, r"expands to more than 100000 values"),
+    ("recipe-file-too-large", lambda c: ["run", str(c.file("big.yaml", b"# padding\n" * 120_000))], RecipeError,
+     r"too large for a recipe"),
+    # 6. smaller but real
+    ("label-baseline-with-implicit-baseline", _edit("label: rtn-w4", "label: baseline"), RecipeError,
+     r"labelled 'baseline'"),
+    ("group-size-true", _edit("group_size: 32", "group_size: true"), RecipeError, r"group_size.*valid integer"),
+    ("max-windows-true", _edit("max_windows: 2", "max_windows: true"), RecipeError, r"max_windows.*valid integer"),
+    ("yaml-duplicate-key", _edit("eval: {", "eval: {seq_len: 32, "), RecipeError, r"'seq_len' is given twice"),
+    ("validate-model-missing", lambda c: ["validate", str(c.recipe(edit=lambda t: t.replace(
+        str(c.model), str(c.root / "no-model"))))], QuantlabError, r"does not exist"),
+    ("validate-text-missing", lambda c: ["validate", str(c.recipe(edit=lambda t: t.replace(
+        "eval: {", f'eval: {{source: "{c.root / "no-text.txt"}", ')))], QuantlabError, r"text source .* does not exist"),
+    ("model-without-weights", lambda c: c.run(edit=lambda t: t.replace(str(c.model), str(_model_dir(
+        c, "no-weights", _no_weights)))), QuantlabError, r"holds no weight files"),
+    ("sensitivity-seq-len-over-context", _edit("group_size: 32}", "group_size: 32}, sensitivity: {seq_len: 512}"),
+     QuantlabError, r"methods\[0\]\.sensitivity\.seq_len=512"),
+    ("speed-decodes-past-context", _edit("speed: {enabled: false}", "speed: {new_tokens: 400}"), QuantlabError,
+     r"decode past the model's context \(256"),
+    ("eval-stride-not-strided", lambda c: ["eval", str(c.model), "--stride", "16"], QuantlabError,
+     r"--stride applies to the strided convention"),
+    ("eval-bos-not-llamacpp", lambda c: ["eval", str(c.model), "--bos", "yes"], QuantlabError,
+     r"--bos applies to the llamacpp convention"),
+    ("eval-kl-windows-without-base", lambda c: ["eval", str(c.model), "--kl-windows", "2"], QuantlabError,
+     r"--kl-windows applies to the divergence"),
+    # more instances of the same classes
+    ("yaml-nested-too-deep", lambda c: c.run(text="methods: " + "[" * 50_000 + "]" * 50_000 + "\n"), RecipeError,
+     r"nested too deeply"),
+    ("text-source-not-a-regular-file", lambda c: _with_eval_source(c, Path("/dev/zero")), QuantlabError,
+     r"not a regular file"),
+    ("text-field-not-jsonl", _edit("eval: {", "eval: {text_field: body, "), RecipeError,
+     r"text_field applies to \.jsonl"),
+    ("task-limit-without-tasks", _edit("eval: {", "eval: {task_limit: 5, "), RecipeError,
+     r"task_limit applies to eval\.tasks"),
+    ("eval-text-field-not-jsonl", lambda c: ["eval", str(c.model), "--text-field", "body"], QuantlabError,
+     r"--text-field applies to \.jsonl"),
+    ("checkpoint-sidecar-nested-too-deep", lambda c: ["eval", str(_damaged_ckpt(
+        c, "deep", lambda d: (d / "quantlab.json").write_text("[" * 100_000 + "]" * 100_000)))], QuantlabError,
+     r"quantlab.json' is corrupt"),
+    ("tokenizer-garbage", lambda c: c.run(edit=lambda t: t.replace(str(c.model), str(_model_dir(
+        c, "bad-tokenizer", lambda d: (d / "tokenizer.json").write_bytes(os.urandom(512)))))), QuantlabError,
+     r"could not load model .*tokenizer|could not load model"),
 ]
 
 
@@ -231,7 +402,7 @@ def ctx(tiny_model_dir, tmp_path_factory) -> Ctx:
 
 
 def test_the_corpus_is_large_enough():
-    assert len(CASES) >= 30 and len({c[0] for c in CASES}) == len(CASES)
+    assert len(CASES) >= 95 and len({c[0] for c in CASES}) == len(CASES)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])

@@ -36,6 +36,16 @@ def test_from_pretrained_of_weights_asks_for_safetensors():
         assert kw.get("use_safetensors") == "True" or "gguf_file" in kw, f"{path}:{call.lineno}"
 
 
+def test_every_from_pretrained_says_whether_remote_code_may_run():
+    """transformers asks on a terminal (and runs the code on "y") when a config names code
+    and trust_remote_code is left unset: every load in the package sets it explicitly."""
+    calls = list(_calls(".from_pretrained"))
+    assert calls
+    for path, call in calls:
+        kw = {k.arg for k in call.keywords}
+        assert "trust_remote_code" in kw, f"{path}:{call.lineno}: from_pretrained without trust_remote_code"
+
+
 def test_trust_remote_code_is_off_by_default_and_shown_when_on(tiny_recipe, tmp_path, capsys):
     from quantlab.recipe import load_recipe
 
