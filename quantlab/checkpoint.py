@@ -99,8 +99,8 @@ def read_sidecar(ckpt_dir: Path) -> dict[str, Any]:
                             "an incomplete export leaves none")
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise QuantlabError(f"'{path}' is corrupt: {e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise QuantlabError(f"'{path}' is corrupt: {str(e)[:200] or type(e).__name__}") from None
     if not isinstance(meta, dict):
         raise QuantlabError(f"'{path}' is corrupt: expected a JSON object")
     return meta

@@ -161,6 +161,8 @@ def load_text(source: str, split: str | None, role: str, text_field: str = "text
         raise QuantlabError(
             f"text source '{source}' does not exist; use 'pydoc' (embedded), 'wikitext2' "
             "(online), a .txt/.jsonl file or a directory with valid.txt/test.txt")
+    if not path.is_file():  # a device or FIFO (/dev/zero) would be read forever
+        raise QuantlabError(f"text source '{source}' is not a regular file; give a .txt/.jsonl file or a directory")
     if split is not None:
         raise QuantlabError(f"text source '{source}' is a single file; it has no split {split!r}")
     if path.suffix == ".jsonl":

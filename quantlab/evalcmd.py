@@ -116,6 +116,8 @@ def _check_applicable(args) -> None:
     if args.bos != "auto" and args.convention != "llamacpp":
         raise QuantlabError(f"--bos applies to the llamacpp convention, not {args.convention!r}; add "
                             "--convention llamacpp or drop --bos")
+    if args.text_field != "text" and not args.data.endswith(".jsonl"):
+        raise QuantlabError(f"--text-field applies to .jsonl data, not {args.data!r}; drop it")
     if args.kl_windows is not None and not args.base:
         raise QuantlabError("--kl-windows applies to the divergence from a base model; add --base MODEL or "
                             "drop --kl-windows")

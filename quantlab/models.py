@@ -391,7 +391,7 @@ def load_model(source: str, *, dtype: torch.dtype, device: torch.device,
         # safetensors only: a pickle (.bin) checkpoint can run arbitrary code when loaded
         model = AutoModelForCausalLM.from_pretrained(loc, dtype=dtype, trust_remote_code=trust_remote_code,
                                                      use_safetensors=True, **kwargs)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # transformers and tokenizers raise many types for damaged files
         if kind == "hub":
             raise QuantlabError(
                 f"could not load '{source}' from the Hugging Face Hub ({type(e).__name__}: "

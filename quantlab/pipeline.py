@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import gc
+import io
 import sys
 import time
 from dataclasses import dataclass
@@ -35,13 +36,21 @@ from quantlab.checkpoint import (
 from quantlab.data import load_text, sample_calibration, tokenize
 from quantlab.env import environment
 from quantlab.errors import QuantlabError
-from quantlab.models import classify, load_model, quiet_progress_bars, resolve_device, resolve_dtype
+from quantlab.models import (
+    classify,
+    content_digest,
+    load_model,
+    quiet_progress_bars,
+    resolve_device,
+    resolve_dtype,
+)
 from quantlab.recipe import Recipe, recipe_to_dict
 from quantlab.registry import get_backend
 from quantlab.report.tables import format_summary, results_frame
 from quantlab.runs import (
     EXPORT_RECORD,
     RunLock,
+    atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
     code_digest,
@@ -124,8 +133,10 @@ def _plot_sensitivity(result, path: Path, label: str) -> None:
         ax.axhline(result.kl_budget, color="black", lw=0.8, ls="--", label=f"kl_budget {result.kl_budget}")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())  # replaces a link in the run, never writes through it
 
 
 def _quantize_and_export(i: int, n: int, method, backend, work, spec, cal_ids, cal_text, calibration,
@@ -295,8 +306,6 @@ def _reusable_stage(stage: dict, backend, ckpt: Path, log_prefix: str):
             raise QuantlabError("its export record and its sidecar disagree on the options")
         again = cls(cls.Config(**stage["options"]))  # the options as resolved then (skip: auto)
         again.layer_stats, again.stage_seconds = dict(stage["layers"]), dict(stage["stage_seconds"])
-        for k in ("quantize_s", "export_s", "peak_rss_quantize_bytes", "peak_cuda_quantize_bytes", "sensitivity"):
-            stage[k]  # noqa: B018 - present, or the record is not ours
     except QuantlabError as e:
         _log(f"{log_prefix}: the checkpoint exported earlier cannot be reused ({e}); quantizing again")
         return None
@@ -338,7 +347,7 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, *, force: bool = F
     out_dir = prepare_run_dir(Path(out) if out else recipe.output_dir(), kind="run")
     _refuse_foreign_run(out_dir, recipe, force)
     for label in backends:  # a method directory of the wrong kind or a link: refused before any work
-        owned_path(out_dir, label, directory=True, what=f"method directory of '{label}'")
+        owned_path(out_dir, label, directory=True, what=f"method directory of '{label}'", create=False)
 
     with RunLock(out_dir), storage_errors(out_dir):
         _log(f"loading model '{recipe.model.source}' ({str(dtype).removeprefix('torch.')} on {device})")
@@ -384,22 +393,23 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, *, force: bool = F
         # the methods that use it, so adding a GPTQ method does not invalidate finished RTN rows
         shared = {k: v for k, v in resolved.items()
                   if k not in ("methods", "output", "name", "description", "calibration")}
-        # the code and library versions that compute results, and the model by content
+        # the code and library versions that compute results, the model by content, where it ran
         shared.update(quantlab=__version__, code=code_digest(), versions=_backend_versions(backends),
-                      eval_sha256=eval_text.sha256, model_info={k: v for k, v in base.info.items() if k != "path"})
+                      runtime={"device": str(device), "dtype": str(dtype)}, eval_sha256=eval_text.sha256,
+                      model_info={k: v for k, v in base.info.items() if k != "path"},
+                      task_files={p: content_digest(Path(p)) for p in ev.task_paths if Path(p).is_dir()})
         # what determines a checkpoint (not the evaluation settings: changing those re-scores the
         # checkpoints already exported instead of quantizing again)
         export_shared = {"model": resolved["model"], "model_info": shared["model_info"], "quantlab": __version__,
-                         "code": shared["code"], "versions": shared["versions"]}
+                         "code": shared["code"], "versions": shared["versions"], "runtime": shared["runtime"]}
         export_cal = {"calibration": resolved["calibration"], "calibration_text_sha256": cal_text.sha256 if cal_text else None}
         source_info = dict(base.info, dtype=str(dtype).removeprefix("torch."))
         eval_labels = labels(plan, eval_text, base.tokenizer, base.model)
         reference = None
         if ev.divergence.enabled:
             part = plan.head(ev.divergence.max_windows)
-            ref_key = plan_key(part, eval_text, {"model": shared["model_info"], "dtype": str(dtype),
-                                                 "device": device.type, "code": shared["code"],
-                                                 "versions": shared["versions"]})
+            ref_key = plan_key(part, eval_text, {"model": shared["model_info"], "runtime": shared["runtime"],
+                                                 "code": shared["code"], "versions": shared["versions"]})
             _log(f"base model distributions on {part.scored_tokens} tokens ({len(part.segments)} windows) "
                  "for divergence")
             ref_dir = owned_path(out_dir, "reference", directory=True, what="divergence reference")
@@ -437,7 +447,7 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, *, force: bool = F
             export_key = stage_key({"export": export_shared, **what})
             ckpt = owned_path(mdir, "checkpoint", directory=True, what="checkpoint directory", create=False)
             stage = None if force else finished_stage(mdir, export_key)
-            reused = stage and _reusable_stage(stage, backend, ckpt, f"[{i}/{len(methods)}] {method.label}")
+            reused = _reusable_stage(stage, backend, ckpt, f"[{i}/{len(methods)}] {method.label}") if stage else None
             if reused:
                 _log(f"[{i}/{len(methods)}] {method.label}: quantized and exported earlier with the same "
                      "settings; reusing the checkpoint")

@@ -78,6 +78,12 @@ class TextSpec(_Strict):
     )
     text_field: str = Field("text", description="Field holding the text in a .jsonl file.")
 
+    @model_validator(mode="after")
+    def _text_field_for_jsonl(self) -> TextSpec:
+        if self.text_field != "text" and not self.source.endswith(".jsonl"):
+            raise ValueError(f"text_field applies to .jsonl sources, not {self.source!r}; remove it")
+        return self
+
 
 class CalibrationSpec(TextSpec):
     """Calibration samples: random windows of `seq_len` tokens drawn with `seed`."""
@@ -145,6 +151,10 @@ class EvalSpec(TextSpec):
             raise ValueError(f"stride applies to the strided convention, not {self.convention!r}")
         if self.bos is not None and self.convention != "llamacpp":
             raise ValueError(f"bos applies to the llamacpp convention, not {self.convention!r}")
+        unused = [k for k in ("task_limit", "task_fewshot") if getattr(self, k) is not None]
+        if not self.tasks and (unused or self.task_paths):
+            key = (unused or ["task_paths"])[0]
+            raise ValueError(f"{key} applies to eval.tasks, which is empty; add tasks or remove {key}")
         if self.max_windows is not None and self.convention == "lm-eval":
             raise ValueError("max_windows does not apply to the lm-eval convention (it scores whole documents)")
         if self.stride is not None and self.seq_len is not None and self.stride > self.seq_len:
@@ -388,11 +398,13 @@ class _RecipeLoader(yaml.SafeLoader):
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, (str, int, float, bool)) and key in seen:
+            if not isinstance(key, (str, int, float, bool)):
+                continue  # an odd key (a list...): the schema rejects it with a clearer message
+            if (type(key), key) in seen:
                 mark = key_node.start_mark
                 raise RecipeError(f"key '{key}' is given twice in the same section (line {mark.line + 1}); "
                                   "keep one")
-            seen.add(key)
+            seen.add((type(key), key))
         return super().construct_mapping(node, deep=deep)
 
 
@@ -431,6 +443,8 @@ def read_recipe_document(path: Path) -> Any:
         doc = yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
     except RecipeError as e:
         raise RecipeError(f"{path}: {e}") from None
+    except RecursionError:
+        raise RecipeError(f"{path}: the document is nested too deeply to be a recipe") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

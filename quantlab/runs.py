@@ -179,7 +179,7 @@ def _record(path: Path, key: str) -> dict | None:
     then done again."""
     try:
         record = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return None
     if not isinstance(record, dict) or record.get("key") != key or record.get("digest") != _digest(record):
         return None

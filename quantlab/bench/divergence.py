@@ -54,7 +54,12 @@ class ReferenceLogprobs:
     def create(cls, path: str | Path, n_tokens: int, vocab: int, meta: dict | None = None) -> ReferenceLogprobs:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        (path / "meta.json").unlink(missing_ok=True)  # "finished" marker, written last
+        # "finished" marker first (written last); every file is unlinked before it is written, so
+        # a link planted in the run directory is replaced, never written through
+        for name in ("meta.json", "logprobs.u16", "rows.npy", "meta.json.tmp"):
+            if (path / name).is_dir() and not (path / name).is_symlink():
+                raise QuantlabError(f"'{path / name}' is a directory where quantlab keeps a file; move it away")
+            (path / name).unlink(missing_ok=True)
         return cls(path, n_tokens, vocab, "w", meta)
 
     @classmethod
