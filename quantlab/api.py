@@ -95,7 +95,9 @@ def backends() -> list[dict[str, Any]]:
     for name in backend_names():
         cls = get_backend(name)
         out.append({"name": name, "description": cls.description,
-                    "needs_calibration": cls.needs_calibration, "extra": cls.extra,
+                    # a property where the options decide (llamacpp: imatrix)
+                    "needs_calibration": cls.needs_calibration if isinstance(cls.needs_calibration, bool)
+                    else "with some options", "extra": cls.extra,
                     "options": {k: {"default": f.default if f.default_factory is None else f.default_factory(),
                                     "description": f.description or ""}
                                 for k, f in cls.Config.model_fields.items()}})

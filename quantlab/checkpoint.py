@@ -202,5 +202,5 @@ def load_checkpoint(ckpt_dir: Path, *, dtype: torch.dtype, device: torch.device,
 
 
 def weight_bytes(ckpt_dir: Path) -> int:
-    """Bytes of the weight files (``*.safetensors``) of a checkpoint directory."""
-    return sum(p.stat().st_size for p in Path(ckpt_dir).glob("*.safetensors"))
+    """Bytes of the weight files (``*.safetensors``, ``*.gguf``) of a checkpoint directory."""
+    return sum(p.stat().st_size for pattern in ("*.safetensors", "*.gguf") for p in Path(ckpt_dir).glob(pattern))

@@ -149,7 +149,8 @@ def _cmd_backends(args) -> int:
     from quantlab.api import backends
 
     for b in backends():
-        cal = "needs calibration" if b["needs_calibration"] else "no calibration"
+        need = b["needs_calibration"]
+        cal = "needs calibration" if need is True else ("no calibration" if not need else f"calibration {need}")
         extra = f"; extra [{b['extra']}]" if b["extra"] else ""
         print(f"{b['name']}: {b['description']} ({cal}{extra})")
         for key, opt in b["options"].items():

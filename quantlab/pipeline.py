@@ -150,6 +150,8 @@ def _quantize_and_export(i: int, n: int, method, backend, work, spec, cal_ids, c
         backend, result = _sensitivity(method, backend, spec, work, cal_ids, cal_text,
                                        calibration.ids if calibration is not None else None, mdir)
         sens = result.as_dict()
+    if hasattr(backend, "context"):  # llamacpp: the source's GGUF metadata, calibration as text
+        backend.context = {"source_info": source_info, "tokenizer": tokenizer}
     _log(f"[{i}/{n}] {method.label}: quantize ({backend.name})")
     with _Peak(device) as mem:
         t0 = time.perf_counter()
@@ -225,6 +227,7 @@ def check_sources(recipe: Recipe, backends: dict | None = None) -> None:
             e.args = (f"method '{label}': {e}",)
             raise
     classify(recipe.model.source)
+    _check_gguf(recipe, backends)
     if recipe.eval.tasks:
         from quantlab.bench.tasks import check_tasks
 
@@ -234,6 +237,42 @@ def check_sources(recipe: Recipe, backends: dict | None = None) -> None:
     for spec, role in texts:
         if spec.source != "wikitext2":  # online: checked when the run loads it
             load_text(spec.source, spec.split, role, spec.text_field)
+
+
+def _check_gguf(recipe: Recipe, backends: dict) -> None:
+    """GGUF exports whose grids GGUF cannot hold, and the llama.cpp engine without its tools:
+    errors before anything loads."""
+    from quantlab.formats.gguf import check_gguf_options
+
+    for m in recipe.all_methods():
+        if "gguf" in m.export:
+            b = backends[m.label]
+            if b.name != "llamacpp":  # its checkpoint is a GGUF file already
+                check_gguf_options(m.label, b.name, b.config.model_dump(mode="json"))
+    if "llamacpp" in recipe.eval.engines:
+        from quantlab.engines.llamacpp import find_llamacpp
+
+        find_llamacpp()
+
+
+def _gguf_stage(method, backend, loaded, mdir: Path, out_dir: Path, base_info: dict, ev, key: str) -> dict:
+    """The method's GGUF files (when it exports GGUF), written from the checkpoint reloaded
+    from disk; returns the columns they add to the row."""
+    if "gguf" not in method.export:
+        return {}
+    from quantlab.engines.phase import GGUF, GGUF_F32, export_method_gguf, main_type
+    from quantlab.formats.gguf import template_for
+
+    path = base_info.get("path")
+    template = template_for(base_info, Path(path) if path else None)
+    baseline = backend.name == "none"
+    rec = export_method_gguf(loaded.model, mdir, template, float_type=ev.llamacpp.float_type, baseline=baseline,
+                             key=stage_key({"gguf": key, "float_type": ev.llamacpp.float_type}),
+                             log=lambda msg: _log(f"{method.label}: {msg}"))
+    rel = mdir.relative_to(out_dir)
+    return {"gguf_file": str(rel / GGUF), "gguf_f32_file": None if baseline else str(rel / GGUF_F32),
+            "gguf_type": main_type(rec["type_counts"]), "gguf_bytes": rec["bytes"],
+            "gguf_float_type": "F32" if baseline else ev.llamacpp.float_type}
 
 
 def _absolute_sources(recipe: Recipe) -> Recipe:
@@ -313,6 +352,37 @@ def _reusable_stage(stage: dict, backend, ckpt: Path, log_prefix: str):
         _log(f"{log_prefix}: the export record is not readable ({type(e).__name__}); quantizing again")
         return None
     return again
+
+
+def _gguf_intact(out_dir: Path, row: dict) -> bool:
+    """A reused row's GGUF files are the ones its record hashed."""
+    from quantlab.engines.phase import RECORD
+    from quantlab.models import sha256_file
+
+    mdir = (out_dir / row["gguf_file"]).parent
+    try:
+        import json
+
+        hashes = json.loads((mdir / RECORD).read_text())["sha256"]
+        return all(sha256_file(mdir / f) == h for f, h in hashes.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def _measure_with_llamacpp(out_dir: Path, rows: list[dict], eval_text, recipe: Recipe, plan) -> None:
+    """The llama.cpp phase over every GGUF row; each row's metrics.json is rewritten with the
+    engine's figures (same key: they were measured for the same settings)."""
+    import os
+
+    from quantlab.engines.phase import llamacpp_phase
+
+    spec = recipe.eval.llamacpp
+    threads = spec.threads or recipe.threads or os.cpu_count() or 1
+    convention = (plan.convention, plan.params.get("seq_len"), recipe.eval.max_windows)
+    llamacpp_phase(out_dir, rows, eval_text.joined(), spec, threads, convention=convention, log=_log)
+    for r in rows:
+        label = r["method"]
+        write_record(out_dir / label / "metrics.json", r)
 
 
 def _write_run_files(out_dir: Path, resolved: dict, env: dict, calibration) -> None:
@@ -440,6 +510,8 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, *, force: bool = F
             key = stage_key({"shared": shared, **what})
             mdir = owned_path(out_dir, method.label, directory=True, what=f"method directory of '{method.label}'")
             done = None if force else finished_metrics(mdir, key)
+            if done is not None and done.get("gguf_file") and not _gguf_intact(out_dir, done):
+                done = None
             if done is not None:
                 _log(f"[{i}/{len(methods)}] {method.label}: finished earlier with the same settings; reusing it")
                 rows.append(done)
@@ -470,7 +542,7 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, *, force: bool = F
             with _Peak(device) as mem_eval:
                 ppl, div = evaluate(loaded.model, plan, ev.batch_size, reference)
             div = div or {}
-            sizes = checkpoint_tensor_bytes(ckpt)
+            sizes = checkpoint_tensor_bytes(ckpt, loaded.model)
             qmodules = read_sidecar(ckpt).get("modules", [])
             speed, bound = {}, {}
             if ev.speed.enabled:
@@ -488,6 +560,7 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, *, force: bool = F
                 _log(f"[{i}/{len(methods)}] {method.label}: lm-eval tasks {', '.join(ev.tasks)}")
                 tasks = run_tasks(loaded.model, loaded.tokenizer, ev.tasks, ev.task_paths, limit=ev.task_limit,
                                   num_fewshot=ev.task_fewshot, batch_size=ev.batch_size)
+            gguf_cols = _gguf_stage(method, backend, loaded, mdir, out_dir, base.info, ev, key)
             fields = backend.config.table_fields()
             kernels = sorted({_kernel_label(loaded.model.get_submodule(n)) for n in qmodules})
             metrics = {
@@ -560,6 +633,8 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, *, force: bool = F
                 "measured_at": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
                 "session": session,
                 "key": key,
+                "source_gguf": base.info.get("gguf"),  # a quantized source's history (report caveat)
+                **gguf_cols,
             }
             for task, values in tasks.items():
                 for metric, value in values.items():
@@ -574,6 +649,8 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, *, force: bool = F
             _log(f"[{i}/{len(methods)}] {method.label}: ppl {ppl.ppl:.3f} ({ppl.convention}, "
                  f"{ppl.scored_tokens} tokens of {eval_text.name}){kl}")
 
+        if "llamacpp" in ev.engines:
+            _measure_with_llamacpp(out_dir, rows, eval_text, recipe, plan)
         frame = results_frame(rows)
         _write_run_files(out_dir, resolved, env, calibration)
         _write_results(out_dir, frame)

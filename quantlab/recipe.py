@@ -116,6 +116,33 @@ class DivergenceSpec(_Strict):
                                     "of the evaluation; storage grows with vocabulary x tokens).")
 
 
+class LlamaCppBenchSpec(_Strict):
+    """``llama-bench`` of every GGUF row, in rounds: each round measures the float baseline's
+    GGUF and every row once, in that order, so each ratio comes from neighbouring
+    measurements (machine load cannot fake it)."""
+
+    n_prompt: int = Field(512, ge=1, description="Prompt tokens of the prefill test (llama-bench -p).")
+    n_gen: int = Field(128, ge=1, description="Generated tokens of the decode test (llama-bench -n).")
+    rounds: int = Field(3, ge=1, le=50, description="Rounds (one repetition of every file each).")
+
+
+class LlamaCppSpec(_Strict):
+    """llama.cpp as a measuring engine (``eval.engines: [torch, llamacpp]``): for every method
+    that exports GGUF (and the float baseline as an F32 GGUF), llama-perplexity's PPL, KL
+    divergence from the baseline and same-top-token rate, the F32 export's PPL (the engine
+    cross-check), and llama-bench's prefill/decode tokens/s."""
+
+    ctx: int = Field(512, ge=8, description="llama-perplexity context (-c): BOS-led chunks, second half scored.")
+    chunks: int | None = Field(None, ge=1, description="Chunks scored (--chunks; None: all of the text).")
+    float_type: Literal["F32", "F16", "Q8_0"] = Field(
+        "Q8_0", description="GGUF type of the 2-D tensors a method leaves in float (embeddings, a tied output "
+        "head), the same for every quantized row (llama.cpp's presets keep them in 8 bits or more).")
+    threads: int | None = Field(None, ge=1, description="Threads (-t; None: the recipe's threads, else the cores).")
+    repack: bool = Field(True, description="llama.cpp's weight repacking for its CPU kernels (its default). Off "
+                         "only to work around llama.cpp crashing on toy models (rows 64 wide, as the tests' tiny one).")
+    bench: LlamaCppBenchSpec = LlamaCppBenchSpec()
+
+
 class EvalSpec(TextSpec):
     """How each reloaded checkpoint is scored."""
 
@@ -138,6 +165,10 @@ class EvalSpec(TextSpec):
                             "512 tokens: as many as fit in batch_size x 512 tokens).")
     divergence: DivergenceSpec = DivergenceSpec()
     speed: SpeedSpec = SpeedSpec()
+    engines: list[Literal["torch", "llamacpp"]] = Field(
+        default_factory=lambda: ["torch"], description="Engines that measure: 'torch' (every row, from the "
+        "checkpoint reloaded by quantlab) and 'llamacpp' (rows that export GGUF, see eval.llamacpp).")
+    llamacpp: LlamaCppSpec = LlamaCppSpec()
     tasks: list[str] = Field(default_factory=list, description="lm-eval tasks run on each "
                              "checkpoint (needs the [eval] extra; offline: local task YAMLs).")
     task_paths: list[str] = Field(default_factory=list, description="Directories of lm-eval task "
@@ -188,6 +219,24 @@ class MethodSpec(_Strict):
     options: dict[str, Any] = Field(default_factory=dict, description="Backend options.")
     sensitivity: SensitivitySpec | None = Field(
         None, description="Run the sensitivity pass (implied by options.skip: auto).")
+    export: list[Literal["native", "gguf"]] = Field(
+        default_factory=lambda: ["native"], description="Formats written: 'native' (the method's ecosystem "
+        "checkpoint, always) and 'gguf' (llama.cpp blocks holding the same codes and scales; see README, GGUF).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _llamacpp_exports_gguf(cls, data: Any) -> Any:
+        """llama.cpp's own rows are GGUF files: they export GGUF unless told otherwise."""
+        if isinstance(data, dict) and data.get("backend") == "llamacpp" and "export" not in data:
+            data = dict(data, export=["native", "gguf"])
+        return data
+
+    @field_validator("export")
+    @classmethod
+    def _export(cls, v: list[str]) -> list[str]:
+        if "native" not in v:
+            raise ValueError("export must include 'native' (the checkpoint every row is scored from)")
+        return list(dict.fromkeys(v))
 
     def auto_skip(self) -> bool:
         return self.options.get("skip") == "auto"
@@ -259,6 +308,9 @@ class Recipe(_Strict):
         dup = sorted({x for x in labels if labels.count(x) > 1})
         if dup:
             raise ValueError(f"method labels must be unique; repeated: {', '.join(dup)}")
+        if "llamacpp" in self.eval.engines and not any("gguf" in m.export for m in self.methods):
+            raise ValueError("eval.engines has 'llamacpp' but no method exports GGUF; add export: [native, gguf] "
+                             "to the methods llama.cpp should measure")
         if len(self.all_methods()) > len(self.methods) and "baseline" in labels:
             raise ValueError("a method is labelled 'baseline', the name of the float baseline that 'baseline: "
                              "true' adds; rename the method, or set 'baseline: false' (or give it backend 'none')")
@@ -276,7 +328,8 @@ class Recipe(_Strict):
     def all_methods(self) -> list[MethodSpec]:
         """Methods to run, with the implicit baseline first when `baseline` is on."""
         if self.baseline and not any(m.backend == "none" for m in self.methods):
-            return [MethodSpec(label="baseline", backend="none"), *self.methods]
+            gguf = ["native", "gguf"] if any("gguf" in m.export for m in self.methods) else ["native"]
+            return [MethodSpec(label="baseline", backend="none", export=gguf), *self.methods]
         return list(self.methods)
 
     def output_dir(self) -> Path:

@@ -23,6 +23,7 @@ BACKENDS: dict[str, str] = {
     "int8-weight-only": "quantlab.quantizers.int8:Int8WeightOnly",
     "bnb": "quantlab.quantizers.bnb:Bnb",
     "quanto": "quantlab.quantizers.quanto:Quanto",
+    "llamacpp": "quantlab.quantizers.llamacpp:LlamaCpp",
 }
 
 

@@ -173,7 +173,7 @@ def write_record(path: Path, record: dict) -> None:
     atomic_write_json(path, dict(record, digest=_digest(record)))
 
 
-def _record(path: Path, key: str) -> dict | None:
+def read_record(path: Path, key: str) -> dict | None:
     """A JSON record written by :func:`write_record` with ``key``, else None (missing,
     unreadable, edited since it was written, or written for other settings): the stage is
     then done again."""
@@ -188,7 +188,7 @@ def _record(path: Path, key: str) -> dict | None:
 
 def finished_metrics(method_dir: Path, key: str) -> dict | None:
     """The method's metrics if it finished with the same key, else None."""
-    return _record(Path(method_dir) / "metrics.json", key)
+    return read_record(Path(method_dir) / "metrics.json", key)
 
 
 #: written after a method's checkpoint is exported: what a resumed run needs to skip the
@@ -203,7 +203,7 @@ def finished_stage(method_dir: Path, key: str) -> dict | None:
 
     if not (Path(method_dir) / "checkpoint" / SIDECAR).is_file():
         return None
-    return _record(Path(method_dir) / EXPORT_RECORD, key)
+    return read_record(Path(method_dir) / EXPORT_RECORD, key)
 
 
 _STORAGE_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EFBIG: "a file grew past the size "

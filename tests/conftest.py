@@ -80,3 +80,59 @@ eval:
 output: {{dir: "{tmp_path / 'run'}"}}
 """)
     return path
+
+
+def write_tiny_gguf(model_dir: Path, path: Path) -> Path:
+    """The tiny model as a float32 GGUF file (llama layout: q/k rows in the rotary order
+    llama.cpp uses, a gpt2-style BPE vocabulary), written with the gguf package: a GGUF source
+    and an export template for the tests, runnable by llama.cpp."""
+    import json
+
+    import gguf
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoTokenizer
+
+    from quantlab.formats.gguf import _qk_permutation
+
+    cfg = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"] if hasattr(cfg, "rope_parameters") else cfg.rope_theta)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    vocab = json.loads((model_dir / "tokenizer.json").read_text())["model"]
+    tokens = [t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])]
+    special = set(tok.all_special_tokens)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")  # the GPT-2 split regex, as the tiny tokenizer's ByteLevel pre-tokenizer
+    w.add_token_list(tokens)
+    w.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens])
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in vocab["merges"]])
+    w.add_bos_token_id(tok.bos_token_id)
+    w.add_eos_token_id(tok.eos_token_id)
+    w.add_add_bos_token(True)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    for name, t in load_file(model_dir / "model.safetensors").items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = cfg.num_attention_heads if "q_proj" in name else cfg.num_key_value_heads
+            t = t[_qk_permutation(t.shape[0], heads)]
+        w.add_tensor(names.get_name(name, try_suffixes=(".weight",)), t.float().numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model as a float32 GGUF file (see :func:`write_tiny_gguf`)."""
+    return write_tiny_gguf(tiny_model_dir, tmp_path_factory.mktemp("tiny-gguf") / "tiny-f32.gguf")

@@ -39,13 +39,18 @@ def quantized_tensor_bytes(model: nn.Module) -> int:
     return total
 
 
-def checkpoint_tensor_bytes(ckpt_dir) -> dict[str, int]:
+def checkpoint_tensor_bytes(ckpt_dir, model: nn.Module | None = None) -> dict[str, int]:
     """Bytes of every tensor in a checkpoint's ``*.safetensors`` files, read from their
-    headers (nothing is loaded)."""
+    headers (nothing is loaded); a GGUF checkpoint's tensors under the model's own names
+    (``model`` gives them)."""
     import json
     import struct
     from pathlib import Path
 
+    if model is not None and not any(Path(ckpt_dir).glob("*.safetensors")):
+        from quantlab.formats.gguf import gguf_tensor_bytes
+
+        return {k: v for f in sorted(Path(ckpt_dir).glob("*.gguf")) for k, v in gguf_tensor_bytes(f, model).items()}
     sizes: dict[str, int] = {}
     for f in sorted(Path(ckpt_dir).glob("*.safetensors")):
         with open(f, "rb") as fh:

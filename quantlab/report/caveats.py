@@ -55,6 +55,35 @@ def engine_disagreements(frame: pd.DataFrame, metrics: dict[str, dict]) -> list[
     return out
 
 
+#: a GGUF type of the source -> the quantlab grids that coincide with it
+_SOURCE_GRIDS = {"Q4_0": (4, True, 32), "Q4_1": (4, False, 32), "Q5_0": (5, True, 32), "Q5_1": (5, False, 32),
+                 "Q8_0": (8, True, 32)}
+
+
+def source_history(frame: pd.DataFrame, metrics: dict[str, dict]) -> list[str]:
+    """A source model that was itself quantized (the demo: a Q4_1 GGUF dequantized to float)
+    makes the rows whose grid coincides with the source's look near-lossless for a reason that
+    has nothing to do with their method: say so, and name those rows."""
+    base = next((m for m in metrics.values() if m.get("backend") == "none"), None)
+    gguf_name = str((base or {}).get("source_gguf") or "")
+    qtype = next((t for t in _SOURCE_GRIDS if t in gguf_name.upper()), None)
+    if qtype is None:
+        return []
+    bits, sym, group = _SOURCE_GRIDS[qtype]
+    hit = []
+    for label, m in metrics.items():
+        o = m.get("options") or {}
+        g = o.get("group_size")
+        if o.get("bits") == bits and o.get("sym", True) == sym and g == group:
+            hit.append(label)
+        elif m.get("backend") == "llamacpp" and o.get("type") == qtype:
+            hit.append(label)
+    rows = f"; rows on that grid: {', '.join(hit)}" if hit else ""
+    grid = f"{bits}-bit {'symmetric' if sym else 'with zero points'}, blocks of {group}"
+    return [f"the source model was quantized before ({gguf_name}: {qtype}, {grid}): its float weights sit on that "
+            f"grid, which flatters any method using the same grid{rows}"]
+
+
 def report_warnings(runs: list[RunData], frame: pd.DataFrame) -> list[str]:
     out: list[str] = []
     multi = len(runs) > 1
@@ -82,6 +111,7 @@ def report_warnings(runs: list[RunData], frame: pd.DataFrame) -> list[str]:
         if slower:
             out.append(f"{scope}: slower than the float baseline on this device (decode, whole min-max range "
                        f"below the baseline's): " + ", ".join(f"{m} ({r:.2f}x)" for m, r in slower))
+        out += [f"{scope}: {w}" if multi else w for w in source_history(part, run.metrics)]
         model = run.recipe.get("model") or {}
         if model.get("trust_remote_code"):
             out.append(f"{scope}: trust_remote_code was ON: code from the model repository "

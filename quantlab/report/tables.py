@@ -22,6 +22,12 @@ COLUMNS = [
     "peak_rss_quantize_bytes", "peak_rss_load_bytes", "peak_rss_eval_bytes", "peak_cuda_quantize_bytes",
     "peak_cuda_eval_bytes", "quantize_s", "export_s", "load_s", "eval_s", "eval_tokens_per_s", "dtype",
     "device", "threads", "kernel", "tokenizer", "eval_sha256", "checkpoint", "measured_at", "session",
+    # GGUF export and the llama.cpp engine (eval.engines: [torch, llamacpp])
+    "gguf_type", "gguf_float_type", "gguf_bytes", "gguf_file",
+    "llamacpp_ppl", "llamacpp_ppl_stderr", "llamacpp_kld_mean", "llamacpp_kld_p99", "llamacpp_top1_agreement",
+    "llamacpp_f32_ppl", "llamacpp_actq_cost_pct", "llamacpp_engine_gap_pct", "llamacpp_prefill_tokens_per_s",
+    "llamacpp_decode_tokens_per_s", "llamacpp_decode_x_float", "llamacpp_decode_x_min", "llamacpp_decode_x_max",
+    "llamacpp_prefill_x_float", "llamacpp_ctx", "llamacpp_chunks", "llamacpp_threads", "llamacpp_build",
 ]
 
 CONVENTION_TEXT = {
@@ -100,7 +106,30 @@ def _summary_one(frame: pd.DataFrame) -> pd.DataFrame:
             lambda v: "" if pd.isna(v) else f"{v / 1e6:.0f}")
     for col in [c for c in order.columns if c.startswith("task_") and not c.endswith("_stderr")]:
         out[col.removeprefix("task_")] = order[col].map(lambda v: "" if pd.isna(v) else f"{v:.4f}")
+    if "llamacpp_ppl" in order and order["llamacpp_ppl"].notna().any():
+        _llamacpp_columns(out, order)
     return out.reset_index(drop=True)
+
+
+def _llamacpp_columns(out: pd.DataFrame, order: pd.DataFrame) -> None:
+    """The llama.cpp engine's own figures, prefixed ``llama.cpp``: the GGUF type, its PPL and
+    KL, the activation-quantization cost (quantized file vs its F32 twin), the engine gap
+    (F32 twin vs quantlab's llamacpp-convention PPL, when the run scores that convention with
+    the same context and chunks), decode tokens/s and its per-round ratio to the float GGUF."""
+    def fmt(col: str, spec: str, scale: float = 1.0) -> pd.Series:
+        return order[col].map(lambda v: "" if pd.isna(v) else format(scale * v, spec))
+
+    out["gguf"] = order["gguf_type"].fillna("")
+    out["llama.cpp ppl"] = fmt("llamacpp_ppl", ".3f")
+    out["llama.cpp KL"] = fmt("llamacpp_kld_mean", ".4f")
+    out["llama.cpp top1_%"] = fmt("llamacpp_top1_agreement", ".1f", 100)
+    out["actq_cost_%"] = fmt("llamacpp_actq_cost_pct", "+.2f")
+    if order["llamacpp_engine_gap_pct"].notna().any():
+        out["engine_gap_%"] = fmt("llamacpp_engine_gap_pct", "+.3f")
+    out["llama.cpp decode_tok/s"] = fmt("llamacpp_decode_tokens_per_s", ".1f")
+    out["llama.cpp ×decode (min-max)"] = [
+        "" if pd.isna(x) else f"{x:.2f} ({a:.2f}-{b:.2f})"
+        for x, a, b in zip(order["llamacpp_decode_x_float"], order["llamacpp_decode_x_min"], order["llamacpp_decode_x_max"])]
 
 
 def slower_than_baseline(frame: pd.DataFrame) -> list[tuple[str, float]]:

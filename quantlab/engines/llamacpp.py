@@ -1,0 +1,150 @@
+"""llama.cpp as a measuring engine: its own perplexity / KL divergence (``llama-perplexity``)
+and speed (``llama-bench``) of GGUF files, run as the real command-line tools.
+
+The tools are built by ``scripts/llamacpp.sh`` from the llama.cpp sources vendored in the
+llama-cpp-python sdist (a pinned version) into quantlab's cache; ``QUANTLAB_LLAMACPP`` (or a
+``path`` argument) points at another directory holding them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from quantlab.errors import QuantlabError
+
+#: the llama-cpp-python sdist whose vendored llama.cpp scripts/llamacpp.sh builds
+LLAMACPP_PACKAGE_VERSION = "0.3.36"
+TOOLS = ("llama-bench", "llama-perplexity", "llama-quantize", "llama-imatrix")
+_HOW = ("build them once with `bash scripts/llamacpp.sh` (from the llama.cpp sources in PyPI's "
+        f"llama-cpp-python {LLAMACPP_PACKAGE_VERSION} sdist; 10-15 minutes on 2 cores), or set "
+        "QUANTLAB_LLAMACPP to a directory holding " + ", ".join(TOOLS))
+
+
+def default_bin_dir() -> Path:
+    from quantlab.models import cache_dir
+
+    return cache_dir() / "llamacpp" / f"llama-cpp-python-{LLAMACPP_PACKAGE_VERSION}" / "bin"
+
+
+@dataclass(frozen=True)
+class LlamaCpp:
+    """The llama.cpp tools quantlab runs, and the build they come from."""
+
+    bin_dir: Path
+    version: str
+
+    def tool(self, name: str) -> Path:
+        return self.bin_dir / name
+
+    @property
+    def converter(self) -> Path | None:
+        """llama.cpp's convert_hf_to_gguf.py, where the build script kept it."""
+        path = self.bin_dir.parent / "convert_hf_to_gguf.py"
+        return path if path.is_file() else None
+
+
+def find_llamacpp(path: str | Path | None = None) -> LlamaCpp:
+    """The llama.cpp tools at ``path``, $QUANTLAB_LLAMACPP or quantlab's cache, checked to run;
+    without them, one error saying how to get them."""
+    where = Path(path or os.environ.get("QUANTLAB_LLAMACPP") or default_bin_dir()).expanduser()
+    missing = [t for t in TOOLS if not os.access(where / t, os.X_OK)]
+    if missing:
+        raise QuantlabError(f"llama.cpp's tools are not found in '{where}' (missing {', '.join(missing)}); {_HOW}")
+    try:
+        proc = subprocess.run([str(where / "llama-perplexity"), "--version"], capture_output=True, text=True,
+                              timeout=60)
+    except OSError as e:
+        raise QuantlabError(f"'{where / 'llama-perplexity'}' cannot run ({e.strerror or e}); {_HOW}") from None
+    found = re.search(r"^version:\s*(.+)$", proc.stdout + proc.stderr, re.M)
+    if proc.returncode != 0 or not found:
+        raise QuantlabError(f"'{where / 'llama-perplexity'} --version' failed (exit {proc.returncode}); {_HOW}")
+    return LlamaCpp(where, f"llama.cpp {found.group(1).strip()} (llama-cpp-python {LLAMACPP_PACKAGE_VERSION} sdist)")
+
+
+def _run(cmd: list[str], what: str, timeout: float) -> str:
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise QuantlabError(f"{what} did not finish in {timeout:.0f} s") from None
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
+        raise QuantlabError(f"{what} failed (exit {proc.returncode}): {tail}")
+    return proc.stdout + proc.stderr
+
+
+_FLOAT = r"([-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)"
+
+
+def _grab(pattern: str, text: str, what: str, model: Path) -> tuple[float, ...]:
+    found = re.search(pattern, text)
+    if not found:
+        raise QuantlabError(f"llama-perplexity printed no {what} for '{model}'; its output ended: {text.strip()[-300:]}")
+    return tuple(float(g) for g in found.groups())
+
+
+#: llama.cpp's logger thread is not flushed at exit (upstream issue 22142): a run can end with
+#: its last lines lost, so a run whose figures are missing is repeated, up to this many times
+ATTEMPTS = 4
+
+
+def perplexity(tools: LlamaCpp, model: Path, text_file: Path, *, ctx: int = 512, chunks: int | None = None,
+               threads: int, kld_base: Path | None = None, kld: bool = False, repack: bool = True,
+               timeout: float = 3600) -> dict:
+    """llama-perplexity of ``model`` on ``text_file``: its PPL ± stderr (BOS-led chunks of
+    ``ctx`` tokens, second half scored). ``kld_base`` without ``kld``: also save the model's
+    logits there (the base of later comparisons); with ``kld``: compare with that file and
+    return llama.cpp's KL divergence and same-top-token figures too."""
+    cmd = [str(tools.tool("llama-perplexity")), "-m", str(model), "-f", str(text_file), "-c", str(ctx),
+           "-b", str(ctx), "-t", str(threads), "--no-warmup"]
+    if chunks:
+        cmd += ["--chunks", str(chunks)]
+    if not repack:
+        cmd.append("--no-repack")
+    if kld_base is not None:
+        cmd += ["--kl-divergence-base", str(kld_base)] + (["--kl-divergence"] if kld else [])
+    last = "Same top p:" if kld else "Final estimate: PPL"
+    for _ in range(ATTEMPTS):
+        out = _run(cmd, f"llama-perplexity on '{model.name}'", timeout)
+        if last in out:
+            break
+    return _kld_figures(out, model) if kld else _ppl_figures(out, model)
+
+
+def _ppl_figures(out: str, model: Path) -> dict:
+    ppl, ppl_err = _grab(r"Final estimate: PPL = " + _FLOAT + r" \+/- " + _FLOAT, out, "final PPL estimate", model)
+    return {"ppl": ppl, "ppl_stderr": ppl_err}
+
+
+def _kld_figures(out: str, model: Path) -> dict:
+    ppl, ppl_err = _grab(r"Mean PPL\(Q\)\s*:\s*" + _FLOAT + r"\s*±\s*" + _FLOAT, out, "Mean PPL(Q)", model)
+    kld_mean, kld_err = _grab(r"Mean\s+KLD:\s*" + _FLOAT + r"\s*±\s*" + _FLOAT, out, "mean KLD", model)
+    (p99,) = _grab(r"99\.0%\s+KLD:\s*" + _FLOAT, out, "KLD p99", model)
+    top, top_err = _grab(r"Same top p:\s*" + _FLOAT + r"\s*±\s*" + _FLOAT, out, "same-top-token rate", model)
+    return {"ppl": ppl, "ppl_stderr": ppl_err, "kld_mean": kld_mean, "kld_stderr": kld_err, "kld_p99": p99,
+            "top1_agreement": top / 100, "top1_agreement_stderr": top_err / 100}
+
+
+def bench(tools: LlamaCpp, models: list[Path], *, threads: int, n_prompt: int = 512, n_gen: int = 128,
+          repetitions: int = 3, repack: bool = True, timeout: float = 3600) -> list[dict]:
+    """``llama-bench`` of each model (in the order given, each test ``repetitions`` times):
+    one record per model and test, with tokens/s mean, stddev and every sample."""
+    cmd = [str(tools.tool("llama-bench")), "-o", "json", "-t", str(threads), "-p", str(n_prompt),
+           "-n", str(n_gen), "-r", str(repetitions), "--repack", "1" if repack else "0"]
+    for m in models:
+        cmd += ["-m", str(m)]
+    out = _run(cmd, "llama-bench", timeout)
+    start = out.find("[")
+    try:
+        records = json.loads(out[start: out.rfind("]") + 1])
+    except (ValueError, json.JSONDecodeError):
+        raise QuantlabError(f"llama-bench printed no JSON; its output ended: {out.strip()[-300:]}") from None
+    return [{"model": r.get("model_filename"), "test": "prefill" if r.get("n_gen", 0) == 0 else "decode",
+             "n_prompt": r.get("n_prompt"), "n_gen": r.get("n_gen"), "threads": r.get("n_threads"),
+             "tokens_per_s": r.get("avg_ts"), "tokens_per_s_stddev": r.get("stddev_ts"),
+             "samples_tokens_per_s": r.get("samples_ts"), "build": f"{r.get('build_number')} ({r.get('build_commit')})",
+             "cpu": r.get("cpu_info"), "type": r.get("model_type")} for r in records]

@@ -1,0 +1,304 @@
+"""GGUF export of quantlab's quantized models, exact: the codes and scales a method chose are
+written as llama.cpp blocks, not re-quantized from dequantized floats (llama.cpp's own
+converter dequantizes GPTQ/AWQ checkpoints and quantizes again, a second, lossy rounding).
+
+Grids GGUF can hold (blocks of 32 input columns, one float16 scale per block):
+
+==========================  ========  =============================================
+quantlab grid               GGUF      value of code q
+==========================  ========  =============================================
+4-bit symmetric (zero 8)    Q4_0      (q - 8) * d
+4-bit with zero points      Q4_1      q * d + m,  m = float16(-zero * scale)
+5-bit symmetric (zero 16)   Q5_0      (q - 16) * d
+5-bit with zero points      Q5_1      q * d + m
+8-bit symmetric (zero 128)  Q8_0      (q - 128) * d  (stored as a signed byte)
+==========================  ========  =============================================
+
+A group of 64 (or 128, or per channel) is 2 (4, in/32) blocks with the same scale. Act-order
+is writable only with static groups: a permuted ``g_idx`` mixes groups inside a block. Q4_0,
+Q5_0 and Q8_0 are exact; for Q4_1/Q5_1 the minimum ``m`` is rounded to float16, so a value
+differs from quantlab's by at most half a float16 ulp of ``zero * scale``.
+
+Everything that is not a quantized linear layer (embeddings, norms, an untied output head) is
+written as ``float_type`` (2-D tensors; F32, F16 or Q8_0 as llama.cpp's presets do) or F32
+(1-D norms). Metadata (hyper-parameters, tokenizer) comes from a template GGUF of the same
+model: the source file for a GGUF source, else the one llama.cpp's converter writes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from quantlab.errors import QuantlabError
+
+BLOCK = 32
+#: (bits, symmetric) -> GGUF type name
+GRID_TYPES = {(4, True): "Q4_0", (4, False): "Q4_1", (5, True): "Q5_0", (5, False): "Q5_1", (8, True): "Q8_0"}
+FLOAT_TYPES = ("F32", "F16", "Q8_0")
+#: architectures whose q/k projections llama.cpp's converter permutes (rotary layout)
+_PERMUTE_QK = {"llama"}
+
+
+def check_gguf_options(label: str, backend: str, options: dict) -> None:
+    """Before any work: the grid a method's options give can be written as GGUF blocks, or an
+    error naming the option that would fit."""
+    if backend == "none":
+        return
+    if backend not in ("rtn", "gptq", "awq"):
+        raise QuantlabError(f"method '{label}': backend '{backend}' cannot export GGUF (rtn, gptq and awq can; "
+                            "llama.cpp's own types: backend llamacpp)")
+    bits, sym, group = options.get("bits", 4), options.get("sym", True), options.get("group_size", 128)
+    if (bits, sym) not in GRID_TYPES:
+        fits = ", ".join(f"bits {b} with sym {str(s).lower()}" for b, s in GRID_TYPES)
+        raise QuantlabError(f"method '{label}': a {bits}-bit grid with sym {str(sym).lower()} has no GGUF block "
+                            f"type; GGUF holds {fits}")
+    if group != -1 and group % BLOCK:
+        raise QuantlabError(f"method '{label}': group_size {group} is not a multiple of {BLOCK}; GGUF export needs "
+                            "group_size 32, 64, 128... or -1")
+    if options.get("act_order") and not options.get("static_groups"):
+        raise QuantlabError(f"method '{label}': act_order needs static_groups: true for GGUF export")
+
+
+def quantized_parts(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
+    """(codes [out, in], scales [n_groups, out] float16, zeros [n_groups, out], g_idx [in], bits)
+    of a packed quantlab layer, or None for any other module."""
+    from quantlab.quantizers.awq import AWQLinear, unpack_awq
+    from quantlab.quantizers.linear import PackedLinear
+
+    if isinstance(module, PackedLinear):
+        return module.codes(), module.scales, module.zeros(), module.g_idx.long(), module.bits
+    if isinstance(module, AWQLinear):
+        return (unpack_awq(module.qweight).t(), module.scales, unpack_awq(module.qzeros), module.g_idx(), 4)
+    return None
+
+
+def grid_type(name: str, parts) -> str:
+    """The GGUF type that holds a layer's grid exactly, or a clear error naming what would fit."""
+    codes, scales, zeros, g_idx, bits = parts
+    in_f = codes.shape[1]
+    symmetric = bool((zeros == 2 ** (bits - 1)).all())
+    qtype = GRID_TYPES.get((bits, symmetric))
+    if qtype is None:
+        fits = ", ".join(f"{b}-bit {'symmetric' if s else 'with zero points'}" for b, s in GRID_TYPES)
+        raise QuantlabError(f"layer '{name}': a {bits}-bit {'symmetric' if symmetric else 'zero-point'} grid has no "
+                            f"GGUF block type; GGUF export holds: {fits}")
+    if in_f % BLOCK:
+        raise QuantlabError(f"layer '{name}': input width {in_f} is not a multiple of {BLOCK}, the GGUF block size")
+    group = int((g_idx == g_idx[0]).sum()) if scales.shape[0] > 1 else in_f
+    static = torch.equal(g_idx.cpu(), torch.arange(in_f) // group)
+    if not static:
+        raise QuantlabError(f"layer '{name}': its groups are permuted (act_order without static groups), which GGUF "
+                            "blocks cannot hold; act_order needs static_groups: true for GGUF export")
+    if group % BLOCK:
+        raise QuantlabError(f"layer '{name}': group_size {group} is not a multiple of {BLOCK}; GGUF export needs "
+                            "group_size 32, 64, 128... (or -1, per channel)")
+    return qtype
+
+
+def _nibbles(q: np.ndarray) -> np.ndarray:
+    """Low 4 bits of codes [n_blocks, 32] packed two per byte as ggml does: byte j holds
+    element j (low nibble) and element j + 16 (high nibble)."""
+    lo = q & 0x0F
+    return (lo[:, :16] | (lo[:, 16:] << 4)).astype(np.uint8)
+
+
+def _high_bits(q: np.ndarray) -> np.ndarray:
+    """Bit 4 of codes [n_blocks, 32] as 4 bytes, element j at bit j (little-endian uint32)."""
+    return np.packbits(((q >> 4) & 1).astype(np.uint8), axis=-1, bitorder="little")
+
+
+def pack_blocks(parts, qtype: str) -> np.ndarray:
+    """The raw GGUF blocks of a quantized layer: uint8 [out, in / 32 * block_bytes]."""
+    codes, scales, zeros, g_idx, bits = parts
+    out_f, in_f = codes.shape
+    nb = in_f // BLOCK
+    block_group = g_idx[::BLOCK].long()  # static groups: one group per block
+    d = scales.float().t()[:, block_group].to(torch.float16)  # [out, nb]
+    q = codes.reshape(out_f * nb, BLOCK).cpu().numpy().astype(np.int64)
+    d_bytes = d.reshape(-1).cpu().numpy().view(np.uint8).reshape(-1, 2)
+    if qtype == "Q8_0":
+        body = [(q - 128).astype(np.int8).view(np.uint8)]
+    elif qtype == "Q4_0":
+        body = [_nibbles(q)]
+    elif qtype == "Q5_0":
+        body = [_high_bits(q), _nibbles(q)]
+    else:  # Q4_1, Q5_1: q * d + m with m = -zero * scale
+        z = zeros.t()[:, block_group].float()
+        m = (-z * scales.float().t()[:, block_group]).to(torch.float16)
+        m_bytes = m.reshape(-1).cpu().numpy().view(np.uint8).reshape(-1, 2)
+        body = [m_bytes] + ([_nibbles(q)] if qtype == "Q4_1" else [_high_bits(q), _nibbles(q)])
+    return np.concatenate([d_bytes, *body], axis=1).reshape(out_f, -1)
+
+
+def _qk_permutation(n_rows: int, n_head: int) -> torch.Tensor:
+    """Row order llama.cpp's converter gives q/k projections (the GGUF rotary layout): within
+    each head, rows of the first and second halves interleaved."""
+    half = n_rows // n_head // 2
+    return torch.arange(n_rows).view(n_head, 2, half).transpose(1, 2).reshape(-1)
+
+
+def _permute_rows(parts, perm: torch.Tensor):
+    codes, scales, zeros, g_idx, bits = parts
+    return codes[perm], scales[:, perm], zeros[:, perm], g_idx, bits
+
+
+def _float_tensor(t: torch.Tensor, ftype: str):
+    """(array, raw_dtype) of a float tensor in GGUF: 1-D tensors stay F32 (norms), 2-D ones
+    take ``ftype``."""
+    from gguf import GGMLQuantizationType, quants
+
+    a = t.detach().float().cpu().numpy()
+    if a.ndim == 1 or ftype == "F32":
+        return a.astype(np.float32), None
+    if ftype == "F16":
+        return a.astype(np.float16), None
+    return quants.quantize(a, GGMLQuantizationType.Q8_0), GGMLQuantizationType.Q8_0
+
+
+def gguf_tensor_bytes(path: Path, model: nn.Module) -> dict[str, int]:
+    """Bytes of every tensor of a GGUF file, keyed by ``model``'s own parameter names."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    n_blocks = int(reader.fields[f"{reader.fields['general.architecture'].contents()}.block_count"].contents())
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_blocks)
+    ours = {}
+    for hf_name, _ in model.named_parameters(remove_duplicate=False):
+        gname = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gname is not None:
+            ours.setdefault(gname, hf_name)
+    return {ours[t.name]: int(t.n_bytes) for t in reader.tensors if t.name in ours}
+
+
+def _copy_metadata(reader, writer, skip: set[str]) -> None:
+    """Every key-value pair of the template (but the writer's own and ``skip``)."""
+    from gguf import GGUFValueType
+
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name in skip or field.name == "general.architecture":
+            continue
+        vtype = field.types[0]
+        sub = field.types[1] if vtype == GGUFValueType.ARRAY and len(field.types) > 1 else None
+        writer.add_key_value(field.name, field.contents(), vtype, sub)
+
+
+def export_gguf(model: nn.Module, path: Path, template: Path, *, float_type: str = "F32",
+                dequantized: bool = False) -> dict[str, Any]:
+    """Write ``model`` (float parts and quantlab's packed layers) as a GGUF file at ``path``,
+    metadata from ``template``. ``dequantized``: write every quantized layer as F32 of its
+    dequantized weight (the engine cross-check's file). Returns {tensor name: GGUF type}."""
+    import gguf
+
+    from quantlab.quantizers.base import tied_parameter_names
+
+    if float_type not in FLOAT_TYPES:
+        raise QuantlabError(f"GGUF float_type must be one of {', '.join(FLOAT_TYPES)}, not {float_type!r}")
+    reader = gguf.GGUFReader(str(template))
+    arch = str(reader.fields["general.architecture"].contents())
+    if arch not in _PERMUTE_QK:
+        raise QuantlabError(f"GGUF export knows the 'llama' architecture; this model is '{arch}'")
+    n_head = int(reader.fields[f"{arch}.attention.head_count"].contents())
+    n_head_kv = int(reader.fields.get(f"{arch}.attention.head_count_kv", reader.fields[f"{arch}.attention.head_count"]).contents())
+    n_blocks = int(reader.fields[f"{arch}.block_count"].contents())
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_blocks)
+    wanted = {t.name for t in reader.tensors}
+    tied = tied_parameter_names(model)
+    modules = dict(model.named_modules())
+
+    tensors: list[tuple[str, np.ndarray, Any]] = []
+    types: dict[str, str] = {}
+    for hf_name, mod in modules.items():
+        parts = quantized_parts(mod)
+        if parts is None:
+            continue
+        gname = names.get_name(f"{hf_name}.weight", try_suffixes=(".weight",))
+        if gname is None or gname not in wanted:
+            raise QuantlabError(f"layer '{hf_name}' has no tensor in the GGUF template")
+        qtype = grid_type(hf_name, parts)
+        if hf_name.endswith(("q_proj", "k_proj")):
+            parts = _permute_rows(parts, _qk_permutation(parts[0].shape[0], n_head if hf_name.endswith("q_proj") else n_head_kv))
+        if dequantized:
+            from quantlab.quantizers.grid import dequantize_matrix
+
+            codes, scales, zeros, g_idx, _ = parts
+            tensors.append((gname, dequantize_matrix(codes, scales, zeros, g_idx).numpy().astype(np.float32), None))
+            types[gname] = "F32"
+        else:
+            tensors.append((gname, pack_blocks(parts, qtype), getattr(gguf.GGMLQuantizationType, qtype)))
+            types[gname] = qtype
+        if getattr(mod, "bias", None) is not None:
+            raise QuantlabError(f"layer '{hf_name}' has a bias, which the llama GGUF layout has no tensor for")
+    for hf_name, t in model.state_dict().items():
+        owner = hf_name.rsplit(".", 1)[0]
+        if hf_name in tied or quantized_parts(modules.get(owner)) is not None or not t.is_floating_point():
+            continue
+        gname = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gname is None:
+            continue  # buffers llama.cpp computes itself (rotary frequencies)
+        if hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = n_head if "q_proj" in hf_name else n_head_kv
+            t = t[_qk_permutation(t.shape[0], heads)]
+        arr, raw = _float_tensor(t, float_type)
+        tensors.append((gname, arr, raw))
+        types[gname] = raw.name if raw is not None else ("F32" if arr.dtype == np.float32 else "F16")
+    missing = wanted - set(types)
+    if missing:
+        raise QuantlabError(f"the model has no tensor for GGUF {', '.join(sorted(missing)[:5])}")
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    _copy_metadata(reader, writer, skip={"general.file_type", "general.quantization_version"})
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    order = {t.name: i for i, t in enumerate(reader.tensors)}
+    for gname, arr, raw in sorted(tensors, key=lambda x: order[x[0]]):
+        writer.add_tensor(gname, arr, raw_dtype=raw)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return types
+
+
+def template_for(source_info: dict, model_dir: Path | None, tools=None) -> Path:
+    """A GGUF file of the source model to take metadata (hyper-parameters, tokenizer) and
+    tensor names from: the source file itself for a GGUF source (the demo model's too), else
+    the file llama.cpp's converter writes from the model directory (cached by content)."""
+    import subprocess
+    import sys
+
+    from quantlab.models import DEMO_MODELS, _demo_gguf, cache_subdir
+
+    alias = source_info.get("alias")
+    if alias in DEMO_MODELS:
+        return _demo_gguf(alias)
+    if source_info.get("gguf") and Path(source_info["gguf"]).is_file():
+        return Path(source_info["gguf"])
+    if model_dir is None:
+        raise QuantlabError("GGUF export needs the source model's directory or GGUF file")
+    digest = source_info.get("content_sha256") or source_info.get("commit")
+    if not digest:
+        raise QuantlabError("GGUF export needs a source model identified by content (a local directory, GGUF "
+                            "file or Hub commit)")
+    target = cache_subdir("gguf-templates") / f"{digest[:16]}.gguf"
+    if target.is_file():
+        return target
+    if tools is None or tools.converter is None:
+        from quantlab.engines.llamacpp import find_llamacpp
+
+        tools = find_llamacpp()
+    if tools.converter is None:
+        raise QuantlabError(f"llama.cpp's converter (convert_hf_to_gguf.py) is not next to '{tools.bin_dir}'; "
+                            "rebuild with `bash scripts/llamacpp.sh`")
+    tmp = target.with_name(target.name + ".tmp")
+    cmd = [sys.executable, str(tools.converter), str(model_dir), "--outtype", "f16", "--outfile", str(tmp)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0 or not tmp.is_file():
+        tmp.unlink(missing_ok=True)
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
+        raise QuantlabError(f"llama.cpp's converter cannot write GGUF metadata for '{model_dir}': {tail[0]}")
+    tmp.rename(target)
+    return target
