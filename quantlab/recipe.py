@@ -138,8 +138,6 @@ class LlamaCppSpec(_Strict):
         "Q8_0", description="GGUF type of the 2-D tensors a method leaves in float (embeddings, a tied output "
         "head), the same for every quantized row (llama.cpp's presets keep them in 8 bits or more).")
     threads: int | None = Field(None, ge=1, description="Threads (-t; None: the recipe's threads, else the cores).")
-    repack: bool = Field(True, description="llama.cpp's weight repacking for its CPU kernels (its default). Off "
-                         "only to work around llama.cpp crashing on toy models (rows 64 wide, as the tests' tiny one).")
     bench: LlamaCppBenchSpec = LlamaCppBenchSpec()
 
 

@@ -12,7 +12,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 version="0.3.36"   # llama-cpp-python; keep in step with LLAMACPP_PACKAGE_VERSION in quantlab/engines/llamacpp.py
 cache="${QUANTLAB_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/quantlab}"
-prefix="$cache/llamacpp/llama-cpp-python-$version"
+# AMX off: CPUs that advertise AMX tiles inside VMs that do not enable them crash in llama.cpp's
+# AMX kernels (measured here: every quantized file segfaulted with weight repacking on);
+# LLAMACPP_AMX=1 builds them in, into another directory (point QUANTLAB_LLAMACPP at its bin/)
+if [ "${LLAMACPP_AMX:-0}" = 1 ]; then
+  flags=""
+  prefix="$cache/llamacpp/llama-cpp-python-$version-amx"
+else
+  flags="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+  prefix="$cache/llamacpp/llama-cpp-python-$version"
+fi
 tools=(llama-bench llama-perplexity llama-quantize llama-imatrix)
 if [ -f "$prefix/.complete" ]; then
   echo "$prefix/bin"
@@ -39,6 +48,7 @@ src="$work/llama_cpp_python-$version/vendor/llama.cpp"
 echo "llamacpp: building ${tools[*]} (cmake, $(nproc) jobs; about 10-15 minutes on 2 cores)" >&2
 # native CPU code (the machine that builds is the machine that measures); no network features
 cmake -S "$src" -B "$work/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF \
+  -DCMAKE_C_FLAGS="$flags" -DCMAKE_CXX_FLAGS="$flags" \
   -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
   -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF >&2
 cmake --build "$work/build" --config Release -j "$(nproc)" --target "${tools[@]}" >&2

@@ -150,8 +150,7 @@ def test_llamacpp_perplexity_of_the_f32_export_equals_quantlabs(tiny_model_dir, 
     ours, _ = evaluate(model, plan, 4)
     theirs = perplexity(tools, tmp_path / "f32.gguf", text_file, ctx=128, chunks=8, threads=2)
     assert theirs["ppl"] == pytest.approx(ours.ppl, rel=5e-4), (theirs, ours.ppl)
-    # repacking off: llama.cpp crashes on rows 64 wide with it (its own Q4_0 of this model too)
-    quant = perplexity(tools, tmp_path / "q4_0.gguf", text_file, ctx=128, chunks=8, threads=2, repack=False)
+    quant = perplexity(tools, tmp_path / "q4_0.gguf", text_file, ctx=128, chunks=8, threads=2)
     assert quant["ppl"] == pytest.approx(ours.ppl, rel=0.05)  # llama.cpp also quantizes activations
 
 
@@ -167,7 +166,7 @@ eval:
   max_windows: 6
   speed: {{enabled: false}}
   engines: [torch, llamacpp]
-  llamacpp: {{ctx: 128, chunks: 6, threads: 2, repack: false, bench: {{n_prompt: 32, n_gen: 8, rounds: 2}}}}
+  llamacpp: {{ctx: 128, chunks: 6, threads: 2, bench: {{n_prompt: 32, n_gen: 8, rounds: 2}}}}
 output: {{dir: "{out}"}}
 {extra}""")
     return path

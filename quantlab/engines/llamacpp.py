@@ -93,8 +93,7 @@ ATTEMPTS = 4
 
 
 def perplexity(tools: LlamaCpp, model: Path, text_file: Path, *, ctx: int = 512, chunks: int | None = None,
-               threads: int, kld_base: Path | None = None, kld: bool = False, repack: bool = True,
-               timeout: float = 3600) -> dict:
+               threads: int, kld_base: Path | None = None, kld: bool = False, timeout: float = 3600) -> dict:
     """llama-perplexity of ``model`` on ``text_file``: its PPL ± stderr (BOS-led chunks of
     ``ctx`` tokens, second half scored). ``kld_base`` without ``kld``: also save the model's
     logits there (the base of later comparisons); with ``kld``: compare with that file and
@@ -103,8 +102,6 @@ def perplexity(tools: LlamaCpp, model: Path, text_file: Path, *, ctx: int = 512,
            "-b", str(ctx), "-t", str(threads), "--no-warmup"]
     if chunks:
         cmd += ["--chunks", str(chunks)]
-    if not repack:
-        cmd.append("--no-repack")
     if kld_base is not None:
         cmd += ["--kl-divergence-base", str(kld_base)] + (["--kl-divergence"] if kld else [])
     last = "Same top p:" if kld else "Final estimate: PPL"
@@ -130,11 +127,11 @@ def _kld_figures(out: str, model: Path) -> dict:
 
 
 def bench(tools: LlamaCpp, models: list[Path], *, threads: int, n_prompt: int = 512, n_gen: int = 128,
-          repetitions: int = 3, repack: bool = True, timeout: float = 3600) -> list[dict]:
+          repetitions: int = 3, timeout: float = 3600) -> list[dict]:
     """``llama-bench`` of each model (in the order given, each test ``repetitions`` times):
     one record per model and test, with tokens/s mean, stddev and every sample."""
     cmd = [str(tools.tool("llama-bench")), "-o", "json", "-t", str(threads), "-p", str(n_prompt),
-           "-n", str(n_gen), "-r", str(repetitions), "--repack", "1" if repack else "0"]
+           "-n", str(n_gen), "-r", str(repetitions)]
     for m in models:
         cmd += ["-m", str(m)]
     out = _run(cmd, "llama-bench", timeout)

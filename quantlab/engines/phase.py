@@ -110,7 +110,7 @@ def llamacpp_phase(out_dir: Path, rows: list[dict], text: str, spec, threads: in
     text_file = work / "eval.txt"
     text_file.write_text(text, encoding="utf-8")
     kld_file = work / "base.kld"
-    kw = {"ctx": spec.ctx, "chunks": spec.chunks, "threads": threads, "repack": spec.repack}
+    kw = {"ctx": spec.ctx, "chunks": spec.chunks, "threads": threads}
     t0 = time.perf_counter()
     log(f"llama.cpp ({tools.version}, {threads} threads): perplexity of {len(gguf_rows)} GGUF files, ctx {spec.ctx}"
         f"{f', {spec.chunks} chunks' if spec.chunks else ''}")
@@ -129,9 +129,9 @@ def llamacpp_phase(out_dir: Path, rows: list[dict], text: str, spec, threads: in
     for r in gguf_rows:
         r["llamacpp_actq_cost_pct"] = 100 * (r["llamacpp_ppl"] / r["llamacpp_f32_ppl"] - 1)
         r["llamacpp_engine_gap_pct"] = 100 * (r["llamacpp_f32_ppl"] / r["ppl"] - 1) if same else None
-        r.update(llamacpp_threads=threads, llamacpp_build=tools.version + ("" if spec.repack else ", no repack"),
-                 llamacpp_ctx=spec.ctx, llamacpp_chunks=spec.chunks)
-    _speed_rounds(tools, out_dir, gguf_rows, base, spec, threads, log)
+        r.update(llamacpp_threads=threads, llamacpp_build=tools.version, llamacpp_ctx=spec.ctx,
+                 llamacpp_chunks=spec.chunks)
+    _speed_rounds(tools, out_dir, gguf_rows, base, spec.bench, threads, log)
     log(f"llama.cpp phase done in {time.perf_counter() - t0:.0f} s")
 
 
@@ -140,18 +140,16 @@ def _prefixed(figures: dict) -> dict:
     return {f"llamacpp_{k}": v for k, v in figures.items() if k in keep}
 
 
-def _speed_rounds(tools, out_dir: Path, gguf_rows: list[dict], base: dict, engine_spec, threads: int, log) -> None:
+def _speed_rounds(tools, out_dir: Path, gguf_rows: list[dict], base: dict, spec, threads: int, log) -> None:
     """llama-bench in rounds: baseline first, then every row, one repetition each per round."""
     from quantlab.engines.llamacpp import bench
 
-    spec = engine_spec.bench
     files = [out_dir / r["gguf_file"] for r in gguf_rows]
     samples: dict[tuple[int, str], list[float]] = {}
     for k in range(spec.rounds):
         log(f"llama.cpp: llama-bench round {k + 1}/{spec.rounds} ({len(files)} files, prefill {spec.n_prompt}, "
             f"decode {spec.n_gen} tokens)")
-        records = bench(tools, files, threads=threads, n_prompt=spec.n_prompt, n_gen=spec.n_gen, repetitions=1,
-                        repack=engine_spec.repack)
+        records = bench(tools, files, threads=threads, n_prompt=spec.n_prompt, n_gen=spec.n_gen, repetitions=1)
         for i, rec in enumerate(_in_order(records, files)):
             for test, value in rec.items():
                 samples.setdefault((i, test), []).append(value)
