@@ -17,10 +17,10 @@ cache="${QUANTLAB_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/quantlab}"
 # LLAMACPP_AMX=1 builds them in, into another directory (point QUANTLAB_LLAMACPP at its bin/)
 if [ "${LLAMACPP_AMX:-0}" = 1 ]; then
   flags=""
-  prefix="$cache/llamacpp/llama-cpp-python-$version-amx"
+  prefix="$cache/llamacpp/llama-cpp-python-$version-flush-amx"
 else
   flags="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
-  prefix="$cache/llamacpp/llama-cpp-python-$version"
+  prefix="$cache/llamacpp/llama-cpp-python-$version-flush"
 fi
 tools=(llama-bench llama-perplexity llama-quantize llama-imatrix)
 if [ -f "$prefix/.complete" ]; then
@@ -45,6 +45,13 @@ echo "llamacpp: downloading the llama-cpp-python $version sdist (PyPI)" >&2
   "llama-cpp-python==$version" -d "$work" >&2
 tar -xzf "$work"/llama_cpp_python-"$version".tar.gz -C "$work"
 src="$work/llama_cpp_python-$version/vendor/llama.cpp"
+# One line added: llama-perplexity flushes its log before it exits. llama.cpp's logger runs in a
+# thread that is never joined (common/log.cpp), so the final figures quantlab reads ("Final
+# estimate", the KL divergence statistics) were lost at exit in about one run of four here.
+perl -0pi -e 's/(\n    llama_backend_free\(\);\n)(\n    return 0;\n\}\s*)$/$1    common_log_flush(common_log_main());\n$2/' \
+  "$src/tools/perplexity/perplexity.cpp"
+grep -q "common_log_flush(common_log_main());" "$src/tools/perplexity/perplexity.cpp" || {
+  echo "llamacpp: could not add the log flush to llama-perplexity (sources changed?)" >&2; exit 1; }
 echo "llamacpp: building ${tools[*]} (cmake, $(nproc) jobs; about 10-15 minutes on 2 cores)" >&2
 # native CPU code (the machine that builds is the machine that measures); no network features
 cmake -S "$src" -B "$work/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF \

@@ -28,7 +28,7 @@ _HOW = ("build them once with `bash scripts/llamacpp.sh` (from the llama.cpp sou
 def default_bin_dir() -> Path:
     from quantlab.models import cache_dir
 
-    return cache_dir() / "llamacpp" / f"llama-cpp-python-{LLAMACPP_PACKAGE_VERSION}" / "bin"
+    return cache_dir() / "llamacpp" / f"llama-cpp-python-{LLAMACPP_PACKAGE_VERSION}-flush" / "bin"
 
 
 @dataclass(frozen=True)
@@ -87,9 +87,10 @@ def _grab(pattern: str, text: str, what: str, model: Path) -> tuple[float, ...]:
     return tuple(float(g) for g in found.groups())
 
 
-#: llama.cpp's logger thread is not flushed at exit (upstream issue 22142): a run can end with
-#: its last lines lost, so a run whose figures are missing is repeated, up to this many times
-ATTEMPTS = 4
+#: llama.cpp's logger thread is never joined at exit (common/log.cpp), so a run can lose its last
+#: lines; scripts/llamacpp.sh adds a flush to llama-perplexity, and a run whose figures are still
+#: missing (tools built elsewhere) is repeated, up to this many times in all
+ATTEMPTS = 3
 
 
 def perplexity(tools: LlamaCpp, model: Path, text_file: Path, *, ctx: int = 512, chunks: int | None = None,

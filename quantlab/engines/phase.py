@@ -48,7 +48,7 @@ def export_method_gguf(model, mdir: Path, template: Path, *, float_type: str, ba
                        log: Callable[[str], None]) -> dict:
     """Write the method's GGUF files (reused when the record's key and the files' sha256 match);
     returns the record: files, GGUF types, bytes."""
-    from quantlab.formats.gguf import export_gguf
+    from quantlab.formats.gguf import export_gguf, gguf_type_counts
 
     record = read_record(mdir / RECORD, key)
     if record and all((mdir / f).is_file() and _sha256(mdir / f) == h for f, h in record["sha256"].items()):
@@ -57,26 +57,20 @@ def export_method_gguf(model, mdir: Path, template: Path, *, float_type: str, ba
     files = {GGUF: {"float_type": "F32" if baseline else float_type}}
     if not baseline:
         files[GGUF_F32] = {"float_type": "F32", "dequantized": True}
-    types: dict[str, dict[str, str]] = {}
     for name, kw in files.items():
         owned_path(mdir, name, directory=False, what="GGUF file")
         tmp = mdir / f".{name}.tmp-{os.getpid()}"
         try:
             if name == GGUF and native.is_file():
-                from quantlab.quantizers.llamacpp import gguf_type_counts
-
                 shutil.copyfile(native, tmp)
-                types[name] = {f"{t}#{i}": t for t, n in gguf_type_counts(tmp).items() for i in range(n)}
             else:
-                types[name] = export_gguf(model, tmp, template, **kw)
+                export_gguf(model, tmp, template, **kw)
             os.replace(tmp, mdir / name)
         finally:
             tmp.unlink(missing_ok=True)
-    counts: dict[str, int] = {}
-    for t in types[GGUF].values():
-        counts[t] = counts.get(t, 0) + 1
-    record = {"key": key, "sha256": {f: _sha256(mdir / f) for f in files}, "types": types[GGUF],
-              "type_counts": counts, "bytes": (mdir / GGUF).stat().st_size}
+    counts = gguf_type_counts(mdir / GGUF)  # as the file holds them, read back
+    record = {"key": key, "sha256": {f: _sha256(mdir / f) for f in files}, "type_counts": counts,
+              "bytes": (mdir / GGUF).stat().st_size}
     write_record(mdir / RECORD, record)
     log(f"GGUF written: {', '.join(f'{n} x {t}' for t, n in sorted(counts.items()))}")
     return record

@@ -27,6 +27,7 @@ model: the source file for a GGUF source, else the one llama.cpp's converter wri
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +161,16 @@ def _float_tensor(t: torch.Tensor, ftype: str):
     return quants.quantize(a, GGMLQuantizationType.Q8_0), GGMLQuantizationType.Q8_0
 
 
+def gguf_type_counts(path: Path) -> dict[str, int]:
+    """How many tensors of each GGUF type a file holds."""
+    import gguf
+
+    counts: dict[str, int] = {}
+    for t in gguf.GGUFReader(str(path)).tensors:
+        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+    return counts
+
+
 def gguf_tensor_bytes(path: Path, model: nn.Module) -> dict[str, int]:
     """Bytes of every tensor of a GGUF file, keyed by ``model``'s own parameter names."""
     import gguf
@@ -187,75 +198,114 @@ def _copy_metadata(reader, writer, skip: set[str]) -> None:
         writer.add_key_value(field.name, field.contents(), vtype, sub)
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """What a template GGUF says about the model: architecture, heads, tensor names."""
+
+    arch: str
+    n_head: int
+    n_head_kv: int
+    names: Any  # gguf.TensorNameMap
+    wanted: frozenset[str]
+
+    @classmethod
+    def read(cls, reader) -> _Layout:
+        import gguf
+
+        f = reader.fields
+        arch = str(f["general.architecture"].contents())
+        if arch not in _PERMUTE_QK:
+            raise QuantlabError(f"GGUF export knows the 'llama' architecture; this model is '{arch}'")
+        n_head = int(f[f"{arch}.attention.head_count"].contents())
+        kv = f.get(f"{arch}.attention.head_count_kv")
+        names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, int(f[f"{arch}.block_count"].contents()))
+        return cls(arch, n_head, int(kv.contents()) if kv is not None else n_head, names,
+                   frozenset(t.name for t in reader.tensors))
+
+    def heads(self, hf_name: str) -> int | None:
+        """Heads whose rotary row order a q/k projection takes in GGUF (None: not q/k)."""
+        if hf_name.endswith(("q_proj", "q_proj.weight")):
+            return self.n_head
+        if hf_name.endswith(("k_proj", "k_proj.weight")):
+            return self.n_head_kv
+        return None
+
+
+def _quantized_tensors(model: nn.Module, layout: _Layout, dequantized: bool) -> list[tuple[str, np.ndarray, Any]]:
+    """(GGUF name, data, raw type) of every packed layer: its blocks, or F32 of its dequantized weight."""
+    import gguf
+
+    from quantlab.quantizers.grid import dequantize_matrix
+
+    out = []
+    for hf_name, mod in model.named_modules():
+        parts = quantized_parts(mod)
+        if parts is None:
+            continue
+        gname = layout.names.get_name(f"{hf_name}.weight", try_suffixes=(".weight",))
+        if gname is None or gname not in layout.wanted:
+            raise QuantlabError(f"layer '{hf_name}' has no tensor in the GGUF template")
+        if getattr(mod, "bias", None) is not None:
+            raise QuantlabError(f"layer '{hf_name}' has a bias, which the llama GGUF layout has no tensor for")
+        qtype = grid_type(hf_name, parts)
+        heads = layout.heads(hf_name)
+        if heads:
+            parts = _permute_rows(parts, _qk_permutation(parts[0].shape[0], heads))
+        if dequantized:
+            codes, scales, zeros, g_idx, _ = parts
+            out.append((gname, dequantize_matrix(codes, scales, zeros, g_idx).numpy().astype(np.float32), None))
+        else:
+            out.append((gname, pack_blocks(parts, qtype), getattr(gguf.GGMLQuantizationType, qtype)))
+    return out
+
+
+def _float_tensors(model: nn.Module, layout: _Layout, float_type: str) -> list[tuple[str, np.ndarray, Any]]:
+    """(GGUF name, data, raw type) of every float tensor with a GGUF name (tied copies once)."""
+    from quantlab.quantizers.base import tied_parameter_names
+
+    tied = tied_parameter_names(model)
+    modules = dict(model.named_modules())
+    out = []
+    for hf_name, t in model.state_dict().items():
+        owner = hf_name.rsplit(".", 1)[0]
+        if hf_name in tied or quantized_parts(modules.get(owner)) is not None or not t.is_floating_point():
+            continue
+        gname = layout.names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gname is None:
+            continue  # buffers llama.cpp computes itself (rotary frequencies)
+        heads = layout.heads(hf_name)
+        if heads:
+            t = t[_qk_permutation(t.shape[0], heads)]
+        out.append((gname, *_float_tensor(t, float_type)))
+    return out
+
+
+def _type_name(data: np.ndarray, raw) -> str:
+    return raw.name if raw is not None else ("F32" if data.dtype == np.float32 else "F16")
+
+
 def export_gguf(model: nn.Module, path: Path, template: Path, *, float_type: str = "F32",
-                dequantized: bool = False) -> dict[str, Any]:
+                dequantized: bool = False) -> dict[str, str]:
     """Write ``model`` (float parts and quantlab's packed layers) as a GGUF file at ``path``,
     metadata from ``template``. ``dequantized``: write every quantized layer as F32 of its
     dequantized weight (the engine cross-check's file). Returns {tensor name: GGUF type}."""
     import gguf
 
-    from quantlab.quantizers.base import tied_parameter_names
-
     if float_type not in FLOAT_TYPES:
         raise QuantlabError(f"GGUF float_type must be one of {', '.join(FLOAT_TYPES)}, not {float_type!r}")
     reader = gguf.GGUFReader(str(template))
-    arch = str(reader.fields["general.architecture"].contents())
-    if arch not in _PERMUTE_QK:
-        raise QuantlabError(f"GGUF export knows the 'llama' architecture; this model is '{arch}'")
-    n_head = int(reader.fields[f"{arch}.attention.head_count"].contents())
-    n_head_kv = int(reader.fields.get(f"{arch}.attention.head_count_kv", reader.fields[f"{arch}.attention.head_count"]).contents())
-    n_blocks = int(reader.fields[f"{arch}.block_count"].contents())
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_blocks)
-    wanted = {t.name for t in reader.tensors}
-    tied = tied_parameter_names(model)
-    modules = dict(model.named_modules())
-
-    tensors: list[tuple[str, np.ndarray, Any]] = []
-    types: dict[str, str] = {}
-    for hf_name, mod in modules.items():
-        parts = quantized_parts(mod)
-        if parts is None:
-            continue
-        gname = names.get_name(f"{hf_name}.weight", try_suffixes=(".weight",))
-        if gname is None or gname not in wanted:
-            raise QuantlabError(f"layer '{hf_name}' has no tensor in the GGUF template")
-        qtype = grid_type(hf_name, parts)
-        if hf_name.endswith(("q_proj", "k_proj")):
-            parts = _permute_rows(parts, _qk_permutation(parts[0].shape[0], n_head if hf_name.endswith("q_proj") else n_head_kv))
-        if dequantized:
-            from quantlab.quantizers.grid import dequantize_matrix
-
-            codes, scales, zeros, g_idx, _ = parts
-            tensors.append((gname, dequantize_matrix(codes, scales, zeros, g_idx).numpy().astype(np.float32), None))
-            types[gname] = "F32"
-        else:
-            tensors.append((gname, pack_blocks(parts, qtype), getattr(gguf.GGMLQuantizationType, qtype)))
-            types[gname] = qtype
-        if getattr(mod, "bias", None) is not None:
-            raise QuantlabError(f"layer '{hf_name}' has a bias, which the llama GGUF layout has no tensor for")
-    for hf_name, t in model.state_dict().items():
-        owner = hf_name.rsplit(".", 1)[0]
-        if hf_name in tied or quantized_parts(modules.get(owner)) is not None or not t.is_floating_point():
-            continue
-        gname = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if gname is None:
-            continue  # buffers llama.cpp computes itself (rotary frequencies)
-        if hf_name.endswith(("q_proj.weight", "k_proj.weight")):
-            heads = n_head if "q_proj" in hf_name else n_head_kv
-            t = t[_qk_permutation(t.shape[0], heads)]
-        arr, raw = _float_tensor(t, float_type)
-        tensors.append((gname, arr, raw))
-        types[gname] = raw.name if raw is not None else ("F32" if arr.dtype == np.float32 else "F16")
-    missing = wanted - set(types)
+    layout = _Layout.read(reader)
+    tensors = _quantized_tensors(model, layout, dequantized) + _float_tensors(model, layout, float_type)
+    types = {name: _type_name(data, raw) for name, data, raw in tensors}
+    missing = layout.wanted - set(types)
     if missing:
         raise QuantlabError(f"the model has no tensor for GGUF {', '.join(sorted(missing)[:5])}")
-
-    writer = gguf.GGUFWriter(str(path), arch)
+    writer = gguf.GGUFWriter(str(path), layout.arch)
     _copy_metadata(reader, writer, skip={"general.file_type", "general.quantization_version"})
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     order = {t.name: i for i, t in enumerate(reader.tensors)}
-    for gname, arr, raw in sorted(tensors, key=lambda x: order[x[0]]):
-        writer.add_tensor(gname, arr, raw_dtype=raw)
+    for name, data, raw in sorted(tensors, key=lambda x: order[x[0]]):
+        writer.add_tensor(name, data, raw_dtype=raw)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

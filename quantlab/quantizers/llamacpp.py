@@ -70,7 +70,7 @@ class LlamaCpp(Backend):
     @torch.no_grad()
     def quantize(self, model: nn.Module, calibration: torch.Tensor | None) -> nn.Module:
         from quantlab.engines.llamacpp import find_llamacpp
-        from quantlab.formats.gguf import export_gguf, template_for
+        from quantlab.formats.gguf import export_gguf, gguf_type_counts, template_for
 
         tools = find_llamacpp()
         info = self.context.get("source_info", {})
@@ -128,16 +128,6 @@ def _known_types(tools) -> set[str]:
 
     proc = subprocess.run([str(tools.tool("llama-quantize")), "--help"], capture_output=True, text=True)
     return set(re.findall(r"^\s+\d+\s+or\s+([A-Z0-9_]+)\s*:", proc.stdout + proc.stderr, re.M))
-
-
-def gguf_type_counts(path: Path) -> dict[str, int]:
-    """How many tensors of each GGUF type a file holds."""
-    import gguf
-
-    counts: dict[str, int] = {}
-    for t in gguf.GGUFReader(str(path)).tensors:
-        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
-    return counts
 
 
 def _load_gguf(path: Path, dtype: torch.dtype) -> nn.Module:
