@@ -36,17 +36,17 @@ def _targets(frame: pd.DataFrame) -> list[tuple[str, str, bool | None]]:
     f = frame.set_index("method")
     out: list[tuple[str, str, bool | None]] = []
     own = f.loc["llamacpp-q4_0", "llamacpp_decode_x_float"]
-    for label in ("rtn-w4-g64-q4_0", "gptq-w4-g64-q4_0", "awq-w4-g64-q4_0"):
+    for label in ("rtn-w4-g32-q4_0", "gptq-w4-g32-q4_0", "awq-w4-g32-q4_0"):
         x = f.loc[label, "llamacpp_decode_x_float"]
         out.append((f"{label}: decode >= 0.95x llama.cpp's own Q4_0 file",
                     f"{x:.2f}x vs {own:.2f}x of float32 (ratio {x / own:.3f})", x / own >= 0.95))
         out.append((f"{label}: decode >= 2x the float32 GGUF", f"{x:.2f}x", x >= 2))
     ref = f.loc["llamacpp-q4_0-imatrix", "llamacpp_kld_mean"]
     km = f.loc["llamacpp-q4_k_m", "llamacpp_kld_mean"]
-    for label in ("gptq-w4-g64-q4_0", "awq-w4-g64-q4_0"):
+    for label in ("gptq-w4-g32-q4_0", "awq-w4-g32-q4_0"):
         k = f.loc[label, "llamacpp_kld_mean"]
         out.append((f"{label}: llama.cpp KLD below llama.cpp's Q4_0 + imatrix", f"{k:.4f} vs {ref:.4f}", k < ref))
-    k = f.loc["awq-w4-g64-q4_0", "llamacpp_kld_mean"]
+    k = f.loc["awq-w4-g32-q4_0", "llamacpp_kld_mean"]
     out.append(("moonshot: AWQ in Q4_0 below Q4_K_M's KLD", f"{k:.4f} vs {km:.4f}", k < km))
     for label, row in f.iterrows():
         gap = row["llamacpp_engine_gap_pct"]
