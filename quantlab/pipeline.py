@@ -560,7 +560,8 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, *, force: bool = F
                 _log(f"[{i}/{len(methods)}] {method.label}: lm-eval tasks {', '.join(ev.tasks)}")
                 tasks = run_tasks(loaded.model, loaded.tokenizer, ev.tasks, ev.task_paths, limit=ev.task_limit,
                                   num_fewshot=ev.task_fewshot, batch_size=ev.batch_size)
-            gguf_cols = _gguf_stage(method, backend, loaded, mdir, out_dir, base.info, ev, key)
+            # keyed like the checkpoint it is written from: new eval settings do not rewrite it
+            gguf_cols = _gguf_stage(method, backend, loaded, mdir, out_dir, base.info, ev, export_key)
             fields = backend.config.table_fields()
             kernels = sorted({_kernel_label(loaded.model.get_submodule(n)) for n in qmodules})
             metrics = {

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from quantlab.errors import QuantlabError
-from quantlab.runs import owned_path, read_record, write_record
+from quantlab.runs import atomic_write_text, owned_path, read_record, write_record
 
 GGUF = "model.gguf"
 GGUF_F32 = "model-f32.gguf"
@@ -102,7 +102,7 @@ def llamacpp_phase(out_dir: Path, rows: list[dict], text: str, spec, threads: in
             r.pop(c, None)
     work = owned_path(out_dir, ".llamacpp", directory=True, what="llama.cpp working directory")
     text_file = work / "eval.txt"
-    text_file.write_text(text, encoding="utf-8")
+    atomic_write_text(text_file, text)  # replaces a link planted there, never writes through it
     kld_file = work / "base.kld"
     kw = {"ctx": spec.ctx, "chunks": spec.chunks, "threads": threads}
     t0 = time.perf_counter()
