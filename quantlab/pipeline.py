@@ -354,21 +354,6 @@ def _reusable_stage(stage: dict, backend, ckpt: Path, log_prefix: str):
     return again
 
 
-def _gguf_intact(out_dir: Path, row: dict) -> bool:
-    """A reused row's GGUF files are the ones its record hashed."""
-    from quantlab.engines.phase import RECORD
-    from quantlab.models import sha256_file
-
-    mdir = (out_dir / row["gguf_file"]).parent
-    try:
-        import json
-
-        hashes = json.loads((mdir / RECORD).read_text())["sha256"]
-        return all(sha256_file(mdir / f) == h for f, h in hashes.items())
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return False
-
-
 def _measure_with_llamacpp(out_dir: Path, rows: list[dict], eval_text, recipe: Recipe, plan) -> None:
     """The llama.cpp phase over every GGUF row; each row's metrics.json is rewritten with the
     engine's figures (same key: they were measured for the same settings)."""
@@ -383,6 +368,12 @@ def _measure_with_llamacpp(out_dir: Path, rows: list[dict], eval_text, recipe: R
     for r in rows:
         label = r["method"]
         write_record(out_dir / label / "metrics.json", r)
+
+
+def _gguf_files_intact(out_dir: Path, row: dict) -> bool:
+    from quantlab.engines.phase import gguf_intact
+
+    return gguf_intact((out_dir / row["gguf_file"]).parent)
 
 
 def _write_run_files(out_dir: Path, resolved: dict, env: dict, calibration) -> None:
@@ -510,7 +501,7 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, *, force: bool = F
             key = stage_key({"shared": shared, **what})
             mdir = owned_path(out_dir, method.label, directory=True, what=f"method directory of '{method.label}'")
             done = None if force else finished_metrics(mdir, key)
-            if done is not None and done.get("gguf_file") and not _gguf_intact(out_dir, done):
+            if done is not None and done.get("gguf_file") and not _gguf_files_intact(out_dir, done):
                 done = None
             if done is not None:
                 _log(f"[{i}/{len(methods)}] {method.label}: finished earlier with the same settings; reusing it")

@@ -173,7 +173,7 @@ def write_record(path: Path, record: dict) -> None:
     atomic_write_json(path, dict(record, digest=_digest(record)))
 
 
-def read_record(path: Path, key: str) -> dict | None:
+def read_record(path: Path, key: str | None) -> dict | None:
     """A JSON record written by :func:`write_record` with ``key``, else None (missing,
     unreadable, edited since it was written, or written for other settings): the stage is
     then done again."""
@@ -181,7 +181,9 @@ def read_record(path: Path, key: str) -> dict | None:
         record = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return None
-    if not isinstance(record, dict) or record.get("key") != key or record.get("digest") != _digest(record):
+    if not isinstance(record, dict) or record.get("digest") != _digest(record):
+        return None
+    if key is not None and record.get("key") != key:
         return None
     return record
 

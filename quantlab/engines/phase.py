@@ -51,7 +51,7 @@ def export_method_gguf(model, mdir: Path, template: Path, *, float_type: str, ba
     from quantlab.formats.gguf import export_gguf, gguf_type_counts
 
     record = read_record(mdir / RECORD, key)
-    if record and all((mdir / f).is_file() and _sha256(mdir / f) == h for f, h in record["sha256"].items()):
+    if record and _files_intact(mdir, record):
         return record
     native = mdir / "checkpoint" / GGUF  # a llama.cpp row: its checkpoint already is the GGUF file
     files = {GGUF: {"float_type": "F32" if baseline else float_type}}
@@ -74,6 +74,16 @@ def export_method_gguf(model, mdir: Path, template: Path, *, float_type: str, ba
     write_record(mdir / RECORD, record)
     log(f"GGUF written: {', '.join(f'{n} x {t}' for t, n in sorted(counts.items()))}")
     return record
+
+
+def _files_intact(mdir: Path, record: dict) -> bool:
+    return all((mdir / f).is_file() and _sha256(mdir / f) == h for f, h in record["sha256"].items())
+
+
+def gguf_intact(mdir: Path) -> bool:
+    """A reused row's GGUF files are the ones its (unedited) record hashed."""
+    record = read_record(mdir / RECORD, None)
+    return bool(record) and _files_intact(mdir, record)
 
 
 def main_type(counts: dict[str, int]) -> str:

@@ -45,9 +45,12 @@ class LlamaCpp(Backend):
     description = "llama.cpp's own quantization (llama-quantize, optional imatrix): a GGUF reference row."
     Config = LlamaCppConfig
     replaces_only = False
-    #: set by the pipeline before quantize(): the source model's info and directory (for the
-    #: GGUF metadata template) and the tokenizer (to write calibration windows as text)
-    context: dict[str, Any] = {}
+
+    def __init__(self, config: LlamaCppConfig | None = None):
+        super().__init__(config)
+        #: set by the pipeline before quantize(): the source model's info (for the GGUF
+        #: metadata template) and the tokenizer (to write calibration windows as text)
+        self.context: dict[str, Any] = {}
 
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]
@@ -88,8 +91,7 @@ class LlamaCpp(Backend):
         with self.stage("llama-quantize"):
             _run(cmd + [str(f32), str(out), self.config.type], "llama-quantize")
         f32.unlink()
-        self.gguf_types = gguf_type_counts(out)
-        self.layer_stats = {"gguf_tensor_types": self.gguf_types}
+        self.layer_stats = {"gguf_tensor_types": gguf_type_counts(out)}
         return _load_gguf(out, next(model.parameters()).dtype)
 
     def _imatrix(self, tools, f32: Path, calibration: torch.Tensor | None, work: Path) -> Path:
