@@ -6,7 +6,8 @@ Layout::
     config.json         the model config, with ``quantization_config`` when quantized
     generation_config.json, tokenizer files
     quantlab.json       sidecar, written last: backend, its config version and options,
-                        quantized module names, quantlab version, source model, and the
+                        quantized module names, their layout (quantlab.formats) and its
+                        version, quantlab version, source model, and the
                         manifest: sha256 and size of every other file, verified on load
 
 The directory is built under a temporary name and renamed into place, so a directory with
@@ -77,12 +78,19 @@ def _write(model: nn.Module, tokenizer, backend, tmp: Path, source: dict[str, An
         "backend_config_version": backend.Config.version,
         "options": backend.config.model_dump(mode="json"),
         "modules": backend.quantized_modules(model),
+        **_layout_record(backend),
         "quantlab_version": __version__,
         "source": source,
         "files": manifest(tmp),
     }
     meta["sidecar_sha256"] = sidecar_digest(meta)
     (tmp / SIDECAR).write_text(json.dumps(meta, indent=2))
+
+
+def _layout_record(backend) -> dict[str, Any]:
+    """The sidecar's record of the layout the layers are stored in (checked on load)."""
+    layout = backend.layout()
+    return {} if layout is None else {"layout": {"name": layout.name, "version": layout.version}}
 
 
 def sidecar_digest(meta: dict[str, Any]) -> str:

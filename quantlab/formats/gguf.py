@@ -54,10 +54,9 @@ def check_gguf_options(label: str, backend: str, options: dict) -> None:
         raise QuantlabError(f"method '{label}': backend '{backend}' cannot export GGUF (rtn, gptq and awq can; "
                             "llama.cpp's own types: backend llamacpp)")
     bits, sym, group = options.get("bits", 4), options.get("sym", True), options.get("group_size", 128)
-    if (bits, sym) not in GRID_TYPES:
-        fits = ", ".join(f"bits {b} with sym {str(s).lower()}" for b, s in GRID_TYPES)
-        raise QuantlabError(f"method '{label}': a {bits}-bit grid with sym {str(sym).lower()} has no GGUF block "
-                            f"type; GGUF holds {fits}")
+    why = GGUFFormat.check(bits, sym)
+    if why:
+        raise QuantlabError(f"method '{label}': {why}")
     if group != -1 and group % BLOCK:
         raise QuantlabError(f"method '{label}': group_size {group} is not a multiple of {BLOCK}; GGUF export needs "
                             "group_size 32, 64, 128... or -1")
@@ -67,15 +66,12 @@ def check_gguf_options(label: str, backend: str, options: dict) -> None:
 
 def quantized_parts(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
     """(codes [out, in], scales [n_groups, out] float16, zeros [n_groups, out], g_idx [in], bits)
-    of a packed quantlab layer, or None for any other module."""
-    from quantlab.quantizers.awq import AWQLinear, unpack_awq
-    from quantlab.quantizers.linear import PackedLinear
+    of a layer in any registered layout (:data:`quantlab.formats.LAYOUTS`), or None for any
+    other module."""
+    from quantlab.formats import unpack_layer
 
-    if isinstance(module, PackedLinear):
-        return module.codes(), module.scales, module.zeros(), module.g_idx.long(), module.bits
-    if isinstance(module, AWQLinear):
-        return (unpack_awq(module.qweight).t(), module.scales, unpack_awq(module.qzeros), module.g_idx(), 4)
-    return None
+    q = unpack_layer(module)
+    return None if q is None else (q.codes, q.scales, q.zeros, q.g_idx, q.bits)
 
 
 def grid_type(name: str, parts) -> str:
@@ -311,6 +307,28 @@ def export_gguf(model: nn.Module, path: Path, template: Path, *, float_type: str
     writer.write_tensors_to_file()
     writer.close()
     return types
+
+
+class GGUFFormat:
+    """GGUF in the format registry (:data:`quantlab.formats.FILE_FORMATS`): a file written from
+    the layers of any layout, for llama.cpp."""
+
+    name = "gguf"
+    version = 1
+    description = "llama.cpp's GGUF: Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 blocks written from the method's own grid."
+
+    @staticmethod
+    def check(bits: int, sym: bool) -> str | None:
+        if (bits, sym) in GRID_TYPES:
+            return None
+        fits = ", ".join(f"bits {b} with sym {str(s).lower()}" for b, s in GRID_TYPES)
+        return f"a {bits}-bit grid with sym {str(sym).lower()} has no GGUF block type; GGUF holds {fits}"
+
+    check_options = staticmethod(check_gguf_options)
+    export = staticmethod(export_gguf)
+
+
+GGUF_FORMAT = GGUFFormat()
 
 
 def template_for(source_info: dict, model_dir: Path | None, tools=None) -> Path:

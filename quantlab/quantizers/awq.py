@@ -19,15 +19,12 @@ weight error dW = sum((dW Sigma) * dW) / out) over a seeded random subset of
 ``search_tokens`` calibration tokens, instead of a matmul over the tokens per candidate;
 mean|x| uses every token. The clipping search scores each group on its diagonal block of Sigma.
 
-Checkpoints: the AutoAWQ "gemm" layout (4 bits: ``qweight`` [in, out/8] int32 with the
-nibble order 0,2,4,6,1,3,5,7; ``qzeros`` likewise; ``scales`` float16 [groups, out]) with
-``quantization_config: {quant_method: awq, version: gemm, zero_point}``; or, with
-``format: gptq`` (any of 2/3/4/8 bits), the GPTQ v1 layout.
+Checkpoints: the AutoAWQ "gemm" layout (:mod:`quantlab.formats.awq_gemm`, 4 bits); or, with
+``format: gptq`` (any of 2/3/4/8 bits), the GPTQ v1 layout (:mod:`quantlab.formats.gptq_v1`).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -36,29 +33,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quantlab.errors import QuantlabError
+from quantlab.formats import LAYOUTS, LayerFormat, QuantizedWeight, drop_dense_weights
+from quantlab.formats.awq_gemm import AWQLinear, pack_awq, unpack_awq
+from quantlab.formats.gptq_v1 import GPTQ_BITS
 from quantlab.quantizers.arch import arch_spec, decoder_layers
-from quantlab.quantizers.base import (
-    WEIGHTS_NAME,
-    Backend,
-    check_not_tied,
-    load_quantized,
-    save_weights,
-    set_module,
-    target_linears,
-)
+from quantlab.quantizers.base import check_not_tied, set_module, target_linears
 from quantlab.quantizers.grid import dequantize_matrix, quantize_matrix
-from quantlab.quantizers.linear import DenseDequantLinear, PackedLinear, drop_dense_weights
-from quantlab.quantizers.rtn import (
-    GPTQ_BITS,
-    WeightQuantConfig,
-    check_layers,
-    gptq_quantization_config,
-    load_packed,
-)
+from quantlab.quantizers.rtn import LayoutBackend, WeightQuantConfig, check_layers
 from quantlab.quantizers.sequential import first_layer_inputs, input_hooks, layer_output, run_layer
 
-AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of a word holds column 8*word + AWQ_ORDER[i]
-
+# the gemm layout's names stay importable from here, where they lived before quantlab.formats
+__all__ = ["AWQ", "AWQConfig", "AWQLinear", "awq_search_clip", "awq_search_scales", "fake_quant", "gram",
+           "pack_awq", "unpack_awq"]
 
 # --------------------------------------------------------------------------- algorithm core
 
@@ -141,69 +127,6 @@ def awq_search_clip(w: torch.Tensor, sigma: torch.Tensor, bits: int, group_size:
     return best_max
 
 
-def pack_awq(codes: torch.Tensor) -> torch.Tensor:
-    """4-bit codes [in, out] -> int32 [in, out/8] in AutoAWQ's GEMM order."""
-    rows, cols = codes.shape
-    v = codes.to(torch.int64).view(rows, cols // 8, 8)[..., list(AWQ_ORDER)]
-    words = (v << (torch.arange(8, device=codes.device) * 4)).sum(dim=2)
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-
-
-def unpack_awq(words: torch.Tensor) -> torch.Tensor:
-    """int32 [in, out/8] in AutoAWQ's GEMM order -> codes [in, out] (int64)."""
-    w = words.to(torch.int64) & 0xFFFFFFFF
-    nib = (w.unsqueeze(2) >> (torch.arange(8, device=w.device) * 4)) & 0xF  # nibble i
-    out = torch.empty_like(nib)
-    out[..., list(AWQ_ORDER)] = nib
-    return out.reshape(w.shape[0], -1)
-
-
-class AWQLinear(DenseDequantLinear):
-    """A linear layer stored in the AutoAWQ GEMM layout (4-bit), unpacked once at
-    construction into a dense ``weight`` buffer (not saved): ``kernel=dense-dequant``.
-
-    qweight int32 [in, out/8], qzeros int32 [n_groups, out/8], scales float16 [n_groups, out]."""
-
-    bits = 4
-
-    def __init__(self, in_features: int, out_features: int, group_size: int, bias: bool,
-                 dtype: torch.dtype = torch.float32, device=None):
-        super().__init__()
-        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
-        self.compute_dtype = dtype
-        ng = 1 if group_size == -1 else in_features // group_size
-        self.register_buffer("qweight", torch.zeros(in_features, out_features // 8, dtype=torch.int32, device=device))
-        self.register_buffer("qzeros", torch.zeros(ng, out_features // 8, dtype=torch.int32, device=device))
-        self.register_buffer("scales", torch.zeros(ng, out_features, dtype=torch.float16, device=device))
-        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
-        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=dtype, device=device), persistent=False)
-
-    def g_idx(self) -> torch.Tensor:
-        g = self.in_features if self.group_size == -1 else self.group_size
-        return torch.arange(self.in_features, device=self.qweight.device) // g
-
-    @classmethod
-    def from_codes(cls, codes, scales, zeros, group_size, bias, dtype) -> AWQLinear:
-        """codes [out, in], scales/zeros [n_groups, out]."""
-        out_f, in_f = codes.shape
-        m = cls(in_f, out_f, group_size, bias is not None, dtype, device=codes.device)
-        m.qweight.copy_(pack_awq(codes.t()))
-        m.qzeros.copy_(pack_awq(zeros))
-        m.scales.copy_(scales.half())
-        if bias is not None:
-            m.bias.data.copy_(bias.to(dtype))
-        m.weight = dequantize_matrix(codes, m.scales, zeros, m.g_idx()).to(dtype)
-        return m
-
-    def dequantize(self) -> torch.Tensor:
-        codes = unpack_awq(self.qweight).t()
-        return dequantize_matrix(codes, self.scales, unpack_awq(self.qzeros), self.g_idx())
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bits=4, "
-                f"group_size={self.group_size}, format=awq-gemm, kernel={self.kernel}")
-
-
 # --------------------------------------------------------------------------- backend
 
 
@@ -251,7 +174,7 @@ def _fold(prev: nn.Module, s: torch.Tensor) -> None:
         raise QuantlabError(f"AWQ cannot fold scales into a {type(prev).__name__}")
 
 
-class AWQ(Backend):
+class AWQ(LayoutBackend):
     name = "awq"
     description = "AWQ (Lin et al. 2023), quantlab's PyTorch implementation; AutoAWQ gemm or GPTQ checkpoints."
     Config = AWQConfig
@@ -262,17 +185,12 @@ class AWQ(Backend):
         c = self.config
         targets = target_linears(model, c.skip_list())
         check_not_tied(model, targets)
-        check_layers(targets, c.bits, c.group_size)
+        check_layers(targets, c.bits, c.group_size, self.layout())
         spec = arch_spec(model)
         decoder_layers(model, spec)
         if not spec.scale_groups:
             raise QuantlabError(f"AWQ does not know how to fold scales in a '{model.config.model_type}' "
                                 "model (no scale groups for this architecture)")
-        if c.format == "gemm":
-            for name, m in targets:
-                if m.out_features % 8:
-                    raise QuantlabError(f"layer '{name}' has output width {m.out_features}, not a multiple "
-                                        "of 8 as the AWQ gemm format needs; use format: gptq or skip it")
 
     @torch.no_grad()
     def quantize(self, model: nn.Module, calibration: torch.Tensor | None) -> nn.Module:
@@ -348,12 +266,9 @@ class AWQ(Backend):
                     bound = mx.repeat_interleave(g, dim=1).to(w.dtype)
                     w = torch.clamp(w, -bound, bound)
                 codes, scales, zeros = quantize_matrix(w, c.bits, c.group_size, c.sym)
-                if c.format == "gemm":
-                    q = AWQLinear.from_codes(codes, scales, zeros, c.group_size, lin.bias, lin.weight.dtype)
-                else:
-                    g = w.shape[1] if c.group_size == -1 else c.group_size
-                    q = PackedLinear.from_codes(codes, scales, zeros, torch.arange(w.shape[1]) // g, c.bits,
-                                                c.group_size, lin.bias, dtype=lin.weight.dtype)
+                g = w.shape[1] if c.group_size == -1 else c.group_size
+                q = self.pack(QuantizedWeight(codes, scales, zeros, torch.arange(w.shape[1]) // g, c.bits,
+                                              c.group_size), lin.bias, lin.weight.dtype)
                 stats = self.layer_stats.setdefault(prefix + n, {})
                 stats["weight_rel_error"] = float((q.weight.float() - lin.weight.float()).norm()
                                                   / lin.weight.float().norm().clamp(min=1e-12))
@@ -366,23 +281,15 @@ class AWQ(Backend):
             drop_dense_weights(layer)
         return model
 
-    def save(self, model: nn.Module, out_dir: Path) -> dict:
-        save_weights(model, out_dir / WEIGHTS_NAME)
-        c = self.config
-        if c.format == "gptq":
-            return gptq_quantization_config(c.bits, c.group_size, c.sym)
-        skipped = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        return {"quant_method": "awq", "bits": 4, "group_size": c.group_size, "zero_point": not c.sym,
-                "version": "gemm", "modules_to_not_convert": skipped or None}
+    def layout(self) -> LayerFormat:
+        return LAYOUTS["gptq-v1" if self.config.format == "gptq" else "awq-gemm"]
 
     @classmethod
-    def load(cls, ckpt_dir: Path, meta: dict, dtype: torch.dtype, device: torch.device) -> nn.Module:
-        if meta.get("options", {}).get("format") == "gptq":
-            return load_packed(ckpt_dir, meta, dtype, device)
+    def default_layout(cls, meta: dict) -> LayerFormat:
+        return LAYOUTS["gptq-v1" if meta.get("options", {}).get("format") == "gptq" else "awq-gemm"]
 
-        def make(lin: nn.Linear, qcfg: dict) -> nn.Module:
-            if qcfg.get("quant_method") != "awq" or qcfg.get("version") != "gemm":
-                raise QuantlabError(f"checkpoint '{ckpt_dir}' is not an AWQ gemm checkpoint")
-            return AWQLinear(lin.in_features, lin.out_features, qcfg["group_size"], lin.bias is not None, dtype)
-
-        return load_quantized(ckpt_dir, meta, dtype, device, make)
+    def quantization_extra(self, model: nn.Module) -> dict:
+        if self.config.format == "gptq":
+            return {}
+        skipped = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        return {"modules_to_not_convert": skipped or None}

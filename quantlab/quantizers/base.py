@@ -121,6 +121,11 @@ class Backend(ABC):
     def load(cls, ckpt_dir: Path, meta: dict[str, Any], dtype: torch.dtype, device: torch.device) -> nn.Module:
         """Rebuild the model saved by :meth:`save` (``meta``: the checkpoint's quantlab.json)."""
 
+    def layout(self):
+        """The :mod:`quantlab.formats` layout the quantized layers are stored in, recorded in
+        the sidecar (``None``: the backend writes a library's own format, e.g. torchao's)."""
+        return None
+
 
 # --------------------------------------------------------------------------- shared helpers
 

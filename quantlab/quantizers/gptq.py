@@ -9,7 +9,7 @@ to groups), static groups (group grids fixed from the unquantized weights before
 and true-sequential (within a layer, q/k/v first, then o, then gate/up, then down, each
 group's Hessian computed with the earlier groups already quantized).
 
-The checkpoint is the standard GPTQ v1 layout (see :mod:`quantlab.quantizers.linear`).
+The checkpoint is the standard GPTQ v1 layout (see :mod:`quantlab.formats.gptq_v1`).
 """
 
 from __future__ import annotations
@@ -24,24 +24,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quantlab.errors import MissingDependencyError, QuantlabError
+from quantlab.formats import QuantizedWeight, drop_dense_weights
+from quantlab.formats.gptq_v1 import GPTQ_BITS, PackedLinear
 from quantlab.quantizers.arch import arch_spec, decoder_layers
-from quantlab.quantizers.base import (
-    WEIGHTS_NAME,
-    Backend,
-    check_not_tied,
-    save_weights,
-    set_module,
-    target_linears,
-)
+from quantlab.quantizers.base import check_not_tied, set_module, target_linears
 from quantlab.quantizers.grid import group_params, quantize_codes
-from quantlab.quantizers.linear import PackedLinear, drop_dense_weights
-from quantlab.quantizers.rtn import (
-    GPTQ_BITS,
-    WeightQuantConfig,
-    check_layers,
-    gptq_quantization_config,
-    load_packed,
-)
+from quantlab.quantizers.rtn import LayoutBackend, WeightQuantConfig, check_layers
 from quantlab.quantizers.sequential import (
     feed,
     first_layer_inputs,
@@ -162,7 +150,7 @@ class GPTQConfig(WeightQuantConfig):
         return v
 
 
-class GPTQ(Backend):
+class GPTQ(LayoutBackend):
     name = "gptq"
     description = "GPTQ (Frantar et al. 2022), quantlab's PyTorch implementation; GPTQ v1 checkpoints."
     Config = GPTQConfig
@@ -179,7 +167,7 @@ class GPTQ(Backend):
     def check(self, model: nn.Module) -> None:
         targets = target_linears(model, self.config.skip_list())
         check_not_tied(model, targets)
-        check_layers(targets, self.config.bits, self.config.group_size)
+        check_layers(targets, self.config.bits, self.config.group_size, self.layout())
         decoder_layers(model, arch_spec(model))
 
     @torch.no_grad()
@@ -270,8 +258,8 @@ class GPTQ(Backend):
         r0 = 0
         for n, lin in zip(names, lins):
             r1 = r0 + lin.out_features
-            q = PackedLinear.from_codes(codes[r0:r1].to(lin.weight.device), scales[:, r0:r1], zeros[:, r0:r1],
-                                        g_idx, c.bits, c.group_size, lin.bias, dtype=lin.weight.dtype)
+            q = self.pack(QuantizedWeight(codes[r0:r1].to(lin.weight.device), scales[:, r0:r1], zeros[:, r0:r1],
+                                          g_idx, c.bits, c.group_size), lin.bias, lin.weight.dtype)
             r0 = r1
             w = lin.weight.data.float()
             dw = q.weight.float() - w
@@ -329,11 +317,5 @@ class GPTQ(Backend):
             set_module(model, name, q)
         return model
 
-    def save(self, model: nn.Module, out_dir: Path) -> dict:
-        save_weights(model, out_dir / WEIGHTS_NAME)
-        c = self.config
-        return gptq_quantization_config(c.bits, c.group_size, c.sym, desc_act=c.act_order)
-
-    @classmethod
-    def load(cls, ckpt_dir: Path, meta: dict, dtype: torch.dtype, device: torch.device) -> nn.Module:
-        return load_packed(ckpt_dir, meta, dtype, device)
+    def quantization_extra(self, model: nn.Module) -> dict:
+        return {"desc_act": self.config.act_order}

@@ -2,9 +2,14 @@
 
 Each targeted linear layer's weight is split into groups of ``group_size`` input columns and
 rounded to the nearest point of a uniform ``bits``-bit grid (symmetric or with a zero
-point). The checkpoint uses the GPTQ v1 tensor layout, so for 2, 3, 4 and 8 bits it is a
-standard ``quant_method: gptq`` checkpoint (a GPTQ without error correction); 5-7 bits use
-the same layout with a ``quant_method: quantlab`` config that only quantlab loads.
+point). The checkpoint uses the GPTQ v1 tensor layout (:mod:`quantlab.formats.gptq_v1`), so for 2, 3,
+4 and 8 bits it is a standard ``quant_method: gptq`` checkpoint (a GPTQ without error
+correction); 5-7 bits use the same layout with a ``quant_method: quantlab`` config that only
+quantlab loads.
+
+:class:`LayoutBackend` is what RTN, GPTQ and AWQ share: each produces a
+:class:`~quantlab.formats.QuantizedWeight` per layer and leaves packing, writing and reading
+to its layout.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quantlab.errors import QuantlabError
+from quantlab.formats import LAYOUTS, LayerFormat, QuantizedWeight, get_layout
+from quantlab.formats.gptq_v1 import GPTQ_BITS, gptq_quantization_config
 from quantlab.quantizers.base import (
     WEIGHTS_NAME,
     Backend,
@@ -30,10 +37,9 @@ from quantlab.quantizers.base import (
     target_linears,
 )
 from quantlab.quantizers.grid import quantize_matrix
-from quantlab.quantizers.linear import PackedLinear
-from quantlab.quantizers.packing import pack_unit
 
-GPTQ_BITS = (2, 3, 4, 8)
+__all__ = ["GPTQ_BITS", "RTN", "LayoutBackend", "WeightQuantConfig", "check_layers", "gptq_quantization_config",
+           "load_packed"]
 
 
 class WeightQuantConfig(BackendConfig):
@@ -57,11 +63,13 @@ class WeightQuantConfig(BackendConfig):
         return {"bits": self.bits, "group_size": self.group_size}
 
 
-def check_layers(targets: list[tuple[str, nn.Linear]], bits: int, group_size: int) -> None:
-    """Clear errors for layers whose shape does not fit the group size or the bit packing."""
+def check_layers(targets: list[tuple[str, nn.Linear]], bits: int, group_size: int,
+                 layout: LayerFormat | None = None) -> None:
+    """Clear errors for layers whose shape does not fit the group size or the layout
+    (GPTQ v1 unless another is given)."""
     if not targets:
         raise QuantlabError("no linear layer is left to quantize: 'skip' excludes them all")
-    unit = pack_unit(bits)
+    layout = layout or LAYOUTS["gptq-v1"]
     for name, m in targets:
         if group_size != -1 and m.in_features % group_size:
             fits = [g for g in (16, 32, 64, 128, 256) if m.in_features % g == 0]
@@ -69,38 +77,76 @@ def check_layers(targets: list[tuple[str, nn.Linear]], bits: int, group_size: in
                 f"group_size {group_size} does not divide the input width {m.in_features} of "
                 f"layer '{name}'; group sizes that fit: {', '.join(map(str, fits + [-1]))}"
             )
-        for what, n in (("input", m.in_features), ("output", m.out_features)):
-            if n % unit:
-                raise QuantlabError(
-                    f"layer '{name}' has {what} width {n}, which {bits}-bit codes cannot pack "
-                    f"into whole 32-bit words (needs a multiple of {unit}); add it to 'skip'"
-                )
+        why = layout.check_layer(name, m.in_features, m.out_features, bits)
+        if why:
+            raise QuantlabError(why)
 
 
-def gptq_quantization_config(bits: int, group_size: int, sym: bool, desc_act: bool = False) -> dict:
-    """The ``quantization_config`` of a GPTQ v1 checkpoint (what transformers/gptqmodel read)."""
-    if bits not in GPTQ_BITS:
-        # No GPTQ loader packs 5-7 bits; say so instead of pretending to be loadable.
-        return {"quant_method": "quantlab", "format": "gptq-v1-bitstream", "bits": bits,
-                "group_size": group_size, "sym": sym, "desc_act": desc_act}
-    return {"quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": desc_act,
-            "sym": sym, "checkpoint_format": "gptq", "pack_dtype": "int32"}
-
-
-def load_packed(ckpt_dir: Path, meta: dict, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    """Rebuild a model whose quantized layers are :class:`PackedLinear` (GPTQ v1 layout)."""
+def load_packed(ckpt_dir: Path, meta: dict, dtype: torch.dtype, device: torch.device,
+                layout: LayerFormat | None = None) -> nn.Module:
+    """Rebuild a model whose quantized layers are in ``layout`` (GPTQ v1 unless given)."""
+    layout = layout or LAYOUTS["gptq-v1"]
 
     def make(lin: nn.Linear, qcfg: dict) -> nn.Module:
-        bits, group_size = qcfg.get("bits"), qcfg.get("group_size")
-        if bits is None or group_size is None:
-            raise QuantlabError(f"checkpoint '{ckpt_dir}': config.json has no quantization_config "
-                                "with bits and group_size")
-        return PackedLinear(lin.in_features, lin.out_features, bits, group_size, lin.bias is not None, dtype)
+        try:
+            return layout.empty(lin, qcfg, dtype)
+        except QuantlabError as e:
+            raise QuantlabError(f"checkpoint '{ckpt_dir}': {e}") from None
 
     return load_quantized(ckpt_dir, meta, dtype, device, make)
 
 
-class RTN(Backend):
+def sidecar_layout(ckpt_dir: Path, meta: dict) -> LayerFormat | None:
+    """The layout a checkpoint's sidecar records, checked against the one this quantlab
+    writes (``None`` when the sidecar predates the record)."""
+    rec = meta.get("layout")
+    if rec is None:
+        return None
+    if not isinstance(rec, dict) or not isinstance(rec.get("name"), str):
+        raise QuantlabError(f"checkpoint '{ckpt_dir}': the sidecar's 'layout' is not {{name, version}}")
+    layout = get_layout(rec["name"])
+    if rec.get("version") != layout.version:
+        raise QuantlabError(f"checkpoint '{ckpt_dir}' was written in layout {layout.name} version "
+                            f"{rec.get('version')}; this quantlab reads version {layout.version}: re-export it "
+                            "(run its recipe again with --force)")
+    return layout
+
+
+class LayoutBackend(Backend):
+    """A backend whose layers are stored in one of quantlab's layouts: ``save`` and ``load``
+    are the layout's, so the method only produces grids (see :meth:`pack`)."""
+
+    Config = WeightQuantConfig
+    config: WeightQuantConfig
+
+    def layout(self) -> LayerFormat:
+        return LAYOUTS["gptq-v1"]
+
+    @classmethod
+    def default_layout(cls, meta: dict) -> LayerFormat:
+        """The layout of a checkpoint whose sidecar does not record it."""
+        return LAYOUTS["gptq-v1"]
+
+    def pack(self, q: QuantizedWeight, bias: torch.Tensor | None, dtype: torch.dtype,
+             dense: bool = True) -> nn.Module:
+        return self.layout().pack(q, bias, dtype, dense=dense)
+
+    def quantization_extra(self, model: nn.Module) -> dict[str, Any]:
+        """Layout-specific entries of ``quantization_config`` (GPTQ's desc_act...)."""
+        return {}
+
+    def save(self, model: nn.Module, out_dir: Path) -> dict:
+        save_weights(model, out_dir / WEIGHTS_NAME)
+        c = self.config
+        return self.layout().quantization_config(c.bits, c.group_size, c.sym, **self.quantization_extra(model))
+
+    @classmethod
+    def load(cls, ckpt_dir: Path, meta: dict, dtype: torch.dtype, device: torch.device) -> nn.Module:
+        layout = sidecar_layout(ckpt_dir, meta) or cls.default_layout(meta)
+        return load_packed(ckpt_dir, meta, dtype, device, layout)
+
+
+class RTN(LayoutBackend):
     name = "rtn"
     description = "Weight-only round-to-nearest, 2-8 bits, grouped or per-channel (GPTQ layout)."
     Config = WeightQuantConfig
@@ -108,7 +154,7 @@ class RTN(Backend):
     def check(self, model: nn.Module) -> None:
         targets = target_linears(model, self.config.skip_list())
         check_not_tied(model, targets)
-        check_layers(targets, self.config.bits, self.config.group_size)
+        check_layers(targets, self.config.bits, self.config.group_size, self.layout())
 
     @torch.no_grad()
     def quantize(self, model: nn.Module, calibration: torch.Tensor | None) -> nn.Module:
@@ -121,18 +167,9 @@ class RTN(Backend):
             codes, scales, zeros = quantize_matrix(w, c.bits, c.group_size, c.sym)
             g = w.shape[1] if c.group_size == -1 else c.group_size
             g_idx = torch.arange(w.shape[1], device=w.device) // g
-            q = PackedLinear.from_codes(codes, scales, zeros, g_idx, c.bits, c.group_size,
-                                        lin.bias, dtype=w.dtype, dense=False)
+            q = self.pack(QuantizedWeight(codes, scales, zeros, g_idx, c.bits, c.group_size), lin.bias,
+                          w.dtype, dense=False)
             err = (q.dequantize() - w.float()).norm() / w.float().norm().clamp(min=1e-12)
             self.layer_stats[name] = {"weight_rel_error": float(err)}
             set_module(model, name, q)
         return model
-
-    def save(self, model: nn.Module, out_dir: Path) -> dict:
-        save_weights(model, out_dir / WEIGHTS_NAME)
-        c = self.config
-        return gptq_quantization_config(c.bits, c.group_size, c.sym)
-
-    @classmethod
-    def load(cls, ckpt_dir: Path, meta: dict, dtype: torch.dtype, device: torch.device) -> nn.Module:
-        return load_packed(ckpt_dir, meta, dtype, device)
