@@ -29,7 +29,7 @@ from torch import nn
 
 from quantlab import __version__
 from quantlab.errors import QuantlabError
-from quantlab.models import LoadedModel
+from quantlab.modelfiles import LoadedModel, check_no_remote_code, check_safetensors
 
 SIDECAR = "quantlab.json"
 
@@ -183,7 +183,6 @@ def load_checkpoint(ckpt_dir: Path, *, dtype: torch.dtype, device: torch.device,
     checks every file against the manifest first."""
     from transformers import AutoTokenizer
 
-    from quantlab.models import check_no_remote_code, check_safetensors
     from quantlab.registry import get_backend
 
     ckpt_dir = Path(ckpt_dir)

@@ -6,6 +6,7 @@ unless ``--debug``)."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import sys
@@ -35,6 +36,11 @@ def _parser() -> argparse.ArgumentParser:
     _add_recipe_args(p)
     p.add_argument("--out", help="run directory (default: the recipe's output.dir)")
     p.add_argument("--force", action="store_true", help="redo methods that finished earlier in this directory")
+    p.add_argument("--executor", choices=["local", "ray"], help="where the methods run: 'local' (one after "
+                   "another in this process) or 'ray' (each a Ray task; the [ray] extra); default: the recipe's "
+                   "executor.kind")
+    p.add_argument("--address", help="Ray cluster to join ('auto', 'host:6379', 'ray://host:10001'); default: "
+                   "the recipe's executor.address, else a local cluster of this machine")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     p = sub.add_parser("validate", help="check a recipe without running anything")
@@ -99,9 +105,17 @@ def _cmd_run(args) -> int:
     from quantlab.api import run_recipe
     from quantlab.recipe import load_recipe
 
-    recipe = load_recipe(args.recipe, args.overrides)
-    run_recipe(recipe, args.out, force=args.force)
-    return 0
+    overrides = list(args.overrides)
+    if args.executor:
+        overrides.append(f"executor.kind={args.executor}")
+    if args.address:
+        overrides.append(f"executor.address={json.dumps(args.address)}")  # a YAML string, whatever it holds
+    recipe = load_recipe(args.recipe, overrides)
+    frame = run_recipe(recipe, args.out, force=args.force).results
+    failed = frame[frame["error"].notna()]  # a method that failed on Ray: the others finished
+    for _, row in failed.iterrows():
+        print(f"error: method {row['method']} failed: {row['error']}", file=sys.stderr)
+    return 1 if len(failed) else 0
 
 
 def _cmd_validate(args) -> int:

@@ -209,6 +209,26 @@ class SensitivitySpec(_Strict):
                       "calibration windows by default).")
 
 
+class ResourcesSpec(_Strict):
+    """What one method's task asks a Ray cluster for (executor: ray; the local executor runs
+    methods one after another in its own process and ignores it)."""
+
+    cpus: float = Field(1, gt=0, le=1024, description="CPU cores; the task's torch threads (unless the recipe "
+                        "sets threads).")
+    gpus: float | None = Field(None, ge=0, le=64, description="GPUs (fractions share one); default: 1 when the "
+                               "recipe's device is CUDA, else 0.")
+
+
+class ExecutorSpec(_Strict):
+    """Where the methods run (README, "Runs as jobs")."""
+
+    kind: Literal["local", "ray"] = Field("local", description="'local': one after another in this process; "
+                                          "'ray': each method a Ray task (the [ray] extra).")
+    address: str | None = Field(None, description="Ray: the cluster to join ('auto', 'ray://host:10001', "
+                                "'host:6379'); default: a local cluster of this machine's cores.")
+    max_retries: int = Field(2, ge=0, le=100, description="Ray: times a task whose worker died is run again.")
+
+
 class MethodSpec(_Strict):
     """One quantization method: a backend and its options."""
 
@@ -217,6 +237,7 @@ class MethodSpec(_Strict):
     options: dict[str, Any] = Field(default_factory=dict, description="Backend options.")
     sensitivity: SensitivitySpec | None = Field(
         None, description="Run the sensitivity pass (implied by options.skip: auto).")
+    resources: ResourcesSpec = ResourcesSpec()
     export: list[Literal["native", "gguf"]] = Field(
         default_factory=lambda: ["native"], description="Formats written: 'native' (the method's ecosystem "
         "checkpoint, always) and 'gguf' (llama.cpp blocks holding the same codes and scales; see README, GGUF).")
@@ -290,6 +311,7 @@ class Recipe(_Strict):
     eval: EvalSpec = EvalSpec()
     output: OutputSpec = OutputSpec()
     threads: int | None = Field(None, ge=1, le=4096, description="torch threads (default: all cores).")
+    executor: ExecutorSpec = ExecutorSpec()
 
     @field_validator("name")
     @classmethod
@@ -521,5 +543,10 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 
 def recipe_to_dict(recipe: Recipe) -> dict:
-    """A plain, YAML-ready dict of the resolved recipe (all defaults filled in)."""
-    return recipe.model_dump(mode="json")
+    """A plain, YAML-ready dict of the resolved recipe: every default filled in, the methods'
+    options too (what the backend's config resolved them to), so a changed default shows in
+    ``recipe.yaml`` as it does in the result keys."""
+    doc = recipe.model_dump(mode="json")
+    for m, spec in zip(doc["methods"], recipe.methods):
+        m["options"] = spec.config().model_dump(mode="json")
+    return doc

@@ -100,7 +100,7 @@ def test_changed_code_is_never_assumed_to_give_the_same_results(tiny_model_dir, 
     capsys.readouterr()
     assert main(["run", str(recipe)]) == 0
     assert capsys.readouterr().err.count("finished earlier with the same settings") == 2  # same code: reused
-    monkeypatch.setattr("quantlab.pipeline.code_digest", lambda: "0" * 64)
+    monkeypatch.setattr("quantlab.plan.code_digest", lambda: "0" * 64)
     assert main(["run", str(recipe)]) == 0
     err = capsys.readouterr().err
     assert "finished earlier" not in err and "exported earlier" not in err and "rtn-w4: quantize" in err, err

@@ -7,28 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from quantlab.results import COLUMNS  # the columns of results.csv, in order
 from quantlab.runs import atomic_write_bytes
-
-#: columns of results.csv, in order (metrics.json holds more: raw speed samples, Δp
-#: percentiles, per-layer statistics, options...)
-COLUMNS = [
-    "method", "model", "backend", "bits", "group_size", "ppl", "ppl_stderr", "ppl_convention", "eval_source",
-    "eval_seq_len", "eval_windows", "eval_tokens", "kld_mean", "kld_p99", "top1_agreement", "dp_rms",
-    "kld_tokens", "size_bytes", "checkpoint_bytes", "quantized_tensor_bytes", "bits_per_weight",
-    "skipped_layers", "sensitivity_s",
-    "prefill_tokens_per_s", "ttft_ms", "decode_tokens_per_s", "decode_tokens_per_s_min",
-    "decode_tokens_per_s_max", "latency_p50_ms", "latency_p95_ms", "decode_bound_tokens_per_s",
-    "decode_fraction_of_bound", "decode_batch_size", "decode_tokens_per_s_batch",
-    "peak_rss_quantize_bytes", "peak_rss_load_bytes", "peak_rss_eval_bytes", "peak_cuda_quantize_bytes",
-    "peak_cuda_eval_bytes", "quantize_s", "export_s", "load_s", "eval_s", "eval_tokens_per_s", "dtype",
-    "device", "threads", "kernel", "tokenizer", "eval_sha256", "checkpoint", "measured_at", "session",
-    # GGUF export and the llama.cpp engine (eval.engines: [torch, llamacpp])
-    "gguf_type", "gguf_float_type", "gguf_bytes", "gguf_file",
-    "llamacpp_ppl", "llamacpp_ppl_stderr", "llamacpp_kld_mean", "llamacpp_kld_p99", "llamacpp_top1_agreement",
-    "llamacpp_f32_ppl", "llamacpp_actq_cost_pct", "llamacpp_engine_gap_pct", "llamacpp_prefill_tokens_per_s",
-    "llamacpp_decode_tokens_per_s", "llamacpp_decode_x_float", "llamacpp_decode_x_min", "llamacpp_decode_x_max",
-    "llamacpp_prefill_x_float", "llamacpp_ctx", "llamacpp_chunks", "llamacpp_threads", "llamacpp_build",
-]
 
 CONVENTION_TEXT = {
     "gptq": "non-overlapping {seq}-token windows, mean NLL of every predicted token",

@@ -1,0 +1,182 @@
+"""Executors: who runs the methods of a run plan.
+
+- ``local``: one after another in this process (the first quantizes the base model the
+  driver already loaded). A failing method stops the run, as an error in one process does.
+- ``ray``: each method is a Ray task with the resources its recipe entry asks for
+  (``resources: {cpus, gpus}``); workers read the plan from the run directory (on a cluster:
+  storage every node mounts at the same path) and write only their method's directory. A task
+  whose worker dies is run again (``executor.max_retries``); a method that still fails gets a
+  row carrying its error, and the other methods finish. The driver writes results and report.
+
+Both call :func:`quantlab.runner.run_method`, so the resume rules are the same.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from collections.abc import Callable
+
+from quantlab.errors import MissingDependencyError, QuantlabError
+from quantlab.plan import RunPlan
+from quantlab.results import MethodResult
+from quantlab.runner import finished, log, run_method
+from quantlab.runs import atomic_write_json
+
+OnResult = Callable[[MethodResult], None]
+
+
+def execute(plan: RunPlan, base_model, on_result: OnResult) -> None:
+    """Run every method of ``plan`` with the executor its recipe names."""
+    kind = plan.recipe.executor.kind
+    if kind == "ray":
+        RayExecutor(plan).run(base_model, on_result)
+    else:
+        run_local(plan, base_model, on_result)
+
+
+def run_local(plan: RunPlan, base_model, on_result: OnResult) -> None:
+    methods = plan.recipe.all_methods()
+    spare = [base_model]
+    for i, method in enumerate(methods, 1):
+        position = f"[{i}/{len(methods)}] "
+        needs_model = finished(plan, method) is None
+        # the loaded base model goes to the first method that quantizes; later ones reload it
+        # (under a second for local sources), so one model is in memory, not two
+        model = spare.pop() if (needs_model and spare) else None
+        on_result(run_method(plan, method, position=position, base_model=model))
+        del model
+        gc.collect()
+
+
+# --------------------------------------------------------------------------- ray
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        raise MissingDependencyError("executor 'ray' needs Ray: pip install 'quantlab[ray]' torch==2.13.0") from None
+    return ray
+
+
+def _method_task(run_dir: str, label: str, threads: int | None) -> dict:
+    """A Ray task: one method of the plan in ``run_dir``; returns its row (errors raise)."""
+    import socket
+
+    import torch
+
+    from quantlab.models import quiet_progress_bars
+
+    if threads:
+        torch.set_num_threads(threads)
+    quiet_progress_bars()
+    plan = RunPlan.load(run_dir)
+    method = next(m for m in plan.recipe.all_methods() if m.label == label)
+    result = run_method(plan, method)
+    return dict(result.row, worker=socket.gethostname()) if not result.reused else result.row
+
+
+class RayExecutor:
+    def __init__(self, plan: RunPlan):
+        self.plan = plan
+        self.ray = _ray()
+
+    def connect(self) -> None:
+        spec = self.plan.recipe.executor
+        ray = self.ray
+        if ray.is_initialized():
+            return
+        kw = {"address": spec.address} if spec.address else {"num_cpus": os.cpu_count() or 1}
+        if spec.address:
+            _reachable(spec.address)
+        try:
+            ray.init(include_dashboard=False, log_to_driver=True, **kw)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            where = spec.address or "a local cluster"
+            raise QuantlabError(f"cannot connect to Ray at {where}: {str(e).splitlines()[0][:200]}; start one with "
+                                "`ray start --head` or fix executor.address / --address") from None
+
+    def resources(self, method) -> dict:
+        r = method.resources
+        gpus = r.gpus if r.gpus is not None else (1 if self.plan.device.startswith("cuda") else 0)
+        return {"num_cpus": r.cpus, "num_gpus": gpus}
+
+    def check_resources(self, methods) -> None:
+        """Every task fits one node of the cluster (else Ray would wait for ever)."""
+        nodes = [n.get("Resources", {}) for n in self.ray.nodes() if n.get("Alive")]
+        for m in methods:
+            want = self.resources(m)
+            if not any(n.get("CPU", 0) >= want["num_cpus"] and n.get("GPU", 0) >= want["num_gpus"] for n in nodes):
+                have = ", ".join(f"{n.get('CPU', 0):g} CPU/{n.get('GPU', 0):g} GPU" for n in nodes) or "no nodes"
+                raise QuantlabError(f"method '{m.label}' asks for {want['num_cpus']:g} CPUs and {want['num_gpus']:g} "
+                                    f"GPUs; no node of the Ray cluster has them ({have}): lower its resources")
+
+    def run(self, base_model, on_result: OnResult) -> None:
+        del base_model  # each task loads its own; the driver keeps none
+        gc.collect()
+        plan, ray = self.plan, self.ray
+        todo = []
+        for m in plan.recipe.all_methods():
+            done = finished(plan, m)
+            if done is not None:
+                log(f"{m.label}: finished earlier with the same settings; reusing it")
+                on_result(MethodResult(m.label, done, reused=True))
+            else:
+                todo.append(m)
+        if not todo:
+            return
+        self.connect()
+        self.check_resources(todo)
+        task = ray.remote(_method_task)
+        spec = plan.recipe.executor
+        pending = {}
+        for m in todo:
+            ref = task.options(max_retries=spec.max_retries, retry_exceptions=False, name=f"quantlab:{m.label}",
+                               **self.resources(m)).remote(str(plan.run_dir.root), m.label, plan.threads_for(m))
+            pending[ref] = m
+        log(f"ray: {len(todo)} methods submitted ({', '.join(m.label for m in todo)})")
+        self._collect(pending, on_result)
+
+    def _collect(self, pending: dict, on_result: OnResult) -> None:
+        ray = self.ray
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            method = pending.pop(ready[0])
+            try:
+                row = ray.get(ready[0])
+            except Exception as e:  # the task's error, after its retries
+                msg = _task_error(e)
+                log(f"{method.label}: failed on Ray: {msg}")
+                atomic_write_json(self.plan.run_dir.error(method.label), {"method": method.label, "error": msg})
+                on_result(MethodResult(method.label, error=msg))
+                continue
+            log(f"{method.label}: done on {row.get('worker', 'a worker')} (ppl {row['ppl']:.3f})")
+            on_result(MethodResult(method.label, row))
+
+
+def _reachable(address: str, timeout: float = 5.0) -> None:
+    """A clear error at once for a cluster address nobody listens on (Ray itself keeps
+    retrying for minutes)."""
+    import socket
+
+    hostport = address.split("://", 1)[-1]
+    if hostport == "auto" or ":" not in hostport:
+        return  # 'auto' finds a running cluster itself (and says so quickly when there is none)
+    host, _, port = hostport.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return
+    except (OSError, ValueError) as e:
+        raise QuantlabError(f"cannot connect to Ray at {address}: {getattr(e, 'strerror', None) or e}; start one "
+                            "with `ray start --head` or fix executor.address / --address") from None
+
+
+def _task_error(e: BaseException) -> str:
+    """One line for a failed Ray task: the QuantlabError's message, or the error type and
+    its first line (a worker that died says so)."""
+    cause = getattr(e, "cause", None) or e
+    if isinstance(cause, QuantlabError):
+        return str(cause)
+    first = (str(cause).strip().splitlines() or [""])[0][:300]
+    return f"{type(cause).__name__}: {first}"

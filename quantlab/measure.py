@@ -1,0 +1,136 @@
+"""The row of one reloaded checkpoint: who and what it is, quality, size, speed, tasks.
+
+Every field is labelled by what produced it (corpus, convention, tokenizer, device, dtype,
+threads, kernel); the schema is :mod:`quantlab.results`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import sys
+from pathlib import Path
+
+import torch
+
+from quantlab.bench.size import (
+    checkpoint_bits_per_weight,
+    checkpoint_quantized_bytes,
+    checkpoint_tensor_bytes,
+    directory_bytes,
+)
+from quantlab.checkpoint import read_sidecar, weight_bytes
+
+
+def kernel_label(m) -> str:
+    """What executes a quantized layer: quantlab's own label, else the library's class (and
+    the weight's tensor subclass, for torchao)."""
+    if hasattr(m, "kernel"):
+        return m.kernel
+    lib = type(m).__module__.split(".")[0]
+    w = getattr(m, "weight", None)
+    if isinstance(w, torch.Tensor) and type(w.data if isinstance(w, torch.nn.Parameter) else w).__module__.startswith("torchao"):
+        return f"torchao:{type(w.data).__name__}"
+    if lib == "torch" and "dynamic" in type(m).__module__:
+        return "torch.ao:dynamic-int8(fbgemm)"
+    return f"{lib}:{type(m).__name__}"
+
+
+def measure_checkpoint(plan, method, backend, loaded, ckpt: Path, ppl, div: dict, *, tag: str) -> dict:
+    """Identity, quality, size, speed and task fields of the row (the cost fields and
+    load/eval memory are the runner's)."""
+    sizes = checkpoint_tensor_bytes(ckpt, loaded.model)
+    qmodules = read_sidecar(ckpt).get("modules", [])
+    row = _identity(plan, method, backend, loaded, ckpt, qmodules)
+    row.update(_quality(plan, ppl, div))
+    row.update(size_bytes=weight_bytes(ckpt), checkpoint_bytes=directory_bytes(ckpt),
+               quantized_tensor_bytes=checkpoint_quantized_bytes(sizes, qmodules),
+               bits_per_weight=checkpoint_bits_per_weight(loaded.model, sizes))
+    row.update(_speed(plan, loaded, sizes, qmodules))
+    row.update(_tasks(plan, loaded, tag))
+    return row
+
+
+def _identity(plan, method, backend, loaded, ckpt: Path, qmodules: list[str]) -> dict:
+    fields = backend.config.table_fields()
+    kernels = sorted({kernel_label(loaded.model.get_submodule(n)) for n in qmodules})
+    return {
+        "method": method.label,
+        "model": plan.recipe.model.source,
+        "backend": backend.name,
+        "bits": fields.get("bits", torch.finfo(plan.torch_dtype).bits),
+        "group_size": fields.get("group_size"),
+        "dtype": plan.dtype,
+        "device": plan.device,
+        "threads": torch.get_num_threads(),
+        "kernel": ",".join(kernels) or "dense",
+        "checkpoint": plan.run_dir.relative(ckpt),
+        "options": backend.config.model_dump(mode="json"),
+        "tokenizer": plan.eval_labels.get("tokenizer"),
+        "base_load_s": plan.base_load_s,
+        # when this row was measured, and by which run (a resumed run reuses older rows)
+        "measured_at": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "session": plan.session,
+        "source_gguf": plan.source_info.get("gguf"),  # a quantized source's history (report caveat)
+    }
+
+
+def _quality(plan, ppl, div: dict) -> dict:
+    return {
+        "ppl": ppl.ppl,
+        "ppl_stderr": ppl.ppl_stderr,
+        "ppl_convention": ppl.convention,
+        "eval_source": plan.eval_text.name,
+        "eval_sha256": plan.eval_text.sha256,
+        "eval_seq_len": ppl.seq_len,
+        "eval_windows": ppl.windows,
+        "eval_tokens": ppl.scored_tokens,
+        "eval_s": ppl.seconds,
+        "eval_tokens_per_s": ppl.tokens_per_s,
+        "eval_labels": plan.eval_labels,
+        "perplexity": ppl.as_dict(),
+        "kld_mean": div.get("kld_mean"),
+        "kld_p99": div.get("kld_p99"),
+        "top1_agreement": div.get("top1_agreement"),
+        "dp_rms": div.get("dp_rms"),
+        "kld_tokens": div.get("kld_tokens"),
+        "divergence": div,
+    }
+
+
+def _speed(plan, loaded, sizes: dict, qmodules: list[str]) -> dict:
+    from quantlab.bench.speed import decode_bound, measure_speed
+
+    ev = plan.recipe.eval
+    speed, bound = {}, {}
+    if ev.speed.enabled:
+        speed = measure_speed(loaded.model, plan.prompt, new_tokens=ev.speed.new_tokens,
+                              batch_sizes=(1, ev.speed.batch_size), warmup=ev.speed.warmup,
+                              repeats=ev.speed.repeats)
+        stored = {n: checkpoint_quantized_bytes(sizes, [n]) + sizes.get(f"{n}.bias", 0) for n in qmodules
+                  if getattr(loaded.model.get_submodule(n), "kernel", None) != "dense-dequant"}
+        bound = decode_bound(loaded.model, plan.env["memory_bandwidth_bytes_per_s"], stored=stored)
+    batch = speed.get("by_batch", {}).get(f"b{ev.speed.batch_size}", {}) if ev.speed.batch_size > 1 else {}
+    out = {k: speed.get(k) for k in ("prefill_tokens_per_s", "ttft_ms", "decode_tokens_per_s",
+                                     "decode_tokens_per_s_min", "decode_tokens_per_s_max", "latency_p50_ms",
+                                     "latency_p95_ms")}
+    return dict(out, decode_bound_tokens_per_s=bound.get("decode_bound_tokens_per_s"),
+                decode_fraction_of_bound=(speed["decode_tokens_per_s"] / bound["decode_bound_tokens_per_s"]
+                                          if speed else None),
+                decode_batch_size=batch.get("batch_size"), decode_tokens_per_s_batch=batch.get("decode_tokens_per_s"),
+                speed=speed, decode_bound=bound)
+
+
+def _tasks(plan, loaded, tag: str) -> dict:
+    ev = plan.recipe.eval
+    if not ev.tasks:
+        return {"tasks": {}}
+    from quantlab.bench.tasks import run_tasks
+
+    print(f"quantlab: {tag}: lm-eval tasks {', '.join(ev.tasks)}", file=sys.stderr, flush=True)
+    tasks = run_tasks(loaded.model, loaded.tokenizer, ev.tasks, ev.task_paths, limit=ev.task_limit,
+                      num_fewshot=ev.task_fewshot, batch_size=ev.batch_size)
+    out: dict = {"tasks": tasks}
+    for task, values in tasks.items():
+        for metric, value in values.items():
+            out[f"task_{task}_{metric}"] = value
+    return out

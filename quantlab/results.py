@@ -1,0 +1,67 @@
+"""The result schema: what one method's row holds, in one place.
+
+A row is written as the method's ``metrics.json`` and becomes one line of ``results.csv``.
+:data:`COLUMNS` are its flat fields (the table's columns, in order); :data:`DETAILS` are the
+nested records only ``metrics.json`` keeps; ``task_*`` columns come from lm-eval tasks. A row
+with a field outside the schema is a programming error (:func:`check_row`), so a column cannot
+appear in one writer and be missing from the table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+#: flat fields of a row = the columns of results.csv, in order
+COLUMNS = [
+    "method", "model", "backend", "bits", "group_size", "ppl", "ppl_stderr", "ppl_convention", "eval_source",
+    "eval_seq_len", "eval_windows", "eval_tokens", "kld_mean", "kld_p99", "top1_agreement", "dp_rms",
+    "kld_tokens", "size_bytes", "checkpoint_bytes", "quantized_tensor_bytes", "bits_per_weight",
+    "skipped_layers", "sensitivity_s",
+    "prefill_tokens_per_s", "ttft_ms", "decode_tokens_per_s", "decode_tokens_per_s_min",
+    "decode_tokens_per_s_max", "latency_p50_ms", "latency_p95_ms", "decode_bound_tokens_per_s",
+    "decode_fraction_of_bound", "decode_batch_size", "decode_tokens_per_s_batch",
+    "peak_rss_quantize_bytes", "peak_rss_load_bytes", "peak_rss_eval_bytes", "peak_cuda_quantize_bytes",
+    "peak_cuda_eval_bytes", "quantize_s", "export_s", "load_s", "eval_s", "eval_tokens_per_s", "dtype",
+    "device", "threads", "kernel", "tokenizer", "eval_sha256", "checkpoint", "measured_at", "session",
+    # GGUF export and the llama.cpp engine (eval.engines: [torch, llamacpp])
+    "gguf_type", "gguf_float_type", "gguf_bytes", "gguf_file",
+    "llamacpp_ppl", "llamacpp_ppl_stderr", "llamacpp_kld_mean", "llamacpp_kld_p99", "llamacpp_top1_agreement",
+    "llamacpp_f32_ppl", "llamacpp_actq_cost_pct", "llamacpp_engine_gap_pct", "llamacpp_prefill_tokens_per_s",
+    "llamacpp_decode_tokens_per_s", "llamacpp_decode_x_float", "llamacpp_decode_x_min", "llamacpp_decode_x_max",
+    "llamacpp_prefill_x_float", "llamacpp_ctx", "llamacpp_chunks", "llamacpp_threads", "llamacpp_build",
+    # where the method ran (distributed runs) and why it failed, if it did
+    "worker", "error",
+]
+
+#: nested (or row-bookkeeping) fields that metrics.json keeps and the table does not
+DETAILS = frozenset({
+    "options", "eval_labels", "perplexity", "divergence", "speed", "decode_bound", "tasks", "layers",
+    "sensitivity", "quantize_stages", "base_load_s", "key", "source_gguf", "gguf_f32_file", "llamacpp",
+})
+
+_FIELDS = frozenset(COLUMNS) | DETAILS
+
+
+def check_row(row: dict[str, Any]) -> dict[str, Any]:
+    """``row`` unchanged when every field is in the schema; else a ValueError naming them."""
+    unknown = sorted(k for k in row if k not in _FIELDS and not k.startswith(("task_", "llamacpp_")))
+    if unknown:
+        raise ValueError(f"result fields outside quantlab.results' schema: {', '.join(unknown)}")
+    return row
+
+
+@dataclass
+class MethodResult:
+    """What running one method gives: its row (as written to metrics.json), or the error
+    that stopped it (distributed runs report it in the row and finish the other methods)."""
+
+    label: str
+    row: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    reused: bool = False
+
+    def as_row(self, backend: str) -> dict[str, Any]:
+        if self.error is None:
+            return self.row
+        return check_row({"method": self.label, "backend": backend, "error": self.error, **self.row})

@@ -1,0 +1,313 @@
+"""One method of a run: quantize -> export -> reload from disk -> score.
+
+:func:`run_method` reads only the plan (:mod:`quantlab.plan`) and writes only its own method
+directory, so any executor can run it: in the driver's process (``local``) or as a Ray task
+on another machine (``ray``). Scores never come from the object that was quantized in memory:
+the checkpoint is reloaded from disk first.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+import io
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from quantlab.bench.divergence import ReferenceLogprobs
+from quantlab.bench.memory import PeakRSS
+from quantlab.checkpoint import export_checkpoint, load_checkpoint, read_sidecar, verify_checkpoint
+from quantlab.data import sample_calibration
+from quantlab.errors import QuantlabError
+from quantlab.measure import measure_checkpoint
+from quantlab.plan import RunPlan
+from quantlab.results import MethodResult, check_row
+from quantlab.runs import (
+    atomic_write_bytes,
+    atomic_write_json,
+    finished_metrics,
+    finished_stage,
+    stage_key,
+    write_record,
+)
+from quantlab.scoring import evaluate
+
+
+def log(msg: str) -> None:
+    print(f"quantlab: {msg}", file=sys.stderr, flush=True)
+
+
+class Peak:
+    """Peak resident memory of the process (and peak CUDA memory) during a block."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self._rss = PeakRSS().__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._rss.__exit__(*exc)
+        self.rss = self._rss.peak_bytes
+        self.cuda = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+        return False
+
+
+def finished(plan: RunPlan, method) -> dict | None:
+    """The method's row when it finished earlier with the same key (and its GGUF files are
+    intact), else None. Cheap: executors call it before scheduling any work."""
+    if plan.force:
+        return None
+    key, _ = plan.method_key(method)
+    done = finished_metrics(plan.run_dir.method(method.label, create=False), key)
+    if done is not None and done.get("gguf_file"):
+        from quantlab.engines.phase import gguf_intact
+
+        if not gguf_intact((plan.run_dir.root / done["gguf_file"]).parent):
+            return None
+    return done
+
+
+def run_method(plan: RunPlan, method, *, position: str = "", base_model=None) -> MethodResult:
+    """Quantize, export, reload and score one method of ``plan``; its row is written to
+    ``LABEL/metrics.json``. ``base_model``: a float model to quantize (else loaded from the
+    recipe's source); the method owns it from here on."""
+    tag = f"{position}{method.label}"
+    done = finished(plan, method)
+    if done is not None:
+        log(f"{tag}: finished earlier with the same settings; reusing it")
+        return MethodResult(method.label, done, reused=True)
+    rd = plan.run_dir
+    mdir = rd.method(method.label)
+    rd.error(method.label).unlink(missing_ok=True)  # an earlier attempt's failure no longer holds
+    _note_running(mdir)
+    backend = plan.backend(method)
+    key, export_key = plan.method_key(method, backend)
+    stage, backend = _checkpoint(plan, method, backend, export_key, tag, base_model)
+    gc.collect()
+    log(f"{tag}: reload from disk and score")
+    row = _score(plan, method, backend, stage, export_key, tag)
+    row["key"] = key
+    write_record(mdir / "metrics.json", check_row(row))
+    (mdir / "running.json").unlink(missing_ok=True)
+    return MethodResult(method.label, row)
+
+
+def _note_running(mdir: Path) -> None:
+    """``LABEL/running.json``: which process works on the method (where a distributed run's
+    worker is, and what to look at when one hangs); removed when the method finishes."""
+    atomic_write_json(mdir / "running.json", {"host": socket.gethostname(), "pid": os.getpid(),
+                                              "started": _dt.datetime.now().astimezone().isoformat(timespec="seconds")})
+
+
+# --------------------------------------------------------------------------- quantize + export
+
+
+def _checkpoint(plan: RunPlan, method, backend, export_key: str, tag: str, base_model):
+    """The method's checkpoint: reused when exported earlier with the same key, else made.
+    Returns (export record, the backend as it quantized)."""
+    rd = plan.run_dir
+    ckpt = rd.checkpoint(method.label)
+    stage = None if plan.force else finished_stage(rd.method(method.label), export_key)
+    reused = reusable_stage(stage, backend, ckpt, tag) if stage else None
+    if reused:
+        log(f"{tag}: quantized and exported earlier with the same settings; reusing the checkpoint")
+        return stage, reused
+    base = base_model if base_model is not None else plan.load_base().model
+    stage = quantize_and_export(plan, method, backend, base, tag)
+    backend = stage.pop("backend")
+    write_record(rd.export_record(method.label), dict(stage, key=export_key))
+    return stage, backend
+
+
+def reusable_stage(stage: dict, backend, ckpt: Path, tag: str):
+    """The backend rebuilt from an export record, when the record agrees with the
+    checkpoint it describes (same options as its sidecar, valid options); else None: the
+    stage is done again."""
+    cls = type(backend)
+    try:
+        verify_checkpoint(ckpt)
+        if read_sidecar(ckpt).get("options") != stage["options"]:
+            raise QuantlabError("its export record and its sidecar disagree on the options")
+        again = cls(cls.Config(**stage["options"]))  # the options as resolved then (skip: auto)
+        again.layer_stats, again.stage_seconds = dict(stage["layers"]), dict(stage["stage_seconds"])
+    except QuantlabError as e:
+        log(f"{tag}: the checkpoint exported earlier cannot be reused ({e}); quantizing again")
+        return None
+    except (KeyError, TypeError, ValueError) as e:
+        log(f"{tag}: the export record is not readable ({type(e).__name__}); quantizing again")
+        return None
+    return again
+
+
+def quantize_and_export(plan: RunPlan, method, backend, work, tag: str) -> dict:
+    """Sensitivity pass (when asked), quantization and export of one method; returns the
+    export record (what a resumed run needs to skip these stages) and the backend used."""
+    mdir, device = plan.run_dir.method(method.label), plan.torch_device
+    calibration = plan.calibration.ids if plan.calibration is not None else None
+    spec, sens = method.sensitivity_spec(), None
+    if spec is not None:
+        log(f"{tag}: sensitivity pass ({spec.granularity}, {spec.windows} x {spec.seq_len} calibration tokens)")
+        backend, result = _sensitivity(plan, method, backend, spec, work, calibration, mdir)
+        sens = result.as_dict()
+    if hasattr(backend, "context"):  # llamacpp: the source's GGUF metadata, calibration as text
+        backend.context = {"source_info": plan.source_info, "tokenizer": _tokenizer(plan)}
+    log(f"{tag}: quantize ({backend.name})")
+    with Peak(device) as mem:
+        t0 = time.perf_counter()
+        work = backend.quantize(work, calibration if backend.needs_calibration else None)
+        quantize_s = time.perf_counter() - t0
+    log(f"{tag}: export")
+    t0 = time.perf_counter()
+    export_checkpoint(work, _tokenizer(plan), backend, mdir / "checkpoint", source=plan.source_info,
+                      label=method.label)
+    export_s = time.perf_counter() - t0
+    return {"backend": backend, "options": backend.config.model_dump(mode="json"), "quantize_s": quantize_s,
+            "export_s": export_s, "stage_seconds": dict(backend.stage_seconds), "layers": backend.layer_stats,
+            "peak_rss_quantize_bytes": mem.rss, "peak_cuda_quantize_bytes": mem.cuda, "sensitivity": sens}
+
+
+_TOKENIZERS: dict[str, object] = {}
+
+
+def _tokenizer(plan: RunPlan):
+    """The base model's tokenizer (read once per process from the model's files)."""
+    path = plan.source_info.get("path") or plan.recipe.model.source
+    if path not in _TOKENIZERS:
+        from transformers import AutoTokenizer
+
+        kw = {"revision": plan.recipe.model.revision} if plan.source_info.get("kind") == "hub" else {}
+        _TOKENIZERS[path] = AutoTokenizer.from_pretrained(path, trust_remote_code=plan.recipe.model.trust_remote_code,
+                                                          **kw)
+    return _TOKENIZERS[path]
+
+
+def _sensitivity(plan: RunPlan, method, backend, spec, model, calibration, mdir: Path):
+    """Run the sensitivity pass for one method; return the backend to quantize with (its skip
+    list resolved when the method says ``skip: auto``) and the pass's result."""
+    from quantlab.sensitivity import run_sensitivity
+
+    windows = sample_calibration(plan.cal_ids, plan.cal_text, spec.windows, spec.seq_len, spec.seed).ids
+    cls = type(backend)
+    auto = method.auto_skip()
+
+    def make(skip: list[str]):
+        return cls(backend.config.model_copy(update={"skip": skip}))
+
+    result = run_sensitivity(model, make, windows, base_skip=backend.config.skip_list(),
+                             granularity=spec.granularity, kl_budget=spec.kl_budget if auto else None,
+                             calibration=calibration, log=log)
+    atomic_write_json(mdir / "sensitivity.json", result.as_dict())
+    _plot_sensitivity(result, mdir / "sensitivity.png", method.label)
+    if auto:
+        backend = make(backend.config.skip_list() + result.skip_patterns())
+    return backend, result
+
+
+def _plot_sensitivity(result, path: Path, label: str) -> None:
+    """Bar chart of per-candidate sensitivity (log scale), chosen candidates highlighted.
+    Skipped when matplotlib is not installed (the numbers are in the JSON)."""
+    from quantlab.report.plots import pyplot
+
+    try:
+        plt = pyplot()
+    except QuantlabError:
+        return
+    names = list(result.sensitivity)
+    values = [max(result.sensitivity[n], 1e-8) for n in names]
+    chosen = set(result.chosen)
+    fig, ax = plt.subplots(figsize=(max(6, 0.12 * len(names) + 2), 3.6))
+    ax.bar(range(len(names)), values, color=["#c0392b" if n in chosen else "#2c7fb8" for n in names])
+    ax.set_yscale("log")
+    ax.set_ylabel("KL(float || quantized), nats/token")
+    ax.set_title(f"{label}: sensitivity per {result.granularity} ({len(chosen)} left in float, red)")
+    if len(names) <= 40:
+        ax.set_xticks(range(len(names)), [n.replace("model.layers.", "L") for n in names], rotation=90, fontsize=7)
+    else:
+        ax.set_xlabel("layers in model order")
+    if result.kl_budget is not None:
+        ax.axhline(result.kl_budget, color="black", lw=0.8, ls="--", label=f"kl_budget {result.kl_budget}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())  # replaces a link in the run, never writes through it
+
+
+# --------------------------------------------------------------------------- reload + score
+
+
+def _score(plan: RunPlan, method, backend, stage: dict, export_key: str, tag: str) -> dict:
+    """Reload the checkpoint and measure it: the method's row."""
+    ckpt = plan.run_dir.checkpoint(method.label)
+    ev, device = plan.recipe.eval, plan.torch_device
+    # a reused checkpoint was verified above; a fresh one was just hashed for its manifest
+    with Peak(device) as mem_load:
+        t0 = time.perf_counter()
+        loaded = load_checkpoint(ckpt, dtype=plan.torch_dtype, device=device, verify=False)
+        load_s = time.perf_counter() - t0
+    reference = None
+    if plan.reference_key is not None:
+        reference = ReferenceLogprobs.open(plan.run_dir.reference())
+        if reference is None or reference.meta.get("key") != plan.reference_key:
+            raise QuantlabError(f"the base model's reference distributions in '{plan.run_dir.reference()}' are "
+                                "missing or from another plan; run again")
+    with Peak(device) as mem_eval:
+        ppl, div = evaluate(loaded.model, plan.eval_plan, ev.batch_size, reference)
+    gguf_cols = _gguf_stage(plan, method, backend, loaded, export_key)
+    row = measure_checkpoint(plan, method, backend, loaded, ckpt, ppl, div or {}, tag=tag)
+    row.update(load_s=load_s, peak_rss_load_bytes=mem_load.rss, peak_rss_eval_bytes=mem_eval.rss,
+               peak_cuda_eval_bytes=mem_eval.cuda, **_cost(stage, backend), **gguf_cols)
+    del loaded
+    gc.collect()
+    kl = f", KL {div['kld_mean']:.4f}" if div else ""
+    log(f"{tag}: ppl {ppl.ppl:.3f} ({ppl.convention}, {ppl.scored_tokens} tokens of {plan.eval_text.name}){kl}")
+    return row
+
+
+def _cost(stage: dict, backend) -> dict:
+    """The cost of quantizing: times, memory, the sensitivity pass."""
+    sens, quantize_s = stage["sensitivity"], stage["quantize_s"]
+    return {
+        "quantize_s": quantize_s,
+        "export_s": stage["export_s"],
+        "peak_rss_quantize_bytes": stage["peak_rss_quantize_bytes"],
+        "peak_cuda_quantize_bytes": stage["peak_cuda_quantize_bytes"],
+        "layers": backend.layer_stats,
+        "skipped_layers": len(sens["chosen"]) if sens else None,
+        "sensitivity_s": sens["seconds"] if sens else None,
+        "sensitivity": sens,
+        # named stages of quantization; "other" is the rest (forward passes, packing...)
+        "quantize_stages": dict(backend.stage_seconds, other=quantize_s - sum(backend.stage_seconds.values())),
+    }
+
+
+def _gguf_stage(plan: RunPlan, method, backend, loaded, key: str) -> dict:
+    """The method's GGUF files (when it exports GGUF), written from the checkpoint reloaded
+    from disk and keyed like it (new eval settings do not rewrite them); the row's columns."""
+    if "gguf" not in method.export:
+        return {}
+    from quantlab.engines.phase import GGUF, GGUF_F32, export_method_gguf, main_type
+    from quantlab.formats.gguf import template_for
+
+    ev, rd = plan.recipe.eval, plan.run_dir
+    path = plan.source_info.get("path")
+    template = template_for(plan.source_info, Path(path) if path else None)
+    baseline = backend.name == "none"
+    mdir = rd.method(method.label)
+    rec = export_method_gguf(loaded.model, mdir, template, float_type=ev.llamacpp.float_type, baseline=baseline,
+                             key=stage_key({"gguf": key, "float_type": ev.llamacpp.float_type}),
+                             log=lambda msg: log(f"{method.label}: {msg}"))
+    rel = Path(rd.relative(mdir))
+    return {"gguf_file": str(rel / GGUF), "gguf_f32_file": None if baseline else str(rel / GGUF_F32),
+            "gguf_type": main_type(rec["type_counts"]), "gguf_bytes": rec["bytes"],
+            "gguf_float_type": "F32" if baseline else ev.llamacpp.float_type}
