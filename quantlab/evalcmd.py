@@ -99,10 +99,11 @@ def evaluate_source(model: str, *, data: str = "pydoc", split: str | None = None
         if div is not None:
             out.update(base=base, **div)
         if speed:
-            from quantlab.bench.speed import measure_speed
+            from quantlab.bench.speed import PROMPT_TOKENS, measure_speed
             from quantlab.data import tokenize
 
-            s = measure_speed(lm.model, tokenize(text, lm.tokenizer)[:128], new_tokens=32, warmup=1, repeats=3)
+            # the recipe's defaults (eval.speed), so a figure here compares with a run's
+            s = measure_speed(lm.model, tokenize(text, lm.tokenizer)[:PROMPT_TOKENS])
             out.update({f"speed_{k}": v for k, v in s.items() if k not in ("by_batch", "device", "threads")})
     return _finite(out)
 

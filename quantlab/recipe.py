@@ -14,9 +14,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from quantlab.bench import speed
 from quantlab.errors import RecipeError, did_you_mean
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 _LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 #: labels name directories: well under any filesystem's 255-byte name limit
@@ -98,12 +98,12 @@ class SpeedSpec(_Strict):
     decode with a KV cache (end-of-sequence ignored), at batch 1 and at ``batch_size``."""
 
     enabled: bool = True
-    prompt_tokens: int = Field(64, ge=1, description="Prompt length (tokens of the evaluation text).")
-    new_tokens: int = Field(32, ge=2, description="Tokens decoded per repeat.")
-    batch_size: int = Field(4, ge=1, description="A second batch size measured besides batch 1 "
+    prompt_tokens: int = Field(speed.PROMPT_TOKENS, ge=1, description="Prompt length (tokens of the evaluation text).")
+    new_tokens: int = Field(speed.NEW_TOKENS, ge=2, description="Tokens decoded per repeat.")
+    batch_size: int = Field(speed.BATCH_SIZE, ge=1, description="A second batch size measured besides batch 1 "
                             "(the prompt repeated); 1 measures batch 1 only.")
-    warmup: int = Field(1, ge=0, description="Untimed repeats first.")
-    repeats: int = Field(5, ge=1, description="Timed repeats; medians, min and max are reported.")
+    warmup: int = Field(speed.WARMUP, ge=0, description="Untimed repeats first.")
+    repeats: int = Field(speed.REPEATS, ge=1, description="Timed repeats; medians, min and max are reported.")
 
 
 class DivergenceSpec(_Strict):

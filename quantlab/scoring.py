@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from quantlab.bench.divergence import DivergenceStats, ReferenceLogprobs
+from quantlab.bench.divergence import DivergenceStats, ReferenceLogprobs, check_distinct
 from quantlab.bench.perplexity import (
     PerplexityResult,
     Plan,
@@ -73,6 +74,7 @@ def compute_reference(model, plan: Plan, path: Path, batch_size: int, key: str) 
     when a finished reference with the same key is already there)."""
     found = ReferenceLogprobs.open(path)
     if found is not None and found.meta.get("key") == key:
+        found.base_model = weakref.ref(model)
         return found
     vocab = model.get_output_embeddings().weight.shape[0] if hasattr(model, "get_output_embeddings") else None
     if vocab is None:
@@ -81,13 +83,19 @@ def compute_reference(model, plan: Plan, path: Path, batch_size: int, key: str) 
     nll, seconds = score(model, plan, batch_size, on_logits=ref.append, desc="base distributions")
     ref.meta.update(seconds=seconds, ppl=float(torch.exp(nll.mean())))
     ref.finish()
-    return ReferenceLogprobs.open(path)
+    done = ReferenceLogprobs.open(path)
+    # which object the distributions came from: evaluate() refuses to compare it with itself
+    # (a model quantized in place after its reference was taken would score KL 0)
+    done.base_model = weakref.ref(model)
+    return done
 
 
 def evaluate(model, plan: Plan, batch_size: int, reference: ReferenceLogprobs | None = None
              ) -> tuple[PerplexityResult, dict | None]:
     """Perplexity over ``plan``, and divergence from ``reference`` on the tokens it covers
     (its first windows), in the same pass."""
+    if reference is not None and getattr(reference, "base_model", None) is not None:
+        check_distinct(reference.base_model(), model)
     stats = DivergenceStats(reference) if reference is not None else None
     nll, seconds = score(model, plan, batch_size, on_logits=stats.compare if stats else None,
                          desc=f"perplexity ({plan.convention})")

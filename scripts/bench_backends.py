@@ -9,7 +9,8 @@ split), KL from the float model, size on disk, bits per weight, prefill and deco
 Phase 2 measures speed and memory per checkpoint, each in a FRESH process, one after the
 other (no method inherits another's allocations or competes for the cores): prefill
 tokens/s of a 512-token prompt and batch-1 decode tokens/s (32 tokens after a 64-token
-prompt, prefill subtracted), medians of ``--repeats``; resident memory after running (all
+prompt), medians of ``--repeats``, measured as the results table measures speed
+(``quantlab.bench.probe``); resident memory after running (all
 weights touched: safetensors are memory-mapped, so RSS right after loading undercounts) and
 the peak while running, both above the process's RSS after importing torch, transformers
 and the backend's library.
@@ -49,42 +50,6 @@ METHODS = [
     {"label": "quanto-float8", "backend": "quanto", "options": {"weights": "float8"}},
 ]
 
-PROBE = r"""
-import json, sys, time, statistics, torch
-from quantlab.bench.memory import PeakRSS, rss_bytes, release_free_memory
-import quantlab.checkpoint as ck
-from quantlab.registry import get_backend
-meta = ck.read_sidecar(sys.argv[1])
-torch.set_num_threads(int(sys.argv[2]))
-lib = {"bnb": "bitsandbytes", "quanto": "optimum.quanto", "int8-dynamic": "torchao",
-       "int8-weight-only": "torchao"}.get(meta["backend"])
-if lib:
-    __import__(lib)  # the library's import cost is not the model's memory
-get_backend(meta["backend"])
-import transformers  # noqa
-release_free_memory()
-before = rss_bytes()
-lm = ck.load_checkpoint(sys.argv[1], dtype=torch.float32, device=torch.device("cpu"))
-prompt = torch.randint(100, 40000, (1, 512), generator=torch.Generator().manual_seed(0))
-with torch.no_grad(), PeakRSS() as peak:
-    lm.model(prompt[:, :32])  # warm-up
-    prefill = []
-    for _ in range(int(sys.argv[3])):
-        t0 = time.perf_counter(); lm.model(prompt); prefill.append(time.perf_counter() - t0)
-    decode = []
-    for _ in range(int(sys.argv[3])):
-        t0 = time.perf_counter()
-        lm.model.generate(prompt[:, :64], max_new_tokens=1, min_new_tokens=1, do_sample=False)
-        t1 = time.perf_counter()
-        lm.model.generate(prompt[:, :64], max_new_tokens=33, min_new_tokens=33, do_sample=False)
-        decode.append(32 / ((time.perf_counter() - t1) - (t1 - t0)))
-release_free_memory()
-print(json.dumps({"rss_imports": before, "model_rss": rss_bytes() - before, "peak_run": peak.peak_bytes - before,
-                  "prefill512_tok_s": 512 / statistics.median(prefill),
-                  "decode_tok_s": statistics.median(decode), "decode_min": min(decode), "decode_max": max(decode)}))
-"""
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--windows", type=int, default=8, help="512-token evaluation windows (default 8)")
@@ -120,7 +85,7 @@ def main() -> None:
     rows = []
     for _, r in results.iterrows():
         ckpt = Path(args.out) / r["checkpoint"]
-        proc = subprocess.run([sys.executable, "-c", PROBE, str(ckpt), str(torch.get_num_threads()),
+        proc = subprocess.run([sys.executable, "-m", "quantlab.bench.probe", str(ckpt), str(torch.get_num_threads()),
                                str(args.repeats)], capture_output=True, text=True)
         probe = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {}
         if proc.returncode:

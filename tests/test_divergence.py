@@ -102,3 +102,22 @@ def test_candidate_on_other_tokens_is_an_error(setup, tmp_path):
         evaluate(noisy, shifted, 2, ref)
     with pytest.raises(QuantlabError, match="reference holds"):
         evaluate(noisy, plan.head(1), 2, ref)
+
+
+def test_scoring_a_model_against_its_own_reference_is_refused(tiny, tmp_path):
+    """A model quantized in place after its reference was taken is the same object: evaluate()
+    refuses it (it would score KL 0); a separate load of the same weights is allowed."""
+    import copy
+
+    from quantlab.bench.perplexity import make_plan
+    from quantlab.data import pydoc_text, tokenize
+    from quantlab.scoring import compute_reference, evaluate
+
+    model, tok = tiny
+    ids = tokenize(pydoc_text("evaluation"), tok)[:256]
+    plan = make_plan("gptq", ids=ids, seq_len=64)
+    ref = compute_reference(model, plan, tmp_path / "ref", 2, "k")
+    with pytest.raises(QuantlabError, match="same object"):
+        evaluate(model, plan, 2, ref)
+    _, div = evaluate(copy.deepcopy(model), plan, 2, ref)
+    assert div["kld_mean"] < 1e-6

@@ -199,3 +199,4 @@ def test_missing_lm_eval_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # what `import lm_eval` sees when it is absent
     with pytest.raises(MissingDependencyError, match=r"quantlab\[eval\]"):
         check_tasks(["arc_easy"], [])
+

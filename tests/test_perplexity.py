@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from quantlab.bench.perplexity import perplexity_gptq
-from quantlab.bench.size import linear_bits_per_weight
+from quantlab.bench.size import checkpoint_bits_per_weight, checkpoint_tensor_bytes
 from quantlab.bench.speed import measure_speed
 from quantlab.data import pydoc_text, tokenize
 from quantlab.errors import QuantlabError
@@ -93,17 +93,25 @@ def test_bytes_per_token_counts_what_decode_reads(tiny):
     assert decode_bound(model, 1e9)["decode_bound_tokens_per_s"] == pytest.approx(1e9 / everything)
 
 
-def test_bits_per_weight_of_float_and_packed(tiny):
+def test_bits_per_weight_of_float_and_packed(tiny, tmp_path):
+    """As the results table computes it: from the exported checkpoint's tensors."""
     import copy
 
+    from quantlab.checkpoint import export_checkpoint
+    from quantlab.quantizers.none import NoQuant
     from quantlab.quantizers.rtn import RTN
 
-    model, _ = tiny
-    assert linear_bits_per_weight(model) == 32.0
-    q = RTN(RTN.Config(bits=4, group_size=32)).quantize(copy.deepcopy(model), None)
+    def stored_bpw(model, backend, name):
+        ckpt = export_checkpoint(model, tok, backend, tmp_path / name, source={}, label=name)
+        return checkpoint_bits_per_weight(model, checkpoint_tensor_bytes(ckpt, model))
+
+    model, tok = tiny
+    assert stored_bpw(copy.deepcopy(model), NoQuant(), "float") == 32.0
+    backend = RTN(RTN.Config(bits=4, group_size=32))
+    q = backend.quantize(copy.deepcopy(model), None)
     # per weight: 4 code bits + 16/32 scale + 4/32 zero + g_idx 32 bits per input column / out
     n_out = {"q_proj": 64, "k_proj": 32, "v_proj": 32, "o_proj": 64, "gate_proj": 128, "up_proj": 128, "down_proj": 64}
     n_in = {"q_proj": 64, "k_proj": 64, "v_proj": 64, "o_proj": 64, "gate_proj": 64, "up_proj": 64, "down_proj": 128}
     bits = sum(n_in[k] * n_out[k] * (4 + 16 / 32 + 4 / 32) + 32 * n_in[k] for k in n_in)
     weights = sum(n_in[k] * n_out[k] for k in n_in)
-    assert linear_bits_per_weight(q) == pytest.approx(bits / weights)
+    assert stored_bpw(q, backend, "rtn") == pytest.approx(bits / weights)

@@ -5,7 +5,6 @@ are never stale: a changed backend default changes the key (and recipe.yaml show
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

@@ -36,6 +36,9 @@ class ReferenceLogprobs:
     def __init__(self, path: Path, n_tokens: int, vocab: int, mode: str, meta: dict | None = None):
         self.path, self.n_tokens, self.vocab = Path(path), n_tokens, vocab
         self.meta = meta or {}
+        #: weak reference to the model the distributions came from, when computed in this
+        #: process (see quantlab.scoring.compute_reference)
+        self.base_model = None
         # plain file reads and writes, not a memory map: the codes (n_tokens x vocab x 2 bytes,
         # 2 GB for 40 windows of a 49k vocabulary) would otherwise stay mapped in this process
         # and count in its resident memory, which quantlab reports

@@ -88,8 +88,13 @@ def _one_batch(model, prompt: torch.Tensor, new_tokens: int, warmup: int, repeat
     }
 
 
-def measure_speed(model, prompt: torch.Tensor, *, new_tokens: int = 32, batch_sizes: tuple[int, ...] = (1,),
-                  warmup: int = 1, repeats: int = 5) -> dict:
+#: the speed measurement's defaults, in one place: recipes (``eval.speed``), ``quantlab eval
+#: --speed`` and :func:`measure_speed` all take them from here
+PROMPT_TOKENS, NEW_TOKENS, WARMUP, REPEATS, BATCH_SIZE = 64, 32, 1, 5, 4
+
+
+def measure_speed(model, prompt: torch.Tensor, *, new_tokens: int = NEW_TOKENS, batch_sizes: tuple[int, ...] = (1,),
+                  warmup: int = WARMUP, repeats: int = REPEATS) -> dict:
     """Speed at each batch size (the prompt [1, P] repeated), keyed ``b1``, ``b4``...;
     the batch-1 figures are also at the top level."""
     if prompt.dim() == 1:

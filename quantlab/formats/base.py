@@ -55,7 +55,7 @@ class DenseDequantLinear(nn.Module):
     implement :meth:`dequantize`.
 
     On CPU this is the fastest path PyTorch offers for these layouts (no int4 GEMM kernel reads
-    them here), so speed equals the float model's and the saving is on disk and in transfer;
+    them as stored), so speed equals the float model's and the saving is on disk and in transfer;
     the results table labels it ``kernel=dense-dequant``. While a quantizer works, the layers it
     has finished with hold only their packed buffers (``weight`` is None, see
     :func:`drop_dense_weights`) and dequantize in each forward: quantizing never holds a dense

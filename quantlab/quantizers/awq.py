@@ -209,70 +209,9 @@ class AWQ(LayoutBackend):
             prefix = f"{spec.layers}.{li}."
             # taken out of `targets`, so each float layer is freed once its quantized copy is in
             mine = {n[len(prefix):]: targets.pop(n) for n in [n for n in targets if n.startswith(prefix)]}
-            # one pass: mean |x| over all tokens and a token subset, per distinct input
-            abs_sum: dict[str, torch.Tensor] = {}
-            chunks: dict[str, list[torch.Tensor]] = {n: [] for n in mine}
-            offset = [0]
-
-            def collect(name, x, abs_sum=abs_sum, chunks=chunks, offset=offset):
-                x = x.reshape(-1, x.shape[-1]).float()
-                abs_sum[name] = abs_sum.get(name, 0) + x.abs().sum(dim=0)
-                lo = offset[0]
-                sel = pick[(pick >= lo) & (pick < lo + x.shape[0])] - lo
-                chunks[name].append(x[sel.to(x.device)])
-
-            float_out = []
-            with self.stage("statistics pass"), input_hooks(mine, collect) as seen:
-                for h, kw in zip(hidden, kwargs):
-                    seen.clear()
-                    out = layer_output(layer(h, **kw))
-                    if c.next_inputs == "float":
-                        float_out.append(out)
-                    offset[0] += h.shape[0] * h.shape[1]
-            # one second moment per distinct input (q/k/v share one, gate/up another)
-            sig: dict[str, torch.Tensor] = {}
-            for n in mine:
-                twin = next((m for m in sig if torch.equal(chunks[m][0], chunks[n][0])), None)
-                sig[n] = sig[twin] if twin else gram(torch.cat(chunks[n]))
-            x_mean = {n: abs_sum[n] / n_tok for n in mine}
-            del chunks
-
-            for sg in spec.scale_groups:
-                names = [n for n in sg.linears if n in mine]
-                if len(names) != len(sg.linears):
-                    continue  # part of the group is skipped: scaling it would change float layers
-                prev = layer.get_submodule(sg.prev)
-                width = mine[names[0]].in_features
-                if isinstance(prev, nn.Linear) and prev.out_features != width:
-                    continue  # e.g. v_proj -> o_proj under grouped-query attention
-                w_cat = torch.cat([mine[n].weight.data for n in names])
-                with self.stage("scale search"):
-                    s, losses = awq_search_scales(w_cat, sig[names[0]], x_mean[names[0]], c.bits, c.group_size,
-                                                  c.sym, c.n_grid, c.duo_scaling)
-                _fold(prev, s)
-                for n in names:
-                    mine[n].weight.data.mul_(s.view(1, -1).to(mine[n].weight.dtype))
-                    # inputs become x / s: their second moment Sigma / (s s^T)
-                    sig[n] = sig[n] / (s.view(-1, 1) * s.view(1, -1))
-                    self.layer_stats[prefix + n] = {"awq_loss_identity": float(losses[0]),
-                                                    "awq_loss_best": float(losses.min()),
-                                                    "awq_best_grid_index": int(losses.argmin())}
-            for n, lin in mine.items():
-                w = lin.weight.data
-                if c.clip and not any(k in n for k in ("q_proj", "k_proj")):
-                    with self.stage("clip search"):
-                        mx = awq_search_clip(w, sig[n], c.bits, c.group_size, c.sym, c.clip_grid, c.max_shrink)
-                    g = w.shape[1] if c.group_size == -1 else c.group_size
-                    bound = mx.repeat_interleave(g, dim=1).to(w.dtype)
-                    w = torch.clamp(w, -bound, bound)
-                codes, scales, zeros = quantize_matrix(w, c.bits, c.group_size, c.sym)
-                g = w.shape[1] if c.group_size == -1 else c.group_size
-                q = self.pack(QuantizedWeight(codes, scales, zeros, torch.arange(w.shape[1]) // g, c.bits,
-                                              c.group_size), lin.bias, lin.weight.dtype)
-                stats = self.layer_stats.setdefault(prefix + n, {})
-                stats["weight_rel_error"] = float((q.weight.float() - lin.weight.float()).norm()
-                                                  / lin.weight.float().norm().clamp(min=1e-12))
-                set_module(layer, n, q)
+            sig, x_mean, float_out = self._statistics(layer, mine, hidden, kwargs, pick, n_tok)
+            self._scale(layer, spec, mine, sig, x_mean, prefix)
+            self._quantize_linears(layer, mine, sig, prefix)
             if c.next_inputs == "float":
                 hidden = float_out
             else:
@@ -280,6 +219,79 @@ class AWQ(LayoutBackend):
                     hidden = run_layer(layer, hidden, kwargs)
             drop_dense_weights(layer)
         return model
+
+    def _statistics(self, layer, mine: dict, hidden, kwargs, pick: torch.Tensor, n_tok: int):
+        """One pass through ``layer``: per distinct input, mean |x| over all tokens and the
+        second moment over the ``pick`` subset; and the layer's float outputs (when the next
+        layer calibrates on them). Returns (sigma by name, mean |x| by name, outputs)."""
+        abs_sum: dict[str, torch.Tensor] = {}
+        chunks: dict[str, list[torch.Tensor]] = {n: [] for n in mine}
+        offset = [0]
+
+        def collect(name, x):
+            x = x.reshape(-1, x.shape[-1]).float()
+            abs_sum[name] = abs_sum.get(name, 0) + x.abs().sum(dim=0)
+            lo = offset[0]
+            sel = pick[(pick >= lo) & (pick < lo + x.shape[0])] - lo
+            chunks[name].append(x[sel.to(x.device)])
+
+        float_out = []
+        with self.stage("statistics pass"), input_hooks(mine, collect) as seen:
+            for h, kw in zip(hidden, kwargs):
+                seen.clear()
+                out = layer_output(layer(h, **kw))
+                if self.config.next_inputs == "float":
+                    float_out.append(out)
+                offset[0] += h.shape[0] * h.shape[1]
+        # one second moment per distinct input (q/k/v share one, gate/up another)
+        sig: dict[str, torch.Tensor] = {}
+        for n in mine:
+            twin = next((m for m in sig if torch.equal(chunks[m][0], chunks[n][0])), None)
+            sig[n] = sig[twin] if twin else gram(torch.cat(chunks[n]))
+        return sig, {n: abs_sum[n] / n_tok for n in mine}, float_out
+
+    def _scale(self, layer, spec, mine: dict, sig: dict, x_mean: dict, prefix: str) -> None:
+        """Search and fold the input-channel scales of each scale group of ``layer``."""
+        c = self.config
+        for sg in spec.scale_groups:
+            names = [n for n in sg.linears if n in mine]
+            if len(names) != len(sg.linears):
+                continue  # part of the group is skipped: scaling it would change float layers
+            prev = layer.get_submodule(sg.prev)
+            width = mine[names[0]].in_features
+            if isinstance(prev, nn.Linear) and prev.out_features != width:
+                continue  # e.g. v_proj -> o_proj under grouped-query attention
+            w_cat = torch.cat([mine[n].weight.data for n in names])
+            with self.stage("scale search"):
+                s, losses = awq_search_scales(w_cat, sig[names[0]], x_mean[names[0]], c.bits, c.group_size,
+                                              c.sym, c.n_grid, c.duo_scaling)
+            _fold(prev, s)
+            for n in names:
+                mine[n].weight.data.mul_(s.view(1, -1).to(mine[n].weight.dtype))
+                # inputs become x / s: their second moment Sigma / (s s^T)
+                sig[n] = sig[n] / (s.view(-1, 1) * s.view(1, -1))
+                self.layer_stats[prefix + n] = {"awq_loss_identity": float(losses[0]),
+                                                "awq_loss_best": float(losses.min()),
+                                                "awq_best_grid_index": int(losses.argmin())}
+
+    def _quantize_linears(self, layer, mine: dict, sig: dict, prefix: str) -> None:
+        """Clip (optionally) and round each linear of ``layer`` to its grid; swap them in."""
+        c = self.config
+        for n, lin in mine.items():
+            w = lin.weight.data
+            g = w.shape[1] if c.group_size == -1 else c.group_size
+            if c.clip and not any(k in n for k in ("q_proj", "k_proj")):
+                with self.stage("clip search"):
+                    mx = awq_search_clip(w, sig[n], c.bits, c.group_size, c.sym, c.clip_grid, c.max_shrink)
+                bound = mx.repeat_interleave(g, dim=1).to(w.dtype)
+                w = torch.clamp(w, -bound, bound)
+            codes, scales, zeros = quantize_matrix(w, c.bits, c.group_size, c.sym)
+            q = self.pack(QuantizedWeight(codes, scales, zeros, torch.arange(w.shape[1]) // g, c.bits,
+                                          c.group_size), lin.bias, lin.weight.dtype)
+            stats = self.layer_stats.setdefault(prefix + n, {})
+            stats["weight_rel_error"] = float((q.weight.float() - lin.weight.float()).norm()
+                                              / lin.weight.float().norm().clamp(min=1e-12))
+            set_module(layer, n, q)
 
     def layout(self) -> LayerFormat:
         return LAYOUTS["gptq-v1" if self.config.format == "gptq" else "awq-gemm"]

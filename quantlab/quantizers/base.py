@@ -179,9 +179,8 @@ def check_not_tied(model: nn.Module, targets: list[tuple[str, nn.Module]]) -> No
             )
 
 
-def save_weights(model: nn.Module, path: Path, dtype: torch.dtype | None = None) -> None:
-    """Save the state dict as safetensors, storing tied tensors once (floating tensors cast
-    to ``dtype`` when given)."""
+def save_weights(model: nn.Module, path: Path) -> None:
+    """Save the state dict as safetensors, storing tied tensors once."""
     from safetensors.torch import save_file
 
     tied = tied_parameter_names(model)
@@ -189,10 +188,7 @@ def save_weights(model: nn.Module, path: Path, dtype: torch.dtype | None = None)
     for name, t in model.state_dict().items():
         if name in tied:
             continue
-        t = t.detach()
-        if dtype is not None and t.is_floating_point() and t.dtype != torch.float16:
-            t = t.to(dtype)
-        tensors[name] = t.contiguous().cpu()
+        tensors[name] = t.detach().contiguous().cpu()
     save_file(tensors, str(path), metadata={"format": "pt"})
 
 

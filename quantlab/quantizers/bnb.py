@@ -38,8 +38,6 @@ from quantlab.quantizers.base import (
 )
 from quantlab.quantizers.int8 import transformers_load
 
-DTYPES = ("float32", "bfloat16", "float16")
-
 
 def _bnb():
     import logging

@@ -44,10 +44,6 @@ def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bit
     return q.clamp(0, maxq).to(torch.int64)
 
 
-def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    return (q - zero.unsqueeze(1)).float() * scale.unsqueeze(1)
-
-
 def quantize_matrix(w: torch.Tensor, bits: int, group_size: int, sym: bool):
     """Round-to-nearest quantization of a weight matrix W [out, in].
 

@@ -6,12 +6,12 @@ of two engines:
 - ``torchao`` (default for ``activations: per-token``): torchao's
   ``Int8DynamicActivationInt8WeightConfig`` through ``torchao.quantization.quantize_``: one
   symmetric int8 activation scale per token, one weight scale per output channel. Accurate.
-  On a CPU without a fast ``torch._int_mm`` (this one: AVX2, no VNNI/AMX) the matmul runs
-  8-40x slower than float per layer, so prefill and decode are slower than float; the results
-  table shows it. The checkpoint is transformers' torchao format (``quant_method: torchao``),
+  On a CPU without a fast ``torch._int_mm`` (no VNNI/AMX) the matmul can be much slower than
+  float; the results table's speed columns say how it ran (README, "Backends", has figures
+  measured on the development machine). The checkpoint is transformers' torchao format (``quant_method: torchao``),
   loadable with ``AutoModelForCausalLM.from_pretrained``.
 - ``fbgemm`` (default for ``activations: per-tensor``): ``torch.ao.quantization.quantize_dynamic``,
-  the fastest INT8 kernel on x86 CPUs (0.4-0.7x the float32 time per layer here). It scales
+  usually the fastest INT8 kernel on x86 CPUs. It scales
   activations per tensor; activation outliers in a few layers break that (the demo model's
   perplexity collapses when every layer is quantized): pair it with ``skip: auto``, or ask
   for ``activations: per-token``, which divides each token by its largest magnitude before
