@@ -128,6 +128,10 @@ def _cmd_validate(args) -> int:
     print(f"{args.recipe}: valid recipe '{recipe.name}': model {recipe.model.source}, "
           f"{len(methods)} methods ({', '.join(f'{m.label}={m.backend}' for m in methods)}), "
           f"output {recipe.output_dir()}")
+    width = max(len(m.label) for m in methods)
+    for m in methods:  # what will run, sweeps expanded, options as written
+        opts = ", ".join(f"{k}: {json.dumps(v)}" for k, v in m.options.items())
+        print(f"  {m.label:<{width}}  {m.backend:<16} {{{opts}}}")
     return 0
 
 

@@ -7,6 +7,7 @@ so a typo never reaches the expensive part of a run.
 
 from __future__ import annotations
 
+import itertools
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -289,6 +290,48 @@ class MethodSpec(_Strict):
         return get_backend(self.backend).Config(**self.options)
 
 
+#: the most methods one sweep may expand into (a typo like group_size: [32, 64, ...] x 10 keys)
+MAX_SWEEP = 256
+#: how a swept option shows in a label: bits 4 -> w4, group_size 32 -> g32 (-1 -> gch)
+_LABEL_PARTS = {"bits": "w{}", "group_size": "g{}"}
+
+
+def _label_part(key: str, value: Any) -> str:
+    if key == "group_size" and value == -1:
+        return "gch"
+    if key in _LABEL_PARTS:
+        return _LABEL_PARTS[key].format(value)
+    text = str(value).lower() if isinstance(value, bool) else str(value)
+    return re.sub(r"[^A-Za-z0-9.+]", "", key.replace("_", "")) + "-" + re.sub(r"[^A-Za-z0-9._+-]", "_", text)
+
+
+def expand_sweep(method: Any, where: str) -> list[Any]:
+    """A method with ``sweep: {key: [values]}`` as one method per combination (keys in the
+    order written), labelled ``LABEL-PART-PART`` (see :func:`_label_part`); others as they are."""
+    if not isinstance(method, dict) or "sweep" not in method:
+        return [method]
+    if method["sweep"] is None:  # written out as the default
+        return [{k: v for k, v in method.items() if k != "sweep"}]
+    sweep, options = method["sweep"], method.get("options") or {}
+    if not isinstance(sweep, dict) or not sweep or not all(isinstance(v, list) and v for v in sweep.values()):
+        raise RecipeError(f"{where}.sweep must map option names to non-empty lists of values, e.g. "
+                          "sweep: {bits: [3, 4], group_size: [32, 64]}")
+    both = sorted(set(sweep) & set(options)) if isinstance(options, dict) else []
+    if both:
+        raise RecipeError(f"{where}: {', '.join(both)} is both in options and in sweep; keep it in one")
+    combos = list(itertools.product(*sweep.values()))
+    if len(combos) > MAX_SWEEP:
+        raise RecipeError(f"{where}.sweep expands to {len(combos)} methods; at most {MAX_SWEEP}")
+    out = []
+    for values in combos:
+        chosen = dict(zip(sweep, values))
+        parts = [_label_part(k, v) for k, v in chosen.items()]
+        label = "-".join([str(method.get("label", "method")), *parts])
+        rest = {k: v for k, v in method.items() if k != "sweep"}
+        out.append(dict(rest, label=label, options=dict(options, **chosen)))
+    return out
+
+
 class OutputSpec(_Strict):
     dir: str = Field("runs/{name}", description="Run directory; '{name}' is the recipe name.")
     report: bool = Field(True, description="Write report.html (plots, table, details) and results.md into "
@@ -319,6 +362,15 @@ class Recipe(_Strict):
         if not _LABEL_RE.match(v):
             raise ValueError(f"name {v!r} must use only letters, digits, '.', '_', '+' and '-'")
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_sweeps(cls, data: Any) -> Any:
+        """Methods with a ``sweep`` become one method per combination (README, "Sweeps")."""
+        if isinstance(data, dict) and isinstance(data.get("methods"), list):
+            methods = [x for i, m in enumerate(data["methods"]) for x in expand_sweep(m, f"methods[{i}]")]
+            data = dict(data, methods=methods)
+        return data
 
     @model_validator(mode="after")
     def _methods(self) -> Recipe:
