@@ -72,7 +72,7 @@ def _write(model: nn.Module, tokenizer, backend, tmp: Path, source: dict[str, An
         model.generation_config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     meta = {
-        "format": 1,
+        "format": SIDECAR_FORMAT,
         "label": label,
         "backend": backend.name,
         "backend_config_version": backend.Config.version,
@@ -193,6 +193,7 @@ def load_checkpoint(ckpt_dir: Path, *, dtype: torch.dtype, device: torch.device,
     check_no_remote_code(ckpt_dir, str(ckpt_dir), trust_remote_code=False)
     check_safetensors(ckpt_dir)
     backend = get_backend(str(meta.get("backend", "?")), where=f"{ckpt_dir}/{SIDECAR}")
+    _check_versions(ckpt_dir, meta, backend)
     try:
         model = backend.load(ckpt_dir, meta, dtype, device)
         tokenizer = AutoTokenizer.from_pretrained(ckpt_dir, trust_remote_code=False)
@@ -206,6 +207,23 @@ def load_checkpoint(ckpt_dir: Path, *, dtype: torch.dtype, device: torch.device,
     info = {"source": str(ckpt_dir), "kind": "checkpoint", "backend": meta["backend"],
             "options": meta.get("options", {})}
     return LoadedModel(model, tokenizer, info)
+
+
+#: the sidecar's own format (``"format"`` in quantlab.json)
+SIDECAR_FORMAT = 1
+
+
+def _check_versions(ckpt_dir: Path, meta: dict[str, Any], backend) -> None:
+    """A checkpoint written under another sidecar format or another version of its backend's
+    config (the same options meaning something else) is not read as if it were this one."""
+    hint = "re-export it (run its recipe again with --force)"
+    if meta.get("format") != SIDECAR_FORMAT:
+        raise QuantlabError(f"checkpoint '{ckpt_dir}' has sidecar format {meta.get('format')!r}; this quantlab "
+                            f"reads format {SIDECAR_FORMAT}: {hint}")
+    if meta.get("backend_config_version") != backend.Config.version:
+        raise QuantlabError(f"checkpoint '{ckpt_dir}' was written by {meta.get('backend')} config version "
+                            f"{meta.get('backend_config_version')!r}; this quantlab's is {backend.Config.version}: "
+                            f"{hint}")
 
 
 def weight_bytes(ckpt_dir: Path) -> int:

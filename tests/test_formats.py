@@ -122,3 +122,13 @@ def test_a_layout_this_quantlab_does_not_read_is_a_clear_error(rtn_checkpoint, l
     _rewrite_sidecar(rtn_checkpoint, layout=layout)
     with pytest.raises(QuantlabError, match=message):
         load_checkpoint(rtn_checkpoint, dtype=torch.float32, device=CPU)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"backend_config_version": 0}, r"written by rtn config version 0; this quantlab's is 1"),
+    ({"format": 2}, r"sidecar format 2; this quantlab reads format 1"),
+])
+def test_a_checkpoint_of_another_config_or_sidecar_version_is_not_read(rtn_checkpoint, change, message):
+    _rewrite_sidecar(rtn_checkpoint, **change)
+    with pytest.raises(QuantlabError, match=message):
+        load_checkpoint(rtn_checkpoint, dtype=torch.float32, device=CPU)
