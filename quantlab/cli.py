@@ -125,7 +125,9 @@ def _cmd_validate(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     check_sources(recipe)
     methods = recipe.all_methods()
-    print(f"{args.recipe}: valid recipe '{recipe.name}': model {recipe.model.source}, "
+    models = ", ".join(f"{label}={m.source}" for label, m in ((m.dir_label(), m) for m in recipe.models))
+    print(f"{args.recipe}: valid recipe '{recipe.name}': "
+          f"{'models ' + models if recipe.models else 'model ' + recipe.model.source}, "
           f"{len(methods)} methods ({', '.join(f'{m.label}={m.backend}' for m in methods)}), "
           f"output {recipe.output_dir()}")
     width = max(len(m.label) for m in methods)

@@ -35,7 +35,9 @@ class RunResult:
 def run_recipe(recipe: Recipe, out: str | Path | None = None, *, force: bool = False,
                echo: bool = True) -> RunResult:
     """Run every method of ``recipe`` into ``out`` (default: the recipe's output.dir) with the
-    executor the recipe names (``executor.kind``)."""
+    executor the recipe names (``executor.kind``); with several models, see :func:`run_models`."""
+    if recipe.models:
+        return run_models(recipe, out, force=force, echo=echo)
     s = setup(_absolute_sources(recipe), out, force, check_sources)
     quiet_progress_bars()
     with RunLock(s.run_dir.root), storage_errors(s.run_dir.root):
@@ -52,6 +54,47 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, *, force: bool = F
         if recipe.output.report and report.is_file():
             print(f"report: {report}")
     return RunResult(plan.run_dir.root, frame)
+
+
+def run_models(recipe: Recipe, out: str | Path | None = None, *, force: bool = False,
+               echo: bool = True) -> RunResult:
+    """A recipe with ``models``: one run per model in ``OUT/LABEL`` (each method compared with
+    that model's own baseline), then ``OUT/report`` across them and the method x model table
+    ``OUT/methods_x_models.csv``."""
+    from quantlab.report.data import combined_frame, load_runs
+    from quantlab.report.html import build_report
+    from quantlab.runs import CONTAINER, prepare_run_dir
+
+    root = prepare_run_dir(Path(out) if out else recipe.output_dir(), kind=CONTAINER)
+    subs = recipe.per_model()
+    for i, (label, sub) in enumerate(subs, 1):
+        _log(f"model {i}/{len(subs)}: {sub.model.source} -> {root / label}")
+        run_recipe(sub, root / label, force=force, echo=False)
+    runs = load_runs([root / label for label, _ in subs])
+    frame = combined_frame(runs).assign(model_label=lambda f: f["run"].map(lambda p: Path(p).name))
+    table = methods_by_models(frame)
+    atomic_write_text(root / "methods_x_models.csv", table.to_csv())
+    if recipe.output.report:
+        _log("writing the report across models")
+        build_report(runs, root / "report", title=f"{recipe.name}: {len(subs)} models")
+    if echo:
+        print(format_summary(frame.drop(columns="model_label"), runs[0].environment))
+        print("\nperplexity (Δ% vs each model's own baseline), methods x models:")
+        print(table.to_string())
+        print(f"\nrun directory: {root}  (one run per model; report/, methods_x_models.csv)")
+    return RunResult(root, frame)
+
+
+def methods_by_models(frame: pd.DataFrame) -> pd.DataFrame:
+    """Perplexity per method (rows) and model (columns), each with its change against that
+    model's own baseline: ``14.86 (+0.0%)``."""
+    cells = {}
+    for model, part in frame.groupby("model_label", sort=False):
+        base = part.loc[part["backend"] == "none", "ppl"]
+        ref = float(base.iloc[0]) if len(base) else None
+        cells[model] = {r["method"]: (f"{r['ppl']:.3f}" + (f" ({100 * (r['ppl'] / ref - 1):+.1f}%)" if ref else ""))
+                        if pd.notna(r["ppl"]) else f"error: {r.get('error')}" for _, r in part.iterrows()}
+    return pd.DataFrame(cells).fillna("")
 
 
 class _Collector:

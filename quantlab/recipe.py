@@ -57,6 +57,23 @@ class ModelSpec(_Strict):
     device: str = Field("auto", description="'auto' (CUDA if available, else CPU), 'cpu', "
                         "'cuda', 'cuda:N' or 'mps'.")
     trust_remote_code: bool = Field(False, description="Allow code from the model repository to run.")
+    label: str | None = Field(None, description="With several models (recipe key models): the model's "
+                              "sub-directory of the run; default: the source's last path component.")
+
+    @field_validator("label")
+    @classmethod
+    def _label(cls, v: str | None) -> str | None:
+        if v is not None and (not _LABEL_RE.match(v) or len(v) > MAX_LABEL):
+            raise ValueError(f"model label {v!r} names a directory: letters, digits, '.', '_', '+' and '-', at "
+                             f"most {MAX_LABEL} characters")
+        return v
+
+    def dir_label(self) -> str:
+        """The model's sub-directory in a several-models run."""
+        if self.label:
+            return self.label
+        stem = Path(self.source.rstrip("/")).name.removesuffix(".gguf") or "model"
+        return re.sub(r"[^A-Za-z0-9._+-]", "_", stem)[:MAX_LABEL].lstrip("._-") or "model"
 
     @field_validator("device")
     @classmethod
@@ -355,6 +372,9 @@ class Recipe(_Strict):
     output: OutputSpec = OutputSpec()
     threads: int | None = Field(None, ge=1, le=4096, description="torch threads (default: all cores).")
     executor: ExecutorSpec = ExecutorSpec()
+    models: list[ModelSpec] = Field(default_factory=list, description="Several models, each run with every "
+                                    "method and compared with its own baseline (instead of model); README, "
+                                    "\"Several models\".")
 
     @field_validator("name")
     @classmethod
@@ -396,6 +416,20 @@ class Recipe(_Strict):
                 raise RecipeError(f"methods[{i}].sensitivity: backend '{m.backend}' quantizes no "
                                   "individual layers (it has no 'skip' option); remove the block")
         return self
+
+    @model_validator(mode="after")
+    def _models(self) -> Recipe:
+        if self.models and "model" in self.model_fields_set:
+            raise RecipeError("give either model (one) or models (several), not both")
+        labels = [m.dir_label() for m in self.models]
+        dup = sorted({x for x in labels if labels.count(x) > 1})
+        if dup:
+            raise RecipeError(f"models share the directory label {', '.join(dup)}; give each a label")
+        return self
+
+    def per_model(self) -> list[tuple[str, Recipe]]:
+        """With ``models``: (label, the recipe for that model alone) for each model."""
+        return [(m.dir_label(), self.model_copy(update={"model": m, "models": []})) for m in self.models]
 
     def all_methods(self) -> list[MethodSpec]:
         """Methods to run, with the implicit baseline first when `baseline` is on."""

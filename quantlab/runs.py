@@ -72,10 +72,17 @@ def _owner_kind(path: Path) -> str | None:
     return None
 
 
+#: a directory of runs (a recipe with several models): the one kind that holds other output
+CONTAINER = "models"
+
+
 def _enclosing_output(path: Path) -> tuple[Path, str] | None:
-    """The nearest directory above ``path`` that holds quantlab output, with its kind."""
+    """The nearest directory above ``path`` that holds quantlab output, with its kind (a
+    container of runs is looked through: its runs and report live inside it)."""
     for parent in path.parents:
         kind = _owner_kind(parent)
+        if kind == CONTAINER:
+            continue
         if kind is not None:
             return parent, kind
     return None
