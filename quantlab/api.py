@@ -94,11 +94,23 @@ def backends() -> list[dict[str, Any]]:
     out = []
     for name in backend_names():
         cls = get_backend(name)
-        out.append({"name": name, "description": cls.description,
+        out.append(dict({"name": name, "description": cls.description,
                     # a property where the options decide (llamacpp: imatrix)
                     "needs_calibration": cls.needs_calibration if isinstance(cls.needs_calibration, bool)
                     else "with some options", "extra": cls.extra,
                     "options": {k: {"default": f.default if f.default_factory is None else f.default_factory(),
                                     "description": f.description or ""}
-                                for k, f in cls.Config.model_fields.items()}})
+                                for k, f in cls.Config.model_fields.items()}},
+                        usable=_usable(cls)))
     return out
+
+
+def _usable(cls) -> bool | str:
+    """True when the backend's library is installed (with its default options), else why not."""
+    from quantlab.errors import QuantlabError
+
+    try:
+        cls().check_dependencies()
+    except QuantlabError as e:
+        return str(e)
+    return True

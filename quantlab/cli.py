@@ -43,8 +43,12 @@ def _parser() -> argparse.ArgumentParser:
                    "the recipe's executor.address, else a local cluster of this machine")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
-    p = sub.add_parser("validate", help="check a recipe without running anything")
-    _add_recipe_args(p)
+    p = sub.add_parser("validate", help="check recipes without running anything: keys, options, installed "
+                       "libraries, sources, and each method against the model's architecture (from its "
+                       "config.json when the model is on this machine; no weights are read)")
+    p.add_argument("recipes", nargs="+", metavar="RECIPE", help="paths to YAML recipes")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key in every recipe given (repeatable)")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
     p = sub.add_parser("eval", help="score any model or checkpoint: perplexity by a convention, "
@@ -119,14 +123,32 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_validate(args) -> int:
+    """Each recipe checked in turn; with several, every problem printed (one line each) and
+    exit 2 if any; with one, its error is the command's (as every command's)."""
+    if len(args.recipes) == 1:
+        _validate_one(args.recipes[0], args.overrides)
+        return 0
+    bad = 0
+    for path in args.recipes:
+        try:
+            _validate_one(path, args.overrides)
+        except QuantlabError as e:
+            bad += 1
+            print(f"error: {path}: {e}", file=sys.stderr)
+    if bad:
+        print(f"{bad} of {len(args.recipes)} recipes are not valid", file=sys.stderr)
+    return EXIT_USER_ERROR if bad else 0
+
+
+def _validate_one(path: str, overrides: list[str]) -> None:
     from quantlab.pipeline import check_sources
     from quantlab.recipe import load_recipe
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = load_recipe(path, overrides)
     check_sources(recipe)
     methods = recipe.all_methods()
     models = ", ".join(f"{label}={m.source}" for label, m in ((m.dir_label(), m) for m in recipe.models))
-    print(f"{args.recipe}: valid recipe '{recipe.name}': "
+    print(f"{path}: valid recipe '{recipe.name}': "
           f"{'models ' + models if recipe.models else 'model ' + recipe.model.source}, "
           f"{len(methods)} methods ({', '.join(f'{m.label}={m.backend}' for m in methods)}), "
           f"output {recipe.output_dir()}")
@@ -134,7 +156,6 @@ def _cmd_validate(args) -> int:
     for m in methods:  # what will run, sweeps expanded, options as written
         opts = ", ".join(f"{k}: {json.dumps(v)}" for k, v in m.options.items())
         print(f"  {m.label:<{width}}  {m.backend:<16} {{{opts}}}")
-    return 0
 
 
 def _cmd_eval(args) -> int:
@@ -172,7 +193,8 @@ def _cmd_backends(args) -> int:
         need = b["needs_calibration"]
         cal = "needs calibration" if need is True else ("no calibration" if not need else f"calibration {need}")
         extra = f"; extra [{b['extra']}]" if b["extra"] else ""
-        print(f"{b['name']}: {b['description']} ({cal}{extra})")
+        usable = "usable here" if b["usable"] is True else f"NOT usable here: {b['usable']}"
+        print(f"{b['name']}: {b['description']} ({cal}{extra}) [{usable}]")
         for key, opt in b["options"].items():
             print(f"    {key} = {opt['default']!r}  {opt['description']}")
     return 0

@@ -148,6 +148,7 @@ def check_sources(recipe: Recipe, backends: dict | None = None) -> None:
             e.args = (f"method '{label}': {e}",)
             raise
     classify(recipe.model.source)
+    _check_architecture(recipe, backends)
     _check_gguf(recipe, backends)
     if recipe.eval.tasks:
         from quantlab.bench.tasks import check_tasks
@@ -158,6 +159,52 @@ def check_sources(recipe: Recipe, backends: dict | None = None) -> None:
     for spec, role in texts:
         if spec.source != "wikitext2":  # online: checked when the run loads it
             load_text(spec.source, spec.split, role, spec.text_field)
+
+
+def _config_dir(source: str) -> Path | None:
+    """Where the model's config.json already lies on this machine (a local directory, a demo
+    model or GGUF file converted earlier), else None: nothing is downloaded or converted to
+    check a recipe."""
+    from quantlab.models import cache_dir, sha256_file
+
+    kind, loc = classify(source)
+    if kind == "local":
+        return Path(loc)
+    if kind == "demo":
+        path = cache_dir() / "models" / source
+    elif kind == "gguf":
+        path = cache_dir() / "models" / f"gguf-{sha256_file(Path(loc))[:16]}"
+    else:
+        return None
+    return path if (path / "quantlab_source.json").is_file() else None
+
+
+def _check_architecture(recipe: Recipe, backends: dict) -> None:
+    """Every method's check against the model's architecture, built on the meta device from
+    its config.json (no weights read): a group size that does not divide a layer's width, a
+    layer the layout cannot hold, a window longer than the context are errors before work."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from quantlab.bench.perplexity import model_context
+    from quantlab.models import check_no_remote_code
+    from quantlab.plan import _check_lengths, _check_methods
+
+    where = _config_dir(recipe.model.source)
+    if where is None or recipe.model.trust_remote_code:  # validating never runs a model's own code
+        return
+    check_no_remote_code(where, recipe.model.source, trust_remote_code=False)
+    try:
+        config = AutoConfig.from_pretrained(where, trust_remote_code=False)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception as e:  # an architecture this transformers does not know: the run says so
+        _log(f"cannot build '{recipe.model.source}' from its config to check the methods ({type(e).__name__})")
+        return
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    _check_lengths(recipe, backends, model_context(model))
+    _check_methods(backends, model)
 
 
 def _check_gguf(recipe: Recipe, backends: dict) -> None:

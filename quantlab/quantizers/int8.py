@@ -319,7 +319,9 @@ class Int8Dynamic(Backend):
         quantizable_linears(model, self.config.skip_list())
         if not self._fbgemm:
             _torchao(self.name)
-        elif next(model.parameters()).device.type != "cpu":
+        # meta: a skeleton built from config.json by the checks before any weight is read; the
+        # run checks again with the model on its device
+        elif next(model.parameters()).device.type not in ("cpu", "meta"):
             raise QuantlabError("engine fbgemm (torch.ao quantize_dynamic) runs on CPU only; use "
                                 "engine: torchao (activations: per-token) on this device")
 
