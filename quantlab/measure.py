@@ -1,4 +1,4 @@
-"""The row of one reloaded checkpoint: who and what it is, quality, size, speed, tasks.
+"""The row of one reloaded checkpoint: who and what it is, quality, size, tasks.
 
 Every field is labelled by what produced it (corpus, convention, tokenizer, device, dtype,
 threads, kernel); the schema is :mod:`quantlab.results`.
@@ -36,8 +36,8 @@ def kernel_label(m) -> str:
 
 
 def measure_checkpoint(plan, method, backend, loaded, ckpt: Path, ppl, div: dict, *, tag: str) -> dict:
-    """Identity, quality, size, speed and task fields of the row (the cost fields and
-    load/eval memory are the runner's)."""
+    """Identity, quality, size and task fields of the row (the cost fields and load/eval
+    memory are the runner's; speed is measured for all rows together, quantlab.speedphase)."""
     sizes = checkpoint_tensor_bytes(ckpt, loaded.model)
     qmodules = read_sidecar(ckpt).get("modules", [])
     row = _identity(plan, method, backend, loaded, ckpt, qmodules)
@@ -45,7 +45,6 @@ def measure_checkpoint(plan, method, backend, loaded, ckpt: Path, ppl, div: dict
     row.update(size_bytes=weight_bytes(ckpt), checkpoint_bytes=directory_bytes(ckpt),
                quantized_tensor_bytes=checkpoint_quantized_bytes(sizes, qmodules),
                bits_per_weight=checkpoint_bits_per_weight(loaded.model, sizes))
-    row.update(_speed(plan, loaded, sizes, qmodules))
     row.update(_tasks(plan, loaded, tag))
     return row
 
@@ -95,29 +94,6 @@ def _quality(plan, ppl, div: dict) -> dict:
         "kld_tokens": div.get("kld_tokens"),
         "divergence": div,
     }
-
-
-def _speed(plan, loaded, sizes: dict, qmodules: list[str]) -> dict:
-    from quantlab.bench.speed import decode_bound, measure_speed
-
-    ev = plan.recipe.eval
-    speed, bound = {}, {}
-    if ev.speed.enabled:
-        speed = measure_speed(loaded.model, plan.prompt, new_tokens=ev.speed.new_tokens,
-                              batch_sizes=(1, ev.speed.batch_size), warmup=ev.speed.warmup,
-                              repeats=ev.speed.repeats)
-        stored = {n: checkpoint_quantized_bytes(sizes, [n]) + sizes.get(f"{n}.bias", 0) for n in qmodules
-                  if getattr(loaded.model.get_submodule(n), "kernel", None) != "dense-dequant"}
-        bound = decode_bound(loaded.model, plan.env["memory_bandwidth_bytes_per_s"], stored=stored)
-    batch = speed.get("by_batch", {}).get(f"b{ev.speed.batch_size}", {}) if ev.speed.batch_size > 1 else {}
-    out = {k: speed.get(k) for k in ("prefill_tokens_per_s", "ttft_ms", "decode_tokens_per_s",
-                                     "decode_tokens_per_s_min", "decode_tokens_per_s_max", "latency_p50_ms",
-                                     "latency_p95_ms")}
-    return dict(out, decode_bound_tokens_per_s=bound.get("decode_bound_tokens_per_s"),
-                decode_fraction_of_bound=(speed["decode_tokens_per_s"] / bound["decode_bound_tokens_per_s"]
-                                          if speed else None),
-                decode_batch_size=batch.get("batch_size"), decode_tokens_per_s_batch=batch.get("decode_tokens_per_s"),
-                speed=speed, decode_bound=bound)
 
 
 def _tasks(plan, loaded, tag: str) -> dict:

@@ -24,6 +24,7 @@ from quantlab.report.tables import format_summary, results_frame
 from quantlab.results import MethodResult
 from quantlab.runner import log as _log
 from quantlab.runs import RunLock, atomic_write_text, storage_errors, write_record
+from quantlab.speedphase import speed_phase
 
 
 @dataclass
@@ -119,6 +120,7 @@ class _Collector:
 def _finish(plan: RunPlan, rows: list[dict], eval_text) -> pd.DataFrame:
     """The llama.cpp phase (when asked), the results files and the report."""
     ok = [r for r in rows if not r.get("error")]
+    speed_phase(plan, ok, _log)
     if "llamacpp" in plan.recipe.eval.engines and ok:
         _measure_with_llamacpp(plan, ok, eval_text)
     frame = results_frame(rows)

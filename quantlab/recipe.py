@@ -121,7 +121,10 @@ class SpeedSpec(_Strict):
     batch_size: int = Field(speed.BATCH_SIZE, ge=1, description="A second batch size measured besides batch 1 "
                             "(the prompt repeated); 1 measures batch 1 only.")
     warmup: int = Field(speed.WARMUP, ge=0, description="Untimed repeats first.")
-    repeats: int = Field(speed.REPEATS, ge=1, description="Timed repeats; medians, min and max are reported.")
+    repeats: int = Field(speed.REPEATS, ge=1, description="Timed repeats per measurement; medians, min and max "
+                         "are reported.")
+    rounds: int = Field(speed.ROUNDS, ge=1, le=50, description="Rounds of the speed phase: each measures every "
+                        "checkpoint once, alternating with the baseline (README, \"Speed and the bandwidth bound\").")
 
 
 class DivergenceSpec(_Strict):

@@ -90,7 +90,7 @@ def _one_batch(model, prompt: torch.Tensor, new_tokens: int, warmup: int, repeat
 
 #: the speed measurement's defaults, in one place: recipes (``eval.speed``), ``quantlab eval
 #: --speed`` and :func:`measure_speed` all take them from here
-PROMPT_TOKENS, NEW_TOKENS, WARMUP, REPEATS, BATCH_SIZE = 64, 32, 1, 5, 4
+PROMPT_TOKENS, NEW_TOKENS, WARMUP, REPEATS, BATCH_SIZE, ROUNDS = 64, 32, 1, 3, 4, 2
 
 
 def measure_speed(model, prompt: torch.Tensor, *, new_tokens: int = NEW_TOKENS, batch_sizes: tuple[int, ...] = (1,),

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from quantlab.report.data import RunData
-from quantlab.report.tables import slower_than_baseline
+from quantlab.report.tables import slower_basis, slower_than_baseline
 
 #: two engines of the same method disagree when their perplexities differ by more than this
 #: many combined standard errors, or (without standard errors) by more than ENGINE_REL_TOL
@@ -97,20 +97,21 @@ def report_warnings(runs: list[RunData], frame: pd.DataFrame) -> list[str]:
             if msg:
                 out.append(msg)
         out += [f"{scope}: {w}" if multi else w for w in engine_disagreements(part, run.metrics)]
-        if "session" in part and part["decode_tokens_per_s"].notna().any():
+        sess = "speed_session" if "speed_session" in part and part["speed_session"].notna().any() else "session"
+        if sess in part and part["decode_tokens_per_s"].notna().any():
             timed = part[part["decode_tokens_per_s"].notna()]
-            sessions = _distinct(timed, "session")
+            sessions = _distinct(timed, sess)
             if len(sessions) > 1:
-                latest = str(timed["session"].dropna().astype(str).max())
-                older = timed[timed["session"].astype(str) != latest]["method"].astype(str).tolist()
+                latest = str(timed[sess].dropna().astype(str).max())
+                older = timed[timed[sess].astype(str) != latest]["method"].astype(str).tolist()
                 out.append(f"{scope}: speed of {', '.join(older)} was measured in an earlier session (finished "
                            "methods are reused when a run resumes); the machine's load may have differed, so "
                            "speed ratios between those rows and the others are unreliable (re-run with --force "
                            "to measure all of them together)")
         slower = slower_than_baseline(part)
         if slower:
-            out.append(f"{scope}: slower than the float baseline on this device (decode, whole min-max range "
-                       f"below the baseline's): " + ", ".join(f"{m} ({r:.2f}x)" for m, r in slower))
+            out.append(f"{scope}: slower than the float baseline on this device ({slower_basis(part)}): "
+                       + ", ".join(f"{m} ({r:.2f}x)" for m, r in slower))
         out += [f"{scope}: {w}" if multi else w for w in source_history(part, run.metrics)]
         model = run.recipe.get("model") or {}
         if model.get("trust_remote_code"):

@@ -76,7 +76,12 @@ def _summary_one(frame: pd.DataFrame) -> pd.DataFrame:
     lo, hi = order["decode_tokens_per_s_min"], order["decode_tokens_per_s_max"]
     out["decode_tok/s (min-max)"] = [
         "" if pd.isna(v) else f"{v:.1f} ({a:.1f}-{b:.1f})" for v, a, b in zip(speed, lo, hi)]
-    if base is not None and pd.notna(base["decode_tokens_per_s"]):
+    if "decode_x_float" in order and order["decode_x_float"].notna().any():
+        # the speed phase's per-round ratios to the baseline measured beside each method
+        out["×speed (rounds min-max)"] = [
+            "" if pd.isna(v) else f"{v:.2f} ({a:.2f}-{b:.2f})"
+            for v, a, b in zip(order["decode_x_float"], order["decode_x_min"], order["decode_x_max"])]
+    elif base is not None and pd.notna(base["decode_tokens_per_s"]):
         out["×speed"] = (speed / base["decode_tokens_per_s"]).map(lambda v: "" if pd.isna(v) else f"{v:.2f}")
     if order["decode_fraction_of_bound"].notna().any():
         out["%bound"] = order["decode_fraction_of_bound"].map(lambda v: "" if pd.isna(v) else f"{100 * v:.0f}")
@@ -112,9 +117,21 @@ def _llamacpp_columns(out: pd.DataFrame, order: pd.DataFrame) -> None:
         for x, a, b in zip(order["llamacpp_decode_x_float"], order["llamacpp_decode_x_min"], order["llamacpp_decode_x_max"])]
 
 
+def slower_basis(frame: pd.DataFrame) -> str:
+    """How :func:`slower_than_baseline` decided, for the sentence that reports it."""
+    if "decode_x_max" in frame and frame["decode_x_max"].notna().any():
+        return "decode, in every speed round against the baseline measured beside it"
+    return "decode, whole min-max range below the baseline's"
+
+
 def slower_than_baseline(frame: pd.DataFrame) -> list[tuple[str, float]]:
-    """Methods whose fastest decode repeat is slower than the float baseline's slowest one,
-    with their median speed ratio: said plainly in every summary."""
+    """Methods slower than the float baseline in decode, with their median speed ratio: said
+    plainly in every summary. With the speed phase's rounds: slower in every round (each
+    against the baseline measured beside it); else (older runs) the fastest repeat below the
+    baseline's slowest."""
+    if "decode_x_max" in frame and frame["decode_x_max"].notna().any():
+        rows = frame[(frame["backend"] != "none") & (frame["decode_x_max"] < 1)]
+        return [(r["method"], r["decode_x_float"]) for _, r in rows.iterrows()]
     base = _baseline(frame)
     if base is None or pd.isna(base.get("decode_tokens_per_s_min")):
         return []
@@ -149,21 +166,24 @@ def format_summary(frame: pd.DataFrame, env: dict | None = None) -> str:
         lines.append(f"KL: mean KL(base || method) per token over {vals('kld_tokens')} tokens; top1_%: same "
                      "top token as the base model")
     if pd.notna(first.get("decode_tokens_per_s")):
-        lines.append("speed: batch 1, KV cache, median (min-max) of repeats; ratios inside the spread are "
-                     "noise; %bound: decode speed as a share of memory bandwidth / weight bytes per token")
+        lines.append("speed: batch 1, KV cache, median (min-max) of repeats, all checkpoints measured together "
+                     "in rounds alternating with the baseline; ×speed: median (min-max) over rounds of each "
+                     "method's ratio to the baseline beside it; %bound: decode speed as a share of memory "
+                     "bandwidth / weight bytes per token")
     lines.append("size: weight files on disk; peak_MB: process peak RSS while quantizing or scoring")
     if "skipped_layers" in frame and frame["skipped_layers"].notna().any():
         lines.append("float_layers: linear layers the sensitivity pass left in float (skip: auto), besides lm_head")
-    if "session" in frame and frame["decode_tokens_per_s"].notna().any():
+    session = "speed_session" if "speed_session" in frame and frame["speed_session"].notna().any() else "session"
+    if session in frame and frame["decode_tokens_per_s"].notna().any():
         timed = frame[frame["decode_tokens_per_s"].notna()]
-        sessions = timed["session"].dropna().astype(str)
+        sessions = timed[session].dropna().astype(str)
         if sessions.nunique() > 1:
-            older = timed[timed["session"].astype(str) != sessions.max()]["method"].astype(str)
+            older = timed[timed[session].astype(str) != sessions.max()]["method"].astype(str)
             lines.append("SPEED FROM AN EARLIER SESSION (reused on resume; machine load may have differed, "
                          f"--force re-measures): {', '.join(older)}")
     slower = slower_than_baseline(frame)
     if slower:
-        lines.append("SLOWER THAN FLOAT on this device (decode, whole min-max range below the baseline's): "
+        lines.append(f"SLOWER THAN FLOAT on this device ({slower_basis(frame)}): "
                      + ", ".join(f"{m} ({r:.2f}x)" for m, r in slower))
     lines += [
         "",

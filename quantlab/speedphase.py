@@ -1,0 +1,119 @@
+"""The speed phase: after every method is scored, the speed of all checkpoints of the run is
+measured together, in alternation with the baseline, so that every ratio comes from
+neighbouring measurements.
+
+Each round measures ``baseline, A, baseline, B, baseline, ...`` (the methods in reverse order
+on odd rounds, so a drift within a round does not always favour the same method); each
+measurement reloads the checkpoint from disk, warms up and times ``eval.speed.repeats``
+repeats (:func:`quantlab.bench.speed.measure_speed`). A method's ratio in a round is its
+decode (prefill) tokens/s over the mean of the two baseline measurements beside it; the row
+reports the median ratio over rounds and its min and max (``decode_x_float``,
+``decode_x_min``, ``decode_x_max``), the medians of every pooled sample, and every raw sample
+in ``metrics.json``. Rows reused on resume are measured again with the others: speed figures
+of different sessions are never put side by side.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+import statistics
+import time
+
+import torch
+
+from quantlab.bench.size import checkpoint_quantized_bytes, checkpoint_tensor_bytes
+from quantlab.bench.speed import decode_bound, measure_speed
+from quantlab.checkpoint import load_checkpoint, read_sidecar
+from quantlab.runs import write_record
+
+_KEYS = ("prefill_tokens_per_s", "ttft_ms", "decode_tokens_per_s", "latency_p50_ms", "latency_p95_ms")
+
+
+def speed_phase(plan, rows: list[dict], log) -> None:
+    """Measure every row's speed in alternating rounds; the rows (and their metrics.json) get
+    the figures."""
+    spec = plan.recipe.eval.speed
+    rows = [r for r in rows if not r.get("error") and r.get("checkpoint")]
+    if not spec.enabled or not rows:
+        return
+    base = next((r for r in rows if r["backend"] == "none"), None)
+    others = [r for r in rows if r is not base]
+    log(f"speed: {len(rows)} checkpoints, {spec.rounds} rounds alternating with the baseline, "
+        f"{spec.repeats} repeats each ({torch.get_num_threads()} threads)")
+    t0 = time.perf_counter()
+    samples: dict[str, list[dict]] = {r["method"]: [] for r in rows}
+    ratios: dict[str, dict[str, list[float]]] = {r["method"]: {"decode": [], "prefill": []} for r in others}
+    bounds: dict[str, dict] = {}
+    for rnd in range(spec.rounds):
+        order = others if rnd % 2 == 0 else others[::-1]
+        sequence = [base] + [x for r in order for x in (r, base)] if base else list(order)
+        measured = [(r, _measure(plan, r, bounds)) for r in sequence]
+        for r, m in measured:
+            samples[r["method"]].append(m)
+        if base:
+            _round_ratios(measured, ratios)
+        log(f"speed: round {rnd + 1}/{spec.rounds} done ({time.perf_counter() - t0:.0f} s)")
+    session = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+    for r in rows:
+        r.update(_row_fields(samples[r["method"]], ratios.get(r["method"]), r is base, bounds[r["method"]],
+                             spec.rounds, session))
+        write_record(plan.run_dir.metrics(r["method"]), r)
+
+
+def _measure(plan, row: dict, bounds: dict) -> dict:
+    """One measurement of one checkpoint: reloaded from disk, timed, freed."""
+    spec = plan.recipe.eval.speed
+    ckpt = plan.run_dir.root / row["checkpoint"]
+    loaded = load_checkpoint(ckpt, dtype=plan.torch_dtype, device=plan.torch_device, verify=False)
+    m = measure_speed(loaded.model, plan.prompt, new_tokens=spec.new_tokens, batch_sizes=(1, spec.batch_size),
+                      warmup=spec.warmup, repeats=spec.repeats)
+    if row["method"] not in bounds:
+        bounds[row["method"]] = _bound(plan, loaded.model, ckpt)
+    del loaded
+    gc.collect()
+    return m
+
+
+def _bound(plan, model, ckpt) -> dict:
+    """The decode speed the memory bandwidth allows (packed layers count their stored bytes
+    when a kernel reads them as stored; dense-dequant layers their dense weight)."""
+    sizes = checkpoint_tensor_bytes(ckpt, model)
+    qmodules = read_sidecar(ckpt).get("modules", [])
+    stored = {n: checkpoint_quantized_bytes(sizes, [n]) + sizes.get(f"{n}.bias", 0) for n in qmodules
+              if getattr(model.get_submodule(n), "kernel", None) != "dense-dequant"}
+    return decode_bound(model, plan.env["memory_bandwidth_bytes_per_s"], stored=stored)
+
+
+def _round_ratios(measured: list[tuple[dict, dict]], ratios: dict) -> None:
+    """Each method's ratio to the mean of the baseline measurements on either side of it."""
+    for i, (r, m) in enumerate(measured):
+        if r["method"] not in ratios:
+            continue
+        beside = [measured[j][1] for j in (i - 1, i + 1) if 0 <= j < len(measured) and measured[j][0]["backend"] == "none"]
+        for what in ("decode", "prefill"):
+            ref = statistics.fmean(b[f"{what}_tokens_per_s"] for b in beside)
+            ratios[r["method"]][what].append(m[f"{what}_tokens_per_s"] / ref)
+
+
+def _row_fields(ms: list[dict], ratio: dict | None, is_base: bool, bound: dict, rounds: int, session: str) -> dict:
+    decode = [x for m in ms for x in m["by_batch"]["b1"]["decode_tokens_per_s_samples"]]
+    prefill = [x for m in ms for x in m["by_batch"]["b1"]["prefill_tokens_per_s_samples"]]
+    batch = [m["by_batch"] for m in ms]
+    out = {k: statistics.median(m[k] for m in ms) for k in _KEYS}
+    out.update(decode_tokens_per_s=statistics.median(decode), prefill_tokens_per_s=statistics.median(prefill),
+               decode_tokens_per_s_min=min(decode), decode_tokens_per_s_max=max(decode),
+               decode_bound_tokens_per_s=bound["decode_bound_tokens_per_s"],
+               speed_rounds=rounds, speed_session=session,
+               speed={"measurements": ms, "ratios": ratio}, decode_bound=bound)
+    out["decode_fraction_of_bound"] = out["decode_tokens_per_s"] / bound["decode_bound_tokens_per_s"]
+    other = [b for bb in batch for k, b in bb.items() if k != "b1"]
+    if other:
+        out.update(decode_batch_size=other[0]["batch_size"],
+                   decode_tokens_per_s_batch=statistics.median(b["decode_tokens_per_s"] for b in other))
+    if is_base:
+        out.update(decode_x_float=1.0, decode_x_min=1.0, decode_x_max=1.0, prefill_x_float=1.0)
+    elif ratio:
+        out.update(decode_x_float=statistics.median(ratio["decode"]), decode_x_min=min(ratio["decode"]),
+                   decode_x_max=max(ratio["decode"]), prefill_x_float=statistics.median(ratio["prefill"]))
+    return out
