@@ -96,6 +96,18 @@ def _round_ratios(measured: list[tuple[dict, dict]], ratios: dict) -> None:
             ratios[r["method"]][what].append(m[f"{what}_tokens_per_s"] / ref)
 
 
+def _pooled(ms: list[dict]) -> dict:
+    """Every measurement's samples per batch size, pooled (medians over all of them)."""
+    out = {}
+    for key in ms[0]["by_batch"]:
+        parts = [m["by_batch"][key] for m in ms]
+        pooled = {k: [x for p in parts for x in p[k]] for k in parts[0] if k.endswith("_samples")}
+        out[key] = dict(batch_size=parts[0]["batch_size"], prompt_tokens=parts[0]["prompt_tokens"],
+                        new_tokens=parts[0]["new_tokens"], **pooled,
+                        **{k.removesuffix("_samples"): statistics.median(v) for k, v in pooled.items()})
+    return out
+
+
 def _row_fields(ms: list[dict], ratio: dict | None, is_base: bool, bound: dict, rounds: int, session: str) -> dict:
     decode = [x for m in ms for x in m["by_batch"]["b1"]["decode_tokens_per_s_samples"]]
     prefill = [x for m in ms for x in m["by_batch"]["b1"]["prefill_tokens_per_s_samples"]]
@@ -105,7 +117,8 @@ def _row_fields(ms: list[dict], ratio: dict | None, is_base: bool, bound: dict, 
                decode_tokens_per_s_min=min(decode), decode_tokens_per_s_max=max(decode),
                decode_bound_tokens_per_s=bound["decode_bound_tokens_per_s"],
                speed_rounds=rounds, speed_session=session,
-               speed={"measurements": ms, "ratios": ratio}, decode_bound=bound)
+               speed={"by_batch": _pooled(ms), "measurements": ms, "ratios": ratio, "rounds": rounds,
+                      "threads": ms[0]["threads"], "device": ms[0]["device"]}, decode_bound=bound)
     out["decode_fraction_of_bound"] = out["decode_tokens_per_s"] / bound["decode_bound_tokens_per_s"]
     other = [b for bb in batch for k, b in bb.items() if k != "b1"]
     if other:

@@ -28,7 +28,9 @@ def test_run_writes_a_complete_run_directory(tiny_recipe, tmp_path, capsys):
         metrics = json.loads((run / row.method / "metrics.json").read_text())
         assert metrics["ppl"] == pytest.approx(row.ppl)
         b1 = metrics["speed"]["by_batch"]["b1"]
-        assert len(b1["decode_tokens_per_s_samples"]) == len(b1["prefill_tokens_per_s_samples"]) == 2
+        # every sample kept: 2 repeats per measurement, pooled over the speed phase's measurements
+        n = 2 * len(metrics["speed"]["measurements"])
+        assert len(b1["decode_tokens_per_s_samples"]) == len(b1["prefill_tokens_per_s_samples"]) == n
         assert metrics["speed"]["by_batch"]["b4"]["batch_size"] == 4 == row.decode_batch_size
         assert row.latency_p50_ms <= row.latency_p95_ms and row.ttft_ms > 0
         assert 0 < row.decode_fraction_of_bound and row.decode_bound_tokens_per_s > 0
@@ -54,10 +56,14 @@ def test_run_writes_a_complete_run_directory(tiny_recipe, tmp_path, capsys):
 
 def test_rerun_reuses_finished_methods_and_force_redoes_them(tiny_recipe, tmp_path, capsys):
     assert main(["run", str(tiny_recipe)]) == 0
-    marker = tmp_path / "run" / "rtn-w4-g32" / "metrics.json"
+    # the checkpoint's sidecar is written only by an export (metrics.json is rewritten by every
+    # run's speed phase, which measures all rows together)
+    marker = tmp_path / "run" / "rtn-w4-g32" / "checkpoint" / "quantlab.json"
+    measured = json.loads((tmp_path / "run" / "rtn-w4-g32" / "metrics.json").read_text())["measured_at"]
     first = marker.stat().st_mtime_ns
     assert main(["run", str(tiny_recipe)]) == 0
     assert marker.stat().st_mtime_ns == first
+    assert json.loads((tmp_path / "run" / "rtn-w4-g32" / "metrics.json").read_text())["measured_at"] == measured
     assert "reusing" in capsys.readouterr().err
     # a changed option is a different method: it is recomputed
     assert main(["run", str(tiny_recipe), "--set", "methods.0.options.sym=false"]) == 0
