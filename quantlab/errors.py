@@ -19,10 +19,21 @@ class MissingDependencyError(QuantlabError):
     """An optional dependency is not installed; the message names the extra."""
 
     def __init__(self, package: str, extra: str, what: str):
+        # the torch pin in the same command: left free, pip may swap the CPU torch for a CUDA build
         super().__init__(
             f"{what} needs the '{package}' package, which is not installed; "
-            f"install it with: pip install 'quantlab[{extra}]'"
+            f"install it with: pip install 'quantlab[{extra}]' torch=={_torch_pin()}"
         )
+
+
+def _torch_pin() -> str:
+    """The installed torch's version (what the project's commands pin), without a local tag."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("torch").split("+")[0]
+    except importlib.metadata.PackageNotFoundError:
+        return "2.13.0"
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:

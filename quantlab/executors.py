@@ -56,7 +56,7 @@ def _ray():
     try:
         import ray
     except ImportError:
-        raise MissingDependencyError("executor 'ray' needs Ray: pip install 'quantlab[ray]' torch==2.13.0") from None
+        raise MissingDependencyError("ray", "ray", "executor 'ray'") from None
     return ray
 
 

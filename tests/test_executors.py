@@ -130,3 +130,13 @@ def test_requests_the_cluster_cannot_meet_are_errors_before_work(tiny_model_dir,
     assert not (tmp_path / "run" / "rtn-w4" / "checkpoint").exists()
     rc, _, err = _run(recipe, "--executor", "ray", "--address", "127.0.0.1:1")
     assert rc == 2 and "error: cannot connect to Ray at 127.0.0.1:1" in err, err
+
+
+def test_without_ray_the_executor_says_how_to_get_it(monkeypatch):
+    """Ray's absence, as a machine without the extra has it: the import fails."""
+    from quantlab.errors import MissingDependencyError
+    from quantlab.executors import _ray
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    with pytest.raises(MissingDependencyError, match=r"pip install 'quantlab\[ray\]' torch==2.13.0"):
+        _ray()
