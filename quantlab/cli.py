@@ -173,6 +173,7 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_compare(args) -> int:
+    from quantlab.report.caveats import report_warnings
     from quantlab.report.data import combined_frame, load_runs
     from quantlab.report.html import build_report
     from quantlab.report.tables import format_summary
@@ -181,7 +182,8 @@ def _cmd_compare(args) -> int:
         raise QuantlabError("the same run directory is given twice; name each run once")
     runs = load_runs(args.run_dirs)
     path = build_report(runs, args.out, title=args.title)
-    print(format_summary(combined_frame(runs)))
+    frame = combined_frame(runs)
+    print(format_summary(frame, warnings=report_warnings(runs, frame)))  # the report's caveats, as the HTML
     print(f"\nreport: {path}")
     return 0
 

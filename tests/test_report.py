@@ -151,6 +151,15 @@ def test_compare_command_writes_one_report_across_runs(runs, tmp_path, capsys):
     assert main(["compare", str(a), str(b), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "gptq-w4" in printed and "rtn-w3" in printed and str(out / "report.html") in printed
+    # the terminal says what the HTML says (one set of caveats): two fresh runs were measured in
+    # two sessions, which is no resume and no reason for "--force"
+    from quantlab.report.caveats import report_warnings
+    from quantlab.report.data import load_runs
+
+    loaded = load_runs([a, b])
+    for w in report_warnings(loaded, pd.concat([r.frame.assign(run=str(r.path)) for r in loaded])):
+        assert f"WARNING: {w}" in printed
+    assert "SPEED FROM AN EARLIER SESSION" not in printed and "--force" not in printed
     combined = pd.read_parquet(out / "results.parquet")
     assert sorted(combined["run"].unique()) == sorted([str(a), str(b)])
     page = _Page()

@@ -142,8 +142,11 @@ def slower_than_baseline(frame: pd.DataFrame) -> list[tuple[str, float]]:
     return out
 
 
-def format_summary(frame: pd.DataFrame, env: dict | None = None) -> str:
-    """The terminal summary: a header saying what was measured, then the table."""
+def format_summary(frame: pd.DataFrame, env: dict | None = None, warnings: list[str] | None = None) -> str:
+    """The terminal summary: a header saying what was measured, then the table. ``warnings``:
+    the report's caveats (:func:`quantlab.report.caveats.report_warnings`), printed instead of
+    this run's own speed warnings: ``quantlab compare`` passes them, so the terminal and the
+    HTML say the same."""
     if frame.empty:
         return "(no results)"
     first = frame.iloc[0]
@@ -173,18 +176,21 @@ def format_summary(frame: pd.DataFrame, env: dict | None = None) -> str:
     lines.append("size: weight files on disk; peak_MB: process peak RSS while quantizing or scoring")
     if "skipped_layers" in frame and frame["skipped_layers"].notna().any():
         lines.append("float_layers: linear layers the sensitivity pass left in float (skip: auto), besides lm_head")
-    session = "speed_session" if "speed_session" in frame and frame["speed_session"].notna().any() else "session"
-    if session in frame and frame["decode_tokens_per_s"].notna().any():
-        timed = frame[frame["decode_tokens_per_s"].notna()]
-        sessions = timed[session].dropna().astype(str)
-        if sessions.nunique() > 1:
-            older = timed[timed[session].astype(str) != sessions.max()]["method"].astype(str)
-            lines.append("SPEED FROM AN EARLIER SESSION (reused on resume; machine load may have differed, "
-                         f"--force re-measures): {', '.join(older)}")
-    slower = slower_than_baseline(frame)
-    if slower:
-        lines.append(f"SLOWER THAN FLOAT on this device ({slower_basis(frame)}): "
-                     + ", ".join(f"{m} ({r:.2f}x)" for m, r in slower))
+    if warnings is not None:
+        lines += [f"WARNING: {w}" for w in warnings]
+    else:
+        session = "speed_session" if "speed_session" in frame and frame["speed_session"].notna().any() else "session"
+        if session in frame and frame["decode_tokens_per_s"].notna().any():
+            timed = frame[frame["decode_tokens_per_s"].notna()]
+            sessions = timed[session].dropna().astype(str)
+            if sessions.nunique() > 1:
+                older = timed[timed[session].astype(str) != sessions.max()]["method"].astype(str)
+                lines.append("SPEED FROM AN EARLIER SESSION (reused on resume; machine load may have differed, "
+                             f"--force re-measures): {', '.join(older)}")
+        slower = slower_than_baseline(frame)
+        if slower:
+            lines.append(f"SLOWER THAN FLOAT on this device ({slower_basis(frame)}): "
+                         + ", ".join(f"{m} ({r:.2f}x)" for m, r in slower))
     lines += [
         "",
         summary_frame(frame).to_string(index=False),
