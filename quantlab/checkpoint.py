@@ -214,8 +214,9 @@ SIDECAR_FORMAT = 1
 
 
 def _check_versions(ckpt_dir: Path, meta: dict[str, Any], backend) -> None:
-    """A checkpoint written under another sidecar format or another version of its backend's
-    config (the same options meaning something else) is not read as if it were this one."""
+    """A checkpoint written under another sidecar format, another version of its backend's
+    config or of its layout (the same options or tensors meaning something else) is not read
+    as if it were this one."""
     hint = "re-export it (run its recipe again with --force)"
     if meta.get("format") != SIDECAR_FORMAT:
         raise QuantlabError(f"checkpoint '{ckpt_dir}' has sidecar format {meta.get('format')!r}; this quantlab "
@@ -224,6 +225,17 @@ def _check_versions(ckpt_dir: Path, meta: dict[str, Any], backend) -> None:
         raise QuantlabError(f"checkpoint '{ckpt_dir}' was written by {meta.get('backend')} config version "
                             f"{meta.get('backend_config_version')!r}; this quantlab's is {backend.Config.version}: "
                             f"{hint}")
+    rec = meta.get("layout")
+    if rec is None:  # a library's own format (torchao, bitsandbytes...), or an older sidecar
+        return
+    from quantlab.formats import get_layout
+
+    if not isinstance(rec, dict) or not isinstance(rec.get("name"), str):
+        raise QuantlabError(f"checkpoint '{ckpt_dir}': the sidecar's 'layout' is not {{name, version}}; {hint}")
+    layout = get_layout(rec["name"])
+    if rec.get("version") != layout.version:
+        raise QuantlabError(f"checkpoint '{ckpt_dir}' was written in layout {layout.name} version "
+                            f"{rec.get('version')}; this quantlab reads version {layout.version}: {hint}")
 
 
 def weight_bytes(ckpt_dir: Path) -> int:

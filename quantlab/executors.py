@@ -20,32 +20,37 @@ from collections.abc import Callable
 from quantlab.errors import MissingDependencyError, QuantlabError
 from quantlab.plan import RunPlan
 from quantlab.results import MethodResult
-from quantlab.runner import finished, log, run_method
+from quantlab.runner import log, reused, run_method
 from quantlab.runs import atomic_write_json
 
 OnResult = Callable[[MethodResult], None]
 
 
-def execute(plan: RunPlan, base_model, on_result: OnResult) -> None:
-    """Run every method of ``plan`` with the executor its recipe names."""
-    kind = plan.recipe.executor.kind
-    if kind == "ray":
-        RayExecutor(plan).run(base_model, on_result)
+def execute(plan: RunPlan, base, on_result: OnResult) -> None:
+    """Run every method of ``plan`` with the executor its recipe names (``base``: the float
+    LoadedModel the plan was prepared with; the executor owns it)."""
+    if plan.recipe.executor.kind == "ray":
+        RayExecutor(plan).run(base, on_result)
     else:
-        run_local(plan, base_model, on_result)
+        run_local(plan, base, on_result)
 
 
-def run_local(plan: RunPlan, base_model, on_result: OnResult) -> None:
+def run_local(plan: RunPlan, base, on_result: OnResult) -> None:
     methods = plan.recipe.all_methods()
-    spare = [base_model]
+    spare = [base]
+
+    def take_base():
+        """The loaded base model for the first method that quantizes; later ones reload it
+        (under a second for local sources), so one model is in memory, not two."""
+        if spare:
+            return spare.pop()
+        gc.collect()
+        return plan.load_base()
+
     for i, method in enumerate(methods, 1):
         position = f"[{i}/{len(methods)}] "
-        needs_model = finished(plan, method) is None
-        # the loaded base model goes to the first method that quantizes; later ones reload it
-        # (under a second for local sources), so one model is in memory, not two
-        model = spare.pop() if (needs_model and spare) else None
-        on_result(run_method(plan, method, position=position, base_model=model))
-        del model
+        on_result(reused(plan, method, position + method.label)
+                  or run_method(plan, method, position=position, take_base=take_base))
         gc.collect()
 
 
@@ -62,8 +67,6 @@ def _ray():
 
 def _method_task(run_dir: str, label: str, threads: int | None) -> dict:
     """A Ray task: one method of the plan in ``run_dir``; returns its row (errors raise)."""
-    import socket
-
     import torch
 
     from quantlab.models import quiet_progress_bars
@@ -73,8 +76,8 @@ def _method_task(run_dir: str, label: str, threads: int | None) -> dict:
     quiet_progress_bars()
     plan = RunPlan.load(run_dir)
     method = next(m for m in plan.recipe.all_methods() if m.label == label)
-    result = run_method(plan, method)
-    return dict(result.row, worker=socket.gethostname()) if not result.reused else result.row
+    # a retried task may find its earlier attempt's result complete
+    return (reused(plan, method, label) or run_method(plan, method)).row
 
 
 class RayExecutor:
@@ -112,16 +115,15 @@ class RayExecutor:
                 raise QuantlabError(f"method '{m.label}' asks for {want['num_cpus']:g} CPUs and {want['num_gpus']:g} "
                                     f"GPUs; no node of the Ray cluster has them ({have}): lower its resources")
 
-    def run(self, base_model, on_result: OnResult) -> None:
-        del base_model  # each task loads its own; the driver keeps none
+    def run(self, base, on_result: OnResult) -> None:
+        base.model = None  # each task loads its own; the driver keeps none
         gc.collect()
         plan, ray = self.plan, self.ray
         todo = []
         for m in plan.recipe.all_methods():
-            done = finished(plan, m)
-            if done is not None:
-                log(f"{m.label}: finished earlier with the same settings; reusing it")
-                on_result(MethodResult(m.label, done, reused=True))
+            earlier = reused(plan, m, m.label)
+            if earlier is not None:
+                on_result(earlier)
             else:
                 todo.append(m)
         if not todo:

@@ -7,7 +7,7 @@ threads, kernel); the schema is :mod:`quantlab.results`.
 from __future__ import annotations
 
 import datetime as _dt
-import sys
+import socket
 from pathlib import Path
 
 import torch
@@ -35,7 +35,7 @@ def kernel_label(m) -> str:
     return f"{lib}:{type(m).__name__}"
 
 
-def measure_checkpoint(plan, method, backend, loaded, ckpt: Path, ppl, div: dict, *, tag: str) -> dict:
+def measure_checkpoint(plan, method, backend, loaded, ckpt: Path, ppl, div: dict, *, tag: str, log) -> dict:
     """Identity, quality, size and task fields of the row (the cost fields and load/eval
     memory are the runner's; speed is measured for all rows together, quantlab.speedphase)."""
     sizes = checkpoint_tensor_bytes(ckpt, loaded.model)
@@ -45,7 +45,7 @@ def measure_checkpoint(plan, method, backend, loaded, ckpt: Path, ppl, div: dict
     row.update(size_bytes=weight_bytes(ckpt), checkpoint_bytes=directory_bytes(ckpt),
                quantized_tensor_bytes=checkpoint_quantized_bytes(sizes, qmodules),
                bits_per_weight=checkpoint_bits_per_weight(loaded.model, sizes))
-    row.update(_tasks(plan, loaded, tag))
+    row.update(_tasks(plan, loaded, tag, log))
     return row
 
 
@@ -69,6 +69,7 @@ def _identity(plan, method, backend, loaded, ckpt: Path, qmodules: list[str]) ->
         # when this row was measured, and by which run (a resumed run reuses older rows)
         "measured_at": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "session": plan.session,
+        "worker": socket.gethostname(),  # where it ran (a Ray task may run on another machine)
         "source_gguf": plan.source_info.get("gguf"),  # a quantized source's history (report caveat)
     }
 
@@ -96,13 +97,13 @@ def _quality(plan, ppl, div: dict) -> dict:
     }
 
 
-def _tasks(plan, loaded, tag: str) -> dict:
+def _tasks(plan, loaded, tag: str, log) -> dict:
     ev = plan.recipe.eval
     if not ev.tasks:
         return {"tasks": {}}
     from quantlab.bench.tasks import run_tasks
 
-    print(f"quantlab: {tag}: lm-eval tasks {', '.join(ev.tasks)}", file=sys.stderr, flush=True)
+    log(f"{tag}: lm-eval tasks {', '.join(ev.tasks)}")
     tasks = run_tasks(loaded.model, loaded.tokenizer, ev.tasks, ev.task_paths, limit=ev.task_limit,
                       num_fewshot=ev.task_fewshot, batch_size=ev.batch_size)
     out: dict = {"tasks": tasks}

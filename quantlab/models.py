@@ -209,11 +209,16 @@ def _demo_gguf(alias: str) -> Path:
     return target
 
 
+def _converted(dest: Path) -> bool:
+    """A conversion into ``dest`` finished (its record is written last)."""
+    return (dest / "quantlab_source.json").is_file()
+
+
 def demo_model_dir(alias: str) -> Path:
     """The cached float safetensors directory of a demo model, created on first use."""
     spec = DEMO_MODELS[alias]
     dest = cache_dir() / "models" / alias
-    if (dest / "quantlab_source.json").is_file():
+    if _converted(dest):
         return dest
     gguf = _demo_gguf(alias)
     info = {"alias": alias, "package": spec["package"], "version": spec["version"],
@@ -222,12 +227,31 @@ def demo_model_dir(alias: str) -> Path:
     return convert_gguf(gguf, cache_subdir("models") / alias, info)
 
 
-def gguf_model_dir(path: Path) -> Path:
+def _gguf_dest(path: Path) -> tuple[Path, str]:
     digest = sha256_file(path)
-    dest = cache_dir() / "models" / f"gguf-{digest[:16]}"
-    if (dest / "quantlab_source.json").is_file():
+    return cache_dir() / "models" / f"gguf-{digest[:16]}", digest
+
+
+def gguf_model_dir(path: Path) -> Path:
+    dest, digest = _gguf_dest(path)
+    if _converted(dest):
         return dest
     return convert_gguf(path, cache_subdir("models") / dest.name, {"gguf": str(path), "gguf_sha256": digest})
+
+
+def local_model_dir(source: str) -> Path | None:
+    """Where the model's files already lie on this machine (a local directory, or a demo
+    model or GGUF file converted earlier), else None: nothing is downloaded or converted."""
+    kind, loc = classify(source)
+    if kind == "local":
+        return Path(loc)
+    if kind == "demo":
+        dest = cache_dir() / "models" / source
+    elif kind == "gguf":
+        dest = _gguf_dest(Path(loc))[0]
+    else:
+        return None
+    return dest if _converted(dest) else None
 
 
 def classify(source: str) -> tuple[str, Path | str]:

@@ -43,9 +43,8 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, *, force: bool = F
     quiet_progress_bars()
     with RunLock(s.run_dir.root), storage_errors(s.run_dir.root):
         plan, base = prepare(s, force, _log)
-        model, base.model = base.model, None  # the executor owns it from here on
         collected = _Collector(plan)
-        execute(plan, model, collected.add)
+        execute(plan, base, collected.add)  # the executor owns the base model from here on
         frame = _finish(plan, collected.rows(), s.eval_text)
     if echo:
         print(format_summary(frame, plan.env))
@@ -62,6 +61,7 @@ def run_models(recipe: Recipe, out: str | Path | None = None, *, force: bool = F
     """A recipe with ``models``: one run per model in ``OUT/LABEL`` (each method compared with
     that model's own baseline), then ``OUT/report`` across them and the method x model table
     ``OUT/methods_x_models.csv``."""
+    from quantlab.report.caveats import report_warnings
     from quantlab.report.data import combined_frame, load_runs
     from quantlab.report.html import build_report
     from quantlab.runs import CONTAINER, prepare_run_dir
@@ -79,8 +79,9 @@ def run_models(recipe: Recipe, out: str | Path | None = None, *, force: bool = F
         _log("writing the report across models")
         build_report(runs, root / "report", title=f"{recipe.name}: {len(subs)} models")
     if echo:
-        print(format_summary(frame.drop(columns="model_label"), runs[0].environment))
-        print("\nperplexity (Δ% vs each model's own baseline), methods x models:")
+        shown = frame.drop(columns="model_label")  # the report's caveats, as quantlab compare prints them
+        print(format_summary(shown, runs[0].environment, warnings=report_warnings(runs, shown)))
+        print(f"\n{table.index.name}, methods x models:")
         print(table.to_string())
         print(f"\nrun directory: {root}  (one run per model; report/, methods_x_models.csv)")
     return RunResult(root, frame)
@@ -95,7 +96,12 @@ def methods_by_models(frame: pd.DataFrame) -> pd.DataFrame:
         ref = float(base.iloc[0]) if len(base) else None
         cells[model] = {r["method"]: (f"{r['ppl']:.3f}" + (f" ({100 * (r['ppl'] / ref - 1):+.1f}%)" if ref else ""))
                         if pd.notna(r["ppl"]) else f"error: {r.get('error')}" for _, r in part.iterrows()}
-    return pd.DataFrame(cells).fillna("")
+    table = pd.DataFrame(cells).fillna("")
+    # what the numbers are, in the table itself (its CSV too)
+    label = lambda col: ", ".join(sorted(frame[col].dropna().astype(str).unique()))  # noqa: E731
+    table.index.name = (f"perplexity ({label('ppl_convention')} convention, {label('eval_source')}, "
+                        f"{label('eval_tokens')} scored tokens; Δ% vs each model's own baseline)")
+    return table
 
 
 class _Collector:
@@ -163,24 +169,6 @@ def check_sources(recipe: Recipe, backends: dict | None = None) -> None:
             load_text(spec.source, spec.split, role, spec.text_field)
 
 
-def _config_dir(source: str) -> Path | None:
-    """Where the model's config.json already lies on this machine (a local directory, a demo
-    model or GGUF file converted earlier), else None: nothing is downloaded or converted to
-    check a recipe."""
-    from quantlab.models import cache_dir, sha256_file
-
-    kind, loc = classify(source)
-    if kind == "local":
-        return Path(loc)
-    if kind == "demo":
-        path = cache_dir() / "models" / source
-    elif kind == "gguf":
-        path = cache_dir() / "models" / f"gguf-{sha256_file(Path(loc))[:16]}"
-    else:
-        return None
-    return path if (path / "quantlab_source.json").is_file() else None
-
-
 def _check_architecture(recipe: Recipe, backends: dict) -> None:
     """Every method's check against the model's architecture, built on the meta device from
     its config.json (no weights read): a group size that does not divide a layer's width, a
@@ -189,10 +177,10 @@ def _check_architecture(recipe: Recipe, backends: dict) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from quantlab.bench.perplexity import model_context
-    from quantlab.models import check_no_remote_code
-    from quantlab.plan import _check_lengths, _check_methods
+    from quantlab.models import check_no_remote_code, local_model_dir
+    from quantlab.plan import check_lengths, check_methods
 
-    where = _config_dir(recipe.model.source)
+    where = local_model_dir(recipe.model.source)
     if where is None or recipe.model.trust_remote_code:  # validating never runs a model's own code
         return
     check_no_remote_code(where, recipe.model.source, trust_remote_code=False)
@@ -205,8 +193,8 @@ def _check_architecture(recipe: Recipe, backends: dict) -> None:
         return
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
-    _check_lengths(recipe, backends, model_context(model))
-    _check_methods(backends, model)
+    check_lengths(recipe, backends, model_context(model))
+    check_methods(backends, model)
 
 
 def _check_gguf(recipe: Recipe, backends: dict) -> None:

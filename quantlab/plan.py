@@ -279,12 +279,12 @@ def prepare(s: Setup, force: bool, log) -> tuple[RunPlan, LoadedModel]:
                       trust_remote_code=recipe.model.trust_remote_code)
     base_load_s = time.perf_counter() - t0
     _check_float(recipe, base)
-    _check_lengths(recipe, s.backends, model_context(base.model))
+    check_lengths(recipe, s.backends, model_context(base.model))
     ev = recipe.eval
     settings = EvalSettings(convention=ev.convention, seq_len=ev.seq_len, stride=ev.stride, bos=ev.bos,
                             max_windows=ev.max_windows, batch_size=ev.batch_size)
     eval_plan = build_plan(settings, s.eval_text, base.tokenizer, base.model)
-    _check_methods(s.backends, base.model)
+    check_methods(s.backends, base.model)
     plan = RunPlan(recipe=recipe, run_dir=s.run_dir, force=force, device=str(s.device),
                    dtype=str(s.dtype).removeprefix("torch."), keys={},
                    source_info=dict(base.info, dtype=str(s.dtype).removeprefix("torch.")), env={},
@@ -310,7 +310,7 @@ def _check_float(recipe: Recipe, base: LoadedModel) -> None:
                             "(score this one with `quantlab eval`)")
 
 
-def _check_methods(backends: dict, model) -> None:
+def check_methods(backends: dict, model) -> None:
     for label, b in backends.items():
         try:
             b.check(model)
@@ -319,7 +319,7 @@ def _check_methods(backends: dict, model) -> None:
             raise
 
 
-def _check_lengths(recipe: Recipe, backends: dict, max_pos: int | None) -> None:
+def check_lengths(recipe: Recipe, backends: dict, max_pos: int | None) -> None:
     """Every window quantlab will run fits the model's context, each named by the key that
     sets it (checked before any work, so nothing runs past the model's positions)."""
     if not max_pos:

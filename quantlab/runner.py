@@ -63,7 +63,7 @@ class Peak:
 
 def finished(plan: RunPlan, method) -> dict | None:
     """The method's row when it finished earlier with the same key (and its GGUF files are
-    intact), else None. Cheap: executors call it before scheduling any work."""
+    intact), else None."""
     if plan.force:
         return None
     key, _ = plan.method_key(method)
@@ -76,22 +76,29 @@ def finished(plan: RunPlan, method) -> dict | None:
     return done
 
 
-def run_method(plan: RunPlan, method, *, position: str = "", base_model=None) -> MethodResult:
-    """Quantize, export, reload and score one method of ``plan``; its row is written to
-    ``LABEL/metrics.json``. ``base_model``: a float model to quantize (else loaded from the
-    recipe's source); the method owns it from here on."""
-    tag = f"{position}{method.label}"
+def reused(plan: RunPlan, method, tag: str) -> MethodResult | None:
+    """The method's earlier result when it may be reused (said in the log), else None; every
+    executor asks this once per method before any work is scheduled."""
     done = finished(plan, method)
-    if done is not None:
-        log(f"{tag}: finished earlier with the same settings; reusing it")
-        return MethodResult(method.label, done, reused=True)
+    if done is None:
+        return None
+    log(f"{tag}: finished earlier with the same settings; reusing it")
+    return MethodResult(method.label, done, reused=True)
+
+
+def run_method(plan: RunPlan, method, *, position: str = "", take_base=None) -> MethodResult:
+    """Quantize, export, reload and score one method of ``plan`` (one that :func:`reused`
+    found no result for); its row is written to ``LABEL/metrics.json``. ``take_base()``: the
+    float model to quantize, a LoadedModel the method then owns (default: loaded from the
+    recipe's source); called only when the method quantizes."""
+    tag = f"{position}{method.label}"
     rd = plan.run_dir
     mdir = rd.method(method.label)
     rd.error(method.label).unlink(missing_ok=True)  # an earlier attempt's failure no longer holds
     _note_running(mdir)
     backend = plan.backend(method)
     key, export_key = plan.method_key(method, backend)
-    stage, backend = _checkpoint(plan, method, backend, export_key, tag, base_model)
+    stage, backend = _checkpoint(plan, method, backend, export_key, tag, take_base or plan.load_base)
     gc.collect()
     log(f"{tag}: reload from disk and score")
     row = _score(plan, method, backend, stage, export_key, tag)
@@ -111,7 +118,7 @@ def _note_running(mdir: Path) -> None:
 # --------------------------------------------------------------------------- quantize + export
 
 
-def _checkpoint(plan: RunPlan, method, backend, export_key: str, tag: str, base_model):
+def _checkpoint(plan: RunPlan, method, backend, export_key: str, tag: str, take_base):
     """The method's checkpoint: reused when exported earlier with the same key, else made.
     Returns (export record, the backend as it quantized)."""
     rd = plan.run_dir
@@ -121,8 +128,7 @@ def _checkpoint(plan: RunPlan, method, backend, export_key: str, tag: str, base_
     if reused:
         log(f"{tag}: quantized and exported earlier with the same settings; reusing the checkpoint")
         return stage, reused
-    base = base_model if base_model is not None else plan.load_base().model
-    stage = quantize_and_export(plan, method, backend, base, tag)
+    stage = quantize_and_export(plan, method, backend, take_base(), tag)
     backend = stage.pop("backend")
     write_record(rd.export_record(method.label), dict(stage, key=export_key))
     return stage, backend
@@ -148,10 +154,13 @@ def reusable_stage(stage: dict, backend, ckpt: Path, tag: str):
     return again
 
 
-def quantize_and_export(plan: RunPlan, method, backend, work, tag: str) -> dict:
-    """Sensitivity pass (when asked), quantization and export of one method; returns the
-    export record (what a resumed run needs to skip these stages) and the backend used."""
+def quantize_and_export(plan: RunPlan, method, backend, base, tag: str) -> dict:
+    """Sensitivity pass (when asked), quantization and export of one method (``base``: the
+    float LoadedModel, quantized in place); returns the export record (what a resumed run
+    needs to skip these stages) and the backend used."""
     mdir, device = plan.run_dir.method(method.label), plan.torch_device
+    work, tokenizer = base.model, base.tokenizer
+    base.model = None  # the quantizer owns it from here on
     calibration = plan.calibration.ids if plan.calibration is not None else None
     spec, sens = method.sensitivity_spec(), None
     if spec is not None:
@@ -159,7 +168,7 @@ def quantize_and_export(plan: RunPlan, method, backend, work, tag: str) -> dict:
         backend, result = _sensitivity(plan, method, backend, spec, work, calibration, mdir)
         sens = result.as_dict()
     if hasattr(backend, "context"):  # llamacpp: the source's GGUF metadata, calibration as text
-        backend.context = {"source_info": plan.source_info, "tokenizer": _tokenizer(plan)}
+        backend.context = {"source_info": plan.source_info, "tokenizer": tokenizer}
     log(f"{tag}: quantize ({backend.name})")
     with Peak(device) as mem:
         t0 = time.perf_counter()
@@ -167,27 +176,12 @@ def quantize_and_export(plan: RunPlan, method, backend, work, tag: str) -> dict:
         quantize_s = time.perf_counter() - t0
     log(f"{tag}: export")
     t0 = time.perf_counter()
-    export_checkpoint(work, _tokenizer(plan), backend, mdir / "checkpoint", source=plan.source_info,
+    export_checkpoint(work, tokenizer, backend, mdir / "checkpoint", source=plan.source_info,
                       label=method.label)
     export_s = time.perf_counter() - t0
     return {"backend": backend, "options": backend.config.model_dump(mode="json"), "quantize_s": quantize_s,
             "export_s": export_s, "stage_seconds": dict(backend.stage_seconds), "layers": backend.layer_stats,
             "peak_rss_quantize_bytes": mem.rss, "peak_cuda_quantize_bytes": mem.cuda, "sensitivity": sens}
-
-
-_TOKENIZERS: dict[str, object] = {}
-
-
-def _tokenizer(plan: RunPlan):
-    """The base model's tokenizer (read once per process from the model's files)."""
-    path = plan.source_info.get("path") or plan.recipe.model.source
-    if path not in _TOKENIZERS:
-        from transformers import AutoTokenizer
-
-        kw = {"revision": plan.recipe.model.revision} if plan.source_info.get("kind") == "hub" else {}
-        _TOKENIZERS[path] = AutoTokenizer.from_pretrained(path, trust_remote_code=plan.recipe.model.trust_remote_code,
-                                                          **kw)
-    return _TOKENIZERS[path]
 
 
 def _sensitivity(plan: RunPlan, method, backend, spec, model, calibration, mdir: Path):
@@ -264,7 +258,7 @@ def _score(plan: RunPlan, method, backend, stage: dict, export_key: str, tag: st
     with Peak(device) as mem_eval:
         ppl, div = evaluate(loaded.model, plan.eval_plan, ev.batch_size, reference)
     gguf_cols = _gguf_stage(plan, method, backend, loaded, export_key)
-    row = measure_checkpoint(plan, method, backend, loaded, ckpt, ppl, div or {}, tag=tag)
+    row = measure_checkpoint(plan, method, backend, loaded, ckpt, ppl, div or {}, tag=tag, log=log)
     row.update(load_s=load_s, peak_rss_load_bytes=mem_load.rss, peak_rss_eval_bytes=mem_eval.rss,
                peak_cuda_eval_bytes=mem_eval.cuda, **_cost(stage, backend), **gguf_cols)
     del loaded

@@ -27,7 +27,8 @@ from quantlab.bench.speed import decode_bound, measure_speed
 from quantlab.checkpoint import load_checkpoint, read_sidecar
 from quantlab.runs import write_record
 
-_KEYS = ("prefill_tokens_per_s", "ttft_ms", "decode_tokens_per_s", "latency_p50_ms", "latency_p95_ms")
+#: figures each measurement reports only as a median (no samples kept): median over measurements
+_PER_MEASUREMENT = ("ttft_ms", "latency_p50_ms", "latency_p95_ms")
 
 
 def speed_phase(plan, rows: list[dict], log) -> None:
@@ -109,21 +110,20 @@ def _pooled(ms: list[dict]) -> dict:
 
 
 def _row_fields(ms: list[dict], ratio: dict | None, is_base: bool, bound: dict, rounds: int, session: str) -> dict:
-    decode = [x for m in ms for x in m["by_batch"]["b1"]["decode_tokens_per_s_samples"]]
-    prefill = [x for m in ms for x in m["by_batch"]["b1"]["prefill_tokens_per_s_samples"]]
-    batch = [m["by_batch"] for m in ms]
-    out = {k: statistics.median(m[k] for m in ms) for k in _KEYS}
-    out.update(decode_tokens_per_s=statistics.median(decode), prefill_tokens_per_s=statistics.median(prefill),
-               decode_tokens_per_s_min=min(decode), decode_tokens_per_s_max=max(decode),
+    pooled = _pooled(ms)
+    b1 = pooled["b1"]
+    others = [b for k, b in pooled.items() if k != "b1"]
+    out = {k: statistics.median(m[k] for m in ms) for k in _PER_MEASUREMENT}
+    out.update(decode_tokens_per_s=b1["decode_tokens_per_s"], prefill_tokens_per_s=b1["prefill_tokens_per_s"],
+               decode_tokens_per_s_min=min(b1["decode_tokens_per_s_samples"]),
+               decode_tokens_per_s_max=max(b1["decode_tokens_per_s_samples"]),
                decode_bound_tokens_per_s=bound["decode_bound_tokens_per_s"],
-               speed_rounds=rounds, speed_session=session,
-               speed={"by_batch": _pooled(ms), "measurements": ms, "ratios": ratio, "rounds": rounds,
-                      "threads": ms[0]["threads"], "device": ms[0]["device"]}, decode_bound=bound)
-    out["decode_fraction_of_bound"] = out["decode_tokens_per_s"] / bound["decode_bound_tokens_per_s"]
-    other = [b for bb in batch for k, b in bb.items() if k != "b1"]
-    if other:
-        out.update(decode_batch_size=other[0]["batch_size"],
-                   decode_tokens_per_s_batch=statistics.median(b["decode_tokens_per_s"] for b in other))
+               decode_fraction_of_bound=b1["decode_tokens_per_s"] / bound["decode_bound_tokens_per_s"],
+               decode_batch_size=others[0]["batch_size"] if others else None,
+               decode_tokens_per_s_batch=others[0]["decode_tokens_per_s"] if others else None,
+               speed_rounds=rounds, speed_session=session, decode_bound=bound,
+               speed={"by_batch": pooled, "measurements": ms, "ratios": ratio, "rounds": rounds,
+                      "threads": ms[0]["threads"], "device": ms[0]["device"]})
     if is_base:
         out.update(decode_x_float=1.0, decode_x_min=1.0, decode_x_max=1.0, prefill_x_float=1.0)
     elif ratio:

@@ -47,6 +47,7 @@ def test_each_model_is_compared_with_its_own_baseline(tiny_model_dir, tmp_path, 
         want = 100 * (per[m].loc["rtn-w3", "ppl"] / per[m].loc["baseline", "ppl"] - 1)
         assert table.loc["rtn-w3", m] == f"{per[m].loc['rtn-w3', 'ppl']:.3f} ({want:+.1f}%)"
     assert "methods x models" in out and (run / "report" / "report.html").is_file()
+    assert "perplexity (gptq convention, pydoc:evaluation, 189 scored tokens;" in out  # labelled
     assert main(["run", str(recipe)]) == 0  # resumed: every row of both models reused
     assert capsys.readouterr().err.count("finished earlier with the same settings") == 6
 

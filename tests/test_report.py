@@ -21,7 +21,7 @@ from quantlab.cli import main
 from quantlab.errors import QuantlabError
 from quantlab.report.caveats import engine_disagreements
 from quantlab.report.plots import pareto_front
-from quantlab.report.tables import markdown_table, summary_frame
+from quantlab.report.tables import format_summary, markdown_table, summary_frame
 
 
 def _recipe(tiny_model_dir: Path, out: Path, name: str, methods: str, speed: bool = True) -> Path:
@@ -160,6 +160,20 @@ def test_compare_command_writes_one_report_across_runs(runs, tmp_path, capsys):
     for w in report_warnings(loaded, pd.concat([r.frame.assign(run=str(r.path)) for r in loaded])):
         assert f"WARNING: {w}" in printed
     assert "SPEED FROM AN EARLIER SESSION" not in printed and "--force" not in printed
+    # two runs that both measured speed, in two sessions: no resume happened, nothing to warn of
+    # (the single-run rule would say "SPEED FROM AN EARLIER SESSION ... --force re-measures")
+    import shutil
+
+    older = tmp_path / "rtn-older"
+    shutil.copytree(a, older, ignore=shutil.ignore_patterns(".quantlab.lock"))
+    table = pd.read_csv(older / "results.csv")
+    table["speed_session"] = "2026-01-01T00:00:00+00:00"
+    table.to_csv(older / "results.csv", index=False)
+    (older / "results.parquet").unlink(missing_ok=True)
+    both = pd.concat([pd.read_csv(p / "results.csv").assign(run=str(p)) for p in (a, older)])
+    assert "SPEED FROM AN EARLIER SESSION" in format_summary(both)  # what the single-run rule says
+    assert main(["compare", str(a), str(older), "--out", str(tmp_path / "cmp2")]) == 0
+    assert "SPEED FROM AN EARLIER SESSION" not in capsys.readouterr().out
     combined = pd.read_parquet(out / "results.parquet")
     assert sorted(combined["run"].unique()) == sorted([str(a), str(b)])
     page = _Page()
@@ -187,7 +201,6 @@ def test_a_resumed_run_measures_every_rows_speed_again_together(tiny_model_dir, 
     assert "measured in an earlier session" not in (out / "report.html").read_text()
     # a table from before the speed phase (no speed_session) still gets the warning
     old = frame.drop(columns=["speed_session", "decode_x_float", "decode_x_min", "decode_x_max"])
-    from quantlab.report.tables import format_summary
 
     assert "SPEED FROM AN EARLIER SESSION" in format_summary(old)
 

@@ -6,8 +6,8 @@ See :mod:`quantlab.formats.base` for the interface. The registry:
   ``model.safetensors`` stores (``gptq-v1``, ``awq-gemm``). A backend names its layout
   (:meth:`~quantlab.quantizers.base.Backend.layout`); the checkpoint sidecar records it with
   its version, and loading checks both.
-- ``FILE_FORMATS``: files written from any layout's layers for another engine (``gguf``), the
-  values of a recipe method's ``export`` beside ``native``.
+- GGUF (:mod:`quantlab.formats.gguf`), the file format: written from any layout's layers
+  (through :func:`unpack_layer`) for llama.cpp; a recipe method's ``export: [native, gguf]``.
 
 Adding a layout is one class here; every method that produces a grid it can hold, and GGUF
 export, work with it without change.
@@ -25,13 +25,11 @@ from quantlab.formats.base import (
     QuantizedWeight,
     drop_dense_weights,
 )
-from quantlab.formats.gguf import GGUF_FORMAT
 from quantlab.formats.gptq_v1 import GPTQv1
 
 LAYOUTS: dict[str, LayerFormat] = {f.name: f for f in (GPTQv1(), AWQGemm())}
-FILE_FORMATS = {GGUF_FORMAT.name: GGUF_FORMAT}
 
-__all__ = ["FILE_FORMATS", "LAYOUTS", "DenseDequantLinear", "LayerFormat", "QuantizedWeight",
+__all__ = ["LAYOUTS", "DenseDequantLinear", "LayerFormat", "QuantizedWeight",
            "drop_dense_weights", "get_layout", "layout_of", "unpack_layer"]
 
 

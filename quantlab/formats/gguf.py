@@ -45,6 +45,14 @@ FLOAT_TYPES = ("F32", "F16", "Q8_0")
 _PERMUTE_QK = {"llama"}
 
 
+def grid_problem(bits: int, sym: bool) -> str | None:
+    """Why GGUF has no block type for a ``bits``-bit grid (None: it has one)."""
+    if (bits, sym) in GRID_TYPES:
+        return None
+    fits = ", ".join(f"bits {b} with sym {str(s).lower()}" for b, s in GRID_TYPES)
+    return f"a {bits}-bit grid with sym {str(sym).lower()} has no GGUF block type; GGUF holds {fits}"
+
+
 def check_gguf_options(label: str, backend: str, options: dict) -> None:
     """Before any work: the grid a method's options give can be written as GGUF blocks, or an
     error naming the option that would fit."""
@@ -54,7 +62,7 @@ def check_gguf_options(label: str, backend: str, options: dict) -> None:
         raise QuantlabError(f"method '{label}': backend '{backend}' cannot export GGUF (rtn, gptq and awq can; "
                             "llama.cpp's own types: backend llamacpp)")
     bits, sym, group = options.get("bits", 4), options.get("sym", True), options.get("group_size", 128)
-    why = GGUFFormat.check(bits, sym)
+    why = grid_problem(bits, sym)
     if why:
         raise QuantlabError(f"method '{label}': {why}")
     if group != -1 and group % BLOCK:
@@ -307,28 +315,6 @@ def export_gguf(model: nn.Module, path: Path, template: Path, *, float_type: str
     writer.write_tensors_to_file()
     writer.close()
     return types
-
-
-class GGUFFormat:
-    """GGUF in the format registry (:data:`quantlab.formats.FILE_FORMATS`): a file written from
-    the layers of any layout, for llama.cpp."""
-
-    name = "gguf"
-    version = 1
-    description = "llama.cpp's GGUF: Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 blocks written from the method's own grid."
-
-    @staticmethod
-    def check(bits: int, sym: bool) -> str | None:
-        if (bits, sym) in GRID_TYPES:
-            return None
-        fits = ", ".join(f"bits {b} with sym {str(s).lower()}" for b, s in GRID_TYPES)
-        return f"a {bits}-bit grid with sym {str(sym).lower()} has no GGUF block type; GGUF holds {fits}"
-
-    check_options = staticmethod(check_gguf_options)
-    export = staticmethod(export_gguf)
-
-
-GGUF_FORMAT = GGUFFormat()
 
 
 def template_for(source_info: dict, model_dir: Path | None, tools=None) -> Path:

@@ -152,9 +152,9 @@ class AWQConfig(WeightQuantConfig):
 
     @model_validator(mode="after")
     def _format_bits(self) -> AWQConfig:
-        if self.format == "gemm" and self.bits != 4:
-            raise ValueError(f"the AWQ gemm format stores 4-bit weights only (got bits={self.bits}); "
-                             "use format: gptq for 2, 3 or 8 bits")
+        why = LAYOUTS["awq-gemm"].check(self.bits, self.sym) if self.format == "gemm" else None
+        if why:
+            raise ValueError(why)
         if self.format == "gptq" and self.bits not in GPTQ_BITS:
             raise ValueError(f"format gptq stores {', '.join(map(str, GPTQ_BITS))} bits (got {self.bits})")
         return self

@@ -23,7 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quantlab.errors import QuantlabError
-from quantlab.formats import LAYOUTS, LayerFormat, QuantizedWeight, get_layout
+from quantlab.formats import LAYOUTS, LayerFormat, QuantizedWeight
 from quantlab.formats.gptq_v1 import GPTQ_BITS, gptq_quantization_config
 from quantlab.quantizers.base import (
     WEIGHTS_NAME,
@@ -96,22 +96,6 @@ def load_packed(ckpt_dir: Path, meta: dict, dtype: torch.dtype, device: torch.de
     return load_quantized(ckpt_dir, meta, dtype, device, make)
 
 
-def sidecar_layout(ckpt_dir: Path, meta: dict) -> LayerFormat | None:
-    """The layout a checkpoint's sidecar records, checked against the one this quantlab
-    writes (``None`` when the sidecar predates the record)."""
-    rec = meta.get("layout")
-    if rec is None:
-        return None
-    if not isinstance(rec, dict) or not isinstance(rec.get("name"), str):
-        raise QuantlabError(f"checkpoint '{ckpt_dir}': the sidecar's 'layout' is not {{name, version}}")
-    layout = get_layout(rec["name"])
-    if rec.get("version") != layout.version:
-        raise QuantlabError(f"checkpoint '{ckpt_dir}' was written in layout {layout.name} version "
-                            f"{rec.get('version')}; this quantlab reads version {layout.version}: re-export it "
-                            "(run its recipe again with --force)")
-    return layout
-
-
 class LayoutBackend(Backend):
     """A backend whose layers are stored in one of quantlab's layouts: ``save`` and ``load``
     are the layout's, so the method only produces grids (see :meth:`pack`)."""
@@ -142,7 +126,8 @@ class LayoutBackend(Backend):
 
     @classmethod
     def load(cls, ckpt_dir: Path, meta: dict, dtype: torch.dtype, device: torch.device) -> nn.Module:
-        layout = sidecar_layout(ckpt_dir, meta) or cls.default_layout(meta)
+        # the sidecar's layout record was checked by load_checkpoint (name known, same version)
+        layout = LAYOUTS[meta["layout"]["name"]] if "layout" in meta else cls.default_layout(meta)
         return load_packed(ckpt_dir, meta, dtype, device, layout)
 
 
