@@ -66,15 +66,17 @@ def load_model(source: str, *, dtype: str = "auto", device: str = "auto", **kwar
     return _load(source, dtype=resolve_dtype(dtype, dev), device=dev, **kwargs)
 
 
-def load_checkpoint(path: str | Path, *, dtype: str = "auto", device: str = "auto", verify: bool = True):
+def load_checkpoint(path: str | Path, *, dtype: str = "auto", device: str = "auto", verify: bool = True,
+                    kernel: str = "dense"):
     """Reload a checkpoint quantlab exported; ``verify`` checks every file against the
-    sha256 manifest in its quantlab.json first."""
+    sha256 manifest in its quantlab.json first; ``kernel`` (auto, dense, int4pack, int8pack)
+    chooses what executes its packed layers (``info["kernels"]`` records the choice)."""
     from quantlab.checkpoint import load_checkpoint as _load
     from quantlab.models import quiet_progress_bars, resolve_device, resolve_dtype
 
     quiet_progress_bars()
     dev = resolve_device(device)
-    return _load(Path(path), dtype=resolve_dtype(dtype, dev), device=dev, verify=verify)
+    return _load(Path(path), dtype=resolve_dtype(dtype, dev), device=dev, verify=verify, kernel=kernel)
 
 
 def evaluate(model: str | Path, **options: Any) -> dict:

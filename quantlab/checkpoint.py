@@ -178,13 +178,18 @@ def verify_checkpoint(ckpt_dir: Path) -> None:
                             f"{', '.join(sorted(extra))}; {hint}")
 
 
-def load_checkpoint(ckpt_dir: Path, *, dtype: torch.dtype, device: torch.device, verify: bool = True) -> LoadedModel:
+def load_checkpoint(ckpt_dir: Path, *, dtype: torch.dtype, device: torch.device, verify: bool = True,
+                    kernel: str = "dense", kernel_choices: dict | None = None, log=None) -> LoadedModel:
     """Reload an exported checkpoint from disk with the backend that wrote it; ``verify``
-    checks every file against the manifest first."""
+    checks every file against the manifest first. ``kernel`` chooses what executes its packed
+    layers (quantlab.formats.kernels; ``kernel_choices`` replays a recorded ``auto`` choice);
+    the choice is ``info["kernels"]``."""
     from transformers import AutoTokenizer
 
+    from quantlab.formats.kernels import check_kernel_name
     from quantlab.registry import get_backend
 
+    check_kernel_name(kernel)
     ckpt_dir = Path(ckpt_dir)
     meta = read_sidecar(ckpt_dir)
     if verify:
@@ -204,8 +209,11 @@ def load_checkpoint(ckpt_dir: Path, *, dtype: torch.dtype, device: torch.device,
         raise QuantlabError(f"checkpoint '{ckpt_dir}' cannot be loaded by backend '{meta.get('backend')}' "
                             f"({type(e).__name__}: {detail}); re-export it (run its recipe again with "
                             "--force)") from None
+    from quantlab.formats.kernels import apply_kernels
+
+    kernels = apply_kernels(model, kernel, device, choices=kernel_choices, log=log)
     info = {"source": str(ckpt_dir), "kind": "checkpoint", "backend": meta["backend"],
-            "options": meta.get("options", {})}
+            "options": meta.get("options", {}), "kernels": kernels}
     return LoadedModel(model, tokenizer, info)
 
 

@@ -74,6 +74,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="also score divergence (KL, top-1, Δp) from this model on the same tokens")
     p.add_argument("--kl-windows", type=int, metavar="N", help="compare only the first N windows with --base (default: all)")
     p.add_argument("--speed", action="store_true", help="also measure prefill/decode speed at batch 1")
+    p.add_argument("--speed-mode", default="eager", choices=["eager", "compiled"],
+                   help="with --speed: eager decode (default) or a static KV cache and a compiled decode step")
+    p.add_argument("--kernel", default="dense", choices=["auto", "dense", "int4pack", "int8pack"],
+                   help="what runs a quantlab checkpoint's packed layers (default dense; see README, Kernels)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's choice)")

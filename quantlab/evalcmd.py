@@ -35,9 +35,11 @@ def evaluate_source(model: str, *, data: str = "pydoc", split: str | None = None
                     bos: bool | None = None, max_windows: int | None = None, max_docs: int | None = None,
                     batch_size: int = 4, base: str | None = None, kl_windows: int | None = None,
                     speed: bool = False, dtype: str = "auto", device: str = "auto",
-                    trust_remote_code: bool = False, verify: bool = True) -> dict:
+                    trust_remote_code: bool = False, verify: bool = True, kernel: str = "dense",
+                    speed_mode: str = "eager") -> dict:
     """Score ``model`` (any model source or quantlab checkpoint) on ``data``; see ``quantlab eval``.
-    ``verify``: check quantlab checkpoints against their sha256 manifest before loading."""
+    ``verify``: check quantlab checkpoints against their sha256 manifest before loading;
+    ``kernel``: what runs a checkpoint's packed layers; ``speed_mode``: eager or compiled decode."""
     from quantlab.data import Text, load_text
     from quantlab.models import (
         classify,
@@ -85,7 +87,7 @@ def evaluate_source(model: str, *, data: str = "pydoc", split: str | None = None
             del b
             gc.collect()
         _log(f"loading '{model}' ({str(dt).removeprefix('torch.')} on {dev})")
-        lm = load_model(model, **kw)
+        lm = load_model(model, **kw, kernel=kernel)
         plan = build_plan(settings, text, lm.tokenizer, lm.model)
         if reference is not None and len(lm.tokenizer) != base_vocab:
             raise QuantlabError(f"'{model}' and the base '{base}' have different tokenizers "
@@ -95,7 +97,8 @@ def evaluate_source(model: str, *, data: str = "pydoc", split: str | None = None
         out = {"model": model, "ppl": ppl.ppl, "ppl_stderr": ppl.ppl_stderr, "nll_mean": ppl.nll_mean,
                "scored_tokens": ppl.scored_tokens, "windows": ppl.windows, "text_tokens": ppl.text_tokens,
                **labels(plan, text, lm.tokenizer, lm.model), **ppl.extra,
-               "seconds": ppl.seconds, "tokens_per_s": ppl.tokens_per_s, "threads": torch.get_num_threads()}
+               "seconds": ppl.seconds, "tokens_per_s": ppl.tokens_per_s, "threads": torch.get_num_threads(),
+               "kernel": _kernel_label(lm)}
         if div is not None:
             out.update(base=base, **div)
         if speed:
@@ -103,9 +106,20 @@ def evaluate_source(model: str, *, data: str = "pydoc", split: str | None = None
             from quantlab.data import tokenize
 
             # the recipe's defaults (eval.speed), so a figure here compares with a run's
-            s = measure_speed(lm.model, tokenize(text, lm.tokenizer)[:PROMPT_TOKENS])
+            s = measure_speed(lm.model, tokenize(text, lm.tokenizer)[:PROMPT_TOKENS], mode=speed_mode)
             out.update({f"speed_{k}": v for k, v in s.items() if k not in ("by_batch", "device", "threads")})
     return _finite(out)
+
+
+def _kernel_label(lm) -> str:
+    """What ran the quantized layers (the results table's ``kernel``); ``dense`` for a float model."""
+    from quantlab.checkpoint import read_sidecar
+    from quantlab.measure import kernel_label
+
+    if lm.info.get("kind") != "checkpoint":
+        return "dense"
+    names = read_sidecar(Path(lm.info["source"])).get("modules", [])
+    return ",".join(sorted({kernel_label(lm.model.get_submodule(n)) for n in names})) or "dense"
 
 
 def _check_applicable(args) -> None:
@@ -119,6 +133,8 @@ def _check_applicable(args) -> None:
                             "--convention llamacpp or drop --bos")
     if args.text_field != "text" and not args.data.endswith(".jsonl"):
         raise QuantlabError(f"--text-field applies to .jsonl data, not {args.data!r}; drop it")
+    if args.speed_mode != "eager" and not args.speed:
+        raise QuantlabError("--speed-mode applies to the speed measurement; add --speed or drop --speed-mode")
     if args.kl_windows is not None and not args.base:
         raise QuantlabError("--kl-windows applies to the divergence from a base model; add --base MODEL or "
                             "drop --kl-windows")
@@ -134,7 +150,8 @@ def run_eval(args) -> int:
                           bos={"auto": None, "yes": True, "no": False}[args.bos], max_windows=args.max_windows,
                           max_docs=args.max_docs, batch_size=args.batch_size, base=args.base,
                           kl_windows=args.kl_windows, speed=args.speed, dtype=args.dtype, device=args.device,
-                          trust_remote_code=args.trust_remote_code, verify=not args.no_verify)
+                          trust_remote_code=args.trust_remote_code, verify=not args.no_verify,
+                          kernel=args.kernel, speed_mode=args.speed_mode)
     div = "kld_mean" in out
     if args.json:
         print(json.dumps(out))
@@ -153,9 +170,11 @@ def run_eval(args) -> int:
               f"{out['kld_median']:.6f}, p99 {out['kld_p99']:.6f}; same top token "
               f"{100 * out['top1_agreement']:.2f}%; Δp mean {100 * out['dp_mean']:+.3f}% "
               f"rms {100 * out['dp_rms']:.3f}% ({out['kld_tokens']} tokens)")
-    print(f"{out['tokens_per_s']:.1f} tokens/s through the model ({out['seconds']:.1f} s, {out['threads']} threads)")
+    print(f"{out['tokens_per_s']:.1f} tokens/s through the model ({out['seconds']:.1f} s, {out['threads']} threads, "
+          f"kernel {out['kernel']})")
     if args.speed:
-        print(f"speed (batch 1, {out['speed_prompt_tokens']}-token prompt): prefill "
+        comp = f", compiled in {out['speed_compile_s']:.0f} s" if out.get("speed_compile_s") else ""
+        print(f"speed ({out['speed_mode']} decode{comp}, batch 1, {out['speed_prompt_tokens']}-token prompt): prefill "
               f"{out['speed_prefill_tokens_per_s']:.1f} tok/s, decode {out['speed_decode_tokens_per_s']:.1f} "
               f"tok/s, TTFT {out['speed_ttft_ms']:.1f} ms, latency p50/p95 {out['speed_latency_p50_ms']:.1f}/"
               f"{out['speed_latency_p95_ms']:.1f} ms")

@@ -326,17 +326,23 @@ def _check_weights_present(path: Path, source: str) -> None:
                         "config.json only. Point model.source at a directory with the model's weights")
 
 
+def _log_kernel(msg: str) -> None:
+    print(f"[quantlab] {msg}", file=sys.stderr, flush=True)
+
+
 def load_model(source: str, *, dtype: torch.dtype, device: torch.device,
-               revision: str | None = None, trust_remote_code: bool = False, verify: bool = True) -> LoadedModel:
+               revision: str | None = None, trust_remote_code: bool = False, verify: bool = True,
+               kernel: str = "dense") -> LoadedModel:
     """Load a float model (or a quantlab checkpoint, verified against its manifest unless
     ``verify`` is off) with its tokenizer. Weights are read from safetensors only (GGUF is
-    converted to safetensors first): a pickle checkpoint (.bin) can run code when loaded."""
+    converted to safetensors first): a pickle checkpoint (.bin) can run code when loaded.
+    ``kernel`` applies to quantlab checkpoints (see quantlab.formats.kernels)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kind, loc = classify(source)
     info: dict[str, Any] = {"source": source, "kind": kind}
     if kind == "checkpoint":
-        return load_checkpoint(Path(loc), dtype=dtype, device=device, verify=verify)
+        return load_checkpoint(Path(loc), dtype=dtype, device=device, verify=verify, kernel=kernel, log=_log_kernel)
     if kind == "demo":
         loc = demo_model_dir(source)
     elif kind == "gguf":

@@ -125,6 +125,11 @@ class SpeedSpec(_Strict):
                          "are reported.")
     rounds: int = Field(speed.ROUNDS, ge=1, le=50, description="Rounds of the speed phase: each measures every "
                         "checkpoint once, alternating with the baseline (README, \"Speed and the bandwidth bound\").")
+    mode: Literal["eager", "compiled"] = Field(
+        "eager", description="'eager': a dynamic KV cache, every op dispatched from Python (what a plain "
+        "transformers generate() does); 'compiled': a static KV cache and the decode step compiled with "
+        "torch.compile (CUDA graphs on GPU), as gpt-fast and vLLM run; compilation is timed apart "
+        "(compile_s, ~30 s per batch size per measurement on 2 CPU cores) and excluded from tokens/s.")
 
 
 class DivergenceSpec(_Strict):
@@ -184,6 +189,12 @@ class EvalSpec(TextSpec):
                             "512 tokens: as many as fit in batch_size x 512 tokens).")
     divergence: DivergenceSpec = DivergenceSpec()
     speed: SpeedSpec = SpeedSpec()
+    kernel: Literal["auto", "dense", "int4pack", "int8pack"] = Field(
+        "dense", description="What executes the packed layers of quantlab's layouts (GPTQ v1, AWQ gemm) when "
+        "a checkpoint is reloaded, for scoring and speed: 'dense' (dequantized once, float matmul), "
+        "'int4pack' / 'int8pack' (torch's kernels reading packed weights, bfloat16 activations), 'auto' "
+        "(times them per layer shape, keeps a kernel only for the token counts where it beat dense). "
+        "README, \"Kernels\".")
     engines: list[Literal["torch", "llamacpp"]] = Field(
         default_factory=lambda: ["torch"], description="Engines that measure: 'torch' (every row, from the "
         "checkpoint reloaded by quantlab) and 'llamacpp' (rows that export GGUF, see eval.llamacpp).")

@@ -22,6 +22,7 @@ COLUMNS = [
     "decode_tokens_per_s_max", "latency_p50_ms", "latency_p95_ms", "decode_bound_tokens_per_s",
     "decode_fraction_of_bound", "decode_batch_size", "decode_tokens_per_s_batch",
     "decode_x_float", "decode_x_min", "decode_x_max", "prefill_x_float", "speed_rounds", "speed_session",
+    "speed_mode", "compile_s",
     "peak_rss_quantize_bytes", "peak_rss_load_bytes", "peak_rss_eval_bytes", "peak_cuda_quantize_bytes",
     "peak_cuda_eval_bytes", "quantize_s", "export_s", "load_s", "eval_s", "eval_tokens_per_s", "dtype",
     "device", "threads", "kernel", "tokenizer", "eval_sha256", "checkpoint", "measured_at", "session",
@@ -39,6 +40,7 @@ COLUMNS = [
 DETAILS = frozenset({
     "options", "eval_labels", "perplexity", "divergence", "speed", "decode_bound", "tasks", "layers",
     "sensitivity", "quantize_stages", "base_load_s", "key", "source_gguf", "gguf_f32_file", "llamacpp",
+    "kernels",
 })
 
 _FIELDS = frozenset(COLUMNS) | DETAILS

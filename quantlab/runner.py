@@ -247,7 +247,8 @@ def _score(plan: RunPlan, method, backend, stage: dict, export_key: str, tag: st
     # a reused checkpoint was verified above; a fresh one was just hashed for its manifest
     with Peak(device) as mem_load:
         t0 = time.perf_counter()
-        loaded = load_checkpoint(ckpt, dtype=plan.torch_dtype, device=device, verify=False)
+        loaded = load_checkpoint(ckpt, dtype=plan.torch_dtype, device=device, verify=False, kernel=ev.kernel,
+                                 log=lambda m: log(f"{tag}: {m}"))
         load_s = time.perf_counter() - t0
     reference = None
     if plan.reference_key is not None:
@@ -259,7 +260,7 @@ def _score(plan: RunPlan, method, backend, stage: dict, export_key: str, tag: st
         ppl, div = evaluate(loaded.model, plan.eval_plan, ev.batch_size, reference)
     gguf_cols = _gguf_stage(plan, method, backend, loaded, export_key)
     row = measure_checkpoint(plan, method, backend, loaded, ckpt, ppl, div or {}, tag=tag, log=log)
-    row.update(load_s=load_s, peak_rss_load_bytes=mem_load.rss, peak_rss_eval_bytes=mem_eval.rss,
+    row.update(load_s=load_s, kernels=loaded.info["kernels"], peak_rss_load_bytes=mem_load.rss, peak_rss_eval_bytes=mem_eval.rss,
                peak_cuda_eval_bytes=mem_eval.cuda, **_cost(stage, backend), **gguf_cols)
     del loaded
     gc.collect()

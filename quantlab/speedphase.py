@@ -25,6 +25,7 @@ import torch
 from quantlab.bench.size import checkpoint_quantized_bytes, checkpoint_tensor_bytes
 from quantlab.bench.speed import decode_bound, measure_speed
 from quantlab.checkpoint import load_checkpoint, read_sidecar
+from quantlab.formats.base import DenseDequantLinear
 from quantlab.runs import write_record
 
 #: figures each measurement reports only as a median (no samples kept): median over measurements
@@ -41,7 +42,7 @@ def speed_phase(plan, rows: list[dict], log) -> None:
     base = next((r for r in rows if r["backend"] == "none"), None)
     others = [r for r in rows if r is not base]
     log(f"speed: {len(rows)} checkpoints, {spec.rounds} rounds alternating with the baseline, "
-        f"{spec.repeats} repeats each ({torch.get_num_threads()} threads)")
+        f"{spec.repeats} repeats each, {spec.mode} decode ({torch.get_num_threads()} threads)")
     t0 = time.perf_counter()
     samples: dict[str, list[dict]] = {r["method"]: [] for r in rows}
     ratios: dict[str, dict[str, list[float]]] = {r["method"]: {"decode": [], "prefill": []} for r in others}
@@ -66,9 +67,12 @@ def _measure(plan, row: dict, bounds: dict) -> dict:
     """One measurement of one checkpoint: reloaded from disk, timed, freed."""
     spec = plan.recipe.eval.speed
     ckpt = plan.run_dir.root / row["checkpoint"]
-    loaded = load_checkpoint(ckpt, dtype=plan.torch_dtype, device=plan.torch_device, verify=False)
+    # the kernels the row was scored with (an `auto` choice replayed, not timed again)
+    kernels = row.get("kernels") or {}
+    loaded = load_checkpoint(ckpt, dtype=plan.torch_dtype, device=plan.torch_device, verify=False,
+                             kernel=kernels.get("requested", "dense"), kernel_choices=kernels.get("shapes"))
     m = measure_speed(loaded.model, plan.prompt, new_tokens=spec.new_tokens, batch_sizes=(1, spec.batch_size),
-                      warmup=spec.warmup, repeats=spec.repeats)
+                      warmup=spec.warmup, repeats=spec.repeats, mode=spec.mode)
     if row["method"] not in bounds:
         bounds[row["method"]] = _bound(plan, loaded.model, ckpt)
     del loaded
@@ -77,12 +81,12 @@ def _measure(plan, row: dict, bounds: dict) -> dict:
 
 
 def _bound(plan, model, ckpt) -> dict:
-    """The decode speed the memory bandwidth allows (packed layers count their stored bytes
-    when a kernel reads them as stored; dense-dequant layers their dense weight)."""
+    """The decode speed the memory bandwidth allows (library layers count their stored bytes;
+    quantlab's packed layers what their kernel reads: the dense weight, or the kernel's tensors)."""
     sizes = checkpoint_tensor_bytes(ckpt, model)
     qmodules = read_sidecar(ckpt).get("modules", [])
     stored = {n: checkpoint_quantized_bytes(sizes, [n]) + sizes.get(f"{n}.bias", 0) for n in qmodules
-              if getattr(model.get_submodule(n), "kernel", None) != "dense-dequant"}
+              if not isinstance(model.get_submodule(n), DenseDequantLinear)}
     return decode_bound(model, plan.env["memory_bandwidth_bytes_per_s"], stored=stored)
 
 
@@ -109,6 +113,11 @@ def _pooled(ms: list[dict]) -> dict:
     return out
 
 
+def _median_or_none(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
 def _row_fields(ms: list[dict], ratio: dict | None, is_base: bool, bound: dict, rounds: int, session: str) -> dict:
     pooled = _pooled(ms)
     b1 = pooled["b1"]
@@ -121,7 +130,8 @@ def _row_fields(ms: list[dict], ratio: dict | None, is_base: bool, bound: dict, 
                decode_fraction_of_bound=b1["decode_tokens_per_s"] / bound["decode_bound_tokens_per_s"],
                decode_batch_size=others[0]["batch_size"] if others else None,
                decode_tokens_per_s_batch=others[0]["decode_tokens_per_s"] if others else None,
-               speed_rounds=rounds, speed_session=session, decode_bound=bound,
+               speed_rounds=rounds, speed_session=session, decode_bound=bound, speed_mode=ms[0]["mode"],
+               compile_s=_median_or_none([m["by_batch"]["b1"].get("compile_s") for m in ms]),
                speed={"by_batch": pooled, "measurements": ms, "ratios": ratio, "rounds": rounds,
                       "threads": ms[0]["threads"], "device": ms[0]["device"]})
     if is_base:

@@ -49,7 +49,7 @@ def _one_batch(model, prompt: torch.Tensor, new_tokens: int, warmup: int, repeat
     device = next(model.parameters()).device
     prompt = prompt.to(device)
     b, p = prompt.shape
-    prefill, decode, steps = [], [], []
+    prefill, decode, steps, generated = [], [], [], []
     cache_kw = _cache_kwarg(model)
     for r in range(warmup + repeats):
         _sync(device)
@@ -67,10 +67,15 @@ def _one_batch(model, prompt: torch.Tensor, new_tokens: int, warmup: int, repeat
             nxt = out.logits[:, -1:].argmax(-1)
             _sync(device)
             step_times.append(time.perf_counter() - t1)
+            generated.append(int(nxt[0, 0]))
         if r >= warmup:
             prefill.append(t_prefill)
             decode.append(b * new_tokens / sum(step_times))
             steps.extend(step_times)
+    return _summary(b, p, new_tokens, prefill, decode, steps) | {"generated": generated[-new_tokens:]}
+
+
+def _summary(b: int, p: int, new_tokens: int, prefill: list[float], decode: list[float], steps: list[float]) -> dict:
     prefill_tps = [b * p / t for t in prefill]
     return {
         "batch_size": b,
@@ -88,22 +93,94 @@ def _one_batch(model, prompt: torch.Tensor, new_tokens: int, warmup: int, repeat
     }
 
 
+# ------------------------------------------------------------------------ compiled decode
+
+
+def _compiled_step(device: torch.device):
+    """The decode step compiled whole (``fullgraph``: a graph break is an error, not a silent
+    partial compile); CUDA graphs on GPU (``reduce-overhead``), inductor's C++ on CPU."""
+    import torch._dynamo
+
+    torch._dynamo.reset()  # a fresh model each measurement: no stale guards, no recompile limit hit
+
+    def step(model, tok, pos, cache):
+        return model(tok, position_ids=pos, cache=cache, use_cache=True).logits[:, -1, :]
+
+    mode = "reduce-overhead" if device.type == "cuda" else None
+    return torch.compile(step, fullgraph=True, dynamic=False, mode=mode)
+
+
+@torch.no_grad()
+def _one_batch_compiled(model, prompt: torch.Tensor, new_tokens: int, warmup: int, repeats: int) -> dict:
+    """gpt-fast's pattern: a static KV cache (fixed shapes) and a compiled decode step; the
+    prefill runs eager into the same cache. The first step (the compilation) is timed
+    separately (``compile_s``) and not counted in any tokens/s."""
+    from transformers import StaticCache
+
+    from quantlab.errors import QuantlabError
+
+    device = next(model.parameters()).device
+    prompt = prompt.to(device)
+    b, p = prompt.shape
+    cache = StaticCache(config=model.config, max_cache_len=p + new_tokens + 1)
+    step = _compiled_step(device)
+    positions = torch.arange(p + new_tokens + 1, device=device).expand(b, -1)
+    prefill, decode, steps, generated, compile_s = [], [], [], [], None
+    for r in range(warmup + repeats + 1):  # repeat 0 compiles
+        cache.reset()
+        _sync(device)
+        t0 = time.perf_counter()
+        out = model(prompt, position_ids=positions[:, :p], cache=cache, use_cache=True)
+        nxt = out.logits[:, -1:].argmax(-1)
+        _sync(device)
+        t_prefill = time.perf_counter() - t0
+        step_times = []
+        for i in range(new_tokens):
+            t1 = time.perf_counter()
+            try:
+                logits = step(model, nxt, positions[:, p + i:p + i + 1].contiguous(), cache)
+            except Exception as e:  # inductor/dynamo failures: say what failed, measure nothing
+                detail = (str(e).strip().splitlines() or [""])[0][:300]
+                raise QuantlabError(f"compiling the decode step failed ({type(e).__name__}: {detail}); "
+                                    "use eval.speed.mode: eager") from None
+            nxt = logits.argmax(-1, keepdim=True)
+            _sync(device)
+            step_times.append(time.perf_counter() - t1)
+            generated.append(int(nxt[0, 0]))
+            if r == 0:
+                compile_s = step_times[0] if compile_s is None else compile_s
+        if r > warmup:
+            prefill.append(t_prefill)
+            decode.append(b * new_tokens / sum(step_times))
+            steps.extend(step_times)
+    return _summary(b, p, new_tokens, prefill, decode, steps) | {"compile_s": compile_s,
+                                                                 "generated": generated[-new_tokens:]}
+
+
 #: the speed measurement's defaults, in one place: recipes (``eval.speed``), ``quantlab eval
 #: --speed`` and :func:`measure_speed` all take them from here
 PROMPT_TOKENS, NEW_TOKENS, WARMUP, REPEATS, BATCH_SIZE, ROUNDS = 64, 32, 1, 3, 4, 2
 
 
+MODES = ("eager", "compiled")
+
+
 def measure_speed(model, prompt: torch.Tensor, *, new_tokens: int = NEW_TOKENS, batch_sizes: tuple[int, ...] = (1,),
-                  warmup: int = WARMUP, repeats: int = REPEATS) -> dict:
+                  warmup: int = WARMUP, repeats: int = REPEATS, mode: str = "eager") -> dict:
     """Speed at each batch size (the prompt [1, P] repeated), keyed ``b1``, ``b4``...;
-    the batch-1 figures are also at the top level."""
+    the batch-1 figures are also at the top level. ``mode``: ``eager`` (a dynamic KV cache,
+    every op dispatched from Python) or ``compiled`` (a static KV cache and a compiled decode
+    step; ``compile_s`` per batch size, excluded from tokens/s)."""
+    if mode not in MODES:
+        raise ValueError(f"speed mode must be one of {MODES}, not {mode!r}")
     if prompt.dim() == 1:
         prompt = prompt[None]
     device = next(model.parameters()).device
     result = {"warmup": warmup, "repeats": repeats, "threads": torch.get_num_threads(), "device": str(device),
-              "by_batch": {}}
+              "mode": mode, "by_batch": {}}
+    one = _one_batch if mode == "eager" else _one_batch_compiled
     for b in dict.fromkeys(batch_sizes):
-        result["by_batch"][f"b{b}"] = _one_batch(model, prompt[:1].expand(b, -1), new_tokens, warmup, repeats)
+        result["by_batch"][f"b{b}"] = one(model, prompt[:1].expand(b, -1), new_tokens, warmup, repeats)
     first = result["by_batch"][f"b{batch_sizes[0]}"]
     result.update({k: v for k, v in first.items() if not k.endswith("_samples")})
     return result
@@ -134,7 +211,8 @@ def bytes_per_token(model: nn.Module, stored: dict[str, int] | None = None) -> i
     """Bytes of weights one decode step reads: every parameter and buffer a forward uses,
     once (shared tensors once); an input embedding table counts one row unless the output
     head reads the same tensor; layers that execute from a dense copy of packed weights
-    count the dense copy (what the kernel reads), not the packed tensors; ``stored`` gives
+    count the dense copy (what the kernel reads), not the packed tensors; layers given a kernel
+    that reads packed weights (``fast``, see quantlab.formats.kernels) count that kernel's tensors; ``stored`` gives
     the bytes of modules whose library kernel reads its own packed form (bitsandbytes, torchao,
     quanto, fbgemm), counted as they are stored in the checkpoint."""
     seen: set[int] = set()
@@ -161,6 +239,13 @@ def bytes_per_token(model: nn.Module, stored: dict[str, int] | None = None) -> i
         if isinstance(m, nn.Embedding) and m is not head:
             if m.weight.data_ptr() != head_ptr:
                 add(m.weight, m.weight.shape[1] * m.weight.element_size())
+            continue
+        fast = getattr(m, "fast", None)
+        if fast is not None:  # a kernel reading packed weights (quantlab.formats.kernels): its tensors
+            for t in fast.buffers():
+                add(t)
+            add(getattr(m, "bias", None))
+            inside.update(id(x) for x in m.modules())
             continue
         if getattr(m, "kernel", None) == "dense-dequant":
             if m.weight is not None:

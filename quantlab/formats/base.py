@@ -66,6 +66,11 @@ class DenseDequantLinear(nn.Module):
     #: dtype of the dense weight and of the computation
     compute_dtype: torch.dtype = torch.float32
 
+    def __init__(self) -> None:
+        super().__init__()
+        #: a kernel that reads the packed weights (quantlab.formats.kernels), set at load
+        self.fast = None
+
     def dequantize(self) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -80,6 +85,10 @@ class DenseDequantLinear(nn.Module):
         return self.weight if self.weight is not None else self.dequantize().to(self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fast = self.fast
+        if fast is not None and (fast.max_tokens is None or x.numel() <= fast.max_tokens * x.shape[-1]):
+            y = fast(x)
+            return y if self.bias is None else y + self.bias
         return F.linear(x, self.dense_weight(), self.bias)
 
 
