@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from quantlab.direct import config, quantize, save
 from quantlab.recipe import load_recipe, parse_recipe
 
-__all__ = ["backends", "evaluate", "load_checkpoint", "load_metrics", "load_model", "load_recipe",
-           "load_results", "parse_recipe", "run_recipe", "summary_table", "write_report"]
+__all__ = ["backends", "config", "evaluate", "load", "load_checkpoint", "load_metrics", "load_model",
+           "load_recipe", "load_results", "parse_recipe", "quantize", "run_recipe", "save", "summary_table",
+           "write_report"]
 
 
 def run_recipe(recipe, out: str | Path | None = None, *, force: bool = False, echo: bool = True):
@@ -77,6 +79,10 @@ def load_checkpoint(path: str | Path, *, dtype: str = "auto", device: str = "aut
     quiet_progress_bars()
     dev = resolve_device(device)
     return _load(Path(path), dtype=resolve_dtype(dtype, dev), device=dev, verify=verify, kernel=kernel)
+
+
+#: ``quantlab.load(path)``: the counterpart of :func:`quantlab.save` (GPTQModel's and torchao's name)
+load = load_checkpoint
 
 
 def evaluate(model: str | Path, **options: Any) -> dict:

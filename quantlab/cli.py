@@ -15,6 +15,10 @@ import traceback
 from quantlab import __version__
 from quantlab.errors import QuantlabError
 
+#: the --quick preset: a comparison in minutes, figures labelled indicative
+QUICK = ("calibration.samples=8", "eval.max_windows=8", "eval.divergence.max_windows=4", "eval.speed.rounds=1",
+         "eval.speed.repeats=2")
+
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
@@ -36,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_recipe_args(p)
     p.add_argument("--out", help="run directory (default: the recipe's output.dir)")
     p.add_argument("--force", action="store_true", help="redo methods that finished earlier in this directory")
+    p.add_argument("--quick", action="store_true", help="the quick preset: " + ", ".join(QUICK) + "; the run is "
+                   "named NAME-quick (its own directory) and its report says the figures are indicative")
     p.add_argument("--executor", choices=["local", "ray"], help="where the methods run: 'local' (one after "
                    "another in this process) or 'ray' (each a Ray task; the [ray] extra); default: the recipe's "
                    "executor.kind")
@@ -73,6 +79,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
     p.add_argument("--base", help="also score divergence (KL, top-1, Δp) from this model on the same tokens")
     p.add_argument("--kl-windows", type=int, metavar="N", help="compare only the first N windows with --base (default: all)")
+    p.add_argument("--no-cache-base", action="store_true", help="with --base: do not keep the base model's "
+                   "distributions in the cache (by default the 3 most recent are kept and reused by later calls "
+                   "on the same base, text and windows)")
     p.add_argument("--speed", action="store_true", help="also measure prefill/decode speed at batch 1")
     p.add_argument("--speed-mode", default="eager", choices=["eager", "compiled"],
                    help="with --speed: eager decode (default) or a static KV cache and a compiled decode step")
@@ -119,6 +128,11 @@ def _cmd_run(args) -> int:
     if args.address:
         overrides.append(f"executor.address={json.dumps(args.address)}")  # a YAML string, whatever it holds
     recipe = load_recipe(args.recipe, overrides)
+    if args.quick:  # the preset first: the user's own --set wins
+        named = [f"name={recipe.name}-quick",
+                 "description=" + json.dumps(f"QUICK PRESET ({', '.join(QUICK)}): indicative figures. "
+                                             + (recipe.description or ""))]
+        recipe = load_recipe(args.recipe, [*QUICK, *named, *overrides])
     frame = run_recipe(recipe, args.out, force=args.force).results
     failed = frame[frame["error"].notna()]  # a method that failed on Ray: the others finished
     for _, row in failed.iterrows():

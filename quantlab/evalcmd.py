@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import gc
 import json
 import math
-import sys
+import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -15,7 +17,9 @@ from quantlab.errors import QuantlabError
 
 
 def _log(msg: str) -> None:
-    print(f"quantlab: {msg}", file=sys.stderr, flush=True)
+    from quantlab.log import log
+
+    log(msg)
 
 
 def _check_positive(args) -> None:
@@ -36,10 +40,11 @@ def evaluate_source(model: str, *, data: str = "pydoc", split: str | None = None
                     batch_size: int = 4, base: str | None = None, kl_windows: int | None = None,
                     speed: bool = False, dtype: str = "auto", device: str = "auto",
                     trust_remote_code: bool = False, verify: bool = True, kernel: str = "dense",
-                    speed_mode: str = "eager") -> dict:
+                    speed_mode: str = "eager", cache_base: bool = True) -> dict:
     """Score ``model`` (any model source or quantlab checkpoint) on ``data``; see ``quantlab eval``.
     ``verify``: check quantlab checkpoints against their sha256 manifest before loading;
-    ``kernel``: what runs a checkpoint's packed layers; ``speed_mode``: eager or compiled decode."""
+    ``kernel``: what runs a checkpoint's packed layers; ``speed_mode``: eager or compiled decode;
+    ``cache_base``: keep the base model's distributions in the cache for the next call."""
     from quantlab.data import Text, load_text
     from quantlab.models import (
         classify,
@@ -51,10 +56,8 @@ def evaluate_source(model: str, *, data: str = "pydoc", split: str | None = None
     from quantlab.scoring import (
         EvalSettings,
         build_plan,
-        compute_reference,
         evaluate,
         labels,
-        plan_key,
     )
 
     quiet_progress_bars()
@@ -74,41 +77,79 @@ def evaluate_source(model: str, *, data: str = "pydoc", split: str | None = None
     if trust_remote_code:
         _log("trust_remote_code is ON: code from the model repositories may run in this process")
 
-    with tempfile.TemporaryDirectory(prefix="quantlab-ref-") as tmpdir:
-        tmp = Path(tmpdir)
-        reference = None
-        if base:
-            _log(f"loading base model '{base}'")
-            b = load_model(base, **kw)
-            plan = build_plan(settings, text, b.tokenizer, b.model)
-            part = plan.head(kl_windows)
-            reference = compute_reference(b.model, part, tmp / "reference", batch_size, plan_key(part, text, {}))
-            base_vocab = len(b.tokenizer)
-            del b
-            gc.collect()
-        _log(f"loading '{model}' ({str(dt).removeprefix('torch.')} on {dev})")
-        lm = load_model(model, **kw, kernel=kernel)
-        plan = build_plan(settings, text, lm.tokenizer, lm.model)
-        if reference is not None and len(lm.tokenizer) != base_vocab:
-            raise QuantlabError(f"'{model}' and the base '{base}' have different tokenizers "
-                                f"({len(lm.tokenizer)} vs {base_vocab} tokens); divergence needs the same one")
-        _log(f"scoring {plan.scored_tokens} tokens of {text.name} ({plan.convention}, {len(plan.segments)} windows)")
-        ppl, div = evaluate(lm.model, plan, batch_size, reference)
-        out = {"model": model, "ppl": ppl.ppl, "ppl_stderr": ppl.ppl_stderr, "nll_mean": ppl.nll_mean,
-               "scored_tokens": ppl.scored_tokens, "windows": ppl.windows, "text_tokens": ppl.text_tokens,
-               **labels(plan, text, lm.tokenizer, lm.model), **ppl.extra,
-               "seconds": ppl.seconds, "tokens_per_s": ppl.tokens_per_s, "threads": torch.get_num_threads(),
-               "kernel": _kernel_label(lm)}
-        if div is not None:
-            out.update(base=base, **div)
-        if speed:
-            from quantlab.bench.speed import PROMPT_TOKENS, measure_speed
-            from quantlab.data import tokenize
+    reference = None
+    if base:
+        _log(f"loading base model '{base}'")
+        b = load_model(base, **kw)
+        plan = build_plan(settings, text, b.tokenizer, b.model)
+        part = plan.head(kl_windows)
+        reference = _base_reference(b, part, text, batch_size, dt, dev, cache_base)
+        base_vocab = len(b.tokenizer)
+        del b
+        gc.collect()
+    _log(f"loading '{model}' ({str(dt).removeprefix('torch.')} on {dev})")
+    lm = load_model(model, **kw, kernel=kernel)
+    plan = build_plan(settings, text, lm.tokenizer, lm.model)
+    if reference is not None and len(lm.tokenizer) != base_vocab:
+        raise QuantlabError(f"'{model}' and the base '{base}' have different tokenizers "
+                            f"({len(lm.tokenizer)} vs {base_vocab} tokens); divergence needs the same one")
+    _log(f"scoring {plan.scored_tokens} tokens of {text.name} ({plan.convention}, {len(plan.segments)} windows)")
+    ppl, div = evaluate(lm.model, plan, batch_size, reference)
+    out = {"model": model, "ppl": ppl.ppl, "ppl_stderr": ppl.ppl_stderr, "nll_mean": ppl.nll_mean,
+           "scored_tokens": ppl.scored_tokens, "windows": ppl.windows, "text_tokens": ppl.text_tokens,
+           **labels(plan, text, lm.tokenizer, lm.model), **ppl.extra,
+           "seconds": ppl.seconds, "tokens_per_s": ppl.tokens_per_s, "threads": torch.get_num_threads(),
+           "kernel": _kernel_label(lm)}
+    if div is not None:
+        base_ppl = reference.meta["ppl"]
+        out.update(base=base, **div, base_ppl=base_ppl, base_ppl_tokens=reference.n_tokens,
+                   ppl_ratio=math.exp(div["ln_ppl_ratio"]), base_reference=str(reference.path),
+                   base_reference_reused=reference.meta.get("reused", False))
+    if speed:
+        from quantlab.bench.speed import PROMPT_TOKENS, measure_speed
+        from quantlab.data import tokenize
 
-            # the recipe's defaults (eval.speed), so a figure here compares with a run's
-            s = measure_speed(lm.model, tokenize(text, lm.tokenizer)[:PROMPT_TOKENS], mode=speed_mode)
-            out.update({f"speed_{k}": v for k, v in s.items() if k not in ("by_batch", "device", "threads")})
+        # the recipe's defaults (eval.speed), so a figure here compares with a run's
+        s = measure_speed(lm.model, tokenize(text, lm.tokenizer)[:PROMPT_TOKENS], mode=speed_mode)
+        out.update({f"speed_{k}": v for k, v in s.items() if k not in ("by_batch", "device", "threads")})
     return _finite(out)
+
+
+#: base-model references kept in the cache (each is 2 bytes x vocabulary x compared tokens)
+KEEP_REFERENCES = 3
+
+
+def _base_reference(b, part, text, batch_size: int, dtype, device, cache: bool):
+    """The base model's distributions on ``part``: from the cache when the same base (by
+    content), text, windows, dtype, device and code computed them before, else computed now
+    (and kept, with the ``KEEP_REFERENCES`` - 1 most recently used others; llama.cpp's
+    --kl-divergence-base file, managed)."""
+    from quantlab import __version__
+    from quantlab.bench.divergence import ReferenceLogprobs
+    from quantlab.models import cache_subdir
+    from quantlab.runs import code_digest
+    from quantlab.scoring import compute_reference, plan_key
+
+    key = plan_key(part, text, {"model": {k: v for k, v in b.info.items() if k != "path"}, "dtype": str(dtype),
+                                "device": str(device), "quantlab": __version__, "code": code_digest(),
+                                "torch": torch.__version__})
+    if not cache:
+        tmp = Path(tempfile.mkdtemp(prefix="quantlab-ref-"))
+        atexit.register(shutil.rmtree, tmp, True)
+        return compute_reference(b.model, part, tmp / "reference", batch_size, key)
+    root = cache_subdir("eval-references")
+    path = root / key[:32]
+    found = ReferenceLogprobs.open(path)
+    reused = found is not None and found.meta.get("key") == key
+    ref = compute_reference(b.model, part, path, batch_size, key)
+    ref.meta["reused"] = reused
+    os.utime(path)  # most recently used: pruned last
+    _log(f"base distributions {'reused from' if reused else 'stored in'} {path} ({ref.n_tokens} tokens; "
+         "--no-cache-base to keep none)")
+    for old in sorted((p for p in root.iterdir() if p.is_dir() and p != path), key=lambda p: p.stat().st_mtime,
+                      reverse=True)[KEEP_REFERENCES - 1:]:
+        shutil.rmtree(old, ignore_errors=True)
+    return ref
 
 
 def _kernel_label(lm) -> str:
@@ -135,6 +176,8 @@ def _check_applicable(args) -> None:
         raise QuantlabError(f"--text-field applies to .jsonl data, not {args.data!r}; drop it")
     if args.speed_mode != "eager" and not args.speed:
         raise QuantlabError("--speed-mode applies to the speed measurement; add --speed or drop --speed-mode")
+    if args.no_cache_base and not args.base:
+        raise QuantlabError("--no-cache-base applies to --base; add --base MODEL or drop it")
     if args.kl_windows is not None and not args.base:
         raise QuantlabError("--kl-windows applies to the divergence from a base model; add --base MODEL or "
                             "drop --kl-windows")
@@ -151,7 +194,7 @@ def run_eval(args) -> int:
                           max_docs=args.max_docs, batch_size=args.batch_size, base=args.base,
                           kl_windows=args.kl_windows, speed=args.speed, dtype=args.dtype, device=args.device,
                           trust_remote_code=args.trust_remote_code, verify=not args.no_verify,
-                          kernel=args.kernel, speed_mode=args.speed_mode)
+                          kernel=args.kernel, speed_mode=args.speed_mode, cache_base=not args.no_cache_base)
     div = "kld_mean" in out
     if args.json:
         print(json.dumps(out))
@@ -170,6 +213,9 @@ def run_eval(args) -> int:
               f"{out['kld_median']:.6f}, p99 {out['kld_p99']:.6f}; same top token "
               f"{100 * out['top1_agreement']:.2f}%; Δp mean {100 * out['dp_mean']:+.3f}% "
               f"rms {100 * out['dp_rms']:.3f}% ({out['kld_tokens']} tokens)")
+        print(f"base perplexity {out['base_ppl']:.4f} on those {out['base_ppl_tokens']} tokens; PPL(model)/PPL(base) "
+              f"{out['ppl_ratio']:.4f} on the same tokens (base distributions "
+              f"{'reused from the cache' if out['base_reference_reused'] else 'computed'})")
     print(f"{out['tokens_per_s']:.1f} tokens/s through the model ({out['seconds']:.1f} s, {out['threads']} threads, "
           f"kernel {out['kernel']})")
     if args.speed:

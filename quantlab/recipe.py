@@ -29,7 +29,7 @@ MAX_RECIPE_NODES = 100_000
 #: the longest input value echoed back in an error message
 MAX_ECHO = 120
 #: run-directory entries a method directory (named by its label) must not collide with
-RESERVED_LABELS = frozenset({"reference", "plots", "recipe.yaml", "environment.json", "calibration.json",
+RESERVED_LABELS = frozenset({"reference", "allocation", "plots", "recipe.yaml", "environment.json", "calibration.json",
                              "results.csv", "results.parquet", "results.md", "report.html"})
 
 
@@ -264,7 +264,9 @@ class ExecutorSpec(_Strict):
 class MethodSpec(_Strict):
     """One quantization method: a backend and its options."""
 
-    label: str = Field(description="Unique name of the method in this run (a directory name).")
+    label: str = Field(description="Unique name of the method in this run (a directory name). Default: the "
+                       "backend and its bits/group_size/type (gptq-w4-g128); an --set override of an option "
+                       "renames the row (README, \"Sweeps\").")
     backend: str = Field(description="Backend name; see `quantlab backends`.")
     options: dict[str, Any] = Field(default_factory=dict, description="Backend options.")
     sensitivity: SensitivitySpec | None = Field(
@@ -336,6 +338,38 @@ def _label_part(key: str, value: Any) -> str:
     return re.sub(r"[^A-Za-z0-9.+]", "", key.replace("_", "")) + "-" + re.sub(r"[^A-Za-z0-9._+-]", "_", text)
 
 
+def default_label(method: dict) -> str:
+    """The label of a method written without one: its backend and the options that name a
+    quantization (``gptq-w4-g128``, ``llamacpp-q4_k_m``)."""
+    options = method.get("options") if isinstance(method.get("options"), dict) else {}
+    parts = [str(method.get("backend", "method"))]
+    if options.get("bits") == "auto":  # an allocation is named after its budget
+        parts.append(f"auto{options.get('bits_budget', '')}")
+    parts += [_label_part(k, options[k]) for k in ("bits", "group_size") if k in options and options[k] != "auto"]
+    if "type" in options:
+        parts.append(str(options["type"]).lower())
+    return "-".join(re.sub(r"[^A-Za-z0-9._+-]", "_", p) for p in parts)
+
+
+def relabel(label: str, key: str, old: Any, new: Any) -> str:
+    """``label`` after an override changed a method's ``key`` from ``old`` to ``new``: the part
+    that named the old value is replaced (``rtn-w4-g64`` with group_size 128 -> ``rtn-w4-g128``),
+    an option the label does not name is appended as a sweep would name it."""
+    if old == new:
+        return label
+    if key == "backend":
+        old_s = str(old)
+        rest = label[len(old_s):] if old is not None and (label == old_s or label.startswith(old_s + "-")) else f"-{label}"
+        return f"{new}{rest}"
+    tokens = label.split("-")
+    if old is not None and key in _LABEL_PARTS and _label_part(key, old) in tokens:
+        tokens[tokens.index(_label_part(key, old))] = _label_part(key, new)
+        return "-".join(tokens)
+    if old is not None and _label_part(key, old) in label:
+        return label.replace(_label_part(key, old), _label_part(key, new))
+    return f"{label}-{_label_part(key, new)}"
+
+
 def expand_sweep(method: Any, where: str) -> list[Any]:
     """A method with ``sweep: {key: [values]}`` as one method per combination (keys in the
     order written), labelled ``LABEL-PART-PART`` (see :func:`_label_part`); others as they are."""
@@ -402,7 +436,9 @@ class Recipe(_Strict):
     def _expand_sweeps(cls, data: Any) -> Any:
         """Methods with a ``sweep`` become one method per combination (README, "Sweeps")."""
         if isinstance(data, dict) and isinstance(data.get("methods"), list):
-            methods = [x for i, m in enumerate(data["methods"]) for x in expand_sweep(m, f"methods[{i}]")]
+            named = [dict(m, label=default_label(m)) if isinstance(m, dict) and m.get("label") is None else m
+                     for m in data["methods"]]
+            methods = [x for i, m in enumerate(named) for x in expand_sweep(m, f"methods[{i}]")]
             data = dict(data, methods=methods)
         return data
 
@@ -466,9 +502,12 @@ def _set_path(doc: dict, dotted: str, value: Any) -> None:
         last = i == len(parts) - 1
         where = ".".join(parts[: i + 1])
         if isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                raise RecipeError(f"--set {dotted}: '{where}' is not an index of a list of {len(node)}")
+            if not part.isdigit() or int(part) > len(node):
+                raise RecipeError(f"--set {dotted}: '{where}' is not an index of a list of {len(node)} (the "
+                                  f"next index, {len(node)}, adds an entry)")
             idx = int(part)
+            if idx == len(node):  # one past the end adds an entry (a method, a model)
+                node.append(value if last else _container_for(parts[i + 1]))
             if last:
                 node[idx] = value
             else:
@@ -478,14 +517,37 @@ def _set_path(doc: dict, dotted: str, value: Any) -> None:
                 node[part] = value
             else:
                 if node.get(part) is None:
-                    node[part] = {}
+                    node[part] = _container_for(parts[i + 1])
                 node = node[part]
         else:
             raise RecipeError(f"--set {dotted}: '{'.'.join(parts[:i])}' is a value, not a section")
 
 
+def _container_for(next_part: str) -> Any:
+    return [] if next_part.isdigit() else {}
+
+
+_METHOD_KEY = re.compile(r"^methods\.(\d+)\.(?:options\.(\w+)|(backend))$")
+
+
+def _get_path(doc: Any, dotted: str) -> Any:
+    node = doc
+    for part in dotted.split("."):
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        elif isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
+            return None
+    return node
+
+
 def apply_overrides(doc: dict, overrides: list[str]) -> dict:
-    """Apply ``a.b=c`` overrides (values parsed as YAML scalars) to a recipe document."""
+    """Apply ``a.b=c`` overrides (values parsed as YAML scalars) to a recipe document. An
+    override of a method's option or backend renames the method (:func:`relabel`) unless the
+    same command sets its label: a row is never named after options it was not run with."""
+    renames: list[tuple[int, str, Any, Any]] = []
+    labelled: set[int] = set()
     for item in overrides:
         if "=" not in item:
             raise RecipeError(f"--set expects KEY=VALUE, e.g. calibration.samples=32 (got {item!r})")
@@ -497,7 +559,15 @@ def apply_overrides(doc: dict, overrides: list[str]) -> dict:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
+        if (m := _METHOD_KEY.match(key)) and isinstance(_get_path(doc, f"methods.{m.group(1)}.label"), str):
+            renames.append((int(m.group(1)), m.group(2) or "backend", _get_path(doc, key), value))
+        if (lm := re.match(r"^methods\.(\d+)\.label$", key)):
+            labelled.add(int(lm.group(1)))
         _set_path(doc, key, value)
+    for idx, opt, old, new in renames:
+        if idx not in labelled:
+            method = doc["methods"][idx]
+            method["label"] = relabel(method["label"], opt, old, new)
     return doc
 
 

@@ -17,7 +17,7 @@ COLUMNS = [
     "method", "model", "backend", "bits", "group_size", "ppl", "ppl_stderr", "ppl_convention", "eval_source",
     "eval_seq_len", "eval_windows", "eval_tokens", "kld_mean", "kld_p99", "top1_agreement", "dp_rms",
     "kld_tokens", "size_bytes", "checkpoint_bytes", "quantized_tensor_bytes", "bits_per_weight",
-    "skipped_layers", "sensitivity_s",
+    "skipped_layers", "sensitivity_s", "allocation_s",
     "prefill_tokens_per_s", "ttft_ms", "decode_tokens_per_s", "decode_tokens_per_s_min",
     "decode_tokens_per_s_max", "latency_p50_ms", "latency_p95_ms", "decode_bound_tokens_per_s",
     "decode_fraction_of_bound", "decode_batch_size", "decode_tokens_per_s_batch",
@@ -40,7 +40,7 @@ COLUMNS = [
 DETAILS = frozenset({
     "options", "eval_labels", "perplexity", "divergence", "speed", "decode_bound", "tasks", "layers",
     "sensitivity", "quantize_stages", "base_load_s", "key", "source_gguf", "gguf_f32_file", "llamacpp",
-    "kernels",
+    "kernels", "allocation",
 })
 
 _FIELDS = frozenset(COLUMNS) | DETAILS

@@ -8,6 +8,7 @@ Layout::
       recipe.yaml                       the recipe as resolved (every default filled in)
       environment.json, calibration.json
       reference/                        the base model's distributions (divergence)
+      allocation/                       per-unit KLs of bits: auto, shared by the methods (quantlab.allocation)
       results.csv, results.parquet      one row per method, rewritten as methods finish
       report.html, results.md, plots/
       LABEL/                            one directory per method
@@ -15,7 +16,7 @@ Layout::
         export.json, metrics.json       digest-checked records (runs.write_record)
         error.json                      why the method failed (distributed runs)
         model.gguf, model-f32.gguf, gguf.json, llamacpp/   GGUF export and llama.cpp's logs
-        sensitivity.json, sensitivity.png
+        sensitivity.json, sensitivity.png, allocation.png
 
 Every path a run writes is checked by :func:`quantlab.runs.owned_path` (never a link, never
 an entry of the wrong kind).
@@ -54,6 +55,10 @@ class RunDir:
 
     def reference(self) -> Path:
         return owned_path(self.root, "reference", directory=True, what="divergence reference")
+
+    def allocation_cache(self, key: str) -> Path:
+        folder = owned_path(self.root, "allocation", directory=True, what="allocation measurements")
+        return owned_path(folder, f"{key[:32]}.json", directory=False, what="allocation measurements")
 
     def write_run_files(self, resolved: dict, env: dict, calibration: dict | None) -> None:
         """recipe.yaml, environment.json and calibration.json: written together with the

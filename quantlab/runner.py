@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import datetime as _dt
 import gc
+import hashlib
 import io
 import os
+import re
 import socket
-import sys
 import time
 from pathlib import Path
 
@@ -24,8 +25,10 @@ from quantlab.bench.memory import PeakRSS
 from quantlab.checkpoint import export_checkpoint, load_checkpoint, read_sidecar, verify_checkpoint
 from quantlab.data import sample_calibration
 from quantlab.errors import QuantlabError
+from quantlab.log import log
 from quantlab.measure import measure_checkpoint
 from quantlab.plan import RunPlan
+from quantlab.quantizers.base import target_linears
 from quantlab.results import MethodResult, check_row
 from quantlab.runs import (
     atomic_write_bytes,
@@ -36,10 +39,6 @@ from quantlab.runs import (
     write_record,
 )
 from quantlab.scoring import evaluate
-
-
-def log(msg: str) -> None:
-    print(f"quantlab: {msg}", file=sys.stderr, flush=True)
 
 
 class Peak:
@@ -162,11 +161,14 @@ def quantize_and_export(plan: RunPlan, method, backend, base, tag: str) -> dict:
     work, tokenizer = base.model, base.tokenizer
     base.model = None  # the quantizer owns it from here on
     calibration = plan.calibration.ids if plan.calibration is not None else None
-    spec, sens = method.sensitivity_spec(), None
-    if spec is not None:
+    spec, sens, alloc = method.sensitivity_spec(), None, None
+    allocating = getattr(backend.config, "allocating", lambda: False)()
+    if spec is not None and not allocating:  # with bits: auto the block sets the allocation's windows
         log(f"{tag}: sensitivity pass ({spec.granularity}, {spec.windows} x {spec.seq_len} calibration tokens)")
         backend, result = _sensitivity(plan, method, backend, spec, work, calibration, mdir)
         sens = result.as_dict()
+    if allocating:
+        backend, alloc = _allocation(plan, method, backend, work, mdir, tag)
     if hasattr(backend, "context"):  # llamacpp: the source's GGUF metadata, calibration as text
         backend.context = {"source_info": plan.source_info, "tokenizer": tokenizer}
     log(f"{tag}: quantize ({backend.name})")
@@ -181,7 +183,8 @@ def quantize_and_export(plan: RunPlan, method, backend, base, tag: str) -> dict:
     export_s = time.perf_counter() - t0
     return {"backend": backend, "options": backend.config.model_dump(mode="json"), "quantize_s": quantize_s,
             "export_s": export_s, "stage_seconds": dict(backend.stage_seconds), "layers": backend.layer_stats,
-            "peak_rss_quantize_bytes": mem.rss, "peak_cuda_quantize_bytes": mem.cuda, "sensitivity": sens}
+            "peak_rss_quantize_bytes": mem.rss, "peak_cuda_quantize_bytes": mem.cuda, "sensitivity": sens,
+            "allocation": alloc}
 
 
 def _sensitivity(plan: RunPlan, method, backend, spec, model, calibration, mdir: Path):
@@ -204,6 +207,67 @@ def _sensitivity(plan: RunPlan, method, backend, spec, model, calibration, mdir:
     if auto:
         backend = make(backend.config.skip_list() + result.skip_patterns())
     return backend, result
+
+
+def _allocation(plan: RunPlan, method, backend, model, mdir: Path, tag: str):
+    """bits: auto: choose each layer's width under the budget (quantlab.allocation); return the
+    backend with the allocation resolved into module_bits, and the allocation's record."""
+    from quantlab.allocation import allocate
+    from quantlab.quantizers.rtn import RTN, RTNConfig
+    from quantlab.recipe import SensitivitySpec
+
+    c = backend.config
+    spec = method.sensitivity or SensitivitySpec()
+    windows = sample_calibration(plan.cal_ids, plan.cal_text, spec.windows, spec.seq_len, spec.seed).ids
+    names = [n for n, _ in target_linears(model, c.skip_list())]
+
+    def probe(widths: dict[str, int]):
+        keep = set(widths)
+        return RTN(RTNConfig(bits=max(widths.values()), group_size=c.group_size, sym=c.sym, module_bits=widths,
+                             skip=[*c.skip_list(), *(n for n in names if n not in keep)]))
+
+    log(f"{tag}: bit allocation under {c.bits_budget} bits/weight (widths {c.bits_choices}, "
+        f"{spec.windows} x {spec.seq_len} calibration tokens)")
+    # what the per-unit KLs depend on: methods of the run on the same grid measure them once
+    key = stage_key({"export": plan.keys["export"], "names": names, "group_size": c.group_size, "sym": c.sym,
+                     "windows": hashlib.sha256(windows.numpy().tobytes()).hexdigest()})
+    result = allocate(model, names, probe, windows, budget=c.bits_budget, choices=c.bits_choices,
+                      group_size=c.group_size, cache=plan.run_dir.allocation_cache(key),
+                      log=lambda m: log(f"{tag}: {m}"))
+    record = result.as_dict()
+    atomic_write_json(mdir / "sensitivity.json", {"allocation": record})
+    _plot_allocation(result, mdir / "allocation.png", method.label)
+    return type(backend)(c.model_copy(update={"module_bits": result.module_bits()})), record
+
+
+def _plot_allocation(result, path: Path, label: str) -> None:
+    """Width per unit across the decoder blocks (one line per unit type)."""
+    from quantlab.report.plots import pyplot
+
+    try:
+        plt = pyplot()
+    except QuantlabError:
+        return
+    series: dict[str, list[tuple[int, int]]] = {}
+    for unit, bits in result.chosen.items():
+        m = re.search(r"\.(\d+)\.([^.]+(?:\.[^.]+)*)$", unit)
+        kind, idx = (m.group(2), int(m.group(1))) if m else (unit, 0)
+        series.setdefault(kind, []).append((idx, bits))
+    fig, ax = plt.subplots(figsize=(8, 3.4))
+    for k, (kind, pts) in enumerate(sorted(series.items())):
+        xs, ys = zip(*sorted(pts))
+        ax.step(xs, [y + 0.06 * (k - len(series) / 2) for y in ys], where="mid", label=kind, lw=1.4)
+    ax.set_xlabel("decoder block")
+    ax.set_ylabel("bits per code")
+    ax.set_yticks(sorted(set(result.chosen.values())))
+    ax.set_title(f"{label}: widths chosen at {result.bits_per_weight:.2f} bits/weight "
+                 f"(budget {result.budget}); KL measured {result.measured_kl:.4f}")
+    ax.legend(fontsize=7, ncol=min(4, len(series)))
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _plot_sensitivity(result, path: Path, label: str) -> None:
@@ -281,6 +345,8 @@ def _cost(stage: dict, backend) -> dict:
         "skipped_layers": len(sens["chosen"]) if sens else None,
         "sensitivity_s": sens["seconds"] if sens else None,
         "sensitivity": sens,
+        "allocation": stage.get("allocation"),
+        "allocation_s": (stage.get("allocation") or {}).get("seconds"),
         # named stages of quantization; "other" is the rest (forward passes, packing...)
         "quantize_stages": dict(backend.stage_seconds, other=quantize_s - sum(backend.stage_seconds.values())),
     }

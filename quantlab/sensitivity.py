@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import re
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -190,7 +189,8 @@ def run_sensitivity(model: nn.Module, make_backend: Callable[[list[str]], Backen
     backends that need calibration data; ``base_skip`` are the patterns always left in
     float. ``model`` is left as it was (float)."""
     t0 = time.perf_counter()
-    log = log or (lambda msg: print(f"quantlab: {msg}", file=sys.stderr, flush=True))
+    if log is None:
+        from quantlab.log import log
     names = [n for n, _ in target_linears(model, base_skip)]
     if not names:
         raise QuantlabError("sensitivity: no linear layer is left to quantize")

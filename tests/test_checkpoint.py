@@ -123,3 +123,26 @@ def test_corrupt_or_incomplete_checkpoints_give_clear_errors(tiny, tmp_path):
     (ckpt / "quantlab.json").unlink()
     with pytest.raises(QuantlabError, match="not a quantlab checkpoint"):
         load_checkpoint(ckpt, dtype=torch.float32, device=CPU)
+
+
+def test_the_baseline_links_the_source_weights_instead_of_copying_them(tiny, tmp_path, monkeypatch):
+    import quantlab.checkpoint as ck
+
+    monkeypatch.setattr(ck, "LINK_MIN_BYTES", 0)  # the tiny model's files are small
+    model, tok = tiny
+    source = export_checkpoint(model, tok, NoQuant(), tmp_path / "source", source={}, label="float")
+    ckpt = export_checkpoint(model, tok, NoQuant(), tmp_path / "run" / "ckpt", source={"path": str(source)},
+                             label="baseline")
+    weights, src = ckpt / "model.safetensors", source / "model.safetensors"
+    assert weights.stat().st_ino == src.stat().st_ino and weights.stat().st_nlink == 2 and not weights.is_symlink()
+    loaded = load_checkpoint(ckpt, dtype=torch.float32, device=torch.device("cpu"))  # manifest verified
+    ids = torch.tensor([[1, 5, 9, 12]])
+    with torch.no_grad():
+        assert torch.equal(loaded.model(ids).logits, model(ids).logits)
+    src.unlink()  # the source's removal leaves the checkpoint whole: a link is a file
+    load_checkpoint(ckpt, dtype=torch.float32, device=torch.device("cpu"))
+    # files that differ are never linked
+    rtn = RTN(RTN.Config(bits=4, group_size=32))
+    q = export_checkpoint(rtn.quantize(copy.deepcopy(model), None), tok, rtn, tmp_path / "q",
+                          source={"path": str(ckpt)}, label="q")
+    assert (q / "model.safetensors").stat().st_nlink == 1

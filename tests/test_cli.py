@@ -65,12 +65,13 @@ def test_rerun_reuses_finished_methods_and_force_redoes_them(tiny_recipe, tmp_pa
     assert marker.stat().st_mtime_ns == first
     assert json.loads((tmp_path / "run" / "rtn-w4-g32" / "metrics.json").read_text())["measured_at"] == measured
     assert "reusing" in capsys.readouterr().err
-    # a changed option is a different method: it is recomputed
+    # a changed option is a different method, named after it: computed in its own directory
     assert main(["run", str(tiny_recipe), "--set", "methods.0.options.sym=false"]) == 0
-    second = marker.stat().st_mtime_ns
-    assert second != first
+    other = tmp_path / "run" / "rtn-w4-g32-sym-false" / "checkpoint" / "quantlab.json"
+    second = other.stat().st_mtime_ns
+    assert marker.stat().st_mtime_ns == first
     assert main(["run", str(tiny_recipe), "--set", "methods.0.options.sym=false", "--force"]) == 0
-    assert marker.stat().st_mtime_ns != second
+    assert other.stat().st_mtime_ns != second
 
 
 @pytest.mark.parametrize("override,needle", [
@@ -168,3 +169,23 @@ def test_output_directory_that_is_a_file(tiny_recipe, tmp_path, capsys):
 def test_bad_model_path_creates_nothing(tiny_recipe, tmp_path):
     assert main(["run", str(tiny_recipe), "--out", str(tmp_path / "new"), "--set", "model.source=/nope/x"]) == 2
     assert not (tmp_path / "new").exists()
+
+
+def test_quick_preset_is_named_labelled_and_overridable(tmp_path, monkeypatch, tiny_model_dir):
+    """--quick: its own run directory (NAME-quick), the preset's settings unless --set says
+    otherwise, and a report that says its figures are indicative."""
+    import pandas as pd
+    import yaml
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "r", "model": {"source": str(tiny_model_dir)},
+                                      "methods": [{"backend": "rtn", "options": {"bits": 4, "group_size": 32}}],
+                                      "eval": {"seq_len": 32, "speed": {"new_tokens": 2, "prompt_tokens": 8}}}))
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", str(recipe), "--quick", "--set", "eval.max_windows=3"]) == 0
+    run = tmp_path / "runs" / "r-quick"
+    saved = yaml.safe_load((run / "recipe.yaml").read_text())
+    assert saved["eval"]["max_windows"] == 3 and saved["eval"]["speed"]["rounds"] == 1
+    assert saved["description"].startswith("QUICK PRESET")
+    assert "made with `quantlab run --quick`" in (run / "report.html").read_text()
+    assert pd.read_csv(run / "results.csv")["method"].tolist() == ["baseline", "rtn-w4-g32"]

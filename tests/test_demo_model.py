@@ -129,3 +129,20 @@ eval: {seq_len: 512, max_windows: 2, divergence: {max_windows: 2}, speed: {enabl
     sens = json.loads((tmp_path / "run" / "int8-auto" / "sensitivity.json").read_text())
     assert sens["final_kl"] <= 0.05
     assert max(sens["sensitivity"], key=sens["sensitivity"].get) == "model.layers.*.mlp.down_proj"
+
+
+def test_kernels_keep_the_demo_models_perplexity(tmp_path):
+    """int4pack (bf16 activations) and auto change the numerics a little: perplexity within
+    0.1% of the dense path's on the demo model, every kernel labelled."""
+    import quantlab
+
+    lm = quantlab.load_model("smollm2-135m", device="cpu", dtype="float32")
+    q = quantlab.quantize(lm.model, quantlab.config("rtn", bits=4, group_size=64, sym=False))
+    path = quantlab.save(q, tmp_path / "rtn-w4-g64", tokenizer=lm.tokenizer, source="smollm2-135m")
+    del lm, q
+    runs = {k: quantlab.evaluate(path, max_windows=4, seq_len=512, kernel=k) for k in ("dense", "int4pack", "auto")}
+    dense = runs["dense"]["ppl"]
+    for kernel in ("int4pack", "auto"):
+        assert abs(runs[kernel]["ppl"] / dense - 1) < 1e-3, (kernel, runs[kernel]["ppl"], dense)
+    assert runs["dense"]["kernel"] == "dense-dequant" and runs["int4pack"]["kernel"] == "int4pack(bf16 activations)"
+    assert "int4pack(bf16 activations, <=" in runs["auto"]["kernel"]

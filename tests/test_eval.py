@@ -74,6 +74,27 @@ def test_eval_with_base_reports_divergence(tiny_model_dir, rtn_checkpoint, text_
     assert same["kld_mean"] < 1e-6 and same["top1_agreement"] == 1.0
 
 
+def test_eval_base_distributions_are_stored_once_and_reused(tiny_model_dir, rtn_checkpoint, text_file, capsys,
+                                                            monkeypatch, tmp_path):
+    monkeypatch.setenv("QUANTLAB_CACHE", str(tmp_path))
+    args = [rtn_checkpoint, "--base", tiny_model_dir, "--data", text_file, "--ctx", 64, "--max-windows"]
+    first = _eval_json(capsys, *args, 3)
+    again = _eval_json(capsys, *args, 3)
+    assert not first["base_reference_reused"] and again["base_reference_reused"]
+    assert again["kld_mean"] == first["kld_mean"] and again["base_ppl"] == first["base_ppl"]
+    # the base perplexity is the base model's own on the same tokens, the ratio the two perplexities'
+    base = _eval_json(capsys, tiny_model_dir, "--data", text_file, "--ctx", 64, "--max-windows", 3)
+    assert first["base_ppl"] == pytest.approx(base["ppl"], rel=1e-6)
+    assert first["ppl_ratio"] == pytest.approx(first["ppl"] / base["ppl"], rel=1e-6)
+    # other windows are another reference; the cache keeps the 3 most recent
+    for n in (2, 4, 5):
+        assert not _eval_json(capsys, *args, n)["base_reference_reused"]
+    assert len(list((tmp_path / "eval-references").iterdir())) == 3
+    assert not _eval_json(capsys, *args, 3)["base_reference_reused"]  # pruned: computed again
+    none = _eval_json(capsys, *args, 3, "--no-cache-base")
+    assert not none["base_reference_reused"] and none["kld_mean"] == first["kld_mean"]
+
+
 def test_eval_human_output_and_speed(tiny_model_dir, text_file, capsys):
     assert main(["eval", str(tiny_model_dir), "--data", str(text_file), "--ctx", "64", "--max-windows", "2",
                  "--speed"]) == 0

@@ -52,8 +52,9 @@ def test_recipe_yaml_holds_the_options_as_resolved(run):
     methods = yaml.safe_load((out / "recipe.yaml").read_text())["methods"]
     gptq = next(m for m in methods if m["label"] == "gptq")
     assert gptq["options"]["damp_percent"] == 0.01 and gptq["options"]["act_order"] is False
-    assert next(m for m in methods if m["label"] == "rtn")["options"] == {
-        "bits": 4, "group_size": 32, "sym": True, "skip": ["lm_head"]}
+    assert next(m for m in methods if m["label"] == "rtn-g32")["options"] == {  # the override renamed it
+        "bits": 4, "bits_budget": None, "bits_choices": [2, 3, 4, 8], "module_bits": {}, "group_size": 32,
+        "sym": True, "skip": ["lm_head"], "scale_search": "none", "search_grid": 20, "max_shrink": 0.5}
 
 
 def test_a_worker_that_cannot_read_the_run_directory_says_so(run, tmp_path):

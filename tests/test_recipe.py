@@ -30,7 +30,7 @@ def test_baseline_not_duplicated_and_can_be_turned_off():
     ({**MINIMAL, "eval": {"speed": {"repeat": 3}}}, "eval.speed.repeat: unknown key (did you mean 'repeats'?)"),
     ({"methods": [{"label": "r", "backend": "rnt"}]}, "unknown backend 'rnt' (did you mean 'rtn'?)"),
     ({"methods": [{"label": "r", "backend": "rtn", "options": {"bits": 9}}]}, "methods[0].options.bits"),
-    ({"methods": [{"label": "r", "backend": "rtn", "options": {"bits": 1}}]}, "greater than or equal to 2"),
+    ({"methods": [{"label": "r", "backend": "rtn", "options": {"bits": 1}}]}, "bits must be 2-8"),
     ({"methods": [{"label": "r", "backend": "rtn", "options": {"group_sise": 64}}]}, "did you mean 'group_size'"),
     ({"methods": [{"label": "r", "backend": "rtn", "options": {"group_size": 0}}]}, "group_size must be"),
     ({"methods": [{"label": "a b", "backend": "rtn"}]}, "label 'a b'"),

@@ -76,6 +76,8 @@ class _Page(HTMLParser):
             self.images.append(a.get("src") or "")
         if tag == "script":
             self.scripts += 1
+            if a.get("src"):  # a script from a file or the network: the report would not be one file
+                self.external.append(a["src"])
         for key in ("src", "href"):
             if re.match(r"^(https?:)?//", a.get(key) or ""):
                 self.external.append(a[key])
@@ -110,7 +112,8 @@ def test_a_run_writes_parquet_markdown_plots_and_a_self_contained_report(runs):
     html = (run / "report.html").read_text()
     page.feed(html)
     assert page.rows == 1 + 3  # header + one row per method
-    assert len(page.images) == 4 and page.external == [] and page.scripts == 0
+    # one inline script (sorting, column choice), nothing loaded from elsewhere
+    assert len(page.images) == 4 and page.external == [] and page.scripts == 1
     for src in page.images:
         assert src.startswith("data:image/png;base64,")
         w, h = _png_dims(base64.b64decode(src.split(",", 1)[1]))
@@ -298,3 +301,14 @@ def test_report_json_free_of_nan_and_checkpoint_missing_is_flagged(runs, tmp_pat
     html = path.read_text()
     assert "is no longer on disk" in html and "nan" not in re.sub(r"<[^>]+>", " ", html).split()
     assert json.loads((copy / "rtn-w4" / "metrics.json").read_text())["checkpoint"] == "rtn-w4/checkpoint"
+
+
+def test_few_scored_tokens_are_a_warning_with_the_standard_error():
+    from quantlab.report.caveats import FEW_TOKENS, few_tokens
+
+    frame = pd.DataFrame([{"method": "a", "ppl": 10.0, "ppl_stderr": 0.2, "eval_tokens": 2044},
+                          {"method": "b", "ppl": 12.0, "ppl_stderr": 0.24, "eval_tokens": 2044}])
+    msg = few_tokens(frame)
+    assert "only 2044 scored tokens" in msg and "±2.0%" in msg and "eval.max_windows" in msg
+    assert few_tokens(frame.assign(eval_tokens=FEW_TOKENS)) is None
+    assert "standard error" not in few_tokens(frame.assign(ppl_stderr=None))

@@ -27,8 +27,9 @@ def _chromium() -> str:
     pytest.skip(message)
 
 
-def open_report(path: Path, screenshot: Path) -> dict:
-    """Open ``path`` in headless Chromium; return what the page shows and what went wrong."""
+def open_report(path: Path, screenshot: Path, script: str | None = None) -> dict:
+    """Open ``path`` in headless Chromium; return what the page shows and what went wrong
+    (``script``: JavaScript run on the page after load, its value returned as ``script``)."""
     sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed: "
                                    "pip install 'quantlab[dev]' (the browser itself comes from Debian)")
     executable = _chromium()
@@ -46,9 +47,22 @@ def open_report(path: Path, screenshot: Path) -> dict:
         rows = page.eval_on_selector_all("table.results tbody tr", "els => els.map(e => e.innerText)")
         headers = page.eval_on_selector_all("table.results th", "els => els.map(e => e.innerText)")
         title = page.title()
+        ran = page.evaluate(script) if script else None
         page.screenshot(path=str(screenshot), full_page=True)
         browser.close()
-    return {"images": images, "rows": rows, "headers": headers, "errors": errors, "failed": failed, "title": title}
+    return {"images": images, "rows": rows, "headers": headers, "errors": errors, "failed": failed, "title": title,
+            "script": ran}
+
+
+SORT_AND_HIDE = """() => {
+  const th = [...document.querySelectorAll("table.results th")];
+  const ppl = th.find(h => h.textContent.trim() === "ppl");
+  const first = () => document.querySelector("table.results tbody tr").cells[0].textContent.trim();
+  ppl.click(); const asc = first(); ppl.click(); const desc = first();
+  const box = document.querySelector('#columns input[data-column="ppl"]');
+  box.click();
+  return {first_after_asc: asc, first_after_desc: desc, ppl_hidden: getComputedStyle(ppl).display === "none"};
+}"""
 
 
 def test_report_renders_in_chromium(tiny_recipe, tmp_path):
@@ -57,9 +71,12 @@ def test_report_renders_in_chromium(tiny_recipe, tmp_path):
     shot_dir = Path(os.environ.get("QUANTLAB_SCREENSHOT_DIR") or tmp_path)
     shot_dir.mkdir(parents=True, exist_ok=True)
     shot = shot_dir / "report-tiny.png"
-    seen = open_report(report, shot)
+    seen = open_report(report, shot, script=SORT_AND_HIDE)
     assert seen["errors"] == [] and seen["failed"] == []
     assert "quantlab report" in seen["title"]
+    # sorting by ppl, descending, puts the quantized row first; hiding a column hides its cells
+    assert seen["script"]["first_after_desc"] == "rtn-w4-g32" and seen["script"]["first_after_asc"] == "baseline"
+    assert seen["script"]["ppl_hidden"] is True
     assert [r.split("\t")[0] for r in seen["rows"]] == ["baseline", "rtn-w4-g32"]
     assert "ppl" in seen["headers"] and "KL" in seen["headers"]
     assert len(seen["images"]) >= 3

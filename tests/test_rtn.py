@@ -82,3 +82,50 @@ def test_quantizing_tied_lm_head_is_refused(tiny):
     model, _ = tiny
     with pytest.raises(QuantlabError, match="tied"):
         RTN(RTN.Config(bits=4, group_size=32, skip=[])).check(model)
+
+
+# ------------------------------------------------------------ scale_search: mse | importance
+
+
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_the_clipping_search_is_never_worse_than_plain_rounding_by_its_measure(sym, weighted):
+    from quantlab.quantizers.awq import fake_quant
+    from quantlab.quantizers.rtn import search_clip
+
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(48, 128, generator=gen) * torch.rand(1, 128, generator=gen)
+    w[0, 5] = 9.0  # an outlier: clipping pays off in its group
+    imp = torch.rand(128, generator=gen) ** 4 * 10 if weighted else None
+    weights = imp if imp is not None else torch.ones(128)
+
+    def cost(q):
+        return float((((q - w) ** 2) * weights).sum())
+
+    plain = fake_quant(w, 3, 32, sym)
+    searched = fake_quant(search_clip(w, imp, 3, 32, sym, n_grid=20, max_shrink=0.5), 3, 32, sym)
+    assert cost(searched) <= cost(plain) * (1 + 1e-6)
+    assert cost(searched) < 0.95 * cost(plain)  # and with an outlier it finds a better range
+
+
+def test_importance_rtn_weights_the_error_by_the_inputs_it_will_see(tiny):
+    import copy
+
+    from quantlab.quantizers.rtn import RTNConfig, input_mean_squares
+
+    model, _ = tiny
+    calib = torch.randint(3, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+    plain = RTN(RTNConfig(bits=3, group_size=32, sym=False))
+    imp = RTN(RTNConfig(bits=3, group_size=32, sym=False, scale_search="importance"))
+    assert imp.needs_calibration and not plain.needs_calibration
+    with pytest.raises(QuantlabError, match="needs calibration"):
+        imp.quantize(copy.deepcopy(model), None)
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    stats = input_mean_squares(model, names, calib)
+    a, b = plain.quantize(copy.deepcopy(model), None), imp.quantize(copy.deepcopy(model), calib)
+    assert "clip search" in imp.stage_seconds and "input statistics" in imp.stage_seconds
+    for n in names:  # the weighted error of every layer is no larger than plain rounding's
+        w = model.get_submodule(n).weight.float()
+        ea = float((((a.get_submodule(n).dequantize() - w) ** 2) * stats[n]).sum())
+        eb = float((((b.get_submodule(n).dequantize() - w) ** 2) * stats[n]).sum())
+        assert eb <= ea * (1 + 1e-6), n

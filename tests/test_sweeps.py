@@ -57,3 +57,45 @@ def test_validate_prints_the_expansion(tmp_path, capsys):
     assert "3 methods" in out and "rtn-g32" in out and "rtn-g64" in out and '{group_size: 64}' in out
     assert main(["validate", str(path), "--set", "methods.0.sweep.bits=[3, 4]"]) == 0
     assert "rtn-g64-w4" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ --set renames, adds, labels
+
+
+def _doc():
+    return {"name": "o", "methods": [{"label": "rtn-w4-g64", "backend": "rtn",
+                                      "options": {"bits": 4, "group_size": 64}}]}
+
+
+@pytest.mark.parametrize(("overrides", "label"), [
+    (["methods.0.options.group_size=128"], "rtn-w4-g128"),
+    (["methods.0.options.bits=3", "methods.0.options.group_size=-1"], "rtn-w3-gch"),
+    (["methods.0.options.sym=true"], "rtn-w4-g64-sym-true"),
+    (["methods.0.backend=gptq"], "gptq-w4-g64"),
+    (["methods.0.options.group_size=128", "methods.0.label=mine"], "mine"),
+    (["methods.0.options.group_size=64"], "rtn-w4-g64"),  # nothing changed, nothing renamed
+])
+def test_an_override_of_an_option_renames_the_row(overrides, label):
+    from quantlab.recipe import apply_overrides
+
+    r = parse_recipe(apply_overrides(_doc(), overrides))
+    assert r.methods[0].label == label
+
+
+def test_the_command_line_adds_methods_and_models_and_labels_them_from_their_options():
+    from quantlab.recipe import apply_overrides
+
+    doc = apply_overrides(_doc(), ["methods.1.backend=gptq", "methods.1.options.bits=3",
+                                   "methods.1.options.group_size=64",
+                                   "models.0.source=smollm2-135m", "models.1.source=./other-model"])
+    r = parse_recipe({k: v for k, v in doc.items()})
+    assert [m.label for m in r.methods] == ["rtn-w4-g64", "gptq-w3-g64"]
+    assert [m.source for m in r.models] == ["smollm2-135m", "./other-model"]
+    with pytest.raises(RecipeError, match=r"'methods.3' is not an index of a list of 1 \(the next index, 1, adds"):
+        apply_overrides(_doc(), ["methods.3.backend=gptq"])
+
+
+def test_a_method_without_a_label_is_named_after_its_backend_and_grid():
+    r = _recipe({"backend": "gptq", "options": {"bits": 4, "group_size": 128}},
+                {"backend": "llamacpp", "options": {"type": "Q4_K_M"}}, {"backend": "rtn", "sweep": {"bits": [3, 4]}})
+    assert [m.label for m in r.methods] == ["gptq-w4-g128", "llamacpp-q4_k_m", "rtn-w3", "rtn-w4"]

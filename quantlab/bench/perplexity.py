@@ -310,6 +310,19 @@ def score(model, plan: Plan, batch_size: int = 4, *, on_logits: LogitsHook | Non
     return (torch.cat(nlls) if nlls else torch.zeros(0, dtype=torch.float64)), seconds
 
 
+def _window_stderr(plan: Plan, nll: torch.Tensor, ppl: float) -> float | None:
+    """Standard error of the perplexity from the spread of the windows' mean NLLs (windows
+    are closer to independent than the tokens inside one), by the delta method:
+    ppl * sd(window means) / sqrt(windows). None with fewer than 2 windows."""
+    counts = [int((s.targets != IGNORE).sum()) for s in plan.segments]
+    if len(counts) < 2 or sum(counts) != nll.numel():
+        return None
+    means = torch.stack([part.mean() for part in torch.split(nll, counts) if part.numel()])
+    if means.numel() < 2:
+        return None
+    return ppl * float(means.std()) / math.sqrt(means.numel())
+
+
 def summarize(plan: Plan, nll: torch.Tensor, seconds: float) -> PerplexityResult:
     """Turn token NLLs into the convention's figures."""
     n = nll.numel()
@@ -318,9 +331,13 @@ def summarize(plan: Plan, nll: torch.Tensor, seconds: float) -> PerplexityResult
     mean = float(nll.mean())
     ppl = math.exp(mean)
     stderr, extra = None, {}
-    if plan.convention == "llamacpp" and n > 1:
+    if plan.convention == "llamacpp" and n > 1:  # as llama-perplexity: over tokens
         var = float((nll * nll).mean()) - mean * mean
         stderr = ppl * math.sqrt(var / (n - 1)) if var > 0 else 0.0
+        extra["ppl_stderr_basis"] = "tokens"
+    elif plan.convention in ("gptq", "strided"):
+        stderr = _window_stderr(plan, nll, ppl)
+        extra["ppl_stderr_basis"] = "windows" if stderr is not None else None
     if plan.convention == "lm-eval":
         per_doc = torch.zeros(len(plan.docs), dtype=torch.float64)
         counts = [int((s.targets != IGNORE).sum()) for s in plan.segments]

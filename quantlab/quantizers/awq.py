@@ -152,11 +152,15 @@ class AWQConfig(WeightQuantConfig):
 
     @model_validator(mode="after")
     def _format_bits(self) -> AWQConfig:
-        why = LAYOUTS["awq-gemm"].check(self.bits, self.sym) if self.format == "gemm" else None
+        if self.format == "gemm" and self.widths() != [4]:
+            raise ValueError(f"the AWQ gemm format stores 4-bit weights only (got widths {self.widths()}); use "
+                             "format: gptq for 2, 3 or 8 bits or for several widths (bits: auto, module_bits)")
+        why = LAYOUTS["awq-gemm"].check(4, self.sym) if self.format == "gemm" else None
         if why:
             raise ValueError(why)
-        if self.format == "gptq" and self.bits not in GPTQ_BITS:
-            raise ValueError(f"format gptq stores {', '.join(map(str, GPTQ_BITS))} bits (got {self.bits})")
+        odd = [b for b in self.widths() if b not in GPTQ_BITS]
+        if self.format == "gptq" and odd:
+            raise ValueError(f"format gptq stores {', '.join(map(str, GPTQ_BITS))} bits (got {', '.join(map(str, odd))})")
         return self
 
 
@@ -185,7 +189,8 @@ class AWQ(LayoutBackend):
         c = self.config
         targets = target_linears(model, c.skip_list())
         check_not_tied(model, targets)
-        check_layers(targets, c.bits, c.group_size, self.layout())
+        for bits in c.widths():
+            check_layers(targets, bits, c.group_size, self.layout())
         spec = arch_spec(model)
         decoder_layers(model, spec)
         if not spec.scale_groups:
@@ -263,7 +268,8 @@ class AWQ(LayoutBackend):
                 continue  # e.g. v_proj -> o_proj under grouped-query attention
             w_cat = torch.cat([mine[n].weight.data for n in names])
             with self.stage("scale search"):
-                s, losses = awq_search_scales(w_cat, sig[names[0]], x_mean[names[0]], c.bits, c.group_size,
+                s, losses = awq_search_scales(w_cat, sig[names[0]], x_mean[names[0]], c.bits_for(prefix + names[0]),
+                                              c.group_size,
                                               c.sym, c.n_grid, c.duo_scaling)
             _fold(prev, s)
             for n in names:
@@ -280,13 +286,14 @@ class AWQ(LayoutBackend):
         for n, lin in mine.items():
             w = lin.weight.data
             g = w.shape[1] if c.group_size == -1 else c.group_size
+            bits = c.bits_for(prefix + n)
             if c.clip and not any(k in n for k in ("q_proj", "k_proj")):
                 with self.stage("clip search"):
-                    mx = awq_search_clip(w, sig[n], c.bits, c.group_size, c.sym, c.clip_grid, c.max_shrink)
+                    mx = awq_search_clip(w, sig[n], bits, c.group_size, c.sym, c.clip_grid, c.max_shrink)
                 bound = mx.repeat_interleave(g, dim=1).to(w.dtype)
                 w = torch.clamp(w, -bound, bound)
-            codes, scales, zeros = quantize_matrix(w, c.bits, c.group_size, c.sym)
-            q = self.pack(QuantizedWeight(codes, scales, zeros, torch.arange(w.shape[1]) // g, c.bits,
+            codes, scales, zeros = quantize_matrix(w, bits, c.group_size, c.sym)
+            q = self.pack(QuantizedWeight(codes, scales, zeros, torch.arange(w.shape[1]) // g, bits,
                                           c.group_size), lin.bias, lin.weight.dtype)
             stats = self.layer_stats.setdefault(prefix + n, {})
             stats["weight_rel_error"] = float((q.weight.float() - lin.weight.float()).norm()

@@ -236,6 +236,20 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+def module_config(qcfg: dict[str, Any], name: str) -> dict[str, Any]:
+    """The ``quantization_config`` of one module: the checkpoint's, with the overrides of the
+    first ``dynamic`` entry whose pattern matches ``name`` (gptqmodel's per-module form:
+    ``{"+:REGEX": {"bits": 8}}``; ``-:`` entries exclude modules and change nothing here)."""
+    import re
+
+    for key, override in (qcfg.get("dynamic") or {}).items():
+        if key.startswith("-:"):
+            continue
+        if re.match(key.removeprefix("+:"), name) and isinstance(override, dict):
+            return {**{k: v for k, v in qcfg.items() if k != "dynamic"}, **override}
+    return qcfg
+
+
 def load_quantized(ckpt_dir: Path, meta: dict[str, Any], dtype: torch.dtype, device: torch.device,
                    make) -> nn.Module:
     """Rebuild a quantized checkpoint: the architecture from ``config.json``, each module named
@@ -251,7 +265,7 @@ def load_quantized(ckpt_dir: Path, meta: dict[str, Any], dtype: torch.dtype, dev
         del config.quantization_config
     model = build_skeleton(config, dtype)
     for name in meta.get("modules", []):
-        set_module(model, name, make(model.get_submodule(name), qcfg))
+        set_module(model, name, make(model.get_submodule(name), module_config(qcfg, name)))
     load_weights(model, Path(ckpt_dir) / WEIGHTS_NAME)
     for m in model.modules():
         if hasattr(m, "refresh"):

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -128,7 +128,8 @@ def _placeholder_tokenizer():
 
 class GPTQConfig(WeightQuantConfig):
     version = 1
-    bits: int = Field(4, description="Bits per weight: 2, 3, 4 or 8 (the GPTQ format's widths).")
+    bits: int | Literal["auto"] = Field(4, description="Bits per weight: 2, 3, 4 or 8 (the GPTQ format's "
+                                        "widths), or 'auto' (a width per layer under bits_budget).")
     act_order: bool = Field(False, description="Quantize columns in order of decreasing Hessian "
                             "diagonal (desc_act); the checkpoint's g_idx then maps columns to groups.")
     static_groups: bool = Field(False, description="Fix every group's grid from the unquantized weights first.")
@@ -144,10 +145,20 @@ class GPTQConfig(WeightQuantConfig):
 
     @field_validator("bits")
     @classmethod
-    def _bits(cls, v: int) -> int:
-        if v not in GPTQ_BITS:
-            raise ValueError(f"GPTQ bits must be one of {', '.join(map(str, GPTQ_BITS))} (got {v})")
+    def _bits(cls, v):
+        if v != "auto" and v not in GPTQ_BITS:
+            raise ValueError(f"GPTQ bits must be one of {', '.join(map(str, GPTQ_BITS))} or 'auto' (got {v})")
         return v
+
+    @model_validator(mode="after")
+    def _widths(self) -> GPTQConfig:
+        odd = [b for b in self.widths() if b not in GPTQ_BITS]
+        if odd:
+            raise ValueError(f"GPTQ packs {', '.join(map(str, GPTQ_BITS))} bits; bits_choices/module_bits ask for "
+                             f"{', '.join(map(str, odd))}")
+        if self.engine == "gptqmodel" and (self.bits == "auto" or self.module_bits):
+            raise ValueError("several widths (bits: auto, module_bits) run with engine: quantlab")
+        return self
 
 
 class GPTQ(LayoutBackend):
@@ -167,7 +178,8 @@ class GPTQ(LayoutBackend):
     def check(self, model: nn.Module) -> None:
         targets = target_linears(model, self.config.skip_list())
         check_not_tied(model, targets)
-        check_layers(targets, self.config.bits, self.config.group_size, self.layout())
+        for bits in self.config.widths():
+            check_layers(targets, bits, self.config.group_size, self.layout())
         decoder_layers(model, arch_spec(model))
 
     @torch.no_grad()
@@ -250,16 +262,17 @@ class GPTQ(LayoutBackend):
         (q/k/v, gate/up) are solved as one stacked matrix: one factorization, one column loop."""
         c = self.config
         lins = [mine[n] for n in names]
+        bits = c.bits_for(prefix + names[0])  # one solve, one width (allocation gives fused layers one)
         with self.stage("gptq solve"):
             codes, scales, zeros, g_idx = gptq_quantize(
-                torch.cat([lin.weight.data for lin in lins]), h, c.bits, c.group_size, c.sym,
+                torch.cat([lin.weight.data for lin in lins]), h, bits, c.group_size, c.sym,
                 damp_percent=c.damp_percent, act_order=c.act_order, static_groups=c.static_groups,
                 block_size=c.block_size)
         r0 = 0
         for n, lin in zip(names, lins):
             r1 = r0 + lin.out_features
             q = self.pack(QuantizedWeight(codes[r0:r1].to(lin.weight.device), scales[:, r0:r1], zeros[:, r0:r1],
-                                          g_idx, c.bits, c.group_size), lin.bias, lin.weight.dtype)
+                                          g_idx, bits, c.group_size), lin.bias, lin.weight.dtype)
             r0 = r1
             w = lin.weight.data.float()
             dw = q.weight.float() - w

@@ -3,7 +3,6 @@ than they look, or a figure less trustworthy than it looks."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pandas as pd
@@ -12,9 +11,11 @@ from quantlab.report.data import RunData
 from quantlab.report.tables import slower_basis, slower_than_baseline
 
 #: two engines of the same method disagree when their perplexities differ by more than this
-#: many combined standard errors, or (without standard errors) by more than ENGINE_REL_TOL
-ENGINE_SIGMAS = 3.0
+#: fraction. Not by standard errors: both scored the same tokens, so their errors are not
+#: independent and the combined standard error of two scores would hide real differences.
 ENGINE_REL_TOL = 0.01
+#: fewer scored tokens than this: perplexity differences of a few percent are not resolved
+FEW_TOKENS = 10_000
 
 
 def _distinct(frame: pd.DataFrame, col: str) -> list[str]:
@@ -33,6 +34,20 @@ def _differs(frame: pd.DataFrame, col: str, what: str, scope: str) -> str | None
     return f"{scope}: rows differ in {what} ({parts}); their {('perplexities' if col != 'device' else 'speeds')} are not directly comparable"
 
 
+def few_tokens(frame: pd.DataFrame) -> str | None:
+    """A warning when perplexity rests on few scored tokens, with the relative standard error
+    the rows report where they do."""
+    if "eval_tokens" not in frame or frame["eval_tokens"].dropna().empty:
+        return None
+    n = int(frame["eval_tokens"].dropna().min())
+    if n >= FEW_TOKENS:
+        return None
+    rel = (frame["ppl_stderr"] / frame["ppl"]).dropna() if "ppl_stderr" in frame else pd.Series(dtype=float)
+    err = f" (standard error about ±{100 * rel.median():.1f}% of the perplexity)" if len(rel) else ""
+    return (f"perplexity rests on only {n} scored tokens{err}: differences of a few percent between rows may "
+            f"be noise; raise eval.max_windows (or use more text) for {FEW_TOKENS}+ tokens, and compare rows by KL")
+
+
 def engine_disagreements(frame: pd.DataFrame, metrics: dict[str, dict]) -> list[str]:
     """Pairs of rows whose options are equal except for ``engine`` and whose perplexities
     differ by more than noise."""
@@ -46,8 +61,7 @@ def engine_disagreements(frame: pd.DataFrame, metrics: dict[str, dict]) -> list[
             if {k: v for k, v in oa.items() if k != "engine"} != {k: v for k, v in ob.items() if k != "engine"}:
                 continue
             diff = abs(float(ra["ppl"]) - float(rb["ppl"]))
-            se = [float(x) for x in (ra.get("ppl_stderr"), rb.get("ppl_stderr")) if pd.notna(x)]
-            noise = ENGINE_SIGMAS * math.sqrt(sum(s * s for s in se)) if len(se) == 2 else ENGINE_REL_TOL * float(ra["ppl"])
+            noise = ENGINE_REL_TOL * float(ra["ppl"])
             if diff > noise:
                 out.append(f"engines disagree: {la} (engine {oa['engine']}, ppl {ra['ppl']:.3f}) and {lb} "
                            f"(engine {ob['engine']}, ppl {rb['ppl']:.3f}) run the same options but differ by "
@@ -97,6 +111,12 @@ def report_warnings(runs: list[RunData], frame: pd.DataFrame) -> list[str]:
             if msg:
                 out.append(msg)
         out += [f"{scope}: {w}" if multi else w for w in engine_disagreements(part, run.metrics)]
+        if str(run.recipe.get("description") or "").startswith("QUICK PRESET"):
+            out.append(f"{scope}: made with `quantlab run --quick` (8 calibration windows, 8 evaluation windows, "
+                       "1 speed round): indicative figures, not a measurement to publish; run without --quick")
+        few = few_tokens(part)
+        if few:
+            out.append(f"{scope}: {few}" if multi else few)
         sess = "speed_session" if "speed_session" in part and part["speed_session"].notna().any() else "session"
         if sess in part and part["decode_tokens_per_s"].notna().any():
             timed = part[part["decode_tokens_per_s"].notna()]

@@ -138,6 +138,7 @@ def _method_details(run: RunData, row: pd.Series, label: str) -> dict[str, Any]:
     errs = sorted(((n, s["weight_rel_error"]) for n, s in layers.items() if s.get("weight_rel_error") is not None),
                   key=lambda x: -x[1])[:5]
     sens = run.path / str(row["method"]) / "sensitivity.png"
+    alloc = run.path / str(row["method"]) / "allocation.png"
     return {
         "label": label,
         "anchor": re.sub(r"[^A-Za-z0-9_-]", "-", label),
@@ -146,6 +147,7 @@ def _method_details(run: RunData, row: pd.Series, label: str) -> dict[str, Any]:
         "options": json.dumps(m["options"], indent=2) if m.get("options") else "",
         "worst_layers": [(n, f"relative weight error {v:.4f}") for n, v in errs],
         "sensitivity_png": _png_b64(sens) if sens.is_file() else "",
+        "allocation_png": _png_b64(alloc) if alloc.is_file() else "",
         "granularity": ((m.get("sensitivity") or {}).get("granularity") or "layer"),
     }
 
