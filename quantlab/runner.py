@@ -260,8 +260,8 @@ def _plot_allocation(result, path: Path, label: str) -> None:
     ax.set_xlabel("decoder block")
     ax.set_ylabel("bits per code")
     ax.set_yticks(sorted(set(result.chosen.values())))
-    ax.set_title(f"{label}: widths chosen at {result.bits_per_weight:.2f} bits/weight "
-                 f"(budget {result.budget}); KL measured {result.measured_kl:.4f}")
+    ax.set_title(f"{label}: widths at {result.bits_per_weight:.2f} bits/weight (budget {result.budget}); "
+                 f"RTN-probe KL {result.measured_kl:.4f} on calibration windows", fontsize=10)
     ax.legend(fontsize=7, ncol=min(4, len(series)))
     fig.tight_layout()
     buf = io.BytesIO()

@@ -105,3 +105,13 @@ def test_an_allocated_run_meets_its_budget_and_reloads_with_several_widths(tiny_
     loaded = load_checkpoint(run / "m" / "checkpoint", dtype=torch.float32, device=torch.device("cpu"))
     assert {n: loaded.model.get_submodule(n).bits for n in resolved} == resolved
     assert (run / "m" / "allocation.png").is_file()
+
+
+def test_validate_refuses_a_budget_the_model_cannot_meet_before_any_work(tiny_model_dir, tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "r", "model": {"source": str(tiny_model_dir)},
+                                      "calibration": {"seq_len": 64}, "methods": [
+        {"backend": "rtn", "options": {"bits": "auto", "bits_budget": 2.5, "group_size": 32}}]}))
+    assert main(["validate", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "bits_budget 2.5 cannot be met" in err and "nearest feasible" in err and "rtn-auto2.5-g32" in err

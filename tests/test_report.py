@@ -312,3 +312,16 @@ def test_few_scored_tokens_are_a_warning_with_the_standard_error():
     assert "only 2044 scored tokens" in msg and "±2.0%" in msg and "eval.max_windows" in msg
     assert few_tokens(frame.assign(eval_tokens=FEW_TOKENS)) is None
     assert "standard error" not in few_tokens(frame.assign(ppl_stderr=None))
+
+
+def test_a_directory_of_runs_is_a_leaderboard(runs, tmp_path, capsys):
+    """`quantlab compare runs/`: every run directly inside, one table."""
+    from quantlab.report.data import load_runs
+
+    a, b = runs
+    loaded = load_runs(a.parent)
+    assert [r.path for r in loaded] == sorted([a, b])
+    out = tmp_path / "board"
+    assert main(["compare", str(a.parent), "--out", str(out)]) == 0
+    table = pd.read_csv(out / "results.csv")
+    assert set(table["run"]) == {str(a), str(b)} and len(table) == len(loaded[0].frame) + len(loaded[1].frame)

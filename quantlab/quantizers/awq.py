@@ -39,7 +39,7 @@ from quantlab.formats.gptq_v1 import GPTQ_BITS
 from quantlab.quantizers.arch import arch_spec, decoder_layers
 from quantlab.quantizers.base import check_not_tied, set_module, target_linears
 from quantlab.quantizers.grid import dequantize_matrix, quantize_matrix
-from quantlab.quantizers.rtn import LayoutBackend, WeightQuantConfig, check_layers
+from quantlab.quantizers.rtn import LayoutBackend, WeightQuantConfig, check_allocation, check_layers
 from quantlab.quantizers.sequential import first_layer_inputs, input_hooks, layer_output, run_layer
 
 # the gemm layout's names stay importable from here, where they lived before quantlab.formats
@@ -191,6 +191,7 @@ class AWQ(LayoutBackend):
         check_not_tied(model, targets)
         for bits in c.widths():
             check_layers(targets, bits, c.group_size, self.layout())
+        check_allocation(c, model, targets)
         spec = arch_spec(model)
         decoder_layers(model, spec)
         if not spec.scale_groups:

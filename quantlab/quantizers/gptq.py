@@ -29,7 +29,7 @@ from quantlab.formats.gptq_v1 import GPTQ_BITS, PackedLinear
 from quantlab.quantizers.arch import arch_spec, decoder_layers
 from quantlab.quantizers.base import check_not_tied, set_module, target_linears
 from quantlab.quantizers.grid import group_params, quantize_codes
-from quantlab.quantizers.rtn import LayoutBackend, WeightQuantConfig, check_layers
+from quantlab.quantizers.rtn import LayoutBackend, WeightQuantConfig, check_allocation, check_layers
 from quantlab.quantizers.sequential import (
     feed,
     first_layer_inputs,
@@ -180,6 +180,7 @@ class GPTQ(LayoutBackend):
         check_not_tied(model, targets)
         for bits in self.config.widths():
             check_layers(targets, bits, self.config.group_size, self.layout())
+        check_allocation(self.config, model, targets)
         decoder_layers(model, arch_spec(model))
 
     @torch.no_grad()

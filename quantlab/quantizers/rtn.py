@@ -224,6 +224,18 @@ class LayoutBackend(Backend):
         return load_packed(ckpt_dir, meta, dtype, device, layout)
 
 
+def check_allocation(config: WeightQuantConfig, model: nn.Module, targets: list[tuple[str, nn.Linear]]) -> None:
+    """bits: auto: a budget the widths cannot meet on this model's layers is an error naming
+    the feasible range, before any work (the model may be on the meta device)."""
+    if not config.allocating():
+        return
+    from quantlab.allocation import check_budget, fused_units
+
+    names = [n for n, _ in targets]
+    shapes = {n: (m.in_features, m.out_features) for n, m in targets}
+    check_budget(config.bits_budget, config.bits_choices, config.group_size, shapes, fused_units(model, names))
+
+
 class RTNConfig(WeightQuantConfig):
     scale_search: Literal["none", "mse", "importance"] = Field(
         "none", description="How each group's range is chosen before rounding: 'none' (its min and max), "
@@ -312,6 +324,7 @@ class RTN(LayoutBackend):
         check_not_tied(model, targets)
         for bits in self.config.widths():
             check_layers(targets, bits, self.config.group_size, self.layout())
+        check_allocation(self.config, model, targets)
 
     @torch.no_grad()
     def quantize(self, model: nn.Module, calibration: torch.Tensor | None) -> nn.Module:

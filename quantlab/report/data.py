@@ -113,11 +113,18 @@ def load_run(path: str | Path) -> RunData:
 
 
 def load_runs(paths: str | Path | list[str | Path]) -> list[RunData]:
+    """The runs at ``paths``; a directory that is not a run but holds runs (``runs/``) stands
+    for every run directly inside it, in name order: a leaderboard across runs."""
     if isinstance(paths, (str, Path)):
         paths = [paths]
     if not paths:
         raise QuantlabError("no run directories given")
-    return [load_run(p) for p in paths]
+    expanded: list[Path] = []
+    for p in map(Path, paths):
+        inner = sorted(d for d in p.iterdir() if (d / "results.csv").is_file()) if p.is_dir() and not (
+            p / "results.csv").is_file() else []
+        expanded += inner or [p]
+    return [load_run(p) for p in expanded]
 
 
 def combined_frame(runs: list[RunData]) -> pd.DataFrame:

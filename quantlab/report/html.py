@@ -175,7 +175,9 @@ def build_report(runs: list[RunData], out: str | Path | None = None, *, title: s
     """:func:`write_report` for runs already loaded."""
     if out is None:
         if len(runs) > 1:
-            raise QuantlabError("a report across several runs needs an output directory (--out DIR)")
+            names = ", ".join(str(r.path) for r in runs[:5]) + (" ..." if len(runs) > 5 else "")
+            raise QuantlabError(f"a report across several runs ({names}) needs an output directory: "
+                                "quantlab compare RUNS... --out DIR")
         out = runs[0].path
     # a report goes into its own run, or a directory of its own: never over another run's files
     out = prepare_run_dir(Path(out), "report directory", kind="report", allow=None if len(runs) > 1 else runs[0].path)
