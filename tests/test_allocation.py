@@ -115,3 +115,10 @@ def test_validate_refuses_a_budget_the_model_cannot_meet_before_any_work(tiny_mo
     assert main(["validate", str(recipe)]) == 2
     err = capsys.readouterr().err
     assert "bits_budget 2.5 cannot be met" in err and "nearest feasible" in err and "rtn-auto2.5-g32" in err
+
+
+def test_gguf_export_of_several_widths_is_refused_before_any_work():
+    from quantlab.formats.gguf import check_gguf_options
+
+    with pytest.raises(QuantlabError, match="several widths.*export: \\[native\\]"):
+        check_gguf_options("m", "rtn", {"bits": "auto", "bits_budget": 4.0, "group_size": 32})

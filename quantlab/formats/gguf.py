@@ -62,6 +62,9 @@ def check_gguf_options(label: str, backend: str, options: dict) -> None:
         raise QuantlabError(f"method '{label}': backend '{backend}' cannot export GGUF (rtn, gptq and awq can; "
                             "llama.cpp's own types: backend llamacpp)")
     bits, sym, group = options.get("bits", 4), options.get("sym", True), options.get("group_size", 128)
+    if bits == "auto" or options.get("module_bits"):
+        raise QuantlabError(f"method '{label}': GGUF export of several widths (bits: auto, module_bits) is not "
+                            "supported yet (it needs a GGUF type per tensor); use export: [native]")
     why = grid_problem(bits, sym)
     if why:
         raise QuantlabError(f"method '{label}': {why}")

@@ -109,6 +109,10 @@ def quality_vs_size(frame: pd.DataFrame):
         ax.set_ylabel(ylabel)
         if log:
             ax.set_yscale("log")
+            # KLs within one decade would get no labelled tick at all: label 1-2-5 steps
+            ax.yaxis.set_major_locator(plt.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:.3g}"))
+            ax.yaxis.set_minor_formatter(plt.NullFormatter())
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7.5, loc="best")
     fig.suptitle(f"Quality vs size\n{context_line(frame)}", fontsize=10)
