@@ -169,3 +169,13 @@ def test_an_unknown_speed_mode_is_refused(tiny):
 
     with pytest.raises(ValueError, match="eager"):
         measure_speed(tiny[0], torch.tensor([[5, 6]]), mode="jit")
+
+
+@pytest.mark.parametrize("kernel", ["auto", "int4pack", "int8pack"])
+def test_a_float_model_loads_with_any_kernel_unchanged(tiny, kernel):
+    """The baseline row of a recipe with eval.kernel: auto has no packed layer: nothing to time."""
+    import copy as _copy
+
+    model = _copy.deepcopy(tiny[0])
+    record = apply_kernels(model, kernel, CPU)
+    assert record == {"requested": kernel, "device": "cpu", "shapes": {}}

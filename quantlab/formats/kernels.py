@@ -204,6 +204,8 @@ def apply_kernels(model: nn.Module, kernel: str, device: torch.device | str, *,
         if isinstance(m, DenseDequantLinear) and (q := unpack_layer(m)) is not None:
             layers.append((shape_key(q), m, q))
     by_shape: dict[str, list] = defaultdict(list)
+    if not layers:  # a float model (the baseline): nothing to choose
+        return record
     for key, m, q in layers:
         by_shape[key].append((m, q))
     why_not = {key: {name: why for name, k in KERNELS.items() if (why := k.check(group[0][1], device))}

@@ -173,6 +173,10 @@ def format_summary(frame: pd.DataFrame, env: dict | None = None, warnings: list[
                      "in rounds alternating with the baseline; ×speed: median (min-max) over rounds of each "
                      "method's ratio to the baseline beside it; %bound: decode speed as a share of memory "
                      "bandwidth / weight bytes per token")
+        mode = vals("speed_mode") if "speed_mode" in frame and frame["speed_mode"].notna().any() else "eager"
+        kernels = "; ".join(f"{r['method']} {r['kernel']}" for _, r in frame.iterrows()
+                            if r.get("backend") != "none" and pd.notna(r.get("kernel")))
+        lines.append(f"speed engine: torch, {mode} decode; kernels: {kernels or 'dense'}")
     lines.append("size: weight files on disk; peak_MB: process peak RSS while quantizing or scoring")
     if "skipped_layers" in frame and frame["skipped_layers"].notna().any():
         lines.append("float_layers: linear layers the sensitivity pass left in float (skip: auto), besides lm_head")
