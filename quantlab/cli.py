@@ -30,12 +30,7 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
                    "--set methods.1.options.bits=3 (repeatable)")
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="quantlab", description="Quantize, export, reload and benchmark causal LMs.")
-    parser.add_argument("--version", action="version", version=f"quantlab {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for every error")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_run(sub) -> None:
     p = sub.add_parser("run", help="run a recipe: quantize, export, reload, score, tabulate")
     _add_recipe_args(p)
     p.add_argument("--out", help="run directory (default: the recipe's output.dir)")
@@ -49,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
                    "the recipe's executor.address, else a local cluster of this machine")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
+
+def _add_validate(sub) -> None:
     p = sub.add_parser("validate", help="check recipes without running anything: keys, options, installed "
                        "libraries, sources, and each method against the model's architecture (from its "
                        "config.json when the model is on this machine; no weights are read)")
@@ -57,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="override a key in every recipe given (repeatable)")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
+
+def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="score any model or checkpoint: perplexity by a convention, "
                        "divergence from a base model, speed; nothing is quantized",
                        description="Score MODEL (demo alias, Hub id, directory, .gguf or a checkpoint "
@@ -96,6 +95,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
+
+def _add_report(sub) -> None:
     p = sub.add_parser("report", help="(re)write report.html, results.md and plots of a run directory",
                        description="Regenerate RUN_DIR/report.html (self-contained: table, plots, per-method "
                        "details, recipe, environment, warnings), RUN_DIR/results.md and RUN_DIR/plots/.")
@@ -104,6 +105,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--title", help="the report's title")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
+
+def _add_compare(sub) -> None:
     p = sub.add_parser("compare", help="one report across several run directories",
                        description="Write one report across several runs (e.g. the same methods on two "
                        "models) into --out: report.html, results.csv/.parquet/.md (a 'run' column names each "
@@ -113,6 +116,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--title", help="the report's title")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="quantlab", description="Quantize, export, reload and benchmark causal LMs.")
+    parser.add_argument("--version", action="version", version=f"quantlab {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for every error")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_run(sub)
+    _add_validate(sub)
+    _add_eval(sub)
+    _add_report(sub)
+    _add_compare(sub)
     sub.add_parser("backends", help="list quantizer backends and their options")
     sub.add_parser("models", help="list embedded demo models and the model sources accepted")
     return parser
