@@ -147,8 +147,8 @@ def _one_batch_compiled(model, prompt: torch.Tensor, new_tokens: int, warmup: in
             _sync(device)
             step_times.append(time.perf_counter() - t1)
             generated.append(int(nxt[0, 0]))
-            if r == 0:
-                compile_s = step_times[0] if compile_s is None else compile_s
+        if r == 0:
+            compile_s = step_times[0]  # the first step compiled
         if r > warmup:
             prefill.append(t_prefill)
             decode.append(b * new_tokens / sum(step_times))

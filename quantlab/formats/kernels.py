@@ -275,6 +275,7 @@ def _time_in_model_order(layers: list, usable: dict[str, list[str]], device, pas
     dense = [m.weight if m.weight is not None else q.dequantize().to(dtype) for _, m, q in layers]
     candidates = ["dense-dequant"] + [n for n in KERNELS if any(n in u for u in usable.values())]
     out: dict[str, dict[str, dict[int, float]]] = {k: {} for k, u in usable.items() if u}
+    count = {k: sum(1 for key, _, _ in layers if key == k) for k in out}
     for cand in candidates:
         fns = [KERNELS[cand](q, device) if cand in usable[k] else None for k, _, q in layers]
         fns = [f if f is not None else (lambda x, w=w: F.linear(x, w)) for f, w in zip(fns, dense)]
@@ -290,8 +291,7 @@ def _time_in_model_order(layers: list, usable: dict[str, list[str]], device, pas
                     best = {k: min(best.get(k, float("inf")), v) for k, v in spent.items()}
             for key in out:
                 if cand == "dense-dequant" or cand in usable[key]:
-                    count = sum(1 for k, _, _ in layers if k == key)
-                    out[key].setdefault(cand, {})[n] = best[key] / count * 1e6
+                    out[key].setdefault(cand, {})[n] = best[key] / count[key] * 1e6
         del fns
     return out
 

@@ -108,19 +108,29 @@ def awq_search_clip(w: torch.Tensor, sigma: torch.Tensor, bits: int, group_size:
     """Per (row, group) clipping bound of W [out, in] minimising that group's share of the
     output error, (dW_g) Sigma_gg (dW_g)^T with Sigma_gg the group's diagonal block of the
     input second moment ``sigma``. Returns max_val [out, n_groups]."""
+    in_f = w.shape[1]
+    g = in_f if group_size == -1 else group_size
+    blocks = torch.stack([sigma[j * g : (j + 1) * g, j * g : (j + 1) * g] for j in range(in_f // g)])  # [ng, g, g]
+    return clip_search(w, bits, group_size, sym, lambda dq: torch.einsum("ong,ngh,onh->on", dq, blocks, dq),
+                       steps=max(1, int(max_shrink * n_grid)), n_grid=n_grid)
+
+
+def clip_search(w: torch.Tensor, bits: int, group_size: int, sym: bool, error, *, steps: int,
+                n_grid: int) -> torch.Tensor:
+    """The clipping-range search AWQ and RTN's scale_search share: bounds max|w| x (1 - i/n_grid)
+    for i < ``steps``, each (row, group) keeping the bound whose rounding ``error(dq)`` (dq: the
+    rounding error [out, n_groups, g]) is smallest. Returns max_val [out, n_groups]."""
     out_f, in_f = w.shape
     g = in_f if group_size == -1 else group_size
-    ng = in_f // g
-    blocks = torch.stack([sigma[j * g : (j + 1) * g, j * g : (j + 1) * g] for j in range(ng)])  # [ng, g, g]
-    wb = w.float().view(out_f, ng, g)
+    wb = w.float().view(out_f, in_f // g, g)
     org_max = wb.abs().amax(dim=2, keepdim=True)  # [o, ng, 1]
-    best_err = torch.full((out_f, ng), float("inf"))
+    best_err = torch.full(wb.shape[:2], float("inf"), device=w.device)
     best_max = org_max.squeeze(2).clone()
-    for i in range(max(1, int(max_shrink * n_grid))):
+    for i in range(steps):
         mx = org_max * (1 - i / n_grid)
         cur = torch.clamp(wb, -mx, mx)
         dq = fake_quant(cur.reshape(-1, g), bits, -1, sym).view_as(wb) - wb  # one grid per (row, group)
-        err = torch.einsum("ong,ngh,onh->on", dq, blocks, dq)
+        err = error(dq)
         better = err < best_err
         best_err[better] = err[better]
         best_max[better] = mx.squeeze(2)[better]

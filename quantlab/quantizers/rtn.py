@@ -254,24 +254,14 @@ def search_clip(w: torch.Tensor, importance: torch.Tensor | None, bits: int, gro
     group's columns (importance None: plain squared error); returns W clamped to its bounds.
     Bound 1 (no clipping) is a candidate, so the result is never worse than plain rounding by
     this measure."""
-    from quantlab.quantizers.awq import fake_quant
+    from quantlab.quantizers.awq import clip_search
 
-    out_f, in_f = w.shape
+    in_f = w.shape[1]
     g = in_f if group_size == -1 else group_size
-    wb = w.float().view(out_f, in_f // g, g)
     imp = torch.ones(in_f, device=w.device) if importance is None else importance.float().to(w.device)
     ib = imp.view(1, in_f // g, g)
-    org_max = wb.abs().amax(dim=2, keepdim=True)
-    best_err = torch.full(wb.shape[:2], float("inf"), device=w.device)
-    best_max = org_max.squeeze(2).clone()
-    for i in range(max(1, int(max_shrink * n_grid)) + 1):
-        mx = org_max * (1 - i / n_grid)
-        cur = torch.clamp(wb, -mx, mx)
-        dq = fake_quant(cur.reshape(-1, g), bits, -1, sym).view_as(wb) - wb
-        err = (dq * dq * ib).sum(dim=2)
-        better = err < best_err
-        best_err[better] = err[better]
-        best_max[better] = mx.squeeze(2)[better]
+    best_max = clip_search(w, bits, group_size, sym, lambda dq: (dq * dq * ib).sum(dim=2),
+                           steps=max(1, int(max_shrink * n_grid)) + 1, n_grid=n_grid)
     bound = best_max.repeat_interleave(g, dim=1)
     return torch.clamp(w.float(), -bound, bound).to(w.dtype)
 
