@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 
 from quantlab.api import (  # noqa: E402
     backends,
+    caveats,
     config,
     evaluate,
     load,
@@ -43,6 +44,7 @@ __all__ = [
     "QuantlabError",
     "RecipeError",
     "backends",
+    "caveats",
     "config",
     "evaluate",
     "load",

@@ -8,7 +8,7 @@ from typing import Any
 from quantlab.direct import config, quantize, save
 from quantlab.recipe import load_recipe, parse_recipe
 
-__all__ = ["backends", "config", "evaluate", "load", "load_checkpoint", "load_metrics", "load_model",
+__all__ = ["backends", "caveats", "config", "evaluate", "load", "load_checkpoint", "load_metrics", "load_model",
            "load_recipe", "load_results", "parse_recipe", "quantize", "run_recipe", "save", "summary_table",
            "write_report"]
 
@@ -38,6 +38,17 @@ def load_metrics(run_dir: str | Path) -> dict[str, dict]:
     from quantlab.report.data import load_run
 
     return load_run(run_dir).metrics
+
+
+def caveats(paths: str | Path | list[str | Path]) -> list[str]:
+    """The warnings the report and ``quantlab compare`` print for these runs (rows or runs
+    that differ in text, convention, context, tokens, dtype or device; speed from another
+    session; quick-preset runs; engines that disagree...), one string each."""
+    from quantlab.report.caveats import report_warnings
+    from quantlab.report.data import combined_frame, load_runs
+
+    runs = load_runs(paths)
+    return report_warnings(runs, combined_frame(runs))
 
 
 def write_report(paths: str | Path | list[str | Path], out: str | Path | None = None, *,

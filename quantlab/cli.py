@@ -66,7 +66,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--split", help="part of the text source (pydoc: evaluation; directories: test)")
     p.add_argument("--text-field", default="text", help="field of a .jsonl source (default: text)")
     p.add_argument("--convention", default="gptq", choices=["gptq", "llamacpp", "strided", "lm-eval"],
-                   help="perplexity convention (default gptq; see README)")
+                   help="perplexity convention (default gptq; see docs/results.md)")
     p.add_argument("--ctx", "--seq-len", dest="seq_len", type=int, metavar="N", help="window / context length "
                    "(default: gptq 2048, llamacpp 512, strided and lm-eval the model's context)")
     p.add_argument("--stride", type=int, metavar="N", help="strided convention: tokens between window starts (default 512)")
@@ -85,7 +85,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--speed-mode", default="eager", choices=["eager", "compiled"],
                    help="with --speed: eager decode (default) or a static KV cache and a compiled decode step")
     p.add_argument("--kernel", default="dense", choices=["auto", "dense", "int4pack", "int8pack"],
-                   help="what runs a quantlab checkpoint's packed layers (default dense; see README, Kernels)")
+                   help="what runs a quantlab checkpoint's packed layers (default dense; see docs/results.md, Kernels)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's choice)")

@@ -87,7 +87,7 @@ class TextSpec(_Strict):
     """A text source: 'pydoc' (embedded), 'wikitext2' (Hub, online), a .txt/.jsonl file, or a
     directory holding WikiText-style train.txt/valid.txt/test.txt."""
 
-    source: str = Field("pydoc", description="Text source (see README, 'Text sources').")
+    source: str = Field("pydoc", description="Text source (see docs/recipes.md, 'Text sources').")
     split: str | None = Field(
         None,
         description="Which part of the source. pydoc: 'calibration' or 'evaluation'; a "
@@ -124,7 +124,7 @@ class SpeedSpec(_Strict):
     repeats: int = Field(speed.REPEATS, ge=1, description="Timed repeats per measurement; medians, min and max "
                          "are reported.")
     rounds: int = Field(speed.ROUNDS, ge=1, le=50, description="Rounds of the speed phase: each measures every "
-                        "checkpoint once, alternating with the baseline (README, \"Speed and the bandwidth bound\").")
+                        "checkpoint once, alternating with the baseline (docs/results.md, \"Speed and the bandwidth bound\").")
     mode: Literal["eager", "compiled"] = Field(
         "eager", description="'eager': a dynamic KV cache, every op dispatched from Python (what a plain "
         "transformers generate() does); 'compiled': a static KV cache and the decode step compiled with "
@@ -176,7 +176,7 @@ class EvalSpec(TextSpec):
         "windows over the text joined with blank lines, remainder dropped); 'llamacpp': "
         "llama-perplexity (BOS-led chunks, second half scored, ± stderr); 'strided': the "
         "transformers docs' sliding window; 'lm-eval': lm-evaluation-harness rolling "
-        "log-likelihood per document, reported as word perplexity (README, 'Perplexity').",
+        "log-likelihood per document, reported as word perplexity (docs/results.md, 'Perplexity').",
     )
     seq_len: int | None = Field(None, ge=8, le=1_000_000, description="Window length in tokens "
                                 "(llamacpp: ctx). None: gptq 2048, llamacpp 512, strided and "
@@ -194,7 +194,7 @@ class EvalSpec(TextSpec):
         "a checkpoint is reloaded, for scoring and speed: 'dense' (dequantized once, float matmul), "
         "'int4pack' / 'int8pack' (torch's kernels reading packed weights, bfloat16 activations), 'auto' "
         "(times them per layer shape, keeps a kernel only for the token counts where it beat dense). "
-        "README, \"Kernels\".")
+        "docs/results.md, \"Kernels\".")
     engines: list[Literal["torch", "llamacpp"]] = Field(
         default_factory=lambda: ["torch"], description="Engines that measure: 'torch' (every row, from the "
         "checkpoint reloaded by quantlab) and 'llamacpp' (rows that export GGUF, see eval.llamacpp).")
@@ -224,7 +224,7 @@ class EvalSpec(TextSpec):
 
 
 class SensitivitySpec(_Strict):
-    """The sensitivity pass (README, "Sensitivity and skip: auto"): each candidate (a linear
+    """The sensitivity pass (docs/methods.md, "Sensitivity and skip: auto"): each candidate (a linear
     layer, or a layer type) quantized alone with the method's backend, its KL divergence
     from the float model measured on calibration windows. With ``options.skip: auto`` the
     fewest candidates that keep the KL within ``kl_budget`` stay in float; with an explicit
@@ -252,7 +252,7 @@ class ResourcesSpec(_Strict):
 
 
 class ExecutorSpec(_Strict):
-    """Where the methods run (README, "Runs as jobs")."""
+    """Where the methods run (docs/runs.md, "Runs as jobs")."""
 
     kind: Literal["local", "ray"] = Field("local", description="'local': one after another in this process; "
                                           "'ray': each method a Ray task (the [ray] extra).")
@@ -266,7 +266,7 @@ class MethodSpec(_Strict):
 
     label: str = Field(description="Unique name of the method in this run (a directory name). Default: the "
                        "backend and its bits/group_size/type (gptq-w4-g128); an --set override of an option "
-                       "renames the row (README, \"Sweeps\").")
+                       "renames the row (docs/runs.md, \"Sweeps\").")
     backend: str = Field(description="Backend name; see `quantlab backends`.")
     options: dict[str, Any] = Field(default_factory=dict, description="Backend options.")
     sensitivity: SensitivitySpec | None = Field(
@@ -274,7 +274,7 @@ class MethodSpec(_Strict):
     resources: ResourcesSpec = ResourcesSpec()
     export: list[Literal["native", "gguf"]] = Field(
         default_factory=lambda: ["native"], description="Formats written: 'native' (the method's ecosystem "
-        "checkpoint, always) and 'gguf' (llama.cpp blocks holding the same codes and scales; see README, GGUF).")
+        "checkpoint, always) and 'gguf' (llama.cpp blocks holding the same codes and scales; see docs/llamacpp.md).")
 
     @model_validator(mode="before")
     @classmethod
@@ -421,7 +421,7 @@ class Recipe(_Strict):
     threads: int | None = Field(None, ge=1, le=4096, description="torch threads (default: all cores).")
     executor: ExecutorSpec = ExecutorSpec()
     models: list[ModelSpec] = Field(default_factory=list, description="Several models, each run with every "
-                                    "method and compared with its own baseline (instead of model); README, "
+                                    "method and compared with its own baseline (instead of model); docs/runs.md, "
                                     "\"Several models\".")
 
     @field_validator("name")
@@ -434,7 +434,7 @@ class Recipe(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _expand_sweeps(cls, data: Any) -> Any:
-        """Methods with a ``sweep`` become one method per combination (README, "Sweeps")."""
+        """Methods with a ``sweep`` become one method per combination (docs/runs.md, "Sweeps")."""
         if isinstance(data, dict) and isinstance(data.get("methods"), list):
             named = [dict(m, label=default_label(m)) if isinstance(m, dict) and m.get("label") is None else m
                      for m in data["methods"]]

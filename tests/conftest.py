@@ -35,22 +35,27 @@ def _train_tokenizer(out_dir: Path):
     return fast
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
+def build_tiny_llama(out: Path, max_position_embeddings: int = 256) -> Path:
     """A local HF directory: 2-layer Llama (hidden 64, MLP 128, tied embeddings), random
     weights from a fixed seed, and a 384-token byte-level BPE tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    out = tmp_path_factory.mktemp("tiny-llama")
+    out.mkdir(parents=True, exist_ok=True)
     tok = _train_tokenizer(out)
     config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256, tie_word_embeddings=True,
+                         max_position_embeddings=max_position_embeddings, tie_word_embeddings=True,
                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
     model.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """The tiny Llama of :func:`build_tiny_llama` (context 256)."""
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="session")

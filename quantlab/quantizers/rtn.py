@@ -52,7 +52,7 @@ class WeightQuantConfig(BackendConfig):
 
     bits: int | Literal["auto"] = Field(
         4, description="Bits per weight code (2-8), or 'auto': a width per layer chosen under bits_budget "
-        "(README, \"Bit allocation\").")
+        "(docs/methods.md, \"Bit allocation\").")
     bits_budget: float | None = Field(
         None, gt=0, description="bits: auto: the average stored bits per weight of the quantized linears "
         "(codes, scales, zeros and group index, as the results table's bits_per_weight counts them).")
