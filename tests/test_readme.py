@@ -1,7 +1,8 @@
-"""The README's examples run on the install the README names (the dev install the tests run in).
+"""The README's and docs/' examples run on the install the README names (the dev install the
+tests run in).
 
-Every line of the README's ```bash blocks after "The two commands" runs, in the README's
-order, in one scratch directory (later examples read what earlier ones wrote, as they would
+Every line of the README's ```bash blocks after "The two commands", then of the docs pages'
+(in name order), runs in that order, in one scratch directory (later examples read what earlier ones wrote, as they would
 for a reader), as written, with three rules:
 
 - ``quantlab run`` without ``--quick`` gets ``--quick`` appended: the same recipe and
@@ -37,14 +38,16 @@ README = (ROOT / "README.md").read_text()
 QUANTLAB = Path(sys.executable).parent / "quantlab"
 
 
-def _blocks(lang: str) -> list[str]:
-    after = README[README.index("## A first run"):]
-    return re.findall(rf"```{lang}\n(.*?)```", after, flags=re.S)
+def _blocks(lang: str, docs: bool = False) -> list[str]:
+    texts = [README[README.index("## A first run"):]]
+    if docs:
+        texts += [p.read_text() for p in sorted((ROOT / "docs").glob("*.md"))]
+    return [b for text in texts for b in re.findall(rf"```{lang}\n(.*?)```", text, flags=re.S)]
 
 
 def _examples() -> list[str]:
     lines = []
-    for block in _blocks("bash"):
+    for block in _blocks("bash", docs=True):
         lines += [ln.strip() for ln in block.replace("\\\n", " ").splitlines() if ln.strip()]
     return lines
 
