@@ -19,6 +19,7 @@ BACKENDS: dict[str, str] = {
     "rtn": "quantlab.quantizers.rtn:RTN",
     "gptq": "quantlab.quantizers.gptq:GPTQ",
     "awq": "quantlab.quantizers.awq:AWQ",
+    "hqq": "quantlab.quantizers.hqq:HQQBackend",
     "int8-dynamic": "quantlab.quantizers.int8:Int8Dynamic",
     "int8-weight-only": "quantlab.quantizers.int8:Int8WeightOnly",
     "bnb": "quantlab.quantizers.bnb:Bnb",

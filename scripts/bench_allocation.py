@@ -23,14 +23,14 @@ WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2"
 def _targets(f: pd.DataFrame) -> list[tuple[str, str, bool | None]]:
     f = f.set_index("method")
     out: list[tuple[str, str, bool | None]] = []
-    uniform4 = [m for m in ("rtn-w4-g64", "gptq-w4-g64", "awq-w4-g64", "rtn-w4-g64-imp") if m in f.index]
+    uniform4 = [m for m in f.index if "-w4-" in m]
     best4 = min(uniform4, key=lambda m: f.loc[m, "kld_mean"])
-    for alloc in ("rtn-auto4.3-g64", "gptq-auto4.3-g64"):
+    for alloc in [m for m in f.index if "auto4.3" in m]:
         k, b = f.loc[alloc, "kld_mean"], f.loc[best4, "kld_mean"]
         out.append((f"{alloc}: KL <= 0.7x the best uniform 4-bit row ({best4})",
                     f"{k:.4f} vs {b:.4f} ({k / b:.2f}x) at {f.loc[alloc, 'bits_per_weight']:.3f} vs "
                     f"{f.loc[best4, 'bits_per_weight']:.3f} bits/weight", k <= 0.7 * b))
-    for alloc in ("rtn-auto3.5-g64", "gptq-auto3.5-g64", "awq-auto3.5-g64"):
+    for alloc in [m for m in f.index if "auto3.5" in m]:
         bpw = f.loc[alloc, "bits_per_weight"]
         rivals = [m for m in f.index if not m.startswith(("baseline",)) and "auto" not in m
                   and f.loc[m, "bits_per_weight"] <= bpw + 1e-9]
@@ -43,6 +43,10 @@ def _targets(f: pd.DataFrame) -> list[tuple[str, str, bool | None]]:
                     beats if rivals else None))
     k_imp, k_rtn = f.loc["rtn-w4-g64-imp", "kld_mean"], f.loc["rtn-w4-g64", "kld_mean"]
     out.append(("importance-weighted RTN below plain RTN's KL (W4 g64)", f"{k_imp:.4f} vs {k_rtn:.4f}", k_imp < k_rtn))
+    for m in [m for m in f.index if m.startswith("hqq")]:
+        out.append((f"{m}: present with its time and memory", f"KL {f.loc[m, 'kld_mean']:.4f}, PPL "
+                    f"{f.loc[m, 'ppl']:.3f}, quantized in {f.loc[m, 'quantize_s']:.1f} s, peak RSS "
+                    f"{f.loc[m, 'peak_rss_quantize_bytes'] / 2**20:.0f} MB while quantizing", None))
     secs = f["allocation_s"].dropna()
     out.append(("the allocation search <= 10 minutes (first method measures, the others reuse)",
                 ", ".join(f"{m} {s:.0f} s" for m, s in secs.items()), bool(len(secs)) and secs.max() <= 600))
@@ -65,7 +69,9 @@ def main() -> int:
         cmd += ["--set", s]
     subprocess.run(cmd, check=True)
     frame = pd.read_csv(Path(args.out) / "results.csv")
-    cols = ["method", "bits", "bits_per_weight", "ppl", "kld_mean", "top1_agreement", "quantize_s", "allocation_s"]
+    frame["quantize_peak_MB"] = frame["peak_rss_quantize_bytes"] / 2**20
+    cols = ["method", "bits", "bits_per_weight", "ppl", "kld_mean", "top1_agreement", "quantize_s", "allocation_s",
+            "quantize_peak_MB"]
     print(frame[[c for c in cols if c in frame]].to_string(index=False))
     for what, figure, ok in _targets(frame):
         print(f"[{ {True: 'MET', False: 'NOT MET', None: 'info'}[ok] }] {what}: {figure}")

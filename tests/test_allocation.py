@@ -117,8 +117,12 @@ def test_validate_refuses_a_budget_the_model_cannot_meet_before_any_work(tiny_mo
     assert "bits_budget 2.5 cannot be met" in err and "nearest feasible" in err and "rtn-auto2.5-g32" in err
 
 
-def test_gguf_export_of_several_widths_is_refused_before_any_work():
+def test_gguf_export_of_widths_gguf_cannot_hold_is_refused_before_any_work():
     from quantlab.formats.gguf import check_gguf_options
 
-    with pytest.raises(QuantlabError, match="several widths.*export: \\[native\\]"):
+    with pytest.raises(QuantlabError, match="no block type for 2/3-bit grids with sym true.*from \\[4, 5, 8\\]"):
         check_gguf_options("m", "rtn", {"bits": "auto", "bits_budget": 4.0, "group_size": 32})
+    with pytest.raises(QuantlabError, match="no block type for 8-bit grids with sym false.*from \\[4, 5\\]"):
+        check_gguf_options("m", "rtn", {"bits": 4, "sym": False, "module_bits": {"*.down_proj": 8}, "group_size": 32})
+    # widths GGUF holds: a type per tensor
+    check_gguf_options("m", "rtn", {"bits": "auto", "bits_budget": 5.0, "bits_choices": [4, 5, 8], "group_size": 32})

@@ -76,6 +76,26 @@ def test_every_written_tensor_dequantizes_to_quantlabs_weight(options, qtype, ti
             assert t.tensor_type == gguf.GGMLQuantizationType.F32
 
 
+def test_several_widths_get_a_gguf_type_per_tensor(tiny_model_dir, tiny_gguf, tmp_path):
+    """An allocation's layers (here module_bits, as bits: auto resolves to) keep their own
+    widths in the file: Q4_0, Q5_0 and Q8_0 tensors side by side, each exact."""
+    model = _quantized(tiny_model_dir, bits=4, group_size=32, sym=True,
+                       module_bits={"*.mlp.down_proj": 8, "*.self_attn.o_proj": 5})
+    types = export_gguf(model, tmp_path / "m.gguf", tiny_gguf)
+    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+    want_type = {"down_proj": "Q8_0", "o_proj": "Q5_0"}
+    for t in reader.tensors:
+        name = next((n for n, m in model.named_modules() if quantized_parts(m) is not None
+                     and names.get_name(f"{n}.weight", try_suffixes=(".weight",)) == t.name), None)
+        if name is None:
+            continue
+        assert t.tensor_type.name == want_type.get(name.rsplit(".", 1)[1], "Q4_0") == types[t.name], name
+        got = gguf.quants.dequantize(t.data, t.tensor_type)
+        assert np.array_equal(got, _dense_in_gguf_order(model, name, {"q_proj": 4, "k_proj": 2}).numpy()), name
+    assert {"Q4_0", "Q5_0", "Q8_0"} <= set(types.values())
+
+
 def test_the_file_runs_as_a_model_and_matches_quantlab(tiny_model_dir, tiny_gguf, tmp_path, monkeypatch):
     """transformers reads the exported GGUF back (its own dequantization): the same logits."""
     monkeypatch.setenv("QUANTLAB_CACHE", str(tmp_path / "cache"))
@@ -184,12 +204,20 @@ def test_a_run_measures_every_gguf_row_with_llamacpp(tiny_gguf, tmp_path, monkey
     methods = """  - {label: rtn-q4_0, backend: rtn, options: {bits: 4, group_size: 32}, export: [native, gguf]}
   - {label: gptq-q4_1, backend: gptq, options: {bits: 4, group_size: 64, sym: false}, export: [native, gguf]}
   - {label: llamacpp-q8_0, backend: llamacpp, options: {type: Q8_0}}
-  - {label: rtn-w3, backend: rtn, options: {bits: 3, group_size: 32}}"""
+  - {label: rtn-w3, backend: rtn, options: {bits: 3, group_size: 32}}
+  - {label: rtn-mixed, backend: rtn, options: {bits: 4, group_size: 32, module_bits: {"*.mlp.down_proj": 8}},
+     export: [native, gguf]}
+  - {label: hqq-q4_1, backend: hqq, options: {bits: 4, group_size: 32}, export: [native, gguf]}"""
     recipe = _engine_recipe(tmp_path / "r.yaml", tiny_gguf, tmp_path / "run", methods)
     assert main(["run", str(recipe)]) == 0
     frame = pd.read_csv(tmp_path / "run" / "results.csv").set_index("method")
-    gguf_rows = ["baseline", "rtn-q4_0", "gptq-q4_1", "llamacpp-q8_0"]
-    assert list(frame.loc[gguf_rows, "gguf_type"]) == ["F32", "Q4_0", "Q4_1", "Q8_0"]
+    gguf_rows = ["baseline", "rtn-q4_0", "gptq-q4_1", "llamacpp-q8_0", "rtn-mixed", "hqq-q4_1"]
+    assert list(frame.loc[gguf_rows, "gguf_type"]) == ["F32", "Q4_0", "Q4_1", "Q8_0", "Q4_0", "Q4_1"]
+    # several widths: a type per tensor (the row names the most common), read back from the file
+    written = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(tmp_path / "run" / "rtn-mixed" / "model.gguf"))
+               .tensors if t.name.startswith("blk.")}
+    assert {n: t for n, t in written.items() if t != "Q4_0" and "norm" not in n} == {
+        "blk.0.ffn_down.weight": "Q8_0", "blk.1.ffn_down.weight": "Q8_0"}
     assert frame.loc["rtn-w3", ["gguf_type", "llamacpp_ppl"]].isna().all()  # no GGUF: not measured there
     # the engine cross-check: llama.cpp's PPL of each F32 twin equals quantlab's own
     assert (frame.loc[gguf_rows, "llamacpp_engine_gap_pct"].abs() < 0.05).all(), frame["llamacpp_engine_gap_pct"]
@@ -205,7 +233,7 @@ def test_a_run_measures_every_gguf_row_with_llamacpp(tiny_gguf, tmp_path, monkey
     capsys.readouterr()
     assert main(["run", str(recipe)]) == 0
     err = capsys.readouterr().err
-    assert err.count("finished earlier with the same settings") == 5 and "llama.cpp phase done" in err
+    assert err.count("finished earlier with the same settings") == 7 and "llama.cpp phase done" in err
 
 
 @pytest.mark.parametrize(("methods", "message"), [

@@ -3,7 +3,7 @@
 See :mod:`quantlab.formats.base` for the interface. The registry:
 
 - ``LAYOUTS``: the checkpoint layouts a quantized model holds its layers in and
-  ``model.safetensors`` stores (``gptq-v1``, ``awq-gemm``). A backend names its layout
+  ``model.safetensors`` stores (``gptq-v1``, ``awq-gemm``, ``hqq``). A backend names its layout
   (:meth:`~quantlab.quantizers.base.Backend.layout`); the checkpoint sidecar records it with
   its version, and loading checks both.
 - GGUF (:mod:`quantlab.formats.gguf`), the file format: written from any layout's layers
@@ -26,8 +26,9 @@ from quantlab.formats.base import (
     drop_dense_weights,
 )
 from quantlab.formats.gptq_v1 import GPTQv1
+from quantlab.formats.hqq import HQQ
 
-LAYOUTS: dict[str, LayerFormat] = {f.name: f for f in (GPTQv1(), AWQGemm())}
+LAYOUTS: dict[str, LayerFormat] = {f.name: f for f in (GPTQv1(), AWQGemm(), HQQ())}
 
 __all__ = ["LAYOUTS", "DenseDequantLinear", "LayerFormat", "QuantizedWeight",
            "drop_dense_weights", "get_layout", "layout_of", "unpack_layer"]

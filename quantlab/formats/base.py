@@ -34,7 +34,8 @@ class QuantizedWeight:
     """One layer's grid as a method chose it, in the original column order.
 
     codes [out, in] integers in [0, 2**bits); scales [n_groups, out] (float16-representable
-    values); zeros [n_groups, out] integers; g_idx [in] the group of each input column;
+    values); zeros [n_groups, out] integers (floats for HQQ's grid, whose zero points are
+    optimised real numbers); g_idx [in] the group of each input column;
     ``group_size`` as configured (-1: one group per output channel)."""
 
     codes: torch.Tensor

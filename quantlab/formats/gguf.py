@@ -58,16 +58,23 @@ def check_gguf_options(label: str, backend: str, options: dict) -> None:
     error naming the option that would fit."""
     if backend == "none":
         return
-    if backend not in ("rtn", "gptq", "awq"):
-        raise QuantlabError(f"method '{label}': backend '{backend}' cannot export GGUF (rtn, gptq and awq can; "
+    if backend not in ("rtn", "gptq", "awq", "hqq"):
+        raise QuantlabError(f"method '{label}': backend '{backend}' cannot export GGUF (rtn, gptq, awq and hqq can; "
                             "llama.cpp's own types: backend llamacpp)")
     bits, sym, group = options.get("bits", 4), options.get("sym", True), options.get("group_size", 128)
-    if bits == "auto" or options.get("module_bits"):
-        raise QuantlabError(f"method '{label}': GGUF export of several widths (bits: auto, module_bits) is not "
-                            "supported yet (it needs a GGUF type per tensor); use export: [native]")
-    why = grid_problem(bits, sym)
-    if why:
-        raise QuantlabError(f"method '{label}': {why}")
+    # several widths (bits: auto, module_bits): each tensor gets the type of its own width
+    from quantlab.quantizers.rtn import AUTO_CHOICES
+
+    widths = set(options.get("bits_choices") or AUTO_CHOICES) if bits == "auto" else {bits}
+    widths |= set((options.get("module_bits") or {}).values())
+    bad = sorted(b for b in widths if grid_problem(b, sym))
+    if bad and len(widths) > 1:
+        fits = sorted(b for b, s in GRID_TYPES if s == sym)
+        raise QuantlabError(f"method '{label}': GGUF has no block type for {'/'.join(map(str, bad))}-bit grids with "
+                            f"sym {str(sym).lower()}; with several widths, GGUF export takes bits_choices and "
+                            f"module_bits from {fits}")
+    if bad:
+        raise QuantlabError(f"method '{label}': {grid_problem(bad[0], sym)}")
     if group != -1 and group % BLOCK:
         raise QuantlabError(f"method '{label}': group_size {group} is not a multiple of {BLOCK}; GGUF export needs "
                             "group_size 32, 64, 128... or -1")
