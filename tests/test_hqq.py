@@ -155,3 +155,29 @@ def test_a_group_size_that_does_not_divide_a_layer_is_refused(tiny_model_dir):
 
     with pytest.raises(QuantlabError, match="group_size 48 does not divide"):
         _quantized_tiny(tiny_model_dir, group_size=48)
+
+
+def test_round_zero_starts_from_an_integer_zero_point_as_hqq_does_for_4_bits():
+    w = _weight()
+    # HQQ's default: a rounded start for 4 bits only (the optimiser then moves it)
+    assert torch.equal(hqq_grid(w, 4, 64, optimize=False).zeros, hqq_grid(w, 4, 64, optimize=False).zeros.round())
+    assert not torch.equal(hqq_grid(w, 3, 64, optimize=False).zeros, hqq_grid(w, 3, 64, optimize=False).zeros.round())
+    start = hqq_grid(w, 3, 64, optimize=False, round_zero=True)
+    assert torch.equal(start.zeros, start.zeros.round())
+    assert not torch.equal(hqq_grid(w, 3, 64, round_zero=True).zeros, hqq_grid(w, 3, 64).zeros)
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_the_grid_is_torchaos_own_hqq_quantizer(bits):
+    """torchao's full HQQ entry point (the one its Int4WeightOnlyConfig(..."hqq") runs) gives
+    the same scales and zero points, to the float16 quantlab stores."""
+    from torchao.quantization import quant_primitives as qp
+
+    choose = getattr(qp, "_choose_qparams_and_quantize_affine_hqq", None)
+    if choose is None:
+        pytest.skip("this torchao has no _choose_qparams_and_quantize_affine_hqq")
+    w = _weight(seed=2)
+    _, s, z, _ = choose(w, nbits=bits, group_size=64, axis=1, compute_dtype=torch.float32, device="cpu",
+                        raw_output=True)
+    q = hqq_grid(w, bits, 64)
+    assert torch.equal(s.half().float().t(), q.scales) and torch.equal(z.half().float().t(), q.zeros)

@@ -5,9 +5,9 @@ Each group's scale starts from its min-max range; HQQ then optimises the group's
 splitting: a proximal shrinkage step on the error, then the zero point in closed form, for
 a few iterations. No calibration data, no Hessian: a per-layer cost comparable to RTN's.
 
-The optimiser is torchao's (``_choose_qparams_and_quantize_affine_hqq``, the code torchao's
-own ``Int4WeightOnlyConfig(int4_choose_qparams_algorithm="hqq")`` runs; torchao is the
-``[torchao]`` extra, wheels only). The hqq library itself was not used: its sdist runs a CUDA
+The optimiser is torchao's (``optimize_weights_proximal_legacy``, the solver torchao's own
+``Int4WeightOnlyConfig(int4_choose_qparams_algorithm="hqq")`` runs; torchao is the
+``[torchao]`` extra, wheels only); the starting grid is set up here as HQQ sets it up. The hqq library itself was not used: its sdist runs a CUDA
 extension build from ``egg_info`` and saves metadata with ``torch.save``. torchao's public
 HQQ path packs 4 bits only and for its own kernels, so quantlab calls the optimiser and
 stores the grid in its own layout (:mod:`quantlab.formats.hqq`, float zero points), for 2, 3,
@@ -17,7 +17,6 @@ before the codes are taken, so the model scored after reload is the one quantize
 
 from __future__ import annotations
 
-import functools
 import logging
 import warnings
 from typing import Any, Literal
@@ -53,6 +52,9 @@ class HQQConfig(BackendConfig):
                        "stops falling).")
     lp_norm: float = Field(0.7, gt=0, le=1, description="p of the lp-norm error HQQ minimises (p < 1 favours "
                            "fitting most weights exactly and letting outliers go).")
+    round_zero: bool | None = Field(None, description="Round each group's starting zero point to an integer "
+                                    "(null: HQQ's default, 4 bits only). Without it no code maps to exactly 0, which "
+                                    "costs much at 3 bits on the demo model (docs/methods.md).")
     skip: list[str] | Literal["auto"] = skip_field()
 
     @field_validator("bits")
@@ -74,7 +76,7 @@ class HQQConfig(BackendConfig):
 
 
 def _optimizer():
-    """torchao's HQQ entry point (MissingDependencyError naming the extra without torchao)."""
+    """torchao's HQQ proximal solver (MissingDependencyError naming the extra without torchao)."""
     for name in ("torchao", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
@@ -83,26 +85,37 @@ def _optimizer():
             from torchao.quantization import quant_primitives as qp
     except ImportError:
         raise MissingDependencyError("torchao", "torchao", "backend 'hqq'") from None
-    fn = getattr(qp, "_choose_qparams_and_quantize_affine_hqq", None)
+    fn = getattr(qp, "optimize_weights_proximal_legacy", None)
     if fn is None:  # renamed or removed in another torchao release
-        raise QuantlabError("this torchao has no _choose_qparams_and_quantize_affine_hqq (quantlab uses torchao "
+        raise QuantlabError("this torchao has no optimize_weights_proximal_legacy (quantlab uses torchao "
                             "0.12-0.18's HQQ optimiser); pip install 'torchao>=0.12,<0.19' torch==2.13.0")
-    return fn, qp.optimize_weights_proximal_legacy
+    return fn
 
 
 @torch.no_grad()
 def hqq_grid(w: torch.Tensor, bits: int, group_size: int, optimize: bool = True, iters: int = 20,
-             lp_norm: float = 0.7) -> QuantizedWeight:
-    """HQQ's grid of W [out, in]: codes, float16 scales and float zero points [n_groups, out]."""
-    choose, proximal = _optimizer()
+             lp_norm: float = 0.7, round_zero: bool | None = None) -> QuantizedWeight:
+    """HQQ's grid of W [out, in]: codes, float16 scales and float zero points [n_groups, out].
+
+    The start is HQQ's: each group's min-max range, its zero point rounded to an integer for 4
+    bits only (``round_zero`` None; the hqq library's and torchao's default), then torchao's
+    proximal solver moves the zero point."""
+    proximal = _optimizer()
     out_f, in_f = w.shape
     g = in_f if group_size == -1 else group_size
-    params = {"lp_norm": lp_norm, "beta": 1e1, "kappa": 1.01, "iters": iters, "early_stop": True}
-    _, scale, zero, _ = choose(w.float(), nbits=bits, group_size=g, optimize=optimize, axis=1,
-                               compute_dtype=torch.float32, device=str(w.device), raw_output=True,
-                               optimize_weights=functools.partial(proximal, opt_params=params))
+    maxq = 2**bits - 1
+    wg = w.float().reshape(-1, g)  # row r = (output o, group j), as HQQ's axis=1
+    lo, hi = wg.min(dim=1, keepdim=True).values, wg.max(dim=1, keepdim=True).values
+    inv = (maxq / (hi - lo)).clamp(max=2e4)  # HQQ's inverse scale (clamped for float16)
+    zero = -lo * inv
+    if bits == 4 if round_zero is None else round_zero:
+        zero = torch.round(zero)
+    if optimize:
+        params = {"lp_norm": lp_norm, "beta": 1e1, "kappa": 1.01, "iters": iters, "early_stop": True}
+        _, inv, zero = proximal(tensor=wg, scale=inv, zero=zero, min_max=[0, maxq], axis=1, device=str(w.device),
+                                dtype=torch.float32, opt_params=params)
     # [out, n_groups] -> the stored float16 values; codes taken against exactly those
-    scales = scale.reshape(out_f, in_f // g).half().float()
+    scales = (1.0 / inv).reshape(out_f, in_f // g).half().float()
     zeros = zero.reshape(out_f, in_f // g).half().float()
     g_idx = torch.arange(in_f, device=w.device) // g
     q = torch.round(w.float() / scales[:, g_idx] + zeros[:, g_idx]).clamp(0, 2**bits - 1).to(torch.int64)
@@ -141,7 +154,7 @@ class HQQBackend(LayoutBackend):
             lin = model.get_submodule(name)
             w = lin.weight.data
             with self.stage("hqq optimiser"):
-                grid = hqq_grid(w, c.bits, c.group_size, c.optimize, c.iters, c.lp_norm)
+                grid = hqq_grid(w, c.bits, c.group_size, c.optimize, c.iters, c.lp_norm, c.round_zero)
             q = self.pack(grid, lin.bias, w.dtype, dense=False)
             err = (q.dequantize() - w.float()).norm() / w.float().norm().clamp(min=1e-12)
             self.layer_stats[name] = {"weight_rel_error": float(err)}
