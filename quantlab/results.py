@@ -22,7 +22,7 @@ COLUMNS = [
     "decode_tokens_per_s_max", "latency_p50_ms", "latency_p95_ms", "decode_bound_tokens_per_s",
     "decode_fraction_of_bound", "decode_batch_size", "decode_tokens_per_s_batch",
     "decode_x_float", "decode_x_min", "decode_x_max", "prefill_x_float", "speed_rounds", "speed_session",
-    "speed_mode", "compile_s",
+    "speed_mode", "compile_s", "speed_other_cores",
     "peak_rss_quantize_bytes", "peak_rss_load_bytes", "peak_rss_eval_bytes", "peak_cuda_quantize_bytes",
     "peak_cuda_eval_bytes", "quantize_s", "export_s", "load_s", "eval_s", "eval_tokens_per_s", "dtype",
     "device", "threads", "kernel", "tokenizer", "eval_sha256", "checkpoint", "measured_at", "session",
@@ -35,6 +35,10 @@ COLUMNS = [
     # where the method ran (distributed runs) and why it failed, if it did
     "worker", "error",
 ]
+
+#: ``speed_other_cores`` (cores other processes kept busy on average while the speed phase
+#: measured) from which the log and the report flag the speed figures as disturbed
+BUSY_CORES = 0.2
 
 #: nested (or row-bookkeeping) fields that metrics.json keeps and the table does not
 DETAILS = frozenset({

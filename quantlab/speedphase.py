@@ -11,12 +11,20 @@ reports the median ratio over rounds and its min and max (``decode_x_float``,
 ``decode_x_min``, ``decode_x_max``), the medians of every pooled sample, and every raw sample
 in ``metrics.json``. Rows reused on resume are measured again with the others: speed figures
 of different sessions are never put side by side.
+
+Interleaving protects ratios from a machine whose load drifts, not from a machine that is busy
+throughout: OpenMP threads that share a core with another process wait for it at every
+barrier (a spinning process on one of two cores made 2-thread decode more than 10x slower
+here). So the phase also measures, from the kernel's CPU accounting, how many cores other
+processes used on average while it ran (``speed_other_cores``); the report warns when that is
+not negligible.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import gc
+import os
 import statistics
 import time
 
@@ -26,6 +34,7 @@ from quantlab.bench.size import checkpoint_quantized_bytes, checkpoint_tensor_by
 from quantlab.bench.speed import decode_bound, measure_speed
 from quantlab.checkpoint import load_checkpoint, read_sidecar
 from quantlab.formats.base import DenseDequantLinear
+from quantlab.results import BUSY_CORES
 from quantlab.runs import write_record
 
 #: figures each measurement reports only as a median (no samples kept): median over measurements
@@ -43,7 +52,7 @@ def speed_phase(plan, rows: list[dict], log) -> None:
     others = [r for r in rows if r is not base]
     log(f"speed: {len(rows)} checkpoints, {spec.rounds} rounds alternating with the baseline, "
         f"{spec.repeats} repeats each, {spec.mode} decode ({torch.get_num_threads()} threads)")
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _cpu_seconds()
     samples: dict[str, list[dict]] = {r["method"]: [] for r in rows}
     ratios: dict[str, dict[str, list[float]]] = {r["method"]: {"decode": [], "prefill": []} for r in others}
     bounds: dict[str, dict] = {}
@@ -57,10 +66,37 @@ def speed_phase(plan, rows: list[dict], log) -> None:
             _round_ratios(measured, ratios)
         log(f"speed: round {rnd + 1}/{spec.rounds} done ({time.perf_counter() - t0:.0f} s)")
     session = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+    other = other_cores(cpu0, _cpu_seconds(), time.perf_counter() - t0)
+    if other is not None and other >= BUSY_CORES:
+        log(f"speed: other processes used {other:.2f} cores on average during the speed phase "
+            f"({os.cpu_count()} cores, {torch.get_num_threads()} threads here): the figures are disturbed")
     for r in rows:
         r.update(_row_fields(samples[r["method"]], ratios.get(r["method"]), r is base, bounds[r["method"]],
                              spec.rounds, session))
+        r["speed_other_cores"] = other
         write_record(plan.run_dir.metrics(r["method"]), r)
+
+
+def _cpu_seconds() -> tuple[float, float] | None:
+    """(CPU seconds the whole machine has spent busy, CPU seconds of this process) from
+    /proc/stat and os.times; None where /proc/stat does not exist (not Linux)."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+    except (OSError, ValueError):
+        return None
+    busy = sum(ticks) - ticks[3] - ticks[4]
+    t = os.times()
+    return busy / os.sysconf("SC_CLK_TCK"), t.user + t.system
+
+
+def other_cores(before, after, wall: float) -> float | None:
+    """Average number of cores other processes kept busy between two :func:`_cpu_seconds`
+    samples ``wall`` seconds apart (never below 0: the two clocks tick at different grains)."""
+    if before is None or after is None or wall <= 0:
+        return None
+    machine, own = after[0] - before[0], after[1] - before[1]
+    return max(0.0, (machine - own) / wall)
 
 
 def _measure(plan, row: dict, bounds: dict) -> dict:

@@ -5,6 +5,7 @@ ratios come from neighbouring measurements; a resumed run measures all rows agai
 from __future__ import annotations
 
 import json
+import os
 
 import pandas as pd
 
@@ -43,6 +44,8 @@ def test_every_checkpoint_is_timed_in_rounds_beside_the_baseline(tiny_model_dir,
     assert len(base["speed"]["measurements"]) == 3 * 3  # before, between and after the two methods
     first = set(frame["speed_session"])
     assert len(first) == 1
+    # how busy the rest of the machine was while it measured: one figure for the whole phase
+    assert frame["speed_other_cores"].nunique() == 1 and frame["speed_other_cores"].iloc[0] >= 0
     # resumed: every row reused, and every row's speed measured again, together
     assert main(["run", str(recipe)]) == 0
     assert capsys.readouterr().err.count("finished earlier with the same settings") == 3
@@ -71,3 +74,33 @@ def test_a_ratio_is_against_the_baseline_measurements_beside_it():
     _round_ratios(measured, ratios)
     assert ratios["a"]["decode"] == [9 / 9] and ratios["b"]["decode"] == [3 / 6]
     assert ratios["a"]["prefill"] == [90 / 90] and ratios["b"]["prefill"] == [30 / 60]
+
+
+def test_the_cores_other_processes_use_are_measured_while_speed_is():
+    """A real second process spinning on one core for the window: about one core, from the
+    kernel's accounting (this process only sleeps meanwhile)."""
+    import subprocess
+    import sys
+    import time
+
+    from quantlab.speedphase import _cpu_seconds, other_cores
+
+    spin = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 4: pass"])
+    try:
+        time.sleep(0.5)  # the interpreter has started and spins
+        before, t0 = _cpu_seconds(), time.perf_counter()
+        time.sleep(2.0)
+        busy = other_cores(before, _cpu_seconds(), time.perf_counter() - t0)
+    finally:
+        spin.wait()
+    assert 0.7 <= busy <= 1.0 + (os.cpu_count() or 1), busy
+    assert other_cores(None, (1.0, 1.0), 1.0) is None and other_cores((0, 0), (1.0, 2.0), 1.0) == 0.0
+
+
+def test_a_busy_machine_is_a_warning_in_the_report():
+    from quantlab.report.caveats import busy_machine
+
+    quiet = pd.DataFrame({"speed_other_cores": [0.05, 0.05]})
+    busy = pd.DataFrame({"speed_other_cores": [0.9, 0.9]})
+    assert busy_machine(quiet) is None and busy_machine(pd.DataFrame({"ppl": [1.0]})) is None
+    assert "other processes used 0.90 cores on average while speed was measured" in busy_machine(busy)

@@ -48,6 +48,20 @@ def few_tokens(frame: pd.DataFrame) -> str | None:
             f"be noise; raise eval.max_windows (or use more text) for {FEW_TOKENS}+ tokens, and compare rows by KL")
 
 
+def busy_machine(frame: pd.DataFrame) -> str | None:
+    """A warning when other processes kept cores busy while the speed phase measured."""
+    from quantlab.results import BUSY_CORES
+
+    if "speed_other_cores" not in frame or not frame["speed_other_cores"].notna().any():
+        return None
+    other = float(frame["speed_other_cores"].max())
+    if other < BUSY_CORES:
+        return None
+    return (f"other processes used {other:.2f} cores on average while speed was measured: tokens/s are "
+            "disturbed (threads waiting for a shared core can slow decode many times over) and ratios are only "
+            "as good as the interleaving; measure again on an idle machine, or with fewer threads than free cores")
+
+
 def engine_disagreements(frame: pd.DataFrame, metrics: dict[str, dict]) -> list[str]:
     """Pairs of rows whose options are equal except for ``engine`` and whose perplexities
     differ by more than noise."""
@@ -128,6 +142,9 @@ def report_warnings(runs: list[RunData], frame: pd.DataFrame) -> list[str]:
                            "methods are reused when a run resumes); the machine's load may have differed, so "
                            "speed ratios between those rows and the others are unreliable (re-run with --force "
                            "to measure all of them together)")
+        busy = busy_machine(part)
+        if busy:
+            out.append(f"{scope}: {busy}" if multi else busy)
         slower = slower_than_baseline(part)
         if slower:
             out.append(f"{scope}: slower than the float baseline on this device ({slower_basis(part)}): "
