@@ -188,6 +188,20 @@ def _validate_one(path: str, overrides: list[str]) -> None:
     for m in methods:  # what will run, sweeps expanded, options as written
         opts = ", ".join(f"{k}: {json.dumps(v)}" for k, v in m.options.items())
         print(f"  {m.label:<{width}}  {m.backend:<16} {{{opts}}}")
+    _say_what_was_not_checked(recipe)
+
+
+def _say_what_was_not_checked(recipe) -> None:
+    """A valid recipe whose model or texts are not on this machine was checked less: say what."""
+    from quantlab.models import local_model_dir
+
+    for m in recipe.models or [recipe.model]:
+        if local_model_dir(m.source) is None:
+            print(f"  not checked: the methods against {m.source}'s architecture (not on this machine; "
+                  "`quantlab run` checks them once it is loaded)")
+    online = {s.source for s in (recipe.eval, recipe.calibration) if s.source == "wikitext2"}
+    if online:
+        print("  not checked: the text source wikitext2 (online; `quantlab run` loads it from the Hugging Face Hub)")
 
 
 def _cmd_eval(args) -> int:

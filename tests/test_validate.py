@@ -35,3 +35,14 @@ def test_backends_says_what_is_usable_here(capsys):
     lines = [line for line in capsys.readouterr().out.splitlines() if not line.startswith(" ")]
     assert lines and all(line.endswith("[usable here]") or "NOT usable here: " in line for line in lines)
     assert any(line.startswith("rtn:") and line.endswith("[usable here]") for line in lines)
+
+
+def test_validate_says_what_it_could_not_check(tiny_model_dir, tmp_path, capsys):
+    hub = _write(tmp_path / "hub.yaml", "HuggingFaceTB/SmolLM2-360M", 64)
+    assert main(["validate", str(hub), "--set", "eval.source=wikitext2"]) == 0
+    out = capsys.readouterr().out
+    assert "not checked: the methods against HuggingFaceTB/SmolLM2-360M's architecture (not on this machine" in out
+    assert "not checked: the text source wikitext2 (online" in out
+    local = _write(tmp_path / "local.yaml", tiny_model_dir, 32)
+    assert main(["validate", str(local)]) == 0
+    assert "not checked" not in capsys.readouterr().out
