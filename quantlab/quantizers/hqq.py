@@ -17,8 +17,6 @@ before the codes are taken, so the model scored after reload is the one quantize
 
 from __future__ import annotations
 
-import logging
-import warnings
 from typing import Any, Literal
 
 import torch
@@ -26,7 +24,7 @@ from pydantic import Field, field_validator
 from torch import nn
 from tqdm.auto import tqdm
 
-from quantlab.errors import MissingDependencyError, QuantlabError
+from quantlab.errors import QuantlabError
 from quantlab.formats import LAYOUTS, LayerFormat, QuantizedWeight
 from quantlab.formats.hqq import HQQ_BITS
 from quantlab.quantizers.base import (
@@ -36,7 +34,7 @@ from quantlab.quantizers.base import (
     skip_field,
     target_linears,
 )
-from quantlab.quantizers.rtn import LayoutBackend, check_layers
+from quantlab.quantizers.rtn import LayoutBackend, check_group_size, check_layers
 
 __all__ = ["HQQBackend", "HQQConfig", "hqq_grid"]
 
@@ -67,9 +65,7 @@ class HQQConfig(BackendConfig):
     @field_validator("group_size")
     @classmethod
     def _group(cls, v: int) -> int:
-        if v != -1 and v < 1:
-            raise ValueError(f"group_size must be a positive number of columns or -1 (per channel), got {v}")
-        return v
+        return check_group_size(v)
 
     def table_fields(self) -> dict[str, Any]:
         return {"bits": self.bits, "group_size": self.group_size}
@@ -77,14 +73,12 @@ class HQQConfig(BackendConfig):
 
 def _optimizer():
     """torchao's HQQ proximal solver (MissingDependencyError naming the extra without torchao)."""
-    for name in ("torchao", "torch.utils._pytree"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            from torchao.quantization import quant_primitives as qp
-    except ImportError:
-        raise MissingDependencyError("torchao", "torchao", "backend 'hqq'") from None
+    import importlib
+
+    from quantlab.quantizers.int8 import _torchao
+
+    _torchao("hqq")  # imports torchao quietly, or names the extra
+    qp = importlib.import_module("torchao.quantization.quant_primitives")
     fn = getattr(qp, "optimize_weights_proximal_legacy", None)
     if fn is None:  # renamed or removed in another torchao release
         raise QuantlabError("this torchao has no optimize_weights_proximal_legacy (quantlab uses torchao "

@@ -39,12 +39,19 @@ from quantlab.quantizers.base import (
 from quantlab.quantizers.grid import quantize_matrix
 
 __all__ = ["GPTQ_BITS", "RTN", "LayoutBackend", "RTNConfig", "WeightQuantConfig", "check_layers",
-           "gptq_quantization_config", "input_mean_squares", "load_packed", "search_clip"]
+           "check_group_size", "gptq_quantization_config", "input_mean_squares", "load_packed", "search_clip"]
 
 
 #: widths ``bits: auto`` chooses from by default: the GPTQ format's, which gptqmodel, vLLM and
 #: transformers load (5-7 bits are quantlab-only; add them to bits_choices for RTN)
 AUTO_CHOICES = (2, 3, 4, 8)
+
+
+def check_group_size(v: int) -> int:
+    """A group size option: a positive number of input columns, or -1 (one group per channel)."""
+    if v != -1 and v < 1:
+        raise ValueError(f"group_size must be a positive number of columns or -1 (per channel), got {v}")
+    return v
 
 
 class WeightQuantConfig(BackendConfig):
@@ -126,9 +133,7 @@ class WeightQuantConfig(BackendConfig):
     @field_validator("group_size")
     @classmethod
     def _group(cls, v: int) -> int:
-        if v != -1 and v < 1:
-            raise ValueError(f"group_size must be a positive number of columns or -1 (per channel), got {v}")
-        return v
+        return check_group_size(v)
 
     def table_fields(self) -> dict[str, Any]:
         # several widths: the results table reports the mean code width of the layers
