@@ -8,16 +8,9 @@ import pytest
 import torch
 
 from quantlab.checkpoint import export_checkpoint, load_checkpoint
-from quantlab.quantizers.awq import (
-    AWQ,
-    AWQLinear,
-    awq_search_clip,
-    awq_search_scales,
-    fake_quant,
-    gram,
-    pack_awq,
-    unpack_awq,
-)
+from quantlab.formats.awq_gemm import AWQLinear, pack_awq, unpack_awq
+from quantlab.grid import fake_quant
+from quantlab.quantizers.awq import AWQ, awq_search_clip, awq_search_scales, gram
 
 
 def reference_pack_awq(intweight: torch.Tensor) -> torch.Tensor:

@@ -16,8 +16,9 @@ from quantlab.checkpoint import SIDECAR, export_checkpoint, load_checkpoint, sid
 from quantlab.errors import QuantlabError
 from quantlab.formats import LAYOUTS, QuantizedWeight, get_layout, layout_of, unpack_layer
 from quantlab.formats.gguf import export_gguf
-from quantlab.quantizers.grid import quantize_matrix
-from quantlab.quantizers.rtn import RTN, WeightQuantConfig
+from quantlab.grid import quantize_matrix
+from quantlab.quantizers.rtn import RTN
+from quantlab.quantizers.weightonly import WeightQuantConfig
 
 CPU = torch.device("cpu")
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from quantlab.checkpoint import export_checkpoint, load_checkpoint
+from quantlab.grid import dequantize_matrix, quantize_matrix
 from quantlab.quantizers.gptq import GPTQ, gptq_quantize
-from quantlab.quantizers.grid import dequantize_matrix, quantize_matrix
 
 
 def _layer_problem(seed=0, out_f=64, in_f=128, n=2048):

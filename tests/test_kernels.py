@@ -14,8 +14,9 @@ from quantlab.bench.speed import bytes_per_token
 from quantlab.errors import QuantlabError
 from quantlab.formats import LAYOUTS, QuantizedWeight
 from quantlab.formats.kernels import TIMING_TOKENS, Int4Pack, Int8Pack, apply_kernels, shape_key
-from quantlab.quantizers.grid import quantize_matrix
-from quantlab.quantizers.rtn import RTN, WeightQuantConfig
+from quantlab.grid import quantize_matrix
+from quantlab.quantizers.rtn import RTN
+from quantlab.quantizers.weightonly import WeightQuantConfig
 
 CPU = torch.device("cpu")
 

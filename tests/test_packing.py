@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from quantlab.quantizers.packing import pack_cols, pack_rows, pack_unit, unpack_cols, unpack_rows
+from quantlab.formats.packing import pack_cols, pack_rows, pack_unit, unpack_cols, unpack_rows
 
 
 def reference_pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:

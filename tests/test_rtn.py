@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from quantlab.errors import QuantlabError
-from quantlab.quantizers.grid import quantize_matrix
-from quantlab.quantizers.linear import PackedLinear
+from quantlab.formats.gptq_v1 import PackedLinear
+from quantlab.grid import quantize_matrix
 from quantlab.quantizers.rtn import RTN
 
 
@@ -90,7 +90,7 @@ def test_quantizing_tied_lm_head_is_refused(tiny):
 @pytest.mark.parametrize("sym", [True, False])
 @pytest.mark.parametrize("weighted", [False, True])
 def test_the_clipping_search_is_never_worse_than_plain_rounding_by_its_measure(sym, weighted):
-    from quantlab.quantizers.awq import fake_quant
+    from quantlab.grid import fake_quant
     from quantlab.quantizers.rtn import search_clip
 
     gen = torch.Generator().manual_seed(3)

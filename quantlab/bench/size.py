@@ -4,20 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 
-import torch
 from torch import nn
-
-PACKED_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
-
-
-def quantized_tensor_bytes(model: nn.Module) -> int:
-    """Bytes of the tensors that encode quantized weights (codes, scales, zeros, group index)."""
-    total = 0
-    for m in model.modules():
-        if hasattr(m, "qweight"):
-            total += sum(t.numel() * t.element_size() for t in (getattr(m, n, None) for n in PACKED_TENSORS)
-                         if isinstance(t, torch.Tensor))
-    return total
 
 
 def checkpoint_tensor_bytes(ckpt_dir, model: nn.Module | None = None) -> dict[str, int]:

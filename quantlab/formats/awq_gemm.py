@@ -15,7 +15,7 @@ from torch import nn
 
 from quantlab.errors import QuantlabError
 from quantlab.formats.base import DenseDequantLinear, LayerFormat, QuantizedWeight
-from quantlab.quantizers.grid import dequantize_matrix
+from quantlab.grid import dequantize_matrix
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of a word holds column 8*word + AWQ_ORDER[i]
 

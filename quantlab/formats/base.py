@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantlab.quantizers.grid import dequantize_matrix
+from quantlab.grid import dequantize_matrix
 
 
 @dataclass(frozen=True)

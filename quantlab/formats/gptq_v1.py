@@ -22,7 +22,7 @@ from torch import nn
 from quantlab.errors import QuantlabError
 from quantlab.formats.base import DenseDequantLinear, LayerFormat, QuantizedWeight
 from quantlab.formats.packing import pack_cols, pack_rows, pack_unit, unpack_cols, unpack_rows
-from quantlab.quantizers.grid import dequantize_matrix
+from quantlab.grid import dequantize_matrix
 
 GPTQ_BITS = (2, 3, 4, 8)
 

@@ -27,7 +27,7 @@ from torch import nn
 from quantlab.errors import QuantlabError
 from quantlab.formats.base import DenseDequantLinear, LayerFormat, QuantizedWeight
 from quantlab.formats.packing import pack_rows, pack_unit, unpack_rows
-from quantlab.quantizers.grid import dequantize_matrix
+from quantlab.grid import dequantize_matrix
 
 HQQ_BITS = (2, 3, 4, 8)
 

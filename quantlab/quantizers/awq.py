@@ -34,26 +34,19 @@ from tqdm.auto import tqdm
 
 from quantlab.errors import QuantlabError
 from quantlab.formats import LAYOUTS, LayerFormat, QuantizedWeight, drop_dense_weights
-from quantlab.formats.awq_gemm import AWQLinear, pack_awq, unpack_awq
 from quantlab.formats.gptq_v1 import GPTQ_BITS
+from quantlab.grid import clip_search, fake_quant, quantize_matrix
 from quantlab.quantizers.arch import arch_spec, decoder_layers
 from quantlab.quantizers.base import check_not_tied, set_module, target_linears
-from quantlab.quantizers.grid import dequantize_matrix, quantize_matrix
-from quantlab.quantizers.rtn import LayoutBackend, WeightQuantConfig, check_allocation, check_layers
 from quantlab.quantizers.sequential import first_layer_inputs, input_hooks, layer_output, run_layer
-
-# the gemm layout's names stay importable from here, where they lived before quantlab.formats
-__all__ = ["AWQ", "AWQConfig", "AWQLinear", "awq_search_clip", "awq_search_scales", "fake_quant", "gram",
-           "pack_awq", "unpack_awq"]
+from quantlab.quantizers.weightonly import (
+    LayoutBackend,
+    WeightQuantConfig,
+    check_allocation,
+    check_layers,
+)
 
 # --------------------------------------------------------------------------- algorithm core
-
-
-def fake_quant(w: torch.Tensor, bits: int, group_size: int, sym: bool) -> torch.Tensor:
-    """W [out, in] rounded to its grid and dequantized (float32)."""
-    codes, scales, zeros = quantize_matrix(w, bits, group_size, sym)
-    g = w.shape[1] if group_size == -1 else group_size
-    return dequantize_matrix(codes, scales, zeros, torch.arange(w.shape[1], device=w.device) // g)
 
 
 def awq_candidates(x_mean: torch.Tensor, w_mean: torch.Tensor, n_grid: int, duo_scaling: bool):
@@ -113,28 +106,6 @@ def awq_search_clip(w: torch.Tensor, sigma: torch.Tensor, bits: int, group_size:
     blocks = torch.stack([sigma[j * g : (j + 1) * g, j * g : (j + 1) * g] for j in range(in_f // g)])  # [ng, g, g]
     return clip_search(w, bits, group_size, sym, lambda dq: torch.einsum("ong,ngh,onh->on", dq, blocks, dq),
                        steps=max(1, int(max_shrink * n_grid)), n_grid=n_grid)
-
-
-def clip_search(w: torch.Tensor, bits: int, group_size: int, sym: bool, error, *, steps: int,
-                n_grid: int) -> torch.Tensor:
-    """The clipping-range search AWQ and RTN's scale_search share: bounds max|w| x (1 - i/n_grid)
-    for i < ``steps``, each (row, group) keeping the bound whose rounding ``error(dq)`` (dq: the
-    rounding error [out, n_groups, g]) is smallest. Returns max_val [out, n_groups]."""
-    out_f, in_f = w.shape
-    g = in_f if group_size == -1 else group_size
-    wb = w.float().view(out_f, in_f // g, g)
-    org_max = wb.abs().amax(dim=2, keepdim=True)  # [o, ng, 1]
-    best_err = torch.full(wb.shape[:2], float("inf"), device=w.device)
-    best_max = org_max.squeeze(2).clone()
-    for i in range(steps):
-        mx = org_max * (1 - i / n_grid)
-        cur = torch.clamp(wb, -mx, mx)
-        dq = fake_quant(cur.reshape(-1, g), bits, -1, sym).view_as(wb) - wb  # one grid per (row, group)
-        err = error(dq)
-        better = err < best_err
-        best_err[better] = err[better]
-        best_max[better] = mx.squeeze(2)[better]
-    return best_max
 
 
 # --------------------------------------------------------------------------- backend

@@ -26,16 +26,21 @@ from tqdm.auto import tqdm
 from quantlab.errors import MissingDependencyError, QuantlabError
 from quantlab.formats import QuantizedWeight, drop_dense_weights
 from quantlab.formats.gptq_v1 import GPTQ_BITS, PackedLinear
+from quantlab.grid import group_params, quantize_codes
 from quantlab.quantizers.arch import arch_spec, decoder_layers
 from quantlab.quantizers.base import check_not_tied, set_module, target_linears
-from quantlab.quantizers.grid import group_params, quantize_codes
-from quantlab.quantizers.rtn import LayoutBackend, WeightQuantConfig, check_allocation, check_layers
 from quantlab.quantizers.sequential import (
     feed,
     first_layer_inputs,
     input_hooks,
     run_layer,
     staged_prenorm_layer,
+)
+from quantlab.quantizers.weightonly import (
+    LayoutBackend,
+    WeightQuantConfig,
+    check_allocation,
+    check_layers,
 )
 
 # --------------------------------------------------------------------------- algorithm core

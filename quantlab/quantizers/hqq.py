@@ -34,7 +34,7 @@ from quantlab.quantizers.base import (
     skip_field,
     target_linears,
 )
-from quantlab.quantizers.rtn import LayoutBackend, check_group_size, check_layers
+from quantlab.quantizers.weightonly import LayoutBackend, check_group_size, check_layers
 
 __all__ = ["HQQBackend", "HQQConfig", "hqq_grid"]
 
