@@ -8,12 +8,22 @@ so a typo never reaches the expensive part of a run.
 from __future__ import annotations
 
 import itertools
+import math
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from quantlab.bench import speed
 from quantlab.errors import RecipeError, did_you_mean
@@ -28,9 +38,14 @@ MAX_RECIPE_BYTES = 1 << 20
 MAX_RECIPE_NODES = 100_000
 #: the longest input value echoed back in an error message
 MAX_ECHO = 120
-#: run-directory entries a method directory (named by its label) must not collide with
-RESERVED_LABELS = frozenset({"reference", "allocation", "plots", "recipe.yaml", "environment.json", "calibration.json",
-                             "results.csv", "results.parquet", "results.md", "report.html"})
+#: run-directory entries a method directory (named by its label) must not collide with (the
+#: layout of quantlab.rundir; compared case-insensitively, for case-insensitive filesystems)
+RESERVED_LABELS = frozenset({
+    "reference", "allocation", "plots", "plan.json", "plan.safetensors", "recipe.yaml",
+    "environment.json", "calibration.json", "results.csv", "results.parquet", "results.md",
+    "report.html"})
+#: entries of a several-models run (pipeline.run_models) a model's directory must not collide with
+RESERVED_MODEL_LABELS = frozenset({"report", "methods_x_models.csv"})
 
 
 class _Strict(BaseModel):
@@ -325,16 +340,20 @@ class MethodSpec(_Strict):
 
 #: the most methods one sweep may expand into (a typo like group_size: [32, 64, ...] x 10 keys)
 MAX_SWEEP = 256
+#: the most methods a recipe runs, sweeps expanded, times its models (each model runs them all)
+MAX_METHODS = 512
 #: how a swept option shows in a label: bits 4 -> w4, group_size 32 -> g32 (-1 -> gch)
 _LABEL_PARTS = {"bits": "w{}", "group_size": "g{}"}
 
 
 def _label_part(key: str, value: Any) -> str:
+    """A swept or overridden option as a label part, cut past a label's length (the label's
+    check then refuses it), so a long value never makes 256 long labels."""
     if key == "group_size" and value == -1:
         return "gch"
     if key in _LABEL_PARTS:
-        return _LABEL_PARTS[key].format(value)
-    text = str(value).lower() if isinstance(value, bool) else str(value)
+        return _LABEL_PARTS[key].format(value)[: MAX_LABEL + 1]
+    text = (str(value).lower() if isinstance(value, bool) else str(value))[: MAX_LABEL + 1]
     return re.sub(r"[^A-Za-z0-9.+]", "", key.replace("_", "")) + "-" + re.sub(r"[^A-Za-z0-9._+-]", "_", text)
 
 
@@ -370,13 +389,12 @@ def relabel(label: str, key: str, old: Any, new: Any) -> str:
     return f"{label}-{_label_part(key, new)}"
 
 
-def expand_sweep(method: Any, where: str) -> list[Any]:
-    """A method with ``sweep: {key: [values]}`` as one method per combination (keys in the
-    order written), labelled ``LABEL-PART-PART`` (see :func:`_label_part`); others as they are."""
-    if not isinstance(method, dict) or "sweep" not in method:
-        return [method]
-    if method["sweep"] is None:  # written out as the default
-        return [{k: v for k, v in method.items() if k != "sweep"}]
+def sweep_size(method: Any, where: str) -> int:
+    """How many methods ``method`` expands into (1 without a sweep), from the lengths of its
+    lists alone: checked against MAX_SWEEP before any combination is built (a 300-byte
+    sweep of 12 keys x 10 values is 10**12 combinations)."""
+    if not isinstance(method, dict) or method.get("sweep") is None:
+        return 1
     sweep, options = method["sweep"], method.get("options") or {}
     if not isinstance(sweep, dict) or not sweep or not all(isinstance(v, list) and v for v in sweep.values()):
         raise RecipeError(f"{where}.sweep must map option names to non-empty lists of values, e.g. "
@@ -384,17 +402,51 @@ def expand_sweep(method: Any, where: str) -> list[Any]:
     both = sorted(set(sweep) & set(options)) if isinstance(options, dict) else []
     if both:
         raise RecipeError(f"{where}: {', '.join(both)} is both in options and in sweep; keep it in one")
-    combos = list(itertools.product(*sweep.values()))
-    if len(combos) > MAX_SWEEP:
-        raise RecipeError(f"{where}.sweep expands to {len(combos)} methods; at most {MAX_SWEEP}")
+    size = math.prod(len(v) for v in sweep.values())
+    if size > MAX_SWEEP:
+        lengths = [len(v) for v in sweep.values()]
+        lists = (f"its lists hold {' x '.join(map(str, lengths))} values" if len(lengths) <= 8
+                 else f"its {len(lengths)} lists hold up to {max(lengths)} values each")
+        raise RecipeError(f"{where}.sweep expands to {size} methods; at most {MAX_SWEEP} ({lists})")
+    return size
+
+
+def expand_sweep(method: Any, where: str) -> list[Any]:
+    """A method with ``sweep: {key: [values]}`` as one method per combination (keys in the
+    order written), labelled ``LABEL-PART-PART`` (see :func:`_label_part`); others as they are."""
+    return [m for m, _ in _expand_one(method, where)]
+
+
+def _expand_one(method: Any, where: str) -> list[tuple[Any, dict[str, int]]]:
+    """(method, {swept key: index of its value}) per combination of ``method``'s sweep."""
+    sweep_size(method, where)
+    if not isinstance(method, dict) or "sweep" not in method:
+        return [(method, {})]
+    rest = {k: v for k, v in method.items() if k != "sweep"}
+    if method["sweep"] is None:  # written out as the default
+        return [(rest, {})]
+    sweep, options = method["sweep"], method.get("options") or {}
     out = []
-    for values in combos:
-        chosen = dict(zip(sweep, values))
+    for picks in itertools.product(*(range(len(v)) for v in sweep.values())):
+        chosen = {k: sweep[k][i] for k, i in zip(sweep, picks)}
         parts = [_label_part(k, v) for k, v in chosen.items()]
         label = "-".join([str(method.get("label", "method")), *parts])
-        rest = {k: v for k, v in method.items() if k != "sweep"}
-        out.append(dict(rest, label=label, options=dict(options, **chosen)))
+        method_k = dict(rest, label=label, options=dict(options, **chosen))
+        out.append((method_k, dict(zip(sweep, picks))))
     return out
+
+
+def _check_size(data: dict) -> None:
+    """Methods after sweeps times models within MAX_METHODS, counted before anything expands."""
+    methods = data.get("methods") if isinstance(data.get("methods"), list) else []
+    models = data.get("models") if isinstance(data.get("models"), list) else []
+    n_methods = sum(sweep_size(m, f"methods[{i}]") for i, m in enumerate(methods))
+    if max(n_methods, 1) * max(len(models), 1) > MAX_METHODS:
+        what = f"{n_methods} methods" + (" (after sweeps)" if n_methods > len(methods) else "")
+        if models:
+            what += f" x {len(models)} models"
+        raise RecipeError(f"the recipe asks for {what}; a recipe runs at most {MAX_METHODS} "
+                          "(methods x models): split it into several recipes")
 
 
 class OutputSpec(_Strict):
@@ -433,21 +485,29 @@ class Recipe(_Strict):
 
     @model_validator(mode="before")
     @classmethod
-    def _expand_sweeps(cls, data: Any) -> Any:
-        """Methods with a ``sweep`` become one method per combination (docs/runs.md, "Sweeps")."""
-        if isinstance(data, dict) and isinstance(data.get("methods"), list):
+    def _expand_sweeps(cls, data: Any, info: ValidationInfo) -> Any:
+        """Methods with a ``sweep`` become one method per combination (docs/runs.md, "Sweeps"),
+        counted before any is built. Where each came from goes into the validation context
+        (``origins``), so that errors name what the user wrote, not the expanded list."""
+        if not isinstance(data, dict):
+            return data
+        _check_size(data)
+        if isinstance(data.get("methods"), list):
             named = [dict(m, label=default_label(m)) if isinstance(m, dict) and m.get("label") is None else m
                      for m in data["methods"]]
-            methods = [x for i, m in enumerate(named) for x in expand_sweep(m, f"methods[{i}]")]
-            data = dict(data, methods=methods)
+            expanded = [(x, (i, picks)) for i, m in enumerate(named)
+                        for x, picks in _expand_one(m, f"methods[{i}]")]
+            if isinstance(info.context, dict):
+                info.context["origins"] = [origin for _, origin in expanded]
+            data = dict(data, methods=[x for x, _ in expanded])
         return data
 
     @model_validator(mode="after")
-    def _methods(self) -> Recipe:
+    def _methods(self, info: ValidationInfo) -> Recipe:
         from quantlab.registry import get_backend
 
         labels = [m.label for m in self.methods]
-        dup = sorted({x for x in labels if labels.count(x) > 1})
+        dup = sorted(x for x, n in Counter(labels).items() if n > 1)
         if dup:
             raise ValueError(f"method labels must be unique; repeated: {', '.join(dup)}")
         if "llamacpp" in self.eval.engines and not any("gguf" in m.export for m in self.methods):
@@ -456,15 +516,18 @@ class Recipe(_Strict):
         if len(self.all_methods()) > len(self.methods) and "baseline" in labels:
             raise ValueError("a method is labelled 'baseline', the name of the float baseline that 'baseline: "
                              "true' adds; rename the method, or set 'baseline: false' (or give it backend 'none')")
+        origins = _origins(info, len(self.methods))
         for i, m in enumerate(self.methods):
-            backend = get_backend(m.backend, where=f"methods[{i}].backend")
+            backend = get_backend(m.backend, where=_where(("methods", i, "backend"), origins))
             try:
                 backend.Config(**m.options)
             except ValidationError as e:
-                raise RecipeError(_format_errors(e, backend.Config, f"methods[{i}].options")) from None
+                raise RecipeError(_format_errors(e, backend.Config, at=("methods", i, "options"),
+                                                 origins=origins)) from None
             if m.sensitivity is not None and "skip" not in backend.Config.model_fields:
-                raise RecipeError(f"methods[{i}].sensitivity: backend '{m.backend}' quantizes no "
-                                  "individual layers (it has no 'skip' option); remove the block")
+                where = _where(("methods", i, "sensitivity"), origins)
+                raise RecipeError(f"{where}: backend '{m.backend}' quantizes no individual layers "
+                                  "(it has no 'skip' option); remove the block")
         return self
 
     @model_validator(mode="after")
@@ -472,9 +535,16 @@ class Recipe(_Strict):
         if self.models and "model" in self.model_fields_set:
             raise RecipeError("give either model (one) or models (several), not both")
         labels = [m.dir_label() for m in self.models]
-        dup = sorted({x for x in labels if labels.count(x) > 1})
+        dup = sorted(x for x, n in Counter(labels).items() if n > 1)
         if dup:
             raise RecipeError(f"models share the directory label {', '.join(dup)}; give each a label")
+        for i, label in enumerate(labels):
+            if label.lower() in RESERVED_MODEL_LABELS:
+                how = "its label" if self.models[i].label else "the label its source gives it"
+                reserved = ", ".join(sorted(RESERVED_MODEL_LABELS))
+                raise RecipeError(f"models[{i}]: {how}, {label!r}, is the name of an entry "
+                                  "quantlab writes into a several-models run (reserved: "
+                                  f"{reserved}); give the model another label")
         return self
 
     def per_model(self) -> list[tuple[str, Recipe]]:
@@ -559,6 +629,8 @@ def apply_overrides(doc: dict, overrides: list[str]) -> dict:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
+        # counted before anything reads it: a label made from it would expand its aliases
+        _refuse_expanding(value, f"--set {key}", what="the value")
         if (m := _METHOD_KEY.match(key)) and isinstance(_get_path(doc, f"methods.{m.group(1)}.label"), str):
             renames.append((int(m.group(1)), m.group(2) or "backend", _get_path(doc, key), value))
         if (lm := re.match(r"^methods\.(\d+)\.label$", key)):
@@ -592,14 +664,47 @@ def _echo(value: Any) -> str:
     return text if len(text) <= MAX_ECHO else text[:MAX_ECHO] + "…"
 
 
-def _format_errors(exc: ValidationError, root: type[BaseModel], prefix: str = "") -> str:
+def _origins(info: ValidationInfo, n_methods: int) -> list | None:
+    """Where each expanded method came from, as :meth:`Recipe._expand_sweeps` recorded it."""
+    origins = info.context.get("origins") if isinstance(info.context, dict) else None
+    return origins if isinstance(origins, list) and len(origins) == n_methods else None
+
+
+def _where(loc: tuple, origins: list | None, prefix: str = "", *, key: bool = False) -> str:
+    """Where an error at ``loc`` of the expanded recipe is in the recipe as the user wrote it:
+    ``methods[k]`` of the expanded list is ``methods[i]`` of the recipe, and a swept option's
+    value is ``methods[i].sweep.KEY[j]`` (not ``options.KEY``, which the user did not write);
+    ``key``: the error is about the key itself (unknown), not one of its values."""
+    if origins is None or len(loc) < 2 or loc[0] != "methods" or not isinstance(loc[1], int):
+        return _path(loc, prefix)
+    i, picks = origins[loc[1]]
+    rest = loc[2:]
+    if rest[:1] == ("options",) and len(rest) > 1 and rest[1] in picks:
+        value = () if key and len(rest) == 2 else (picks[rest[1]],)
+        return _path(("methods", i, "sweep", rest[1], *value, *rest[2:]), prefix)
+    if rest == ("options",) and picks:  # an error of one combination as a whole
+        combination = ", ".join(f"{k}[{j}]" for k, j in picks.items())
+        return _path(("methods", i, "sweep"), prefix) + f" (the combination {combination})"
+    return _path(("methods", i, *rest), prefix)
+
+
+def _path(loc: tuple, prefix: str = "") -> str:
+    """``methods[0].options.bits`` from ``("methods", 0, "options", "bits")``."""
+    path = prefix
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path
+
+
+def _format_errors(exc: ValidationError, root: type[BaseModel], prefix: str = "", *, at: tuple = (),
+                   origins: list | None = None) -> str:
+    """One line per error of ``exc`` (raised validating ``root``), each naming where: ``prefix``,
+    then ``at`` and the error's location, as the user wrote it (see :func:`_where`)."""
     lines = []
     for err in exc.errors():
         loc = tuple(err["loc"])
         # pydantic reports errors raised in validators under an unnamed location
-        path = prefix
-        for part in loc:
-            path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+        path = _where(at + loc, origins, prefix, key=err["type"] == "extra_forbidden")
         if err["type"] == "extra_forbidden":
             parent = _model_at(root, loc[:-1])
             known = list(parent.model_fields) if parent else []
@@ -622,14 +727,16 @@ def parse_recipe(doc: Any, *, default_name: str = "run", origin: str = "recipe")
     if not isinstance(doc, dict):
         raise RecipeError(f"{origin}: a recipe is a mapping of keys (model, calibration, methods, "
                           f"eval, output), not a {type(doc).__name__}")
+    _refuse_expanding(doc, origin)  # --set values and documents built in Python were never counted
     doc = dict(doc)
     doc.setdefault("name", default_name)
+    context: dict[str, Any] = {}
     try:
-        return Recipe.model_validate(doc)
+        return Recipe.model_validate(doc, context=context)
     except RecipeError as e:
         raise RecipeError(f"{origin}: {e}") from None
     except ValidationError as e:
-        text = _format_errors(e, Recipe)
+        text = _format_errors(e, Recipe, origins=context.get("origins"))
         raise RecipeError("\n".join(f"{origin}: {line}" for line in text.splitlines())) from None
 
 
@@ -693,10 +800,14 @@ def read_recipe_document(path: Path) -> Any:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise RecipeError(f"{path}: invalid YAML{where}: {problem}") from None
-    if _count_nodes(doc, MAX_RECIPE_NODES) > MAX_RECIPE_NODES:
-        raise RecipeError(f"{path}: the recipe expands to more than {MAX_RECIPE_NODES} values (YAML aliases "
-                          "repeated inside each other?); write it out plainly")
+    _refuse_expanding(doc, str(path))
     return doc
+
+
+def _refuse_expanding(doc: Any, origin: str, what: str = "the recipe") -> None:
+    if _count_nodes(doc, MAX_RECIPE_NODES) > MAX_RECIPE_NODES:
+        raise RecipeError(f"{origin}: {what} expands to more than {MAX_RECIPE_NODES} values "
+                          "(YAML aliases repeated inside each other?); write it out plainly")
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

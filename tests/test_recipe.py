@@ -86,3 +86,25 @@ def test_every_shipped_recipe_is_valid():
         r = load_recipe(path)
         for m in r.all_methods():
             m.config()
+
+
+@pytest.mark.parametrize(("doc", "message"), [
+    ({**MINIMAL, "models": [{"source": "a", "label": "report"}, {"source": "b"}]},
+     r"models\[0\]: its label, 'report', is the name of an entry quantlab writes into a several-models run"),
+    ({**MINIMAL, "models": [{"source": "a"}, {"source": "./runs/Methods_x_models.csv"}]},
+     r"models\[1\]: the label its source gives it, 'Methods_x_models.csv', is the name of an entry"),
+    ({"methods": [{"label": "plan.json", "backend": "rtn"}]}, r"label 'plan.json' is the name of a file"),
+    ({"methods": [{"label": "Plan.safetensors", "backend": "rtn"}]}, r"'Plan.safetensors' is the name of a file"),
+])
+def test_labels_that_name_the_run_directorys_own_entries_are_refused_at_validation(doc, message):
+    """A model labelled 'report' used to pass validate and fail once every model had run."""
+    with pytest.raises(RecipeError, match=message):
+        parse_recipe(doc)
+
+
+def test_a_document_built_in_python_is_counted_before_it_is_read():
+    level = [1] * 10
+    for _ in range(8):
+        level = [level] * 10  # 10**9 values, 90 lists in memory
+    with pytest.raises(RecipeError, match=r"expands to more than 100000 values"):
+        parse_recipe({"methods": [{"backend": "rtn", "options": {"skip": level}}]})
