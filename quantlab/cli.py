@@ -1,4 +1,4 @@
-"""Command line: ``quantlab run|validate|eval|report|compare|backends|models``.
+"""Command line: ``quantlab run|validate|eval|report|compare|hardware|backends|models``.
 
 User mistakes print one ``error:`` line per problem and exit with code 2 (no traceback
 unless ``--debug``)."""
@@ -117,6 +117,34 @@ def _add_compare(sub) -> None:
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
+def _add_hardware(sub) -> None:
+    p = sub.add_parser("hardware", help="where to deploy: does each row fit on a GPU card, and how "
+                       "fast could it run there (PROJECTED from datasheets, never measured)",
+                       description="Project every row of RUN onto cards (RTX 4090, A100, H100, "
+                       "H200, this machine, your own): fit, largest batch, longest context, "
+                       "projected decode and prefill tokens/s, labelled as projections "
+                       "(docs/hardware.md).")
+    p.add_argument("run", metavar="RUN",
+                   help="a run directory (it holds results.csv and the checkpoints)")
+    p.add_argument("--card", action="append", metavar="NAME", help="only this card (repeatable); "
+                   "'this machine' measures this host's bandwidth and matmul rate")
+    p.add_argument("--context", type=int, metavar="N",
+                   help="tokens per sequence (default: 4096, at most the model's)")
+    p.add_argument("--batch", type=int, default=1, metavar="B",
+                   help="sequences decoded together (default 1)")
+    p.add_argument("--kv-dtype", default="auto",
+                   choices=["auto", "fp32", "fp16", "bf16", "fp8", "int8"],
+                   help="KV cache element (auto: 16-bit on GPUs, the run's dtype on this machine)")
+    p.add_argument("--cards", metavar="FILE",
+                   help="a YAML/JSON file of your own cards (docs/hardware.md)")
+    p.add_argument("--bandwidth", type=float, metavar="GB_S",
+                   help="this machine's memory bandwidth in GB/s (default: the run's own "
+                   "measurement when it ran here, else measured now)")
+    p.add_argument("--json", action="store_true", help="one JSON object per row and card")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quantlab", description="Quantize, export, reload and benchmark causal LMs.")
     parser.add_argument("--version", action="version", version=f"quantlab {__version__}")
@@ -127,6 +155,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_report(sub)
     _add_compare(sub)
+    _add_hardware(sub)
     sub.add_parser("backends", help="list quantizer backends and their options")
     sub.add_parser("models", help="list embedded demo models and the model sources accepted")
     return parser
@@ -234,6 +263,12 @@ def _cmd_compare(args) -> int:
     return 0
 
 
+def _cmd_hardware(args) -> int:
+    from quantlab.hardware.command import run_hardware
+
+    return run_hardware(args)
+
+
 def _cmd_backends(args) -> int:
     from quantlab.api import backends
 
@@ -262,7 +297,8 @@ def _cmd_models(args) -> int:
 
 
 COMMANDS = {"run": _cmd_run, "validate": _cmd_validate, "eval": _cmd_eval, "report": _cmd_report,
-            "compare": _cmd_compare, "backends": _cmd_backends, "models": _cmd_models}
+            "compare": _cmd_compare, "hardware": _cmd_hardware, "backends": _cmd_backends,
+            "models": _cmd_models}
 
 
 def main(argv: list[str] | None = None) -> int:

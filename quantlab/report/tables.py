@@ -235,3 +235,61 @@ def write_parquet(frame: pd.DataFrame, path: Path) -> bool:
         return False
     atomic_write_bytes(path, buf.getvalue())
     return True
+
+
+# ------------------------------------------------------------------ where to deploy (projected)
+
+PROJECTED_NOTE = ("PROJECTED, not measured: datasheet figures x efficiencies fitted to published "
+                  "measurements (docs/hardware.md); decode at the context's end, prefill of a "
+                  "prompt that fills the context")
+
+
+def _row_label(rec: dict, multi: bool) -> str:
+    return f"{Path(rec['run']).name}/{rec['method']}" if multi else rec["method"]
+
+
+def _fmt(v, spec: str) -> str:
+    return "" if v is None or (isinstance(v, float) and pd.isna(v)) else format(v, spec)
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def deploy_frame(records: list[dict]) -> pd.DataFrame:
+    """One card's records as a table; every speed column says it is projected."""
+    if not records:
+        return pd.DataFrame()
+    first = records[0]
+    multi = len({r["run"] for r in records}) > 1
+    out = pd.DataFrame({
+        "method": [_row_label(r, multi) for r in records],
+        "engine": [r["engine"] for r in records],
+        "fits": ["yes" if r["fits"] else "NO" for r in records],
+        "weights": [_size(r["weight_bytes"]) for r in records],
+        f"max_batch@ctx{first['context']}": [r["max_batch"] for r in records],
+        f"max_ctx@batch{first['batch']}": [r["max_context"] for r in records],
+        "decode_tok/s PROJECTED": [_fmt(r["decode_tokens_per_s_projected"], ",.0f")
+                                   for r in records],
+        "bound": [r["decode_bound"] or "" for r in records],
+        "prefill_tok/s PROJECTED": [_fmt(r["prefill_tokens_per_s_projected"], ",.0f")
+                                    for r in records],
+    })
+    if any(r["kld_mean"] is not None for r in records):
+        out["KL (measured)"] = [_fmt(r["kld_mean"], ".4f") for r in records]
+    return out
+
+
+def format_deploy(records: list[dict], cards: list, notes: list[str] | None = None) -> str:
+    """The terminal version of the report's "Where to deploy" section."""
+    first = records[0]
+    widths = sorted({f"{8 * r['kv_cache_bytes_per_element']:g}-bit" for r in records})
+    lines = [PROJECTED_NOTE, f"context {first['context']} tokens, batch {first['batch']}, "
+                             f"KV cache {' / '.join(widths)}"]
+    for source in dict.fromkeys(r["efficiency_source"] for r in records):
+        lines.append(f"efficiency: {source}")
+    for card in cards:
+        mine = [r for r in records if r["card"] == card.name]
+        lines += ["", card.summary(), deploy_frame(mine).to_string(index=False)]
+    lines += [f"NOTE: {n}" for n in notes or []]
+    return "\n".join(lines)
