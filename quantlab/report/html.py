@@ -19,7 +19,13 @@ from quantlab.errors import MissingDependencyError, QuantlabError
 from quantlab.report import plots as P
 from quantlab.report.caveats import report_warnings
 from quantlab.report.data import RunData, combined_frame, load_runs
-from quantlab.report.tables import CONVENTION_TEXT, markdown_table, summary_frame, write_parquet
+from quantlab.report.tables import (
+    CONVENTION_TEXT,
+    deploy_frame,
+    markdown_table,
+    summary_frame,
+    write_parquet,
+)
 from quantlab.runs import atomic_write_text, owned_path, prepare_run_dir
 
 TEMPLATE = "report.html.j2"
@@ -163,6 +169,51 @@ def _env_rows(env: dict) -> list[tuple[str, str]]:
     return rows
 
 
+DEPLOY_CAPTION = ("Per card (columns): projected decode (top) and prefill (bottom) tokens/s of "
+                  "the rows that fit, against their measured quality; dotted line: the float "
+                  "baseline (served in 16 bits). Projections, not measurements.")
+
+
+def _deploy_section(runs: list[RunData], plots_dir: Path, out: Path) -> dict[str, Any]:
+    """"Where to deploy": every row on the built-in GPU cards at the default context, batch 1
+    (this machine's own speeds are the measured columns above: no CPU projection beside them).
+    A run that cannot be projected gets a sentence saying why, never a partial table."""
+    from quantlab.hardware.cards import CARDS
+    from quantlab.hardware.deploy import nothing_fits, project_rows, resolve_context
+    from quantlab.hardware.efficiency import gpu_efficiency
+    from quantlab.hardware.rows import run_rows
+
+    try:
+        pairs = [run_rows(run) for run in runs]
+        rows, skipped = [r for p in pairs for r in p[0]], [s for p in pairs for s in p[1]]
+        if not rows:
+            raise QuantlabError("no row can be projected: " + "; ".join(skipped))
+        records = project_rows(rows, list(CARDS), resolve_context(rows, None), 1)
+    except (QuantlabError, OSError, ValueError) as e:  # a damaged file: the report is still written
+        return {"error": f"not projected: {e}"}
+    cards = [{"summary": c.summary(), "sources": c.source_line(),
+              "empty": nothing_fits(records, c.name),
+              "table_html": deploy_frame([r for r in records if r["card"] == c.name]).to_html(
+                  index=False, classes="deploy", border=0, escape=True)} for c in CARDS]
+    eff = gpu_efficiency()
+    how = (f"memory {eff.memory:.2f} of datasheet bandwidth, {eff.layer_overhead_s * 1e6:.0f} µs "
+           f"per layer per forward, prefill {eff.compute:.2f} of peak: {eff.source}")
+    plot = _figure(P.deploy(records), plots_dir, out, "deploy", "Where to deploy (projected)",
+                   DEPLOY_CAPTION)
+    return {"error": "", "cards": cards, "notes": skipped, "context": records[0]["context"],
+            "efficiency": how, "plot": plot}
+
+
+def _figure(fig, plots_dir: Path, out: Path, name: str, title: str,
+            caption: str) -> dict[str, Any] | None:
+    if fig is None:
+        return None
+    files = P.save_figure(fig, plots_dir, name)
+    w, h = _png_size(files["png"])
+    return {"name": name, "title": title, "caption": caption, "png_b64": _png_b64(files["png"]),
+            "svg": str(files["svg"].relative_to(out)), "width": w, "height": h}
+
+
 def write_report(paths: str | Path | list[str | Path], out: str | Path | None = None, *,
                  title: str | None = None) -> Path:
     """Write ``report.html`` (with results.md and plots/) for one run directory, into it by
@@ -201,15 +252,8 @@ def build_report(runs: list[RunData], out: str | Path | None = None, *, title: s
         ("layer_error", lambda: P.layer_error(metrics, frame)),
         ("quantization_cost", lambda: P.quantization_cost(frame, metrics)),
     ]
-    plots = []
-    for (name, make), (_, ptitle, caption) in zip(figures, PLOTS):
-        fig = make()
-        if fig is None:
-            continue
-        files = P.save_figure(fig, plots_dir, name)
-        w, h = _png_size(files["png"])
-        plots.append({"name": name, "title": ptitle, "caption": caption, "png_b64": _png_b64(files["png"]),
-                      "svg": str(files["svg"].relative_to(out)), "width": w, "height": h})
+    plots = [p for (name, make), (_, ptitle, caption) in zip(figures, PLOTS)
+             if (p := _figure(make(), plots_dir, out, name, ptitle, caption)) is not None]
 
     methods = []
     for run in runs:
@@ -229,6 +273,7 @@ def build_report(runs: list[RunData], out: str | Path | None = None, *, title: s
                     + (" of the same run" if multi else "") + "; units are in the column names."),
         table_html=table.to_html(index=False, classes="results", border=0, na_rep="", escape=True),
         plots=plots,
+        deploy=_deploy_section(runs, plots_dir, out),
         methods=methods,
     )
     path = out / "report.html"

@@ -274,6 +274,65 @@ def quantization_cost(frame: pd.DataFrame, metrics: dict[str, dict[str, Any]] | 
     return fig
 
 
+def _deploy_x(records: list[dict]) -> tuple[str, str]:
+    """KL when the rows measured it (log axis), else perplexity."""
+    if any((r["kld_mean"] or 0) > 0 for r in records if r["backend"] != "none"):
+        return "kld_mean", "mean KL(base ‖ method), measured (log)"
+    return "ppl", "perplexity, measured"
+
+
+def _deploy_panel(ax, mine: list[dict], key: str, xcol: str, multi: bool) -> None:
+    shown = [r for r in mine
+             if r["fits"] and r["backend"] != "none" and r[xcol] is not None and r[xcol] > 0]
+    for r in [r for r in mine if r["fits"] and r["backend"] == "none"]:
+        ax.axhline(r[key], color=BASE_COLOR, lw=0.8, ls=":")
+    if shown:
+        xs, ys = [r[xcol] for r in shown], [r[key] for r in shown]
+        ax.scatter(xs, ys, color=PALETTE[0], s=30, zorder=3)
+        labels = [f"{Path(r['run']).name}/{r['method']}" if multi else r["method"] for r in shown]
+        _annotate(ax, xs, ys, labels, True)
+    if not any(r["fits"] for r in mine):
+        ax.text(0.5, 0.5, "fits none of the rows", transform=ax.transAxes, ha="center",
+                color="#d62728")
+
+
+def deploy(records: list[dict]):
+    """Where to deploy: per card (columns), projected decode (top) and prefill (bottom)
+    tokens/s of the rows that fit, against their measured KL; rows that do not fit are left
+    out (the table says so). Every axis says *projected*."""
+    if not records:
+        return None
+    plt = pyplot()
+    cards = list(dict.fromkeys(r["card"] for r in records))
+    xcol, xlabel = _deploy_x(records)
+    multi = len({r["run"] for r in records}) > 1
+    keys = ("decode_tokens_per_s_projected", "prefill_tokens_per_s_projected")
+    fig, axes = plt.subplots(2, len(cards), figsize=(3.2 * len(cards) + 1, 6.4), squeeze=False,
+                             sharey="row")
+    for j, card in enumerate(cards):
+        mine = [r for r in records if r["card"] == card]
+        for i, key in enumerate(keys):
+            ax = axes[i][j]
+            _deploy_panel(ax, mine, key, xcol, multi)
+            ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:,.0f}"))
+            if xcol == "kld_mean":
+                ax.set_xscale("log")
+            ax.grid(alpha=0.3, which="both")
+            ax.tick_params(labelsize=7)
+        fit = sum(r["fits"] for r in mine)
+        axes[0][j].set_title(f"{card}\n{fit} of {len(mine)} rows fit", fontsize=8.5)
+        axes[1][j].set_xlabel(xlabel, fontsize=7.5)
+    for i, key in enumerate(keys):  # linear from zero, one scale per row: heights compare as values
+        axes[i][0].set_ylim(0, 1.15 * max((r[key] for r in records if r[key]), default=1.0))
+    axes[0][0].set_ylabel("decode tok/s, PROJECTED", fontsize=8)
+    axes[1][0].set_ylabel("prefill tok/s, PROJECTED", fontsize=8)
+    first = records[0]
+    fig.suptitle(f"Where to deploy — PROJECTED tokens/s, not measured (context "
+                 f"{first['context']}, batch {first['batch']}; docs/hardware.md)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def save_figure(fig, directory: Path, name: str) -> dict[str, Path]:
     """Write ``name.png`` and ``name.svg`` into ``directory`` (atomically); close the figure."""
     plt = pyplot()
