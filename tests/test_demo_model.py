@@ -46,7 +46,7 @@ eval: {seq_len: 512, max_windows: 4, speed: {new_tokens: 8, warmup: 1, repeats: 
     seen = open_report(tmp_path / "run" / "report.html", shots / "report-demo.png")
     assert seen["errors"] == [] and seen["failed"] == []
     assert [r.split("\t")[0] for r in seen["rows"]] == ["baseline", "rtn-w4-g64"]
-    assert len(seen["images"]) == 4 and all(i["complete"] and i["w"] > 300 for i in seen["images"])
+    assert len(seen["images"]) == 5 and all(i["complete"] and i["w"] > 300 for i in seen["images"])
 
 
 def test_demo_model_generates_english():

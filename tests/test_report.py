@@ -113,7 +113,7 @@ def test_a_run_writes_parquet_markdown_plots_and_a_self_contained_report(runs):
     page.feed(html)
     assert page.rows == 1 + 3  # header + one row per method
     # one inline script (sorting, column choice), nothing loaded from elsewhere
-    assert len(page.images) == 4 and page.external == [] and page.scripts == 1
+    assert len(page.images) == 5 and page.external == [] and page.scripts == 1
     for src in page.images:
         assert src.startswith("data:image/png;base64,")
         w, h = _png_dims(base64.b64decode(src.split(",", 1)[1]))
