@@ -19,13 +19,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
 from quantlab.errors import MissingDependencyError, QuantlabError
+from quantlab.log import log
 
 PYDOC_SPLITS = ("calibration", "evaluation")
 _DIR_FILES = {
@@ -38,6 +42,33 @@ _SPLIT_ALIASES = {"validation": "valid", "val": "valid", "eval": "test", "evalua
 
 
 _HEADING = re.compile(r"^ = [^=].* = \s*$")
+
+#: a text file is read only as far as the tokens a run uses need, at this many bytes per token
+#: at most (English is ~4 with the usual tokenizers, code and CJK text more; generous so that
+#: a prefix never runs short of tokens)
+BYTES_PER_TOKEN = 64
+#: the least read of a long file: every text of up to this size reads whole, as it always did
+#: (WikiText-2's train split is 11 MB; calibration windows are drawn from the whole of it)
+MIN_READ_BYTES = 32 << 20
+#: the most read of any file, even of a text used whole (scored without eval.max_windows): a
+#: longer one is used up to here, said in the log and in the text's name (~16M tokens: hours
+#: of scoring on a CPU, and about a GB while the tokenizer holds them)
+MAX_TEXT_BYTES = 64 << 20
+_CHUNK = 4 << 20
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much of a text file to read: enough for ``tokens`` (None: not known, or all of the
+    text is used), never more than MAX_TEXT_BYTES."""
+
+    tokens: int | None
+
+    @property
+    def bytes(self) -> int:
+        if self.tokens is None:
+            return MAX_TEXT_BYTES
+        return min(MAX_TEXT_BYTES, max(MIN_READ_BYTES, self.tokens * BYTES_PER_TOKEN))
 
 
 @dataclass(frozen=True)
@@ -88,10 +119,91 @@ def pydoc_text(split: str) -> Text:
     return Text(f"pydoc:{split}", docs)
 
 
-def _read_text_file(path: Path) -> str:
-    raw = path.read_bytes()
+def _what_is(path: Path) -> str:
+    """What a path that is not a regular file is, in words ("a FIFO", "a directory"...)."""
+    if path.is_symlink() and not path.exists():
+        return f"a symbolic link to '{os.readlink(path)}', which does not exist"
+    mode = path.stat().st_mode
+    kinds = [(stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+             (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device")]
+    what = next((name for test, name in kinds if test(mode)), "not a regular file")
+    return f"a symbolic link to {what}" if path.is_symlink() else what
+
+
+def _open_regular(path: Path) -> BinaryIO:
+    """``path`` opened for reading, refused unless it is (or links to) a regular file: checked
+    on the opened file itself, and opened without blocking (opening a FIFO blocks until a
+    writer comes)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        what = _what_is(path) if path.is_symlink() else "missing"
+        raise QuantlabError(f"text file '{path}' is {what}; give a .txt/.jsonl file") from None
+    except OSError as e:
+        raise QuantlabError(f"text file '{path}' cannot be read ({e.strerror or e})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise QuantlabError(f"text file '{path}' is {_what_is(path)}, not a regular file; give a "
+                            ".txt/.jsonl file (a symbolic link to one is followed)")
+    return os.fdopen(fd, "rb")
+
+
+def _read_prefix(f: BinaryIO, budget: int) -> tuple[bytearray, bool]:
+    """At most ``budget`` bytes of ``f``, read into one buffer of the size the file says it
+    has (no copy grows past what is kept), and whether the file holds more."""
+    raw, n = bytearray(min(budget, os.fstat(f.fileno()).st_size or _CHUNK)), 0
+    while n < budget:
+        if n == len(raw):  # longer than its size said (growing, or /proc): a chunk more
+            raw.extend(bytes(min(_CHUNK, budget - n)))
+        with memoryview(raw) as view:
+            got = f.readinto(view[n:])
+        if not got:
+            break
+        n += got
+    del raw[n:]
+    return raw, bool(f.read(1))
+
+
+def _cut(raw: bytearray, path: Path, whole_lines: bool) -> None:
+    """Shorten the prefix of a longer file, in place, to its last complete line (a .jsonl file:
+    must), else to its last complete UTF-8 character."""
+    end = raw.rfind(b"\n")
+    if end >= 0:
+        del raw[end + 1:]
+        return
+    if whole_lines:
+        raise QuantlabError(f"'{path}': its first line is longer than the {_size(len(raw))} "
+                            "quantlab reads of this file; give one document per line")
+    start = len(raw)  # of the last character: back over its continuation bytes (10xxxxxx)
+    while start > 0 and len(raw) - start < 3 and raw[start - 1] & 0xC0 == 0x80:
+        start -= 1
+    lead = raw[start - 1] if start else 0
+    width = 2 if 0xC0 <= lead < 0xE0 else 3 if 0xE0 <= lead < 0xF0 else 4 if lead >= 0xF0 else 1
+    if width > 1 and len(raw) - (start - 1) < width:
+        del raw[start - 1:]
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _read_text_file(path: Path, budget: Budget | None = None, *,
+                    whole_lines: bool = False) -> tuple[str, int | None]:
+    """The text of a UTF-8 file, or of its first ``budget.bytes`` when it is longer (said in the
+    log). Returns the text and, for a prefix, the bytes it holds (None: the whole file)."""
+    budget = budget or Budget(None)
+    with _open_regular(path) as f:
+        total = os.fstat(f.fileno()).st_size
+        raw, more = _read_prefix(f, budget.bytes)
     if b"\x00" in raw[:65536]:
         raise QuantlabError(f"text file '{path}' looks binary (it holds NUL bytes); give a UTF-8 text file")
+    if more:
+        _cut(raw, path, whole_lines)
+        why = (f"enough for the {budget.tokens} tokens used, at up to {BYTES_PER_TOKEN} bytes each"
+               if budget.tokens is not None and budget.bytes < MAX_TEXT_BYTES
+               else "the most quantlab reads of a text")
+        log(f"text: read the first {_size(len(raw))} of '{path}' ({_size(total)}): {why}")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -99,12 +211,18 @@ def _read_text_file(path: Path) -> str:
                             "convert it, e.g. with iconv -t UTF-8") from None
     if not text.strip():
         raise QuantlabError(f"text file '{path}' is empty")
-    return text
+    return text, len(raw) if more else None
 
 
-def _jsonl(path: Path, text_field: str) -> list[str]:
+def _prefix_name(name: str, read: int | None) -> str:
+    """A text's name; a prefix says so (its sha256 is of what was read, not of the file)."""
+    return name if read is None else f"{name}[:{read} bytes]"
+
+
+def _jsonl(path: Path, text_field: str, budget: Budget | None = None) -> Text:
+    text, read = _read_text_file(path, budget, whole_lines=True)
     docs = []
-    for i, line in enumerate(_read_text_file(path).splitlines(), 1):
+    for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -116,18 +234,19 @@ def _jsonl(path: Path, text_field: str) -> list[str]:
         docs.append(row[text_field])
     if not any(d.strip() for d in docs):
         raise QuantlabError(f"'{path}' holds no text in field '{text_field}'")
-    return docs
+    return Text(_prefix_name(f"file:{path.name}", read), docs)
 
 
-def _wikitext_dir(path: Path, split: str) -> Text:
+def _wikitext_dir(path: Path, split: str, budget: Budget | None = None) -> Text:
     split = _SPLIT_ALIASES.get(split, split)
     if split not in _DIR_FILES:
         raise QuantlabError(f"directory sources have splits train, valid, test, not {split!r}")
     for name in _DIR_FILES[split]:
-        if (path / name).is_file():
-            return Text(f"{path.name}:{split}", [_read_text_file(path / name)], kind="wikitext")
+        if (path / name).exists() or (path / name).is_symlink():  # not a regular file: said so
+            text, read = _read_text_file(path / name, budget)
+            return Text(_prefix_name(f"{path.name}:{split}", read), [text], kind="wikitext")
     if split == "train":  # WikiText copies often ship without train: calibrate on valid
-        return _wikitext_dir(path, "valid")
+        return _wikitext_dir(path, "valid", budget)
     raise QuantlabError(f"directory '{path}' has no {split} file (looked for {', '.join(_DIR_FILES[split])})")
 
 
@@ -146,8 +265,11 @@ def _wikitext2_hub(split: str) -> Text:
     return Text(f"wikitext-2-raw-v1:{hub_split}", list(rows), kind="wikitext-lines")
 
 
-def load_text(source: str, split: str | None, role: str, text_field: str = "text") -> Text:
-    """Load a text source. ``role`` ('calibration' or 'evaluation') picks the default split."""
+def load_text(source: str, split: str | None, role: str, text_field: str = "text", *,
+              max_tokens: int | None = None) -> Text:
+    """Load a text source. ``role`` ('calibration' or 'evaluation') picks the default split.
+    ``max_tokens``: the most tokens the caller uses (:func:`tokens_needed`); a longer file is
+    read only as far as they need (see :class:`Budget`), and never past MAX_TEXT_BYTES."""
     if role not in PYDOC_SPLITS:
         raise ValueError(role)
     if source == "pydoc":
@@ -155,19 +277,46 @@ def load_text(source: str, split: str | None, role: str, text_field: str = "text
     if source == "wikitext2":
         return _wikitext2_hub(split or ("train" if role == "calibration" else "test"))
     path = Path(source).expanduser()
+    budget = Budget(max_tokens)
     if path.is_dir():
-        return _wikitext_dir(path, split or ("train" if role == "calibration" else "test"))
-    if not path.exists():
+        return _wikitext_dir(path, split or ("train" if role == "calibration" else "test"), budget)
+    if not path.exists() and not path.is_symlink():
         raise QuantlabError(
             f"text source '{source}' does not exist; use 'pydoc' (embedded), 'wikitext2' "
             "(online), a .txt/.jsonl file or a directory with valid.txt/test.txt")
-    if not path.is_file():  # a device or FIFO (/dev/zero) would be read forever
-        raise QuantlabError(f"text source '{source}' is not a regular file; give a .txt/.jsonl file or a directory")
-    if split is not None:
+    if split is not None and path.is_file():
         raise QuantlabError(f"text source '{source}' is a single file; it has no split {split!r}")
     if path.suffix == ".jsonl":
-        return Text(f"file:{path.name}", _jsonl(path, text_field))
-    return Text(f"file:{path.name}", [_read_text_file(path)])
+        return _jsonl(path, text_field, budget)
+    text, read = _read_text_file(path, budget)  # a link, a FIFO, a device: said what it is
+    return Text(_prefix_name(f"file:{path.name}", read), [text])
+
+
+def tokens_needed(spec) -> int | None:
+    """The most tokens of its text a recipe's ``calibration`` or ``eval`` section uses (None:
+    all of it): calibration windows, or the windows scored, the speed prompt and the llama.cpp
+    engine's chunks. A bound, not an exact count: the file is read with room to spare."""
+    if hasattr(spec, "samples"):  # calibration: the sensitivity pass's windows fit MIN_READ_BYTES
+        return spec.samples * spec.seq_len
+    from quantlab.bench.perplexity import DEFAULT_SEQ_LEN, DEFAULT_STRIDE
+
+    seq = spec.seq_len or DEFAULT_SEQ_LEN.get(spec.convention)  # strided: the model's context
+    if spec.convention == "lm-eval" or spec.max_windows is None or seq is None:
+        return None
+    scored = spec.max_windows * seq
+    if spec.convention == "strided":
+        scored = (spec.max_windows - 1) * (spec.stride or min(DEFAULT_STRIDE, seq)) + seq
+    need = [scored + 1, spec.speed.prompt_tokens]
+    if "llamacpp" in spec.engines:
+        if spec.llamacpp.chunks is None:
+            return None
+        need.append(spec.llamacpp.chunks * spec.llamacpp.ctx)
+    return max(need)
+
+
+def load_spec_text(spec, role: str) -> Text:
+    """The text of a recipe's ``calibration`` or ``eval`` section, read as far as it is used."""
+    return load_text(spec.source, spec.split, role, spec.text_field, max_tokens=tokens_needed(spec))
 
 
 def tokenize(text: Text, tokenizer) -> torch.Tensor:
