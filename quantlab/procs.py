@@ -18,6 +18,7 @@ The rule, for every one of them:
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 import signal
@@ -95,15 +96,59 @@ def run_tool(cmd: Sequence[str | os.PathLike], *, what: str, timeout_s: float,
     return done
 
 
+#: the file a live scratch directory's owner holds locked (the kernel drops the lock when the
+#: owner dies, however it dies: a SIGKILL or the OOM killer leave a directory but no lock)
+_SCRATCH_LOCK = ".quantlab-scratch.lock"
+
+
 @contextlib.contextmanager
 def scratch_dir(prefix: str, *, inside: Path | None = None) -> Iterator[Path]:
     """A temporary directory for a tool's files, removed on every exit path (an error, Ctrl-C).
     ``inside``: create it there (a run directory) rather than in the system's temporary
-    directory, so that large files count against the run's own disk."""
-    if inside is not None:
-        Path(inside).mkdir(parents=True, exist_ok=True)
-    path = Path(tempfile.mkdtemp(prefix=prefix, dir=inside))
+    directory, so that large files count against the run's own disk. Directories of the same
+    ``prefix`` left there by a process that was killed outright (nothing can remove its own
+    directory then) are removed first: their owner's lock is free."""
+    parent = Path(inside) if inside is not None else Path(tempfile.gettempdir())
+    parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned(parent, prefix)
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     try:
-        yield path
+        # locked under another name first: the lock file appears already held
+        with _held(path / f"{_SCRATCH_LOCK}.new", wait=True):
+            os.replace(path / f"{_SCRATCH_LOCK}.new", path / _SCRATCH_LOCK)
+            yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _remove_abandoned(parent: Path, prefix: str) -> None:
+    """Remove ``parent/prefix*`` scratch directories whose owner is gone (lock free). One
+    without a lock file is being created right now, or is not ours: it is left alone."""
+    for old in parent.glob(f"{glob.escape(prefix)}*"):
+        lock = old / _SCRATCH_LOCK
+        if old.is_symlink() or not old.is_dir() or not lock.is_file():
+            continue
+        with contextlib.suppress(OSError), _held(lock, wait=False) as mine:
+            if mine:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _held(path: Path, *, wait: bool) -> Iterator[bool]:
+    """An exclusive flock on ``path`` (created) for the block; False when ``wait`` is off and
+    another process holds it. Without flock (not POSIX) nothing is ever taken for abandoned."""
+    try:
+        import fcntl
+    except ImportError:
+        yield wait
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)

@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from quantlab.errors import QuantlabError
+from quantlab.procs import ToolError, run_tool
 
 #: the llama-cpp-python sdist whose vendored llama.cpp scripts/llamacpp.sh builds
 LLAMACPP_PACKAGE_VERSION = "0.3.36"
@@ -55,25 +55,46 @@ def find_llamacpp(path: str | Path | None = None) -> LlamaCpp:
     missing = [t for t in TOOLS if not os.access(where / t, os.X_OK)]
     if missing:
         raise QuantlabError(f"llama.cpp's tools are not found in '{where}' (missing {', '.join(missing)}); {_HOW}")
+    probe = where / "llama-perplexity"
     try:
-        proc = subprocess.run([str(where / "llama-perplexity"), "--version"], capture_output=True, text=True,
-                              timeout=60)
-    except OSError as e:
-        raise QuantlabError(f"'{where / 'llama-perplexity'}' cannot run ({e.strerror or e}); {_HOW}") from None
+        proc = run_tool([probe, "--version"], what=f"'{probe} --version'",
+                        timeout_s=PROBE_TIMEOUT_S, check=False)
+    except ToolError as e:
+        raise QuantlabError(f"{e}; {_HOW}") from None
     found = re.search(r"^version:\s*(.+)$", proc.stdout + proc.stderr, re.M)
     if proc.returncode != 0 or not found:
-        raise QuantlabError(f"'{where / 'llama-perplexity'} --version' failed (exit {proc.returncode}); {_HOW}")
-    return LlamaCpp(where, f"llama.cpp {found.group(1).strip()} (llama-cpp-python {LLAMACPP_PACKAGE_VERSION} sdist)")
+        raise QuantlabError(f"'{probe} --version' failed (exit {proc.returncode}); {_HOW}")
+    sdist = f"llama-cpp-python {LLAMACPP_PACKAGE_VERSION} sdist"
+    return LlamaCpp(where, f"llama.cpp {found.group(1).strip()} ({sdist})")
 
 
-def _run(cmd: list[str], what: str, timeout: float) -> str:
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise QuantlabError(f"{what} did not finish in {timeout:.0f} s") from None
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
-        raise QuantlabError(f"{what} failed (exit {proc.returncode}): {tail}")
+#: time limits of llama.cpp's tools (``$QUANTLAB_TOOL_TIMEOUT_S`` replaces every one): a fixed
+#: allowance (start-up, loading), plus time per GB of model for each 1000 tokens it evaluates
+#: (perplexity, imatrix, prefill) or generates, plus time per GB for the tools that only
+#: rewrite a model. Measured with the demo model's 0.54 GB F32 file on this 2-core VM: ~35 s per
+#: GB per 1000 tokens evaluated (other jobs running), ~42 s generated, ~2 s per GB rewritten;
+#: the limits are about ten times that (docs/llamacpp.md, "Time limits"): a hung tool is
+#: stopped, a slow machine is not.
+TOOL_BASE_S = 300.0
+EVAL_S_PER_GB_KTOKEN = 300.0
+DECODE_S_PER_GB_KTOKEN = 600.0
+REWRITE_S_PER_GB = 120.0
+#: ``--version`` / ``--help``
+PROBE_TIMEOUT_S = 60.0
+
+
+def tool_timeout(model_bytes: int, *, eval_tokens: int = 0, decode_tokens: int = 0,
+                 rewrite: bool = False) -> float:
+    """The default time limit of one tool run on a model file of ``model_bytes``."""
+    gb = model_bytes / 1e9
+    per_gb = (EVAL_S_PER_GB_KTOKEN * eval_tokens / 1000
+              + DECODE_S_PER_GB_KTOKEN * decode_tokens / 1000
+              + (REWRITE_S_PER_GB if rewrite else 0.0))
+    return TOOL_BASE_S + gb * per_gb
+
+
+def _run(cmd: list, what: str, timeout: float) -> str:
+    proc = run_tool(cmd, what=what, timeout_s=timeout)
     return proc.stdout + proc.stderr
 
 
@@ -94,11 +115,17 @@ ATTEMPTS = 3
 
 
 def perplexity(tools: LlamaCpp, model: Path, text_file: Path, *, ctx: int = 512, chunks: int | None = None,
-               threads: int, kld_base: Path | None = None, kld: bool = False, timeout: float = 3600) -> dict:
+               threads: int, kld_base: Path | None = None, kld: bool = False,
+               timeout: float | None = None) -> dict:
     """llama-perplexity of ``model`` on ``text_file``: its PPL ± stderr (BOS-led chunks of
     ``ctx`` tokens, second half scored). ``kld_base`` without ``kld``: also save the model's
     logits there (the base of later comparisons); with ``kld``: compare with that file and
-    return llama.cpp's KL divergence and same-top-token figures too."""
+    return llama.cpp's KL divergence and same-top-token figures too. ``timeout``: seconds
+    (default: :func:`tool_timeout` of the model and the tokens scored; without ``chunks``, the
+    text's bytes bound its tokens)."""
+    if timeout is None:
+        tokens = ctx * chunks if chunks else Path(text_file).stat().st_size
+        timeout = tool_timeout(Path(model).stat().st_size, eval_tokens=tokens)
     cmd = [str(tools.tool("llama-perplexity")), "-m", str(model), "-f", str(text_file), "-c", str(ctx),
            "-b", str(ctx), "-t", str(threads), "--no-warmup"]
     if chunks:
@@ -128,9 +155,14 @@ def _kld_figures(out: str, model: Path) -> dict:
 
 
 def bench(tools: LlamaCpp, models: list[Path], *, threads: int, n_prompt: int = 512, n_gen: int = 128,
-          repetitions: int = 3, timeout: float = 3600) -> list[dict]:
+          repetitions: int = 3, timeout: float | None = None) -> list[dict]:
     """``llama-bench`` of each model (in the order given, each test ``repetitions`` times):
-    one record per model and test, with tokens/s mean, stddev and every sample."""
+    one record per model and test, with tokens/s mean, stddev and every sample. ``timeout``:
+    seconds (default: :func:`tool_timeout` of all the files and tokens; warm-up runs count)."""
+    if timeout is None:
+        size = sum(Path(m).stat().st_size for m in models)
+        runs = repetitions + 1  # llama-bench warms up once per test
+        timeout = tool_timeout(size, eval_tokens=n_prompt * runs, decode_tokens=n_gen * runs)
     cmd = [str(tools.tool("llama-bench")), "-o", "json", "-t", str(threads), "-p", str(n_prompt),
            "-n", str(n_gen), "-r", str(repetitions)]
     for m in models:

@@ -30,6 +30,8 @@ from quantlab.runs import atomic_write_text, owned_path, read_record, write_reco
 GGUF = "model.gguf"
 GGUF_F32 = "model-f32.gguf"
 RECORD = "gguf.json"
+#: a GGUF file being written: ``LABEL/.model.gguf.tmp-PID``, renamed into place when whole
+_TMP_INFIX = ".tmp-"
 #: columns the phase fills (cleared first, so a row never shows figures of another session)
 COLUMNS = ("llamacpp_ppl", "llamacpp_ppl_stderr", "llamacpp_kld_mean", "llamacpp_kld_p99",
            "llamacpp_top1_agreement", "llamacpp_f32_ppl", "llamacpp_actq_cost_pct", "llamacpp_engine_gap_pct",
@@ -50,6 +52,7 @@ def export_method_gguf(model, mdir: Path, template: Path, *, float_type: str, ba
     returns the record: files, GGUF types, bytes."""
     from quantlab.formats.gguf import export_gguf, gguf_type_counts
 
+    _remove_stale_temporaries(mdir)
     record = read_record(mdir / RECORD, key)
     if record and _files_intact(mdir, record):
         return record
@@ -59,7 +62,7 @@ def export_method_gguf(model, mdir: Path, template: Path, *, float_type: str, ba
         files[GGUF_F32] = {"float_type": "F32", "dequantized": True}
     for name, kw in files.items():
         owned_path(mdir, name, directory=False, what="GGUF file")
-        tmp = mdir / f".{name}.tmp-{os.getpid()}"
+        tmp = _temporary(mdir, name)
         try:
             if name == GGUF and native.is_file():
                 shutil.copyfile(native, tmp)
@@ -74,6 +77,19 @@ def export_method_gguf(model, mdir: Path, template: Path, *, float_type: str, ba
     write_record(mdir / RECORD, record)
     log(f"GGUF written: {', '.join(f'{n} x {t}' for t, n in sorted(counts.items()))}")
     return record
+
+
+def _temporary(mdir: Path, name: str) -> Path:
+    return mdir / f".{name}{_TMP_INFIX}{os.getpid()}"
+
+
+def _remove_stale_temporaries(mdir: Path) -> None:
+    """Half-written GGUF files of a writer that was killed (a SIGKILL leaves its ``finally``
+    unrun): the run holds its lock, so no live writer of this method's files is left."""
+    for name in (GGUF, GGUF_F32):
+        for stale in mdir.glob(f".{name}{_TMP_INFIX}*"):
+            if stale.is_symlink() or stale.is_file():
+                stale.unlink(missing_ok=True)
 
 
 def _files_intact(mdir: Path, record: dict) -> bool:

@@ -27,6 +27,7 @@ model: the source file for a GGUF source, else the one llama.cpp's converter wri
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -327,14 +328,18 @@ def export_gguf(model: nn.Module, path: Path, template: Path, *, float_type: str
     return types
 
 
+#: the converter's output inside a template's cache entry
+TEMPLATE_FILE = "template.gguf"
+
+
 def template_for(source_info: dict, model_dir: Path | None, tools=None) -> Path:
     """A GGUF file of the source model to take metadata (hyper-parameters, tokenizer) and
     tensor names from: the source file itself for a GGUF source (the demo model's too), else
-    the file llama.cpp's converter writes from the model directory (cached by content)."""
-    import subprocess
-    import sys
-
-    from quantlab.models import DEMO_MODELS, _demo_gguf, cache_subdir
+    the file llama.cpp's converter writes from the model directory: a cache entry keyed by the
+    model's content (quantlab.cache: verified when read back, written under a lock, whole or
+    not at all, so a foreign or half-written file there is rebuilt, never exported from)."""
+    from quantlab.cache import cache_subdir, cached
+    from quantlab.models import DEMO_MODELS, _demo_gguf
 
     alias = source_info.get("alias")
     if alias in DEMO_MODELS:
@@ -347,9 +352,25 @@ def template_for(source_info: dict, model_dir: Path | None, tools=None) -> Path:
     if not digest:
         raise QuantlabError("GGUF export needs a source model identified by content (a local directory, GGUF "
                             "file or Hub commit)")
-    target = cache_subdir("gguf-templates") / f"{digest[:16]}.gguf"
-    if target.is_file():
-        return target
+
+    def build(tmp: Path) -> dict:
+        _convert(model_dir, tmp / TEMPLATE_FILE, tools)
+        return {"model": digest, "source": str(model_dir)}
+
+    # a key that is a file name whatever the digest's form; the digest itself is checked in the meta
+    key = hashlib.sha256(str(digest).encode()).hexdigest()[:32]
+    entry, _, _ = cached(cache_subdir("gguf-templates"), key, build, what="GGUF template",
+                         expect={"model": digest})
+    return entry / TEMPLATE_FILE
+
+
+def _convert(model_dir: Path, out: Path, tools=None) -> None:
+    """llama.cpp's convert_hf_to_gguf.py of ``model_dir`` (float16) into ``out``."""
+    import sys
+
+    from quantlab.engines.llamacpp import REWRITE_S_PER_GB, TOOL_BASE_S
+    from quantlab.procs import run_tool
+
     if tools is None or tools.converter is None:
         from quantlab.engines.llamacpp import find_llamacpp
 
@@ -357,12 +378,7 @@ def template_for(source_info: dict, model_dir: Path | None, tools=None) -> Path:
     if tools.converter is None:
         raise QuantlabError(f"llama.cpp's converter (convert_hf_to_gguf.py) is not next to '{tools.bin_dir}'; "
                             "rebuild with `bash scripts/llamacpp.sh`")
-    tmp = target.with_name(target.name + ".tmp")
-    cmd = [sys.executable, str(tools.converter), str(model_dir), "--outtype", "f16", "--outfile", str(tmp)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0 or not tmp.is_file():
-        tmp.unlink(missing_ok=True)
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
-        raise QuantlabError(f"llama.cpp's converter cannot write GGUF metadata for '{model_dir}': {tail[0]}")
-    tmp.rename(target)
-    return target
+    size = sum(p.stat().st_size for p in Path(model_dir).iterdir() if p.is_file())
+    run_tool([sys.executable, tools.converter, model_dir, "--outtype", "f16", "--outfile", out],
+             what=f"llama.cpp's converter of '{model_dir}' (for GGUF metadata)", outputs=[out],
+             timeout_s=TOOL_BASE_S + REWRITE_S_PER_GB * size / 1e9)

@@ -14,8 +14,6 @@ really used are recorded: a "K" type needs rows that are multiples of 256, so on
 from __future__ import annotations
 
 import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +22,12 @@ from pydantic import Field
 from torch import nn
 
 from quantlab.errors import QuantlabError
+from quantlab.procs import run_tool, scratch_dir
 from quantlab.quantizers.base import Backend, BackendConfig
 
 CHECKPOINT_GGUF = "model.gguf"
+#: the working directory of one quantization (an F32 copy of the model, the imatrix)
+SCRATCH_PREFIX = "quantlab-llamacpp-"
 
 
 class LlamaCppConfig(BackendConfig):
@@ -49,7 +50,9 @@ class LlamaCpp(Backend):
     def __init__(self, config: LlamaCppConfig | None = None):
         super().__init__(config)
         #: set by the pipeline before quantize(): the source model's info (for the GGUF
-        #: metadata template) and the tokenizer (to write calibration windows as text)
+        #: metadata template), the tokenizer (to write calibration windows as text) and,
+        #: optionally, ``scratch_dir``: where the F32 copy goes (default: the system's
+        #: temporary directory; removed on every exit path either way)
         self.context: dict[str, Any] = {}
 
     @property
@@ -73,28 +76,44 @@ class LlamaCpp(Backend):
     @torch.no_grad()
     def quantize(self, model: nn.Module, calibration: torch.Tensor | None) -> nn.Module:
         from quantlab.engines.llamacpp import find_llamacpp
-        from quantlab.formats.gguf import export_gguf, gguf_type_counts, template_for
+        from quantlab.formats.gguf import gguf_type_counts, template_for
 
         tools = find_llamacpp()
         info = self.context.get("source_info", {})
         template = template_for(info, Path(info["path"]) if info.get("path") else None, tools)
-        work = Path(tempfile.mkdtemp(prefix="quantlab-llamacpp-"))
-        self._work = work
+        # the F32 copy (4 bytes per weight) and the imatrix live only as long as this block,
+        # whatever ends it; the quantized file outlives it as an open file (below)
+        with scratch_dir(SCRATCH_PREFIX, inside=self.context.get("scratch_dir")) as work:
+            out = self._quantize_in(work, model, calibration, tools, template)
+            self.layer_stats = {"gguf_tensor_types": gguf_type_counts(out)}
+            loaded = _load_gguf(out, next(model.parameters()).dtype)
+            self._gguf = open(out, "rb")  # noqa: SIM115 - closed by save(); the name goes with work
+        return loaded
+
+    def _quantize_in(self, work: Path, model: nn.Module, calibration, tools,
+                     template: Path) -> Path:
+        """F32 GGUF of ``model``, (imatrix,) llama-quantize: the quantized file in ``work``."""
+        from quantlab.engines.llamacpp import tool_timeout
+        from quantlab.formats.gguf import export_gguf
+
         f32 = work / "f32.gguf"
         with self.stage("write F32 GGUF"):
             export_gguf(model, f32, template, float_type="F32")
-        cmd = [str(tools.tool("llama-quantize"))]
+        cmd = [tools.tool("llama-quantize")]
         if self.config.imatrix:
             with self.stage("llama-imatrix"):
-                cmd += ["--imatrix", str(self._imatrix(tools, f32, calibration, work))]
+                cmd += ["--imatrix", self._imatrix(tools, f32, calibration, work)]
         out = work / CHECKPOINT_GGUF
         with self.stage("llama-quantize"):
-            _run(cmd + [str(f32), str(out), self.config.type], "llama-quantize")
+            run_tool(cmd + [f32, out, self.config.type], outputs=[out],
+                     what=f"llama-quantize to {self.config.type}",
+                     timeout_s=tool_timeout(f32.stat().st_size, rewrite=True))
         f32.unlink()
-        self.layer_stats = {"gguf_tensor_types": gguf_type_counts(out)}
-        return _load_gguf(out, next(model.parameters()).dtype)
+        return out
 
     def _imatrix(self, tools, f32: Path, calibration: torch.Tensor | None, work: Path) -> Path:
+        from quantlab.engines.llamacpp import tool_timeout
+
         if calibration is None:
             raise QuantlabError("llamacpp with imatrix: true needs calibration windows")
         tok = self.context["tokenizer"]
@@ -102,13 +121,17 @@ class LlamaCpp(Backend):
         text.write_text("\n\n".join(tok.decode(w, skip_special_tokens=True) for w in calibration), encoding="utf-8")
         out = work / "imatrix.gguf"
         n, seq = calibration.shape
-        _run([str(tools.tool("llama-imatrix")), "-m", str(f32), "-f", str(text), "-o", str(out), "-c", str(seq),
-              "--chunks", str(n), "--no-ppl"], "llama-imatrix")
+        run_tool([tools.tool("llama-imatrix"), "-m", f32, "-f", text, "-o", out, "-c", str(seq),
+                  "--chunks", str(n), "--no-ppl"], what="llama-imatrix", outputs=[out],
+                 timeout_s=tool_timeout(f32.stat().st_size, eval_tokens=n * seq))
         return out
 
     def save(self, model: nn.Module, out_dir: Path) -> dict | None:
-        shutil.copyfile(self._work / CHECKPOINT_GGUF, out_dir / CHECKPOINT_GGUF)
-        shutil.rmtree(self._work, ignore_errors=True)
+        """The quantized GGUF file (held open since quantize(): its directory is gone) as the
+        checkpoint."""
+        with self._gguf as src, open(out_dir / CHECKPOINT_GGUF, "wb") as dst:
+            src.seek(0)
+            shutil.copyfileobj(src, dst, 1 << 22)
         return None  # config.json describes the float architecture; the GGUF holds the quantization
 
     @classmethod
@@ -116,19 +139,14 @@ class LlamaCpp(Backend):
         return _load_gguf(Path(ckpt_dir) / CHECKPOINT_GGUF, dtype).to(device)
 
 
-def _run(cmd: list[str], what: str) -> str:
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
-        raise QuantlabError(f"{what} failed (exit {proc.returncode}): {tail}")
-    return proc.stdout + proc.stderr
-
-
 def _known_types(tools) -> set[str]:
     """The type names ``llama-quantize --help`` lists."""
     import re
 
-    proc = subprocess.run([str(tools.tool("llama-quantize")), "--help"], capture_output=True, text=True)
+    from quantlab.engines.llamacpp import PROBE_TIMEOUT_S
+
+    proc = run_tool([tools.tool("llama-quantize"), "--help"], what="llama-quantize --help",
+                    timeout_s=PROBE_TIMEOUT_S, check=False)  # it exits 1 after its help
     return set(re.findall(r"^\s+\d+\s+or\s+([A-Z0-9_]+)\s*:", proc.stdout + proc.stderr, re.M))
 
 
