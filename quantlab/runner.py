@@ -12,10 +12,12 @@ import datetime as _dt
 import gc
 import hashlib
 import io
+import json
 import os
 import re
 import socket
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -85,33 +87,93 @@ def reused(plan: RunPlan, method, tag: str) -> MethodResult | None:
     return MethodResult(method.label, done, reused=True)
 
 
-def run_method(plan: RunPlan, method, *, position: str = "", take_base=None) -> MethodResult:
+def run_method(plan: RunPlan, method, *, position: str = "", take_base=None,
+               run: str | None = None) -> MethodResult:
     """Quantize, export, reload and score one method of ``plan`` (one that :func:`reused`
     found no result for); its row is written to ``LABEL/metrics.json``. ``take_base()``: the
     float model to quantize, a LoadedModel the method then owns (default: loaded from the
-    recipe's source); called only when the method quantizes."""
-    tag = f"{position}{method.label}"
+    recipe's source); called only when the method quantizes. ``run``: the executor's id of
+    this run (:func:`new_run_id`), recorded in ``LABEL/running.json``.
+
+    Rule: the method's ``running.json`` is removed however this call ends (row written, an
+    error, Ctrl-C); only a process that dies leaves it, and that is how a later attempt of
+    the same run knows it is one (:func:`note_running`)."""
+    run = run or new_run_id()
     rd = plan.run_dir
     mdir = rd.method(method.label)
     rd.error(method.label).unlink(missing_ok=True)  # an earlier attempt's failure no longer holds
-    _note_running(mdir)
+    note_running(mdir, run)
+    try:
+        tag = f"{position}{method.label}"
+        return _run_stages(plan, method, mdir, tag, take_base or plan.load_base)
+    finally:
+        clear_running(mdir, run, mine=True)
+
+
+def _run_stages(plan: RunPlan, method, mdir: Path, tag: str, take_base) -> MethodResult:
     backend = plan.backend(method)
     key, export_key = plan.method_key(method, backend)
-    stage, backend = _checkpoint(plan, method, backend, export_key, tag, take_base or plan.load_base)
+    stage, backend = _checkpoint(plan, method, backend, export_key, tag, take_base)
     gc.collect()
     log(f"{tag}: reload from disk and score")
     row = _score(plan, method, backend, stage, export_key, tag)
     row["key"] = key
     write_record(mdir / "metrics.json", check_row(row))
-    (mdir / "running.json").unlink(missing_ok=True)
     return MethodResult(method.label, row)
 
 
-def _note_running(mdir: Path) -> None:
-    """``LABEL/running.json``: which process works on the method (where a distributed run's
-    worker is, and what to look at when one hangs); removed when the method finishes."""
-    atomic_write_json(mdir / "running.json", {"host": socket.gethostname(), "pid": os.getpid(),
-                                              "started": _dt.datetime.now().astimezone().isoformat(timespec="seconds")})
+# --------------------------------------------------------------------------- running.json
+
+RUNNING = "running.json"
+
+
+def new_run_id() -> str:
+    """An id for one run of a recipe (one driver process, one call of the executor): what
+    tells this run's ``running.json`` markers from those an earlier, killed run left."""
+    return uuid.uuid4().hex[:16]
+
+
+def read_running(mdir: Path) -> dict | None:
+    """The method's ``running.json``, or None (none, or not readable: it is only a note)."""
+    try:
+        note = json.loads((mdir / RUNNING).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return note if isinstance(note, dict) else None
+
+
+def note_running(mdir: Path, run: str) -> dict:
+    """Write ``LABEL/running.json``: which process (host, pid) works on the method, for which
+    run, and which attempt this is. A process removes its marker however it leaves the method
+    (:func:`run_method`), so a marker of the same run written by another process means that
+    process died on the method: this is the next attempt (Ray ran the task again), and the
+    marker names the attempt before it. Written again by the same process, nothing changes
+    but the time."""
+    me = {"host": socket.gethostname(), "pid": os.getpid()}
+    before = read_running(mdir)
+    attempt, previous = 1, None
+    if before is not None and before.get("run") == run:
+        if {k: before.get(k) for k in me} == me:
+            attempt, previous = int(before.get("attempt") or 1), before.get("previous")
+        else:
+            attempt = int(before.get("attempt") or 1) + 1
+            previous = {k: before.get(k) for k in ("host", "pid", "attempt", "started")}
+    note = dict(me, run=run, attempt=attempt, previous=previous,
+                started=_dt.datetime.now().astimezone().isoformat(timespec="seconds"))
+    atomic_write_json(mdir / RUNNING, note)
+    return note
+
+
+def clear_running(mdir: Path, run: str, *, mine: bool = False) -> bool:
+    """Remove the method's ``running.json`` when it belongs to ``run`` (another run's marker
+    is left alone) and, with ``mine``, to this process; True when one was removed."""
+    note = read_running(mdir)
+    if note is None or note.get("run") != run:
+        return False
+    if mine and (note.get("host"), note.get("pid")) != (socket.gethostname(), os.getpid()):
+        return False
+    (mdir / RUNNING).unlink(missing_ok=True)
+    return True
 
 
 # --------------------------------------------------------------------------- quantize + export
