@@ -8,13 +8,16 @@
   whose worker dies is run again (``executor.max_retries``); a method that still fails gets a
   row carrying its error, and the other methods finish. The driver writes results and report.
 
-Both call :func:`quantlab.runner.run_method`, so the resume rules are the same.
+Both call :func:`quantlab.runner.run_method`, so the resume rules are the same. What an
+executor needs from the world (Ray installed, the cluster answering, every method's resources
+on one of its nodes) is checked by :func:`check_executor` before any model is loaded.
 """
 
 from __future__ import annotations
 
 import gc
 import os
+import socket
 from collections.abc import Callable
 
 from quantlab.errors import MissingDependencyError, QuantlabError
@@ -33,6 +36,22 @@ def execute(plan: RunPlan, base, on_result: OnResult) -> None:
         RayExecutor(plan).run(base, on_result)
     else:
         run_local(plan, base, on_result)
+
+
+def check_executor(recipe, device) -> None:
+    """Before any work: the executor the recipe names can run its methods. For Ray: the
+    library is installed, the cluster answers (a local one is started) and every method's
+    resources fit one of its nodes. A failed check leaves no cluster this call started."""
+    if recipe.executor.kind != "ray":
+        return
+    ray = _ray()
+    started = connect(ray, recipe.executor)
+    try:
+        check_resources(ray, recipe.all_methods(), str(device))
+    except QuantlabError:
+        if started:
+            ray.shutdown()
+        raise
 
 
 def run_local(plan: RunPlan, base, on_result: OnResult) -> None:
@@ -65,6 +84,44 @@ def _ray():
     return ray
 
 
+def connect(ray, spec) -> bool:
+    """Join the cluster ``spec`` names (else start a local one); True when this call started
+    the connection (False: Ray was connected already)."""
+    if ray.is_initialized():
+        return False
+    kw = {"address": spec.address} if spec.address else {"num_cpus": os.cpu_count() or 1}
+    if spec.address:
+        _reachable(spec.address)
+    try:
+        ray.init(include_dashboard=False, log_to_driver=True, **kw)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        where = spec.address or "a local cluster"
+        first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise QuantlabError(f"cannot connect to Ray at {where}: {first}; start one with "
+                            "`ray start --head` or fix executor.address / --address") from None
+    return True
+
+
+def task_resources(method, device: str) -> dict:
+    """What one method's task asks Ray for (``gpus`` defaults to 1 on a CUDA device)."""
+    r = method.resources
+    gpus = r.gpus if r.gpus is not None else (1 if device.startswith("cuda") else 0)
+    return {"num_cpus": r.cpus, "num_gpus": gpus}
+
+
+def check_resources(ray, methods, device: str) -> None:
+    """Every task fits one node of the cluster (else Ray would wait for ever)."""
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    for m in methods:
+        want = task_resources(m, device)
+        cpus, gpus = want["num_cpus"], want["num_gpus"]
+        if not any(n.get("CPU", 0) >= cpus and n.get("GPU", 0) >= gpus for n in nodes):
+            have = ", ".join(f"{n.get('CPU', 0):g} CPU/{n.get('GPU', 0):g} GPU" for n in nodes)
+            raise QuantlabError(f"method '{m.label}' asks for {cpus:g} CPUs and {gpus:g} GPUs; "
+                                "no node of the Ray cluster has them "
+                                f"({have or 'no nodes'}): lower its resources")
+
+
 def _method_task(run_dir: str, label: str, threads: int | None) -> dict:
     """A Ray task: one method of the plan in ``run_dir``; returns its row (errors raise)."""
     import torch
@@ -85,36 +142,6 @@ class RayExecutor:
         self.plan = plan
         self.ray = _ray()
 
-    def connect(self) -> None:
-        spec = self.plan.recipe.executor
-        ray = self.ray
-        if ray.is_initialized():
-            return
-        kw = {"address": spec.address} if spec.address else {"num_cpus": os.cpu_count() or 1}
-        if spec.address:
-            _reachable(spec.address)
-        try:
-            ray.init(include_dashboard=False, log_to_driver=True, **kw)
-        except (ConnectionError, RuntimeError, ValueError) as e:
-            where = spec.address or "a local cluster"
-            raise QuantlabError(f"cannot connect to Ray at {where}: {str(e).splitlines()[0][:200]}; start one with "
-                                "`ray start --head` or fix executor.address / --address") from None
-
-    def resources(self, method) -> dict:
-        r = method.resources
-        gpus = r.gpus if r.gpus is not None else (1 if self.plan.device.startswith("cuda") else 0)
-        return {"num_cpus": r.cpus, "num_gpus": gpus}
-
-    def check_resources(self, methods) -> None:
-        """Every task fits one node of the cluster (else Ray would wait for ever)."""
-        nodes = [n.get("Resources", {}) for n in self.ray.nodes() if n.get("Alive")]
-        for m in methods:
-            want = self.resources(m)
-            if not any(n.get("CPU", 0) >= want["num_cpus"] and n.get("GPU", 0) >= want["num_gpus"] for n in nodes):
-                have = ", ".join(f"{n.get('CPU', 0):g} CPU/{n.get('GPU', 0):g} GPU" for n in nodes) or "no nodes"
-                raise QuantlabError(f"method '{m.label}' asks for {want['num_cpus']:g} CPUs and {want['num_gpus']:g} "
-                                    f"GPUs; no node of the Ray cluster has them ({have}): lower its resources")
-
     def run(self, base, on_result: OnResult) -> None:
         base.model = None  # each task loads its own; the driver keeps none
         gc.collect()
@@ -128,14 +155,15 @@ class RayExecutor:
                 todo.append(m)
         if not todo:
             return
-        self.connect()
-        self.check_resources(todo)
+        connect(ray, plan.recipe.executor)  # done before any work (check_executor); for direct use
+        check_resources(ray, todo, plan.device)
         task = ray.remote(_method_task)
         spec = plan.recipe.executor
         pending = {}
         for m in todo:
-            ref = task.options(max_retries=spec.max_retries, retry_exceptions=False, name=f"quantlab:{m.label}",
-                               **self.resources(m)).remote(str(plan.run_dir.root), m.label, plan.threads_for(m))
+            options = task.options(max_retries=spec.max_retries, retry_exceptions=False,
+                                   name=f"quantlab:{m.label}", **task_resources(m, plan.device))
+            ref = options.remote(str(plan.run_dir.root), m.label, plan.threads_for(m))
             pending[ref] = m
         log(f"ray: {len(todo)} methods submitted ({', '.join(m.label for m in todo)})")
         self._collect(pending, on_result)
@@ -160,8 +188,6 @@ class RayExecutor:
 def _reachable(address: str, timeout: float = 5.0) -> None:
     """A clear error at once for a cluster address nobody listens on (Ray itself keeps
     retrying for minutes)."""
-    import socket
-
     hostport = address.split("://", 1)[-1]
     if hostport == "auto" or ":" not in hostport:
         return  # 'auto' finds a running cluster itself (and says so quickly when there is none)
@@ -170,7 +196,8 @@ def _reachable(address: str, timeout: float = 5.0) -> None:
         with socket.create_connection((host, int(port)), timeout=timeout):
             return
     except (OSError, ValueError) as e:
-        raise QuantlabError(f"cannot connect to Ray at {address}: {getattr(e, 'strerror', None) or e}; start one "
+        why = getattr(e, "strerror", None) or e
+        raise QuantlabError(f"cannot connect to Ray at {address}: {why}; start one "
                             "with `ray start --head` or fix executor.address / --address") from None
 
 

@@ -15,7 +15,7 @@ import pandas as pd
 
 from quantlab.data import load_text
 from quantlab.errors import QuantlabError
-from quantlab.executors import execute
+from quantlab.executors import check_executor, execute
 from quantlab.models import classify, quiet_progress_bars
 from quantlab.plan import RunPlan, needs_calibration, prepare, setup
 from quantlab.recipe import Recipe, recipe_to_dict
@@ -39,7 +39,7 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, *, force: bool = F
     executor the recipe names (``executor.kind``); with several models, see :func:`run_models`."""
     if recipe.models:
         return run_models(recipe, out, force=force, echo=echo)
-    s = setup(_absolute_sources(recipe), out, force, check_sources)
+    s = setup(_absolute_sources(recipe), out, force, check_before_work)
     quiet_progress_bars()
     with RunLock(s.run_dir.root), storage_errors(s.run_dir.root):
         plan, base = prepare(s, force, _log)
@@ -143,6 +143,14 @@ def _finish(plan: RunPlan, rows: list[dict], eval_text) -> pd.DataFrame:
     return frame
 
 
+def check_before_work(recipe: Recipe, backends: dict, device) -> None:
+    """What `quantlab run` checks before it loads the model (and before it creates or
+    touches the run directory): :func:`check_sources`, then the executor (Ray installed,
+    its cluster answering, every method's resources on one of its nodes)."""
+    check_sources(recipe, backends)
+    check_executor(recipe, device)
+
+
 def check_sources(recipe: Recipe, backends: dict | None = None) -> None:
     """The cheap checks, before anything is loaded (``quantlab validate`` runs them too):
     the backends' libraries are installed, the model source exists, lm-eval tasks are
@@ -211,6 +219,39 @@ def _check_gguf(recipe: Recipe, backends: dict) -> None:
         from quantlab.engines.llamacpp import find_llamacpp
 
         find_llamacpp()
+    methods = recipe.all_methods()
+    if any("gguf" in m.export or backends[m.label].name == "llamacpp" for m in methods):
+        _check_gguf_metadata(recipe.model.source)
+
+
+def _check_gguf_metadata(source: str) -> None:
+    """A method that writes GGUF takes the file's metadata and tokenizer from a GGUF file of
+    the source: a GGUF source's (or the demo model's) own, else the file llama.cpp's
+    converter writes from the model directory (cached by content). Before anything loads:
+    without the converter, and without that file in the cache, the error says how to get
+    llama.cpp. (A Hub model's cache key, its commit, is known only once it is loaded: there
+    the converter is required.)"""
+    from quantlab.engines.llamacpp import find_llamacpp
+    from quantlab.formats.gguf import template_for
+    from quantlab.models import classify, content_digest
+
+    kind, where = classify(source)
+    if kind in ("demo", "gguf"):
+        return
+    try:
+        tools = find_llamacpp()
+    except QuantlabError:
+        if kind == "hub":
+            raise
+        tools = None
+    if tools is not None and tools.converter is not None:
+        return  # the run writes the file when a method first needs it
+    if kind == "hub":
+        raise QuantlabError(f"GGUF export of '{source}' needs llama.cpp's converter "
+                            f"(convert_hf_to_gguf.py), which is not next to '{tools.bin_dir}'; "
+                            "rebuild with `bash scripts/llamacpp.sh`")
+    # no converter: fine only when the file is cached; else template_for says what is missing
+    template_for({"content_sha256": content_digest(Path(where))}, Path(where), tools)
 
 
 def _absolute_sources(recipe: Recipe) -> Recipe:

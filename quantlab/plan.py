@@ -228,15 +228,20 @@ def needs_calibration(recipe: Recipe, backends: dict) -> bool:
 
 
 def setup(recipe: Recipe, out: str | Path | None, force: bool, check) -> Setup:
-    """The cheap part, before the run directory is locked: backends built, sources checked
-    (``check``: the pipeline's check_sources), texts read, the run directory created."""
+    """The cheap part, before the run directory is locked: backends built, everything checked
+    that can be checked without the model (``check(recipe, backends, device)``: the pipeline's
+    sources, llama.cpp and executor checks), texts read, the run directory created.
+
+    Rule: every check that does not need the loaded model runs here, before the model is
+    loaded and before the run directory is created or touched, so a mistake costs seconds
+    and leaves an earlier run's directory as it was."""
     methods = recipe.all_methods()
     backends = {m.label: get_backend(m.backend)(m.config()) for m in methods}
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
     device = resolve_device(recipe.model.device)
     dtype = resolve_dtype(recipe.model.dtype, device)
-    check(recipe, backends)
+    check(recipe, backends, device)
     ev, cal = recipe.eval, recipe.calibration
     eval_text = load_text(ev.source, ev.split, "evaluation", ev.text_field)
     cal_text = load_text(cal.source, cal.split, "calibration", cal.text_field) if needs_calibration(recipe, backends) else None
