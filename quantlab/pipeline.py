@@ -105,8 +105,9 @@ def methods_by_models(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 class _Collector:
-    """Rows as methods finish, in the recipe's order; the results table is rewritten after
-    each, so a crash keeps what finished."""
+    """Rows as methods finish, in the recipe's order; the results table (csv, parquet, and
+    md when the recipe writes a report) is rewritten after each, so a crash or Ctrl-C keeps
+    what finished, on either executor, and the three files always agree."""
 
     def __init__(self, plan: RunPlan):
         self.plan = plan
@@ -117,7 +118,8 @@ class _Collector:
     def add(self, result: MethodResult) -> None:
         self.by_label[result.label] = result.as_row(self.backends[result.label])
         _write_run_files(self.plan)
-        _write_results(self.plan.run_dir.root, results_frame(self.rows()))
+        plan = self.plan
+        _write_results(plan.run_dir.root, results_frame(self.rows()), plan.recipe.output.report)
 
     def rows(self) -> list[dict]:
         return [self.by_label[label] for label in self.order if label in self.by_label]
@@ -131,7 +133,7 @@ def _finish(plan: RunPlan, rows: list[dict], eval_text) -> pd.DataFrame:
         _measure_with_llamacpp(plan, ok, eval_text)
     frame = results_frame(rows)
     _write_run_files(plan)
-    _write_results(plan.run_dir.root, frame)
+    _write_results(plan.run_dir.root, frame, plan.recipe.output.report)
     if plan.recipe.output.report:
         from quantlab.report.html import write_report
 
@@ -292,10 +294,15 @@ def _write_run_files(plan: RunPlan) -> None:
     plan.run_dir.write_run_files(recipe_to_dict(plan.recipe), plan.env, calibration)
 
 
-def _write_results(out_dir: Path, frame: pd.DataFrame) -> None:
-    """results.csv (and results.parquet where pyarrow is installed), rewritten after every
-    method so a crash keeps what finished."""
-    from quantlab.report.tables import write_parquet
+def _write_results(out_dir: Path, frame: pd.DataFrame, markdown: bool) -> None:
+    """results.csv (and results.parquet where pyarrow is installed; with ``markdown``
+    results.md, the report's table), rewritten after every method so a crash keeps what
+    finished."""
+    from quantlab.report.data import read_results
+    from quantlab.report.tables import markdown_table, summary_frame, write_parquet
 
     atomic_write_text(out_dir / "results.csv", frame.to_csv(index=False))
     write_parquet(frame, out_dir / "results.parquet")
+    if markdown:  # from the file, as the report reads it: the same table the report will write
+        table = summary_frame(read_results(out_dir / "results.csv"))
+        atomic_write_text(out_dir / "results.md", markdown_table(table))

@@ -1,15 +1,24 @@
 """Orchestration under failure, for real (issue #26): checks promised "before any work" run
-before the model is loaded. Ray runs on a real local cluster."""
+before the model is loaded; Ctrl-C of a run (local or Ray) keeps every finished method in
+results.csv/.parquet/.md and leaves no ``running.json``; a method that fails removes its
+marker. Ray runs on a real local cluster, the runs in real processes."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from quantlab.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _recipe(path: Path, model_dir: Path, out: Path, **extra) -> Path:
@@ -30,6 +39,52 @@ def _recipe(path: Path, model_dir: Path, out: Path, **extra) -> Path:
     }
     path.write_text(json.dumps(doc))
     return path
+
+
+def _start(recipe: Path, *args: str) -> subprocess.Popen:
+    """``quantlab run`` in its own process group, as a terminal runs a command (Ctrl-C
+    signals the whole group)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", RAY_ENABLE_UV_RUN_RUNTIME_ENV="0")
+    cmd = [sys.executable, "-m", "quantlab", "run", str(recipe), *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def _wait_for_any(paths: list[Path], proc: subprocess.Popen, timeout: float = 300) -> Path:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for p in paths:
+            if p.exists():
+                return p
+        if proc.poll() is not None:
+            err = proc.communicate()[1]
+            pytest.fail(f"the run ended (rc {proc.returncode}) first:\n{err[-3000:]}")
+        time.sleep(0.02)
+    proc.kill()
+    pytest.fail(f"none of {[p.name for p in paths]} appeared in {timeout} s")
+
+
+def _ctrl_c(proc: subprocess.Popen) -> str:
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    return err
+
+
+def _assert_finished_methods_kept(run: Path) -> list[str]:
+    """Every method whose metrics.json is complete is a row of results.csv, .parquet and .md;
+    no running.json is left. Returns the finished methods."""
+    labels = ["baseline", "rtn-w4", "gptq-w4", "awq-w4"]
+    done = [label for label in labels if (run / label / "metrics.json").is_file()]
+    assert done, "no method finished before the interruption"
+    assert sorted(pd.read_csv(run / "results.csv")["method"]) == sorted(done)
+    assert sorted(pd.read_parquet(run / "results.parquet")["method"]) == sorted(done)
+    md = (run / "results.md").read_text()
+    assert [label for label in labels if f"| {label} |" in md] == done
+    left = [p.read_text() for p in run.glob("*/running.json")]
+    assert not left, left
+    return done
 
 
 # --------------------------------------------------------------------------- before any work
@@ -81,3 +136,32 @@ def test_ray_address_and_resources_fail_before_the_model_loads(tiny_model_dir, t
     assert "loading model" not in err
     assert not (tmp_path / "run").exists()
     assert not ray.is_initialized()
+
+
+# --------------------------------------------------------------------------- Ctrl-C and failures
+
+
+def test_ctrl_c_of_a_local_run_leaves_no_marker(tiny_model_dir, tmp_path):
+    """Ctrl-C while a method runs in the local executor: its running.json is removed and the
+    finished methods are in results.csv/.parquet/.md."""
+    run = tmp_path / "run"
+    proc = _start(_recipe(tmp_path / "r.yaml", tiny_model_dir, run))
+    _wait_for_any([run / "gptq-w4" / "running.json"], proc)
+    _ctrl_c(proc)
+    done = _assert_finished_methods_kept(run)
+    assert done[:2] == ["baseline", "rtn-w4"] and "awq-w4" not in done
+
+
+def test_a_method_that_fails_removes_its_marker(tiny_model_dir, tmp_path, capsys):
+    """A method that stops with an error (here: a file where its checkpoint directory
+    belongs) leaves no running.json; the methods before it are kept."""
+    run = tmp_path / "run"
+    recipe = _recipe(tmp_path / "r.yaml", tiny_model_dir, run)
+    from quantlab.runs import prepare_run_dir
+
+    (prepare_run_dir(run, kind="run") / "rtn-w4").mkdir()  # a run directory, as quantlab makes one
+    (run / "rtn-w4" / "checkpoint").write_text("not a checkpoint")
+    assert main(["run", str(recipe)]) == 2
+    assert "is a file where quantlab keeps a directory" in capsys.readouterr().err
+    assert not (run / "rtn-w4" / "running.json").exists()
+    assert list(pd.read_csv(run / "results.csv")["method"]) == ["baseline"]
