@@ -1,14 +1,16 @@
 """Runs as jobs: the Ray executor on a real local Ray cluster (started by each run, as
 ``quantlab run --executor ray`` does without --address) gives the same numbers, bit for bit,
-as the local executor; a worker killed mid-task is run again and the run completes; with no
-retries left the method's row carries the error while the other methods finish; requests the
-cluster cannot meet are errors before any work."""
+as the local executor; a worker killed mid-task is run again (the log says so) and the run
+completes; with no retries left the method's row carries the error while the other methods
+finish; requests the cluster cannot meet are errors before any work."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -96,12 +98,19 @@ def _kill_first_worker(run: Path, proc, label: str) -> int:
 def test_a_worker_killed_mid_task_is_run_again(local_run, tiny_model_dir, tmp_path):
     run = tmp_path / "run"
     proc = _run(_recipe(tmp_path / "r.yaml", tiny_model_dir, run), "--executor", "ray", wait=False)
-    _kill_first_worker(run, proc, "awq-w4")
+    pid = _kill_first_worker(run, proc, "awq-w4")
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err
     got = _results(run)
     assert got["error"].isna().all()
     assert got["ppl"].tolist() == local_run["ppl"].tolist()
+    # the retry is a progress line of the driver: the method, the attempt and why
+    line = r"^quantlab \d\d:\d\d:\d\d \+\S+: awq-w4: Ray runs it again, attempt 2 of 3 .*$"
+    retry = re.search(line, err, re.M)
+    assert retry, err[-3000:]
+    host = socket.gethostname()
+    assert f"attempt 1's worker (on {host}, pid {pid}) died before the method finished" in retry[0]
+    assert not list(run.glob("*/running.json"))
 
 
 def test_with_no_retries_left_the_row_carries_the_error(local_run, tiny_model_dir, tmp_path):
@@ -117,6 +126,7 @@ def test_with_no_retries_left_the_row_carries_the_error(local_run, tiny_model_di
     for label in ("baseline", "rtn-w4", "gptq-w4"):  # the others finished, with the local numbers
         assert got.loc[label, "ppl"] == local_run.loc[label, "ppl"]
     assert json.loads((run / "awq-w4" / "error.json").read_text())["error"] == got.loc["awq-w4", "error"]
+    assert not (run / "awq-w4" / "running.json").exists()  # its worker died: the driver removed it
 
 
 def test_requests_the_cluster_cannot_meet_are_errors_before_work(tiny_model_dir, tmp_path):

@@ -141,6 +141,21 @@ def test_ray_address_and_resources_fail_before_the_model_loads(tiny_model_dir, t
 # --------------------------------------------------------------------------- Ctrl-C and failures
 
 
+def test_ctrl_c_of_a_ray_run_keeps_finished_methods_and_leaves_no_marker(tiny_model_dir, tmp_path):
+    """Ctrl-C once a method finished (others still running on Ray): the outstanding tasks are
+    cancelled, every method whose row is complete is in results.csv/.parquet/.md, no
+    running.json is left, and the command ends as Ctrl-C does (exit 130)."""
+    pytest.importorskip("ray", reason="needs Ray: pip install 'quantlab[ray]' torch==2.13.0")
+    run = tmp_path / "run"
+    proc = _start(_recipe(tmp_path / "r.yaml", tiny_model_dir, run), "--executor", "ray")
+    labels = ["baseline", "rtn-w4", "gptq-w4", "awq-w4"]
+    _wait_for_any([run / label / "metrics.json" for label in labels], proc)
+    err = _ctrl_c(proc)
+    assert "ray: interrupted: cancelling" in err and "to resume, run the same command again" in err
+    done = _assert_finished_methods_kept(run)
+    assert len(done) < len(labels), "every method finished before Ctrl-C: nothing was cancelled"
+
+
 def test_ctrl_c_of_a_local_run_leaves_no_marker(tiny_model_dir, tmp_path):
     """Ctrl-C while a method runs in the local executor: its running.json is removed and the
     finished methods are in results.csv/.parquet/.md."""
