@@ -36,6 +36,8 @@ MAX_LABEL = 100
 MAX_RECIPE_BYTES = 1 << 20
 #: values a recipe may hold once YAML aliases are expanded (a real recipe has a few hundred)
 MAX_RECIPE_NODES = 100_000
+#: how deeply a recipe's sections and values may nest (a real recipe: about 6 levels)
+MAX_RECIPE_DEPTH = 64
 #: the longest input value echoed back in an error message
 MAX_ECHO = 120
 #: run-directory entries a method directory (named by its label) must not collide with (the
@@ -629,6 +631,9 @@ def apply_overrides(doc: dict, overrides: list[str]) -> dict:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
+        except RecursionError:
+            raise RecipeError(f"--set {key}: the value is nested too deeply to be a recipe "
+                              "value") from None
         # counted before anything reads it: a label made from it would expand its aliases
         _refuse_expanding(value, f"--set {key}", what="the value")
         if (m := _METHOD_KEY.match(key)) and isinstance(_get_path(doc, f"methods.{m.group(1)}.label"), str):
@@ -758,20 +763,20 @@ class _RecipeLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _count_nodes(doc: Any, limit: int) -> int:
-    """Values in ``doc`` with aliases expanded, counting stops past ``limit`` (so a "billion
-    laughs" document costs microseconds, not minutes)."""
-    count, stack = 0, [doc]
+def _count_nodes(doc: Any, limit: int) -> tuple[int, int]:
+    """Values in ``doc`` with aliases expanded, and how deeply they nest; counting stops past
+    ``limit`` values (so a "billion laughs" document costs microseconds, not minutes)."""
+    count, deepest, stack = 0, 0, [(doc, 1)]
     while stack:
-        item = stack.pop()
-        count += 1
+        item, depth = stack.pop()
+        count, deepest = count + 1, max(deepest, depth)
         if count > limit:
-            return count
+            break
         if isinstance(item, dict):
-            stack.extend(item.values())
+            stack.extend((v, depth + 1) for v in item.values())
         elif isinstance(item, list):
-            stack.extend(item)
-    return count
+            stack.extend((v, depth + 1) for v in item)
+    return count, deepest
 
 
 def read_recipe_document(path: Path) -> Any:
@@ -805,9 +810,15 @@ def read_recipe_document(path: Path) -> Any:
 
 
 def _refuse_expanding(doc: Any, origin: str, what: str = "the recipe") -> None:
-    if _count_nodes(doc, MAX_RECIPE_NODES) > MAX_RECIPE_NODES:
+    """Refuse a document (or a --set value) past MAX_RECIPE_NODES values or MAX_RECIPE_DEPTH
+    levels, before anything walks it recursively (validation, error messages, labels)."""
+    count, depth = _count_nodes(doc, MAX_RECIPE_NODES)
+    if count > MAX_RECIPE_NODES:
         raise RecipeError(f"{origin}: {what} expands to more than {MAX_RECIPE_NODES} values "
                           "(YAML aliases repeated inside each other?); write it out plainly")
+    if depth > MAX_RECIPE_DEPTH:
+        raise RecipeError(f"{origin}: {what} nests {depth} levels deep; a recipe nests at most "
+                          f"{MAX_RECIPE_DEPTH}")
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

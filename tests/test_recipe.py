@@ -108,3 +108,14 @@ def test_a_document_built_in_python_is_counted_before_it_is_read():
         level = [level] * 10  # 10**9 values, 90 lists in memory
     with pytest.raises(RecipeError, match=r"expands to more than 100000 values"):
         parse_recipe({"methods": [{"backend": "rtn", "options": {"skip": level}}]})
+
+
+@pytest.mark.parametrize("override", [
+    "methods.0.options.skip." + ".".join(["a"] * 5000) + "=1",  # a key 5000 sections deep
+    "methods.0.options.skip=" + "[" * 100 + "]" * 100,
+    "methods.0.options.skip=" + "[" * 5000 + "]" * 5000,  # deeper than YAML's parser goes
+])
+def test_overrides_nested_past_any_recipe_are_one_error_not_a_recursion(override):
+    """Error messages and labels walk values recursively: a RecursionError traceback before."""
+    with pytest.raises(RecipeError, match=r"nest(s \d+ levels deep; a recipe nests at most 64|ed too deeply)"):
+        parse_recipe(apply_overrides({"methods": [{"backend": "rtn"}]}, [override]))
