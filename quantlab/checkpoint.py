@@ -9,18 +9,31 @@ Layout::
                         quantized module names, their layout (quantlab.formats) and its
                         version, quantlab version, source model, and the
                         manifest: sha256 and size of every other file, verified on load
+                        (with their modification times, ``mtime_ns``: a reader's shortcut)
 
 The directory is built under a temporary name and renamed into place, so a directory with
 ``quantlab.json`` is always complete.
+
+Two rules keep a checkpoint what it was when it was scored:
+
+- it shares no storage that a write elsewhere can change (:func:`share_source_files`: a
+  copy-on-write clone or a copy of the source's files, never a hard link);
+- whoever reads it notices a change: :func:`verify_checkpoint` (every sha256, on load) or
+  :func:`changes_since_export` (size and modification time first, the sha256 where they
+  differ: for the report, compare and resume).
 """
 
 from __future__ import annotations
 
 import copy
+import glob
 import hashlib
 import json
 import os
+import secrets
 import shutil
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,18 +50,21 @@ SIDECAR = "quantlab.json"
 def export_checkpoint(model: nn.Module, tokenizer, backend, out_dir: Path, *,
                       source: dict[str, Any], label: str) -> Path:
     """Write ``model`` (quantized by ``backend``) into ``out_dir``, atomically. An existing
-    ``out_dir`` is replaced only when it is a checkpoint quantlab wrote (it has a sidecar)."""
+    ``out_dir`` is replaced only when it is a checkpoint quantlab wrote (it has a sidecar).
+
+    Where ``out_dir`` may be is the caller's rule (a run's method directory under its lock,
+    :func:`quantlab.direct.save` outside every quantlab output). The temporary directory is
+    removed on any failure; leftovers of killed exports are removed only when provably
+    quantlab's (:func:`_remove_stale_exports`)."""
     out_dir = Path(out_dir)
     if out_dir.is_symlink() or (out_dir.exists() and not (out_dir / SIDECAR).is_file()):
         raise QuantlabError(f"'{out_dir}' exists but is not a checkpoint quantlab wrote (a file, a link, or a "
                             "directory without quantlab.json); move it away and run again")
-    # half-written exports of killed runs (the run directory's lock makes this run the only writer)
-    for stale in out_dir.parent.glob(f"{out_dir.name}.tmp-*"):
-        if stale.is_dir() and not stale.is_symlink():
-            shutil.rmtree(stale, ignore_errors=True)
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
+    _remove_stale_exports(out_dir)
+    tmp = _fresh_tmp(out_dir)
     try:
-        tmp.mkdir(parents=True)
+        marker = {"pid": os.getpid(), "host": socket.gethostname()}
+        (tmp / TMP_MARKER).write_text(json.dumps(marker))
         _write(model, tokenizer, backend, tmp, source, label)
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -56,7 +72,66 @@ def export_checkpoint(model: nn.Module, tokenizer, backend, out_dir: Path, *,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a full disk or Ctrl-C leaves no half checkpoint behind
         raise
+    (out_dir / TMP_MARKER).unlink(missing_ok=True)  # not in the manifest: a leftover is harmless
     return out_dir
+
+
+#: the temporary export directory of ``NAME`` is ``NAME.tmp-PID-RANDOM``
+TMP_INFIX = ".tmp-"
+#: written first into every temporary export directory: the proof that quantlab made it
+#: (with the pid and host that did, so a live export of another process is left alone)
+TMP_MARKER = ".quantlab-export"
+
+
+def _fresh_tmp(out_dir: Path) -> Path:
+    """A new, empty temporary directory beside ``out_dir``: an entry that happens to bear the
+    name is never taken over (nor, on failure, removed)."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(100):
+        tmp = out_dir.with_name(f"{out_dir.name}{TMP_INFIX}{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            tmp.mkdir()
+        except FileExistsError:
+            continue
+        return tmp
+    raise QuantlabError(f"cannot create a temporary directory beside '{out_dir}'")
+
+
+def _remove_stale_exports(out_dir: Path) -> list[Path]:
+    """Remove the half-written exports of killed processes beside ``out_dir``.
+
+    The rule: quantlab deletes only what it can prove it wrote. An entry is removed when it
+    is named ``NAME.tmp-*``, is a real directory (not a link), holds :data:`TMP_MARKER`, and
+    the marker names a process of this host that no longer runs. Anything else (a user's
+    ``NAME.tmp-mine/``, an export still being written by another process, another host's)
+    is left as it is."""
+    removed = []
+    for stale in out_dir.parent.glob(f"{glob.escape(out_dir.name)}{TMP_INFIX}*"):
+        if stale.is_symlink() or not stale.is_dir() or not _dead_writer(stale / TMP_MARKER):
+            continue
+        shutil.rmtree(stale, ignore_errors=True)
+        removed.append(stale)
+    return removed
+
+
+def _dead_writer(marker: Path) -> bool:
+    """True when ``marker`` is a temporary export's marker whose process, on this host, has
+    ended; False when it is not one, or the writer may still run (or cannot be told)."""
+    try:
+        rec = json.loads(marker.read_text(encoding="utf-8")) if not marker.is_symlink() else None
+    except (OSError, ValueError):
+        return False
+    if not isinstance(rec, dict) or type(rec.get("pid")) is not int:
+        return False
+    if rec.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(rec["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError, ValueError):
+        return False
+    return False
 
 
 def _write(model: nn.Module, tokenizer, backend, tmp: Path, source: dict[str, Any], label: str) -> None:
@@ -71,7 +146,7 @@ def _write(model: nn.Module, tokenizer, backend, tmp: Path, source: dict[str, An
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    link_source_files(tmp, source.get("path"))
+    share_source_files(tmp, source.get("path"))
     meta = {
         "format": SIDECAR_FORMAT,
         "label": label,
@@ -83,38 +158,69 @@ def _write(model: nn.Module, tokenizer, backend, tmp: Path, source: dict[str, An
         "quantlab_version": __version__,
         "source": source,
         "files": manifest(tmp),
+        "mtime_ns": file_times(tmp),
     }
     meta["sidecar_sha256"] = sidecar_digest(meta)
     (tmp / SIDECAR).write_text(json.dumps(meta, indent=2))
 
 
-#: files smaller than this are copied even when identical to the source's (not worth a link)
-LINK_MIN_BYTES = 1 << 20
+#: files smaller than this are never cloned (not worth the hashing)
+CLONE_MIN_BYTES = 1 << 20
+#: ``FICLONE`` of linux/fs.h (``_IOW(0x94, 9, int)``): make a file share another's blocks,
+#: copy-on-write
+FICLONE = 0x40049409
 
 
-def link_source_files(ckpt_dir: Path, source_dir: str | Path | None) -> list[str]:
-    """Replace each file of ``ckpt_dir`` that is byte-identical to the file of the same name in
-    the (local) source model directory by a hard link to it: the float baseline's weights are
-    then stored once, not once per run (a 135M model: 517 MB per run). A hard link is a file,
-    not a reference: the checkpoint stays complete if the source is deleted, its manifest
-    covers the same bytes, and a source rewritten by replacement leaves it unchanged. Across
-    file systems (no hard links) the copy stays. Returns the names linked."""
+def share_source_files(ckpt_dir: Path, source_dir: str | Path | None) -> list[str]:
+    """Store the files of ``ckpt_dir`` that are byte-identical to the (local) source model's
+    as copy-on-write clones of them, where the file system makes clones; returns the names
+    cloned.
+
+    The rule: a checkpoint never shares storage that a write elsewhere can change. A clone
+    (``FICLONE``: btrfs, XFS with reflink, bcachefs, ZFS 2.2+ block cloning) shares the
+    source's blocks only until either side writes; a write, even in place, goes to new
+    blocks, so the checkpoint keeps its bytes and the float baseline costs no disk until then.
+    Elsewhere (ext4, tmpfs, across file systems) the plain copy the export wrote stays: one
+    copy of the float weights per run. Never a hard link: one inode, so the source edited in
+    place would change the run's checkpoint behind its back."""
     if not source_dir or not Path(source_dir).is_dir():
         return []
-    linked = []
+    cloned = []
     for f in sorted(ckpt_dir.iterdir()):
         src = Path(source_dir) / f.name
-        if (not f.is_file() or f.stat().st_size < LINK_MIN_BYTES or not src.is_file() or src.is_symlink()
-                or src.stat().st_size != f.stat().st_size or _sha256(src) != _sha256(f)):
+        if not (_plain_file(f) and _plain_file(src)) or f.stat().st_size < CLONE_MIN_BYTES:
             continue
-        tmp_link = f.with_name(f.name + ".link")
-        try:
-            os.link(src, tmp_link)
-        except OSError:  # another file system, or links not allowed: keep the copy
+        if src.stat().st_size != f.stat().st_size:
             continue
-        os.replace(tmp_link, f)
-        linked.append(f.name)
-    return linked
+        digest = _sha256(f)
+        if _sha256(src) == digest and _clone_into(src, f, digest):
+            cloned.append(f.name)
+    return cloned
+
+
+def _plain_file(path: Path) -> bool:
+    return path.is_file() and not path.is_symlink()
+
+
+def _clone_into(src: Path, dest: Path, digest: str) -> bool:
+    """Replace ``dest`` by a copy-on-write clone of ``src`` when the file system makes one
+    and the clone has ``digest`` (the source may change between the check and the clone);
+    False (``dest`` untouched) otherwise."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: keep the copy
+        return False
+    tmp = dest.with_name(dest.name + ".clone")
+    try:
+        with open(src, "rb") as s, open(tmp, "wb") as d:
+            fcntl.ioctl(d.fileno(), FICLONE, s.fileno())
+        if _sha256(tmp) != digest:
+            raise OSError("the source changed while it was cloned")
+        os.replace(tmp, dest)
+    except OSError:  # no clones on this file system (or another one): the copy stays
+        tmp.unlink(missing_ok=True)
+        return False
+    return True
 
 
 def _layout_record(backend) -> dict[str, Any]:
@@ -153,10 +259,24 @@ def _sha256(path: Path) -> str:
 
 
 def manifest(ckpt_dir: Path) -> dict[str, dict[str, Any]]:
-    """sha256 and size of every file of a checkpoint directory but the sidecar."""
+    """sha256 and size of every file of a checkpoint directory but the sidecar (and a
+    temporary export's marker): the proof of its content (:func:`verify_checkpoint`)."""
     ckpt_dir = Path(ckpt_dir)
     return {p.relative_to(ckpt_dir).as_posix(): {"sha256": _sha256(p), "bytes": p.stat().st_size}
-            for p in sorted(ckpt_dir.rglob("*")) if p.is_file() and p.name != SIDECAR}
+            for p in _files(ckpt_dir)}
+
+
+def file_times(ckpt_dir: Path) -> dict[str, int]:
+    """The modification time (ns) of every file :func:`manifest` lists: the sidecar's
+    ``mtime_ns``. Only a shortcut: a reader may skip hashing a file whose size and time are
+    as recorded (:func:`changes_since_export`); the sha256 stays the proof."""
+    ckpt_dir = Path(ckpt_dir)
+    return {p.relative_to(ckpt_dir).as_posix(): p.stat().st_mtime_ns for p in _files(ckpt_dir)}
+
+
+def _files(ckpt_dir: Path) -> list[Path]:
+    return [p for p in sorted(ckpt_dir.rglob("*"))
+            if p.is_file() and p.name not in (SIDECAR, TMP_MARKER)]
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".gguf")
@@ -179,6 +299,39 @@ def _manifest_entries(ckpt_dir: Path, meta: dict[str, Any], hint: str) -> dict[s
     return files
 
 
+def _problems(ckpt_dir: Path, meta: dict[str, Any], files: dict[str, dict[str, Any]], *,
+              quick: bool) -> Iterator[str]:
+    """Each difference between a checkpoint and its sidecar, as a sentence: the sidecar
+    against its own digest, every listed file (missing, size, sha256), weight files the
+    manifest does not list. ``quick``: a file whose size and time are as the sidecar's
+    ``mtime_ns`` records them is taken as unchanged (an edit in place changes the time);
+    any other is hashed, so a copied checkpoint (new times, same bytes) is not reported."""
+    sidecar = ckpt_dir / SIDECAR
+    if "sidecar_sha256" not in meta:
+        yield (f"'{sidecar}' has no digest of its own (written by an earlier quantlab, or edited), "
+               "so it cannot be verified")
+    elif meta["sidecar_sha256"] != sidecar_digest(meta):
+        yield f"'{sidecar}' was changed since export (its digest does not match its content)"
+    times = meta.get("mtime_ns") if quick and isinstance(meta.get("mtime_ns"), dict) else {}
+    for name, want in files.items():
+        path = ckpt_dir / name
+        if path.is_symlink() or not path.is_file():
+            yield f"checkpoint '{ckpt_dir}' is missing '{name}', which its manifest lists"
+            continue
+        st = path.stat()
+        if st.st_size == want["bytes"] and st.st_mtime_ns == times.get(name):
+            continue
+        if st.st_size != want["bytes"] or _sha256(path) != want["sha256"]:
+            yield (f"checkpoint file '{path}' does not match its manifest (sha256 or size differs: "
+                   "damaged or changed since export)")
+    weights = [p.relative_to(ckpt_dir).as_posix() for p in ckpt_dir.rglob("*")
+               if p.is_file() and p.suffix in WEIGHT_SUFFIXES]
+    extra = sorted(name for name in weights if name not in files)
+    if extra:
+        yield (f"checkpoint '{ckpt_dir}' holds weight files its manifest does not list: "
+               f"{', '.join(extra)}")
+
+
 def verify_checkpoint(ckpt_dir: Path) -> None:
     """Check the sidecar against its own digest and every file against the manifest in it:
     present, same size, same sha256; no weight file the manifest does not list. A sidecar
@@ -188,24 +341,24 @@ def verify_checkpoint(ckpt_dir: Path) -> None:
     meta = read_sidecar(ckpt_dir)
     hint = "re-export it (run the recipe again with --force), or pass --no-verify to load it anyway"
     files = _manifest_entries(ckpt_dir, meta, hint)
-    if "sidecar_sha256" not in meta:
-        raise QuantlabError(f"'{ckpt_dir / SIDECAR}' has no digest of its own (written by an earlier quantlab, "
-                            f"or edited), so it cannot be verified; {hint}")
-    if meta["sidecar_sha256"] != sidecar_digest(meta):
-        raise QuantlabError(f"'{ckpt_dir / SIDECAR}' was changed since export (its digest does not match "
-                            f"its content); {hint}")
-    for name, want in files.items():
-        path = ckpt_dir / name
-        if path.is_symlink() or not path.is_file():
-            raise QuantlabError(f"checkpoint '{ckpt_dir}' is missing '{name}', which its manifest lists; {hint}")
-        if path.stat().st_size != want["bytes"] or _sha256(path) != want["sha256"]:
-            raise QuantlabError(f"checkpoint file '{path}' does not match its manifest (sha256 or size "
-                                f"differs: damaged or changed since export); {hint}")
-    extra = [p.relative_to(ckpt_dir).as_posix() for p in ckpt_dir.rglob("*")
-             if p.is_file() and p.suffix in WEIGHT_SUFFIXES and p.relative_to(ckpt_dir).as_posix() not in files]
-    if extra:
-        raise QuantlabError(f"checkpoint '{ckpt_dir}' holds weight files its manifest does not list: "
-                            f"{', '.join(sorted(extra))}; {hint}")
+    for problem in _problems(ckpt_dir, meta, files, quick=False):
+        raise QuantlabError(f"{problem}; {hint}")
+
+
+def changes_since_export(ckpt_dir: Path) -> list[str]:
+    """What changed in a checkpoint since it was exported (and so since it was scored), one
+    sentence each; empty when nothing did. Cheap where it can be: size and modification
+    time first, the sha256 only of files where they differ (and of every file of a
+    checkpoint whose manifest records no times, an earlier quantlab's). What reads a run's
+    results without loading its checkpoints (report, compare, resume) asks this; loading
+    verifies every sha256 (:func:`verify_checkpoint`)."""
+    ckpt_dir = Path(ckpt_dir)
+    try:
+        meta = read_sidecar(ckpt_dir)
+        files = _manifest_entries(ckpt_dir, meta, "run its recipe again to export it anew")
+    except QuantlabError as e:
+        return [str(e)]
+    return list(_problems(ckpt_dir, meta, files, quick=True))
 
 
 def load_checkpoint(ckpt_dir: Path, *, dtype: torch.dtype, device: torch.device, verify: bool = True,
@@ -229,6 +382,7 @@ def load_checkpoint(ckpt_dir: Path, *, dtype: torch.dtype, device: torch.device,
     check_safetensors(ckpt_dir)
     backend = get_backend(str(meta.get("backend", "?")), where=f"{ckpt_dir}/{SIDECAR}")
     _check_versions(ckpt_dir, meta, backend)
+    _check_options(ckpt_dir, meta, backend)
     try:
         model = backend.load(ckpt_dir, meta, dtype, device)
         tokenizer = AutoTokenizer.from_pretrained(ckpt_dir, trust_remote_code=False)
@@ -274,6 +428,28 @@ def _check_versions(ckpt_dir: Path, meta: dict[str, Any], backend) -> None:
     if rec.get("version") != layout.version:
         raise QuantlabError(f"checkpoint '{ckpt_dir}' was written in layout {layout.name} version "
                             f"{rec.get('version')}; this quantlab reads version {layout.version}: {hint}")
+
+
+def _check_options(ckpt_dir: Path, meta: dict[str, Any], backend) -> None:
+    """The sidecar's options are valid options of its backend, checked by the backend's own
+    Config (as a recipe's are): a sidecar that passes its digest but was written (or re-signed)
+    with options its backend rejects is an error naming them, never loaded as if valid."""
+    from pydantic import ValidationError
+
+    options = meta.get("options")
+    hint = "re-export it (run its recipe again with --force)"
+    if not isinstance(options, dict):
+        raise QuantlabError(f"checkpoint '{ckpt_dir}': the sidecar's 'options' is not a mapping; "
+                            f"{hint}")
+    try:
+        backend.Config(**options)
+    except ValidationError as e:
+        from quantlab.recipe import _format_errors
+
+        bad = "; ".join(_format_errors(e, backend.Config, "options").splitlines()[:3])
+        raise QuantlabError(f"checkpoint '{ckpt_dir}' cannot be loaded by backend "
+                            f"'{meta.get('backend')}': the sidecar's options are not valid "
+                            f"{meta.get('backend')} options ({bad}); {hint}") from None
 
 
 def weight_bytes(ckpt_dir: Path) -> int:
