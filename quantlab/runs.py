@@ -76,16 +76,30 @@ def _owner_kind(path: Path) -> str | None:
 CONTAINER = "models"
 
 
-def _enclosing_output(path: Path) -> tuple[Path, str] | None:
+def _enclosing_output(path: Path, *, through_containers: bool = True) -> tuple[Path, str] | None:
     """The nearest directory above ``path`` that holds quantlab output, with its kind (a
-    container of runs is looked through: its runs and report live inside it)."""
+    container of runs is looked through when ``through_containers``: its runs and report
+    live inside it)."""
     for parent in path.parents:
         kind = _owner_kind(parent)
-        if kind == CONTAINER:
+        if kind == CONTAINER and through_containers:
             continue
         if kind is not None:
             return parent, kind
     return None
+
+
+def refuse_inside_output(path: Path, what: str) -> None:
+    """The rule of :func:`prepare_run_dir` for entry points that write one tree of their
+    own (``quantlab.save``): ``path`` (links resolved) is inside no run, report, checkpoint
+    or directory of runs. A run's files are written only by the run that owns them, under
+    its lock: anything else writing there would change what the run measured, or mix with
+    it."""
+    outer = _enclosing_output(Path(os.path.realpath(path)), through_containers=False)
+    if outer is not None:
+        raise QuantlabError(f"{what} '{path}' is inside the quantlab {outer[1]} directory "
+                            f"'{outer[0]}'; quantlab writes there only when it runs that "
+                            "output's own command: choose a path outside it")
 
 
 def prepare_run_dir(path: Path, what: str = "output directory", kind: str = "run",
@@ -196,8 +210,18 @@ def read_record(path: Path, key: str | None) -> dict | None:
 
 
 def finished_metrics(method_dir: Path, key: str) -> dict | None:
-    """The method's metrics if it finished with the same key, else None."""
-    return read_record(Path(method_dir) / "metrics.json", key)
+    """The method's metrics if it finished with the same key and the checkpoint it scored
+    is as it was exported, else None: a checkpoint changed since (edited in place, a file
+    replaced or removed) is never reused with numbers that describe another one; the method
+    is done again (its export is verified again and, changed, redone)."""
+    from quantlab.checkpoint import changes_since_export
+
+    method_dir = Path(method_dir)
+    record = read_record(method_dir / "metrics.json", key)
+    ckpt = (record or {}).get("checkpoint")
+    if isinstance(ckpt, str) and changes_since_export(method_dir.parent / ckpt):
+        return None
+    return record
 
 
 #: written after a method's checkpoint is exported: what a resumed run needs to skip the

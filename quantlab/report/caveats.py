@@ -112,6 +112,52 @@ def source_history(frame: pd.DataFrame, metrics: dict[str, dict]) -> list[str]:
             f"grid, which flatters any method using the same grid{rows}"]
 
 
+def checkpoint_warnings(run: RunData, label: str) -> list[str]:
+    """A row whose checkpoint is gone, or changed since it was exported and scored: the row
+    describes a checkpoint that is no longer there as it was (the rule of
+    :mod:`quantlab.checkpoint`: a change is noticed wherever a run is read)."""
+    ckpt = (run.metrics.get(label) or {}).get("checkpoint")
+    if not ckpt:
+        return []
+    if not (run.path / ckpt).exists():
+        return [f"the checkpoint of {label} ({Path(run.path) / ckpt}) is no longer on disk"]
+    changes = run.checkpoint_changes(label)
+    if not changes:
+        return []
+    more = f" (and {len(changes) - 1} more)" if len(changes) > 1 else ""
+    return [f"the checkpoint of {label} changed since it was scored: {changes[0]}{more}; its "
+            "row describes the checkpoint as it was: run the recipe again to quantize and score it "
+            "anew"]
+
+
+#: packages whose version cannot change a figure (they only carry the data)
+_NUMBERLESS_PACKAGES = frozenset({"pandas", "pydantic"})
+
+
+def version_differences(runs: list[RunData]) -> str | None:
+    """Runs made with different versions of the libraries that compute their numbers (each
+    run's environment.json): the same method may score differently under another version."""
+    recorded = [(r, r.environment.get("packages")) for r in runs]
+    known = [(r, pk) for r, pk in recorded if isinstance(pk, dict)]
+    parts = []
+    for pkg in sorted({k for _, pk in known for k in pk} - _NUMBERLESS_PACKAGES):
+        by_version: dict[str, list[str]] = {}
+        for r, pk in known:
+            by_version.setdefault(str(pk.get(pkg)), []).append(r.path.name)
+        if len(by_version) > 1:
+            where = "; ".join(f"{v} in {', '.join(names)}" for v, names in by_version.items())
+            parts.append(f"{pkg} {where}")
+    unknown = [r.path.name for r, pk in recorded if not isinstance(pk, dict)]
+    if not parts and not (unknown and known):
+        return None
+    what = (f"different library versions ({' | '.join(parts)})" if parts
+            else "library versions not all recorded")
+    missing = f"; {', '.join(unknown)} recorded none (no environment.json)" if unknown else ""
+    return (f"the runs were made with {what}{missing}: the same method can score differently "
+            "under another version; compare each method with its own run's baseline, or run them "
+            "again in one environment")
+
+
 def report_warnings(runs: list[RunData], frame: pd.DataFrame) -> list[str]:
     out: list[str] = []
     multi = len(runs) > 1
@@ -157,10 +203,12 @@ def report_warnings(runs: list[RunData], frame: pd.DataFrame) -> list[str]:
         for label in part["method"].astype(str):
             if label not in run.metrics:
                 out.append(f"{scope}: {label} has no metrics.json (only its results row); its details are missing")
-            ckpt = (run.metrics.get(label) or {}).get("checkpoint")
-            if ckpt and not (run.path / ckpt).exists():
-                out.append(f"{scope}: the checkpoint of {label} ({Path(run.path) / ckpt}) is no longer on disk")
+            out += [f"{scope}: {w}" for w in checkpoint_warnings(run, label)]
+        out += [f"{scope}: {n}" for n in run.notes]
     if multi:
+        versions = version_differences(runs)
+        if versions:
+            out.append(versions)
         tok = _distinct(frame, "tokenizer")
         models = _distinct(frame, "model")
         if len(models) > 1:

@@ -4,10 +4,12 @@ environment, with clear errors for anything that is not a readable quantlab run.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import yaml
 
@@ -28,9 +30,26 @@ class RunData:
     def name(self) -> str:
         return str(self.recipe.get("name") or self.path.name)
 
+    #: what the report says about the run's own files (a damaged results.parquet...)
+    notes: list[str] = field(default_factory=list)
+    _changes: dict[str, list[str] | None] = field(default_factory=dict, repr=False)
+
     @property
     def model(self) -> str:
         return str((self.recipe.get("model") or {}).get("source") or "?")
+
+    def checkpoint_changes(self, label: str) -> list[str] | None:
+        """What changed in ``label``'s checkpoint since it was exported and scored (empty:
+        nothing), or None when its row names no checkpoint or it is gone. Asked once per
+        label (:func:`quantlab.checkpoint.changes_since_export`: size and time, sha256 where
+        they differ)."""
+        if label not in self._changes:
+            from quantlab.checkpoint import changes_since_export
+
+            rel = (self.metrics.get(label) or {}).get("checkpoint")
+            ckpt = self.path / rel if isinstance(rel, str) and rel else None
+            self._changes[label] = changes_since_export(ckpt) if ckpt and ckpt.exists() else None
+        return self._changes[label]
 
 
 def _nested_runs(path: Path) -> list[str]:
@@ -107,16 +126,51 @@ def load_run(path: str | Path) -> RunData:
         if mpath.is_file():
             metrics[label] = _read_json(mpath)
     run = RunData(run_dir, frame, metrics, recipe, env)
+    if csv.suffix != ".parquet":
+        run.notes += _parquet_problem(run_dir, frame)
     if "model" not in frame.columns or frame["model"].isna().all():
         frame["model"] = run.model
     return run
 
 
+def _parquet_problem(run_dir: Path, frame: pd.DataFrame) -> list[str]:
+    """results.parquet is a second copy of results.csv, the table every report reads. The
+    rule: a copy that cannot be read, or that disagrees with the CSV (other methods or
+    perplexities), is said in the report's warnings, never silently trusted or ignored."""
+    path = run_dir / "results.parquet"
+    if not path.is_file():
+        return []
+    redo = ("the report uses results.csv; run the recipe again (finished methods are reused) to "
+            "rewrite both")
+    try:
+        other = pd.read_parquet(path)
+    except ImportError:  # no Parquet engine here: nothing to compare with
+        return []
+    except Exception as e:  # pyarrow raises many types for a damaged file
+        detail = (str(e).splitlines() or [""])[0][:120]
+        return [f"'{path}' cannot be read ({type(e).__name__}: {detail}); {redo}"]
+    if not _same_rows(frame, other):
+        return [f"'{path}' does not match results.csv (other methods or perplexities); {redo}"]
+    return []
+
+
+def _same_rows(a: pd.DataFrame, b: pd.DataFrame) -> bool:
+    if any(c not in df.columns for c in ("method", "ppl") for df in (a, b)) or len(a) != len(b):
+        return False
+    ppl_a, ppl_b = (pd.to_numeric(df["ppl"], errors="coerce").to_numpy(float) for df in (a, b))
+    return (list(a["method"].astype(str)) == list(b["method"].astype(str))
+            and bool(np.allclose(ppl_a, ppl_b, rtol=1e-9, atol=0, equal_nan=True)))
+
+
 def load_runs(paths: str | Path | list[str | Path]) -> list[RunData]:
     """The runs at ``paths``; a directory that is not a run but holds runs (``runs/``) stands
     for every run directly inside it, in name order: a leaderboard across runs."""
-    if isinstance(paths, (str, Path)):
+    if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
+    if not isinstance(paths, (list, tuple)) or not all(isinstance(p, (str, os.PathLike))
+                                                       for p in paths):
+        raise QuantlabError("run directories must be a path or a list of paths (str or "
+                            f"pathlib.Path), not {type(paths).__name__}")
     if not paths:
         raise QuantlabError("no run directories given")
     expanded: list[Path] = []
