@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 from quantlab.direct import config, quantize, save
+from quantlab.errors import QuantlabError
 from quantlab.recipe import load_recipe, parse_recipe
 
 __all__ = ["backends", "caveats", "config", "evaluate", "load", "load_checkpoint", "load_metrics", "load_model",
@@ -16,10 +18,17 @@ __all__ = ["backends", "caveats", "config", "evaluate", "load", "load_checkpoint
 def run_recipe(recipe, out: str | Path | None = None, *, force: bool = False, echo: bool = True):
     """Run a :class:`~quantlab.recipe.Recipe` (or a path to a YAML recipe); returns a
     ``RunResult`` with ``path`` and ``results`` (a DataFrame)."""
+    from quantlab import arguments
     from quantlab.pipeline import run_recipe as _run
+    from quantlab.recipe import Recipe
 
-    if isinstance(recipe, (str, Path)):
+    if isinstance(recipe, (str, os.PathLike)):
         recipe = load_recipe(recipe)
+    if not isinstance(recipe, Recipe):
+        raise QuantlabError(f"recipe must be a Recipe (quantlab.load_recipe / parse_recipe) or the "
+                            f"path of a YAML recipe, not {type(recipe).__name__}")
+    out = None if out is None else arguments.path("out", out)
+    force, echo = arguments.flag("force", force), arguments.flag("echo", echo)
     return _run(recipe, out, force=force, echo=echo)
 
 
@@ -63,17 +72,29 @@ def write_report(paths: str | Path | list[str | Path], out: str | Path | None = 
 def summary_table(frame):
     """The readable table of :func:`load_results`' frame: baseline first, deltas against
     each run's baseline, units in the column names (strings, ready to print)."""
+    import pandas as pd
+
     from quantlab.report.tables import summary_frame
 
+    table = isinstance(frame, pd.DataFrame)
+    missing = [c for c in ("method", "backend", "ppl") if not table or c not in frame]
+    if missing:
+        raise QuantlabError("summary_table takes the DataFrame quantlab.load_results returns "
+                            f"(columns method, backend, ppl...), not {type(frame).__name__}"
+                            + (f" without {', '.join(missing)}" if table else ""))
     return summary_frame(frame)
 
 
 def load_model(source: str, *, dtype: str = "auto", device: str = "auto", **kwargs: Any):
     """Load a model source (demo alias, Hub id, directory, .gguf, quantlab checkpoint);
     returns a ``LoadedModel`` with ``model``, ``tokenizer`` and ``info``."""
+    from quantlab import arguments
     from quantlab.models import load_model as _load
     from quantlab.models import quiet_progress_bars, resolve_device, resolve_dtype
 
+    arguments.known_keywords(_load, kwargs, "load_model")
+    source = str(arguments.path("source", source))
+    dtype, device = arguments.dtype(dtype), arguments.text("device", device)
     quiet_progress_bars()
     dev = resolve_device(device)
     return _load(source, dtype=resolve_dtype(dtype, dev), device=dev, **kwargs)
@@ -84,12 +105,16 @@ def load_checkpoint(path: str | Path, *, dtype: str = "auto", device: str = "aut
     """Reload a checkpoint quantlab exported; ``verify`` checks every file against the
     sha256 manifest in its quantlab.json first; ``kernel`` (auto, dense, int4pack, int8pack)
     chooses what executes its packed layers (``info["kernels"]`` records the choice)."""
+    from quantlab import arguments
     from quantlab.checkpoint import load_checkpoint as _load
     from quantlab.models import quiet_progress_bars, resolve_device, resolve_dtype
 
+    path = arguments.path("path", path)
+    dtype, device = arguments.dtype(dtype), arguments.text("device", device)
+    verify, kernel = arguments.flag("verify", verify), arguments.text("kernel", kernel)
     quiet_progress_bars()
     dev = resolve_device(device)
-    return _load(Path(path), dtype=resolve_dtype(dtype, dev), device=dev, verify=verify, kernel=kernel)
+    return _load(path, dtype=resolve_dtype(dtype, dev), device=dev, verify=verify, kernel=kernel)
 
 
 #: ``quantlab.load(path)``: the counterpart of :func:`quantlab.save` (GPTQModel's and torchao's name)
@@ -101,9 +126,65 @@ def evaluate(model: str | Path, **options: Any) -> dict:
     ``quantlab eval`` does: ``evaluate("smollm2-135m", data="pydoc", convention="llamacpp",
     seq_len=512, max_windows=20, base=None, speed=False)``. Returns the JSON object the
     command prints (``ppl``, ``ppl_stderr``, ``scored_tokens``, labels, divergence with ``base``)."""
+    from quantlab import arguments
     from quantlab.evalcmd import evaluate_source
 
-    return evaluate_source(str(model), **options)
+    model = str(arguments.path("model", model))
+    _check_evaluate(options)
+    return evaluate_source(model, **options)
+
+
+#: evaluate's options by kind (the rest are checked where they are read: convention, kernel...)
+_EVAL_COUNTS = ("seq_len", "stride", "max_windows", "max_docs", "kl_windows")
+_EVAL_FLAGS = ("speed", "trust_remote_code", "verify", "cache_base")
+_EVAL_TEXTS = ("data", "text_field", "convention", "device", "kernel")
+
+
+def _check_evaluate(options: dict[str, Any]) -> None:
+    """evaluate's options: known names, types and ranges, and only options that apply to the
+    others, by the rule ``quantlab eval`` applies to its flags (evalcmd._check_applicable)."""
+    from types import SimpleNamespace
+
+    from quantlab import arguments
+    from quantlab.evalcmd import _check_applicable, evaluate_source
+
+    arguments.known_keywords(evaluate_source, options, "evaluate")
+    given = dict(_defaults(evaluate_source), **options)
+    for name in _EVAL_COUNTS:
+        arguments.count(name, given[name], optional=True)
+    arguments.count("batch_size", given["batch_size"])
+    for name in _EVAL_FLAGS:
+        arguments.flag(name, given[name])
+    for name in _EVAL_TEXTS:
+        arguments.text(name, given[name])
+    for name in ("split", "base"):
+        arguments.text(name, given[name], optional=True)
+    arguments.dtype(given["dtype"])
+    arguments.choice("speed_mode", given["speed_mode"], ("eager", "compiled"))
+    if given["bos"] is not None:
+        arguments.flag("bos", given["bos"])
+    args = SimpleNamespace(**dict(given, bos={None: "auto", True: "yes", False: "no"}[given["bos"]],
+                                  no_cache_base=not given["cache_base"]))
+    try:
+        _check_applicable(args)
+    except QuantlabError as e:  # the command's flags, said as this function's arguments
+        raise QuantlabError(_as_arguments(str(e))) from None
+
+
+def _defaults(func) -> dict[str, Any]:
+    import inspect
+
+    return {k: p.default for k, p in inspect.signature(func).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+def _as_arguments(message: str) -> str:
+    """A message of ``quantlab eval`` with its flags as :func:`evaluate`'s arguments."""
+    import re
+
+    message = message.replace("--no-cache-base", "cache_base=False")
+    message = message.replace("--base MODEL", "base=MODEL")
+    return re.sub(r"--([a-z][a-z-]*)", lambda m: m.group(1).replace("-", "_"), message)
 
 
 def backends() -> list[dict[str, Any]]:
