@@ -71,7 +71,8 @@ def plan_key(plan: Plan, text: Text, extra: dict) -> str:
 
 def compute_reference(model, plan: Plan, path: Path, batch_size: int, key: str) -> ReferenceLogprobs:
     """Score ``plan`` with the base model and store its distributions at ``path`` (reused
-    when a finished reference with the same key is already there)."""
+    when a finished reference with the same key is already there, unchanged since it was
+    written: see ReferenceLogprobs.open)."""
     found = ReferenceLogprobs.open(path)
     if found is not None and found.meta.get("key") == key:
         found.base_model = weakref.ref(model)
@@ -83,7 +84,12 @@ def compute_reference(model, plan: Plan, path: Path, batch_size: int, key: str) 
     nll, seconds = score(model, plan, batch_size, on_logits=ref.append, desc="base distributions")
     ref.meta.update(seconds=seconds, ppl=float(torch.exp(nll.mean())))
     ref.finish()
-    done = ReferenceLogprobs.open(path)
+    # just written from this process's own numbers: no need to read every byte back again
+    done = ReferenceLogprobs.open(path, verify=False)
+    if done is None:
+        raise QuantlabError(f"the reference distributions written to '{path}' were changed or "
+                            "removed while being written: is another process writing there? "
+                            "Run again")
     # which object the distributions came from: evaluate() refuses to compare it with itself
     # (a model quantized in place after its reference was taken would score KL 0)
     done.base_model = weakref.ref(model)

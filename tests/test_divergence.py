@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -121,3 +122,55 @@ def test_scoring_a_model_against_its_own_reference_is_refused(tiny, tmp_path):
         evaluate(model, plan, 2, ref)
     _, div = evaluate(copy.deepcopy(model), plan, 2, ref)
     assert div["kld_mean"] < 1e-6
+
+
+def _overwrite(path, at: int, data: bytes) -> None:
+    """Change bytes in place: same size, same name, other content."""
+    with open(path, "r+b") as f:
+        f.seek(at)
+        f.write(data)
+
+
+def test_a_reference_unlike_its_recorded_digests_is_recomputed_not_used(setup, tmp_path, capsys):
+    """The codes, the rows, or a meta.json damaged or written before digests existed: open()
+    reports no reference (and says why), compute_reference computes it again, and the
+    divergence is the one of the untouched reference."""
+    import json
+
+    model, noisy, plan = setup
+    part = plan.head(2)
+    want = evaluate(noisy, part, 2, compute_reference(model, part, tmp_path / "ref", 2, "k"))[1]
+    ref_dir = tmp_path / "ref"
+    meta = json.loads((ref_dir / "meta.json").read_text())
+    rows_end = (ref_dir / "rows.npy").stat().st_size
+    damages = {
+        "codes": lambda: _overwrite(ref_dir / "logprobs.u16", 1000, b"\0" * 20000),
+        "rows": lambda: _overwrite(ref_dir / "rows.npy", rows_end - 8, b"\1" * 8),
+        "codes truncated": lambda: os.truncate(ref_dir / "logprobs.u16", 1000),
+        "no digests": lambda: (ref_dir / "meta.json").write_text(json.dumps(
+            {k: v for k, v in meta.items() if k != "files"})),
+        "not an object": lambda: (ref_dir / "meta.json").write_text("[1, 2]"),
+        "absurd size": lambda: (ref_dir / "meta.json").write_text(
+            json.dumps(dict(meta, n_tokens=10**15))),
+    }
+    for name, damage in damages.items():
+        damage()
+        capsys.readouterr()
+        assert ReferenceLogprobs.open(ref_dir) is None, name
+        assert "are recomputed" in capsys.readouterr().err, name
+        again = compute_reference(model, part, ref_dir, 2, "k")
+        assert evaluate(noisy, part, 2, again)[1] == want, name
+
+
+def test_an_open_reference_reads_the_bytes_it_verified(setup, tmp_path):
+    """Once opened (verified), the reference keeps its files open: removing or replacing the
+    directory (another process pruning the cache) does not change what it compares against."""
+    import shutil
+
+    model, noisy, plan = setup
+    part = plan.head(2)
+    compute_reference(model, part, tmp_path / "ref", 2, "k")
+    ref = ReferenceLogprobs.open(tmp_path / "ref")
+    want = evaluate(noisy, part, 2, ReferenceLogprobs.open(tmp_path / "ref"))[1]
+    shutil.rmtree(tmp_path / "ref")
+    assert evaluate(noisy, part, 2, ref)[1] == want

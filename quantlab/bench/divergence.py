@@ -13,27 +13,52 @@ quantization step is at most (max - min) / 65535 in log space, which puts a floo
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import math
 import os
+import weakref
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from quantlab.cache import sha256_stream
 from quantlab.errors import QuantlabError
+from quantlab.log import log
 
 _LEVELS = 65535
+CODES, ROWS = "logprobs.u16", "rows.npy"
+
+
+class _Damaged(Exception):
+    """A stored reference is not what was written (the message says how)."""
+
+
+def _check(f, want: dict, name: str, size: int, verify: bool) -> None:
+    """``f`` (an open file at its start) holds ``size`` bytes with the recorded digest."""
+    f.seek(0, os.SEEK_END)
+    if f.tell() != size or want.get("bytes") != size:
+        raise _Damaged(f"{name} holds {f.tell()} bytes, not the {size} recorded")
+    f.seek(0)
+    if verify and sha256_stream(f) != want.get("sha256"):
+        raise _Damaged(f"{name} does not match the digest recorded when it was written")
 
 
 class ReferenceLogprobs:
     """The base model's next-token distributions at the scored positions, on disk.
 
     ``ReferenceLogprobs.create(dir, n_tokens, vocab)``, then :meth:`append` batches of logits
-    in scoring order, then :meth:`finish`; :meth:`open` reads a finished one back."""
+    in scoring order, then :meth:`finish`; :meth:`open` reads a finished one back.
 
-    def __init__(self, path: Path, n_tokens: int, vocab: int, mode: str, meta: dict | None = None):
+    ``meta.json``, written last, records the sha256 and size of ``logprobs.u16`` and
+    ``rows.npy``; :meth:`open` checks both before any byte is used, so a damaged or changed
+    reference (or one written before these digests existed) is recomputed, never compared
+    against (quantlab.cache's rule, for the run's ``reference/`` as for the cache's)."""
+
+    def __init__(self, path: Path, n_tokens: int, vocab: int, meta: dict | None = None):
         self.path, self.n_tokens, self.vocab = Path(path), n_tokens, vocab
         self.meta = meta or {}
         #: weak reference to the model the distributions came from, when computed in this
@@ -42,16 +67,12 @@ class ReferenceLogprobs:
         # plain file reads and writes, not a memory map: the codes (n_tokens x vocab x 2 bytes,
         # 2 GB for 40 windows of a 49k vocabulary) would otherwise stay mapped in this process
         # and count in its resident memory, which quantlab reports
-        self._file = self.path / "logprobs.u16"
-        self._writer = None
-        if mode == "r":
-            if self._file.stat().st_size != n_tokens * vocab * 2:
-                raise ValueError(f"{self._file} does not hold {n_tokens} x {vocab} codes")
-            self._rows = np.load(self.path / "rows.npy")
-        else:
-            self._writer = open(self._file, "wb")  # noqa: SIM115 - closed in finish()
-            self._rows = np.zeros((n_tokens, 5), dtype=np.float64)  # min, step, target logp, argmax, target
-        self.filled = n_tokens if mode == "r" else 0
+        self._file = self.path / CODES
+        self._writer = self._reader = None
+        # [n_tokens, 5]: min, step, target logp, argmax, target
+        self._rows: np.ndarray | None = None
+        self._codes_sha = hashlib.sha256()
+        self.filled = 0
 
     @classmethod
     def create(cls, path: str | Path, n_tokens: int, vocab: int, meta: dict | None = None) -> ReferenceLogprobs:
@@ -59,21 +80,55 @@ class ReferenceLogprobs:
         path.mkdir(parents=True, exist_ok=True)
         # "finished" marker first (written last); every file is unlinked before it is written, so
         # a link planted in the run directory is replaced, never written through
-        for name in ("meta.json", "logprobs.u16", "rows.npy", "meta.json.tmp"):
+        for name in ("meta.json", CODES, ROWS, "meta.json.tmp"):
             if (path / name).is_dir() and not (path / name).is_symlink():
                 raise QuantlabError(f"'{path / name}' is a directory where quantlab keeps a file; move it away")
             (path / name).unlink(missing_ok=True)
-        return cls(path, n_tokens, vocab, "w", meta)
+        ref = cls(path, n_tokens, vocab, meta)
+        ref._rows = np.zeros((n_tokens, 5), dtype=np.float64)
+        ref._writer = open(ref._file, "wb")  # noqa: SIM115 - closed in finish()
+        return ref
 
     @classmethod
-    def open(cls, path: str | Path) -> ReferenceLogprobs | None:
-        """A finished reference at ``path``, or None when there is none (or it is incomplete)."""
+    def open(cls, path: str | Path, *, verify: bool = True) -> ReferenceLogprobs | None:
+        """A finished reference at ``path``, or None when there is none, it is incomplete, or
+        its files do not match the digests recorded when it was finished (said in a log line:
+        the caller computes it again). ``verify=False`` only for files verified just before
+        (quantlab.cache's entries)."""
         path = Path(path)
+        if not (path / "meta.json").is_file():
+            return None  # none there, or an unfinished write (its marker comes last)
         try:
-            meta = json.loads((path / "meta.json").read_text())
-            return cls(path, meta["n_tokens"], meta["vocab"], "r", meta)
-        except (OSError, ValueError, KeyError):
-            return None
+            return cls._open(path, verify)
+        except _Damaged as e:
+            log(f"the base model's reference distributions in '{path}' are recomputed: {e}")
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+            log(f"the base model's reference distributions in '{path}' are recomputed: they cannot "
+                f"be read ({type(e).__name__})")
+        return None
+
+    @classmethod
+    def _open(cls, path: Path, verify: bool) -> ReferenceLogprobs:
+        meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
+        files = meta.get("files") if isinstance(meta, dict) else None
+        if not isinstance(files, dict) or not all(isinstance(files.get(n), dict)
+                                                  for n in (CODES, ROWS)):
+            raise _Damaged("they carry no digest of their files (written by an earlier quantlab)")
+        n_tokens, vocab = int(meta["n_tokens"]), int(meta["vocab"])
+        ref = cls(path, n_tokens, vocab, meta)
+        # the codes are read through this handle, later: the bytes verified here are the ones
+        # used, even if the path is replaced or removed meanwhile
+        reader = open(ref._file, "rb")  # noqa: SIM115 - closed with the object
+        ref._reader = reader
+        weakref.finalize(ref, reader.close)
+        _check(reader, files[CODES], CODES, n_tokens * vocab * 2, verify)
+        raw = (path / ROWS).read_bytes()
+        _check(io.BytesIO(raw), files[ROWS], ROWS, len(raw), verify)
+        ref._rows = np.load(io.BytesIO(raw), allow_pickle=False)
+        if ref._rows.shape != (n_tokens, 5):
+            raise _Damaged(f"{ROWS} holds {ref._rows.shape}, not ({n_tokens}, 5)")
+        ref.filled = n_tokens
+        return ref
 
     @torch.no_grad()
     def append(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
@@ -85,7 +140,9 @@ class ReferenceLogprobs:
         step = ((lp.max(dim=-1).values - lo) / _LEVELS).clamp(min=1e-30)
         codes = torch.round((lp - lo[:, None]) / step[:, None]).to(torch.int32)
         s = slice(self.filled, self.filled + n)
-        self._writer.write(codes.cpu().numpy().astype(np.uint16).tobytes())
+        data = codes.cpu().numpy().astype(np.uint16).tobytes()
+        self._writer.write(data)
+        self._codes_sha.update(data)
         rows = torch.stack([lo.double(), step.double(), lp.gather(1, targets[:, None])[:, 0].double(),
                             lp.argmax(-1).double(), targets.double()], dim=1)
         self._rows[s] = rows.cpu().numpy()
@@ -96,9 +153,15 @@ class ReferenceLogprobs:
             raise ValueError(f"reference holds {self.filled} of {self.n_tokens} tokens")
         self._writer.close()
         self._writer = None
-        np.save(self.path / "rows.npy", self._rows)
+        buf = io.BytesIO()
+        np.save(buf, self._rows)
+        (self.path / ROWS).write_bytes(buf.getvalue())
+        files = {CODES: {"sha256": self._codes_sha.hexdigest(),
+                         "bytes": self.n_tokens * self.vocab * 2},
+                 ROWS: {"sha256": hashlib.sha256(buf.getvalue()).hexdigest(), "bytes": buf.tell()}}
         tmp = self.path / "meta.json.tmp"
-        tmp.write_text(json.dumps(dict(self.meta, n_tokens=self.n_tokens, vocab=self.vocab)))
+        meta = dict(self.meta, n_tokens=self.n_tokens, vocab=self.vocab, files=files)
+        tmp.write_text(json.dumps(meta))
         os.replace(tmp, self.path / "meta.json")
 
     def logprobs(self, start: int, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -107,7 +170,8 @@ class ReferenceLogprobs:
         rows = torch.from_numpy(self._rows[start : start + n])
         if start < 0 or start + n > self.n_tokens:
             raise ValueError(f"tokens {start}..{start + n} are outside the reference's {self.n_tokens}")
-        raw = np.fromfile(self._file, dtype=np.uint16, count=n * self.vocab, offset=start * self.vocab * 2)
+        self._reader.seek(start * self.vocab * 2)
+        raw = np.frombuffer(self._reader.read(n * self.vocab * 2), dtype=np.uint16)
         codes = torch.from_numpy(raw.reshape(n, self.vocab).astype(np.float32))
         lp = rows[:, :1].float() + codes * rows[:, 1:2].float()
         return F.log_softmax(lp, dim=-1), rows[:, 2], rows[:, 3].long(), rows[:, 4].long()
