@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import gc
 import json
 import math
 import os
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 
 import torch
@@ -95,6 +97,10 @@ def evaluate_source(model: str, *, data: str = "pydoc", split: str | None = None
                             f"({len(lm.tokenizer)} vs {base_vocab} tokens); divergence needs the same one")
     _log(f"scoring {plan.scored_tokens} tokens of {text.name} ({plan.convention}, {len(plan.segments)} windows)")
     ppl, div = evaluate(lm.model, plan, batch_size, reference)
+    if not math.isfinite(ppl.ppl):
+        _log(f"warning: the perplexity of '{model}' is not a finite number ({ppl.ppl}): the "
+             "model's outputs are NaN or infinite on this text. Its weights may be damaged "
+             "(re-export or re-download it), or its dtype overflows (try --dtype float32)")
     out = {"model": model, "ppl": ppl.ppl, "ppl_stderr": ppl.ppl_stderr, "nll_mean": ppl.nll_mean,
            "scored_tokens": ppl.scored_tokens, "windows": ppl.windows, "text_tokens": ppl.text_tokens,
            **labels(plan, text, lm.tokenizer, lm.model), **ppl.extra,
@@ -123,13 +129,15 @@ def _base_reference(b, part, text, batch_size: int, dtype, device, cache: bool):
     """The base model's distributions on ``part``: from the cache when the same base (by
     content), text, windows, dtype, device and code computed them before, else computed now
     (and kept, with the ``KEEP_REFERENCES`` - 1 most recently used others; llama.cpp's
-    --kl-divergence-base file, managed)."""
+    --kl-divergence-base file, managed). Cache entries follow quantlab.cache's rule: verified
+    when read back, written whole under a lock (two evals of one base compute it once)."""
     from quantlab import __version__
-    from quantlab.bench.divergence import ReferenceLogprobs
-    from quantlab.models import cache_subdir
+    from quantlab.cache import cache_subdir, prune
     from quantlab.runs import code_digest
     from quantlab.scoring import compute_reference, plan_key
 
+    # b.info identifies the model by content (content_sha256: every file of a directory, a
+    # checkpoint's verified sidecar, a GGUF's sha256) or by Hub commit; the path is left out
     key = plan_key(part, text, {"model": {k: v for k, v in b.info.items() if k != "path"}, "dtype": str(dtype),
                                 "device": str(device), "quantlab": __version__, "code": code_digest(),
                                 "torch": torch.__version__})
@@ -138,18 +146,39 @@ def _base_reference(b, part, text, batch_size: int, dtype, device, cache: bool):
         atexit.register(shutil.rmtree, tmp, True)
         return compute_reference(b.model, part, tmp / "reference", batch_size, key)
     root = cache_subdir("eval-references")
-    path = root / key[:32]
-    found = ReferenceLogprobs.open(path)
-    reused = found is not None and found.meta.get("key") == key
-    ref = compute_reference(b.model, part, path, batch_size, key)
-    ref.meta["reused"] = reused
-    os.utime(path)  # most recently used: pruned last
-    _log(f"base distributions {'reused from' if reused else 'stored in'} {path} ({ref.n_tokens} tokens; "
-         "--no-cache-base to keep none)")
-    for old in sorted((p for p in root.iterdir() if p.is_dir() and p != path), key=lambda p: p.stat().st_mtime,
-                      reverse=True)[KEEP_REFERENCES - 1:]:
-        shutil.rmtree(old, ignore_errors=True)
+    ref = _cached_reference(root, key,
+                            lambda tmp: _build_reference(b.model, part, tmp, batch_size, key))
+    ref.base_model = weakref.ref(b.model)
+    _log(f"base distributions {'reused from' if ref.meta['reused'] else 'stored in'} {ref.path} "
+         f"({ref.n_tokens} tokens; --no-cache-base to keep none)")
+    prune(root, KEEP_REFERENCES, what="base distributions")
     return ref
+
+
+def _build_reference(model, part, tmp: Path, batch_size: int, key: str) -> dict:
+    from quantlab.scoring import compute_reference
+
+    compute_reference(model, part, tmp, batch_size, key)
+    return {"key": key}
+
+
+def _cached_reference(root: Path, key: str, build):
+    """The verified cache entry of ``key``, opened (its files kept open: a prune by another
+    process cannot take them away); built by ``build`` when absent or damaged."""
+    from quantlab.bench.divergence import ReferenceLogprobs
+    from quantlab.cache import cached
+
+    for _ in range(2):  # a second try if another process pruned the entry as it was returned
+        entry, _, reused = cached(root, key[:32], build, what="base distributions",
+                                  expect={"key": key})
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(entry)  # most recently used: pruned last
+        ref = ReferenceLogprobs.open(entry, verify=False)  # cached() verified every byte
+        if ref is not None:
+            ref.meta["reused"] = reused
+            return ref
+    raise QuantlabError(f"the base distributions in '{root}' keep changing while being read "
+                        "(another quantlab pruning them?); run again, or pass --no-cache-base")
 
 
 def _kernel_label(lm) -> str:
@@ -195,33 +224,40 @@ def run_eval(args) -> int:
                           kl_windows=args.kl_windows, speed=args.speed, dtype=args.dtype, device=args.device,
                           trust_remote_code=args.trust_remote_code, verify=not args.no_verify,
                           kernel=args.kernel, speed_mode=args.speed_mode, cache_base=not args.no_cache_base)
-    div = "kld_mean" in out
     if args.json:
         print(json.dumps(out))
         return 0
+    _print_summary(out, args)
+    return 0
+
+
+def _print_summary(out: dict, args) -> None:
+    # JSON has no NaN, so _finite wrote null for a figure that is not finite; printed as nan
+    v = {k: (math.nan if x is None else x) for k, x in out.items()}
     conv = out["convention"]
     unit = "word perplexity" if conv == "lm-eval" else "perplexity"
     err = f" ± {out['ppl_stderr']:.4f}" if out.get("ppl_stderr") is not None else ""
-    print(f"{unit} {out['ppl']:.4f}{err}  ({conv}, seq_len {out['seq_len']}, "
+    print(f"{unit} {v['ppl']:.4f}{err}  ({conv}, seq_len {out['seq_len']}, "
           f"{out['scored_tokens']} scored tokens in {out['windows']} windows of {out['text_source']}, "
           f"tokenizer {out['tokenizer']}, {out['dtype']} on {out['device']})")
     if conv == "lm-eval":
-        print(f"byte perplexity {out['byte_perplexity']:.4f}, bits per byte {out['bits_per_byte']:.4f}, "
-              f"token perplexity {out['token_perplexity']:.4f} ({out['documents']} documents)")
-    if div:
-        print(f"vs {args.base}: KL mean {out['kld_mean']:.6f} ± {out['kld_stderr']:.6f}, median "
-              f"{out['kld_median']:.6f}, p99 {out['kld_p99']:.6f}; same top token "
-              f"{100 * out['top1_agreement']:.2f}%; Δp mean {100 * out['dp_mean']:+.3f}% "
-              f"rms {100 * out['dp_rms']:.3f}% ({out['kld_tokens']} tokens)")
-        print(f"base perplexity {out['base_ppl']:.4f} on those {out['base_ppl_tokens']} tokens; PPL(model)/PPL(base) "
-              f"{out['ppl_ratio']:.4f} on the same tokens (base distributions "
+        print(f"byte perplexity {v['byte_perplexity']:.4f}, bits per byte "
+              f"{v['bits_per_byte']:.4f}, token perplexity {v['token_perplexity']:.4f} "
+              f"({out['documents']} documents)")
+    if "kld_mean" in out:
+        print(f"vs {args.base}: KL mean {v['kld_mean']:.6f} ± {v['kld_stderr']:.6f}, median "
+              f"{v['kld_median']:.6f}, p99 {v['kld_p99']:.6f}; same top token "
+              f"{100 * v['top1_agreement']:.2f}%; Δp mean {100 * v['dp_mean']:+.3f}% "
+              f"rms {100 * v['dp_rms']:.3f}% ({out['kld_tokens']} tokens)")
+        print(f"base perplexity {v['base_ppl']:.4f} on those {out['base_ppl_tokens']} tokens; "
+              f"PPL(model)/PPL(base) {v['ppl_ratio']:.4f} on the same tokens (base distributions "
               f"{'reused from the cache' if out['base_reference_reused'] else 'computed'})")
-    print(f"{out['tokens_per_s']:.1f} tokens/s through the model ({out['seconds']:.1f} s, {out['threads']} threads, "
-          f"kernel {out['kernel']})")
+    print(f"{v['tokens_per_s']:.1f} tokens/s through the model ({v['seconds']:.1f} s, "
+          f"{out['threads']} threads, kernel {out['kernel']})")
     if args.speed:
         comp = f", compiled in {out['speed_compile_s']:.0f} s" if out.get("speed_compile_s") else ""
-        print(f"speed ({out['speed_mode']} decode{comp}, batch 1, {out['speed_prompt_tokens']}-token prompt): prefill "
-              f"{out['speed_prefill_tokens_per_s']:.1f} tok/s, decode {out['speed_decode_tokens_per_s']:.1f} "
-              f"tok/s, TTFT {out['speed_ttft_ms']:.1f} ms, latency p50/p95 {out['speed_latency_p50_ms']:.1f}/"
-              f"{out['speed_latency_p95_ms']:.1f} ms")
-    return 0
+        print(f"speed ({out['speed_mode']} decode{comp}, batch 1, "
+              f"{out['speed_prompt_tokens']}-token prompt): prefill "
+              f"{v['speed_prefill_tokens_per_s']:.1f} tok/s, decode "
+              f"{v['speed_decode_tokens_per_s']:.1f} tok/s, TTFT {v['speed_ttft_ms']:.1f} ms, "
+              f"latency p50/p95 {v['speed_latency_p50_ms']:.1f}/{v['speed_latency_p95_ms']:.1f} ms")
