@@ -133,12 +133,13 @@ def _base_reference(b, part, text, batch_size: int, dtype, device, cache: bool):
     when read back, written whole under a lock (two evals of one base compute it once)."""
     from quantlab import __version__
     from quantlab.cache import cache_subdir, prune
+    from quantlab.models import model_identity
     from quantlab.runs import code_digest
     from quantlab.scoring import compute_reference, plan_key
 
-    # b.info identifies the model by content (content_sha256: every file of a directory, a
-    # checkpoint's verified sidecar, a GGUF's sha256) or by Hub commit; the path is left out
-    key = plan_key(part, text, {"model": {k: v for k, v in b.info.items() if k != "path"}, "dtype": str(dtype),
+    # the base by content (every file of a directory or a checkpoint, a GGUF's sha256) or by
+    # Hub commit, never by where it lies
+    key = plan_key(part, text, {"model": model_identity(b.info), "dtype": str(dtype),
                                 "device": str(device), "quantlab": __version__, "code": code_digest(),
                                 "torch": torch.__version__})
     if not cache:

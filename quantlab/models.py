@@ -361,12 +361,15 @@ def _listing_digest(files: dict[str, dict]) -> str:
     return h.hexdigest()
 
 
-def _checkpoint_digest(path: Path, *, verified: bool) -> str:
-    """What identifies a checkpoint's content: the digest of its sidecar, which holds the
-    sha256 of every other file, once the files were verified against it; else every file's."""
-    if verified:
-        return "sidecar:" + read_sidecar(path)["sidecar_sha256"]
-    return content_digest(path)
+def model_identity(info: dict) -> dict:
+    """What identifies a loaded model for reusing results computed from it: its ``info``
+    without where it lies, with a digest of its content. A checkpoint loaded without
+    verification has none yet (its sidecar's digest proves nothing then): its files are hashed
+    here, only when an identity is asked for, so ``verify=False`` stays cheap otherwise."""
+    ident = {k: v for k, v in info.items() if k != "path"}
+    if info.get("kind") == "checkpoint" and "content_sha256" not in ident:
+        ident["content_sha256"] = content_digest(Path(info["source"]))
+    return ident
 
 
 def _check_weights_present(path: Path, source: str) -> None:
@@ -397,7 +400,8 @@ def load_model(source: str, *, dtype: torch.dtype, device: torch.device,
     if kind == "checkpoint":
         lm = load_checkpoint(Path(loc), dtype=dtype, device=device, verify=verify, kernel=kernel,
                              log=log)
-        lm.info["content_sha256"] = _checkpoint_digest(Path(loc), verified=verify)
+        if verify:  # the sidecar holds every other file's sha256, all just checked against it
+            lm.info["content_sha256"] = "sidecar:" + read_sidecar(Path(loc))["sidecar_sha256"]
         return lm
     content = None
     if kind in ("demo", "gguf"):

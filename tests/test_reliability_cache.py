@@ -84,15 +84,17 @@ def test_a_damaged_cached_base_reference_is_recomputed(tiny_model_dir, checkpoin
 
 def test_a_checkpoint_base_is_keyed_by_its_content(tiny_model_dir, checkpoints, capsys, monkeypatch,
                                                    tmp_path):
-    """Another checkpoint (same backend and options) copied to the base's path is another base."""
+    """Another checkpoint (same backend and options) copied to the base's path is another base,
+    verified or not (--no-verify: its files are hashed for the key)."""
     monkeypatch.setenv("QUANTLAB_CACHE", str(tmp_path / "cache"))
     base = tmp_path / "base"
-    shutil.copytree(checkpoints["tiny"], base)
-    first = _eval_json(capsys, tiny_model_dir, "--base", base, *EVAL)
-    shutil.rmtree(base)
-    shutil.copytree(checkpoints["other"], base)
     for flags in ([], ["--no-verify"]):
         argv = [tiny_model_dir, "--base", base, *EVAL, *flags]
+        shutil.rmtree(base, ignore_errors=True)
+        shutil.copytree(checkpoints["tiny"], base)
+        first = _eval_json(capsys, *argv)
+        shutil.rmtree(base)
+        shutil.copytree(checkpoints["other"], base)
         other = _eval_json(capsys, *argv)
         direct = _eval_json(capsys, *argv, "--no-cache-base")
         assert not other["base_reference_reused"] and other["kld_mean"] == direct["kld_mean"]
