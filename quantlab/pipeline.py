@@ -210,13 +210,18 @@ def _check_architecture(recipe: Recipe, backends: dict) -> None:
 def _check_gguf(recipe: Recipe, backends: dict) -> None:
     """GGUF exports whose grids GGUF cannot hold, and the llama.cpp engine without its tools:
     errors before anything loads."""
-    from quantlab.formats.gguf import check_gguf_options
+    from quantlab.formats.gguf import check_gguf_grid
 
     for m in recipe.all_methods():
-        if "gguf" in m.export:
-            b = backends[m.label]
-            if b.name != "llamacpp":  # its checkpoint is a GGUF file already
-                check_gguf_options(m.label, b.name, b.config.model_dump(mode="json"))
+        b = backends[m.label]
+        if "gguf" not in m.export or b.name == "llamacpp" or not b.quantizes:
+            continue  # llamacpp's checkpoint is a GGUF file already; a float model exports as float
+        grid = b.grid()
+        if grid is None:
+            raise QuantlabError(f"method '{m.label}': backend '{b.name}' cannot export GGUF (its "
+                                "layers are not on a grid GGUF blocks hold: rtn, gptq, awq and hqq's "
+                                "are; llama.cpp's own types: backend llamacpp)")
+        check_gguf_grid(m.label, grid)
     if "llamacpp" in recipe.eval.engines:
         from quantlab.engines.llamacpp import find_llamacpp
 

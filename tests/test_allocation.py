@@ -118,11 +118,15 @@ def test_validate_refuses_a_budget_the_model_cannot_meet_before_any_work(tiny_mo
 
 
 def test_gguf_export_of_widths_gguf_cannot_hold_is_refused_before_any_work():
-    from quantlab.formats.gguf import check_gguf_options
+    from quantlab.formats.gguf import check_gguf_grid
+    from quantlab.quantizers.rtn import RTN, RTNConfig
+
+    def grid(**options):
+        return RTN(RTNConfig(**options)).grid()
 
     with pytest.raises(QuantlabError, match="no block type for 2/3-bit grids with sym true.*from \\[4, 5, 8\\]"):
-        check_gguf_options("m", "rtn", {"bits": "auto", "bits_budget": 4.0, "group_size": 32})
+        check_gguf_grid("m", grid(bits="auto", bits_budget=4.0, group_size=32))
     with pytest.raises(QuantlabError, match="no block type for 8-bit grids with sym false.*from \\[4, 5\\]"):
-        check_gguf_options("m", "rtn", {"bits": 4, "sym": False, "module_bits": {"*.down_proj": 8}, "group_size": 32})
+        check_gguf_grid("m", grid(bits=4, sym=False, module_bits={"*.down_proj": 8}, group_size=32))
     # widths GGUF holds: a type per tensor
-    check_gguf_options("m", "rtn", {"bits": "auto", "bits_budget": 5.0, "bits_choices": [4, 5, 8], "group_size": 32})
+    check_gguf_grid("m", grid(bits="auto", bits_budget=5.0, bits_choices=[4, 5, 8], group_size=32))

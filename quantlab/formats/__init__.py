@@ -21,6 +21,7 @@ from quantlab.errors import QuantlabError
 from quantlab.formats.awq_gemm import AWQGemm
 from quantlab.formats.base import (
     DenseDequantLinear,
+    GridSpec,
     LayerFormat,
     QuantizedWeight,
     drop_dense_weights,
@@ -30,7 +31,7 @@ from quantlab.formats.hqq import HQQ
 
 LAYOUTS: dict[str, LayerFormat] = {f.name: f for f in (GPTQv1(), AWQGemm(), HQQ())}
 
-__all__ = ["LAYOUTS", "DenseDequantLinear", "LayerFormat", "QuantizedWeight",
+__all__ = ["LAYOUTS", "DenseDequantLinear", "GridSpec", "LayerFormat", "QuantizedWeight",
            "drop_dense_weights", "get_layout", "layout_of", "unpack_layer"]
 
 

@@ -29,6 +29,38 @@ from torch import nn
 from quantlab.grid import dequantize_matrix
 
 
+def tied_parameter_names(model: nn.Module) -> set[str]:
+    """Names of parameters that share storage with an earlier parameter (tied weights): a file
+    stores each tensor once."""
+    seen: dict[int, str] = {}
+    tied = set()
+    for name, t in model.state_dict(keep_vars=True).items():
+        if not isinstance(t, torch.Tensor):
+            continue  # e.g. the dtype entry of torch.ao's packed parameters
+        plain = type(t.data if isinstance(t, nn.Parameter) else t) is torch.Tensor
+        # wrapper tensor subclasses (torchao) have no storage of their own: compare objects
+        key = t.data_ptr() if plain and t.device.type != "meta" else id(t)
+        if key in seen and t.numel():
+            tied.add(name)
+        else:
+            seen[key] = name
+    return tied
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    """The grids a method will put its layers on, known from its options before any work, for
+    exports that store grids as they are (GGUF blocks): the code widths, symmetric (fixed zero
+    point) or not, the group size (-1: one group per output channel), and whether a layer's
+    groups follow a permuted column order (GPTQ's act_order without static groups), which
+    block formats cannot hold."""
+
+    widths: frozenset[int]
+    sym: bool
+    group_size: int
+    permuted_groups: bool = False
+
+
 @dataclass(frozen=True)
 class QuantizedWeight:
     """One layer's grid as a method chose it, in the original column order.

@@ -37,6 +37,8 @@ import torch
 from torch import nn
 
 from quantlab.errors import QuantlabError
+from quantlab.formats.base import GridSpec, tied_parameter_names
+from quantlab.grid import dequantize_matrix
 
 BLOCK = 32
 #: (bits, symmetric) -> GGUF type name
@@ -54,32 +56,23 @@ def grid_problem(bits: int, sym: bool) -> str | None:
     return f"a {bits}-bit grid with sym {str(sym).lower()} has no GGUF block type; GGUF holds {fits}"
 
 
-def check_gguf_options(label: str, backend: str, options: dict) -> None:
-    """Before any work: the grid a method's options give can be written as GGUF blocks, or an
-    error naming the option that would fit."""
-    if backend == "none":
-        return
-    if backend not in ("rtn", "gptq", "awq", "hqq"):
-        raise QuantlabError(f"method '{label}': backend '{backend}' cannot export GGUF (rtn, gptq, awq and hqq can; "
-                            "llama.cpp's own types: backend llamacpp)")
-    bits, sym, group = options.get("bits", 4), options.get("sym", True), options.get("group_size", 128)
+def check_gguf_grid(label: str, grid: GridSpec) -> None:
+    """Before any work: a method's grids (its backend's :meth:`grid`) can be written as GGUF
+    blocks, or an error naming the option that would fit."""
     # several widths (bits: auto, module_bits): each tensor gets the type of its own width
-    from quantlab.quantizers.rtn import AUTO_CHOICES
-
-    widths = set(options.get("bits_choices") or AUTO_CHOICES) if bits == "auto" else {bits}
-    widths |= set((options.get("module_bits") or {}).values())
-    bad = sorted(b for b in widths if grid_problem(b, sym))
-    if bad and len(widths) > 1:
-        fits = sorted(b for b, s in GRID_TYPES if s == sym)
-        raise QuantlabError(f"method '{label}': GGUF has no block type for {'/'.join(map(str, bad))}-bit grids with "
-                            f"sym {str(sym).lower()}; with several widths, GGUF export takes bits_choices and "
-                            f"module_bits from {fits}")
+    bad = sorted(b for b in grid.widths if grid_problem(b, grid.sym))
+    sym = str(grid.sym).lower()
+    if bad and len(grid.widths) > 1:
+        fits = sorted(b for b, s in GRID_TYPES if s == grid.sym)
+        raise QuantlabError(f"method '{label}': GGUF has no block type for "
+                            f"{'/'.join(map(str, bad))}-bit grids with sym {sym}; with several "
+                            f"widths, GGUF export takes bits_choices and module_bits from {fits}")
     if bad:
-        raise QuantlabError(f"method '{label}': {grid_problem(bad[0], sym)}")
-    if group != -1 and group % BLOCK:
-        raise QuantlabError(f"method '{label}': group_size {group} is not a multiple of {BLOCK}; GGUF export needs "
-                            "group_size 32, 64, 128... or -1")
-    if options.get("act_order") and not options.get("static_groups"):
+        raise QuantlabError(f"method '{label}': {grid_problem(bad[0], grid.sym)}")
+    if grid.group_size != -1 and grid.group_size % BLOCK:
+        raise QuantlabError(f"method '{label}': group_size {grid.group_size} is not a multiple of "
+                            f"{BLOCK}; GGUF export needs group_size 32, 64, 128... or -1")
+    if grid.permuted_groups:
         raise QuantlabError(f"method '{label}': act_order needs static_groups: true for GGUF export")
 
 
@@ -250,8 +243,6 @@ def _quantized_tensors(model: nn.Module, layout: _Layout, dequantized: bool) -> 
     """(GGUF name, data, raw type) of every packed layer: its blocks, or F32 of its dequantized weight."""
     import gguf
 
-    from quantlab.quantizers.grid import dequantize_matrix
-
     out = []
     for hf_name, mod in model.named_modules():
         parts = quantized_parts(mod)
@@ -276,8 +267,6 @@ def _quantized_tensors(model: nn.Module, layout: _Layout, dequantized: bool) -> 
 
 def _float_tensors(model: nn.Module, layout: _Layout, float_type: str) -> list[tuple[str, np.ndarray, Any]]:
     """(GGUF name, data, raw type) of every float tensor with a GGUF name (tied copies once)."""
-    from quantlab.quantizers.base import tied_parameter_names
-
     tied = tied_parameter_names(model)
     modules = dict(model.named_modules())
     out = []

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from quantlab.errors import QuantlabError
+from quantlab.formats.base import GridSpec, tied_parameter_names
 
 WEIGHTS_NAME = "model.safetensors"
 
@@ -76,6 +77,9 @@ class Backend(ABC):
     #: ``quantize`` only replaces (or re-parameterizes) the modules it quantizes and changes
     #: nothing else, so the sensitivity pass can undo it in place
     replaces_only: ClassVar[bool] = True
+    #: the method changes weights (false only for the float baseline, which every export
+    #: writes in float)
+    quantizes: ClassVar[bool] = True
 
     def __init__(self, config: BackendConfig | None = None):
         self.config = config if config is not None else self.Config()
@@ -92,6 +96,12 @@ class Backend(ABC):
             yield
         finally:
             self.stage_seconds[name] = self.stage_seconds.get(name, 0.0) + time.perf_counter() - t0
+
+    def grid(self) -> GridSpec | None:
+        """The integer grids this method's layers sit on (see :class:`GridSpec`), for exports
+        that store grids as they are; None when its layers are not on such a grid (a library's
+        own format) or when it quantizes nothing (``quantizes``)."""
+        return None
 
     def quantized_modules(self, model: nn.Module) -> list[str]:
         """Names of the modules ``quantize`` replaced (recorded in the checkpoint sidecar)."""
@@ -150,23 +160,6 @@ def quantizable_linears(model: nn.Module, skip: list[str]) -> list[tuple[str, nn
         raise QuantlabError("no linear layer is left to quantize: 'skip' excludes them all")
     check_not_tied(model, targets)
     return targets
-
-
-def tied_parameter_names(model: nn.Module) -> set[str]:
-    """Names of parameters that share storage with an earlier parameter (tied weights)."""
-    seen: dict[int, str] = {}
-    tied = set()
-    for name, t in model.state_dict(keep_vars=True).items():
-        if not isinstance(t, torch.Tensor):
-            continue  # e.g. the dtype entry of torch.ao's packed parameters
-        plain = type(t.data if isinstance(t, nn.Parameter) else t) is torch.Tensor
-        # wrapper tensor subclasses (torchao) have no storage of their own: compare objects
-        key = t.data_ptr() if plain and t.device.type != "meta" else id(t)
-        if key in seen and t.numel():
-            tied.add(name)
-        else:
-            seen[key] = name
-    return tied
 
 
 def check_not_tied(model: nn.Module, targets: list[tuple[str, nn.Module]]) -> None:

@@ -15,6 +15,7 @@ The checkpoint is the standard GPTQ v1 layout (see :mod:`quantlab.formats.gptq_v
 from __future__ import annotations
 
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
@@ -24,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from quantlab.errors import MissingDependencyError, QuantlabError
-from quantlab.formats import QuantizedWeight, drop_dense_weights
+from quantlab.formats import GridSpec, QuantizedWeight, drop_dense_weights
 from quantlab.formats.gptq_v1 import GPTQ_BITS, PackedLinear
 from quantlab.grid import group_params, quantize_codes
 from quantlab.quantizers.arch import arch_spec, decoder_layers
@@ -172,6 +173,12 @@ class GPTQ(LayoutBackend):
     Config = GPTQConfig
     needs_calibration = True
     extra = "gptq"
+
+    def grid(self) -> GridSpec:
+        c = self.config
+        # act_order quantizes columns out of order: without static groups a layer's groups
+        # follow that order (g_idx), which block formats cannot hold
+        return replace(super().grid(), permuted_groups=c.act_order and not c.static_groups)
 
     def check_dependencies(self) -> None:
         if self.config.engine == "gptqmodel":

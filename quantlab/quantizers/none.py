@@ -18,6 +18,7 @@ class NoQuant(Backend):
     name = "none"
     description = "No quantization: the float model in the run's dtype (the baseline)."
     Config = NoQuantConfig
+    quantizes = False
 
     def quantize(self, model: nn.Module, calibration: torch.Tensor | None) -> nn.Module:
         return model

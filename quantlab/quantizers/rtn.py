@@ -24,8 +24,7 @@ from quantlab.errors import QuantlabError
 from quantlab.formats import QuantizedWeight
 from quantlab.grid import clip_search, quantize_matrix
 from quantlab.quantizers.base import check_not_tied, set_module, target_linears
-from quantlab.quantizers.weightonly import (  # noqa: F401 (AUTO_CHOICES: formats/gguf.py, until it moves)
-    AUTO_CHOICES,
+from quantlab.quantizers.weightonly import (
     LayoutBackend,
     WeightQuantConfig,
     check_allocation,

@@ -17,7 +17,7 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from quantlab.errors import QuantlabError
-from quantlab.formats import LAYOUTS, LayerFormat, QuantizedWeight
+from quantlab.formats import LAYOUTS, GridSpec, LayerFormat, QuantizedWeight
 from quantlab.formats.gptq_v1 import GPTQ_BITS
 from quantlab.quantizers.base import (
     WEIGHTS_NAME,
@@ -190,6 +190,11 @@ class LayoutBackend(Backend):
     def default_layout(cls, meta: dict) -> LayerFormat:
         """The layout of a checkpoint whose sidecar does not record it."""
         return LAYOUTS["gptq-v1"]
+
+    def grid(self) -> GridSpec:
+        c = self.config
+        widths = c.widths() if hasattr(c, "widths") else [c.bits]
+        return GridSpec(frozenset(widths), c.sym, c.group_size)
 
     def pack(self, q: QuantizedWeight, bias: torch.Tensor | None, dtype: torch.dtype,
              dense: bool = True) -> nn.Module:
