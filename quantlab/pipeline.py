@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from quantlab.data import load_text
+from quantlab.data import load_spec_text
 from quantlab.errors import QuantlabError
 from quantlab.executors import check_executor, execute
 from quantlab.models import classify, quiet_progress_bars
@@ -176,7 +176,7 @@ def check_sources(recipe: Recipe, backends: dict | None = None) -> None:
     texts = [(recipe.eval, "evaluation")] + ([(recipe.calibration, "calibration")] if need_cal else [])
     for spec, role in texts:
         if spec.source != "wikitext2":  # online: checked when the run loads it
-            load_text(spec.source, spec.split, role, spec.text_field)
+            load_spec_text(spec, role)
 
 
 def _check_architecture(recipe: Recipe, backends: dict) -> None:

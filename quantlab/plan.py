@@ -22,7 +22,7 @@ import torch
 
 from quantlab import __version__
 from quantlab.bench.perplexity import Plan, Segment, model_context
-from quantlab.data import Calibration, Text, load_text, sample_calibration, tokenize
+from quantlab.data import Calibration, Text, load_spec_text, sample_calibration, tokenize
 from quantlab.env import environment
 from quantlab.errors import QuantlabError
 from quantlab.models import LoadedModel, content_digest, load_model, resolve_device, resolve_dtype
@@ -243,8 +243,8 @@ def setup(recipe: Recipe, out: str | Path | None, force: bool, check) -> Setup:
     dtype = resolve_dtype(recipe.model.dtype, device)
     check(recipe, backends, device)
     ev, cal = recipe.eval, recipe.calibration
-    eval_text = load_text(ev.source, ev.split, "evaluation", ev.text_field)
-    cal_text = load_text(cal.source, cal.split, "calibration", cal.text_field) if needs_calibration(recipe, backends) else None
+    eval_text = load_spec_text(ev, "evaluation")
+    cal_text = load_spec_text(cal, "calibration") if needs_calibration(recipe, backends) else None
     root = prepare_run_dir(Path(out) if out else recipe.output_dir(), kind="run")
     rd = RunDir(root)
     _refuse_foreign_run(rd, recipe, force)

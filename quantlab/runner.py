@@ -232,7 +232,9 @@ def quantize_and_export(plan: RunPlan, method, backend, base, tag: str) -> dict:
     if allocating:
         backend, alloc = _allocation(plan, method, backend, work, mdir, tag)
     if hasattr(backend, "context"):  # llamacpp: the source's GGUF metadata, calibration as text
-        backend.context = {"source_info": plan.source_info, "tokenizer": tokenizer}
+        # scratch files (llama.cpp's F32 copy) inside the run, counted against its own disk
+        backend.context = {"source_info": plan.source_info, "tokenizer": tokenizer,
+                           "scratch_dir": mdir}
     log(f"{tag}: quantize ({backend.name})")
     with Peak(device) as mem:
         t0 = time.perf_counter()

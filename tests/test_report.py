@@ -325,3 +325,13 @@ def test_a_directory_of_runs_is_a_leaderboard(runs, tmp_path, capsys):
     assert main(["compare", str(a.parent), "--out", str(out)]) == 0
     table = pd.read_csv(out / "results.csv")
     assert set(table["run"]) == {str(a), str(b)} and len(table) == len(loaded[0].frame) + len(loaded[1].frame)
+
+
+def test_summary_of_rows_that_all_failed_is_a_table_not_a_traceback():
+    # rows built in memory (the Ray executor's view) hold None where every method failed
+    from quantlab.report.tables import results_frame, summary_frame
+
+    rows = [{"method": "baseline", "backend": "none", "ppl": None, "error": "oom"},
+            {"method": "rtn-w4", "backend": "rtn", "ppl": None, "error": "oom"}]
+    table = summary_frame(results_frame(rows))
+    assert list(table["method"]) == ["baseline", "rtn-w4"] and list(table["ppl"]) == ["nan", "nan"]

@@ -47,7 +47,14 @@ def summary_frame(frame: pd.DataFrame) -> pd.DataFrame:
     return _summary_one(frame)
 
 
+#: figures the summary formats as numbers: a frame built in memory from rows that all failed
+#: holds None in them (object dtype), which the formats cannot take
+_NUMERIC = ("ppl", "ppl_stderr", "kld_mean", "top1_agreement", "size_bytes", "bits_per_weight")
+
+
 def _summary_one(frame: pd.DataFrame) -> pd.DataFrame:
+    frame = frame.assign(**{c: pd.to_numeric(frame[c], errors="coerce")
+                            for c in _NUMERIC if c in frame.columns})
     base = _baseline(frame)
     order = frame.assign(_b=frame["backend"] != "none").sort_values("_b", kind="stable").drop(columns="_b")
     out = pd.DataFrame({
