@@ -17,10 +17,12 @@ __all__ = ["backends", "caveats", "config", "evaluate", "load", "load_checkpoint
 
 def run_recipe(recipe, out: str | Path | None = None, *, force: bool = False, echo: bool = True):
     """Run a :class:`~quantlab.recipe.Recipe` (or a path to a YAML recipe); returns a
-    ``RunResult`` with ``path`` and ``results`` (a DataFrame)."""
+    ``RunResult`` with ``path`` and ``results`` (a DataFrame). The report is written as the
+    recipe says (``output.report``); ``echo`` prints the terminal summary."""
     from quantlab import arguments
     from quantlab.pipeline import run_recipe as _run
     from quantlab.recipe import Recipe
+    from quantlab.report.publish import on_results, publish
 
     if isinstance(recipe, (str, os.PathLike)):
         recipe = load_recipe(recipe)
@@ -29,7 +31,9 @@ def run_recipe(recipe, out: str | Path | None = None, *, force: bool = False, ec
                             f"path of a YAML recipe, not {type(recipe).__name__}")
     out = None if out is None else arguments.path("out", out)
     force, echo = arguments.flag("force", force), arguments.flag("echo", echo)
-    return _run(recipe, out, force=force, echo=echo)
+    result = _run(recipe, out, force=force, on_results=on_results(recipe))
+    publish(recipe, result, echo=echo)
+    return result
 
 
 def load_results(paths: str | Path | list[str | Path]):

@@ -1,5 +1,10 @@
 """One run: prepare the plan, run every method (quantize, export, RELOAD the checkpoint from
-disk, score the reloaded model), collect the rows, write results and the report.
+disk, score the reloaded model), collect the rows, write the results files, return the rows.
+
+The run draws and prints nothing: the report, the plots and the terminal summary are the
+caller's (:mod:`quantlab.report.publish`, used by the command line and the Python API), made
+from what the run wrote. ``on_results`` lets the caller add its own files (results.md) each
+time the results are rewritten.
 
 The pieces: :mod:`quantlab.plan` (what the methods share, written to the run directory),
 :mod:`quantlab.runner` (one method), :mod:`quantlab.executors` (local or Ray),
@@ -8,7 +13,8 @@ The pieces: :mod:`quantlab.plan` (what the methods share, written to the run dir
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -20,8 +26,7 @@ from quantlab.models import classify, quiet_progress_bars
 from quantlab.plan import RunPlan, needs_calibration, prepare, setup
 from quantlab.recipe import Recipe, recipe_to_dict
 from quantlab.registry import get_backend
-from quantlab.report.tables import format_summary, results_frame
-from quantlab.results import MethodResult
+from quantlab.results import MethodResult, results_frame, write_parquet
 from quantlab.runner import log as _log
 from quantlab.runs import RunLock, atomic_write_text, storage_errors, write_record
 from quantlab.speedphase import speed_phase
@@ -29,62 +34,53 @@ from quantlab.speedphase import speed_phase
 
 @dataclass
 class RunResult:
+    """What a run returns: its directory and its rows. With several models (``runs``: one
+    directory per model), ``results`` holds every model's rows with a ``run`` column and a
+    ``model_label`` column, and ``table`` the method x model perplexities."""
+
     path: Path
     results: pd.DataFrame
+    runs: list[Path] = field(default_factory=list)
+    table: pd.DataFrame | None = None
+
+
+#: called with the run directory each time results.csv/.parquet are rewritten
+OnResults = Callable[[Path], None]
 
 
 def run_recipe(recipe: Recipe, out: str | Path | None = None, *, force: bool = False,
-               echo: bool = True) -> RunResult:
+               on_results: OnResults | None = None) -> RunResult:
     """Run every method of ``recipe`` into ``out`` (default: the recipe's output.dir) with the
     executor the recipe names (``executor.kind``); with several models, see :func:`run_models`."""
     if recipe.models:
-        return run_models(recipe, out, force=force, echo=echo)
+        return run_models(recipe, out, force=force, on_results=on_results)
     s = setup(_absolute_sources(recipe), out, force, check_before_work)
     quiet_progress_bars()
     with RunLock(s.run_dir.root), storage_errors(s.run_dir.root):
         plan, base = prepare(s, force, _log)
-        collected = _Collector(plan)
+        collected = _Collector(plan, on_results)
         execute(plan, base, collected.add)  # the executor owns the base model from here on
-        frame = _finish(plan, collected.rows(), s.eval_text)
-    if echo:
-        print(format_summary(frame, plan.env))
-        print(f"\nrun directory: {plan.run_dir.root}  (results.csv/.parquet/.md, per-method metrics.json and "
-              "checkpoints)")
-        report = plan.run_dir.root / "report.html"
-        if recipe.output.report and report.is_file():
-            print(f"report: {report}")
+        frame = _finish(plan, collected.rows(), s.eval_text, on_results)
     return RunResult(plan.run_dir.root, frame)
 
 
 def run_models(recipe: Recipe, out: str | Path | None = None, *, force: bool = False,
-               echo: bool = True) -> RunResult:
+               on_results: OnResults | None = None) -> RunResult:
     """A recipe with ``models``: one run per model in ``OUT/LABEL`` (each method compared with
-    that model's own baseline), then ``OUT/report`` across them and the method x model table
-    ``OUT/methods_x_models.csv``."""
-    from quantlab.report.caveats import report_warnings
-    from quantlab.report.data import combined_frame, load_runs
-    from quantlab.report.html import build_report
+    that model's own baseline) and the method x model table ``OUT/methods_x_models.csv``."""
     from quantlab.runs import CONTAINER, prepare_run_dir
 
     root = prepare_run_dir(Path(out) if out else recipe.output_dir(), kind=CONTAINER)
     subs = recipe.per_model()
+    done = []
     for i, (label, sub) in enumerate(subs, 1):
         _log(f"model {i}/{len(subs)}: {sub.model.source} -> {root / label}")
-        run_recipe(sub, root / label, force=force, echo=False)
-    runs = load_runs([root / label for label, _ in subs])
-    frame = combined_frame(runs).assign(model_label=lambda f: f["run"].map(lambda p: Path(p).name))
+        done.append(run_recipe(sub, root / label, force=force, on_results=on_results))
+    frame = pd.concat([r.results.assign(run=str(r.path), model_label=r.path.name) for r in done],
+                      ignore_index=True)
     table = methods_by_models(frame)
     atomic_write_text(root / "methods_x_models.csv", table.to_csv())
-    if recipe.output.report:
-        _log("writing the report across models")
-        build_report(runs, root / "report", title=f"{recipe.name}: {len(subs)} models")
-    if echo:
-        shown = frame.drop(columns="model_label")  # the report's caveats, as quantlab compare prints them
-        print(format_summary(shown, runs[0].environment, warnings=report_warnings(runs, shown)))
-        print(f"\n{table.index.name}, methods x models:")
-        print(table.to_string())
-        print(f"\nrun directory: {root}  (one run per model; report/, methods_x_models.csv)")
-    return RunResult(root, frame)
+    return RunResult(root, frame, runs=[r.path for r in done], table=table)
 
 
 def methods_by_models(frame: pd.DataFrame) -> pd.DataFrame:
@@ -109,8 +105,9 @@ class _Collector:
     md when the recipe writes a report) is rewritten after each, so a crash or Ctrl-C keeps
     what finished, on either executor, and the three files always agree."""
 
-    def __init__(self, plan: RunPlan):
+    def __init__(self, plan: RunPlan, on_results: OnResults | None):
         self.plan = plan
+        self.on_results = on_results
         self.order = [m.label for m in plan.recipe.all_methods()]
         self.backends = {m.label: m.backend for m in plan.recipe.all_methods()}
         self.by_label: dict[str, dict] = {}
@@ -119,29 +116,21 @@ class _Collector:
         self.by_label[result.label] = result.as_row(self.backends[result.label])
         _write_run_files(self.plan)
         plan = self.plan
-        _write_results(plan.run_dir.root, results_frame(self.rows()), plan.recipe.output.report)
+        _write_results(plan.run_dir.root, results_frame(self.rows()), self.on_results)
 
     def rows(self) -> list[dict]:
         return [self.by_label[label] for label in self.order if label in self.by_label]
 
 
-def _finish(plan: RunPlan, rows: list[dict], eval_text) -> pd.DataFrame:
-    """The llama.cpp phase (when asked), the results files and the report."""
+def _finish(plan: RunPlan, rows: list[dict], eval_text, on_results: OnResults | None) -> pd.DataFrame:
+    """The speed phase, the llama.cpp phase (when asked) and the final results files."""
     ok = [r for r in rows if not r.get("error")]
     speed_phase(plan, ok, _log)
     if "llamacpp" in plan.recipe.eval.engines and ok:
         _measure_with_llamacpp(plan, ok, eval_text)
     frame = results_frame(rows)
     _write_run_files(plan)
-    _write_results(plan.run_dir.root, frame, plan.recipe.output.report)
-    if plan.recipe.output.report:
-        from quantlab.report.html import write_report
-
-        _log("writing report.html and plots")
-        try:
-            write_report(plan.run_dir.root)
-        except QuantlabError as e:  # e.g. matplotlib missing: the results are already on disk
-            _log(f"no report: {e}")
+    _write_results(plan.run_dir.root, frame, on_results)
     return frame
 
 
@@ -299,15 +288,10 @@ def _write_run_files(plan: RunPlan) -> None:
     plan.run_dir.write_run_files(recipe_to_dict(plan.recipe), plan.env, calibration)
 
 
-def _write_results(out_dir: Path, frame: pd.DataFrame, markdown: bool) -> None:
-    """results.csv (and results.parquet where pyarrow is installed; with ``markdown``
-    results.md, the report's table), rewritten after every method so a crash keeps what
-    finished."""
-    from quantlab.report.data import read_results
-    from quantlab.report.tables import markdown_table, summary_frame, write_parquet
-
+def _write_results(out_dir: Path, frame: pd.DataFrame, on_results: OnResults | None) -> None:
+    """results.csv (and results.parquet where pyarrow is installed), rewritten after every
+    method so a crash keeps what finished; then the caller's ``on_results`` (results.md)."""
     atomic_write_text(out_dir / "results.csv", frame.to_csv(index=False))
     write_parquet(frame, out_dir / "results.parquet")
-    if markdown:  # from the file, as the report reads it: the same table the report will write
-        table = summary_frame(read_results(out_dir / "results.csv"))
-        atomic_write_text(out_dir / "results.md", markdown_table(table))
+    if on_results is not None:
+        on_results(out_dir)

@@ -9,8 +9,14 @@ appear in one writer and be missing from the table.
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+import pandas as pd
+
+from quantlab.runs import atomic_write_bytes
 
 #: flat fields of a row = the columns of results.csv, in order
 COLUMNS = [
@@ -72,3 +78,28 @@ class MethodResult:
         if self.error is None:
             return self.row
         return check_row({"method": self.label, "backend": backend, "error": self.error, **self.row})
+
+
+def results_frame(rows: list[dict]) -> pd.DataFrame:
+    """A tidy DataFrame of the flat metric fields, in :data:`COLUMNS` order."""
+    tasks = sorted({k for r in rows for k in r if k.startswith("task_")})
+    cols = COLUMNS + tasks
+    frame = pd.DataFrame([{c: r.get(c) for c in cols} for r in rows], columns=cols)
+    frame["group_size"] = frame["group_size"].astype("Int64")
+    base = frame[frame["backend"] == "none"]
+    # compression ratio against the float baseline's weight files (None without a baseline)
+    frame.insert(frame.columns.get_loc("size_bytes") + 1, "compression_ratio",
+                 base["size_bytes"].iloc[0] / frame["size_bytes"] if len(base) else None)
+    return frame
+
+
+def write_parquet(frame: pd.DataFrame, path: Path) -> bool:
+    """Write a results frame as Parquet (atomically); False when no Parquet engine is
+    installed (the CSV holds the same table)."""
+    buf = io.BytesIO()
+    try:
+        frame.to_parquet(buf, index=False)
+    except ImportError:
+        return False
+    atomic_write_bytes(path, buf.getvalue())
+    return True

@@ -11,10 +11,8 @@ from __future__ import annotations
 import datetime as _dt
 import gc
 import hashlib
-import io
 import json
 import os
-import re
 import socket
 import time
 import uuid
@@ -33,7 +31,6 @@ from quantlab.plan import RunPlan
 from quantlab.quantizers.base import target_linears
 from quantlab.results import MethodResult, check_row
 from quantlab.runs import (
-    atomic_write_bytes,
     atomic_write_json,
     finished_metrics,
     finished_stage,
@@ -267,7 +264,6 @@ def _sensitivity(plan: RunPlan, method, backend, spec, model, calibration, mdir:
                              granularity=spec.granularity, kl_budget=spec.kl_budget if auto else None,
                              calibration=calibration, log=log)
     atomic_write_json(mdir / "sensitivity.json", result.as_dict())
-    _plot_sensitivity(result, mdir / "sensitivity.png", method.label)
     if auto:
         backend = make(backend.config.skip_list() + result.skip_patterns())
     return backend, result
@@ -300,69 +296,7 @@ def _allocation(plan: RunPlan, method, backend, model, mdir: Path, tag: str):
                       log=lambda m: log(f"{tag}: {m}"))
     record = result.as_dict()
     atomic_write_json(mdir / "sensitivity.json", {"allocation": record})
-    _plot_allocation(result, mdir / "allocation.png", method.label)
     return type(backend)(c.model_copy(update={"module_bits": result.module_bits()})), record
-
-
-def _plot_allocation(result, path: Path, label: str) -> None:
-    """Width per unit across the decoder blocks (one line per unit type)."""
-    from quantlab.report.plots import pyplot
-
-    try:
-        plt = pyplot()
-    except QuantlabError:
-        return
-    series: dict[str, list[tuple[int, int]]] = {}
-    for unit, bits in result.chosen.items():
-        m = re.search(r"\.(\d+)\.([^.]+(?:\.[^.]+)*)$", unit)
-        kind, idx = (m.group(2), int(m.group(1))) if m else (unit, 0)
-        series.setdefault(kind, []).append((idx, bits))
-    fig, ax = plt.subplots(figsize=(8, 3.4))
-    for k, (kind, pts) in enumerate(sorted(series.items())):
-        xs, ys = zip(*sorted(pts))
-        ax.step(xs, [y + 0.06 * (k - len(series) / 2) for y in ys], where="mid", label=kind, lw=1.4)
-    ax.set_xlabel("decoder block")
-    ax.set_ylabel("bits per code")
-    ax.set_yticks(sorted(set(result.chosen.values())))
-    ax.set_title(f"{label}: widths at {result.bits_per_weight:.2f} bits/weight (budget {result.budget}); "
-                 f"RTN-probe KL {result.measured_kl:.4f} on calibration windows", fontsize=10)
-    ax.legend(fontsize=7, ncol=min(4, len(series)))
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def _plot_sensitivity(result, path: Path, label: str) -> None:
-    """Bar chart of per-candidate sensitivity (log scale), chosen candidates highlighted.
-    Skipped when matplotlib is not installed (the numbers are in the JSON)."""
-    from quantlab.report.plots import pyplot
-
-    try:
-        plt = pyplot()
-    except QuantlabError:
-        return
-    names = list(result.sensitivity)
-    values = [max(result.sensitivity[n], 1e-8) for n in names]
-    chosen = set(result.chosen)
-    fig, ax = plt.subplots(figsize=(max(6, 0.12 * len(names) + 2), 3.6))
-    ax.bar(range(len(names)), values, color=["#c0392b" if n in chosen else "#2c7fb8" for n in names])
-    ax.set_yscale("log")
-    ax.set_ylabel("KL(float || quantized), nats/token")
-    ax.set_title(f"{label}: sensitivity per {result.granularity} ({len(chosen)} left in float, red)")
-    if len(names) <= 40:
-        ax.set_xticks(range(len(names)), [n.replace("model.layers.", "L") for n in names], rotation=90, fontsize=7)
-    else:
-        ax.set_xlabel("layers in model order")
-    if result.kl_budget is not None:
-        ax.axhline(result.kl_budget, color="black", lw=0.8, ls="--", label=f"kl_budget {result.kl_budget}")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())  # replaces a link in the run, never writes through it
 
 
 # --------------------------------------------------------------------------- reload + score

@@ -119,3 +119,12 @@ def test_methods_share_through_weightonly_not_through_each_other(graph):
                "quantlab.quantizers.hqq"}
     for m in methods:
         assert not graph[m] & methods, f"{m} imports {sorted(graph[m] & methods)}"
+
+
+def test_the_run_draws_and_prints_nothing(graph):
+    """The run (plan, executors, one method, the pipeline, the speed phase) writes data; the
+    report, plots and terminal summary are the caller's (quantlab.report.publish)."""
+    run = ["quantlab.pipeline", "quantlab.runner", "quantlab.executors", "quantlab.plan",
+           "quantlab.speedphase", "quantlab.measure"]
+    for m in run:
+        assert not {t for t in graph[m] if t.startswith("quantlab.report")}, m

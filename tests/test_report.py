@@ -329,7 +329,8 @@ def test_a_directory_of_runs_is_a_leaderboard(runs, tmp_path, capsys):
 
 def test_summary_of_rows_that_all_failed_is_a_table_not_a_traceback():
     # rows built in memory (the Ray executor's view) hold None where every method failed
-    from quantlab.report.tables import results_frame, summary_frame
+    from quantlab.report.tables import summary_frame
+    from quantlab.results import results_frame
 
     rows = [{"method": "baseline", "backend": "none", "ppl": None, "error": "oom"},
             {"method": "rtn-w4", "backend": "rtn", "ppl": None, "error": "oom"}]

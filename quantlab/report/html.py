@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,9 @@ from quantlab.report.tables import (
     deploy_frame,
     markdown_table,
     summary_frame,
-    write_parquet,
 )
-from quantlab.runs import atomic_write_text, owned_path, prepare_run_dir
+from quantlab.results import write_parquet
+from quantlab.runs import atomic_write_bytes, atomic_write_text, owned_path, prepare_run_dir
 
 TEMPLATE = "report.html.j2"
 
@@ -102,7 +103,33 @@ def _png_size(path: Path) -> tuple[int, int]:
     return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
 
 
-def _method_details(run: RunData, row: pd.Series, label: str) -> dict[str, Any]:
+def _method_figures(run: RunData, method: str, label: str, own: bool) -> dict[str, str]:
+    """The sensitivity and allocation figures of a method, drawn from its sensitivity.json
+    (base64 PNG for the page). In a run's own report they are also kept beside the JSON
+    (``sensitivity.png``, ``allocation.png``); a report elsewhere never writes into a run."""
+    path = run.path / method / "sensitivity.json"
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, ValueError, RecursionError):
+        return {}  # unreadable: the row's numbers are in results.csv, the figure is left out
+    out: dict[str, str] = {}
+    drawn = [("sensitivity", doc if "sensitivity" in doc else None, P.sensitivity),
+             ("allocation", doc.get("allocation") if isinstance(doc, dict) else None, P.allocation)]
+    for name, data, draw in drawn:
+        if not isinstance(data, dict):
+            continue
+        try:
+            png = P.png_bytes(draw(data, label))
+        except (KeyError, TypeError, ValueError):
+            continue  # a record of another shape (written by an older quantlab): no figure
+        if own:
+            target = owned_path(run.path / method, f"{name}.png", directory=False, what="figure")
+            atomic_write_bytes(target, png)
+        out[f"{name}_png"] = base64.b64encode(png).decode("ascii")
+    return out
+
+
+def _method_details(run: RunData, row: pd.Series, label: str, own: bool) -> dict[str, Any]:
     m = run.metrics.get(str(row["method"]), {})
     facts = [("backend", row["backend"])]
     ckpt = m.get("checkpoint") or row.get("checkpoint")
@@ -143,8 +170,7 @@ def _method_details(run: RunData, row: pd.Series, label: str) -> dict[str, Any]:
     layers = m.get("layers") or {}
     errs = sorted(((n, s["weight_rel_error"]) for n, s in layers.items() if s.get("weight_rel_error") is not None),
                   key=lambda x: -x[1])[:5]
-    sens = run.path / str(row["method"]) / "sensitivity.png"
-    alloc = run.path / str(row["method"]) / "allocation.png"
+    figures = _method_figures(run, str(row["method"]), label, own)
     return {
         "label": label,
         "anchor": re.sub(r"[^A-Za-z0-9_-]", "-", label),
@@ -152,8 +178,8 @@ def _method_details(run: RunData, row: pd.Series, label: str) -> dict[str, Any]:
         "facts": [(k, v) for k, v in facts if v not in ("", None)],
         "options": json.dumps(m["options"], indent=2) if m.get("options") else "",
         "worst_layers": [(n, f"relative weight error {v:.4f}") for n, v in errs],
-        "sensitivity_png": _png_b64(sens) if sens.is_file() else "",
-        "allocation_png": _png_b64(alloc) if alloc.is_file() else "",
+        "sensitivity_png": figures.get("sensitivity_png", ""),
+        "allocation_png": figures.get("allocation_png", ""),
         "granularity": ((m.get("sensitivity") or {}).get("granularity") or "layer"),
     }
 
@@ -259,7 +285,8 @@ def build_report(runs: list[RunData], out: str | Path | None = None, *, title: s
     for run in runs:
         for _, row in run.frame.iterrows():
             label = f"{run.path.name}/{row['method']}" if multi else str(row["method"])
-            methods.append(_method_details(run, row, label))
+            own = not multi and Path(os.path.realpath(out)) == Path(os.path.realpath(run.path))
+            methods.append(_method_details(run, row, label, own))
     names = sorted({r.name for r in runs})
     html = env.get_template(TEMPLATE).render(
         title=title or (f"quantlab report: {names[0]}" if not multi else f"quantlab comparison: {', '.join(names)}"),

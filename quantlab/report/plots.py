@@ -333,6 +333,66 @@ def deploy(records: list[dict]):
     return fig
 
 
+def sensitivity(doc: dict, label: str):
+    """Bar chart of the sensitivity pass's per-candidate KL (log scale), the candidates it left
+    in float in red; ``doc`` is the method's ``sensitivity.json``."""
+    plt = pyplot()
+    sens = doc["sensitivity"]
+    names = list(sens)
+    values = [max(float(sens[n]), 1e-8) for n in names]
+    chosen = set(doc.get("chosen") or [])
+    fig, ax = plt.subplots(figsize=(max(6, 0.12 * len(names) + 2), 3.6))
+    ax.bar(range(len(names)), values, color=["#c0392b" if n in chosen else "#2c7fb8" for n in names])
+    ax.set_yscale("log")
+    ax.set_ylabel("KL(float || quantized), nats/token")
+    ax.set_title(f"{label}: sensitivity per {doc.get('granularity', 'layer')} "
+                 f"({len(chosen)} left in float, red)")
+    if len(names) <= 40:
+        ax.set_xticks(range(len(names)), [n.replace("model.layers.", "L") for n in names],
+                      rotation=90, fontsize=7)
+    else:
+        ax.set_xlabel("layers in model order")
+    if doc.get("kl_budget") is not None:
+        ax.axhline(doc["kl_budget"], color="black", lw=0.8, ls="--",
+                   label=f"kl_budget {doc['kl_budget']}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def allocation(record: dict, label: str):
+    """Width per unit across the decoder blocks, one line per unit type; ``record`` is the
+    ``allocation`` entry of the method's ``sensitivity.json``."""
+    plt = pyplot()
+    series: dict[str, list[tuple[int, int]]] = {}
+    for unit, bits in record["chosen"].items():
+        m = re.search(r"\.(\d+)\.([^.]+(?:\.[^.]+)*)$", unit)
+        kind, idx = (m.group(2), int(m.group(1))) if m else (unit, 0)
+        series.setdefault(kind, []).append((idx, bits))
+    fig, ax = plt.subplots(figsize=(8, 3.4))
+    for k, (kind, pts) in enumerate(sorted(series.items())):
+        xs, ys = zip(*sorted(pts))
+        ax.step(xs, [y + 0.06 * (k - len(series) / 2) for y in ys], where="mid", label=kind, lw=1.4)
+    ax.set_xlabel("decoder block")
+    ax.set_ylabel("bits per code")
+    ax.set_yticks(sorted(set(record["chosen"].values())))
+    ax.set_title(f"{label}: widths at {record['bits_per_weight']:.2f} bits/weight (budget "
+                 f"{record['budget_bits_per_weight']}); RTN-probe KL {record['measured_kl']:.4f} "
+                 "on calibration windows", fontsize=10)
+    ax.legend(fontsize=7, ncol=min(4, len(series)))
+    fig.tight_layout()
+    return fig
+
+
+def png_bytes(fig) -> bytes:
+    """A figure as PNG bytes (closed afterwards)."""
+    plt = pyplot()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def save_figure(fig, directory: Path, name: str) -> dict[str, Path]:
     """Write ``name.png`` and ``name.svg`` into ``directory`` (atomically); close the figure."""
     plt = pyplot()

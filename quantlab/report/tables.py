@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import pandas as pd
-
-from quantlab.results import COLUMNS  # the columns of results.csv, in order
-from quantlab.runs import atomic_write_bytes
 
 CONVENTION_TEXT = {
     "gptq": "non-overlapping {seq}-token windows, mean NLL of every predicted token",
@@ -16,19 +12,6 @@ CONVENTION_TEXT = {
     "strided": "sliding {seq}-token windows, each token scored once",
     "lm-eval": "lm-eval rolling log-likelihood per document, word perplexity, context {seq}",
 }
-
-
-def results_frame(rows: list[dict]) -> pd.DataFrame:
-    """A tidy DataFrame of the flat metric fields, in :data:`COLUMNS` order."""
-    tasks = sorted({k for r in rows for k in r if k.startswith("task_")})
-    cols = COLUMNS + tasks
-    frame = pd.DataFrame([{c: r.get(c) for c in cols} for r in rows], columns=cols)
-    frame["group_size"] = frame["group_size"].astype("Int64")
-    base = frame[frame["backend"] == "none"]
-    # compression ratio against the float baseline's weight files (None without a baseline)
-    frame.insert(frame.columns.get_loc("size_bytes") + 1, "compression_ratio",
-                 base["size_bytes"].iloc[0] / frame["size_bytes"] if len(base) else None)
-    return frame
 
 
 def _baseline(frame: pd.DataFrame) -> pd.Series | None:
@@ -230,18 +213,6 @@ def _looks_numeric(text: str) -> bool:
         return True
     except ValueError:
         return False
-
-
-def write_parquet(frame: pd.DataFrame, path: Path) -> bool:
-    """Write a results frame as Parquet (atomically); False when no Parquet engine is
-    installed (the CSV holds the same table)."""
-    buf = io.BytesIO()
-    try:
-        frame.to_parquet(buf, index=False)
-    except ImportError:
-        return False
-    atomic_write_bytes(path, buf.getvalue())
-    return True
 
 
 # ------------------------------------------------------------------ where to deploy (projected)
