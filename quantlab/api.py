@@ -8,6 +8,7 @@ from typing import Any
 
 from quantlab.direct import config, quantize, save
 from quantlab.errors import QuantlabError
+from quantlab.formats.kernels import DEFAULT_KERNEL
 from quantlab.recipe import load_recipe, parse_recipe
 
 __all__ = ["backends", "caveats", "config", "evaluate", "load", "load_checkpoint", "load_metrics", "load_model",
@@ -105,7 +106,7 @@ def load_model(source: str, *, dtype: str = "auto", device: str = "auto", **kwar
 
 
 def load_checkpoint(path: str | Path, *, dtype: str = "auto", device: str = "auto", verify: bool = True,
-                    kernel: str = "dense"):
+                    kernel: str = DEFAULT_KERNEL):
     """Reload a checkpoint quantlab exported; ``verify`` checks every file against the
     sha256 manifest in its quantlab.json first; ``kernel`` (auto, dense, int4pack, int8pack)
     chooses what executes its packed layers (``info["kernels"]`` records the choice)."""

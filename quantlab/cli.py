@@ -14,6 +14,7 @@ import traceback
 
 from quantlab import __version__
 from quantlab.errors import QuantlabError
+from quantlab.formats.kernels import DEFAULT_KERNEL, KERNEL_CHOICES
 
 #: the --quick preset: a comparison in minutes, figures labelled indicative
 QUICK = ("calibration.samples=8", "eval.max_windows=8", "eval.divergence.max_windows=4", "eval.speed.rounds=1",
@@ -84,8 +85,9 @@ def _add_eval(sub) -> None:
     p.add_argument("--speed", action="store_true", help="also measure prefill/decode speed at batch 1")
     p.add_argument("--speed-mode", default="eager", choices=["eager", "compiled"],
                    help="with --speed: eager decode (default) or a static KV cache and a compiled decode step")
-    p.add_argument("--kernel", default="dense", choices=["auto", "dense", "int4pack", "int8pack"],
-                   help="what runs a quantlab checkpoint's packed layers (default dense; see docs/results.md, Kernels)")
+    p.add_argument("--kernel", default=DEFAULT_KERNEL, choices=KERNEL_CHOICES,
+                   help=f"what runs a quantlab checkpoint's packed layers (default {DEFAULT_KERNEL}: "
+                   "a kernel only where it beat dense here; see docs/results.md, Kernels)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's choice)")
@@ -240,9 +242,15 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    from quantlab.report.html import write_report
+    from quantlab.report.caveats import report_warnings
+    from quantlab.report.data import load_runs
+    from quantlab.report.html import build_report
 
-    path = write_report(args.run_dir, args.out, title=args.title)
+    runs = load_runs([args.run_dir])
+    path = build_report(runs, args.out, title=args.title)
+    frame = runs[0].frame
+    for w in report_warnings(runs, frame):  # the report's caveats, in the terminal too
+        print(f"WARNING: {w}")
     print(f"report: {path}")
     return 0
 

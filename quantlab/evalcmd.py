@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from quantlab.errors import QuantlabError
+from quantlab.formats.kernels import DEFAULT_KERNEL
 
 
 def _log(msg: str) -> None:
@@ -41,7 +42,7 @@ def evaluate_source(model: str, *, data: str = "pydoc", split: str | None = None
                     bos: bool | None = None, max_windows: int | None = None, max_docs: int | None = None,
                     batch_size: int = 4, base: str | None = None, kl_windows: int | None = None,
                     speed: bool = False, dtype: str = "auto", device: str = "auto",
-                    trust_remote_code: bool = False, verify: bool = True, kernel: str = "dense",
+                    trust_remote_code: bool = False, verify: bool = True, kernel: str = DEFAULT_KERNEL,
                     speed_mode: str = "eager", cache_base: bool = True) -> dict:
     """Score ``model`` (any model source or quantlab checkpoint) on ``data``; see ``quantlab eval``.
     ``verify``: check quantlab checkpoints against their sha256 manifest before loading;

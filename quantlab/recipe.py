@@ -27,6 +27,7 @@ from pydantic import (
 
 from quantlab.bench import speed
 from quantlab.errors import RecipeError, did_you_mean
+from quantlab.formats.kernels import DEFAULT_KERNEL
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 _LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
@@ -207,7 +208,7 @@ class EvalSpec(TextSpec):
     divergence: DivergenceSpec = DivergenceSpec()
     speed: SpeedSpec = SpeedSpec()
     kernel: Literal["auto", "dense", "int4pack", "int8pack"] = Field(
-        "dense", description="What executes the packed layers of quantlab's layouts (GPTQ v1, AWQ gemm) when "
+        DEFAULT_KERNEL, description="What executes the packed layers of quantlab's layouts (GPTQ v1, AWQ gemm) when "
         "a checkpoint is reloaded, for scoring and speed: 'dense' (dequantized once, float matmul), "
         "'int4pack' / 'int8pack' (torch's kernels reading packed weights, bfloat16 activations), 'auto' "
         "(times them per layer shape, keeps a kernel only for the token counts where it beat dense). "

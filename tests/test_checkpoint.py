@@ -125,24 +125,26 @@ def test_corrupt_or_incomplete_checkpoints_give_clear_errors(tiny, tmp_path):
         load_checkpoint(ckpt, dtype=torch.float32, device=CPU)
 
 
-def test_the_baseline_links_the_source_weights_instead_of_copying_them(tiny, tmp_path, monkeypatch):
+def test_the_baseline_shares_no_storage_with_the_source(tiny, tmp_path, monkeypatch):
+    """Issue 26: a hard link let an in-place edit of the source change a finished run. The
+    baseline's weights are a clone (copy-on-write file systems) or a copy, never the same inode."""
     import quantlab.checkpoint as ck
 
-    monkeypatch.setattr(ck, "LINK_MIN_BYTES", 0)  # the tiny model's files are small
+    monkeypatch.setattr(ck, "CLONE_MIN_BYTES", 0)  # the tiny model's files are small
     model, tok = tiny
     source = export_checkpoint(model, tok, NoQuant(), tmp_path / "source", source={}, label="float")
     ckpt = export_checkpoint(model, tok, NoQuant(), tmp_path / "run" / "ckpt", source={"path": str(source)},
                              label="baseline")
     weights, src = ckpt / "model.safetensors", source / "model.safetensors"
-    assert weights.stat().st_ino == src.stat().st_ino and weights.stat().st_nlink == 2 and not weights.is_symlink()
+    assert weights.stat().st_ino != src.stat().st_ino and weights.stat().st_nlink == 1
+    assert not weights.is_symlink() and weights.read_bytes() == src.read_bytes()
+    with open(src, "r+b") as f:  # the source edited in place: the checkpoint keeps its bytes
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([last[0] ^ 0xFF]))
+    assert weights.read_bytes() != src.read_bytes()
     loaded = load_checkpoint(ckpt, dtype=torch.float32, device=torch.device("cpu"))  # manifest verified
     ids = torch.tensor([[1, 5, 9, 12]])
     with torch.no_grad():
         assert torch.equal(loaded.model(ids).logits, model(ids).logits)
-    src.unlink()  # the source's removal leaves the checkpoint whole: a link is a file
-    load_checkpoint(ckpt, dtype=torch.float32, device=torch.device("cpu"))
-    # files that differ are never linked
-    rtn = RTN(RTN.Config(bits=4, group_size=32))
-    q = export_checkpoint(rtn.quantize(copy.deepcopy(model), None), tok, rtn, tmp_path / "q",
-                          source={"path": str(ckpt)}, label="q")
-    assert (q / "model.safetensors").stat().st_nlink == 1

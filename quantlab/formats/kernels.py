@@ -42,6 +42,11 @@ from quantlab.formats.base import DenseDequantLinear, QuantizedWeight
 
 #: what ``eval.kernel`` / ``--kernel`` accept
 KERNEL_CHOICES = ("auto", "dense", "int4pack", "int8pack")
+#: the default of every entry point a person uses (recipes, ``quantlab eval``, ``quantlab.load``,
+#: ``quantlab.evaluate``): the fastest path that is exact enough. ``auto`` keeps a kernel only
+#: where it beat dense on this machine and scores long windows densely, so perplexity and KL
+#: equal dense's; ``dense`` as a default told newcomers that 4-bit decodes slower than float
+DEFAULT_KERNEL = "auto"
 #: token counts ``auto`` times (1: decode at batch 1; 64: a short prefill)
 TIMING_TOKENS = (1, 4, 16, 64)
 INT4_GROUPS = (32, 64, 128, 256)

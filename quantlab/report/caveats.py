@@ -143,7 +143,8 @@ def version_differences(runs: list[RunData]) -> str | None:
     for pkg in sorted({k for _, pk in known for k in pk} - _NUMBERLESS_PACKAGES):
         by_version: dict[str, list[str]] = {}
         for r, pk in known:
-            by_version.setdefault(str(pk.get(pkg)), []).append(r.path.name)
+            if pkg in pk:  # a run whose quantlab did not record this package says nothing of it
+                by_version.setdefault(str(pk[pkg]), []).append(r.path.name)
         if len(by_version) > 1:
             where = "; ".join(f"{v} in {', '.join(names)}" for v, names in by_version.items())
             parts.append(f"{pkg} {where}")
