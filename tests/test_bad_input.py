@@ -194,6 +194,53 @@ def _foreign_dir(ctx: Ctx) -> Path:
 
 
 
+# --------------------------------------------------------------------------- the third pass
+# (issue 26): small input that grew without bound, names trusted over content, tools
+
+
+def _huge_sweep(ctx: Ctx) -> list[str]:
+    keys = ", ".join(f"k{i}: [{', '.join(str(v) for v in range(10))}]" for i in range(12))
+    return ctx.run(edit=lambda t: t.replace("options: {bits: 4, group_size: 32}}",
+                                            f"options: {{bits: 4, group_size: 32}}, sweep: {{{keys}}}}}"))
+
+
+def _resigned_options(d: Path) -> None:
+    from quantlab.checkpoint import sidecar_digest
+
+    meta = json.loads((d / "quantlab.json").read_text())
+    meta["options"]["bits"] = "four"
+    meta["sidecar_sha256"] = sidecar_digest(meta)  # re-signed: the digest alone cannot catch it
+    (d / "quantlab.json").write_text(json.dumps(meta))
+
+
+def _fifo(ctx: Ctx) -> Path:
+    path = ctx.root / "files" / "pipe.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        os.mkfifo(path)
+    return path
+
+
+def _tool_timeout_soon(monkeypatch) -> None:
+    """A limit that is not a number, and tools that would answer (so the limit is read)."""
+    import tempfile
+
+    from quantlab.engines.llamacpp import TOOLS
+
+    fake = Path(tempfile.mkdtemp(prefix="quantlab-fake-tools-"))
+    for tool in TOOLS:
+        (fake / tool).write_text("#!/bin/sh\necho 'version: 0 (fake)'\n")
+        (fake / tool).chmod(0o755)
+    monkeypatch.setenv("QUANTLAB_LLAMACPP", str(fake))
+    monkeypatch.setenv("QUANTLAB_TOOL_TIMEOUT_S", "soon")
+
+
+def _models_labelled(label: str) -> Callable[[Ctx], list[str]]:
+    return lambda c: c.run(text=BASE.format(model=c.model).replace(
+        f'model: {{source: "{c.model}"}}',
+        f'models: [{{source: "{c.model}", label: {label}}}, {{source: "{c.model}", label: other}}]'))
+
+
 # id, argv builder, exact error class, regex the message must match (, optional set-up with monkeypatch)
 CASES: list[tuple] = [
     ("yaml-malformed", lambda c: c.run(text="model: {source: x\nmethods: [\n"), RecipeError, r"invalid YAML.*line"),
@@ -383,6 +430,17 @@ CASES: list[tuple] = [
     ("tokenizer-garbage", lambda c: c.run(edit=lambda t: t.replace(str(c.model), str(_model_dir(
         c, "bad-tokenizer", lambda d: (d / "tokenizer.json").write_bytes(os.urandom(512)))))), QuantlabError,
      r"could not load model .*tokenizer|could not load model"),
+    # the third pass (issue 26)
+    ("sweep-10-to-the-12", _huge_sweep, RecipeError, r"sweep expands to 1000000000000 methods; at most 256"),
+    ("sweep-key-unknown", _edit("group_size: 32}", "group_size: 32}, sweep: {sym: [true], grup_size: [64]}"),
+     RecipeError, r"sweep\.grup_size: unknown key.*did you mean 'group_size'"),
+    ("model-labelled-report", _models_labelled("report"), RecipeError,
+     r"'report', is the name of an entry quantlab writes"),
+    ("text-source-fifo", lambda c: _with_eval_source(c, _fifo(c)), QuantlabError, r"FIFO"),
+    ("checkpoint-options-resigned-invalid", lambda c: ["eval", str(_damaged_ckpt(c, "bits-four", _resigned_options))],
+     QuantlabError, r"sidecar's options are not valid rtn options"),
+    ("tool-timeout-not-a-number", _edit("group_size: 32}", "group_size: 32}, export: [native, gguf]"), QuantlabError,
+     r"QUANTLAB_TOOL_TIMEOUT_S='soon' is not a positive", _tool_timeout_soon),
 ]
 
 
@@ -402,7 +460,7 @@ def ctx(tiny_model_dir, tmp_path_factory) -> Ctx:
 
 
 def test_the_corpus_is_large_enough():
-    assert len(CASES) >= 95 and len({c[0] for c in CASES}) == len(CASES)
+    assert len(CASES) >= 101 and len({c[0] for c in CASES}) == len(CASES)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])

@@ -244,9 +244,15 @@ output: {{dir: "{tmp_path / "run"}"}}
     return proc, tmp, tmp_path / "pids", tmp_path / "run"
 
 
+def _scratch(tmp: Path, run: Path) -> list[Path]:
+    """llama.cpp's scratch directories: in the method's directory (a run gives the backend
+    one), never in $TMPDIR."""
+    return [p for where in (tmp, *run.glob("*")) if where.is_dir()
+            for p in where.iterdir() if p.name.startswith("quantlab-llamacpp-")]
+
+
 def _left_behind(tmp: Path, run: Path) -> list[str]:
-    scratch = [p.name for p in tmp.iterdir() if p.name.startswith("quantlab-llamacpp-")]
-    return scratch + [str(p) for p in run.rglob("*") if ".tmp-" in p.name]
+    return [str(p) for p in _scratch(tmp, run)] + [str(p) for p in run.rglob("*") if ".tmp-" in p.name]
 
 
 def test_a_llama_quantize_that_never_returns_is_one_error_and_leaves_nothing(tmp_path, tiny_gguf):
@@ -283,7 +289,8 @@ def test_ctrl_c_while_llama_quantize_runs_stops_it_and_leaves_nothing(tmp_path, 
     proc, tmp, pids, run = _llamacpp_run(tmp_path, tiny_gguf, _HANGS, timeout_s=None)
     try:
         tool = _pids(pids, wait_s=300)
-        assert len([p for p in tmp.iterdir() if p.name.startswith("quantlab-llamacpp-")]) == 1
+        (scratch,) = _scratch(tmp, run)
+        assert scratch.parent == run / "q4"  # inside the run, counted against its own disk
         proc.send_signal(
             signal.SIGINT
         )  # what a terminal's Ctrl-C sends quantlab (not the tool's group)

@@ -122,9 +122,8 @@ def _method_figures(run: RunData, method: str, label: str, own: bool) -> dict[st
             png = P.png_bytes(draw(data, label))
         except (KeyError, TypeError, ValueError):
             continue  # a record of another shape (written by an older quantlab): no figure
-        if own:
-            target = owned_path(run.path / method, f"{name}.png", directory=False, what="figure")
-            atomic_write_bytes(target, png)
+        if own:  # replaces a link left there, never writes through it
+            atomic_write_bytes(run.path / method / f"{name}.png", png)
         out[f"{name}_png"] = base64.b64encode(png).decode("ascii")
     return out
 
