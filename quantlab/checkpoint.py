@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from quantlab import __version__
+from quantlab.cache import sha256_file as _sha256
 from quantlab.errors import QuantlabError
 from quantlab.modelfiles import LoadedModel, check_no_remote_code, check_safetensors
 
@@ -248,14 +249,6 @@ def read_sidecar(ckpt_dir: Path) -> dict[str, Any]:
     if not isinstance(meta, dict):
         raise QuantlabError(f"'{path}' is corrupt: expected a JSON object")
     return meta
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def manifest(ckpt_dir: Path) -> dict[str, dict[str, Any]]:

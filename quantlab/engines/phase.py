@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from quantlab.cache import sha256_file as _sha256
 from quantlab.errors import QuantlabError
 from quantlab.runs import atomic_write_text, owned_path, read_record, write_record
 
@@ -38,12 +39,6 @@ COLUMNS = ("llamacpp_ppl", "llamacpp_ppl_stderr", "llamacpp_kld_mean", "llamacpp
            "llamacpp_prefill_tokens_per_s", "llamacpp_decode_tokens_per_s", "llamacpp_decode_x_float",
            "llamacpp_decode_x_min", "llamacpp_decode_x_max", "llamacpp_prefill_x_float", "llamacpp_threads",
            "llamacpp_build", "llamacpp_ctx", "llamacpp_chunks")
-
-
-def _sha256(path: Path) -> str:
-    from quantlab.models import sha256_file
-
-    return sha256_file(path)
 
 
 def export_method_gguf(model, mdir: Path, template: Path, *, float_type: str, baseline: bool, key: str,
