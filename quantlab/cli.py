@@ -174,9 +174,7 @@ def _cmd_run(args) -> int:
         overrides.append(f"executor.address={json.dumps(args.address)}")  # a YAML string, whatever it holds
     recipe = load_recipe(args.recipe, overrides)
     if args.quick:  # the preset first: the user's own --set wins
-        named = [f"name={recipe.name}-quick",
-                 "description=" + json.dumps(f"QUICK PRESET ({', '.join(QUICK)}): indicative figures. "
-                                             + (recipe.description or ""))]
+        named = [f"name={recipe.name}-quick", "quick=true"]
         recipe = load_recipe(args.recipe, [*QUICK, *named, *overrides])
     frame = run_recipe(recipe, args.out, force=args.force).results
     failed = frame[frame["error"].notna()]  # a method that failed on Ray: the others finished

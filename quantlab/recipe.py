@@ -463,6 +463,8 @@ class Recipe(_Strict):
 
     name: str = Field(description="Run name (default: the recipe file's stem).")
     description: str = ""
+    quick: bool = Field(False, description="Made with `quantlab run --quick` (a preset of small "
+                        "settings): the report and summary mark the figures indicative.")
     model: ModelSpec = ModelSpec()
     calibration: CalibrationSpec = CalibrationSpec()
     baseline: bool = Field(

@@ -186,6 +186,6 @@ def test_quick_preset_is_named_labelled_and_overridable(tmp_path, monkeypatch, t
     run = tmp_path / "runs" / "r-quick"
     saved = yaml.safe_load((run / "recipe.yaml").read_text())
     assert saved["eval"]["max_windows"] == 3 and saved["eval"]["speed"]["rounds"] == 1
-    assert saved["description"].startswith("QUICK PRESET")
+    assert saved["quick"] is True and saved["description"] == ""  # a field, not a description prefix
     assert "made with `quantlab run --quick`" in (run / "report.html").read_text()
     assert pd.read_csv(run / "results.csv")["method"].tolist() == ["baseline", "rtn-w4-g32"]

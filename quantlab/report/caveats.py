@@ -172,7 +172,9 @@ def report_warnings(runs: list[RunData], frame: pd.DataFrame) -> list[str]:
             if msg:
                 out.append(msg)
         out += [f"{scope}: {w}" if multi else w for w in engine_disagreements(part, run.metrics)]
-        if str(run.recipe.get("description") or "").startswith("QUICK PRESET"):
+        # runs before the field said so in their description
+        if run.recipe.get("quick") is True or str(run.recipe.get("description") or "").startswith(
+                "QUICK PRESET"):
             out.append(f"{scope}: made with `quantlab run --quick` (8 calibration windows, 8 evaluation windows, "
                        "1 speed round): indicative figures, not a measurement to publish; run without --quick")
         few = few_tokens(part)
