@@ -28,6 +28,7 @@ from pydantic import (
 from quantlab.bench import speed
 from quantlab.errors import RecipeError, did_you_mean
 from quantlab.formats.kernels import DEFAULT_KERNEL
+from quantlab.layout import CONTAINER_ENTRIES, RUN_ENTRIES
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 _LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
@@ -41,14 +42,12 @@ MAX_RECIPE_NODES = 100_000
 MAX_RECIPE_DEPTH = 64
 #: the longest input value echoed back in an error message
 MAX_ECHO = 120
-#: run-directory entries a method directory (named by its label) must not collide with (the
-#: layout of quantlab.rundir; compared case-insensitively, for case-insensitive filesystems)
-RESERVED_LABELS = frozenset({
-    "reference", "allocation", "plots", "plan.json", "plan.safetensors", "recipe.yaml",
-    "environment.json", "calibration.json", "results.csv", "results.parquet", "results.md",
-    "report.html"})
-#: entries of a several-models run (pipeline.run_models) a model's directory must not collide with
-RESERVED_MODEL_LABELS = frozenset({"report", "methods_x_models.csv"})
+#: run-directory entries a method directory (named by its label) must not collide with, from
+#: the layout's one home (quantlab.rundir); compared case-insensitively, for case-insensitive
+#: filesystems
+RESERVED_LABELS = frozenset(n.lower() for n in RUN_ENTRIES)
+#: entries of a several-models run a model's directory must not collide with
+RESERVED_MODEL_LABELS = frozenset(n.lower() for n in CONTAINER_ENTRIES)
 
 
 class _Strict(BaseModel):

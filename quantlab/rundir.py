@@ -43,6 +43,8 @@ class RunDir:
 
     PLAN_JSON = "plan.json"
     PLAN_TENSORS = "plan.safetensors"
+    REFERENCE = "reference"
+    ALLOCATION = "allocation"
 
     # ------------------------------------------------------------------ the run's own files
     @property
@@ -54,10 +56,10 @@ class RunDir:
         return owned_path(self.root, self.PLAN_TENSORS, directory=False, what="run plan tensors")
 
     def reference(self) -> Path:
-        return owned_path(self.root, "reference", directory=True, what="divergence reference")
+        return owned_path(self.root, self.REFERENCE, directory=True, what="divergence reference")
 
     def allocation_cache(self, key: str) -> Path:
-        folder = owned_path(self.root, "allocation", directory=True, what="allocation measurements")
+        folder = owned_path(self.root, self.ALLOCATION, directory=True, what="allocation measurements")
         return owned_path(folder, f"{key[:32]}.json", directory=False, what="allocation measurements")
 
     def write_run_files(self, resolved: dict, env: dict, calibration: dict | None) -> None:

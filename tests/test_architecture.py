@@ -128,3 +128,15 @@ def test_the_run_draws_and_prints_nothing(graph):
            "quantlab.speedphase", "quantlab.measure"]
     for m in run:
         assert not {t for t in graph[m] if t.startswith("quantlab.report")}, m
+
+
+def test_every_name_the_run_directory_uses_is_reserved_for_labels():
+    """RESERVED_LABELS drifted once (plan.json was missing): it is derived from the layout now,
+    and every name RunDir builds a top-level path from is in that layout."""
+    from quantlab.layout import RUN_ENTRIES
+    from quantlab.recipe import RESERVED_LABELS
+    from quantlab.rundir import RunDir
+
+    names = {v for k, v in vars(RunDir).items() if k.isupper() and isinstance(v, str)}
+    assert names and names <= RUN_ENTRIES
+    assert {n.lower() for n in RUN_ENTRIES} == RESERVED_LABELS
