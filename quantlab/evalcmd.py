@@ -98,10 +98,7 @@ def evaluate_source(model: str, *, data: str = "pydoc", split: str | None = None
                             f"({len(lm.tokenizer)} vs {base_vocab} tokens); divergence needs the same one")
     _log(f"scoring {plan.scored_tokens} tokens of {text.name} ({plan.convention}, {len(plan.segments)} windows)")
     ppl, div = evaluate(lm.model, plan, batch_size, reference)
-    if not math.isfinite(ppl.ppl):
-        _log(f"warning: the perplexity of '{model}' is not a finite number ({ppl.ppl}): the "
-             "model's outputs are NaN or infinite on this text. Its weights may be damaged "
-             "(re-export or re-download it), or its dtype overflows (try --dtype float32)")
+    _warn_if_not_finite(model, ppl.ppl)
     out = {"model": model, "ppl": ppl.ppl, "ppl_stderr": ppl.ppl_stderr, "nll_mean": ppl.nll_mean,
            "scored_tokens": ppl.scored_tokens, "windows": ppl.windows, "text_tokens": ppl.text_tokens,
            **labels(plan, text, lm.tokenizer, lm.model), **ppl.extra,
@@ -113,13 +110,25 @@ def evaluate_source(model: str, *, data: str = "pydoc", split: str | None = None
                    ppl_ratio=math.exp(div["ln_ppl_ratio"]), base_reference=str(reference.path),
                    base_reference_reused=reference.meta.get("reused", False))
     if speed:
-        from quantlab.bench.speed import PROMPT_TOKENS, measure_speed
-        from quantlab.data import tokenize
-
-        # the recipe's defaults (eval.speed), so a figure here compares with a run's
-        s = measure_speed(lm.model, tokenize(text, lm.tokenizer)[:PROMPT_TOKENS], mode=speed_mode)
-        out.update({f"speed_{k}": v for k, v in s.items() if k not in ("by_batch", "device", "threads")})
+        out.update(_speed(lm, text, speed_mode))
     return _finite(out)
+
+
+def _warn_if_not_finite(model: str, ppl: float) -> None:
+    if not math.isfinite(ppl):
+        _log(f"warning: the perplexity of '{model}' is not a finite number ({ppl}): the "
+             "model's outputs are NaN or infinite on this text. Its weights may be damaged "
+             "(re-export or re-download it), or its dtype overflows (try --dtype float32)")
+
+
+def _speed(lm, text, speed_mode: str) -> dict:
+    """``speed_*`` figures of the loaded model, with the recipe's defaults (eval.speed), so a
+    figure here compares with a run's."""
+    from quantlab.bench.speed import PROMPT_TOKENS, measure_speed
+    from quantlab.data import tokenize
+
+    s = measure_speed(lm.model, tokenize(text, lm.tokenizer)[:PROMPT_TOKENS], mode=speed_mode)
+    return {f"speed_{k}": v for k, v in s.items() if k not in ("by_batch", "device", "threads")}
 
 
 #: base-model references kept in the cache (each is 2 bytes x vocabulary x compared tokens)
