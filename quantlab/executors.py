@@ -149,18 +149,20 @@ def check_resources(ray, methods, device: str) -> None:
                                 f"({have or 'no nodes'}): lower its resources")
 
 
-def _method_task(run_dir: str, label: str, threads: int | None, run: str) -> dict:
-    """A Ray task: one method of the plan in ``run_dir``; returns its row (errors raise).
-    Its ``running.json`` is written first, so even an attempt that dies while loading the
-    plan is counted and the next one says it is a retry."""
+def _method_task(run_dir: str, label: str, threads: int | None, run: str) -> tuple[dict, dict]:
+    """A Ray task: one method of the plan in ``run_dir``; returns its row and this attempt's
+    marker (errors raise). Its ``running.json`` is written first, so even an attempt that dies
+    while loading the plan is counted and the next one says it is a retry; the marker comes
+    back with the row because a retry that ends between two polls of the driver has removed
+    its file before the driver could read it."""
     from pathlib import Path
 
     from quantlab.rundir import RunDir
 
     mdir = RunDir(Path(run_dir)).method(label)
-    note_running(mdir, run)
+    note = note_running(mdir, run)
     try:
-        return _method_row(run_dir, label, threads, run)
+        return _method_row(run_dir, label, threads, run), note
     finally:
         clear_running(mdir, run, mine=True)
 
@@ -232,7 +234,7 @@ class RayExecutor:
 
     def _deliver(self, ref, method, on_result: OnResult) -> None:
         try:
-            row = self.ray.get(ref)
+            row, note = self.ray.get(ref)
         except Exception as e:  # the task's error, after its retries
             msg = _task_error(e)
             log(f"{method.label}: failed on Ray: {msg}")
@@ -242,26 +244,30 @@ class RayExecutor:
                               {"method": method.label, "error": msg})
             on_result(MethodResult(method.label, error=msg))
             return
+        self._log_retry(method, note)  # when no poll saw the retry's marker
         log(f"{method.label}: done on {row.get('worker', 'a worker')} (ppl {row['ppl']:.3f})")
         on_result(MethodResult(method.label, row))
 
     def _log_retries(self, methods) -> None:
         """A progress line for each task Ray runs again: which method, which attempt, and
         why (read from the markers: an attempt's marker is left only by a process that died)."""
-        total = self.plan.recipe.executor.max_retries + 1
         for m in methods:
-            note = read_running(self.plan.run_dir.method(m.label, create=False))
-            if note is None or note.get("run") != self.run_id:
-                continue
-            attempt = int(note.get("attempt") or 1)
-            if attempt <= self.attempts.get(m.label, 1):
-                continue
-            self.attempts[m.label] = attempt
-            prev = note.get("previous") or {}
-            log(f"{m.label}: Ray runs it again, attempt {attempt} of {total} "
-                f"(on {note.get('host')}, pid {note.get('pid')}): attempt {attempt - 1}'s worker "
-                f"(on {prev.get('host')}, pid {prev.get('pid')}) died before the method finished "
-                "(killed, crashed, out of memory or its node lost; Ray retries a task only then)")
+            self._log_retry(m, read_running(self.plan.run_dir.method(m.label, create=False)))
+
+    def _log_retry(self, method, note: dict | None) -> None:
+        """One line per attempt after the first, once, from that attempt's marker."""
+        if note is None or note.get("run") != self.run_id:
+            return
+        attempt = int(note.get("attempt") or 1)
+        if attempt <= self.attempts.get(method.label, 1):
+            return
+        self.attempts[method.label] = attempt
+        total = self.plan.recipe.executor.max_retries + 1
+        prev = note.get("previous") or {}
+        log(f"{method.label}: Ray runs it again, attempt {attempt} of {total} "
+            f"(on {note.get('host')}, pid {note.get('pid')}): attempt {attempt - 1}'s worker "
+            f"(on {prev.get('host')}, pid {prev.get('pid')}) died before the method finished "
+            "(killed, crashed, out of memory or its node lost; Ray retries a task only then)")
 
     def _stop(self, pending: dict, on_result: OnResult, why: BaseException) -> None:
         """Stopping early: cancel the outstanding tasks, wait (a bounded time) for them to
