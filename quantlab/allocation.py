@@ -36,7 +36,7 @@ from torch import nn
 
 from quantlab.errors import QuantlabError
 from quantlab.quantizers.arch import arch_spec
-from quantlab.runs import atomic_write_json
+from quantlab.records import atomic_write_json
 
 #: budget steps of the dynamic programme
 STEPS = 20_000

@@ -43,9 +43,8 @@ from torch import nn
 from quantlab import __version__
 from quantlab.cache import sha256_file as _sha256
 from quantlab.errors import QuantlabError
+from quantlab.layout import SIDECAR
 from quantlab.modelfiles import LoadedModel, check_no_remote_code, check_safetensors
-
-SIDECAR = "quantlab.json"
 
 
 def export_checkpoint(model: nn.Module, tokenizer, backend, out_dir: Path, *,

@@ -147,13 +147,13 @@ def save(model: nn.Module, path: str | Path, *, tokenizer, source: str | None = 
     (atomically; an existing checkpoint there is replaced). ``source`` names the model it
     came from in the sidecar.
 
-    The rule of every quantlab entry point (``quantlab.runs.prepare_run_dir``): ``path`` is
+    The rule of every quantlab entry point (``quantlab.rundir.prepare_run_dir``): ``path`` is
     never inside a run, report, checkpoint or directory of runs (a run keeps the numbers of
     its own checkpoints; only the run itself exports into it), and an existing ``path`` is
     replaced only when it is a checkpoint quantlab wrote."""
     from quantlab import arguments
     from quantlab.checkpoint import export_checkpoint
-    from quantlab.runs import refuse_inside_output
+    from quantlab.rundir import refuse_inside_output
 
     backend = getattr(model, _ATTR, None)
     if backend is None:

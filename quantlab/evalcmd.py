@@ -144,7 +144,7 @@ def _base_reference(b, part, text, batch_size: int, dtype, device, cache: bool):
     from quantlab import __version__
     from quantlab.cache import cache_subdir, prune
     from quantlab.models import model_identity
-    from quantlab.runs import code_digest
+    from quantlab.records import code_digest
     from quantlab.scoring import compute_reference, plan_key
 
     # the base by content (every file of a directory or a checkpoint, a GGUF's sha256) or by

@@ -31,6 +31,7 @@ from collections.abc import Callable
 
 from quantlab.errors import MissingDependencyError, QuantlabError
 from quantlab.plan import RunPlan
+from quantlab.records import atomic_write_json
 from quantlab.results import MethodResult
 from quantlab.runner import (
     clear_running,
@@ -42,7 +43,6 @@ from quantlab.runner import (
     reused,
     run_method,
 )
-from quantlab.runs import atomic_write_json
 
 OnResult = Callable[[MethodResult], None]
 

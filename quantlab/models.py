@@ -35,6 +35,7 @@ from quantlab.cache import (
 )
 from quantlab.checkpoint import load_checkpoint, read_sidecar
 from quantlab.errors import QuantlabError
+from quantlab.layout import SIDECAR
 from quantlab.log import log
 
 # re-exported: their home is quantlab.modelfiles, shared with quantlab.checkpoint
@@ -305,7 +306,7 @@ def classify(source: str) -> tuple[str, Path | str]:
             raise QuantlabError(f"GGUF file '{source}' does not exist")
         return "gguf", path
     if path.is_dir():
-        if (path / "quantlab.json").is_file():
+        if (path / SIDECAR).is_file():
             return "checkpoint", path
         if not (path / "config.json").is_file():
             raise QuantlabError(f"directory '{source}' has no config.json: it is not a Hugging Face "

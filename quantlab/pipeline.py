@@ -22,13 +22,15 @@ import pandas as pd
 from quantlab.data import load_spec_text
 from quantlab.errors import QuantlabError
 from quantlab.executors import check_executor, execute
+from quantlab.layout import RESULTS_CSV, RESULTS_PARQUET
 from quantlab.models import classify, quiet_progress_bars
 from quantlab.plan import RunPlan, needs_calibration, prepare, setup
 from quantlab.recipe import Recipe, recipe_to_dict
+from quantlab.records import atomic_write_text, storage_errors, write_record
 from quantlab.registry import get_backend
 from quantlab.results import MethodResult, results_frame, write_parquet
+from quantlab.rundir import RunLock
 from quantlab.runner import log as _log
-from quantlab.runs import RunLock, atomic_write_text, storage_errors, write_record
 from quantlab.speedphase import speed_phase
 
 
@@ -68,7 +70,7 @@ def run_models(recipe: Recipe, out: str | Path | None = None, *, force: bool = F
                on_results: OnResults | None = None) -> RunResult:
     """A recipe with ``models``: one run per model in ``OUT/LABEL`` (each method compared with
     that model's own baseline) and the method x model table ``OUT/methods_x_models.csv``."""
-    from quantlab.runs import CONTAINER, prepare_run_dir
+    from quantlab.rundir import CONTAINER, prepare_run_dir
 
     root = prepare_run_dir(Path(out) if out else recipe.output_dir(), kind=CONTAINER)
     subs = recipe.per_model()
@@ -291,7 +293,7 @@ def _write_run_files(plan: RunPlan) -> None:
 def _write_results(out_dir: Path, frame: pd.DataFrame, on_results: OnResults | None) -> None:
     """results.csv (and results.parquet where pyarrow is installed), rewritten after every
     method so a crash keeps what finished; then the caller's ``on_results`` (results.md)."""
-    atomic_write_text(out_dir / "results.csv", frame.to_csv(index=False))
-    write_parquet(frame, out_dir / "results.parquet")
+    atomic_write_text(out_dir / RESULTS_CSV, frame.to_csv(index=False))
+    write_parquet(frame, out_dir / RESULTS_PARQUET)
     if on_results is not None:
         on_results(out_dir)

@@ -27,15 +27,9 @@ from quantlab.env import environment
 from quantlab.errors import QuantlabError
 from quantlab.models import LoadedModel, content_digest, load_model, resolve_device, resolve_dtype
 from quantlab.recipe import Recipe, recipe_to_dict
+from quantlab.records import atomic_write_bytes, atomic_write_text, code_digest, stage_key
 from quantlab.registry import get_backend
-from quantlab.rundir import RunDir
-from quantlab.runs import (
-    atomic_write_bytes,
-    atomic_write_text,
-    code_digest,
-    prepare_run_dir,
-    stage_key,
-)
+from quantlab.rundir import RunDir, prepare_run_dir
 from quantlab.scoring import EvalSettings, build_plan, compute_reference, labels, plan_key
 
 PLAN_FORMAT = 1
@@ -257,7 +251,7 @@ def _refuse_foreign_run(rd: RunDir, recipe: Recipe, force: bool) -> None:
     """Do not let another recipe's run replace this directory's results table."""
     import yaml
 
-    previous = rd.root / "recipe.yaml"
+    previous = rd.recipe
     if force or not previous.is_file():
         return
     try:

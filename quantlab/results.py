@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from quantlab.runs import atomic_write_bytes
+from quantlab.records import atomic_write_bytes
 
 #: flat fields of a row = the columns of results.csv, in order
 COLUMNS = [

@@ -25,18 +25,19 @@ from quantlab.bench.memory import PeakRSS
 from quantlab.checkpoint import export_checkpoint, load_checkpoint, read_sidecar, verify_checkpoint
 from quantlab.data import sample_calibration
 from quantlab.errors import QuantlabError
+from quantlab.layout import RUNNING
 from quantlab.log import log
 from quantlab.measure import measure_checkpoint
 from quantlab.plan import RunPlan
 from quantlab.quantizers.base import target_linears
-from quantlab.results import MethodResult, check_row
-from quantlab.runs import (
+from quantlab.records import (
     atomic_write_json,
     finished_metrics,
     finished_stage,
     stage_key,
     write_record,
 )
+from quantlab.results import MethodResult, check_row
 from quantlab.scoring import evaluate
 
 
@@ -115,13 +116,11 @@ def _run_stages(plan: RunPlan, method, mdir: Path, tag: str, take_base) -> Metho
     log(f"{tag}: reload from disk and score")
     row = _score(plan, method, backend, stage, export_key, tag)
     row["key"] = key
-    write_record(mdir / "metrics.json", check_row(row))
+    write_record(plan.run_dir.metrics(method.label), check_row(row))
     return MethodResult(method.label, row)
 
 
 # --------------------------------------------------------------------------- running.json
-
-RUNNING = "running.json"
 
 
 def new_run_id() -> str:
@@ -239,7 +238,7 @@ def quantize_and_export(plan: RunPlan, method, backend, base, tag: str) -> dict:
         quantize_s = time.perf_counter() - t0
     log(f"{tag}: export")
     t0 = time.perf_counter()
-    export_checkpoint(work, tokenizer, backend, mdir / "checkpoint", source=plan.source_info,
+    export_checkpoint(work, tokenizer, backend, plan.run_dir.checkpoint(method.label), source=plan.source_info,
                       label=method.label)
     export_s = time.perf_counter() - t0
     return {"backend": backend, "options": backend.config.model_dump(mode="json"), "quantize_s": quantize_s,
@@ -263,7 +262,7 @@ def _sensitivity(plan: RunPlan, method, backend, spec, model, calibration, mdir:
     result = run_sensitivity(model, make, windows, base_skip=backend.config.skip_list(),
                              granularity=spec.granularity, kl_budget=spec.kl_budget if auto else None,
                              calibration=calibration, log=log)
-    atomic_write_json(mdir / "sensitivity.json", result.as_dict())
+    atomic_write_json(plan.run_dir.sensitivity(method.label), result.as_dict())
     if auto:
         backend = make(backend.config.skip_list() + result.skip_patterns())
     return backend, result
@@ -295,7 +294,7 @@ def _allocation(plan: RunPlan, method, backend, model, mdir: Path, tag: str):
                       group_size=c.group_size, cache=plan.run_dir.allocation_cache(key),
                       log=lambda m: log(f"{tag}: {m}"))
     record = result.as_dict()
-    atomic_write_json(mdir / "sensitivity.json", {"allocation": record})
+    atomic_write_json(plan.run_dir.sensitivity(method.label), {"allocation": record})
     return type(backend)(c.model_copy(update={"module_bits": result.module_bits()})), record
 
 

@@ -34,8 +34,8 @@ from quantlab.bench.size import checkpoint_quantized_bytes, checkpoint_tensor_by
 from quantlab.bench.speed import decode_bound, measure_speed
 from quantlab.checkpoint import load_checkpoint, read_sidecar
 from quantlab.formats.base import DenseDequantLinear
+from quantlab.records import write_record
 from quantlab.results import BUSY_CORES
-from quantlab.runs import write_record
 
 #: figures each measurement reports only as a median (no samples kept): median over measurements
 _PER_MEASUREMENT = ("ttft_ms", "latency_p50_ms", "latency_p95_ms")

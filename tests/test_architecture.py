@@ -130,13 +130,31 @@ def test_the_run_draws_and_prints_nothing(graph):
         assert not {t for t in graph[m] if t.startswith("quantlab.report")}, m
 
 
-def test_every_name_the_run_directory_uses_is_reserved_for_labels():
+def test_every_name_the_run_directory_uses_is_reserved_for_labels(tmp_path):
     """RESERVED_LABELS drifted once (plan.json was missing): it is derived from the layout now,
-    and every name RunDir builds a top-level path from is in that layout."""
+    and every top-level path RunDir builds is in that layout."""
     from quantlab.layout import RUN_ENTRIES
     from quantlab.recipe import RESERVED_LABELS
     from quantlab.rundir import RunDir
 
-    names = {v for k, v in vars(RunDir).items() if k.isupper() and isinstance(v, str)}
-    assert names and names <= RUN_ENTRIES
+    rd = RunDir(tmp_path)
+    built = [rd.plan_json, rd.plan_tensors, rd.recipe, rd.reference(), rd.allocation_cache("k" * 32),
+             *(rd.results(s) for s in ("csv", "parquet", "md"))]
+    assert {p.relative_to(tmp_path).parts[0] for p in built} <= RUN_ENTRIES
     assert {n.lower() for n in RUN_ENTRIES} == RESERVED_LABELS
+
+
+def test_run_file_names_live_only_in_the_layout_module():
+    """Each file name of a run directory is spelled once (quantlab/layout.py); every other
+    module uses the name, so a renamed file cannot leave a reader behind."""
+    import quantlab.layout as layout
+
+    names = {v for k, v in vars(layout).items() if k.isupper() and isinstance(v, str) and "." in v}
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.name == "layout.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Constant) and node.value in names:
+                offenders.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.value!r}")
+    assert not offenders, offenders

@@ -172,7 +172,7 @@ def test_a_method_that_fails_removes_its_marker(tiny_model_dir, tmp_path, capsys
     belongs) leaves no running.json; the methods before it are kept."""
     run = tmp_path / "run"
     recipe = _recipe(tmp_path / "r.yaml", tiny_model_dir, run)
-    from quantlab.runs import prepare_run_dir
+    from quantlab.rundir import prepare_run_dir
 
     (prepare_run_dir(run, kind="run") / "rtn-w4").mkdir()  # a run directory, as quantlab makes one
     (run / "rtn-w4" / "checkpoint").write_text("not a checkpoint")

@@ -214,7 +214,7 @@ def quantized(tiny):
                                     "ckpt/inner"])
 def test_save_writes_nothing_inside_a_run_report_or_checkpoint(target, finished_run, quantized,
                                                                tmp_path):
-    from quantlab.runs import prepare_run_dir
+    from quantlab.rundir import prepare_run_dir
 
     run, _ = _copy_run(finished_run, tmp_path / "run")
     prepare_run_dir(tmp_path / "report", kind="report")  # what a report writes first

@@ -26,7 +26,8 @@ from pathlib import Path
 
 from quantlab.cache import sha256_file as _sha256
 from quantlab.errors import QuantlabError
-from quantlab.runs import atomic_write_text, owned_path, read_record, write_record
+from quantlab.records import atomic_write_text, read_record, write_record
+from quantlab.rundir import owned_path
 
 GGUF = "model.gguf"
 GGUF_F32 = "model-f32.gguf"

@@ -9,6 +9,7 @@ from quantlab.hardware import machine
 from quantlab.hardware.cards import CARDS, GB, Card, find_card, load_cards
 from quantlab.hardware.deploy import check_batch, nothing_fits, project_rows, resolve_context
 from quantlab.hardware.rows import run_rows
+from quantlab.layout import ENVIRONMENT
 from quantlab.report.data import RunData, load_run
 
 
@@ -18,7 +19,7 @@ def _run_bandwidth(run: RunData) -> tuple[float, str] | None:
     bw = run.environment.get("memory_bandwidth_bytes_per_s")
     workers = {str(w) for w in run.frame.get("worker", []) if isinstance(w, str)}
     if bw and workers == {machine.host()}:
-        return float(bw), f"measured by the run ({run.path / 'environment.json'})"
+        return float(bw), f"measured by the run ({run.path / ENVIRONMENT})"
     return None
 
 

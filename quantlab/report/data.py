@@ -14,6 +14,7 @@ import pandas as pd
 import yaml
 
 from quantlab.errors import QuantlabError
+from quantlab.layout import ENVIRONMENT, METRICS, RECIPE, RESULTS_CSV, RESULTS_PARQUET
 
 
 @dataclass
@@ -53,7 +54,7 @@ class RunData:
 
 
 def _nested_runs(path: Path) -> list[str]:
-    return sorted(str(p.parent) for p in path.glob("*/results.csv"))[:8]
+    return sorted(str(p.parent) for p in path.glob(f"*/{RESULTS_CSV}"))[:8]
 
 
 def results_file(path: Path) -> Path:
@@ -63,7 +64,7 @@ def results_file(path: Path) -> Path:
         return path
     if not path.exists():
         raise QuantlabError(f"'{path}' does not exist; pass a quantlab run directory (it holds results.csv)")
-    csv = path / "results.csv"
+    csv = path / RESULTS_CSV
     if csv.is_file():
         return csv
     nested = _nested_runs(path)
@@ -111,18 +112,18 @@ def load_run(path: str | Path) -> RunData:
     run_dir = csv.parent
     frame = read_results(csv)
     recipe: dict[str, Any] = {}
-    if (run_dir / "recipe.yaml").is_file():
+    if (run_dir / RECIPE).is_file():
         try:
-            recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8")) or {}
+            recipe = yaml.safe_load((run_dir / RECIPE).read_text(encoding="utf-8")) or {}
         except (yaml.YAMLError, OSError, UnicodeDecodeError) as e:
-            raise QuantlabError(f"'{run_dir / 'recipe.yaml'}' is damaged ({type(e).__name__}); "
+            raise QuantlabError(f"'{run_dir / RECIPE}' is damaged ({type(e).__name__}); "
                                 "re-run the recipe to rewrite it") from None
         if not isinstance(recipe, dict):
             recipe = {}
-    env = _read_json(run_dir / "environment.json") if (run_dir / "environment.json").is_file() else {}
+    env = _read_json(run_dir / ENVIRONMENT) if (run_dir / ENVIRONMENT).is_file() else {}
     metrics = {}
     for label in frame["method"].astype(str):
-        mpath = run_dir / label / "metrics.json"
+        mpath = run_dir / label / METRICS
         if mpath.is_file():
             metrics[label] = _read_json(mpath)
     run = RunData(run_dir, frame, metrics, recipe, env)
@@ -137,7 +138,7 @@ def _parquet_problem(run_dir: Path, frame: pd.DataFrame) -> list[str]:
     """results.parquet is a second copy of results.csv, the table every report reads. The
     rule: a copy that cannot be read, or that disagrees with the CSV (other methods or
     perplexities), is said in the report's warnings, never silently trusted or ignored."""
-    path = run_dir / "results.parquet"
+    path = run_dir / RESULTS_PARQUET
     if not path.is_file():
         return []
     redo = ("the report uses results.csv; run the recipe again (finished methods are reused) to "
@@ -175,8 +176,8 @@ def load_runs(paths: str | Path | list[str | Path]) -> list[RunData]:
         raise QuantlabError("no run directories given")
     expanded: list[Path] = []
     for p in map(Path, paths):
-        inner = sorted(d for d in p.iterdir() if (d / "results.csv").is_file()) if p.is_dir() and not (
-            p / "results.csv").is_file() else []
+        inner = sorted(d for d in p.iterdir() if (d / RESULTS_CSV).is_file()) if p.is_dir() and not (
+            p / RESULTS_CSV).is_file() else []
         expanded += inner or [p]
     return [load_run(p) for p in expanded]
 

@@ -17,6 +17,17 @@ import yaml
 
 from quantlab import __version__
 from quantlab.errors import MissingDependencyError, QuantlabError
+from quantlab.layout import (
+    PLOTS as PLOTS_DIR,
+)
+from quantlab.layout import (
+    REPORT_HTML,
+    RESULTS_CSV,
+    RESULTS_MD,
+    RESULTS_PARQUET,
+    SENSITIVITY,
+)
+from quantlab.records import atomic_write_bytes, atomic_write_text
 from quantlab.report import plots as P
 from quantlab.report.caveats import report_warnings
 from quantlab.report.data import RunData, combined_frame, load_runs
@@ -27,7 +38,7 @@ from quantlab.report.tables import (
     summary_frame,
 )
 from quantlab.results import write_parquet
-from quantlab.runs import atomic_write_bytes, atomic_write_text, owned_path, prepare_run_dir
+from quantlab.rundir import owned_path, prepare_run_dir
 
 TEMPLATE = "report.html.j2"
 
@@ -107,7 +118,7 @@ def _method_figures(run: RunData, method: str, label: str, own: bool) -> dict[st
     """The sensitivity and allocation figures of a method, drawn from its sensitivity.json
     (base64 PNG for the page). In a run's own report they are also kept beside the JSON
     (``sensitivity.png``, ``allocation.png``); a report elsewhere never writes into a run."""
-    path = run.path / method / "sensitivity.json"
+    path = run.path / method / SENSITIVITY
     try:
         doc = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     except (OSError, ValueError, RecursionError):
@@ -257,7 +268,7 @@ def build_report(runs: list[RunData], out: str | Path | None = None, *, title: s
         out = runs[0].path
     # a report goes into its own run, or a directory of its own: never over another run's files
     out = prepare_run_dir(Path(out), "report directory", kind="report", allow=None if len(runs) > 1 else runs[0].path)
-    plots_dir = owned_path(out, "plots", directory=True, what="plots directory")
+    plots_dir = owned_path(out, PLOTS_DIR, directory=True, what="plots directory")
     env = _jinja_env()
     multi = len(runs) > 1
     frame = combined_frame(runs) if multi else runs[0].frame.assign(run=str(runs[0].path))
@@ -266,10 +277,10 @@ def build_report(runs: list[RunData], out: str | Path | None = None, *, title: s
         for label, m in run.metrics.items():
             metrics[f"{run.path.name}/{label}" if multi else label] = m
     table = summary_frame(frame)
-    atomic_write_text(out / "results.md", markdown_table(table))
+    atomic_write_text(out / RESULTS_MD, markdown_table(table))
     if multi:
-        atomic_write_text(out / "results.csv", frame.to_csv(index=False))
-        write_parquet(frame, out / "results.parquet")
+        atomic_write_text(out / RESULTS_CSV, frame.to_csv(index=False))
+        write_parquet(frame, out / RESULTS_PARQUET)
 
     figures = [
         ("quality_vs_size", lambda: P.quality_vs_size(frame)),
@@ -302,6 +313,6 @@ def build_report(runs: list[RunData], out: str | Path | None = None, *, title: s
         deploy=_deploy_section(runs, plots_dir, out),
         methods=methods,
     )
-    path = out / "report.html"
+    path = out / REPORT_HTML
     atomic_write_text(path, html)
     return path

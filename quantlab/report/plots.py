@@ -15,7 +15,7 @@ from typing import Any
 import pandas as pd
 
 from quantlab.errors import MissingDependencyError
-from quantlab.runs import atomic_write_bytes
+from quantlab.records import atomic_write_bytes
 
 BASE_COLOR = "#222222"
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2",

@@ -12,18 +12,19 @@ from __future__ import annotations
 from pathlib import Path
 
 from quantlab.errors import QuantlabError
+from quantlab.layout import REPORT_HTML, RESULTS_CSV, RESULTS_MD
 from quantlab.log import log
+from quantlab.records import atomic_write_text
 from quantlab.report.caveats import report_warnings
 from quantlab.report.data import load_runs, read_results
 from quantlab.report.tables import format_summary, markdown_table, summary_frame
-from quantlab.runs import atomic_write_text
 
 
 def results_markdown(run_dir: Path) -> None:
     """results.md from results.csv, read as the report reads it: the same table the report
     writes (the run calls this after each method when the recipe writes a report)."""
-    table = summary_frame(read_results(Path(run_dir) / "results.csv"))
-    atomic_write_text(Path(run_dir) / "results.md", markdown_table(table))
+    table = summary_frame(read_results(Path(run_dir) / RESULTS_CSV))
+    atomic_write_text(Path(run_dir) / RESULTS_MD, markdown_table(table))
 
 
 def on_results(recipe):
@@ -53,7 +54,7 @@ def publish(recipe, result, *, echo: bool = True) -> None:
     print(format_summary(frame, runs[0].environment, warnings=report_warnings(runs, frame)))
     print(f"\nrun directory: {result.path}  (results.csv/.parquet/.md, per-method metrics.json "
           "and checkpoints)")
-    report = result.path / "report.html"
+    report = result.path / REPORT_HTML
     if recipe.output.report and report.is_file():
         print(f"report: {report}")
 
