@@ -1,0 +1,201 @@
+"""The per-layer work of each method the streaming path runs, on quantlab's own cores:
+RTN's grid (:func:`quantlab.grid.quantize_matrix`, :func:`quantlab.quantizers.rtn.search_clip`)
+and GPTQ's solver (:func:`quantlab.quantizers.gptq.gptq_quantize`) with the same
+orchestration as the in-memory backends (the same calls in the same order, so the same
+tensors). A method here is its validated backend Config plus what it does to one decoder layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantlab.errors import QuantlabError
+from quantlab.formats import LAYOUTS, QuantizedWeight, drop_dense_weights
+from quantlab.grid import quantize_matrix
+from quantlab.quantizers.arch import ArchSpec
+from quantlab.quantizers.base import set_module
+from quantlab.quantizers.gptq import GPTQConfig, gptq_quantize
+from quantlab.quantizers.rtn import RTNConfig, search_clip
+from quantlab.quantizers.sequential import staged_prenorm_layer
+from quantlab.quantizers.weightonly import WeightQuantConfig, check_layers, mixed_quantization_config
+
+Stats = dict[str, dict[str, float]]
+
+
+class LayerMethod:
+    """A weight-only method as the streaming path runs it (``backend``: the name its
+    checkpoints record; their layout is GPTQ v1, as the backend's)."""
+
+    backend: str
+    needs_calibration = False
+    batch_size = 8
+
+    def __init__(self, config: WeightQuantConfig):
+        self.config = config
+        self.layout = LAYOUTS["gptq-v1"]
+
+    def check(self, model: nn.Module, targets: list[tuple[str, nn.Linear]]) -> None:
+        """The in-memory backend's checks (on the meta skeleton: shapes only)."""
+        c = self.config
+        if getattr(c, "allocating", lambda: False)():
+            raise QuantlabError(f"{self.backend} with bits: auto is not streamed yet: its allocation "
+                                "probes need the whole model; give bits or module_bits")
+        for bits in c.widths():
+            check_layers(targets, bits, c.group_size, self.layout)
+
+    def quantize_layer(self, layer: nn.Module, prefix: str, mine: dict[str, nn.Linear],
+                       hidden: list | None, kwargs: list | None, spec: ArchSpec,
+                       stats: Stats) -> list | None:
+        """Quantize the linears ``mine`` (names inside ``layer``) in place; return the layer's
+        outputs on ``hidden`` (None when the method runs without calibration)."""
+        raise NotImplementedError
+
+    def quantize_outer(self, name: str, lin: nn.Linear, stats: Stats) -> nn.Module | None:
+        """A targeted linear outside the decoder layers (an untied lm_head not skipped): its
+        quantized module, or None where the backend leaves it in float."""
+        return None
+
+    def options(self) -> dict[str, Any]:
+        return self.config.model_dump(mode="json")
+
+    def extra(self) -> dict[str, Any]:
+        return {}
+
+    def quantization_config(self, widths: dict[str, int]) -> dict[str, Any]:
+        """What LayoutBackend.save writes into config.json for these layers' widths."""
+        c = self.config
+        if not widths or len(set(widths.values())) == 1:
+            bits = next(iter(widths.values()), c.bits if c.bits != "auto" else max(c.bits_choices))
+            return self.layout.quantization_config(bits, c.group_size, c.sym, **self.extra())
+        return mixed_quantization_config(self.layout, widths, c.group_size, c.sym, self.extra())
+
+
+class RTNLayers(LayerMethod):
+    """``rtn`` (scale_search none or mse): each linear on its own, no calibration."""
+
+    backend = "rtn"
+
+    def __init__(self, config: RTNConfig):
+        if config.scale_search == "importance":
+            raise QuantlabError("rtn with scale_search: importance is not streamed yet (its input "
+                                "statistics need a pass of the float model); use none or mse")
+        super().__init__(config)
+
+    def _one(self, name: str, lin: nn.Linear, stats: Stats) -> nn.Module:
+        # RTN.quantize's steps, in its order
+        c = self.config
+        w = lin.weight.data
+        bits = c.bits_for(name)
+        if c.scale_search != "none":
+            w = search_clip(w, None, bits, c.group_size, c.sym, c.search_grid, c.max_shrink)
+        codes, scales, zeros = quantize_matrix(w, bits, c.group_size, c.sym)
+        g = w.shape[1] if c.group_size == -1 else c.group_size
+        g_idx = torch.arange(w.shape[1], device=w.device) // g
+        q = self.layout.pack(QuantizedWeight(codes, scales, zeros, g_idx, bits, c.group_size),
+                             lin.bias, w.dtype, dense=False)
+        w = lin.weight.data
+        err = (q.dequantize() - w.float()).norm() / w.float().norm().clamp(min=1e-12)
+        stats[name] = {"weight_rel_error": float(err)}
+        return q
+
+    def quantize_layer(self, layer, prefix, mine, hidden, kwargs, spec, stats):
+        for n, lin in mine.items():
+            set_module(layer, n, self._one(prefix + n, lin, stats))
+        return None
+
+    def quantize_outer(self, name, lin, stats):
+        return self._one(name, lin, stats)
+
+
+class GPTQLayers(LayerMethod):
+    """``gptq`` (engine quantlab, true-sequential on a pre-norm architecture): each stage of
+    a layer quantized on the inputs the already-quantized stages produce, as GPTQ.quantize."""
+
+    backend = "gptq"
+    needs_calibration = True
+
+    def __init__(self, config: GPTQConfig):
+        if config.engine != "quantlab":
+            raise QuantlabError("gptq with engine: gptqmodel is not streamed (gptqmodel loads the "
+                                "whole model itself); use engine: quantlab")
+        super().__init__(config)
+        self.batch_size = config.batch_size
+
+    def extra(self) -> dict[str, Any]:
+        return {"desc_act": self.config.act_order}
+
+    def quantize_layer(self, layer, prefix, mine, hidden, kwargs, spec, stats):
+        c = self.config
+        sequential = {n for g in spec.sequential for n in g}
+        if not (c.true_sequential and spec.prenorm is not None and set(mine) <= sequential):
+            raise QuantlabError(f"streamed gptq needs true_sequential: true on a pre-norm "
+                                f"architecture it knows (llama, mistral, qwen2, qwen3); layer "
+                                f"'{prefix.rstrip('.')}' is not one")
+        stages = dict(zip(("attn_in", "o_in", "mlp_in", "down_in"), spec.sequential))
+
+        def on_inputs(stage, xs):
+            names = [n for n in stages[stage] if n in mine]
+            if names:
+                self._group(layer, mine, names, _hessian(xs), prefix, stats)
+
+        out = staged_prenorm_layer(layer, spec.prenorm, hidden, kwargs, on_inputs)
+        drop_dense_weights(layer)
+        return out
+
+    def _group(self, layer: nn.Module, mine: dict[str, nn.Linear], names: list[str],
+               h: torch.Tensor, prefix: str, stats: Stats) -> None:
+        """GPTQ._quantize_group: the linears sharing the Hessian ``h`` solved as one matrix."""
+        c = self.config
+        lins = [mine[n] for n in names]
+        bits = c.bits_for(prefix + names[0])
+        codes, scales, zeros, g_idx = gptq_quantize(
+            torch.cat([lin.weight.data for lin in lins]), h, bits, c.group_size, c.sym,
+            damp_percent=c.damp_percent, act_order=c.act_order, static_groups=c.static_groups,
+            block_size=c.block_size)
+        r0 = 0
+        for n, lin in zip(names, lins):
+            r1 = r0 + lin.out_features
+            qw = QuantizedWeight(codes[r0:r1].to(lin.weight.device), scales[:, r0:r1],
+                                 zeros[:, r0:r1], g_idx, bits, c.group_size)
+            q = self.layout.pack(qw, lin.bias, lin.weight.dtype)
+            r0 = r1
+            w = lin.weight.data.float()
+            dw = q.weight.float() - w
+            rel = float(((dw @ h) * dw).sum() / ((w @ h) * w).sum().clamp(min=1e-20))
+            stats[prefix + n] = {"weight_rel_error": float(dw.norm() / w.norm().clamp(min=1e-12)),
+                                 "output_rel_error": rel}
+            set_module(layer, n, q)
+
+
+def _hessian(xs) -> torch.Tensor:
+    """2/n * sum x x^T over the batches ``xs`` (one at a time, as GPTQ.quantize)."""
+    h, count = None, 0
+    for x in xs:
+        x = x.reshape(-1, x.shape[-1]).float()
+        if h is None:
+            h = torch.zeros(x.shape[-1], x.shape[-1], device=x.device)
+        h.addmm_(x.t(), x)
+        count += x.shape[0]
+    return h * (2 / count)
+
+
+#: backend name -> (its Config, the streaming method)
+METHODS: dict[str, tuple[type, Callable[[Any], LayerMethod]]] = {
+    "rtn": (RTNConfig, RTNLayers),
+    "gptq": (GPTQConfig, GPTQLayers),
+}
+
+
+def layer_method(backend: str, options: dict[str, Any] | WeightQuantConfig) -> LayerMethod:
+    """The streaming method of ``backend`` with ``options`` (validated by the backend's own
+    Config: the same errors as a recipe's)."""
+    if backend not in METHODS:
+        raise QuantlabError(f"backend '{backend}' is not streamed yet; streamed: {', '.join(METHODS)} "
+                            "(the others load the whole model)")
+    cfg_cls, make = METHODS[backend]
+    config = options if isinstance(options, cfg_cls) else cfg_cls(**dict(options))
+    return make(config)

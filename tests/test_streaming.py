@@ -1,0 +1,259 @@
+"""Streaming (quantlab.streaming): models read lazily from safetensors shards, quantized and
+scored one decoder layer at a time. The key property: the streamed RTN and GPTQ exports of a
+model are the in-memory backends' exports byte for byte, and the streamed perplexity is the
+whole model's."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from quantlab.bench.divergence import ReferenceLogprobs
+from quantlab.bench.perplexity import make_plan, perplexity
+from quantlab.checkpoint import export_checkpoint, load_checkpoint
+from quantlab.errors import QuantlabError
+from quantlab.models import load_model
+from quantlab.progress import Progress
+from quantlab.quantizers.gptq import GPTQ, GPTQConfig
+from quantlab.quantizers.rtn import RTN, RTNConfig
+from quantlab.scoring import compute_reference, evaluate
+from quantlab.streaming.layerwise import quantize_streaming
+from quantlab.streaming.methods import layer_method
+from quantlab.streaming.score import streaming_evaluate, streaming_perplexity
+from quantlab.streaming.shards import INDEX, ShardedSource
+from quantlab.streaming.writer import ShardWriter
+
+CPU = torch.device("cpu")
+QUIET = {"log": lambda _m: None}
+SOURCE = {"source": "tiny"}
+CAL = torch.randint(3, 380, (6, 64), generator=torch.Generator().manual_seed(0))
+
+
+def _in_memory(model_dir: Path, backend, out: Path) -> dict:
+    """The in-memory backend's export of the model; its per-layer statistics."""
+    lm = load_model(str(model_dir), dtype=torch.float32, device=CPU)
+    done = backend.quantize(lm.model, CAL if backend.needs_calibration else None)
+    export_checkpoint(done, lm.tokenizer, backend, out, source=SOURCE, label="m")
+    return getattr(done, "layer_stats", None) or getattr(backend, "layer_stats", {})
+
+
+def _sidecar(ckpt: Path) -> dict:
+    meta = json.loads((ckpt / "quantlab.json").read_text())
+    return {k: v for k, v in meta.items() if k not in ("mtime_ns", "sidecar_sha256")}
+
+
+@pytest.mark.parametrize("backend,options", [
+    ("rtn", dict(bits=4, group_size=32)),
+    ("rtn", dict(bits=3, group_size=16, sym=False, scale_search="mse", module_bits={"*.down_proj": 8})),
+    ("gptq", dict(bits=4, group_size=32, batch_size=4)),
+    ("gptq", dict(bits=4, group_size=16, act_order=True, sym=False, batch_size=4)),
+])
+def test_streamed_export_is_the_in_memory_export_byte_for_byte(tiny_model_dir, tmp_path, backend, options):
+    cls, cfg = {"rtn": (RTN, RTNConfig), "gptq": (GPTQ, GPTQConfig)}[backend]
+    stats = _in_memory(tiny_model_dir, cls(cfg(**options)), tmp_path / "whole")
+    got = quantize_streaming(tiny_model_dir, tmp_path / "streamed", layer_method(backend, options),
+                             calibration=CAL, source=SOURCE, label="m", **QUIET)
+    whole, streamed = _sidecar(tmp_path / "whole"), _sidecar(tmp_path / "streamed")
+    # the manifest holds every file's sha256: weights, config.json, tokenizer, generation config
+    assert streamed == whole
+    assert got.layer_stats == stats and got.modules == whole["modules"]
+    assert not list(tmp_path.glob("*.tmp-*"))  # no temporary directory left beside it
+
+
+def test_sharded_export_holds_the_same_tensors_and_scores_the_same(tiny_model_dir, tmp_path):
+    opts = dict(bits=4, group_size=32)
+    quantize_streaming(tiny_model_dir, tmp_path / "one", layer_method("rtn", opts), **QUIET)
+    res = quantize_streaming(tiny_model_dir, tmp_path / "many", layer_method("rtn", opts),
+                             max_shard_bytes=40_000, **QUIET)
+    assert len(res.files) > 2 and all(f.startswith("model-0") for f in res.files)
+    index = json.loads((tmp_path / "many" / INDEX).read_text())
+    shards = {tmp_path / "many" / f for f in res.files}
+    per_shard = {f: load_file(f) for f in shards}
+    tensors = {k: v for held in per_shard.values() for k, v in held.items()}
+    # within the budget (+ its header), or one tensor larger than the budget on its own
+    assert all(sum(t.numel() * t.element_size() for t in held.values()) <= 40_000 or len(held) == 1
+               for held in per_shard.values())
+    assert any(len(held) == 1 for held in per_shard.values())  # the 98 kB embedding
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
+    assert set(index["weight_map"].values()) == set(res.files)
+    one = load_file(tmp_path / "one" / "model.safetensors")
+    assert one.keys() == tensors.keys() and all(torch.equal(one[k], tensors[k]) for k in one)
+    ids = torch.randint(0, 380, (64 * 4,), generator=torch.Generator().manual_seed(2))
+    plan = make_plan("gptq", ids=ids, seq_len=64)
+    a = streaming_perplexity(tmp_path / "one", plan, 3, **QUIET)
+    b = streaming_perplexity(tmp_path / "many", plan, 3, **QUIET)
+    assert a.ppl == b.ppl
+
+
+@pytest.mark.parametrize("convention", ["gptq", "strided"])
+def test_streamed_perplexity_and_kl_equal_the_whole_models(tiny_model_dir, tmp_path, convention):
+    ids = torch.randint(0, 380, (64 * 5 + 7,), generator=torch.Generator().manual_seed(1))
+    plan = make_plan(convention, ids=ids, seq_len=64, stride=24)
+    base = load_model(str(tiny_model_dir), dtype=torch.float32, device=CPU).model
+    whole = perplexity(base, plan, 3)
+    assert streaming_perplexity(tiny_model_dir, plan, 3, **QUIET).nll_mean == whole.nll_mean
+    ref = compute_reference(base, plan, tmp_path / "ref", 3, key="k")
+    quantize_streaming(tiny_model_dir, tmp_path / "q", layer_method("gptq", dict(bits=3, group_size=32)),
+                       calibration=CAL, **QUIET)
+    q = load_checkpoint(tmp_path / "q", dtype=torch.float32, device=CPU).model
+    ppl, div = evaluate(q, plan, 3, ReferenceLogprobs.open(tmp_path / "ref"))
+    s_ppl, s_div = streaming_evaluate(tmp_path / "q", plan, 3, ReferenceLogprobs.open(tmp_path / "ref"),
+                                      **QUIET)
+    assert s_ppl.nll_mean == ppl.nll_mean and s_ppl.ppl != whole.ppl
+    assert s_div["kld_mean"] == div["kld_mean"] > 0 and s_div == div
+    del ref
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture()
+def sharded(tiny_model_dir, tmp_path) -> Path:
+    """The tiny float model as three shards with their index (config and tokenizer beside)."""
+    out = tmp_path / "sharded"
+    shutil.copytree(tiny_model_dir, out)
+    (out / "model.safetensors").unlink()
+    w = ShardWriter(out, max_shard_bytes=60_000)
+    for k, v in load_file(tiny_model_dir / "model.safetensors").items():
+        w.add(k, v)
+    assert len(w.close()["files"]) >= 3
+    return out
+
+
+def _index(d: Path) -> dict:
+    return json.loads((d / INDEX).read_text())
+
+
+def test_a_sharded_source_reads_what_the_single_file_holds(tiny_model_dir, sharded):
+    whole = load_file(tiny_model_dir / "model.safetensors")
+    got = ShardedSource(sharded).read(list(whole))
+    assert all(torch.equal(got[k], whole[k]) for k in whole)
+    assert ShardedSource(sharded).total_bytes == _index(sharded)["metadata"]["total_size"]
+
+
+def _rewrite_index(d: Path, change) -> None:
+    doc = _index(d)
+    change(doc["weight_map"])
+    (d / INDEX).write_text(json.dumps(doc))
+
+
+def test_a_shard_missing_from_the_directory(sharded):
+    victim = sorted(sharded.glob("model-*.safetensors"))[1]
+    victim.unlink()
+    with pytest.raises(QuantlabError, match=f"shard '.*{victim.name}' named by index .* is missing"):
+        ShardedSource(sharded)
+
+
+def test_a_truncated_shard(sharded):
+    victim = sorted(sharded.glob("model-*.safetensors"))[0]
+    with open(victim, "r+b") as f:
+        f.truncate(victim.stat().st_size - 100)
+    with pytest.raises(QuantlabError, match=f"'.*{victim.name}' is truncated: tensor"):
+        ShardedSource(sharded)
+
+
+def test_an_index_pointing_outside_the_model_directory(sharded, tmp_path):
+    first = sorted(sharded.glob("model-*.safetensors"))[0]
+    shutil.copy(first, tmp_path / "elsewhere.safetensors")
+    _rewrite_index(sharded, lambda m: m.update({k: "../elsewhere.safetensors" for k, v in m.items()
+                                                if v == first.name}))
+    with pytest.raises(QuantlabError, match="names shard '../elsewhere.safetensors', which is outside"):
+        ShardedSource(sharded)
+
+
+def test_a_tensor_listed_twice(sharded, tiny_model_dir):
+    # in the index's JSON (json would silently keep the last), and stored in two shards
+    text = (sharded / INDEX).read_text()
+    name, shard = next(iter(_index(sharded)["weight_map"].items()))
+    dup = text.replace('"weight_map": {', f'"weight_map": {{"{name}": "{shard}", ', 1)
+    (sharded / INDEX).write_text(dup)
+    with pytest.raises(QuantlabError, match=f"lists '{name}' twice"):
+        ShardedSource(sharded)
+    _rewrite_index(sharded, lambda m: None)  # a clean index again
+    extra = ShardWriter(sharded / "x")
+    extra.add(name, load_file(tiny_model_dir / "model.safetensors")[name])
+    extra.close()
+    (sharded / "x" / "model.safetensors").rename(sharded / "model-extra.safetensors")
+    _rewrite_index(sharded, lambda m: m.update({"extra.weight": "model-extra.safetensors"}))
+    with pytest.raises(QuantlabError, match=f"tensor '{name}' is stored twice"):
+        ShardedSource(sharded)
+
+
+def test_a_directory_without_weights_or_index(tmp_path):
+    (tmp_path / "model-00001-of-00002.safetensors").write_bytes(struct.pack("<Q", 2) + b"{}")
+    with pytest.raises(QuantlabError, match="without model.safetensors.index.json: add the index"):
+        ShardedSource(tmp_path)
+
+
+_FILL = """
+import resource, signal, sys, torch
+from pathlib import Path
+from quantlab.errors import QuantlabError
+from quantlab.streaming.writer import ShardWriter
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write then fails with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+w = ShardWriter(Path(sys.argv[1]))
+try:
+    for i in range(10):
+        w.add(f"t{i}", torch.ones(20_000))
+    w.close()
+except QuantlabError as e:
+    w.abort()
+    print(e)
+"""
+
+
+def test_no_room_to_write_is_one_error_and_nothing_is_left(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-c", _FILL, str(out)], capture_output=True, text=True,
+                          timeout=120)
+    assert "cannot write" in proc.stdout and "ulimit -f" in proc.stdout, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert list(out.iterdir()) == []
+
+
+def test_a_full_disk_removes_the_partial_export(tiny_model_dir, tmp_path):
+    """A real ENOSPC from a 150 kB tmpfs (root only: elsewhere this test says why it skips)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=150k", "tmpfs",
+                                            str(disk)], capture_output=True).returncode:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        with pytest.raises(QuantlabError, match="the disk is full .* the partial export was removed"):
+            quantize_streaming(tiny_model_dir, disk / "ckpt", layer_method("rtn", dict(group_size=32)),
+                               **QUIET)
+        assert list(disk.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+# --------------------------------------------------------------------------- progress
+
+
+def test_progress_lines_every_tenth_or_minute_with_the_time_left():
+    now = [0.0]
+    lines: list[str] = []
+    p = Progress(40, "gptq: quantize", log=lines.append, clock=lambda: now[0])
+    for _ in range(39):
+        now[0] += 2.0
+        p.step()
+    assert len(lines) == 9  # 10%, 20%, ... 90%
+    assert lines[0] == "gptq: quantize: 4/40 layers (10%), 8s, about 1m12s left"
+    now[0] += 2.0
+    p.step()
+    p.done()
+    assert lines[-1] == "gptq: quantize: 40/40 layers done in 1m20s"
+    slow, lines[:] = Progress(1000, "score", log=lines.append, clock=lambda: now[0]), []
+    now[0] += 61
+    slow.step()  # 0.1% done, but a minute passed
+    assert lines == ["score: 1/1000 layers (0%), 1m01s, about 16h55m left"]
