@@ -38,6 +38,7 @@ from torch import nn
 
 from quantlab.errors import QuantlabError
 from quantlab.formats.base import GridSpec, tied_parameter_names
+from quantlab.formats.ggml_quants import quantize as ggml_quantize
 from quantlab.grid import dequantize_matrix
 
 BLOCK = 32
@@ -284,6 +285,52 @@ def _float_tensors(model: nn.Module, layout: _Layout, float_type: str) -> list[t
     return out
 
 
+def export_ggml(model: nn.Module, path: Path, template: Path, qtype: str, *, embedding_type: str = "Q8_0",
+                importance: dict[str, np.ndarray] | None = None) -> dict[str, str]:
+    """Write ``model``'s float weights as a GGUF file quantized by llama.cpp's own quantizers
+    (:mod:`quantlab.formats.ggml_quants`, byte for byte what ``llama-quantize --pure`` writes):
+    every 2-D tensor of the blocks as ``qtype`` (with ``importance[GGUF name]``, float32
+    [columns], where given), the token embedding and an untied output head as
+    ``embedding_type`` (one of ggml_quants' types, or F16/F32; never with importance, as
+    llama.cpp, whose imatrix has no entry for them), norms F32. Metadata from ``template``.
+    Returns {tensor name: GGUF type}."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(template))
+    layout = _Layout.read(reader)
+    tensors = []
+    for gname, t in ggml_source_tensors(model, layout).items():
+        ttype = qtype if gname.startswith("blk.") else embedding_type
+        if t.dim() == 1 or ttype in ("F32", "F16"):
+            tensors.append((gname, *_float_tensor(t, "F32" if t.dim() == 1 else ttype)))
+            continue
+        imp = (importance or {}).get(gname) if gname.startswith("blk.") else None
+        data = ggml_quantize(t.detach().float().cpu().numpy(), ttype, imp)
+        tensors.append((gname, data, getattr(gguf.GGMLQuantizationType, ttype)))
+    return _write_file(path, reader, layout, tensors)
+
+
+def ggml_source_tensors(model: nn.Module, layout: _Layout | Path) -> dict[str, torch.Tensor]:
+    """{GGUF name: float tensor in GGUF row order} of every tensor of ``model`` the llama GGUF
+    layout holds (tied copies once; q/k rows in the rotary order; ``layout``: a template file
+    or its :class:`_Layout`)."""
+    if isinstance(layout, (str, Path)):
+        import gguf
+
+        layout = _Layout.read(gguf.GGUFReader(str(layout)))
+    tied = tied_parameter_names(model)
+    out = {}
+    for hf_name, t in model.state_dict().items():
+        if hf_name in tied or not t.is_floating_point():
+            continue
+        gname = layout.names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gname is None:
+            continue  # buffers llama.cpp computes itself (rotary frequencies)
+        heads = layout.heads(hf_name)
+        out[gname] = t[_qk_permutation(t.shape[0], heads)] if heads else t
+    return out
+
+
 def _type_name(data: np.ndarray, raw) -> str:
     return raw.name if raw is not None else ("F32" if data.dtype == np.float32 else "F16")
 
@@ -300,6 +347,14 @@ def export_gguf(model: nn.Module, path: Path, template: Path, *, float_type: str
     reader = gguf.GGUFReader(str(template))
     layout = _Layout.read(reader)
     tensors = _quantized_tensors(model, layout, dequantized) + _float_tensors(model, layout, float_type)
+    return _write_file(path, reader, layout, tensors)
+
+
+def _write_file(path: Path, reader, layout: _Layout, tensors: list[tuple[str, np.ndarray, Any]]) -> dict[str, str]:
+    """Write ``tensors`` (GGUF name, data, raw type) in the template's order, with its
+    metadata; every tensor the template has must be there. Returns {tensor name: GGUF type}."""
+    import gguf
+
     types = {name: _type_name(data, raw) for name, data, raw in tensors}
     missing = layout.wanted - set(types)
     if missing:
