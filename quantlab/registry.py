@@ -25,6 +25,7 @@ BACKENDS: dict[str, str] = {
     "bnb": "quantlab.quantizers.bnb:Bnb",
     "quanto": "quantlab.quantizers.quanto:Quanto",
     "llamacpp": "quantlab.quantizers.llamacpp:LlamaCpp",
+    "ggml": "quantlab.quantizers.ggml:Ggml",
 }
 
 
