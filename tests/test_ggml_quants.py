@@ -8,6 +8,7 @@ skip (QUANTLAB_REQUIRE_LLAMACPP=1 makes that a failure)."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 
 import gguf
@@ -277,7 +278,7 @@ def test_the_ggml_backend_writes_llama_quantizes_file_and_llama_cpp_runs_it(tiny
     ckpt = export_checkpoint(done, lm.tokenizer, backend, tmp_path / "ckpt", source=source, label="ggml")
     ours = {t.name: t for t in gguf.GGUFReader(str(ckpt / "model.gguf")).tensors}
     _llama_quantize(tools, tmp_path / "f32.gguf", tmp_path / "theirs.gguf", "IQ4_NL", "--token-embedding-type",
-                    "q8_0", "--imatrix", ckpt / "imatrix.gguf")
+                    "q8_0", "--imatrix", ckpt / "imatrix" / "imatrix.gguf")
     theirs = gguf.GGUFReader(str(tmp_path / "theirs.gguf")).tensors
     assert sorted(ours) == sorted(t.name for t in theirs)
     types = {}
@@ -290,3 +291,28 @@ def test_the_ggml_backend_writes_llama_quantizes_file_and_llama_cpp_runs_it(tiny
     base = perplexity(tools, tmp_path / "f32.gguf", text_file, ctx=64, chunks=4, threads=2)
     quant = perplexity(tools, ckpt / "model.gguf", text_file, ctx=64, chunks=4, threads=2)
     assert np.isfinite(quant["ppl"]) and quant["ppl"] == pytest.approx(base["ppl"], rel=0.2), (quant, base)
+
+
+def test_a_foreign_imatrix_file_stops_a_run_before_any_quantization(crafted, tiny_gguf, tmp_path, capsys):
+    """A recipe naming another model's imatrix file: one error line naming what differs and
+    what would work, before any method is quantized."""
+    from quantlab.cli import main
+
+    _, _, im, _ = crafted
+    foreign = Imatrix({n: np.ones(96, np.float32) for n in im.sums}, dict.fromkeys(im.sums, 10))
+    path = write_imatrix(foreign, tmp_path / "other.gguf")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""
+model: {{source: "{tiny_gguf}"}}
+methods:
+  - {{label: ok, backend: ggml, options: {{type: q8_0}}}}
+  - {{label: foreign, backend: ggml, options: {{type: q4_0, imatrix_file: "{path}"}}}}
+eval: {{seq_len: 64, max_windows: 2, speed: {{enabled: false}}}}
+output: {{dir: "{tmp_path / 'run'}"}}
+""")
+    assert main(["run", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "error:" in err, err
+    assert re.search(r"importance matrix '.*other.gguf' is not this model's: 14 entries of another width "
+                     r"\(blk.0.attn_k.weight \(96 columns, the tensor has 64\)", err), err
+    assert not (tmp_path / "run" / "ok" / "checkpoint").exists()

@@ -7,7 +7,7 @@ norms stay F32. With ``imatrix: true`` quantlab computes the importance matrix o
 calibration windows (the mean of x² per input column of each layer, what ``llama-imatrix``
 collects) and the search weights by it as llama.cpp does; ``imatrix_file`` reads one of
 llama.cpp's imatrix files instead. The GGUF file is the checkpoint (``model.gguf``, with the
-importance matrix beside it as ``imatrix.gguf`` when one was used); quantlab scores it read
+importance matrix beside it as ``imatrix/imatrix.gguf`` when one was used); quantlab scores it read
 back through transformers' GGUF reader, like the ``llamacpp`` rows.
 """
 
@@ -27,7 +27,9 @@ from quantlab.procs import scratch_dir
 from quantlab.quantizers.base import Backend, BackendConfig, QuantizeContext, Quantized
 
 CHECKPOINT_GGUF = "model.gguf"
-IMATRIX_FILE = "imatrix.gguf"
+#: the importance matrix a checkpoint was quantized with, in a folder of its own: the
+#: checkpoint's top-level *.gguf files are its weights (sizes, bits per weight)
+IMATRIX_FILE = "imatrix/imatrix.gguf"
 SCRATCH_PREFIX = "quantlab-ggml-"
 GgmlType = Literal["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL"]
 
@@ -108,7 +110,7 @@ class Ggml(Backend):
             loaded = _load_gguf(gguf, next(model.parameters()).dtype)
             out.artifacts["gguf"] = open(gguf, "rb")  # noqa: SIM115 - closed by save(); the name goes with work
             if im is not None:
-                out.artifacts["imatrix"] = write_imatrix(im, work / IMATRIX_FILE).read_bytes()
+                out.artifacts["imatrix"] = write_imatrix(im, work / "imatrix.gguf").read_bytes()
         return loaded
 
     def _importance(self, model: nn.Module, calibration: torch.Tensor | None):
@@ -134,6 +136,7 @@ class Ggml(Backend):
             src.seek(0)
             shutil.copyfileobj(src, dst, 1 << 22)
         if "imatrix" in quantized.artifacts:
+            (out_dir / IMATRIX_FILE).parent.mkdir()
             (out_dir / IMATRIX_FILE).write_bytes(quantized.artifacts["imatrix"])
         return None  # config.json describes the float architecture; the GGUF holds the quantization
 
