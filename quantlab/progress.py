@@ -26,13 +26,26 @@ class Progress:
     A line is written when the share done passes the next tenth (``every_fraction``) or
     ``every_s`` seconds after the last line; ``clock`` and ``log`` are injectable (tests)."""
 
-    def __init__(self, total: int, what: str, *, unit: str = "layers",
-                 log: Callable[[str], None] | None = None, every_fraction: float = 0.1,
-                 every_s: float = 60.0, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        total: int,
+        what: str,
+        *,
+        unit: str = "layers",
+        log: Callable[[str], None] | None = None,
+        every_fraction: float = 0.1,
+        every_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         if log is None:
             from quantlab.log import log
         self.total, self.what, self.unit = max(int(total), 0), what, unit
-        self.log, self.every_fraction, self.every_s, self.clock = log, every_fraction, every_s, clock
+        self.log, self.every_fraction, self.every_s, self.clock = (
+            log,
+            every_fraction,
+            every_s,
+            clock,
+        )
         self.count = 0
         self.t0 = self._last = clock()
         self._next_fraction = every_fraction
@@ -52,7 +65,9 @@ class Progress:
     def line(self, now: float) -> str:
         elapsed = now - self.t0
         pct = 100.0 * self.count / self.total if self.total else 100.0
-        text = f"{self.what}: {self.count}/{self.total} {self.unit} ({pct:.0f}%), {duration(elapsed)}"
+        text = (
+            f"{self.what}: {self.count}/{self.total} {self.unit} ({pct:.0f}%), {duration(elapsed)}"
+        )
         if 0 < self.count < self.total:
             left = elapsed / self.count * (self.total - self.count)
             text += f", about {duration(left)} left"

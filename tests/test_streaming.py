@@ -51,17 +51,34 @@ def _sidecar(ckpt: Path) -> dict:
     return {k: v for k, v in meta.items() if k not in ("mtime_ns", "sidecar_sha256")}
 
 
-@pytest.mark.parametrize("backend,options", [
-    ("rtn", dict(bits=4, group_size=32)),
-    ("rtn", dict(bits=3, group_size=16, sym=False, scale_search="mse", module_bits={"*.down_proj": 8})),
-    ("gptq", dict(bits=4, group_size=32, batch_size=4)),
-    ("gptq", dict(bits=4, group_size=16, act_order=True, sym=False, batch_size=4)),
-])
-def test_streamed_export_is_the_in_memory_export_byte_for_byte(tiny_model_dir, tmp_path, backend, options):
+@pytest.mark.parametrize(
+    "backend,options",
+    [
+        ("rtn", dict(bits=4, group_size=32)),
+        (
+            "rtn",
+            dict(
+                bits=3, group_size=16, sym=False, scale_search="mse", module_bits={"*.down_proj": 8}
+            ),
+        ),
+        ("gptq", dict(bits=4, group_size=32, batch_size=4)),
+        ("gptq", dict(bits=4, group_size=16, act_order=True, sym=False, batch_size=4)),
+    ],
+)
+def test_streamed_export_is_the_in_memory_export_byte_for_byte(
+    tiny_model_dir, tmp_path, backend, options
+):
     cls, cfg = {"rtn": (RTN, RTNConfig), "gptq": (GPTQ, GPTQConfig)}[backend]
     stats = _in_memory(tiny_model_dir, cls(cfg(**options)), tmp_path / "whole")
-    got = quantize_streaming(tiny_model_dir, tmp_path / "streamed", layer_method(backend, options),
-                             calibration=CAL, source=SOURCE, label="m", **QUIET)
+    got = quantize_streaming(
+        tiny_model_dir,
+        tmp_path / "streamed",
+        layer_method(backend, options),
+        calibration=CAL,
+        source=SOURCE,
+        label="m",
+        **QUIET,
+    )
     whole, streamed = _sidecar(tmp_path / "whole"), _sidecar(tmp_path / "streamed")
     # the manifest holds every file's sha256: weights, config.json, tokenizer, generation config
     assert streamed == whole
@@ -72,18 +89,27 @@ def test_streamed_export_is_the_in_memory_export_byte_for_byte(tiny_model_dir, t
 def test_sharded_export_holds_the_same_tensors_and_scores_the_same(tiny_model_dir, tmp_path):
     opts = dict(bits=4, group_size=32)
     quantize_streaming(tiny_model_dir, tmp_path / "one", layer_method("rtn", opts), **QUIET)
-    res = quantize_streaming(tiny_model_dir, tmp_path / "many", layer_method("rtn", opts),
-                             max_shard_bytes=40_000, **QUIET)
+    res = quantize_streaming(
+        tiny_model_dir,
+        tmp_path / "many",
+        layer_method("rtn", opts),
+        max_shard_bytes=40_000,
+        **QUIET,
+    )
     assert len(res.files) > 2 and all(f.startswith("model-0") for f in res.files)
     index = json.loads((tmp_path / "many" / INDEX).read_text())
     shards = {tmp_path / "many" / f for f in res.files}
     per_shard = {f: load_file(f) for f in shards}
     tensors = {k: v for held in per_shard.values() for k, v in held.items()}
     # within the budget (+ its header), or one tensor larger than the budget on its own
-    assert all(sum(t.numel() * t.element_size() for t in held.values()) <= 40_000 or len(held) == 1
-               for held in per_shard.values())
+    assert all(
+        sum(t.numel() * t.element_size() for t in held.values()) <= 40_000 or len(held) == 1
+        for held in per_shard.values()
+    )
     assert any(len(held) == 1 for held in per_shard.values())  # the 98 kB embedding
-    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
+    assert index["metadata"]["total_size"] == sum(
+        t.numel() * t.element_size() for t in tensors.values()
+    )
     assert set(index["weight_map"].values()) == set(res.files)
     one = load_file(tmp_path / "one" / "model.safetensors")
     assert one.keys() == tensors.keys() and all(torch.equal(one[k], tensors[k]) for k in one)
@@ -102,12 +128,18 @@ def test_streamed_perplexity_and_kl_equal_the_whole_models(tiny_model_dir, tmp_p
     whole = perplexity(base, plan, 3)
     assert streaming_perplexity(tiny_model_dir, plan, 3, **QUIET).nll_mean == whole.nll_mean
     ref = compute_reference(base, plan, tmp_path / "ref", 3, key="k")
-    quantize_streaming(tiny_model_dir, tmp_path / "q", layer_method("gptq", dict(bits=3, group_size=32)),
-                       calibration=CAL, **QUIET)
+    quantize_streaming(
+        tiny_model_dir,
+        tmp_path / "q",
+        layer_method("gptq", dict(bits=3, group_size=32)),
+        calibration=CAL,
+        **QUIET,
+    )
     q = load_checkpoint(tmp_path / "q", dtype=torch.float32, device=CPU).model
     ppl, div = evaluate(q, plan, 3, ReferenceLogprobs.open(tmp_path / "ref"))
-    s_ppl, s_div = streaming_evaluate(tmp_path / "q", plan, 3, ReferenceLogprobs.open(tmp_path / "ref"),
-                                      **QUIET)
+    s_ppl, s_div = streaming_evaluate(
+        tmp_path / "q", plan, 3, ReferenceLogprobs.open(tmp_path / "ref"), **QUIET
+    )
     assert s_ppl.nll_mean == ppl.nll_mean and s_ppl.ppl != whole.ppl
     assert s_div["kld_mean"] == div["kld_mean"] > 0 and s_div == div
     del ref
@@ -149,7 +181,9 @@ def _rewrite_index(d: Path, change) -> None:
 def test_a_shard_missing_from_the_directory(sharded):
     victim = sorted(sharded.glob("model-*.safetensors"))[1]
     victim.unlink()
-    with pytest.raises(QuantlabError, match=f"shard '.*{victim.name}' named by index .* is missing"):
+    with pytest.raises(
+        QuantlabError, match=f"shard '.*{victim.name}' named by index .* is missing"
+    ):
         ShardedSource(sharded)
 
 
@@ -164,9 +198,15 @@ def test_a_truncated_shard(sharded):
 def test_an_index_pointing_outside_the_model_directory(sharded, tmp_path):
     first = sorted(sharded.glob("model-*.safetensors"))[0]
     shutil.copy(first, tmp_path / "elsewhere.safetensors")
-    _rewrite_index(sharded, lambda m: m.update({k: "../elsewhere.safetensors" for k, v in m.items()
-                                                if v == first.name}))
-    with pytest.raises(QuantlabError, match="names shard '../elsewhere.safetensors', which is outside"):
+    _rewrite_index(
+        sharded,
+        lambda m: m.update(
+            {k: "../elsewhere.safetensors" for k, v in m.items() if v == first.name}
+        ),
+    )
+    with pytest.raises(
+        QuantlabError, match="names shard '../elsewhere.safetensors', which is outside"
+    ):
         ShardedSource(sharded)
 
 
@@ -214,8 +254,9 @@ except QuantlabError as e:
 
 def test_no_room_to_write_is_one_error_and_nothing_is_left(tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-c", _FILL, str(out)], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", _FILL, str(out)], capture_output=True, text=True, timeout=120
+    )
     assert "cannot write" in proc.stdout and "ulimit -f" in proc.stdout, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
     assert list(out.iterdir()) == []
@@ -225,13 +266,20 @@ def test_a_full_disk_removes_the_partial_export(tiny_model_dir, tmp_path):
     """A real ENOSPC from a 150 kB tmpfs (root only: elsewhere this test says why it skips)."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=150k", "tmpfs",
-                                            str(disk)], capture_output=True).returncode:
+    if (
+        os.geteuid() != 0
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=150k", "tmpfs", str(disk)], capture_output=True
+        ).returncode
+    ):
         pytest.skip("mounting a small tmpfs needs root")
     try:
-        with pytest.raises(QuantlabError, match="the disk is full .* the partial export was removed"):
-            quantize_streaming(tiny_model_dir, disk / "ckpt", layer_method("rtn", dict(group_size=32)),
-                               **QUIET)
+        with pytest.raises(
+            QuantlabError, match="the disk is full .* the partial export was removed"
+        ):
+            quantize_streaming(
+                tiny_model_dir, disk / "ckpt", layer_method("rtn", dict(group_size=32)), **QUIET
+            )
         assert list(disk.iterdir()) == []
     finally:
         subprocess.run(["umount", str(disk)], check=True)

@@ -42,8 +42,10 @@ def building(out_dir: Path) -> Iterator[Path]:
     gone)."""
     out_dir = Path(out_dir)
     if out_dir.is_symlink() or (out_dir.exists() and not (out_dir / SIDECAR).is_file()):
-        raise QuantlabError(f"'{out_dir}' exists but is not a checkpoint quantlab wrote (a file, a link, "
-                            "or a directory without quantlab.json); move it away and run again")
+        raise QuantlabError(
+            f"'{out_dir}' exists but is not a checkpoint quantlab wrote (a file, a link, "
+            "or a directory without quantlab.json); move it away and run again"
+        )
     _remove_stale_exports(out_dir)
     tmp = _fresh_tmp(out_dir)
     try:
@@ -61,8 +63,9 @@ def building(out_dir: Path) -> Iterator[Path]:
     (out_dir / TMP_MARKER).unlink(missing_ok=True)
 
 
-def write_model_files(tmp: Path, source_dir: Path, qconfig: dict | None, dtype: torch.dtype,
-                      tokenizer=None) -> None:
+def write_model_files(
+    tmp: Path, source_dir: Path, qconfig: dict | None, dtype: torch.dtype, tokenizer=None
+) -> None:
     """``config.json`` (the source's, with ``qconfig`` as its quantization_config and
     ``dtype``), the generation config and the tokenizer, as export_checkpoint writes them.
     ``tokenizer`` None: the source's, when it has one (a model of random weights may not)."""
@@ -91,8 +94,17 @@ def write_model_files(tmp: Path, source_dir: Path, qconfig: dict | None, dtype: 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
-def write_sidecar(tmp: Path, *, backend: str, config_version: int, options: dict[str, Any],
-                  modules: list[str], layout: dict | None, source: dict[str, Any], label: str) -> None:
+def write_sidecar(
+    tmp: Path,
+    *,
+    backend: str,
+    config_version: int,
+    options: dict[str, Any],
+    modules: list[str],
+    layout: dict | None,
+    source: dict[str, Any],
+    label: str,
+) -> None:
     """``quantlab.json``, last: what export_checkpoint records, the manifest of every file."""
     meta = {
         "format": SIDECAR_FORMAT,

@@ -54,15 +54,16 @@ def skeleton(config, dtype: torch.dtype) -> nn.Module:
     return model.eval()
 
 
-def materialize(module: nn.Module, prefix: str, source: ShardedSource, dtype: torch.dtype,
-                device: torch.device) -> None:
+def materialize(
+    module: nn.Module, prefix: str, source: ShardedSource, dtype: torch.dtype, device: torch.device
+) -> None:
     """Read ``module``'s parameters (``prefix`` + their names) from ``source`` onto ``device``
     in ``dtype``; every parameter must be there (strict)."""
     names = [n for n, _ in module.named_parameters()]
     tensors = source.read([prefix + n for n in names], dtype=dtype, device=device)
     state = {n: tensors[prefix + n] for n in names}
     module.load_state_dict(state, strict=False, assign=True)
-    for n, p in module.named_parameters():
+    for p in module.parameters():
         p.requires_grad_(False)
 
 
@@ -141,11 +142,20 @@ def _outer_names(walk: _Walk) -> tuple[list[str], list[str]]:
 
 
 @torch.no_grad()
-def quantize_streaming(source_dir: str | Path, out_dir: str | Path, method, *,
-                       calibration: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
-                       device: str | torch.device = "cpu", source: dict[str, Any] | None = None,
-                       label: str = "streamed", tokenizer=None,
-                       max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, log=default_log) -> StreamResult:
+def quantize_streaming(
+    source_dir: str | Path,
+    out_dir: str | Path,
+    method,
+    *,
+    calibration: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    source: dict[str, Any] | None = None,
+    label: str = "streamed",
+    tokenizer=None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    log=default_log,
+) -> StreamResult:
     """Quantize the float model in ``source_dir`` with ``method`` (a
     :class:`~quantlab.streaming.methods.LayerMethod`) one decoder layer at a time and export
     its checkpoint into ``out_dir`` (atomically: complete or absent). ``calibration``: token
@@ -169,10 +179,16 @@ def quantize_streaming(source_dir: str | Path, out_dir: str | Path, method, *,
         result.files, result.total_size = done["files"], done["total_size"]
         widths = {n: method.config.bits_for(n) for n in result.modules}
         write_model_files(tmp, source_dir, method.quantization_config(widths), dtype, tokenizer)
-        write_sidecar(tmp, backend=method.backend, config_version=method.config.version,
-                      options=method.options(), modules=result.modules,
-                      layout={"name": method.layout.name, "version": method.layout.version},
-                      source=source or {"path": str(source_dir)}, label=label)
+        write_sidecar(
+            tmp,
+            backend=method.backend,
+            config_version=method.config.version,
+            options=method.options(),
+            modules=result.modules,
+            layout={"name": method.layout.name, "version": method.layout.version},
+            source=source or {"path": str(source_dir)},
+            label=label,
+        )
     result.quantize_s = time.perf_counter() - t0
     return result
 
@@ -182,8 +198,14 @@ def _module_of(model: nn.Module, param: str) -> tuple[str, nn.Module]:
     return path, model.get_submodule(path)
 
 
-def _walk_layers(walk: _Walk, method, writer: ShardWriter, calibration: torch.Tensor | None,
-                 result: StreamResult, log) -> None:
+def _walk_layers(
+    walk: _Walk,
+    method,
+    writer: ShardWriter,
+    calibration: torch.Tensor | None,
+    result: StreamResult,
+    log,
+) -> None:
     """Embedding, every decoder layer, then the rest (final norm, output head), each read,
     quantized where targeted, written and freed in turn."""
     from quantlab.quantizers.sequential import first_layer_inputs
@@ -194,8 +216,9 @@ def _walk_layers(walk: _Walk, method, writer: ShardWriter, calibration: torch.Te
     materialize(emb, emb_path + ".", walk.source, walk.dtype, walk.device)
     hidden = kwargs = None
     if method.needs_calibration:
-        hidden, kwargs = first_layer_inputs(model, walk.layers, calibration.to(walk.device),
-                                            method.batch_size)
+        hidden, kwargs = first_layer_inputs(
+            model, walk.layers, calibration.to(walk.device), method.batch_size
+        )
     for n in first:
         writer.add(n, model.get_parameter(n))
     release(emb)
@@ -203,7 +226,9 @@ def _walk_layers(walk: _Walk, method, writer: ShardWriter, calibration: torch.Te
     for i, layer in enumerate(walk.layers):
         prefix = f"{spec.layers}.{i}."
         materialize(layer, prefix, walk.source, walk.dtype, walk.device)
-        mine = {n[len(prefix):]: model.get_submodule(n) for n in walk.targets if n.startswith(prefix)}
+        mine = {
+            n[len(prefix) :]: model.get_submodule(n) for n in walk.targets if n.startswith(prefix)
+        }
         out = method.quantize_layer(layer, prefix, mine, hidden, kwargs, spec, result.layer_stats)
         hidden = out if out is not None else hidden
         for k, v in layer.state_dict().items():
@@ -215,8 +240,9 @@ def _walk_layers(walk: _Walk, method, writer: ShardWriter, calibration: torch.Te
     _write_rest(walk, method, writer, rest, result)
 
 
-def _write_rest(walk: _Walk, method, writer: ShardWriter, rest: list[str],
-                result: StreamResult) -> None:
+def _write_rest(
+    walk: _Walk, method, writer: ShardWriter, rest: list[str], result: StreamResult
+) -> None:
     """The parameters after the decoder layers, module by module; a targeted linear among
     them (an lm_head not skipped) quantized as the backend does."""
     from quantlab.quantizers.base import set_module

@@ -21,7 +21,11 @@ from quantlab.quantizers.base import set_module
 from quantlab.quantizers.gptq import GPTQConfig, gptq_quantize
 from quantlab.quantizers.rtn import RTNConfig, search_clip
 from quantlab.quantizers.sequential import staged_prenorm_layer
-from quantlab.quantizers.weightonly import WeightQuantConfig, check_layers, mixed_quantization_config
+from quantlab.quantizers.weightonly import (
+    WeightQuantConfig,
+    check_layers,
+    mixed_quantization_config,
+)
 
 Stats = dict[str, dict[str, float]]
 
@@ -42,14 +46,23 @@ class LayerMethod:
         """The in-memory backend's checks (on the meta skeleton: shapes only)."""
         c = self.config
         if getattr(c, "allocating", lambda: False)():
-            raise QuantlabError(f"{self.backend} with bits: auto is not streamed yet: its allocation "
-                                "probes need the whole model; give bits or module_bits")
+            raise QuantlabError(
+                f"{self.backend} with bits: auto is not streamed yet: its allocation "
+                "probes need the whole model; give bits or module_bits"
+            )
         for bits in c.widths():
             check_layers(targets, bits, c.group_size, self.layout)
 
-    def quantize_layer(self, layer: nn.Module, prefix: str, mine: dict[str, nn.Linear],
-                       hidden: list | None, kwargs: list | None, spec: ArchSpec,
-                       stats: Stats) -> list | None:
+    def quantize_layer(
+        self,
+        layer: nn.Module,
+        prefix: str,
+        mine: dict[str, nn.Linear],
+        hidden: list | None,
+        kwargs: list | None,
+        spec: ArchSpec,
+        stats: Stats,
+    ) -> list | None:
         """Quantize the linears ``mine`` (names inside ``layer``) in place; return the layer's
         outputs on ``hidden`` (None when the method runs without calibration)."""
         raise NotImplementedError
@@ -81,8 +94,10 @@ class RTNLayers(LayerMethod):
 
     def __init__(self, config: RTNConfig):
         if config.scale_search == "importance":
-            raise QuantlabError("rtn with scale_search: importance is not streamed yet (its input "
-                                "statistics need a pass of the float model); use none or mse")
+            raise QuantlabError(
+                "rtn with scale_search: importance is not streamed yet (its input "
+                "statistics need a pass of the float model); use none or mse"
+            )
         super().__init__(config)
 
     def _one(self, name: str, lin: nn.Linear, stats: Stats) -> nn.Module:
@@ -95,8 +110,12 @@ class RTNLayers(LayerMethod):
         codes, scales, zeros = quantize_matrix(w, bits, c.group_size, c.sym)
         g = w.shape[1] if c.group_size == -1 else c.group_size
         g_idx = torch.arange(w.shape[1], device=w.device) // g
-        q = self.layout.pack(QuantizedWeight(codes, scales, zeros, g_idx, bits, c.group_size),
-                             lin.bias, w.dtype, dense=False)
+        q = self.layout.pack(
+            QuantizedWeight(codes, scales, zeros, g_idx, bits, c.group_size),
+            lin.bias,
+            w.dtype,
+            dense=False,
+        )
         w = lin.weight.data
         err = (q.dequantize() - w.float()).norm() / w.float().norm().clamp(min=1e-12)
         stats[name] = {"weight_rel_error": float(err)}
@@ -120,8 +139,10 @@ class GPTQLayers(LayerMethod):
 
     def __init__(self, config: GPTQConfig):
         if config.engine != "quantlab":
-            raise QuantlabError("gptq with engine: gptqmodel is not streamed (gptqmodel loads the "
-                                "whole model itself); use engine: quantlab")
+            raise QuantlabError(
+                "gptq with engine: gptqmodel is not streamed (gptqmodel loads the "
+                "whole model itself); use engine: quantlab"
+            )
         super().__init__(config)
         self.batch_size = config.batch_size
 
@@ -132,9 +153,11 @@ class GPTQLayers(LayerMethod):
         c = self.config
         sequential = {n for g in spec.sequential for n in g}
         if not (c.true_sequential and spec.prenorm is not None and set(mine) <= sequential):
-            raise QuantlabError(f"streamed gptq needs true_sequential: true on a pre-norm "
-                                f"architecture it knows (llama, mistral, qwen2, qwen3); layer "
-                                f"'{prefix.rstrip('.')}' is not one")
+            raise QuantlabError(
+                f"streamed gptq needs true_sequential: true on a pre-norm "
+                f"architecture it knows (llama, mistral, qwen2, qwen3); layer "
+                f"'{prefix.rstrip('.')}' is not one"
+            )
         stages = dict(zip(("attn_in", "o_in", "mlp_in", "down_in"), spec.sequential))
 
         def on_inputs(stage, xs):
@@ -146,28 +169,50 @@ class GPTQLayers(LayerMethod):
         drop_dense_weights(layer)
         return out
 
-    def _group(self, layer: nn.Module, mine: dict[str, nn.Linear], names: list[str],
-               h: torch.Tensor, prefix: str, stats: Stats) -> None:
+    def _group(
+        self,
+        layer: nn.Module,
+        mine: dict[str, nn.Linear],
+        names: list[str],
+        h: torch.Tensor,
+        prefix: str,
+        stats: Stats,
+    ) -> None:
         """GPTQ._quantize_group: the linears sharing the Hessian ``h`` solved as one matrix."""
         c = self.config
         lins = [mine[n] for n in names]
         bits = c.bits_for(prefix + names[0])
         codes, scales, zeros, g_idx = gptq_quantize(
-            torch.cat([lin.weight.data for lin in lins]), h, bits, c.group_size, c.sym,
-            damp_percent=c.damp_percent, act_order=c.act_order, static_groups=c.static_groups,
-            block_size=c.block_size)
+            torch.cat([lin.weight.data for lin in lins]),
+            h,
+            bits,
+            c.group_size,
+            c.sym,
+            damp_percent=c.damp_percent,
+            act_order=c.act_order,
+            static_groups=c.static_groups,
+            block_size=c.block_size,
+        )
         r0 = 0
         for n, lin in zip(names, lins):
             r1 = r0 + lin.out_features
-            qw = QuantizedWeight(codes[r0:r1].to(lin.weight.device), scales[:, r0:r1],
-                                 zeros[:, r0:r1], g_idx, bits, c.group_size)
+            qw = QuantizedWeight(
+                codes[r0:r1].to(lin.weight.device),
+                scales[:, r0:r1],
+                zeros[:, r0:r1],
+                g_idx,
+                bits,
+                c.group_size,
+            )
             q = self.layout.pack(qw, lin.bias, lin.weight.dtype)
             r0 = r1
             w = lin.weight.data.float()
             dw = q.weight.float() - w
             rel = float(((dw @ h) * dw).sum() / ((w @ h) * w).sum().clamp(min=1e-20))
-            stats[prefix + n] = {"weight_rel_error": float(dw.norm() / w.norm().clamp(min=1e-12)),
-                                 "output_rel_error": rel}
+            stats[prefix + n] = {
+                "weight_rel_error": float(dw.norm() / w.norm().clamp(min=1e-12)),
+                "output_rel_error": rel,
+            }
             set_module(layer, n, q)
 
 
@@ -194,8 +239,10 @@ def layer_method(backend: str, options: dict[str, Any] | WeightQuantConfig) -> L
     """The streaming method of ``backend`` with ``options`` (validated by the backend's own
     Config: the same errors as a recipe's)."""
     if backend not in METHODS:
-        raise QuantlabError(f"backend '{backend}' is not streamed yet; streamed: {', '.join(METHODS)} "
-                            "(the others load the whole model)")
+        raise QuantlabError(
+            f"backend '{backend}' is not streamed yet; streamed: {', '.join(METHODS)} "
+            "(the others load the whole model)"
+        )
     cfg_cls, make = METHODS[backend]
     config = options if isinstance(options, cfg_cls) else cfg_cls(**dict(options))
     return make(config)

@@ -24,13 +24,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantlab.bench.perplexity import IGNORE, ROW_CHUNK, LogitsHook, Plan, PerplexityResult, batches, summarize
+from quantlab.bench.perplexity import (
+    IGNORE,
+    ROW_CHUNK,
+    LogitsHook,
+    PerplexityResult,
+    Plan,
+    batches,
+    summarize,
+)
 from quantlab.errors import QuantlabError
 from quantlab.log import log as default_log
 from quantlab.progress import Progress
 from quantlab.quantizers.arch import arch_spec, decoder_layers
 from quantlab.quantizers.sequential import first_layer_inputs, layer_output
-from quantlab.streaming.layerwise import buffers_to, materialize, release, skeleton
+from quantlab.streaming.layerwise import buffers_to, release, skeleton
 from quantlab.streaming.shards import ShardedSource
 
 
@@ -53,15 +61,19 @@ def open_model(model_dir: Path, dtype: torch.dtype, *, verify: bool = True) -> n
     model = skeleton(config, dtype)
     if not (model_dir / SIDECAR).is_file():
         if qcfg:
-            raise QuantlabError(f"'{model_dir}' holds weights quantized by another tool; streamed "
-                                "scoring reads float models and quantlab checkpoints")
+            raise QuantlabError(
+                f"'{model_dir}' holds weights quantized by another tool; streamed "
+                "scoring reads float models and quantlab checkpoints"
+            )
         return model
     if verify:
         verify_checkpoint(model_dir)
     meta = read_sidecar(model_dir)
     if "layout" not in meta:
-        raise QuantlabError(f"checkpoint '{model_dir}' ({meta.get('backend')}) is in a library's own "
-                            "format, which streamed scoring does not read; load it whole")
+        raise QuantlabError(
+            f"checkpoint '{model_dir}' ({meta.get('backend')}) is in a library's own "
+            "format, which streamed scoring does not read; load it whole"
+        )
     layout = get_layout(meta["layout"]["name"])
     with init_empty_weights(include_buffers=True):
         for name in meta.get("modules", []):
@@ -97,7 +109,9 @@ def _batch_tensors(batch) -> tuple[torch.Tensor, torch.Tensor, int]:
     return inp, tgt, int(scored[0]) if scored.numel() else -1
 
 
-def _nlls(logits: torch.Tensor, tgt: torch.Tensor, on_logits: LogitsHook | None) -> list[torch.Tensor]:
+def _nlls(
+    logits: torch.Tensor, tgt: torch.Tensor, on_logits: LogitsHook | None
+) -> list[torch.Tensor]:
     """NLL of every scored position of a batch, batch-major (plan order), as ``score``."""
     out = []
     for j in range(logits.shape[0]):
@@ -126,16 +140,25 @@ def _head_modules(model: nn.Module, layers_path: str) -> tuple[str, str]:
     except AttributeError:
         head = None
     if head is None:
-        raise QuantlabError(f"streamed scoring does not know where the final norm and output head of a "
-                            f"'{type(model).__name__}' are (llama-style models only); score it whole")
+        raise QuantlabError(
+            f"streamed scoring does not know where the final norm and output head of a "
+            f"'{type(model).__name__}' are (llama-style models only); score it whole"
+        )
     return norm, head
 
 
 @torch.no_grad()
-def streaming_score(model_dir: str | Path, plan: Plan, batch_size: int = 4, *,
-                    dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                    on_logits: LogitsHook | None = None, verify: bool = True,
-                    log=default_log) -> tuple[torch.Tensor, float]:
+def streaming_score(
+    model_dir: str | Path,
+    plan: Plan,
+    batch_size: int = 4,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    on_logits: LogitsHook | None = None,
+    verify: bool = True,
+    log=default_log,
+) -> tuple[torch.Tensor, float]:
     """What :func:`quantlab.bench.perplexity.score` returns (NLL of every scored token in plan
     order, float64; the seconds taken), computed one decoder layer at a time."""
     model_dir, device = Path(model_dir), torch.device(device)
@@ -173,33 +196,42 @@ def streaming_score(model_dir: str | Path, plan: Plan, batch_size: int = 4, *,
     return (torch.cat(nlls) if nlls else torch.zeros(0, dtype=torch.float64)), seconds
 
 
-def _load_head(model: nn.Module, head_path: str, emb_path: str, source: ShardedSource, dtype,
-               device) -> None:
+def _load_head(
+    model: nn.Module, head_path: str, emb_path: str, source: ShardedSource, dtype, device
+) -> None:
     """The output head: its own tensors, or the embedding's where they are tied (stored once)."""
     head = model.get_submodule(head_path)
-    if f"{head_path}.weight" in source.info or any(n.startswith(head_path + ".") for n in source.info):
+    if f"{head_path}.weight" in source.info or any(
+        n.startswith(head_path + ".") for n in source.info
+    ):
         _load(head, head_path + ".", source, dtype, device)
         return
     if not getattr(model.config, "tie_word_embeddings", False):
-        raise QuantlabError(f"'{source.dir}' holds no '{head_path}' tensors and its config does not "
-                            "tie them to the embedding")
+        raise QuantlabError(
+            f"'{source.dir}' holds no '{head_path}' tensors and its config does not "
+            "tie them to the embedding"
+        )
     weight = source.read([f"{emb_path}.weight"], dtype=dtype, device=device)[f"{emb_path}.weight"]
     head.weight = nn.Parameter(weight, requires_grad=False)
 
 
-def streaming_perplexity(model_dir: str | Path, plan: Plan, batch_size: int = 4, **kw) -> PerplexityResult:
+def streaming_perplexity(
+    model_dir: str | Path, plan: Plan, batch_size: int = 4, **kw
+) -> PerplexityResult:
     """:func:`quantlab.bench.perplexity.perplexity` of the model in ``model_dir``, streamed."""
     nll, seconds = streaming_score(model_dir, plan, batch_size, **kw)
     return summarize(plan, nll, seconds)
 
 
-def streaming_evaluate(model_dir: str | Path, plan: Plan, batch_size: int = 4, reference=None,
-                       **kw) -> tuple[PerplexityResult, dict | None]:
+def streaming_evaluate(
+    model_dir: str | Path, plan: Plan, batch_size: int = 4, reference=None, **kw
+) -> tuple[PerplexityResult, dict | None]:
     """:func:`quantlab.scoring.evaluate`, streamed: perplexity, and divergence from
     ``reference`` (a :class:`~quantlab.bench.divergence.ReferenceLogprobs`) in the same pass."""
     from quantlab.bench.divergence import DivergenceStats
 
     stats = DivergenceStats(reference) if reference is not None else None
-    nll, seconds = streaming_score(model_dir, plan, batch_size,
-                                   on_logits=stats.compare if stats else None, **kw)
+    nll, seconds = streaming_score(
+        model_dir, plan, batch_size, on_logits=stats.compare if stats else None, **kw
+    )
     return summarize(plan, nll, seconds), (stats.result() if stats else None)

@@ -27,11 +27,35 @@ INDEX = "model.safetensors.index.json"
 #: the largest safetensors header read (real ones are well under a megabyte)
 MAX_HEADER = 100 << 20
 #: bytes per element of the safetensors dtype names
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-               "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
-_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-                 "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
-                 "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "U16": 2,
+    "U32": 4,
+    "U64": 8,
+}
+_TORCH_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 _FIX = "re-download or re-export the model (every shard its index names, complete)"
 
 
@@ -65,12 +89,16 @@ def read_header(path: Path) -> dict:
             head = fh.read(8)
             n = struct.unpack("<Q", head)[0] if len(head) == 8 else None
             if n is None or n > min(size - 8, MAX_HEADER):
-                raise QuantlabError(f"weights file '{path}' is not a safetensors file (its header "
-                                    f"size is impossible for a file of {size} bytes); {_FIX}")
+                raise QuantlabError(
+                    f"weights file '{path}' is not a safetensors file (its header "
+                    f"size is impossible for a file of {size} bytes); {_FIX}"
+                )
             header = json.loads(fh.read(n).decode("utf-8"), object_pairs_hook=_no_duplicates(path))
     except (ValueError, RecursionError) as e:  # ValueError: JSON, UTF-8
-        raise QuantlabError(f"weights file '{path}' has a header that is not valid JSON "
-                            f"({type(e).__name__}); {_FIX}") from None
+        raise QuantlabError(
+            f"weights file '{path}' has a header that is not valid JSON "
+            f"({type(e).__name__}); {_FIX}"
+        ) from None
     if not isinstance(header, dict):
         raise QuantlabError(f"weights file '{path}' has a header that is not a JSON object; {_FIX}")
     data = size - 8 - n
@@ -82,21 +110,28 @@ def read_header(path: Path) -> dict:
             shape = tuple(int(d) for d in entry["shape"])
             dtype = str(entry["dtype"])
         except (KeyError, TypeError, ValueError):
-            raise QuantlabError(f"weights file '{path}': the header entry of '{name}' is not "
-                                f"{{dtype, shape, data_offsets}}; {_FIX}") from None
+            raise QuantlabError(
+                f"weights file '{path}': the header entry of '{name}' is not "
+                f"{{dtype, shape, data_offsets}}; {_FIX}"
+            ) from None
         if end > data:
-            raise QuantlabError(f"weights file '{path}' is truncated: tensor '{name}' ends at byte "
-                                f"{end} of its data, the file holds {data}; {_FIX}")
+            raise QuantlabError(
+                f"weights file '{path}' is truncated: tensor '{name}' ends at byte "
+                f"{end} of its data, the file holds {data}; {_FIX}"
+            )
         if begin > end or end - begin != TensorInfo("", dtype, shape).nbytes:
-            raise QuantlabError(f"weights file '{path}': tensor '{name}' spans {end - begin} bytes, "
-                                f"not the {TensorInfo('', dtype, shape).nbytes} its shape needs; "
-                                f"{_FIX}")
+            raise QuantlabError(
+                f"weights file '{path}': tensor '{name}' spans {end - begin} bytes, "
+                f"not the {TensorInfo('', dtype, shape).nbytes} its shape needs; "
+                f"{_FIX}"
+            )
     return header
 
 
 def _no_duplicates(path: Path):
     """A JSON object hook that refuses a key given twice (json keeps the last one silently:
     a tensor listed twice would be read from whichever came last)."""
+
     def hook(pairs):
         seen = set()
         for k, _ in pairs:
@@ -104,6 +139,7 @@ def _no_duplicates(path: Path):
                 raise QuantlabError(f"'{path}' lists '{k}' twice; a tensor is stored once. {_FIX}")
             seen.add(k)
         return dict(pairs)
+
     return hook
 
 
@@ -113,19 +149,26 @@ def _index_shards(model_dir: Path, index: Path) -> dict[str, str]:
     try:
         doc = json.loads(index.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicates(index))
     except (OSError, ValueError, RecursionError) as e:
-        raise QuantlabError(f"index '{index}' cannot be read ({type(e).__name__}); {_FIX}") from None
+        raise QuantlabError(
+            f"index '{index}' cannot be read ({type(e).__name__}); {_FIX}"
+        ) from None
     wmap = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(wmap, dict) or not wmap or not all(isinstance(v, str) for v in wmap.values()):
-        raise QuantlabError(f"index '{index}' has no weight_map of tensor names to shard files; {_FIX}")
+        raise QuantlabError(
+            f"index '{index}' has no weight_map of tensor names to shard files; {_FIX}"
+        )
     root = model_dir.resolve()
     for shard in set(wmap.values()):
         target = (model_dir / shard).resolve()
         if Path(shard).is_absolute() or target.parent != root:
-            raise QuantlabError(f"index '{index}' names shard '{shard}', which is outside the model "
-                                f"directory '{model_dir}'; an index names files beside it only")
+            raise QuantlabError(
+                f"index '{index}' names shard '{shard}', which is outside the model "
+                f"directory '{model_dir}'; an index names files beside it only"
+            )
         if not target.is_file():
-            raise QuantlabError(f"shard '{model_dir / shard}' named by index '{index}' is missing; "
-                                f"{_FIX}")
+            raise QuantlabError(
+                f"shard '{model_dir / shard}' named by index '{index}' is missing; {_FIX}"
+            )
     return wmap
 
 
@@ -144,10 +187,15 @@ class ShardedSource:
             wmap = None
         else:
             found = sorted(p.name for p in self.dir.glob("*.safetensors"))
-            hint = (f"it holds {', '.join(found[:3])} without {INDEX}: add the index that came "
-                    "with them" if found else "point at a directory with the model's weights")
-            raise QuantlabError(f"model directory '{self.dir}' has neither {SINGLE} nor {INDEX}; "
-                                f"{hint}")
+            hint = (
+                f"it holds {', '.join(found[:3])} without {INDEX}: add the index that came "
+                "with them"
+                if found
+                else "point at a directory with the model's weights"
+            )
+            raise QuantlabError(
+                f"model directory '{self.dir}' has neither {SINGLE} nor {INDEX}; {hint}"
+            )
         self.info: dict[str, TensorInfo] = {}
         shards = sorted(set(wmap.values())) if wmap is not None else [SINGLE]
         for shard in shards:
@@ -155,8 +203,10 @@ class ShardedSource:
         if wmap is not None:
             lost = sorted(set(wmap) - set(self.info))
             if lost:
-                raise QuantlabError(f"index '{index}' places '{lost[0]}' in '{wmap[lost[0]]}', which "
-                                    f"does not hold it ({len(lost)} such tensors); {_FIX}")
+                raise QuantlabError(
+                    f"index '{index}' places '{lost[0]}' in '{wmap[lost[0]]}', which "
+                    f"does not hold it ({len(lost)} such tensors); {_FIX}"
+                )
 
     def _add_shard(self, shard: str, wmap: dict[str, str] | None) -> None:
         path = self.dir / shard
@@ -164,12 +214,16 @@ class ShardedSource:
             if name == "__metadata__":
                 continue
             if name in self.info:
-                raise QuantlabError(f"tensor '{name}' is stored twice, in '{self.dir / self.info[name].shard}' "
-                                    f"and in '{path}'; a tensor is stored once. {_FIX}")
+                raise QuantlabError(
+                    f"tensor '{name}' is stored twice, in '{self.dir / self.info[name].shard}' "
+                    f"and in '{path}'; a tensor is stored once. {_FIX}"
+                )
             if wmap is not None and wmap.get(name) != shard:
-                raise QuantlabError(f"shard '{path}' holds '{name}', which the index places "
-                                    f"{'in ' + repr(wmap[name]) if name in wmap else 'nowhere'}; "
-                                    f"{_FIX}")
+                raise QuantlabError(
+                    f"shard '{path}' holds '{name}', which the index places "
+                    f"{'in ' + repr(wmap[name]) if name in wmap else 'nowhere'}; "
+                    f"{_FIX}"
+                )
             self.info[name] = TensorInfo(shard, str(entry["dtype"]), tuple(entry["shape"]))
 
     @property
@@ -181,8 +235,13 @@ class ShardedSource:
         """Tensor names starting with ``prefix``, in the order the source lists them."""
         return [n for n in self.info if n.startswith(prefix)]
 
-    def read(self, names: Iterable[str], *, dtype: torch.dtype | None = None,
-             device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    def read(
+        self,
+        names: Iterable[str],
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str = "cpu",
+    ) -> dict[str, torch.Tensor]:
         """Copies of the named tensors on ``device``, floating ones cast to ``dtype`` (None:
         as stored). Each shard's map is opened for this call only (see the module docstring)."""
         from safetensors import safe_open
@@ -190,8 +249,10 @@ class ShardedSource:
         names = list(names)
         unknown = [n for n in names if n not in self.info]
         if unknown:
-            raise QuantlabError(f"model directory '{self.dir}' holds no tensor '{unknown[0]}' "
-                                f"({len(unknown)} missing); is it the model its config.json describes?")
+            raise QuantlabError(
+                f"model directory '{self.dir}' holds no tensor '{unknown[0]}' "
+                f"({len(unknown)} missing); is it the model its config.json describes?"
+            )
         by_shard: dict[str, list[str]] = {}
         for n in names:
             by_shard.setdefault(self.info[n].shard, []).append(n)

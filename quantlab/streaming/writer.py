@@ -31,9 +31,18 @@ from quantlab.streaming.shards import INDEX, SINGLE
 
 #: the Hub's shard size (transformers' save_pretrained default, "5GB")
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
-_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
-              torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32", torch.int16: "I16",
-              torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+_ST_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 _NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _COPY_CHUNK = 64 << 20
 
@@ -45,10 +54,14 @@ def no_room_error(path: Path, e: OSError) -> QuantlabError:
         where = f"{free / 1e9:.2f} GB free on that file system"
     except OSError:
         where = "free space unknown"
-    why = {errno.EFBIG: "the file is larger than this process may write (ulimit -f)",
-           errno.EDQUOT: "the disk quota is used up"}.get(e.errno, "the disk is full")
-    return QuantlabError(f"cannot write '{path}': {why} ({where}); the partial export was removed. "
-                         "Free space (or write the output elsewhere) and run again")
+    why = {
+        errno.EFBIG: "the file is larger than this process may write (ulimit -f)",
+        errno.EDQUOT: "the disk quota is used up",
+    }.get(e.errno, "the disk is full")
+    return QuantlabError(
+        f"cannot write '{path}': {why} ({where}); the partial export was removed. "
+        "Free space (or write the output elsewhere) and run again"
+    )
 
 
 @dataclass
@@ -62,8 +75,12 @@ class ShardWriter:
     """``w = ShardWriter(dir)``; ``w.add(name, tensor)`` ...; ``w.close()`` -> the files written
     and ``total_size``. :meth:`abort` removes every file it wrote."""
 
-    def __init__(self, directory: str | Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                 metadata: dict[str, str] | None = None):
+    def __init__(
+        self,
+        directory: str | Path,
+        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+        metadata: dict[str, str] | None = None,
+    ):
         if max_shard_bytes < 1:
             raise QuantlabError(f"max_shard_bytes must be positive, not {max_shard_bytes}")
         self.dir = Path(directory)
@@ -81,8 +98,9 @@ class ShardWriter:
         if name in self._names:
             raise QuantlabError(f"tensor '{name}' was written twice into '{self.dir}'")
         if tensor.dtype not in _ST_DTYPES:
-            raise QuantlabError(f"tensor '{name}' has dtype {tensor.dtype}, which safetensors "
-                                "does not store")
+            raise QuantlabError(
+                f"tensor '{name}' has dtype {tensor.dtype}, which safetensors does not store"
+            )
         t = tensor.detach().to("cpu").contiguous()
         # the tensor's own bytes, no copy (tobytes would double a large tensor's memory)
         raw = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else b""
@@ -110,7 +128,11 @@ class ShardWriter:
         header: dict = {"__metadata__": self.metadata} if self.metadata else {}
         offset = 0
         for name, dtype, shape, _, n in order:
-            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+            header[name] = {
+                "dtype": dtype,
+                "shape": list(shape),
+                "data_offsets": [offset, offset + n],
+            }
             offset += n
         head = json.dumps(header, separators=(",", ":")).encode()
         head += b" " * (-len(head) % 8)  # the spec's padding: data starts 8-byte aligned
@@ -138,7 +160,11 @@ class ShardWriter:
         if not self.sealed:
             raise QuantlabError(f"no tensor was written into '{self.dir}'")
         n = len(self.sealed)
-        names = [SINGLE] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+        names = (
+            [SINGLE]
+            if n == 1
+            else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+        )
         for (tmp, _), name in zip(self.sealed, names):
             tmp.rename(self.dir / name)
         if n > 1:
@@ -167,8 +193,21 @@ class ShardWriter:
 #: safetensors' own order of dtypes (its Rust ``Dtype`` enum): a shard lists tensors by this rank,
 #: highest first, then by name, as ``safetensors.torch.save_file`` does; every tensor then starts
 #: aligned to its width, and a one-shard export is byte for byte the file save_file writes
-_RANK = {"BOOL": 0, "U8": 4, "I8": 5, "I16": 9, "U16": 10, "F16": 11, "BF16": 12, "I32": 13,
-         "U32": 14, "F32": 15, "F64": 16, "I64": 17, "U64": 18}
+_RANK = {
+    "BOOL": 0,
+    "U8": 4,
+    "I8": 5,
+    "I16": 9,
+    "U16": 10,
+    "F16": 11,
+    "BF16": 12,
+    "I32": 13,
+    "U32": 14,
+    "F32": 15,
+    "F64": 16,
+    "I64": 17,
+    "U64": 18,
+}
 
 
 def _io(path: Path, fn):
