@@ -155,3 +155,47 @@ def test_a_worker_past_its_time_limit_is_stopped_with_its_group(tiny_model_dir, 
     assert str(tmp_path / "slow.log") in str(e.value)
     assert processes_in(tmp_path) == []
     assert not (tmp_path / "slow.result.json").exists()
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_the_demo_model_is_served_and_loaded_and_its_server_stopped(tmp_path):
+    """vLLM's OpenAI server (eager: the fast start) under vLLM's own load generator: every
+    request completes with exactly the asked output length, the figures are there, and
+    leaving the block stops the whole server (no process of it left)."""
+    from quantlab.engines.serving import Load, run_load, vllm_server
+    from quantlab.models import demo_model_dir
+
+    d = demo_model_dir("smollm2-135m")
+    load = Load(concurrency=2, requests=4, input_tokens=32, output_tokens=8, warmups=1)
+    with vllm_server(VLLM, d, log_dir=tmp_path, name="float", dtype="bfloat16",
+                     max_model_len=128, eager=True) as server:
+        fig = run_load(VLLM, server, d, load, log_dir=tmp_path)
+    assert fig["total_output_tokens"] == 4 * 8 and len(fig["samples"]["latencies_s"]) == 4
+    assert fig["output_tokens_per_s"] > 0 and fig["requests_per_s"] > 0
+    assert 0 < fig["ttft_ms_p50"] <= fig["ttft_ms_p99"] and 0 < fig["tpot_ms_p50"]
+    assert processes_in(tmp_path) == []
+
+
+@needs_vllm
+def test_a_server_that_cannot_start_is_one_error_naming_its_log(tiny_model_dir, tmp_path):
+    """A checkpoint whose architecture vLLM does not know: the server dies before /health
+    answers; the error says so with the log's path, and nothing is left running."""
+    import json
+    import shutil
+
+    from quantlab.engines.serving import vllm_server
+    from quantlab.procs import ToolError
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_model_dir, bad)
+    config = json.loads((bad / "config.json").read_text())
+    config["architectures"] = ["NoSuchModelForCausalLM"]
+    (bad / "config.json").write_text(json.dumps(config))
+    logs = tmp_path / "logs"
+    with pytest.raises(ToolError, match="before it was ready") as e:
+        with vllm_server(VLLM, bad, log_dir=logs, name="bad", dtype="float32",
+                         max_model_len=64, eager=True):
+            pass
+    assert str(logs / "bad.server.log") in str(e.value)
+    assert processes_in(logs) == []

