@@ -55,6 +55,7 @@ def _sidecar(ckpt: Path) -> dict:
     "backend,options",
     [
         ("rtn", dict(bits=4, group_size=32)),
+    ("rtn", dict(bits=4, group_size=16, scale_search="importance", search_grid=10)),
         (
             "rtn",
             dict(
@@ -305,3 +306,15 @@ def test_progress_lines_every_tenth_or_minute_with_the_time_left():
     now[0] += 61
     slow.step()  # 0.1% done, but a minute passed
     assert lines == ["score: 1/1000 layers (0%), 1m01s, about 16h55m left"]
+
+
+def test_a_layer_that_cannot_fit_is_said_before_any_work(tiny_model_dir):
+    from quantlab.streaming.layerwise import check_layer_fits, largest_layer_bytes, open_walk
+
+    walk = open_walk(tiny_model_dir, torch.float32, CPU, ["lm_head"])
+    layer = largest_layer_bytes(walk.model, walk.layers, torch.float32)
+    # q, o: 64x64; k, v: 32x64; gate, up, down: 128x64; two norms of 64, in float32
+    assert layer == (2 * 64 * 64 + 2 * 32 * 64 + 3 * 128 * 64 + 2 * 64) * 4
+    check_layer_fits(layer, 10 * layer, CPU)
+    with pytest.raises(QuantlabError, match=r"one decoder layer .* needs about .* GiB on cpu"):
+        check_layer_fits(layer, layer, CPU)

@@ -121,7 +121,47 @@ def open_walk(source_dir: Path, dtype: torch.dtype, device: torch.device, skip: 
     if not targets:
         raise QuantlabError("no linear layer is left to quantize: 'skip' excludes them all")
     check_not_tied(model, targets)
+    check_layer_fits(largest_layer_bytes(model, layers, dtype), available_bytes(device), device)
     return _Walk(model, spec, layers, source, dtype, device, [n for n, _ in targets])
+
+
+#: what quantizing a layer holds beside its weights in the compute dtype: the largest linear's
+#: int64 codes and float32 temporaries of the grid and its error (measured: ~1.5 GB for a 7B
+#: layer of 0.8 GB in float32), rounded up
+WORKING_FACTOR = 3.0
+
+
+def largest_layer_bytes(model: nn.Module, layers: nn.ModuleList, dtype: torch.dtype) -> int:
+    """Bytes of the largest decoder layer's parameters in ``dtype`` (from the meta skeleton)."""
+    size = torch.tensor([], dtype=dtype).element_size()
+    return max(sum(p.numel() for p in layer.parameters()) * size for layer in layers)
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Memory free for a layer on ``device``: CUDA's free memory, the kernel's MemAvailable on
+    CPU (None where neither is known)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_layer_fits(layer_bytes: int, available: int | None, device: torch.device) -> None:
+    """One clear error, before any work, when a decoder layer and its working memory cannot
+    fit on ``device`` (the one thing streaming cannot split)."""
+    need = int(layer_bytes * WORKING_FACTOR)
+    if available is not None and need > available:
+        raise QuantlabError(
+            f"one decoder layer of this model needs about {need / 2**30:.1f} GiB on {device} to be "
+            f"quantized ({layer_bytes / 2**30:.1f} GiB of weights in the compute dtype and its "
+            f"working memory); {available / 2**30:.1f} GiB is free. Free memory, use a device "
+            "with more, or a smaller compute dtype (model.dtype: bfloat16)")
 
 
 def _outer_names(walk: _Walk) -> tuple[list[str], list[str]]:

@@ -20,7 +20,7 @@ from quantlab.quantizers.arch import ArchSpec
 from quantlab.quantizers.base import set_module
 from quantlab.quantizers.gptq import GPTQConfig, gptq_quantize
 from quantlab.quantizers.rtn import RTNConfig, search_clip
-from quantlab.quantizers.sequential import staged_prenorm_layer
+from quantlab.quantizers.sequential import layer_output, staged_prenorm_layer
 from quantlab.quantizers.weightonly import (
     WeightQuantConfig,
     check_layers,
@@ -88,25 +88,26 @@ class LayerMethod:
 
 
 class RTNLayers(LayerMethod):
-    """``rtn`` (scale_search none or mse): each linear on its own, no calibration."""
+    """``rtn``: each linear on its own. With ``scale_search: importance`` the clipping search
+    weighs each input column by its mean square over the calibration windows in the *float*
+    model (RTN's ``input_mean_squares``): the float hidden states are carried from layer to
+    layer and each layer's linears see them through hooks, batch by batch as that pass does."""
 
     backend = "rtn"
+    batch_size = 4  # input_mean_squares' batches
 
-    def __init__(self, config: RTNConfig):
-        if config.scale_search == "importance":
-            raise QuantlabError(
-                "rtn with scale_search: importance is not streamed yet (its input "
-                "statistics need a pass of the float model); use none or mse"
-            )
-        super().__init__(config)
+    @property
+    def needs_calibration(self) -> bool:  # type: ignore[override]
+        return self.config.scale_search == "importance"
 
-    def _one(self, name: str, lin: nn.Linear, stats: Stats) -> nn.Module:
+    def _one(self, name: str, lin: nn.Linear, stats: Stats,
+             importance: torch.Tensor | None = None) -> nn.Module:
         # RTN.quantize's steps, in its order
         c = self.config
         w = lin.weight.data
         bits = c.bits_for(name)
         if c.scale_search != "none":
-            w = search_clip(w, None, bits, c.group_size, c.sym, c.search_grid, c.max_shrink)
+            w = search_clip(w, importance, bits, c.group_size, c.sym, c.search_grid, c.max_shrink)
         codes, scales, zeros = quantize_matrix(w, bits, c.group_size, c.sym)
         g = w.shape[1] if c.group_size == -1 else c.group_size
         g_idx = torch.arange(w.shape[1], device=w.device) // g
@@ -122,12 +123,43 @@ class RTNLayers(LayerMethod):
         return q
 
     def quantize_layer(self, layer, prefix, mine, hidden, kwargs, spec, stats):
+        importance, out = {}, None
+        if self.needs_calibration:
+            importance, out = _float_pass(layer, mine, hidden, kwargs)
         for n, lin in mine.items():
-            set_module(layer, n, self._one(prefix + n, lin, stats))
-        return None
+            set_module(layer, n, self._one(prefix + n, lin, stats, importance.get(n)))
+        return out
 
     def quantize_outer(self, name, lin, stats):
+        if self.needs_calibration:
+            raise QuantlabError(f"streamed rtn with scale_search: importance quantizes the decoder "
+                                f"layers only; keep '{name}' in 'skip'")
         return self._one(name, lin, stats)
+
+
+@torch.no_grad()
+def _float_pass(layer: nn.Module, mine: dict[str, nn.Linear], hidden: list, kwargs: list
+                ) -> tuple[dict[str, torch.Tensor], list]:
+    """The float layer's outputs on ``hidden`` and the mean square of every input column of
+    each linear in ``mine`` (summed batch by batch in order, as input_mean_squares sums)."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook(name):
+        def add(_m, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            sums[name] = sums.get(name, 0) + x.pow(2).sum(dim=0)
+            counts[name] = counts.get(name, 0) + x.shape[0]
+
+        return add
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in mine.items()]
+    try:
+        out = [layer_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs)]
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: sums[n] / counts[n] for n in mine}, out
 
 
 class GPTQLayers(LayerMethod):
