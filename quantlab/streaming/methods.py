@@ -20,7 +20,13 @@ from quantlab.quantizers.arch import ArchSpec
 from quantlab.quantizers.base import set_module
 from quantlab.quantizers.gptq import GPTQConfig, gptq_quantize
 from quantlab.quantizers.rtn import RTNConfig, search_clip
-from quantlab.quantizers.sequential import layer_output, staged_prenorm_layer
+from quantlab.quantizers.sequential import (
+    feed,
+    input_hooks,
+    layer_output,
+    run_layer,
+    staged_prenorm_layer,
+)
 from quantlab.quantizers.weightonly import (
     WeightQuantConfig,
     check_layers,
@@ -100,8 +106,9 @@ class RTNLayers(LayerMethod):
     def needs_calibration(self) -> bool:  # type: ignore[override]
         return self.config.scale_search == "importance"
 
-    def _one(self, name: str, lin: nn.Linear, stats: Stats,
-             importance: torch.Tensor | None = None) -> nn.Module:
+    def _one(
+        self, name: str, lin: nn.Linear, stats: Stats, importance: torch.Tensor | None = None
+    ) -> nn.Module:
         # RTN.quantize's steps, in its order
         c = self.config
         w = lin.weight.data
@@ -132,14 +139,17 @@ class RTNLayers(LayerMethod):
 
     def quantize_outer(self, name, lin, stats):
         if self.needs_calibration:
-            raise QuantlabError(f"streamed rtn with scale_search: importance quantizes the decoder "
-                                f"layers only; keep '{name}' in 'skip'")
+            raise QuantlabError(
+                f"streamed rtn with scale_search: importance quantizes the decoder "
+                f"layers only; keep '{name}' in 'skip'"
+            )
         return self._one(name, lin, stats)
 
 
 @torch.no_grad()
-def _float_pass(layer: nn.Module, mine: dict[str, nn.Linear], hidden: list, kwargs: list
-                ) -> tuple[dict[str, torch.Tensor], list]:
+def _float_pass(
+    layer: nn.Module, mine: dict[str, nn.Linear], hidden: list, kwargs: list
+) -> tuple[dict[str, torch.Tensor], list]:
     """The float layer's outputs on ``hidden`` and the mean square of every input column of
     each linear in ``mine`` (summed batch by batch in order, as input_mean_squares sums)."""
     sums: dict[str, torch.Tensor] = {}
@@ -163,8 +173,9 @@ def _float_pass(layer: nn.Module, mine: dict[str, nn.Linear], hidden: list, kwar
 
 
 class GPTQLayers(LayerMethod):
-    """``gptq`` (engine quantlab, true-sequential on a pre-norm architecture): each stage of
-    a layer quantized on the inputs the already-quantized stages produce, as GPTQ.quantize."""
+    """``gptq`` (engine quantlab): each stage of a layer quantized on the inputs the
+    already-quantized stages produce (true-sequential on a pre-norm architecture), or its
+    linears in groups otherwise, as GPTQ.quantize."""
 
     backend = "gptq"
     needs_calibration = True
@@ -185,11 +196,7 @@ class GPTQLayers(LayerMethod):
         c = self.config
         sequential = {n for g in spec.sequential for n in g}
         if not (c.true_sequential and spec.prenorm is not None and set(mine) <= sequential):
-            raise QuantlabError(
-                f"streamed gptq needs true_sequential: true on a pre-norm "
-                f"architecture it knows (llama, mistral, qwen2, qwen3); layer "
-                f"'{prefix.rstrip('.')}' is not one"
-            )
+            return self._grouped(layer, prefix, mine, hidden, kwargs, spec, stats)
         stages = dict(zip(("attn_in", "o_in", "mlp_in", "down_in"), spec.sequential))
 
         def on_inputs(stage, xs):
@@ -198,6 +205,28 @@ class GPTQLayers(LayerMethod):
                 self._group(layer, mine, names, _hessian(xs), prefix, stats)
 
         out = staged_prenorm_layer(layer, spec.prenorm, hidden, kwargs, on_inputs)
+        drop_dense_weights(layer)
+        return out
+
+    def _grouped(self, layer, prefix, mine, hidden, kwargs, spec, stats):
+        """GPTQ.quantize's other path (true_sequential off, or a layer it cannot stage): the
+        linears in groups, each group's Hessians from one feed of the layer."""
+        c = self.config
+        groups = (
+            [tuple(n for n in g if n in mine) for g in spec.sequential] if c.true_sequential else []
+        )
+        groups = [g for g in groups if g]
+        covered = {n for g in groups for n in g}
+        if set(mine) - covered:
+            rest = tuple(n for n in mine if n not in covered)
+            groups = [rest, *groups] if covered else [tuple(mine)]
+        for grp in groups:
+            hess, count, shares = _group_hessians(layer, mine, grp, hidden, kwargs)
+            for n in grp:
+                src = shares.get(n, n)
+                self._group(layer, mine, [n], hess[src] * (2 / max(count[src], 1)), prefix, stats)
+            del hess
+        out = run_layer(layer, hidden, kwargs)
         drop_dense_weights(layer)
         return out
 
@@ -246,6 +275,33 @@ class GPTQLayers(LayerMethod):
                 "output_rel_error": rel,
             }
             set_module(layer, n, q)
+
+
+def _group_hessians(layer, mine, grp, hidden, kwargs):
+    """Sum of x x^T of each linear of ``grp`` over the batches (linears that read one tensor,
+    q/k/v or gate/up, share the first one's: ``shares``), and the rows counted."""
+    hess: dict[str, torch.Tensor] = {}
+    count = {n: 0 for n in grp}
+    shares: dict[str, str] = {}
+    last: dict[tuple, str] = {}
+
+    def accumulate(name, x):
+        key = (x.data_ptr(), tuple(x.shape))
+        owner = last.get(key)
+        if owner is not None and owner != name:
+            shares[name] = owner
+            return
+        last.clear()
+        last[key] = name
+        x = x.reshape(-1, x.shape[-1]).float()
+        if name not in hess:
+            hess[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+        hess[name].addmm_(x.t(), x)
+        count[name] += x.shape[0]
+
+    with input_hooks({n: mine[n] for n in grp}, accumulate, stop_after=grp) as seen:
+        feed(layer, hidden, kwargs, seen)
+    return hess, count, shares
 
 
 def _hessian(xs) -> torch.Tensor:
