@@ -55,7 +55,7 @@ def _sidecar(ckpt: Path) -> dict:
     "backend,options",
     [
         ("rtn", dict(bits=4, group_size=32)),
-    ("rtn", dict(bits=4, group_size=16, scale_search="importance", search_grid=10)),
+        ("rtn", dict(bits=4, group_size=16, scale_search="importance", search_grid=10)),
         (
             "rtn",
             dict(
@@ -64,7 +64,6 @@ def _sidecar(ckpt: Path) -> dict:
         ),
         ("gptq", dict(bits=4, group_size=32, batch_size=4)),
         ("gptq", dict(bits=4, group_size=16, act_order=True, sym=False, batch_size=4)),
-    ("gptq", dict(bits=8, group_size=-1, true_sequential=False, batch_size=4)),
     ],
 )
 def test_streamed_export_is_the_in_memory_export_byte_for_byte(
@@ -86,6 +85,29 @@ def test_streamed_export_is_the_in_memory_export_byte_for_byte(
     assert streamed == whole
     assert got.layer_stats == stats and got.modules == whole["modules"]
     assert not list(tmp_path.glob("*.tmp-*"))  # no temporary directory left beside it
+
+
+def test_grouped_gptq_shares_a_hessian_only_between_linears_that_read_one_tensor(tiny_model_dir):
+    """GPTQ's grouped path (true_sequential off) gives q/k/v one Hessian and gate/up one; by
+    the input's address alone, gate/up were sometimes given o_proj's (the address of o_proj's
+    freed input reused for the MLP's): the streamed path holds the tensor. Repeated, since
+    the old flaw showed in about one run of five."""
+    from quantlab.quantizers.sequential import first_layer_inputs
+    from quantlab.streaming.methods import _group_hessians
+
+    model = load_model(str(tiny_model_dir), dtype=torch.float32, device=CPU).model
+    layer = model.model.layers[0]
+    hidden, kwargs = first_layer_inputs(model, model.model.layers, CAL, 4)
+    mine = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    want = {
+        "self_attn.k_proj": "self_attn.q_proj",
+        "self_attn.v_proj": "self_attn.q_proj",
+        "mlp.up_proj": "mlp.gate_proj",
+    }
+    for _ in range(12):
+        hess, count, shares = _group_hessians(layer, mine, tuple(mine), hidden, kwargs)
+        assert shares == want
+        assert set(hess) == set(mine) - set(want) and count["self_attn.o_proj"] == CAL.numel()
 
 
 def test_sharded_export_holds_the_same_tensors_and_scores_the_same(tiny_model_dir, tmp_path):

@@ -279,20 +279,23 @@ class GPTQLayers(LayerMethod):
 
 def _group_hessians(layer, mine, grp, hidden, kwargs):
     """Sum of x x^T of each linear of ``grp`` over the batches (linears that read one tensor,
-    q/k/v or gate/up, share the first one's: ``shares``), and the rows counted."""
+    q/k/v or gate/up, share the first one's: ``shares``), and the rows counted.
+
+    GPTQ.quantize's rule, with one difference: the last input seen is held, not only its
+    address. An address alone can be reused once its tensor is freed (o_proj's input freed,
+    the MLP's input allocated in its place, same shape), and gate/up were then given
+    o_proj's Hessian, at random (quantlab.quantizers.gptq has that flaw: see the streaming
+    report of issue 29)."""
     hess: dict[str, torch.Tensor] = {}
     count = {n: 0 for n in grp}
     shares: dict[str, str] = {}
-    last: dict[tuple, str] = {}
+    last: list = []  # [tensor, name]: the tensor held, so its address cannot be reused
 
     def accumulate(name, x):
-        key = (x.data_ptr(), tuple(x.shape))
-        owner = last.get(key)
-        if owner is not None and owner != name:
-            shares[name] = owner
+        if last and _same_tensor(last[0], x) and last[1] != name:
+            shares[name] = last[1]
             return
-        last.clear()
-        last[key] = name
+        last[:] = [x, name]
         x = x.reshape(-1, x.shape[-1]).float()
         if name not in hess:
             hess[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
@@ -302,6 +305,11 @@ def _group_hessians(layer, mine, grp, hidden, kwargs):
     with input_hooks({n: mine[n] for n in grp}, accumulate, stop_after=grp) as seen:
         feed(layer, hidden, kwargs, seen)
     return hess, count, shares
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The same data seen twice (one tensor, or views of it alike), both alive."""
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
 
 
 def _hessian(xs) -> torch.Tensor:
