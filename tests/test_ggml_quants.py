@@ -287,6 +287,9 @@ def test_the_ggml_backend_writes_llama_quantizes_file_and_llama_cpp_runs_it(tiny
         assert ours[t.name].tensor_type == t.tensor_type, t.name
         assert np.array_equal(np.asarray(ours[t.name].data), np.asarray(t.data)), t.name
     assert types == {"IQ4_NL": 14, "Q8_0": 1, "F32": 5}
+    file_types = [int(gguf.GGUFReader(str(p)).fields["general.file_type"].contents())
+                  for p in (ckpt / "model.gguf", tmp_path / "theirs.gguf")]
+    assert file_types == [gguf.LlamaFileType.MOSTLY_IQ4_NL] * 2  # the "ftype" llama.cpp's tools show
     text_file, _ = _pydoc_file(tmp_path / "eval.txt")
     base = perplexity(tools, tmp_path / "f32.gguf", text_file, ctx=64, chunks=4, threads=2)
     quant = perplexity(tools, ckpt / "model.gguf", text_file, ctx=64, chunks=4, threads=2)

@@ -307,7 +307,7 @@ def export_ggml(model: nn.Module, path: Path, template: Path, qtype: str, *, emb
         imp = (importance or {}).get(gname) if gname.startswith("blk.") else None
         data = ggml_quantize(t.detach().float().cpu().numpy(), ttype, imp)
         tensors.append((gname, data, getattr(gguf.GGMLQuantizationType, ttype)))
-    return _write_file(path, reader, layout, tensors)
+    return _write_file(path, reader, layout, tensors, file_type=qtype)
 
 
 def ggml_source_tensors(model: nn.Module, layout: _Layout | Path) -> dict[str, torch.Tensor]:
@@ -350,9 +350,12 @@ def export_gguf(model: nn.Module, path: Path, template: Path, *, float_type: str
     return _write_file(path, reader, layout, tensors)
 
 
-def _write_file(path: Path, reader, layout: _Layout, tensors: list[tuple[str, np.ndarray, Any]]) -> dict[str, str]:
+def _write_file(path: Path, reader, layout: _Layout, tensors: list[tuple[str, np.ndarray, Any]],
+                file_type: str | None = None) -> dict[str, str]:
     """Write ``tensors`` (GGUF name, data, raw type) in the template's order, with its
-    metadata; every tensor the template has must be there. Returns {tensor name: GGUF type}."""
+    metadata; every tensor the template has must be there. ``file_type``: the type named in
+    ``general.file_type`` (llama.cpp's "ftype", shown by its tools), e.g. Q4_0; None: none.
+    Returns {tensor name: GGUF type}."""
     import gguf
 
     types = {name: _type_name(data, raw) for name, data, raw in tensors}
@@ -362,6 +365,8 @@ def _write_file(path: Path, reader, layout: _Layout, tensors: list[tuple[str, np
     writer = gguf.GGUFWriter(str(path), layout.arch)
     _copy_metadata(reader, writer, skip={"general.file_type", "general.quantization_version"})
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    if file_type is not None:
+        writer.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{file_type}"))
     order = {t.name: i for i, t in enumerate(reader.tensors)}
     for name, data, raw in sorted(tensors, key=lambda x: order[x[0]]):
         writer.add_tensor(name, data, raw_dtype=raw)
