@@ -71,8 +71,13 @@ def gguf_names(model: nn.Module, layers: list[str]) -> dict[str, str]:
 
 
 @torch.no_grad()
-def compute_imatrix(model: nn.Module, calibration: torch.Tensor, layers: dict[str, str],
-                    batch_size: int = 4, dataset: str = "quantlab calibration") -> Imatrix:
+def compute_imatrix(
+    model: nn.Module,
+    calibration: torch.Tensor,
+    layers: dict[str, str],
+    batch_size: int = 4,
+    dataset: str = "quantlab calibration",
+) -> Imatrix:
     """Sum of x² per input column of each layer in ``layers`` ({module name: GGUF name}) over
     every token of ``calibration`` (LongTensor [windows, seq]), in one pass of the float model
     (float64 sums, stored as float32 like llama-imatrix's)."""
@@ -84,38 +89,52 @@ def compute_imatrix(model: nn.Module, calibration: torch.Tensor, layers: dict[st
             x = args[0].reshape(-1, args[0].shape[-1]).double()
             sums[name] = sums.get(name, 0) + x.pow(2).sum(dim=0)
             counts[name] = counts.get(name, 0) + x.shape[0]
+
         return add
 
     handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in layers]
     try:
         for i in range(0, calibration.shape[0], batch_size):
-            model(calibration[i:i + batch_size], use_cache=False)
+            model(calibration[i : i + batch_size], use_cache=False)
     finally:
         for h in handles:
             h.remove()
-    return Imatrix({layers[n]: sums[n].float().cpu().numpy() for n in layers if n in sums},
-                   {layers[n]: counts[n] for n in layers if n in counts}, [dataset],
-                   int(calibration.shape[0]), int(calibration.shape[1]))
+    return Imatrix(
+        {layers[n]: sums[n].float().cpu().numpy() for n in layers if n in sums},
+        {layers[n]: counts[n] for n in layers if n in counts},
+        [dataset],
+        int(calibration.shape[0]),
+        int(calibration.shape[1]),
+    )
 
 
 def check_imatrix(imatrix: Imatrix, columns: dict[str, int], source: str) -> None:
     """Before any quantization: ``imatrix`` has an entry of the right width for every tensor
     in ``columns`` ({GGUF name: input columns}), else one error naming what differs."""
     missing = sorted(n for n in columns if n not in imatrix.sums)
-    wrong = sorted(f"{n} ({imatrix.sums[n].shape[0]} columns, the tensor has {c})"
-                   for n, c in columns.items() if n in imatrix.sums and imatrix.sums[n].shape[0] != c)
+    wrong = sorted(
+        f"{n} ({imatrix.sums[n].shape[0]} columns, the tensor has {c})"
+        for n, c in columns.items()
+        if n in imatrix.sums and imatrix.sums[n].shape[0] != c
+    )
     if not missing and not wrong:
         return
     problems = []
     if missing:
-        problems.append(f"no entry for {len(missing)} tensors ({', '.join(missing[:3])}"
-                        f"{'...' if len(missing) > 3 else ''})")
+        problems.append(
+            f"no entry for {len(missing)} tensors ({', '.join(missing[:3])}"
+            f"{'...' if len(missing) > 3 else ''})"
+        )
     if wrong:
-        problems.append(f"{len(wrong)} entries of another width ({', '.join(wrong[:2])}"
-                        f"{'...' if len(wrong) > 2 else ''})")
-    raise QuantlabError(f"the importance matrix {source} is not this model's: {'; '.join(problems)}; "
-                        "use one computed on this model (imatrix: true computes it from the calibration "
-                        "windows, or llama-imatrix -m MODEL.gguf)")
+        problems.append(
+            f"{len(wrong)} entries of another width ({', '.join(wrong[:2])}"
+            f"{'...' if len(wrong) > 2 else ''})"
+        )
+    raise QuantlabError(
+        f"the importance matrix {source} is not this model's: {'; '.join(problems)}; "
+        "use one computed on this model (imatrix: true computes it from the calibration "
+        "windows, or llama-imatrix -m MODEL.gguf)"
+    )
 
 
 # -------------------------------------------------------------------------- files
@@ -128,12 +147,15 @@ def read_imatrix(path: str | Path) -> Imatrix:
         with open(path, "rb") as f:
             magic = f.read(4)
     except OSError as e:
-        raise QuantlabError(f"cannot read the importance matrix '{path}': {e.strerror or e}") from None
+        raise QuantlabError(
+            f"cannot read the importance matrix '{path}': {e.strerror or e}"
+        ) from None
     try:
         return _read_gguf(path) if magic == _GGUF_MAGIC else _read_legacy(path)
     except (ValueError, KeyError, IndexError, struct.error) as e:
-        raise QuantlabError(f"'{path}' is not a llama.cpp importance matrix ({type(e).__name__}: "
-                            f"{str(e)[:120]})") from None
+        raise QuantlabError(
+            f"'{path}' is not a llama.cpp importance matrix ({type(e).__name__}: {str(e)[:120]})"
+        ) from None
 
 
 def write_imatrix(imatrix: Imatrix, path: str | Path, legacy: bool = False) -> Path:
@@ -190,8 +212,13 @@ def _read_gguf(path: Path) -> Imatrix:
     def value(key, default):
         return f[key].contents() if key in f else default
 
-    return Imatrix(sums, counts, list(value("imatrix.datasets", [])), int(value("imatrix.chunk_count", 0)),
-                   int(value("imatrix.chunk_size", 0)))
+    return Imatrix(
+        sums,
+        counts,
+        list(value("imatrix.datasets", [])),
+        int(value("imatrix.chunk_count", 0)),
+        int(value("imatrix.chunk_size", 0)),
+    )
 
 
 def _legacy_bytes(imatrix: Imatrix) -> bytes:
@@ -205,8 +232,12 @@ def _legacy_bytes(imatrix: Imatrix) -> bytes:
         sums = imatrix.sums[name].astype(np.float32)
         values = (sums / np.float32(count) if count else np.ones_like(sums)) * np.float32(ncall)
         raw = name.encode()
-        out += [struct.pack("<i", len(raw)), raw, struct.pack("<ii", ncall, values.shape[0]),
-                values.astype("<f4").tobytes()]
+        out += [
+            struct.pack("<i", len(raw)),
+            raw,
+            struct.pack("<ii", ncall, values.shape[0]),
+            values.astype("<f4").tobytes(),
+        ]
     dataset = (imatrix.datasets[-1] if imatrix.datasets else "").encode()
     out += [struct.pack("<ii", imatrix.chunk_count, len(dataset)), dataset]
     return b"".join(out)
@@ -222,7 +253,7 @@ def _read_legacy(path: Path) -> Imatrix:
     sums, counts = {}, {}
     for _ in range(n):
         (size,) = struct.unpack_from("<i", data, pos)
-        name = data[pos + 4: pos + 4 + size].decode()
+        name = data[pos + 4 : pos + 4 + size].decode()
         ncall, nval = struct.unpack_from("<ii", data, pos + 4 + size)
         pos += 12 + size
         if nval < 1 or pos + 4 * nval > len(data):
@@ -234,5 +265,5 @@ def _read_legacy(path: Path) -> Imatrix:
     if pos + 8 <= len(data):
         chunks, size = struct.unpack_from("<ii", data, pos)
         if size > 0:
-            datasets = [data[pos + 8: pos + 8 + size].decode(errors="replace")]
+            datasets = [data[pos + 8 : pos + 8 + size].decode(errors="replace")]
     return Imatrix(sums, counts, datasets, chunks, 0, legacy=True)

@@ -53,7 +53,9 @@ def _edge_blocks(a: np.ndarray, rng) -> np.ndarray:
         lambda b: np.full_like(b, 0.01),
         np.abs,
         lambda b: -np.abs(b),
-        lambda b: np.where(np.arange(32) == 3, -np.abs(b).max(), np.where(np.arange(32) == 9, np.abs(b).max(), b)),
+        lambda b: np.where(
+            np.arange(32) == 3, -np.abs(b).max(), np.where(np.arange(32) == 9, np.abs(b).max(), b)
+        ),
         lambda b: rng.integers(-8, 8, 32).astype(np.float32) * np.float32(0.001),
         lambda b: np.full_like(b, 1e-20),
         lambda b: np.where(np.arange(32) % 2 == 0, np.float32(-0.0), b),
@@ -76,7 +78,7 @@ def _iq4_tie(b: np.ndarray) -> np.ndarray:
     rng = np.random.default_rng(9)
     levels = gq.IQ4NL_VALUES[rng.integers(1, 16, 32)]
     levels[0], levels[5] = -127, 7
-    return (levels * np.float32(2.0 ** -8)).astype(np.float32)
+    return (levels * np.float32(2.0**-8)).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +91,9 @@ def crafted(tiny_gguf, tmp_path_factory):
     writer = gguf.GGUFWriter(str(out / "f32.gguf"), "llama")
     for f in reader.fields.values():
         if not f.name.startswith("GGUF.") and f.name != "general.architecture":
-            sub = f.types[1] if f.types[0] == gguf.GGUFValueType.ARRAY and len(f.types) > 1 else None
+            sub = (
+                f.types[1] if f.types[0] == gguf.GGUFValueType.ARRAY and len(f.types) > 1 else None
+            )
             writer.add_key_value(f.name, f.contents(), f.types[0], sub)
     weights = {}
     for t in reader.tensors:
@@ -120,8 +124,11 @@ def _llama_quantize(tools, src, dst, qtype, *extra) -> dict[str, np.ndarray]:
     cmd = [str(tools.tool("llama-quantize")), "--pure", *map(str, extra), str(src), str(dst), qtype]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    return {t.name: np.array(t.data).reshape(t.data.shape[0], -1)
-            for t in gguf.GGUFReader(str(dst)).tensors if t.tensor_type.name == qtype}
+    return {
+        t.name: np.array(t.data).reshape(t.data.shape[0], -1)
+        for t in gguf.GGUFReader(str(dst)).tensors
+        if t.tensor_type.name == qtype
+    }
 
 
 @pytest.mark.parametrize("qtype", gq.TYPES)
@@ -191,14 +198,23 @@ def test_c_rounding_rules():
 
 def test_an_imatrix_of_another_model_is_one_clear_error(tiny):
     model, _ = tiny
-    layers = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    layers = [
+        n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n
+    ]
     names = gguf_names(model, layers)
     columns = {names[n]: model.get_submodule(n).in_features for n in layers}
-    good = Imatrix({g: np.ones(c, np.float32) for g, c in columns.items()}, dict.fromkeys(columns, 1))
+    good = Imatrix(
+        {g: np.ones(c, np.float32) for g, c in columns.items()}, dict.fromkeys(columns, 1)
+    )
     check_imatrix(good, columns, "x")
-    other = Imatrix({**{g: np.ones(c * 9, np.float32) for g, c in columns.items()}}, dict.fromkeys(columns, 1))
-    with pytest.raises(QuantlabError, match=r"not this model's: 14 entries of another width .*576 columns, "
-                       r"the tensor has 64.*imatrix: true"):
+    other = Imatrix(
+        {**{g: np.ones(c * 9, np.float32) for g, c in columns.items()}}, dict.fromkeys(columns, 1)
+    )
+    with pytest.raises(
+        QuantlabError,
+        match=r"not this model's: 14 entries of another width .*576 columns, "
+        r"the tensor has 64.*imatrix: true",
+    ):
         check_imatrix(other, columns, "'other.gguf'")
     del good.sums["blk.1.ffn_down.weight"]
     with pytest.raises(QuantlabError, match=r"no entry for 1 tensors \(blk.1.ffn_down.weight\)"):
@@ -210,12 +226,22 @@ def test_rows_that_are_not_whole_blocks_are_one_clear_error(tmp_path):
 
     from quantlab.quantizers.ggml import Ggml
 
-    with pytest.raises(QuantlabError, match=r"rows of 48 weights are not a multiple of 32, the block of Q4_0"):
+    with pytest.raises(
+        QuantlabError, match=r"rows of 48 weights are not a multiple of 32, the block of Q4_0"
+    ):
         gq.quantize(np.zeros((4, 48), np.float32), "Q4_0")
-    cfg = LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=48,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
     model = LlamaForCausalLM(cfg)
-    with pytest.raises(QuantlabError, match=r"'model.layers.0.self_attn.q_proj' of shape \(48, 48\): rows of 48"):
+    with pytest.raises(
+        QuantlabError, match=r"'model.layers.0.self_attn.q_proj' of shape \(48, 48\): rows of 48"
+    ):
         Ggml(Ggml.Config(type="iq4_nl")).check(model)
     with pytest.raises(Exception, match="Q4_K"):
         Ggml.Config(type="Q4_K")
@@ -237,25 +263,48 @@ def test_llama_imatrix_files_are_read_and_quantlab_computes_the_same(tiny, tiny_
     ctx, chunks = 64, 4
     text_file, text = _pydoc_file(tmp_path / "cal.txt")
     out = tmp_path / "imatrix.gguf"
-    proc = subprocess.run([str(tools.tool("llama-imatrix")), "-m", str(tiny_gguf), "-f", str(text_file), "-o",
-                           str(out), "-c", str(ctx), "--chunks", str(chunks), "--no-ppl", "-t", "2"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            str(tools.tool("llama-imatrix")),
+            "-m",
+            str(tiny_gguf),
+            "-f",
+            str(text_file),
+            "-o",
+            str(out),
+            "-c",
+            str(ctx),
+            "--chunks",
+            str(chunks),
+            "--no-ppl",
+            "-t",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     theirs = read_imatrix(out)
     ids = [tok.bos_token_id] + tok(text, add_special_tokens=False)["input_ids"]
-    windows = torch.tensor([ids[i * ctx:(i + 1) * ctx] for i in range(chunks)])
+    windows = torch.tensor([ids[i * ctx : (i + 1) * ctx] for i in range(chunks)])
     windows[:, 0] = tok.bos_token_id
-    layers = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    layers = [
+        n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n
+    ]
     ours = compute_imatrix(model, windows, gguf_names(model, layers))
     assert sorted(theirs.sums) == sorted(ours.sums) and len(ours.sums) == 14
     assert theirs.chunk_count == chunks and theirs.chunk_size == ctx
     for name in ours.sums:
         assert theirs.counts[name] == ours.counts[name] == ctx * chunks
-        np.testing.assert_allclose(ours.importance(name), theirs.importance(name), rtol=1e-3, atol=1e-7,
-                                   err_msg=name)
+        np.testing.assert_allclose(
+            ours.importance(name), theirs.importance(name), rtol=1e-3, atol=1e-7, err_msg=name
+        )
 
 
-def test_the_ggml_backend_writes_llama_quantizes_file_and_llama_cpp_runs_it(tiny_model_dir, tiny_gguf, tmp_path):
+def test_the_ggml_backend_writes_llama_quantizes_file_and_llama_cpp_runs_it(
+    tiny_model_dir, tiny_gguf, tmp_path
+):
     """The backend's checkpoint: the whole GGUF file, every tensor (q/k rows permuted, token
     embedding Q8_0, norms F32), equals what llama-quantize makes of the F32 export with the
     importance matrix saved beside it; llama-perplexity runs it."""
@@ -275,10 +324,20 @@ def test_the_ggml_backend_writes_llama_quantizes_file_and_llama_cpp_runs_it(tiny
     backend = Ggml(Ggml.Config(type="iq4_nl", imatrix=True))
     source = {"gguf": str(tiny_gguf)}
     done = backend.quantize(lm.model, cal, QuantizeContext(lm.tokenizer, source, tmp_path))
-    ckpt = export_checkpoint(done, lm.tokenizer, backend, tmp_path / "ckpt", source=source, label="ggml")
+    ckpt = export_checkpoint(
+        done, lm.tokenizer, backend, tmp_path / "ckpt", source=source, label="ggml"
+    )
     ours = {t.name: t for t in gguf.GGUFReader(str(ckpt / "model.gguf")).tensors}
-    _llama_quantize(tools, tmp_path / "f32.gguf", tmp_path / "theirs.gguf", "IQ4_NL", "--token-embedding-type",
-                    "q8_0", "--imatrix", ckpt / "imatrix" / "imatrix.gguf")
+    _llama_quantize(
+        tools,
+        tmp_path / "f32.gguf",
+        tmp_path / "theirs.gguf",
+        "IQ4_NL",
+        "--token-embedding-type",
+        "q8_0",
+        "--imatrix",
+        ckpt / "imatrix" / "imatrix.gguf",
+    )
     theirs = gguf.GGUFReader(str(tmp_path / "theirs.gguf")).tensors
     assert sorted(ours) == sorted(t.name for t in theirs)
     types = {}
@@ -287,16 +346,25 @@ def test_the_ggml_backend_writes_llama_quantizes_file_and_llama_cpp_runs_it(tiny
         assert ours[t.name].tensor_type == t.tensor_type, t.name
         assert np.array_equal(np.asarray(ours[t.name].data), np.asarray(t.data)), t.name
     assert types == {"IQ4_NL": 14, "Q8_0": 1, "F32": 5}
-    file_types = [int(gguf.GGUFReader(str(p)).fields["general.file_type"].contents())
-                  for p in (ckpt / "model.gguf", tmp_path / "theirs.gguf")]
-    assert file_types == [gguf.LlamaFileType.MOSTLY_IQ4_NL] * 2  # the "ftype" llama.cpp's tools show
+    file_types = [
+        int(gguf.GGUFReader(str(p)).fields["general.file_type"].contents())
+        for p in (ckpt / "model.gguf", tmp_path / "theirs.gguf")
+    ]
+    assert (
+        file_types == [gguf.LlamaFileType.MOSTLY_IQ4_NL] * 2
+    )  # the "ftype" llama.cpp's tools show
     text_file, _ = _pydoc_file(tmp_path / "eval.txt")
     base = perplexity(tools, tmp_path / "f32.gguf", text_file, ctx=64, chunks=4, threads=2)
     quant = perplexity(tools, ckpt / "model.gguf", text_file, ctx=64, chunks=4, threads=2)
-    assert np.isfinite(quant["ppl"]) and quant["ppl"] == pytest.approx(base["ppl"], rel=0.2), (quant, base)
+    assert np.isfinite(quant["ppl"]) and quant["ppl"] == pytest.approx(base["ppl"], rel=0.2), (
+        quant,
+        base,
+    )
 
 
-def test_a_foreign_imatrix_file_stops_a_run_before_any_quantization(crafted, tiny_gguf, tmp_path, capsys):
+def test_a_foreign_imatrix_file_stops_a_run_before_any_quantization(
+    crafted, tiny_gguf, tmp_path, capsys
+):
     """A recipe naming another model's imatrix file: one error line naming what differs and
     what would work, before any method is quantized."""
     from quantlab.cli import main
@@ -311,11 +379,14 @@ methods:
   - {{label: ok, backend: ggml, options: {{type: q8_0}}}}
   - {{label: foreign, backend: ggml, options: {{type: q4_0, imatrix_file: "{path}"}}}}
 eval: {{seq_len: 64, max_windows: 2, speed: {{enabled: false}}}}
-output: {{dir: "{tmp_path / 'run'}"}}
+output: {{dir: "{tmp_path / "run"}"}}
 """)
     assert main(["run", str(recipe)]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "error:" in err, err
-    assert re.search(r"importance matrix '.*other.gguf' is not this model's: 14 entries of another width "
-                     r"\(blk.0.attn_k.weight \(96 columns, the tensor has 64\)", err), err
+    assert re.search(
+        r"importance matrix '.*other.gguf' is not this model's: 14 entries of another width "
+        r"\(blk.0.attn_k.weight \(96 columns, the tensor has 64\)",
+        err,
+    ), err
     assert not (tmp_path / "run" / "ok" / "checkpoint").exists()

@@ -39,8 +39,9 @@ TYPES = tuple(BLOCK_BYTES)
 #: types whose quantizer reads an importance matrix (Q8_0's does not)
 USES_IMATRIX = frozenset({"Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL"})
 #: IQ4_NL's 16 levels (kvalues_iq4nl)
-IQ4NL_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113],
-                        dtype=np.float32)
+IQ4NL_VALUES = np.array(
+    [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.float32
+)
 #: ggml's GROUP_MAX_EPS: a block whose largest |x| is below it is all zero
 _EPS = np.float32(1e-15)
 _F = np.float32
@@ -55,12 +56,16 @@ def check_quantizable(name: str, shape: tuple[int, ...], qtype: str) -> None:
     """A clear error when a 2-D tensor cannot be stored as ``qtype`` (unknown type, or rows
     that are not a whole number of 32-weight blocks)."""
     if qtype not in BLOCK_BYTES:
-        raise QuantlabError(f"'{qtype}' is not a type quantlab quantizes as llama.cpp does; "
-                            f"types: {', '.join(TYPES)}")
+        raise QuantlabError(
+            f"'{qtype}' is not a type quantlab quantizes as llama.cpp does; "
+            f"types: {', '.join(TYPES)}"
+        )
     if len(shape) != 2 or shape[1] % BLOCK:
-        raise QuantlabError(f"tensor '{name}' of shape {tuple(shape)}: rows of {shape[-1]} weights are not a "
-                            f"multiple of {BLOCK}, the block of {qtype}; it can stay F16/F32, or the model "
-                            "needs rows that are multiples of 32")
+        raise QuantlabError(
+            f"tensor '{name}' of shape {tuple(shape)}: rows of {shape[-1]} weights are not a "
+            f"multiple of {BLOCK}, the block of {qtype}; it can stay F16/F32, or the model "
+            "needs rows that are multiples of 32"
+        )
 
 
 def quantize(w: np.ndarray, qtype: str, imatrix: np.ndarray | None = None) -> np.ndarray:
@@ -73,7 +78,9 @@ def quantize(w: np.ndarray, qtype: str, imatrix: np.ndarray | None = None) -> np
     if imatrix is not None:
         imatrix = np.ascontiguousarray(imatrix, dtype=np.float32).reshape(-1)
         if imatrix.shape[0] != cols:
-            raise QuantlabError(f"importance of {imatrix.shape[0]} columns for a tensor {cols} wide")
+            raise QuantlabError(
+                f"importance of {imatrix.shape[0]} columns for a tensor {cols} wide"
+            )
     if qtype not in USES_IMATRIX:
         imatrix = None
     # blocks as columns, [32, n_blocks]: each of a block's 32 elements is one contiguous row,
@@ -273,8 +280,11 @@ def _qkx3_search(x: np.ndarray, levels: int, weight: np.ndarray):
         scale = np.where(take, this_scale, scale)
         lo = np.where(take, this_min, lo)
         codes = np.where(take, lv, codes)
-    return (np.where(flat, _F(0), scale), np.where(flat, lo_flat, lo),
-            np.where(flat, 0, codes.astype(np.int32)))
+    return (
+        np.where(flat, _F(0), scale),
+        np.where(flat, lo_flat, lo),
+        np.where(flat, 0, codes.astype(np.int32)),
+    )
 
 
 #: for an integer i in [-128, 114] (index i + 128): the IQ4_NL levels just below and above

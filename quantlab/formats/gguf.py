@@ -285,7 +285,8 @@ def _float_tensors(model: nn.Module, layout: _Layout, float_type: str) -> list[t
     return out
 
 
-def export_ggml(model: nn.Module, path: Path, template: Path, qtype: str, *, embedding_type: str = "Q8_0",
+def export_ggml(model: nn.Module, path: Path, template: Path, qtype: str, *,
+                embedding_type: str = "Q8_0",
                 importance: dict[str, np.ndarray] | None = None) -> dict[str, str]:
     """Write ``model``'s float weights as a GGUF file quantized by llama.cpp's own quantizers
     (:mod:`quantlab.formats.ggml_quants`, byte for byte what ``llama-quantize --pure`` writes):
@@ -350,7 +351,8 @@ def export_gguf(model: nn.Module, path: Path, template: Path, *, float_type: str
     return _write_file(path, reader, layout, tensors)
 
 
-def _write_file(path: Path, reader, layout: _Layout, tensors: list[tuple[str, np.ndarray, Any]],
+def _write_file(path: Path, reader, layout: _Layout,
+                tensors: list[tuple[str, np.ndarray, Any]],
                 file_type: str | None = None) -> dict[str, str]:
     """Write ``tensors`` (GGUF name, data, raw type) in the template's order, with its
     metadata; every tensor the template has must be there. ``file_type``: the type named in

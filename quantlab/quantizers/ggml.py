@@ -35,15 +35,26 @@ GgmlType = Literal["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL"]
 
 
 class GgmlConfig(BackendConfig):
-    type: GgmlType = Field("Q4_0", description="The GGUF type of every linear layer: Q4_0, Q4_1, Q5_0, "
-                           "Q5_1, Q8_0 or IQ4_NL (lower case accepted).")
-    imatrix: bool = Field(False, description="Compute an importance matrix on the recipe's calibration "
-                          "windows and quantize with it (llama.cpp's importance-weighted scale search).")
-    imatrix_file: str | None = Field(None, description="Read the importance matrix from this llama.cpp "
-                                     "imatrix file (GGUF or legacy .dat) instead of computing it.")
+    type: GgmlType = Field(
+        "Q4_0",
+        description="The GGUF type of every linear layer: Q4_0, Q4_1, Q5_0, "
+        "Q5_1, Q8_0 or IQ4_NL (lower case accepted).",
+    )
+    imatrix: bool = Field(
+        False,
+        description="Compute an importance matrix on the recipe's calibration "
+        "windows and quantize with it (llama.cpp's importance-weighted scale search).",
+    )
+    imatrix_file: str | None = Field(
+        None,
+        description="Read the importance matrix from this llama.cpp "
+        "imatrix file (GGUF or legacy .dat) instead of computing it.",
+    )
     embedding_type: Literal["F32", "F16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL"] = Field(
-        "Q8_0", description="The GGUF type of the token embedding (and of an untied output head): "
-        "Q8_0, as llama.cpp's presets store it on models whose width is not a multiple of 256.")
+        "Q8_0",
+        description="The GGUF type of the token embedding (and of an untied output head): "
+        "Q8_0, as llama.cpp's presets store it on models whose width is not a multiple of 256.",
+    )
 
     @field_validator("type", "embedding_type", mode="before")
     @classmethod
@@ -56,8 +67,10 @@ class GgmlConfig(BackendConfig):
 
 class Ggml(Backend):
     name = "ggml"
-    description = ("llama.cpp's own quantizers (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/IQ4_NL, optional importance matrix) "
-                   "run by quantlab: the bytes llama-quantize writes, as a GGUF checkpoint.")
+    description = (
+        "llama.cpp's own quantizers (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/IQ4_NL, optional importance matrix) "
+        "run by quantlab: the bytes llama-quantize writes, as a GGUF checkpoint."
+    )
     Config = GgmlConfig
     config: GgmlConfig
     replaces_only = False
@@ -89,8 +102,13 @@ class Ggml(Backend):
         return im
 
     @torch.no_grad()
-    def _quantize(self, model: nn.Module, calibration: torch.Tensor | None, out: Quantized,
-                  context: QuantizeContext) -> nn.Module:
+    def _quantize(
+        self,
+        model: nn.Module,
+        calibration: torch.Tensor | None,
+        out: Quantized,
+        context: QuantizeContext,
+    ) -> nn.Module:
         from quantlab.formats.gguf import export_ggml, gguf_type_counts, template_for
         from quantlab.imatrix import write_imatrix
         from quantlab.quantizers.llamacpp import _load_gguf
@@ -104,11 +122,18 @@ class Ggml(Backend):
             gguf = work / CHECKPOINT_GGUF
             with out.stage("quantize and write GGUF"):
                 importance = {n: im.importance(n) for n in im.sums} if im is not None else None
-                export_ggml(model, gguf, template, self.config.type, embedding_type=self.config.embedding_type,
-                            importance=importance)
+                export_ggml(
+                    model,
+                    gguf,
+                    template,
+                    self.config.type,
+                    embedding_type=self.config.embedding_type,
+                    importance=importance,
+                )
             out.layer_stats = {"gguf_tensor_types": gguf_type_counts(gguf)}
             loaded = _load_gguf(gguf, next(model.parameters()).dtype)
-            out.artifacts["gguf"] = open(gguf, "rb")  # noqa: SIM115 - closed by save(); the name goes with work
+            # held open: closed by save(); the name goes with work
+            out.artifacts["gguf"] = open(gguf, "rb")  # noqa: SIM115
             if im is not None:
                 out.artifacts["imatrix"] = write_imatrix(im, work / "imatrix.gguf").read_bytes()
         return loaded
@@ -130,8 +155,10 @@ class Ggml(Backend):
         and the importance matrix it was quantized with."""
         gguf = quantized.artifacts.get("gguf")
         if gguf is None:
-            raise QuantlabError("this model was not quantized by the ggml backend in this process (its GGUF "
-                                "file is what gets saved); quantize it first")
+            raise QuantlabError(
+                "this model was not quantized by the ggml backend in this process (its GGUF "
+                "file is what gets saved); quantize it first"
+            )
         with gguf as src, open(out_dir / CHECKPOINT_GGUF, "wb") as dst:
             src.seek(0)
             shutil.copyfileobj(src, dst, 1 << 22)
@@ -141,7 +168,9 @@ class Ggml(Backend):
         return None  # config.json describes the float architecture; the GGUF holds the quantization
 
     @classmethod
-    def load(cls, ckpt_dir: Path, meta: dict, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    def load(
+        cls, ckpt_dir: Path, meta: dict, dtype: torch.dtype, device: torch.device
+    ) -> nn.Module:
         from quantlab.quantizers.llamacpp import _load_gguf
 
         return _load_gguf(Path(ckpt_dir) / CHECKPOINT_GGUF, dtype).to(device)
@@ -150,7 +179,9 @@ class Ggml(Backend):
 def _block_linears(model: nn.Module) -> list[str]:
     """The linear layers of the decoder blocks (what takes ``type``; the head is tied or takes
     ``embedding_type``)."""
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in f".{n}"]
+    return [
+        n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in f".{n}"
+    ]
 
 
 def _block_columns(model: nn.Module) -> dict[str, int]:
