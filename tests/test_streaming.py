@@ -85,6 +85,8 @@ def test_streamed_export_is_the_in_memory_export_byte_for_byte(
     assert streamed == whole
     assert got.layer_stats == stats and got.modules == whole["modules"]
     assert not list(tmp_path.glob("*.tmp-*"))  # no temporary directory left beside it
+    parts = {"read weights", "quantize", "write shards", "finish export"}
+    assert set(got.stage_seconds) == parts and sum(got.stage_seconds.values()) <= got.quantize_s
 
 
 def test_grouped_gptq_shares_a_hessian_only_between_linears_that_read_one_tensor(tiny_model_dir):

@@ -19,6 +19,7 @@ for tensor (``tests/test_streaming.py`` checks it byte for byte on a tiny model)
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,9 +88,22 @@ class StreamResult:
     out_dir: Path
     layer_stats: dict[str, dict[str, float]] = field(default_factory=dict)
     modules: list[str] = field(default_factory=list)
+    #: wall time of the whole walk and export (quantizing and writing interleave)
     quantize_s: float = 0.0
+    #: its named parts (seconds): reading weights, quantizing (the calibration forward passes
+    #: included), writing shards, and the export's end (config, tokenizer, manifest hashes)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
     total_size: int = 0
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        """Add the wall time of the block to ``stage_seconds[name]``."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stage_seconds[name] = self.stage_seconds.get(name, 0.0) + time.perf_counter() - t0
 
 
 @dataclass
@@ -161,7 +175,8 @@ def check_layer_fits(layer_bytes: int, available: int | None, device: torch.devi
             f"one decoder layer of this model needs about {need / 2**30:.1f} GiB on {device} to be "
             f"quantized ({layer_bytes / 2**30:.1f} GiB of weights in the compute dtype and its "
             f"working memory); {available / 2**30:.1f} GiB is free. Free memory, use a device "
-            "with more, or a smaller compute dtype (model.dtype: bfloat16)")
+            "with more, or a smaller compute dtype (model.dtype: bfloat16)"
+        )
 
 
 def _outer_names(walk: _Walk) -> tuple[list[str], list[str]]:
@@ -212,25 +227,31 @@ def quantize_streaming(
         writer = ShardWriter(tmp, max_shard_bytes)
         try:
             _walk_layers(walk, method, writer, calibration, result, log)
-            done = writer.close()
+            with result.stage("write shards"):
+                done = writer.close()
         except BaseException:
             writer.abort()
             raise
         result.files, result.total_size = done["files"], done["total_size"]
         widths = {n: method.config.bits_for(n) for n in result.modules}
-        write_model_files(tmp, source_dir, method.quantization_config(widths), dtype, tokenizer)
-        write_sidecar(
-            tmp,
-            backend=method.backend,
-            config_version=method.config.version,
-            options=method.options(),
-            modules=result.modules,
-            layout={"name": method.layout.name, "version": method.layout.version},
-            source=source or {"path": str(source_dir)},
-            label=label,
-        )
+        with result.stage("finish export"):
+            write_model_files(tmp, source_dir, method.quantization_config(widths), dtype, tokenizer)
+            _sidecar(tmp, method, result, source or {"path": str(source_dir)}, label)
     result.quantize_s = time.perf_counter() - t0
     return result
+
+
+def _sidecar(tmp: Path, method, result: StreamResult, source: dict, label: str) -> None:
+    write_sidecar(
+        tmp,
+        backend=method.backend,
+        config_version=method.config.version,
+        options=method.options(),
+        modules=result.modules,
+        layout={"name": method.layout.name, "version": method.layout.version},
+        source=source,
+        label=label,
+    )
 
 
 def _module_of(model: nn.Module, param: str) -> tuple[str, nn.Module]:
@@ -253,26 +274,34 @@ def _walk_layers(
     model, spec = walk.model, walk.spec
     first, rest = _outer_names(walk)
     emb_path, emb = _module_of(model, first[0])
-    materialize(emb, emb_path + ".", walk.source, walk.dtype, walk.device)
+    with result.stage("read weights"):
+        materialize(emb, emb_path + ".", walk.source, walk.dtype, walk.device)
     hidden = kwargs = None
     if method.needs_calibration:
-        hidden, kwargs = first_layer_inputs(
-            model, walk.layers, calibration.to(walk.device), method.batch_size
-        )
-    for n in first:
-        writer.add(n, model.get_parameter(n))
+        with result.stage("quantize"):
+            hidden, kwargs = first_layer_inputs(
+                model, walk.layers, calibration.to(walk.device), method.batch_size
+            )
+    with result.stage("write shards"):
+        for n in first:
+            writer.add(n, model.get_parameter(n))
     release(emb)
     progress = Progress(len(walk.layers), f"{method.backend}: quantize", log=log)
     for i, layer in enumerate(walk.layers):
         prefix = f"{spec.layers}.{i}."
-        materialize(layer, prefix, walk.source, walk.dtype, walk.device)
+        with result.stage("read weights"):
+            materialize(layer, prefix, walk.source, walk.dtype, walk.device)
         mine = {
             n[len(prefix) :]: model.get_submodule(n) for n in walk.targets if n.startswith(prefix)
         }
-        out = method.quantize_layer(layer, prefix, mine, hidden, kwargs, spec, result.layer_stats)
+        with result.stage("quantize"):
+            out = method.quantize_layer(
+                layer, prefix, mine, hidden, kwargs, spec, result.layer_stats
+            )
         hidden = out if out is not None else hidden
-        for k, v in layer.state_dict().items():
-            writer.add(prefix + k, v)
+        with result.stage("write shards"):
+            for k, v in layer.state_dict().items():
+                writer.add(prefix + k, v)
         result.modules += [prefix + n for n, m in layer.named_modules() if hasattr(m, "qweight")]
         release(layer)
         progress.step()
