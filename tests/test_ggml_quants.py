@@ -390,3 +390,42 @@ output: {{dir: "{tmp_path / "run"}"}}
         err,
     ), err
     assert not (tmp_path / "run" / "ok" / "checkpoint").exists()
+
+
+@pytest.mark.slow
+def test_the_demo_models_file_equals_llama_quantizes(tmp_path):
+    """The real model (576-wide rows, a 49152 x 576 tied embedding): quantlab's Q4_0 with an
+    importance matrix (2 calibration windows: cheap) is llama-quantize's, tensor for tensor."""
+    from quantlab.data import pydoc_text, sample_calibration, tokenize
+    from quantlab.formats.gguf import export_ggml, export_gguf
+    from quantlab.models import _demo_gguf, load_model
+
+    tools = _tools()
+    lm = load_model("smollm2-135m", dtype=torch.float32, device=CPU)
+    text = pydoc_text("calibration")
+    cal = sample_calibration(tokenize(text, lm.tokenizer), text, 2, 128, 0).ids
+    layers = [
+        n for n, m in lm.model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n
+    ]
+    im = compute_imatrix(lm.model, cal, gguf_names(lm.model, layers))
+    write_imatrix(im, tmp_path / "imatrix.gguf")
+    template = _demo_gguf("smollm2-135m")
+    export_gguf(lm.model, tmp_path / "f32.gguf", template)
+    importance = {n: im.importance(n) for n in im.sums}
+    export_ggml(lm.model, tmp_path / "ours.gguf", template, "Q4_0", importance=importance)
+    _llama_quantize(
+        tools,
+        tmp_path / "f32.gguf",
+        tmp_path / "theirs.gguf",
+        "Q4_0",
+        "--token-embedding-type",
+        "q8_0",
+        "--imatrix",
+        tmp_path / "imatrix.gguf",
+    )
+    ours = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "ours.gguf")).tensors}
+    theirs = gguf.GGUFReader(str(tmp_path / "theirs.gguf")).tensors
+    assert len(theirs) == len(ours) == 272
+    for t in theirs:
+        assert ours[t.name].tensor_type == t.tensor_type, t.name
+        assert np.array_equal(np.asarray(ours[t.name].data), np.asarray(t.data)), t.name
