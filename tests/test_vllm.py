@@ -119,11 +119,14 @@ def test_vllm_scores_quantlabs_gptq_checkpoint_within_one_percent(tmp_path):
                              label="rtn")
     plan = demo_plan(lm.tokenizer, windows=2)
     ours = perplexity(load_checkpoint(ckpt, dtype=torch.bfloat16, device=cpu).model, plan)
-    row = engine.vllm_perplexity(ckpt, plan, log_dir=tmp_path / "logs", dtype="bfloat16", vllm=VLLM)
+    row = engine.vllm_row(ckpt, plan, quantlab_ppl=ours.ppl, quantlab_dtype="bfloat16",
+                          quantized=True, log_dir=tmp_path / "logs", vllm=VLLM)
     if "no W4A16 kernel" in row.get("vllm_error", ""):
         pytest.skip(row["vllm_error"])
     assert "vllm_error" not in row, row["vllm_error"]
+    assert row["vllm_dtype"] == "bfloat16" and "vllm_warning" not in row
     assert abs(row["vllm_ppl"] / ours.ppl - 1) < 0.01, (row["vllm_ppl"], ours.ppl)
+    assert row["vllm_ppl_gap_pct"] == pytest.approx(100 * (row["vllm_ppl"] / ours.ppl - 1))
     assert processes_in(tmp_path / "logs") == []
 
 

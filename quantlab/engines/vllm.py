@@ -246,3 +246,37 @@ def ppl_gap_pct(vllm_ppl: float | None, ppl: float | None) -> float | None:
     if not vllm_ppl or not ppl or not math.isfinite(vllm_ppl) or not math.isfinite(ppl):
         return None
     return 100.0 * (vllm_ppl / ppl - 1.0)
+
+
+#: the largest gap between vLLM's and quantlab's perplexity of the same checkpoint and windows
+#: that is not worth a warning: float rows agree to ~1e-7 in float32 (measured), quantized
+#: rows run vLLM's own kernels (bfloat16 W4A16: +0.07% measured on GPTQ v1, +0.8% on AWQ)
+GAP_TOLERANCE_PCT = {"float": 0.5, "quantized": 1.0}
+
+
+def vllm_row(checkpoint: str | Path, plan, *, quantlab_ppl: float | None, quantlab_dtype: str,
+             quantized: bool, log_dir: str | Path, dtype: str | None = None,
+             vllm: VllmEnv | None = None, threads: int | None = None) -> dict:
+    """What a run adds to one method's row: :func:`vllm_perplexity` in ``dtype`` (default:
+    quantlab's scoring dtype; a quantized checkpoint in float32 is scored in bfloat16, the
+    only activation dtypes vLLM's GPTQ/AWQ paths take), ``vllm_ppl_gap_pct`` against
+    ``quantlab_ppl`` and, above :data:`GAP_TOLERANCE_PCT`, ``vllm_warning`` naming the
+    likely cause. A refusal is ``vllm_error`` (the row's other figures stand)."""
+    if dtype is None:
+        dtype = "bfloat16" if quantized and quantlab_dtype == "float32" else quantlab_dtype
+    row = vllm_perplexity(checkpoint, plan, log_dir=log_dir, dtype=dtype, threads=threads,
+                          vllm=vllm)
+    if "vllm_error" in row:
+        return row
+    gap = ppl_gap_pct(row["vllm_ppl"], quantlab_ppl)
+    row["vllm_ppl_gap_pct"] = gap
+    limit = GAP_TOLERANCE_PCT["quantized" if quantized else "float"]
+    if gap is not None and abs(gap) > limit:
+        cause = (f"activation dtype: vLLM ran {dtype}, quantlab scored {quantlab_dtype}"
+                 if dtype != quantlab_dtype else
+                 "vLLM's kernel for this format computes another model than the one quantlab "
+                 "scored (e.g. its CPU AWQ path, or pre-VNNI int8 matmuls)" if quantized else
+                 "the engines differ on the float model: check the dtype and the windows")
+        row["vllm_warning"] = (f"vLLM's perplexity is {gap:+.2f}% from quantlab's on the same "
+                               f"windows (tolerance {limit}%); likely cause: {cause}")
+    return row
