@@ -92,10 +92,11 @@ def compute_imatrix(
 
         return add
 
+    device = next(model.parameters()).device  # windows come on the CPU; the model may not be
     handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in layers]
     try:
         for i in range(0, calibration.shape[0], batch_size):
-            model(calibration[i : i + batch_size], use_cache=False)
+            model(calibration[i : i + batch_size].to(device), use_cache=False)
     finally:
         for h in handles:
             h.remove()
