@@ -75,7 +75,7 @@ SHAPES = {
 METHODS = {"rtn": dict(bits=4, group_size=128), "gptq": dict(bits=4, group_size=128, batch_size=8)}
 
 
-def build(size: str, out: Path) -> int:
+def build(size: str, out: Path, layers: int | None = None) -> int:
     """A random-weight Llama of ``size``'s shape in ``out`` (bf16 shards); its parameter count."""
     import torch
     from transformers import LlamaConfig
@@ -83,6 +83,8 @@ def build(size: str, out: Path) -> int:
     from quantlab.streaming.writer import ShardWriter
 
     shape = dict(SHAPES[size])
+    if layers is not None:  # a truncated model: the same layers, fewer of them
+        shape["num_hidden_layers"] = layers
     theta = shape.pop("rope_theta")
     cfg = LlamaConfig(**shape, bos_token_id=1, eos_token_id=2)
     if hasattr(cfg, "rope_parameters") and isinstance(cfg.rope_parameters, dict):
@@ -200,7 +202,7 @@ def measure(kind: str, model: Path, out: Path | None, method: str, args) -> dict
 def run_size(size: str, methods: list[str], root: Path, args) -> list[dict]:
     model = root / f"llama-{size}"
     t0 = time.perf_counter()
-    params = build(size, model)
+    params = build(size, model, args.layers)
     print(
         f"built {size}: {params / 1e9:.2f} B parameters, "
         f"{sum(f.stat().st_size for f in model.glob('*.safetensors')) / 1e9:.1f} GB bf16 "
@@ -217,6 +219,7 @@ def run_size(size: str, methods: list[str], root: Path, args) -> list[dict]:
             rows.append(
                 {
                     "size": size,
+                    "layers": _layers(size, args),
                     "method": method,
                     "params_B": params / 1e9,
                     "quantize_s": q["seconds"],
@@ -232,6 +235,10 @@ def run_size(size: str, methods: list[str], root: Path, args) -> list[dict]:
     finally:
         shutil.rmtree(model, ignore_errors=True)
     return rows
+
+
+def _layers(size: str, args) -> int:
+    return args.layers or SHAPES[size]["num_hidden_layers"]
 
 
 #: bytes on disk per parameter while a size is measured: the bf16 model and a W4 g128 export
@@ -251,6 +258,13 @@ def main() -> None:
     ap.add_argument("--cal-len", type=int, default=512)
     ap.add_argument(
         "--dir", default=None, help="where the models are built (default: the temp dir)"
+    )
+    ap.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="build only this many decoder layers: streaming holds one layer at a time, so the "
+        "peak memory is the full model's; the time is per layer (rows say 'layers')",
     )
     ap.add_argument("--json", default=None, help="also write the rows here")
     ap.add_argument("--child", choices=["quantize", "ppl"], help=argparse.SUPPRESS)

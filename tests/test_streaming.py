@@ -343,3 +343,12 @@ def test_a_layer_that_cannot_fit_is_said_before_any_work(tiny_model_dir):
     check_layer_fits(layer, 10 * layer, CPU)
     with pytest.raises(QuantlabError, match=r"one decoder layer .* needs about .* GiB on cpu"):
         check_layer_fits(layer, layer, CPU)
+
+
+def test_every_backend_says_what_it_needs_in_memory():
+    from quantlab.registry import backend_names
+    from quantlab.streaming.methods import METHODS, memory_needs
+
+    for name in backend_names():
+        streams = memory_needs(name).startswith("streams")
+        assert streams == (name in METHODS), name

@@ -342,3 +342,22 @@ def layer_method(backend: str, options: dict[str, Any] | WeightQuantConfig) -> L
     cfg_cls, make = METHODS[backend]
     config = options if isinstance(options, cfg_cls) else cfg_cls(**dict(options))
     return make(config)
+
+
+#: what each backend needs in memory, for ``quantlab backends`` (names as registered)
+_WHOLE = "needs the whole model in memory"
+MEMORY_NEEDS: dict[str, str] = {
+    "rtn": "streams one decoder layer at a time (bits: auto needs the whole model)",
+    "gptq": "streams one decoder layer at a time (engine: quantlab; gptqmodel loads it whole)",
+    "awq": f"{_WHOLE} (not streamed yet)",
+    "hqq": f"{_WHOLE} (not streamed yet)",
+    "ggml": f"{_WHOLE} (not streamed yet)",
+    "none": "the float baseline: nothing quantized",
+    "llamacpp": "llama-quantize reads the GGUF file itself (memory-mapped)",
+}
+
+
+def memory_needs(backend: str) -> str:
+    """One phrase: whether ``backend`` streams, or what it needs (a backend not listed is a
+    library's, which quantizes the model it is given: the whole of it)."""
+    return MEMORY_NEEDS.get(backend, f"{_WHOLE} (its library quantizes the loaded model)")
