@@ -28,7 +28,11 @@ from quantlab.quantizers.rtn import RTN, RTNConfig
 from quantlab.scoring import compute_reference, evaluate
 from quantlab.streaming.layerwise import quantize_streaming
 from quantlab.streaming.methods import layer_method
-from quantlab.streaming.score import streaming_evaluate, streaming_perplexity
+from quantlab.streaming.score import (
+    streaming_evaluate,
+    streaming_perplexity,
+    streaming_reference,
+)
 from quantlab.streaming.shards import INDEX, ShardedSource
 from quantlab.streaming.writer import ShardWriter
 
@@ -168,7 +172,11 @@ def test_streamed_perplexity_and_kl_equal_the_whole_models(tiny_model_dir, tmp_p
     )
     assert s_ppl.nll_mean == ppl.nll_mean and s_ppl.ppl != whole.ppl
     assert s_div["kld_mean"] == div["kld_mean"] > 0 and s_div == div
-    del ref
+    # the base's distributions computed streamed are the same bytes
+    streamed = streaming_reference(tiny_model_dir, plan, tmp_path / "sref", 3, key="k", **QUIET)
+    for name in ("logprobs.u16", "rows.npy"):
+        assert (tmp_path / "sref" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes()
+    assert streamed.meta["ppl"] == ref.meta["ppl"]
 
 
 # --------------------------------------------------------------------------- bad input

@@ -235,3 +235,31 @@ def streaming_evaluate(
         model_dir, plan, batch_size, on_logits=stats.compare if stats else None, **kw
     )
     return summarize(plan, nll, seconds), (stats.result() if stats else None)
+
+
+def streaming_reference(
+    model_dir: str | Path, plan: Plan, path: str | Path, batch_size: int, key: str, **kw
+):
+    """:func:`quantlab.scoring.compute_reference`, streamed: the base model's distributions
+    at the scored positions, stored once at ``path`` (reused when a finished one with the same
+    key is there and verifies)."""
+    from quantlab.bench.divergence import ReferenceLogprobs
+
+    found = ReferenceLogprobs.open(path)
+    if found is not None and found.meta.get("key") == key:
+        return found
+    dtype = kw.get("dtype", torch.float32)
+    head = open_model(Path(model_dir), dtype, verify=kw.get("verify", True)).get_output_embeddings()
+    ref = ReferenceLogprobs.create(
+        path, plan.scored_tokens, head.weight.shape[0], meta={"key": key}
+    )
+    nll, seconds = streaming_score(model_dir, plan, batch_size, on_logits=ref.append, **kw)
+    ref.meta.update(seconds=seconds, ppl=float(torch.exp(nll.mean())))
+    ref.finish()
+    done = ReferenceLogprobs.open(path, verify=False)
+    if done is None:
+        raise QuantlabError(
+            f"the reference distributions written to '{path}' were changed or "
+            "removed while being written: is another process writing there?"
+        )
+    return done
