@@ -360,3 +360,16 @@ def test_every_backend_says_what_it_needs_in_memory():
     for name in backend_names():
         streams = memory_needs(name).startswith("streams")
         assert streams == (name in METHODS), name
+
+
+def test_a_long_unit_still_gets_its_minute_line():
+    """Inside ``with``, a line comes every ``every_s`` even while one unit runs (real time,
+    scaled down: every 0.2 s, a unit of 0.7 s)."""
+    import time
+
+    lines: list[str] = []
+    with Progress(2, "gptq: quantize", log=lines.append, every_s=0.2) as p:
+        time.sleep(0.7)
+        p.step()
+    assert any(line.endswith("; layer 1 under way") for line in lines[:-1]), lines
+    assert lines[-1].startswith("gptq: quantize: 1/2 layers done in")

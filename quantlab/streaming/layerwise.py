@@ -286,26 +286,29 @@ def _walk_layers(
         for n in first:
             writer.add(n, model.get_parameter(n))
     release(emb)
-    progress = Progress(len(walk.layers), f"{method.backend}: quantize", log=log)
-    for i, layer in enumerate(walk.layers):
-        prefix = f"{spec.layers}.{i}."
-        with result.stage("read weights"):
-            materialize(layer, prefix, walk.source, walk.dtype, walk.device)
-        mine = {
-            n[len(prefix) :]: model.get_submodule(n) for n in walk.targets if n.startswith(prefix)
-        }
-        with result.stage("quantize"):
-            out = method.quantize_layer(
-                layer, prefix, mine, hidden, kwargs, spec, result.layer_stats
-            )
-        hidden = out if out is not None else hidden
-        with result.stage("write shards"):
-            for k, v in layer.state_dict().items():
-                writer.add(prefix + k, v)
-        result.modules += [prefix + n for n, m in layer.named_modules() if hasattr(m, "qweight")]
-        release(layer)
-        progress.step()
-    progress.done()
+    with Progress(len(walk.layers), f"{method.backend}: quantize", log=log) as progress:
+        for i, layer in enumerate(walk.layers):
+            prefix = f"{spec.layers}.{i}."
+            with result.stage("read weights"):
+                materialize(layer, prefix, walk.source, walk.dtype, walk.device)
+            mine = {
+                n[len(prefix) :]: model.get_submodule(n)
+                for n in walk.targets
+                if n.startswith(prefix)
+            }
+            with result.stage("quantize"):
+                out = method.quantize_layer(
+                    layer, prefix, mine, hidden, kwargs, spec, result.layer_stats
+                )
+            hidden = out if out is not None else hidden
+            with result.stage("write shards"):
+                for k, v in layer.state_dict().items():
+                    writer.add(prefix + k, v)
+            result.modules += [
+                prefix + n for n, m in layer.named_modules() if hasattr(m, "qweight")
+            ]
+            release(layer)
+            progress.step()
     _write_rest(walk, method, writer, rest, result)
 
 

@@ -176,13 +176,12 @@ def streaming_score(
     states = [first_layer_inputs(model, layers, inp.to(device), inp.shape[0]) for inp, _, _ in work]
     hidden, kwargs = [h for hs, _ in states for h in hs], [k for _, ks in states for k in ks]
     release(emb)
-    progress = Progress(len(layers), "streamed scoring", log=log)
-    for i, layer in enumerate(layers):
-        _load(layer, f"{spec.layers}.{i}.", source, dtype, device)
-        hidden = [layer_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs)]
-        release(layer)
-        progress.step()
-    progress.done()
+    with Progress(len(layers), "streamed scoring", log=log) as progress:
+        for i, layer in enumerate(layers):
+            _load(layer, f"{spec.layers}.{i}.", source, dtype, device)
+            hidden = [layer_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs)]
+            release(layer)
+            progress.step()
     norm, head = model.get_submodule(norm_path), model.get_submodule(head_path)
     _load(norm, norm_path + ".", source, dtype, device)
     _load_head(model, head_path, emb_path, source, dtype, device)
