@@ -45,6 +45,8 @@ IQ4NL_VALUES = np.array(
 #: ggml's GROUP_MAX_EPS: a block whose largest |x| is below it is all zero
 _EPS = np.float32(1e-15)
 _F = np.float32
+#: weights quantized at a time (rows of a tensor; 2**20: a few MB per temporary array)
+CHUNK = 1 << 20
 
 
 def row_bytes(qtype: str, n_cols: int) -> int:
@@ -83,12 +85,19 @@ def quantize(w: np.ndarray, qtype: str, imatrix: np.ndarray | None = None) -> np
             )
     if qtype not in USES_IMATRIX:
         imatrix = None
-    # blocks as columns, [32, n_blocks]: each of a block's 32 elements is one contiguous row,
-    # so C's element-by-element loops are 32 whole-array operations
-    x = np.ascontiguousarray(w.reshape(-1, BLOCK).T)
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        parts = _quantize_blocks(x, w, qtype, imatrix)
-    return _pack(qtype, *parts).reshape(rows, -1)
+    out = np.empty((rows, row_bytes(qtype, cols)), dtype=np.uint8)
+    # rows are quantized independently: slices of about CHUNK weights bound the temporaries
+    # (a dozen arrays of the slice's size) whatever the tensor
+    step = max(1, CHUNK // cols)
+    for r in range(0, rows, step):
+        part = w[r : r + step]
+        # blocks as columns, [32, n_blocks]: each of a block's 32 elements is one contiguous
+        # row, so C's element-by-element loops are 32 whole-array operations
+        x = np.ascontiguousarray(part.reshape(-1, BLOCK).T)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            parts = _quantize_blocks(x, part, qtype, imatrix)
+        out[r : r + step] = _pack(qtype, *parts).reshape(part.shape[0], -1)
+    return out
 
 
 def _quantize_blocks(x: np.ndarray, w: np.ndarray, qtype: str, imatrix: np.ndarray | None):
