@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from quantlab import __version__
 from quantlab.cache import sha256_file as _sha256
@@ -47,15 +46,22 @@ from quantlab.layout import SIDECAR
 from quantlab.modelfiles import LoadedModel, check_no_remote_code, check_safetensors
 
 
-def export_checkpoint(model: nn.Module, tokenizer, backend, out_dir: Path, *,
+def export_checkpoint(quantized, tokenizer, backend, out_dir: Path, *,
                       source: dict[str, Any], label: str) -> Path:
-    """Write ``model`` (quantized by ``backend``) into ``out_dir``, atomically. An existing
+    """Write ``quantized`` (the :class:`~quantlab.quantizers.base.Quantized` that
+    ``backend.quantize`` returned, or a model that needs nothing beyond its modules to be
+    saved: a float model, or one whose backend keeps no artifacts) into ``out_dir``,
+    atomically. An existing
     ``out_dir`` is replaced only when it is a checkpoint quantlab wrote (it has a sidecar).
 
     Where ``out_dir`` may be is the caller's rule (a run's method directory under its lock,
     :func:`quantlab.direct.save` outside every quantlab output). The temporary directory is
     removed on any failure; leftovers of killed exports are removed only when provably
     quantlab's (:func:`_remove_stale_exports`)."""
+    from quantlab.quantizers.base import Quantized
+
+    if not isinstance(quantized, Quantized):
+        quantized = Quantized(quantized)
     out_dir = Path(out_dir)
     if out_dir.is_symlink() or (out_dir.exists() and not (out_dir / SIDECAR).is_file()):
         raise QuantlabError(f"'{out_dir}' exists but is not a checkpoint quantlab wrote (a file, a link, or a "
@@ -65,7 +71,7 @@ def export_checkpoint(model: nn.Module, tokenizer, backend, out_dir: Path, *,
     try:
         marker = {"pid": os.getpid(), "host": socket.gethostname()}
         (tmp / TMP_MARKER).write_text(json.dumps(marker))
-        _write(model, tokenizer, backend, tmp, source, label)
+        _write(quantized, tokenizer, backend, tmp, source, label)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)
@@ -134,8 +140,9 @@ def _dead_writer(marker: Path) -> bool:
     return False
 
 
-def _write(model: nn.Module, tokenizer, backend, tmp: Path, source: dict[str, Any], label: str) -> None:
-    qconfig = backend.save(model, tmp)
+def _write(quantized, tokenizer, backend, tmp: Path, source: dict[str, Any], label: str) -> None:
+    model = quantized.model
+    qconfig = backend.save(quantized, tmp)
     config = copy.deepcopy(model.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config

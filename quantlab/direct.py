@@ -15,6 +15,7 @@ stays with recipes.
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,9 @@ from torch import nn
 
 from quantlab.errors import QuantlabError
 
-#: the attribute ``quantize`` leaves on a model: the backend that quantized it (``save`` needs it)
-_ATTR = "_quantlab_backend"
+#: model -> (the backend that quantized it, what its quantize returned): what ``save`` needs.
+#: Held beside the model, not on it, and only as long as the model lives.
+_QUANTIZED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def config(backend: str, **options: Any):
@@ -137,9 +139,9 @@ def quantize(model: nn.Module, cfg, *, tokenizer=None, calibration: Any = "pydoc
         _check_ids(calib, model)
         calib = calib.to(device)
     with torch.no_grad():
-        out = backend.quantize(model.eval(), calib)
-    setattr(out, _ATTR, backend)
-    return out
+        done = backend.quantize(model.eval(), calib)
+    _QUANTIZED[done.model] = (backend, done)  # for save(): nothing rides on the model
+    return done.model
 
 
 def save(model: nn.Module, path: str | Path, *, tokenizer, source: str | None = None) -> Path:
@@ -155,7 +157,7 @@ def save(model: nn.Module, path: str | Path, *, tokenizer, source: str | None = 
     from quantlab.checkpoint import export_checkpoint
     from quantlab.rundir import refuse_inside_output
 
-    backend = getattr(model, _ATTR, None)
+    backend, done = _QUANTIZED.get(model, (None, None))
     if backend is None:
         raise QuantlabError("this model was not quantized by quantlab.quantize (nothing says how to store it); "
                             "quantize it first, or save a float model with transformers' save_pretrained")
@@ -166,5 +168,5 @@ def save(model: nn.Module, path: str | Path, *, tokenizer, source: str | None = 
                             f"tokenizer), not {type(tokenizer).__name__}: a checkpoint holds its "
                             "tokenizer, and quantlab.load and quantlab eval read it from there")
     refuse_inside_output(path, "checkpoint path")
-    return export_checkpoint(model, tokenizer, backend, path, label=path.name,
+    return export_checkpoint(done, tokenizer, backend, path, label=path.name,
                              source={"source": source, "kind": "api"})

@@ -29,7 +29,7 @@ from quantlab.layout import RUNNING
 from quantlab.log import log
 from quantlab.measure import measure_checkpoint
 from quantlab.plan import RunPlan
-from quantlab.quantizers.base import target_linears
+from quantlab.quantizers.base import QuantizeContext, target_linears
 from quantlab.records import (
     atomic_write_json,
     finished_metrics,
@@ -201,7 +201,9 @@ def reusable_stage(stage: dict, backend, ckpt: Path, tag: str):
         if read_sidecar(ckpt).get("options") != stage["options"]:
             raise QuantlabError("its export record and its sidecar disagree on the options")
         again = cls(cls.Config(**stage["options"]))  # the options as resolved then (skip: auto)
-        again.layer_stats, again.stage_seconds = dict(stage["layers"]), dict(stage["stage_seconds"])
+        for part in ("layers", "stage_seconds"):  # what the row's cost columns read
+            if not isinstance(stage[part], dict):
+                raise TypeError(part)
     except QuantlabError as e:
         log(f"{tag}: the checkpoint exported earlier cannot be reused ({e}); quantizing again")
         return None
@@ -227,22 +229,21 @@ def quantize_and_export(plan: RunPlan, method, backend, base, tag: str) -> dict:
         sens = result.as_dict()
     if allocating:
         backend, alloc = _allocation(plan, method, backend, work, mdir, tag)
-    if hasattr(backend, "context"):  # llamacpp: the source's GGUF metadata, calibration as text
-        # scratch files (llama.cpp's F32 copy) inside the run, counted against its own disk
-        backend.context = {"source_info": plan.source_info, "tokenizer": tokenizer,
-                           "scratch_dir": mdir}
+    # llamacpp reads the source's GGUF metadata and writes calibration as text; its scratch
+    # files (llama.cpp's F32 copy) go inside the run, counted against its own disk
+    context = QuantizeContext(tokenizer=tokenizer, source_info=plan.source_info, scratch_dir=mdir)
     log(f"{tag}: quantize ({backend.name})")
     with Peak(device) as mem:
         t0 = time.perf_counter()
-        work = backend.quantize(work, calibration if backend.needs_calibration else None)
+        done = backend.quantize(work, calibration if backend.needs_calibration else None, context)
         quantize_s = time.perf_counter() - t0
     log(f"{tag}: export")
     t0 = time.perf_counter()
-    export_checkpoint(work, tokenizer, backend, plan.run_dir.checkpoint(method.label), source=plan.source_info,
-                      label=method.label)
+    export_checkpoint(done, tokenizer, backend, plan.run_dir.checkpoint(method.label),
+                      source=plan.source_info, label=method.label)
     export_s = time.perf_counter() - t0
     return {"backend": backend, "options": backend.config.model_dump(mode="json"), "quantize_s": quantize_s,
-            "export_s": export_s, "stage_seconds": dict(backend.stage_seconds), "layers": backend.layer_stats,
+            "export_s": export_s, "stage_seconds": dict(done.stage_seconds), "layers": done.layer_stats,
             "peak_rss_quantize_bytes": mem.rss, "peak_cuda_quantize_bytes": mem.cuda, "sensitivity": sens,
             "allocation": alloc}
 
@@ -322,7 +323,7 @@ def _score(plan: RunPlan, method, backend, stage: dict, export_key: str, tag: st
     gguf_cols = _gguf_stage(plan, method, backend, loaded, export_key)
     row = measure_checkpoint(plan, method, backend, loaded, ckpt, ppl, div or {}, tag=tag, log=log)
     row.update(load_s=load_s, kernels=loaded.info["kernels"], peak_rss_load_bytes=mem_load.rss, peak_rss_eval_bytes=mem_eval.rss,
-               peak_cuda_eval_bytes=mem_eval.cuda, **_cost(stage, backend), **gguf_cols)
+               peak_cuda_eval_bytes=mem_eval.cuda, **_cost(stage), **gguf_cols)
     del loaded
     gc.collect()
     kl = f", KL {div['kld_mean']:.4f}" if div else ""
@@ -330,7 +331,7 @@ def _score(plan: RunPlan, method, backend, stage: dict, export_key: str, tag: st
     return row
 
 
-def _cost(stage: dict, backend) -> dict:
+def _cost(stage: dict) -> dict:
     """The cost of quantizing: times, memory, the sensitivity pass."""
     sens, quantize_s = stage["sensitivity"], stage["quantize_s"]
     return {
@@ -338,14 +339,15 @@ def _cost(stage: dict, backend) -> dict:
         "export_s": stage["export_s"],
         "peak_rss_quantize_bytes": stage["peak_rss_quantize_bytes"],
         "peak_cuda_quantize_bytes": stage["peak_cuda_quantize_bytes"],
-        "layers": backend.layer_stats,
+        "layers": stage["layers"],
         "skipped_layers": len(sens["chosen"]) if sens else None,
         "sensitivity_s": sens["seconds"] if sens else None,
         "sensitivity": sens,
         "allocation": stage.get("allocation"),
         "allocation_s": (stage.get("allocation") or {}).get("seconds"),
         # named stages of quantization; "other" is the rest (forward passes, packing...)
-        "quantize_stages": dict(backend.stage_seconds, other=quantize_s - sum(backend.stage_seconds.values())),
+        "quantize_stages": dict(stage["stage_seconds"],
+                                other=quantize_s - sum(stage["stage_seconds"].values())),
     }
 
 

@@ -214,7 +214,7 @@ def run_sensitivity(model: nn.Module, make_backend: Callable[[list[str]], Backen
                 _restore(model, snap)
         saved = runner.model, runner.layers
         try:
-            runner.model = backend.quantize(copy.deepcopy(model), cal)
+            runner.model = backend.quantize(copy.deepcopy(model), cal).model
             runner.layers = runner.model.get_submodule(runner.layers_path) if runner.layers_path else None
             return runner.kl(runner.start_layer(quantized))
         finally:

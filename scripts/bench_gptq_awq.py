@@ -103,6 +103,7 @@ def main() -> int:
         t0 = time.perf_counter()
         ckpt = export_checkpoint(q, base.tokenizer, backend, out_root / key, source={}, label=key)
         export_s = time.perf_counter() - t0
+        stage_seconds = dict(q.stage_seconds)
         del q, work
         gc.collect()
         loaded = load_checkpoint(ckpt, dtype=torch.float32, device=cpu).model
@@ -112,7 +113,7 @@ def main() -> int:
                "peak_rss_over_float_weights": round(mem.peak_bytes / weights_bytes, 2),
                "runtime_rss_bytes": runtime_rss,
                "peak_rss_above_runtime_over_float_weights": round((mem.peak_bytes - runtime_rss) / weights_bytes, 2),
-               "stage_seconds": {k: round(v, 1) for k, v in backend.stage_seconds.items()},
+               "stage_seconds": {k: round(v, 1) for k, v in stage_seconds.items()},
                "size_bytes": weight_bytes(ckpt), **score(loaded, divergence=True)}
         rows.append(row)
         print(json.dumps(row), flush=True)

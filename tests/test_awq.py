@@ -112,15 +112,16 @@ def test_awq_on_tiny_model_searches_then_quantizes(tiny, tmp_path):
     ids = tokenize(pydoc_text("calibration"), tok)
     cal = ids[: 8 * 64].view(8, 64)
     backend = AWQ(AWQ.Config(bits=4, group_size=32, search_tokens=256))
-    q = backend.quantize(copy.deepcopy(model), cal)
+    done = backend.quantize(copy.deepcopy(model), cal)
+    q = done.model
     assert sum(isinstance(m, AWQLinear) for m in q.modules()) == 14
     # the search chose real scales somewhere (not always s = 1), and they lowered its objective
-    searched = [v for v in backend.layer_stats.values() if "awq_best_grid_index" in v]
+    searched = [v for v in done.layer_stats.values() if "awq_best_grid_index" in v]
     assert len(searched) == 12  # q, k, v, gate, up and down in two layers
     helped = [v for v in searched if v["awq_best_grid_index"] > 0]
     assert helped and all(v["awq_loss_best"] < v["awq_loss_identity"] for v in helped)
     # GQA here (4 heads, 2 kv heads): v_proj -> o_proj scaling is skipped, by design
-    assert "awq_loss_identity" not in backend.layer_stats["model.layers.0.self_attn.o_proj"]
+    assert "awq_loss_identity" not in done.layer_stats["model.layers.0.self_attn.o_proj"]
     ckpt = export_checkpoint(q, tok, backend, tmp_path / "ckpt", source={}, label="a")
     qc = json.loads((ckpt / "config.json").read_text())["quantization_config"]
     assert qc == {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True,
@@ -141,7 +142,7 @@ def test_scale_folding_alone_keeps_the_float_model(tiny):
 
     model, tok = tiny
     cal = tokenize(pydoc_text("calibration"), tok)[: 4 * 64].view(4, 64)
-    q = AWQ(AWQ.Config(bits=8, group_size=16, format="gptq", clip=False, search_tokens=128)).quantize(copy.deepcopy(model), cal)
+    q = AWQ(AWQ.Config(bits=8, group_size=16, format="gptq", clip=False, search_tokens=128)).quantize(copy.deepcopy(model), cal).model
     with torch.inference_mode():
         a, b = model(cal).logits, q(cal).logits
     assert float((a - b).abs().max()) < 0.05 * float(a.abs().max())
@@ -167,9 +168,9 @@ def test_next_inputs_float_calibrates_later_layers_on_float_outputs(tiny):
     stats = {}
     for mode in ("quantized", "float"):
         backend = AWQ(AWQ.Config(bits=4, group_size=32, search_tokens=128, next_inputs=mode))
-        q = backend.quantize(copy.deepcopy(model), cal)
-        assert all(not isinstance(m, torch.nn.Linear) or n == "lm_head" for n, m in q.named_modules())
-        stats[mode] = backend.layer_stats
+        done = backend.quantize(copy.deepcopy(model), cal)
+        assert all(not isinstance(m, torch.nn.Linear) or n == "lm_head" for n, m in done.model.named_modules())
+        stats[mode] = done.layer_stats
     first = "model.layers.0.self_attn.q_proj"
     second = "model.layers.1.self_attn.q_proj"
     assert stats["quantized"][first] == stats["float"][first]

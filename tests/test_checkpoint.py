@@ -20,7 +20,7 @@ IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 8, 120, 64, 33, 2]])
 
 def _export(tiny, tmp_path, backend):
     model, tok = tiny
-    q = backend.quantize(copy.deepcopy(model), None)
+    q = backend.quantize(copy.deepcopy(model), None).model
     ckpt = export_checkpoint(q, tok, backend, tmp_path / "ckpt", source={"source": "tiny"}, label="m")
     return q, ckpt
 

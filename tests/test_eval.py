@@ -28,7 +28,7 @@ def rtn_checkpoint(tiny, tmp_path_factory):
 
     model, tok = tiny
     backend = RTN(RTN.Config(bits=3, group_size=32))
-    q = backend.quantize(copy.deepcopy(model), None)
+    q = backend.quantize(copy.deepcopy(model), None).model
     return export_checkpoint(q, tok, backend, tmp_path_factory.mktemp("ckpt") / "rtn", source={}, label="rtn")
 
 

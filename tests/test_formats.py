@@ -81,7 +81,7 @@ def test_the_same_grid_in_either_layout_writes_the_same_gguf(tiny_model_dir, tin
     from quantlab.quantizers.base import set_module
 
     gptq = RTN(WeightQuantConfig(bits=4, group_size=32, sym=True)).quantize(
-        load_model(str(tiny_model_dir), dtype=torch.float32, device=CPU).model, None)
+        load_model(str(tiny_model_dir), dtype=torch.float32, device=CPU).model, None).model
     awq = load_model(str(tiny_model_dir), dtype=torch.float32, device=CPU).model
     for name, m in gptq.named_modules():
         q = unpack_layer(m)
@@ -97,7 +97,7 @@ def test_the_same_grid_in_either_layout_writes_the_same_gguf(tiny_model_dir, tin
 def rtn_checkpoint(tiny, tmp_path):
     model, tok = tiny
     backend = RTN(WeightQuantConfig(bits=4, group_size=32))
-    q = backend.quantize(copy.deepcopy(model), None)  # the fixture's model is shared: quantize a copy
+    q = backend.quantize(copy.deepcopy(model), None).model  # the fixture's model is shared: quantize a copy
     return export_checkpoint(q, tok, backend, tmp_path / "rtn", source={"model": "tiny"}, label="rtn")
 
 

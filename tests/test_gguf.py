@@ -24,7 +24,7 @@ CPU = torch.device("cpu")
 
 def _quantized(model_dir, **options):
     model = load_model(str(model_dir), dtype=torch.float32, device=CPU).model
-    return RTN(WeightQuantConfig(**options)).quantize(model, None)
+    return RTN(WeightQuantConfig(**options)).quantize(model, None).model
 
 
 def _dense_in_gguf_order(model, name: str, heads: dict[str, int]) -> torch.Tensor:

@@ -69,13 +69,14 @@ def test_gptq_backend_on_tiny_model_beats_rtn_and_round_trips(tiny, tmp_path):
     ids = tokenize(pydoc_text("calibration"), tok)
     cal = ids[: 16 * 64].view(16, 64)
     backend = GPTQ(GPTQ.Config(bits=3, group_size=32, act_order=True))
-    q = backend.quantize(copy.deepcopy(model), cal)
-    assert len(backend.layer_stats) == 14
+    done = backend.quantize(copy.deepcopy(model), cal)
+    q = done.model
+    assert len(done.layer_stats) == 14
     # on the calibration windows themselves GPTQ must fit the float model's outputs better
     with torch.inference_mode():
         ref = model(cal).logits
         err_gptq = float((q(cal).logits - ref).pow(2).mean())
-        r = RTN(RTN.Config(bits=3, group_size=32)).quantize(copy.deepcopy(model), None)
+        r = RTN(RTN.Config(bits=3, group_size=32)).quantize(copy.deepcopy(model), None).model
         err_rtn = float((r(cal).logits - ref).pow(2).mean())
     assert err_gptq < err_rtn
     ckpt = export_checkpoint(q, tok, backend, tmp_path / "ckpt", source={}, label="g")
@@ -130,11 +131,11 @@ def test_staged_and_hook_based_gptq_agree(tiny):
 
     model, tok = tiny
     cal = tokenize(pydoc_text("calibration"), tok)[: 8 * 64].view(8, 64)
-    a = GPTQ(GPTQ.Config(bits=4, group_size=32)).quantize(copy.deepcopy(model), cal)
+    a = GPTQ(GPTQ.Config(bits=4, group_size=32)).quantize(copy.deepcopy(model), cal).model
     spec = ARCHS["llama"]
     try:
         ARCHS["llama"] = type(spec)(layers=spec.layers, sequential=spec.sequential, prenorm=None)
-        b = GPTQ(GPTQ.Config(bits=4, group_size=32)).quantize(copy.deepcopy(model), cal)
+        b = GPTQ(GPTQ.Config(bits=4, group_size=32)).quantize(copy.deepcopy(model), cal).model
     finally:
         ARCHS["llama"] = spec
     for (na, ma), (_, mb) in zip(a.named_modules(), b.named_modules()):

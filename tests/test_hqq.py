@@ -101,7 +101,7 @@ def _quantized_tiny(tiny_model_dir, **options):
     lm = load_model(str(tiny_model_dir), dtype=torch.float32, device=CPU)
     backend = HQQBackend(HQQConfig(**options))
     backend.check(lm.model)
-    return lm, backend, backend.quantize(lm.model, None)
+    return lm, backend, backend.quantize(lm.model, None).model
 
 
 def test_a_checkpoint_reloads_in_a_fresh_process_with_the_same_logits(tiny_model_dir, tmp_path):

@@ -37,7 +37,7 @@ def test_transformers_with_gptqmodel_loads_quantlab_checkpoints(tiny, tmp_path, 
     cls = get_backend(backend)
     b = cls(cls.Config(**opts))
     cal = tokenize(pydoc_text("calibration"), tok)[: 8 * 64].view(8, 64)
-    q = b.quantize(copy.deepcopy(model), cal if b.needs_calibration else None)
+    q = b.quantize(copy.deepcopy(model), cal if b.needs_calibration else None).model
     ckpt = export_checkpoint(q, tok, b, tmp_path / "ckpt", source={}, label=backend)
     ids = cal[:2]
     ours = load_checkpoint(ckpt, dtype=torch.float32, device=torch.device("cpu")).model
@@ -63,10 +63,10 @@ def test_gptqmodel_engine_cross_checks_quantlab_gptq(tiny, tmp_path):
     model, tok = tiny
     cal = tokenize(pydoc_text("calibration"), tok)[: 16 * 64].view(16, 64)
     opts = dict(bits=4, group_size=32, sym=True, act_order=True)
-    ours = GPTQ(GPTQ.Config(**opts)).quantize(copy.deepcopy(model), cal)
+    ours = GPTQ(GPTQ.Config(**opts)).quantize(copy.deepcopy(model), cal).model
     lib = GPTQ(GPTQ.Config(**opts, engine="gptqmodel"))
-    theirs = lib.quantize(copy.deepcopy(model), cal)
-    rtn = RTN(RTN.Config(bits=4, group_size=32, sym=True)).quantize(copy.deepcopy(model), None)
+    theirs = lib.quantize(copy.deepcopy(model), cal).model
+    rtn = RTN(RTN.Config(bits=4, group_size=32, sym=True)).quantize(copy.deepcopy(model), None).model
 
     ckpt = export_checkpoint(theirs, tok, lib, tmp_path / "ckpt", source={}, label="gptqmodel")
     reloaded = load_checkpoint(ckpt, dtype=torch.float32, device=torch.device("cpu")).model

@@ -74,7 +74,7 @@ def test_a_kernel_says_why_it_cannot_run_a_layer(kernel, q, reason):
 def _quantized_tiny(tiny, bits=4, group_size=32, layout="gptq"):
     model, _ = tiny
     cfg = WeightQuantConfig(bits=bits, group_size=group_size, sym=False)
-    return RTN(cfg).quantize(copy.deepcopy(model), None).eval()
+    return RTN(cfg).quantize(copy.deepcopy(model), None).model.eval()
 
 
 @pytest.mark.parametrize("kernel", ["int4pack", "auto"])

@@ -60,10 +60,10 @@ def exported(tiny_model_dir, tmp_path_factory):
             float_logits = lm.model(ids).logits
         backend = get_backend(name)(get_backend(name).Config(**options))
         backend.check(lm.model)
-        model = backend.quantize(lm.model, None)
+        done = backend.quantize(lm.model, None)
         with torch.no_grad():
-            logits = model(ids).logits  # a forward pass BEFORE the export
-        ckpt = export_checkpoint(model, lm.tokenizer, backend, root / f"case{i}", source={}, label=f"case{i}")
+            logits = done.model(ids).logits  # a forward pass BEFORE the export
+        ckpt = export_checkpoint(done, lm.tokenizer, backend, root / f"case{i}", source={}, label=f"case{i}")
         torch.save({"logits": logits, "float": float_logits}, root / f"case{i}.pt")
         out.append((name, options, ckpt))
     return root, out
@@ -126,8 +126,8 @@ def test_skipped_layers_stay_float_after_reload(tiny_model_dir, tmp_path):
 
     lm = load_model(str(tiny_model_dir), dtype=torch.float32, device=torch.device("cpu"))
     backend = get_backend("bnb")(get_backend("bnb").Config(skip=["lm_head", "*.mlp.down_proj"]))
-    model = backend.quantize(lm.model, None)
-    ckpt = export_checkpoint(model, lm.tokenizer, backend, tmp_path / "ck", source={}, label="x")
+    done = backend.quantize(lm.model, None)
+    ckpt = export_checkpoint(done, lm.tokenizer, backend, tmp_path / "ck", source={}, label="x")
     reloaded = load_checkpoint(ckpt, dtype=torch.float32, device=torch.device("cpu")).model
     down = reloaded.get_submodule("model.layers.0.mlp.down_proj")
     up = reloaded.get_submodule("model.layers.0.mlp.up_proj")

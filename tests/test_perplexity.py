@@ -82,7 +82,7 @@ def test_bytes_per_token_counts_what_decode_reads(tiny):
     model, _ = tiny
     everything = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
     assert bytes_per_token(model) == everything  # tied head: the table is read whole, once
-    q = RTN(RTN.Config(bits=4, group_size=32)).quantize(copy.deepcopy(model), None)
+    q = RTN(RTN.Config(bits=4, group_size=32)).quantize(copy.deepcopy(model), None).model
     assert bytes_per_token(q) == everything  # dense-dequant layers read float weights
     cfg = copy.deepcopy(model.config)
     cfg.tie_word_embeddings = False
@@ -108,7 +108,7 @@ def test_bits_per_weight_of_float_and_packed(tiny, tmp_path):
     model, tok = tiny
     assert stored_bpw(copy.deepcopy(model), NoQuant(), "float") == 32.0
     backend = RTN(RTN.Config(bits=4, group_size=32))
-    q = backend.quantize(copy.deepcopy(model), None)
+    q = backend.quantize(copy.deepcopy(model), None).model
     # per weight: 4 code bits + 16/32 scale + 4/32 zero + g_idx 32 bits per input column / out
     n_out = {"q_proj": 64, "k_proj": 32, "v_proj": 32, "o_proj": 64, "gate_proj": 128, "up_proj": 128, "down_proj": 64}
     n_in = {"q_proj": 64, "k_proj": 64, "v_proj": 64, "o_proj": 64, "gate_proj": 64, "up_proj": 64, "down_proj": 128}

@@ -55,7 +55,7 @@ def checkpoints(tiny, tmp_path_factory) -> dict[str, Path]:
     out = {}
     for name, m in (("tiny", model), ("other", other)):
         backend = RTN(RTN.Config(bits=4, group_size=32))
-        quantized = backend.quantize(copy.deepcopy(m), None)
+        quantized = backend.quantize(copy.deepcopy(m), None).model
         out[name] = export_checkpoint(quantized, tok, backend, root / name, source={},
                                       label="rtn-w4")
     return out

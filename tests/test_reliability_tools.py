@@ -317,7 +317,7 @@ def test_stale_gguf_temporaries_are_removed_when_the_step_starts(
     from quantlab.quantizers.rtn import RTN
 
     model = load_model(str(tiny_model_dir), dtype=torch.float32, device=torch.device("cpu")).model
-    model = RTN(RTN.Config(bits=4, group_size=32)).quantize(model, None)
+    model = RTN(RTN.Config(bits=4, group_size=32)).quantize(model, None).model
     mdir = tmp_path / "rtn"
     mdir.mkdir()
     stale = [mdir / ".model.gguf.tmp-999999", mdir / ".model-f32.gguf.tmp-1"]

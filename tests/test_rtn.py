@@ -63,7 +63,7 @@ def test_rtn_backend_replaces_linears_and_keeps_lm_head(tiny):
     import copy
 
     model, _ = tiny
-    q = RTN(RTN.Config(bits=4, group_size=32)).quantize(copy.deepcopy(model), None)
+    q = RTN(RTN.Config(bits=4, group_size=32)).quantize(copy.deepcopy(model), None).model
     packed = [n for n, m in q.named_modules() if isinstance(m, PackedLinear)]
     assert len(packed) == 2 * 7  # q k v o gate up down per layer
     assert isinstance(q.lm_head, torch.nn.Linear) and not isinstance(q.lm_head, PackedLinear)
@@ -122,8 +122,9 @@ def test_importance_rtn_weights_the_error_by_the_inputs_it_will_see(tiny):
         imp.quantize(copy.deepcopy(model), None)
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
     stats = input_mean_squares(model, names, calib)
-    a, b = plain.quantize(copy.deepcopy(model), None), imp.quantize(copy.deepcopy(model), calib)
-    assert "clip search" in imp.stage_seconds and "input statistics" in imp.stage_seconds
+    a, done = plain.quantize(copy.deepcopy(model), None).model, imp.quantize(copy.deepcopy(model), calib)
+    b = done.model
+    assert "clip search" in done.stage_seconds and "input statistics" in done.stage_seconds
     for n in names:  # the weighted error of every layer is no larger than plain rounding's
         w = model.get_submodule(n).weight.float()
         ea = float((((a.get_submodule(n).dequantize() - w) ** 2) * stats[n]).sum())

@@ -99,7 +99,7 @@ def test_auto_choice_is_minimal_and_its_kl_is_real(tiny_model_dir):
     assert result.chosen == ranked[:n]
     assert any(p["float"] == n - 1 and p["kl"] > budget for p in result.probes)
     # independent check of the reported KL: quantize with the chosen skip list, plain forwards
-    quantized = make(["lm_head", *result.chosen]).quantize(_fresh(tiny_model_dir), None)
+    quantized = make(["lm_head", *result.chosen]).quantize(_fresh(tiny_model_dir), None).model
     assert _kl_full(model, quantized, ids) == pytest.approx(result.final_kl, rel=1e-4)
 
 

@@ -37,7 +37,13 @@ from quantlab.formats import LAYOUTS, LayerFormat, QuantizedWeight, drop_dense_w
 from quantlab.formats.gptq_v1 import GPTQ_BITS
 from quantlab.grid import clip_search, fake_quant, quantize_matrix
 from quantlab.quantizers.arch import arch_spec, decoder_layers
-from quantlab.quantizers.base import check_not_tied, set_module, target_linears
+from quantlab.quantizers.base import (
+    QuantizeContext,
+    Quantized,
+    check_not_tied,
+    set_module,
+    target_linears,
+)
 from quantlab.quantizers.sequential import first_layer_inputs, input_hooks, layer_output, run_layer
 from quantlab.quantizers.weightonly import (
     LayoutBackend,
@@ -180,14 +186,15 @@ class AWQ(LayoutBackend):
                                 "model (no scale groups for this architecture)")
 
     @torch.no_grad()
-    def quantize(self, model: nn.Module, calibration: torch.Tensor | None) -> nn.Module:
+    def _quantize(self, model: nn.Module, calibration: torch.Tensor | None, out: Quantized,
+                  context: QuantizeContext) -> nn.Module:
         if calibration is None:
             raise QuantlabError("awq needs calibration data")
         c = self.config
         spec = arch_spec(model)
         layers = decoder_layers(model, spec)
         targets = dict(target_linears(model, c.skip_list()))
-        with self.stage("capture inputs"):
+        with out.stage("capture inputs"):
             hidden, kwargs = first_layer_inputs(model, layers, calibration, c.batch_size)
         gen = torch.Generator().manual_seed(c.seed)
         n_tok = sum(h.shape[0] * h.shape[1] for h in hidden)
@@ -196,18 +203,19 @@ class AWQ(LayoutBackend):
             prefix = f"{spec.layers}.{li}."
             # taken out of `targets`, so each float layer is freed once its quantized copy is in
             mine = {n[len(prefix):]: targets.pop(n) for n in [n for n in targets if n.startswith(prefix)]}
-            sig, x_mean, float_out = self._statistics(layer, mine, hidden, kwargs, pick, n_tok)
-            self._scale(layer, spec, mine, sig, x_mean, prefix)
-            self._quantize_linears(layer, mine, sig, prefix)
+            sig, x_mean, float_out = self._statistics(layer, mine, hidden, kwargs, pick, n_tok, out)
+            self._scale(layer, spec, mine, sig, x_mean, prefix, out)
+            self._quantize_linears(layer, mine, sig, prefix, out)
             if c.next_inputs == "float":
                 hidden = float_out
             else:
-                with self.stage("quantized pass"):
+                with out.stage("quantized pass"):
                     hidden = run_layer(layer, hidden, kwargs)
             drop_dense_weights(layer)
         return model
 
-    def _statistics(self, layer, mine: dict, hidden, kwargs, pick: torch.Tensor, n_tok: int):
+    def _statistics(self, layer, mine: dict, hidden, kwargs, pick: torch.Tensor, n_tok: int,
+                    rec: Quantized):
         """One pass through ``layer``: per distinct input, mean |x| over all tokens and the
         second moment over the ``pick`` subset; and the layer's float outputs (when the next
         layer calibrates on them). Returns (sigma by name, mean |x| by name, outputs)."""
@@ -223,7 +231,7 @@ class AWQ(LayoutBackend):
             chunks[name].append(x[sel.to(x.device)])
 
         float_out = []
-        with self.stage("statistics pass"), input_hooks(mine, collect) as seen:
+        with rec.stage("statistics pass"), input_hooks(mine, collect) as seen:
             for h, kw in zip(hidden, kwargs):
                 seen.clear()
                 out = layer_output(layer(h, **kw))
@@ -237,7 +245,8 @@ class AWQ(LayoutBackend):
             sig[n] = sig[twin] if twin else gram(torch.cat(chunks[n]))
         return sig, {n: abs_sum[n] / n_tok for n in mine}, float_out
 
-    def _scale(self, layer, spec, mine: dict, sig: dict, x_mean: dict, prefix: str) -> None:
+    def _scale(self, layer, spec, mine: dict, sig: dict, x_mean: dict, prefix: str,
+               rec: Quantized) -> None:
         """Search and fold the input-channel scales of each scale group of ``layer``."""
         c = self.config
         for sg in spec.scale_groups:
@@ -249,7 +258,7 @@ class AWQ(LayoutBackend):
             if isinstance(prev, nn.Linear) and prev.out_features != width:
                 continue  # e.g. v_proj -> o_proj under grouped-query attention
             w_cat = torch.cat([mine[n].weight.data for n in names])
-            with self.stage("scale search"):
+            with rec.stage("scale search"):
                 s, losses = awq_search_scales(w_cat, sig[names[0]], x_mean[names[0]], c.bits_for(prefix + names[0]),
                                               c.group_size,
                                               c.sym, c.n_grid, c.duo_scaling)
@@ -258,11 +267,11 @@ class AWQ(LayoutBackend):
                 mine[n].weight.data.mul_(s.view(1, -1).to(mine[n].weight.dtype))
                 # inputs become x / s: their second moment Sigma / (s s^T)
                 sig[n] = sig[n] / (s.view(-1, 1) * s.view(1, -1))
-                self.layer_stats[prefix + n] = {"awq_loss_identity": float(losses[0]),
+                rec.layer_stats[prefix + n] = {"awq_loss_identity": float(losses[0]),
                                                 "awq_loss_best": float(losses.min()),
                                                 "awq_best_grid_index": int(losses.argmin())}
 
-    def _quantize_linears(self, layer, mine: dict, sig: dict, prefix: str) -> None:
+    def _quantize_linears(self, layer, mine: dict, sig: dict, prefix: str, rec: Quantized) -> None:
         """Clip (optionally) and round each linear of ``layer`` to its grid; swap them in."""
         c = self.config
         for n, lin in mine.items():
@@ -270,14 +279,14 @@ class AWQ(LayoutBackend):
             g = w.shape[1] if c.group_size == -1 else c.group_size
             bits = c.bits_for(prefix + n)
             if c.clip and not any(k in n for k in ("q_proj", "k_proj")):
-                with self.stage("clip search"):
+                with rec.stage("clip search"):
                     mx = awq_search_clip(w, sig[n], bits, c.group_size, c.sym, c.clip_grid, c.max_shrink)
                 bound = mx.repeat_interleave(g, dim=1).to(w.dtype)
                 w = torch.clamp(w, -bound, bound)
             codes, scales, zeros = quantize_matrix(w, bits, c.group_size, c.sym)
             q = self.pack(QuantizedWeight(codes, scales, zeros, torch.arange(w.shape[1]) // g, bits,
                                           c.group_size), lin.bias, lin.weight.dtype)
-            stats = self.layer_stats.setdefault(prefix + n, {})
+            stats = rec.layer_stats.setdefault(prefix + n, {})
             stats["weight_rel_error"] = float((q.weight.float() - lin.weight.float()).norm()
                                               / lin.weight.float().norm().clamp(min=1e-12))
             set_module(layer, n, q)

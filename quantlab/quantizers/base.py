@@ -7,10 +7,13 @@ A backend is a small class:
   ``needs_calibration`` and ``extra`` (the pip extra its library comes with, if any);
 - ``check(model)`` raises a clear error before any work when the model cannot be quantized
   with these options;
-- ``quantize(model, calibration)`` returns the quantized model (it may modify ``model``);
-- ``save(model, out_dir)`` writes the weight files and returns the ``quantization_config``
-  that goes into ``config.json`` (``None`` for an unquantized model), in the format the
-  ecosystem expects for the method;
+- ``quantize(model, calibration, context)`` returns a :class:`Quantized`: the quantized model
+  (``model`` may be modified in place), its per-layer statistics, the wall time of its named
+  stages and whatever ``save`` needs beyond the model. A backend implements ``_quantize``;
+  nothing is handed back by setting attributes on the backend or on the model;
+- ``save(quantized, out_dir)`` writes the weight files and returns the
+  ``quantization_config`` that goes into ``config.json`` (``None`` for an unquantized
+  model), in the format the ecosystem expects for the method;
 - ``load(ckpt_dir, meta, dtype, device)`` rebuilds the model from a checkpoint directory.
 
 Everything else (config, tokenizer, sidecar metadata, atomic writes) is done once, in
@@ -23,6 +26,7 @@ import contextlib
 import fnmatch
 import time
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -68,6 +72,42 @@ def skip_field():
                  "sensitivity.kl_budget.")
 
 
+@dataclass(frozen=True)
+class QuantizeContext:
+    """What a backend may need from the caller beyond the model and the calibration windows
+    (only the llamacpp backend reads it today)."""
+
+    #: the model's tokenizer (llama-imatrix reads calibration as text)
+    tokenizer: Any = None
+    #: the source model's description (quantlab.models: the GGUF metadata template)
+    source_info: dict[str, Any] = field(default_factory=dict)
+    #: where large scratch files go (a run's method directory: counted against its disk)
+    scratch_dir: Path | None = None
+
+
+@dataclass
+class Quantized:
+    """What :meth:`Backend.quantize` hands back."""
+
+    model: nn.Module
+    #: per-layer statistics recorded while quantizing (name -> dict), for reports
+    layer_stats: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: wall time of the named stages of quantization (seconds, summed over layers)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    #: what ``save`` needs beyond the model (bnb: the layers' tensors before a forward pass
+    #: could repack them; llamacpp: the quantized GGUF file, held open)
+    artifacts: dict[str, Any] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        """Add the wall time of the block to ``stage_seconds[name]``."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stage_seconds[name] = self.stage_seconds.get(name, 0.0) + time.perf_counter() - t0
+
+
 class Backend(ABC):
     name: ClassVar[str]
     description: ClassVar[str] = ""
@@ -83,19 +123,6 @@ class Backend(ABC):
 
     def __init__(self, config: BackendConfig | None = None):
         self.config = config if config is not None else self.Config()
-        #: per-layer statistics recorded while quantizing (name -> dict), for reports
-        self.layer_stats: dict[str, dict[str, float]] = {}
-        #: wall time of the named stages of quantization (seconds, summed over layers)
-        self.stage_seconds: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def stage(self, name: str):
-        """Add the wall time of the block to ``stage_seconds[name]``."""
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.stage_seconds[name] = self.stage_seconds.get(name, 0.0) + time.perf_counter() - t0
 
     def grid(self) -> GridSpec | None:
         """The integer grids this method's layers sit on (see :class:`GridSpec`), for exports
@@ -117,14 +144,24 @@ class Backend(ABC):
         (the default accepts every model)."""
         return None
 
-    @abstractmethod
-    def quantize(self, model: nn.Module, calibration: torch.Tensor | None) -> nn.Module:
-        """Quantize ``model``; ``calibration`` is a LongTensor [samples, seq_len] of token ids
-        (``None`` for backends that need none). Returns the quantized model."""
+    def quantize(self, model: nn.Module, calibration: torch.Tensor | None,
+                 context: QuantizeContext | None = None) -> Quantized:
+        """Quantize ``model`` (it may be modified in place); ``calibration`` is a LongTensor
+        [samples, seq_len] of token ids (``None`` for backends that need none)."""
+        out = Quantized(model)
+        out.model = self._quantize(model, calibration, out, context or QuantizeContext())
+        return out
 
     @abstractmethod
-    def save(self, model: nn.Module, out_dir: Path) -> dict[str, Any] | None:
-        """Write the weight files of ``model`` into ``out_dir``; return its quantization_config."""
+    def _quantize(self, model: nn.Module, calibration: torch.Tensor | None, out: Quantized,
+                  context: QuantizeContext) -> nn.Module:
+        """The method itself: return the quantized model; record statistics, stage times
+        (``with out.stage(name)``) and what ``save`` needs into ``out``."""
+
+    @abstractmethod
+    def save(self, quantized: Quantized, out_dir: Path) -> dict[str, Any] | None:
+        """Write the weight files of ``quantized.model`` into ``out_dir``; return its
+        quantization_config."""
 
     @classmethod
     @abstractmethod

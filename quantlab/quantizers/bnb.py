@@ -30,6 +30,8 @@ from quantlab.quantizers.base import (
     WEIGHTS_NAME,
     Backend,
     BackendConfig,
+    QuantizeContext,
+    Quantized,
     quantizable_linears,
     set_module,
     skip_field,
@@ -125,7 +127,8 @@ class Bnb(Backend):
                                     "packing cannot hold; add it to 'skip'")
 
     @torch.no_grad()
-    def quantize(self, model: nn.Module, calibration: torch.Tensor | None) -> nn.Module:
+    def _quantize(self, model: nn.Module, calibration: torch.Tensor | None, out: Quantized,
+                  context: QuantizeContext) -> nn.Module:
         bnb = _bnb()
         c = self.config
         for name, lin in target_linears(model, c.skip_list()):
@@ -154,17 +157,18 @@ class Bnb(Backend):
             q.train(lin.training)
             set_module(model, name, q)
         # what save() writes: the layers' tensors before any forward pass could repack them
-        model._quantlab_bnb_state = {k: v.detach().clone() for k, v in model.state_dict().items()
-                                     if _owned_by(k, self.quantized_modules(model))}
+        out.artifacts["state"] = {k: v.detach().clone() for k, v in model.state_dict().items()
+                                  if _owned_by(k, self.quantized_modules(model))}
         return model
 
     def quantized_modules(self, model: nn.Module) -> list[str]:
         return [n for n, m in model.named_modules() if _is_bnb(m)]
 
-    def save(self, model: nn.Module, out_dir: Path) -> dict:
+    def save(self, quantized: Quantized, out_dir: Path) -> dict:
+        model = quantized.model
         from safetensors.torch import save_file
 
-        snapshot = getattr(model, "_quantlab_bnb_state", None)
+        snapshot = quantized.artifacts.get("state")
         if snapshot is None:
             raise QuantlabError("this model was not quantized by the bnb backend in this process; "
                                 "it cannot be exported faithfully")

@@ -29,7 +29,13 @@ from quantlab.formats import GridSpec, QuantizedWeight, drop_dense_weights
 from quantlab.formats.gptq_v1 import GPTQ_BITS, PackedLinear
 from quantlab.grid import group_params, quantize_codes
 from quantlab.quantizers.arch import arch_spec, decoder_layers
-from quantlab.quantizers.base import check_not_tied, set_module, target_linears
+from quantlab.quantizers.base import (
+    QuantizeContext,
+    Quantized,
+    check_not_tied,
+    set_module,
+    target_linears,
+)
 from quantlab.quantizers.sequential import (
     feed,
     first_layer_inputs,
@@ -196,16 +202,17 @@ class GPTQ(LayoutBackend):
         decoder_layers(model, arch_spec(model))
 
     @torch.no_grad()
-    def quantize(self, model: nn.Module, calibration: torch.Tensor | None) -> nn.Module:
+    def _quantize(self, model: nn.Module, calibration: torch.Tensor | None, out: Quantized,
+                  context: QuantizeContext) -> nn.Module:
         if calibration is None:
             raise QuantlabError("gptq needs calibration data")
         if self.config.engine == "gptqmodel":
-            return self._quantize_gptqmodel(model, calibration)
+            return self._quantize_gptqmodel(model, calibration, out)
         c = self.config
         spec = arch_spec(model)
         layers = decoder_layers(model, spec)
         targets = dict(target_linears(model, c.skip_list()))
-        with self.stage("capture inputs"):
+        with out.stage("capture inputs"):
             hidden, kwargs = first_layer_inputs(model, layers, calibration, c.batch_size)
         stages = dict(zip(("attn_in", "o_in", "mlp_in", "down_in"), spec.sequential))
         for li, layer in enumerate(tqdm(layers, desc="gptq: layers", unit="layer", leave=False, disable=None)):
@@ -223,10 +230,10 @@ class GPTQ(LayoutBackend):
                             x = x.reshape(-1, x.shape[-1]).float()
                             if h is None:
                                 h = torch.zeros(x.shape[-1], x.shape[-1], device=x.device)
-                            with self.stage("hessian"):
+                            with out.stage("hessian"):
                                 h.addmm_(x.t(), x)
                             count += x.shape[0]
-                        self._quantize_group(layer, mine, names, h * (2 / count), prefix)
+                        self._quantize_group(layer, mine, names, h * (2 / count), prefix, out)
 
                 hidden = staged_prenorm_layer(layer, spec.prenorm, hidden, kwargs, on_inputs)
                 drop_dense_weights(layer)
@@ -253,7 +260,7 @@ class GPTQ(LayoutBackend):
                     x = x.reshape(-1, x.shape[-1]).float()
                     if name not in hess:
                         hess[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
-                    with self.stage("hessian"):
+                    with out.stage("hessian"):
                         hess[name].addmm_(x.t(), x)
                     count[name] += x.shape[0]
 
@@ -261,14 +268,15 @@ class GPTQ(LayoutBackend):
                     feed(layer, hidden, kwargs, seen)
                 for n in grp:
                     src = shares.get(n, n)
-                    self._quantize_group(layer, mine, [n], hess[src] * (2 / max(count[src], 1)), prefix)
+                    self._quantize_group(layer, mine, [n], hess[src] * (2 / max(count[src], 1)), prefix,
+                                         out)
                 del hess
             hidden = run_layer(layer, hidden, kwargs)
             drop_dense_weights(layer)
         return model
 
     def _quantize_group(self, layer: nn.Module, mine: dict[str, nn.Module], names: list[str],
-                        h: torch.Tensor, prefix: str) -> None:
+                        h: torch.Tensor, prefix: str, out: Quantized) -> None:
         """GPTQ the named linears of ``layer``, which share the Hessian ``h``; swap them in.
 
         GPTQ treats the rows of W independently given H, so linears that read the same input
@@ -276,7 +284,7 @@ class GPTQ(LayoutBackend):
         c = self.config
         lins = [mine[n] for n in names]
         bits = c.bits_for(prefix + names[0])  # one solve, one width (allocation gives fused layers one)
-        with self.stage("gptq solve"):
+        with out.stage("gptq solve"):
             codes, scales, zeros, g_idx = gptq_quantize(
                 torch.cat([lin.weight.data for lin in lins]), h, bits, c.group_size, c.sym,
                 damp_percent=c.damp_percent, act_order=c.act_order, static_groups=c.static_groups,
@@ -291,11 +299,12 @@ class GPTQ(LayoutBackend):
             dw = q.weight.float() - w
             # output error on the calibration inputs: trace(dW H dW^T) / trace(W H W^T)
             rel = float(((dw @ h) * dw).sum() / ((w @ h) * w).sum().clamp(min=1e-20))
-            self.layer_stats[prefix + n] = {"weight_rel_error": float(dw.norm() / w.norm().clamp(min=1e-12)),
+            out.layer_stats[prefix + n] = {"weight_rel_error": float(dw.norm() / w.norm().clamp(min=1e-12)),
                                             "output_rel_error": rel}
             set_module(layer, n, q)
 
-    def _quantize_gptqmodel(self, model: nn.Module, calibration: torch.Tensor) -> nn.Module:
+    def _quantize_gptqmodel(self, model: nn.Module, calibration: torch.Tensor,
+                           out: Quantized) -> nn.Module:
         """The same GPTQ through gptqmodel: the float model is saved to a temporary directory,
         quantized there by gptqmodel with this config's options (its extras that quantlab's
         GPTQ does not have, act-group-aware ordering, MSE grids and the RTN fallback, off),
@@ -312,10 +321,10 @@ class GPTQ(LayoutBackend):
         rows = [{"input_ids": r, "attention_mask": torch.ones_like(r)} for r in calibration.cpu()]
         with tempfile.TemporaryDirectory(prefix="quantlab-gptqmodel-") as tmp:
             src, dst = Path(tmp) / "float", Path(tmp) / "quantized"
-            with self.stage("gptqmodel: save float model"):
+            with out.stage("gptqmodel: save float model"):
                 model.save_pretrained(src, safe_serialization=True)
                 _placeholder_tokenizer().save_pretrained(src)
-            with self.stage("gptqmodel: quantize"):
+            with out.stage("gptqmodel: quantize"):
                 gm = GPTQModel.load(str(src), qc, device=str(next(model.parameters()).device))
                 gm.quantize(rows, batch_size=c.batch_size)
                 gm.save(str(dst))
@@ -338,7 +347,7 @@ class GPTQ(LayoutBackend):
                 q.bias.data.copy_(lin.bias.data)
             q.weight = None  # packed only, as the quantlab engine leaves its layers
             w = lin.weight.data.float()
-            self.layer_stats[name] = {"weight_rel_error": float((q.dequantize() - w).norm()
+            out.layer_stats[name] = {"weight_rel_error": float((q.dequantize() - w).norm()
                                                                 / w.norm().clamp(min=1e-12))}
             set_module(model, name, q)
         return model

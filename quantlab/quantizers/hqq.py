@@ -29,6 +29,8 @@ from quantlab.formats import LAYOUTS, LayerFormat, QuantizedWeight
 from quantlab.formats.hqq import HQQ_BITS
 from quantlab.quantizers.base import (
     BackendConfig,
+    QuantizeContext,
+    Quantized,
     check_not_tied,
     set_module,
     skip_field,
@@ -141,16 +143,17 @@ class HQQBackend(LayoutBackend):
         _optimizer()
 
     @torch.no_grad()
-    def quantize(self, model: nn.Module, calibration: torch.Tensor | None) -> nn.Module:
+    def _quantize(self, model: nn.Module, calibration: torch.Tensor | None, out: Quantized,
+                  context: QuantizeContext) -> nn.Module:
         c = self.config
         names = [name for name, _ in target_linears(model, c.skip_list())]
         for name in tqdm(names, desc="hqq: layers", unit="layer", leave=False, disable=None):
             lin = model.get_submodule(name)
             w = lin.weight.data
-            with self.stage("hqq optimiser"):
+            with out.stage("hqq optimiser"):
                 grid = hqq_grid(w, c.bits, c.group_size, c.optimize, c.iters, c.lp_norm, c.round_zero)
             q = self.pack(grid, lin.bias, w.dtype, dense=False)
             err = (q.dequantize() - w.float()).norm() / w.float().norm().clamp(min=1e-12)
-            self.layer_stats[name] = {"weight_rel_error": float(err)}
+            out.layer_stats[name] = {"weight_rel_error": float(err)}
             set_module(model, name, q)
         return model

@@ -40,6 +40,8 @@ from quantlab.quantizers.base import (
     WEIGHTS_NAME,
     Backend,
     BackendConfig,
+    QuantizeContext,
+    Quantized,
     build_skeleton,
     quantizable_linears,
     set_module,
@@ -326,7 +328,8 @@ class Int8Dynamic(Backend):
                                 "engine: torchao (activations: per-token) on this device")
 
     @torch.no_grad()
-    def quantize(self, model: nn.Module, calibration: torch.Tensor | None) -> nn.Module:
+    def _quantize(self, model: nn.Module, calibration: torch.Tensor | None, out: Quantized,
+                  context: QuantizeContext) -> nn.Module:
         names = [n for n, _ in target_linears(model, self.config.skip_list())]
         if not self._fbgemm:
             return torchao_quantize(model, set(names), "dynamic", self.name)
@@ -340,7 +343,8 @@ class Int8Dynamic(Backend):
             return [n for n, m in model.named_modules() if getattr(m, "quantlab_quantized", False)]
         return [n for n, *_ in _fbgemm_modules(model)]
 
-    def save(self, model: nn.Module, out_dir: Path) -> dict:
+    def save(self, quantized: Quantized, out_dir: Path) -> dict:
+        model = quantized.model
         if not self._fbgemm:
             skipped = [n for n, m in model.named_modules()
                        if isinstance(m, nn.Linear) and not getattr(m, "quantlab_quantized", False)]
@@ -378,14 +382,16 @@ class Int8WeightOnly(Backend):
         _torchao(self.name)
 
     @torch.no_grad()
-    def quantize(self, model: nn.Module, calibration: torch.Tensor | None) -> nn.Module:
+    def _quantize(self, model: nn.Module, calibration: torch.Tensor | None, out: Quantized,
+                  context: QuantizeContext) -> nn.Module:
         names = {n for n, _ in target_linears(model, self.config.skip_list())}
         return torchao_quantize(model, names, "weight-only", self.name)
 
     def quantized_modules(self, model: nn.Module) -> list[str]:
         return [n for n, m in model.named_modules() if getattr(m, "quantlab_quantized", False)]
 
-    def save(self, model: nn.Module, out_dir: Path) -> dict:
+    def save(self, quantized: Quantized, out_dir: Path) -> dict:
+        model = quantized.model
         skipped = [n for n, m in model.named_modules()
                    if isinstance(m, nn.Linear) and not getattr(m, "quantlab_quantized", False)]
         return torchao_save(model, out_dir, "weight-only", self.name, skipped)

@@ -23,7 +23,7 @@ from torch import nn
 
 from quantlab.errors import QuantlabError
 from quantlab.procs import run_tool, scratch_dir
-from quantlab.quantizers.base import Backend, BackendConfig
+from quantlab.quantizers.base import Backend, BackendConfig, QuantizeContext, Quantized
 
 CHECKPOINT_GGUF = "model.gguf"
 #: the working directory of one quantization (an F32 copy of the model, the imatrix)
@@ -47,14 +47,6 @@ class LlamaCpp(Backend):
     Config = LlamaCppConfig
     replaces_only = False
 
-    def __init__(self, config: LlamaCppConfig | None = None):
-        super().__init__(config)
-        #: set by the pipeline before quantize(): the source model's info (for the GGUF
-        #: metadata template), the tokenizer (to write calibration windows as text) and,
-        #: optionally, ``scratch_dir``: where the F32 copy goes (default: the system's
-        #: temporary directory; removed on every exit path either way)
-        self.context: dict[str, Any] = {}
-
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]
         return self.config.imatrix
@@ -74,49 +66,56 @@ class LlamaCpp(Backend):
         return []  # the weights live in the GGUF file, not in replaced modules
 
     @torch.no_grad()
-    def quantize(self, model: nn.Module, calibration: torch.Tensor | None) -> nn.Module:
+    def _quantize(self, model: nn.Module, calibration: torch.Tensor | None, out: Quantized,
+                  context: QuantizeContext) -> nn.Module:
         from quantlab.engines.llamacpp import find_llamacpp
         from quantlab.formats.gguf import gguf_type_counts, template_for
 
         tools = find_llamacpp()
-        info = self.context.get("source_info", {})
+        info = context.source_info
         template = template_for(info, Path(info["path"]) if info.get("path") else None, tools)
         # the F32 copy (4 bytes per weight) and the imatrix live only as long as this block,
-        # whatever ends it; the quantized file outlives it as an open file (below)
-        with scratch_dir(SCRATCH_PREFIX, inside=self.context.get("scratch_dir")) as work:
-            out = self._quantize_in(work, model, calibration, tools, template)
-            self.layer_stats = {"gguf_tensor_types": gguf_type_counts(out)}
-            loaded = _load_gguf(out, next(model.parameters()).dtype)
-            self._gguf = open(out, "rb")  # noqa: SIM115 - closed by save(); the name goes with work
+        # whatever ends it (in context.scratch_dir when given: a run's disk; else the system's
+        # temporary directory); the quantized file outlives it as an open file (below)
+        with scratch_dir(SCRATCH_PREFIX, inside=context.scratch_dir) as work:
+            gguf = self._quantize_in(work, model, calibration, tools, template, out, context)
+            out.layer_stats = {"gguf_tensor_types": gguf_type_counts(gguf)}
+            loaded = _load_gguf(gguf, next(model.parameters()).dtype)
+            # closed by save(); the name goes with work
+            out.artifacts["gguf"] = open(gguf, "rb")  # noqa: SIM115
         return loaded
 
-    def _quantize_in(self, work: Path, model: nn.Module, calibration, tools,
-                     template: Path) -> Path:
+    def _quantize_in(self, work: Path, model: nn.Module, calibration, tools, template: Path,
+                     out: Quantized, context: QuantizeContext) -> Path:
         """F32 GGUF of ``model``, (imatrix,) llama-quantize: the quantized file in ``work``."""
         from quantlab.engines.llamacpp import tool_timeout
         from quantlab.formats.gguf import export_gguf
 
         f32 = work / "f32.gguf"
-        with self.stage("write F32 GGUF"):
+        with out.stage("write F32 GGUF"):
             export_gguf(model, f32, template, float_type="F32")
         cmd = [tools.tool("llama-quantize")]
         if self.config.imatrix:
-            with self.stage("llama-imatrix"):
-                cmd += ["--imatrix", self._imatrix(tools, f32, calibration, work)]
-        out = work / CHECKPOINT_GGUF
-        with self.stage("llama-quantize"):
-            run_tool(cmd + [f32, out, self.config.type], outputs=[out],
+            with out.stage("llama-imatrix"):
+                cmd += ["--imatrix", self._imatrix(tools, f32, calibration, work, context)]
+        gguf = work / CHECKPOINT_GGUF
+        with out.stage("llama-quantize"):
+            run_tool(cmd + [f32, gguf, self.config.type], outputs=[gguf],
                      what=f"llama-quantize to {self.config.type}",
                      timeout_s=tool_timeout(f32.stat().st_size, rewrite=True))
         f32.unlink()
-        return out
+        return gguf
 
-    def _imatrix(self, tools, f32: Path, calibration: torch.Tensor | None, work: Path) -> Path:
+    def _imatrix(self, tools, f32: Path, calibration: torch.Tensor | None, work: Path,
+                 context: QuantizeContext) -> Path:
         from quantlab.engines.llamacpp import tool_timeout
 
         if calibration is None:
             raise QuantlabError("llamacpp with imatrix: true needs calibration windows")
-        tok = self.context["tokenizer"]
+        tok = context.tokenizer
+        if tok is None:
+            raise QuantlabError("llamacpp with imatrix: true needs the model's tokenizer "
+                                "(llama-imatrix reads calibration as text)")
         text = work / "calibration.txt"
         text.write_text("\n\n".join(tok.decode(w, skip_special_tokens=True) for w in calibration), encoding="utf-8")
         out = work / "imatrix.gguf"
@@ -126,10 +125,14 @@ class LlamaCpp(Backend):
                  timeout_s=tool_timeout(f32.stat().st_size, eval_tokens=n * seq))
         return out
 
-    def save(self, model: nn.Module, out_dir: Path) -> dict | None:
+    def save(self, quantized: Quantized, out_dir: Path) -> dict | None:
         """The quantized GGUF file (held open since quantize(): its directory is gone) as the
         checkpoint."""
-        with self._gguf as src, open(out_dir / CHECKPOINT_GGUF, "wb") as dst:
+        gguf = quantized.artifacts.get("gguf")
+        if gguf is None:
+            raise QuantlabError("this model was not quantized by the llamacpp backend in this "
+                                "process (its GGUF file is what gets saved); quantize it first")
+        with gguf as src, open(out_dir / CHECKPOINT_GGUF, "wb") as dst:
             src.seek(0)
             shutil.copyfileobj(src, dst, 1 << 22)
         return None  # config.json describes the float architecture; the GGUF holds the quantization

@@ -7,7 +7,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from quantlab.quantizers.base import WEIGHTS_NAME, Backend, BackendConfig, save_weights
+from quantlab.quantizers.base import (
+    WEIGHTS_NAME,
+    Backend,
+    BackendConfig,
+    QuantizeContext,
+    Quantized,
+    save_weights,
+)
 
 
 class NoQuantConfig(BackendConfig):
@@ -20,10 +27,12 @@ class NoQuant(Backend):
     Config = NoQuantConfig
     quantizes = False
 
-    def quantize(self, model: nn.Module, calibration: torch.Tensor | None) -> nn.Module:
+    def _quantize(self, model: nn.Module, calibration: torch.Tensor | None, out: Quantized,
+                  context: QuantizeContext) -> nn.Module:
         return model
 
-    def save(self, model: nn.Module, out_dir: Path) -> None:
+    def save(self, quantized: Quantized, out_dir: Path) -> None:
+        model = quantized.model
         save_weights(model, out_dir / WEIGHTS_NAME)
         return None
 

@@ -32,6 +32,8 @@ from quantlab.quantizers.base import (
     WEIGHTS_NAME,
     Backend,
     BackendConfig,
+    QuantizeContext,
+    Quantized,
     build_skeleton,
     quantizable_linears,
     save_weights,
@@ -82,7 +84,8 @@ class Quanto(Backend):
         _quanto()
 
     @torch.no_grad()
-    def quantize(self, model: nn.Module, calibration: torch.Tensor | None) -> nn.Module:
+    def _quantize(self, model: nn.Module, calibration: torch.Tensor | None, out: Quantized,
+                  context: QuantizeContext) -> nn.Module:
         q = _quanto()
         names = [n for n, _ in target_linears(model, self.config.skip_list())]
         with warnings.catch_warnings():
@@ -95,7 +98,8 @@ class Quanto(Backend):
         q = _quanto()
         return [n for n, m in model.named_modules() if isinstance(m, q.QModuleMixin)]
 
-    def save(self, model: nn.Module, out_dir: Path) -> dict:
+    def save(self, quantized: Quantized, out_dir: Path) -> dict:
+        model = quantized.model
         q = _quanto()
         save_weights(model, out_dir / WEIGHTS_NAME)
         (out_dir / QMAP_NAME).write_text(json.dumps(q.quantization_map(model), indent=2))

@@ -23,7 +23,13 @@ from tqdm.auto import tqdm
 from quantlab.errors import QuantlabError
 from quantlab.formats import QuantizedWeight
 from quantlab.grid import clip_search, quantize_matrix
-from quantlab.quantizers.base import check_not_tied, set_module, target_linears
+from quantlab.quantizers.base import (
+    QuantizeContext,
+    Quantized,
+    check_not_tied,
+    set_module,
+    target_linears,
+)
 from quantlab.quantizers.weightonly import (
     LayoutBackend,
     WeightQuantConfig,
@@ -111,21 +117,22 @@ class RTN(LayoutBackend):
         check_allocation(self.config, model, targets)
 
     @torch.no_grad()
-    def quantize(self, model: nn.Module, calibration: torch.Tensor | None) -> nn.Module:
+    def _quantize(self, model: nn.Module, calibration: torch.Tensor | None, out: Quantized,
+                  context: QuantizeContext) -> nn.Module:
         c = self.config
         names = [name for name, _ in target_linears(model, c.skip_list())]
         importance = {}
         if c.scale_search == "importance":
             if calibration is None:
                 raise QuantlabError("rtn with scale_search: importance needs calibration data")
-            with self.stage("input statistics"):
+            with out.stage("input statistics"):
                 importance = input_mean_squares(model, names, calibration)
         # by name, not holding the float layers: each is freed once its quantized copy is in
         for name in tqdm(names, desc="rtn: layers", unit="layer", leave=False, disable=None):
             lin = model.get_submodule(name)
             w = lin.weight.data
             if c.scale_search != "none":
-                with self.stage("clip search"):
+                with out.stage("clip search"):
                     w = search_clip(w, importance.get(name), c.bits_for(name), c.group_size, c.sym, c.search_grid,
                                     c.max_shrink)
             bits = c.bits_for(name)
@@ -136,6 +143,6 @@ class RTN(LayoutBackend):
                           w.dtype, dense=False)
             w = lin.weight.data  # the error against the float weight, not the clipped one
             err = (q.dequantize() - w.float()).norm() / w.float().norm().clamp(min=1e-12)
-            self.layer_stats[name] = {"weight_rel_error": float(err)}
+            out.layer_stats[name] = {"weight_rel_error": float(err)}
             set_module(model, name, q)
         return model

@@ -23,6 +23,7 @@ from quantlab.quantizers.base import (
     WEIGHTS_NAME,
     Backend,
     BackendConfig,
+    Quantized,
     load_quantized,
     save_weights,
     skip_field,
@@ -204,7 +205,8 @@ class LayoutBackend(Backend):
         """Layout-specific entries of ``quantization_config`` (GPTQ's desc_act...)."""
         return {}
 
-    def save(self, model: nn.Module, out_dir: Path) -> dict:
+    def save(self, quantized: Quantized, out_dir: Path) -> dict:
+        model = quantized.model
         save_weights(model, out_dir / WEIGHTS_NAME)
         c = self.config
         widths = {n: model.get_submodule(n).bits for n in self.quantized_modules(model)}
