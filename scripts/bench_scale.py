@@ -28,6 +28,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -274,6 +275,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         return child(args)
+    # a kill (SIGTERM) unwinds like Ctrl-C: the temporary models are removed, never left behind
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     load = os.getloadavg()
     avail = _meminfo("MemAvailable")
     print(
