@@ -17,21 +17,16 @@ machine shared with other work.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import statistics
 import sys
 from pathlib import Path
 
-from quantlab.engines.serving import Load, run_load, vllm_server
+from quantlab.engines.serving import serving_table
 from quantlab.engines.vllm import cpu_isa, find_vllm
 from quantlab.errors import QuantlabError
-from quantlab.procs import ToolError
 
 TARGETS = ("targets (issue 28), on a CPU whose vLLM build has the W4A16 kernel: AWQ/GPTQ W4 rows "
            ">= 1.5x the float model's output tokens/s at concurrency 8 and >= 1.1x at 1, same run")
-KEYS = ("output_tokens_per_s", "requests_per_s", "ttft_ms_p50", "ttft_ms_p99", "tpot_ms_p50",
-        "tpot_ms_p99")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -69,68 +64,6 @@ def rows_of(args) -> list[dict]:
     return rows
 
 
-def start_servers(stack, vllm, rows, args, log) -> list[tuple[dict, object]]:
-    """Every row's server, started one after the other; a row whose server does not come
-    up keeps vLLM's message as its error."""
-    up = []
-    longest = args.input_tokens + args.output_tokens + 64
-    for r in rows:
-        log(f"starting vLLM's server for {r['name']} ({'eager' if args.eager else 'compiled'})")
-        try:
-            server = stack.enter_context(vllm_server(
-                vllm, r["dir"], log_dir=args.log_dir, name=r["name"], dtype=r["dtype"],
-                max_model_len=longest, eager=args.eager))
-        except ToolError as e:
-            r["error"] = str(e)
-            log(f"{r['name']}: {e}")
-            continue
-        up.append((r, server))
-    return up
-
-
-def measure(vllm, up, args, log) -> dict:
-    """samples[(name, concurrency)] = one figures dict per round."""
-    samples: dict[tuple[str, int], list[dict]] = {}
-    for k in range(args.rounds):
-        for c in args.concurrency:
-            load = Load(concurrency=c, requests=max(args.requests, c), warmups=min(c, 4),
-                        input_tokens=args.input_tokens, output_tokens=args.output_tokens)
-            for r, server in up:
-                log(f"round {k + 1}/{args.rounds}, concurrency {c}: {r['name']}")
-                try:
-                    fig = run_load(vllm, server, r["dir"], load, log_dir=args.log_dir)
-                except ToolError as e:
-                    r["error"] = str(e)
-                    continue
-                samples.setdefault((r["name"], c), []).append(fig)
-    return samples
-
-
-def summarize(rows, samples, concurrency) -> list[dict]:
-    """One record per row and concurrency: medians over rounds, and the median over rounds
-    of the ratio to the fastest float row of the same round."""
-    out = []
-    for c in concurrency:
-        floats = [r for r in rows if r["float"] and (r["name"], c) in samples]
-        ref = max(floats, key=lambda r: statistics.median(
-            f["output_tokens_per_s"] for f in samples[(r["name"], c)]), default=None)
-        for r in rows:
-            figs = samples.get((r["name"], c))
-            rec = {"engine": "vllm", "method": r["method"], "dtype": r["dtype"], "concurrency": c}
-            if not figs:
-                out.append({**rec, "error": r.get("error", "not measured")})
-                continue
-            rec.update({k: statistics.median(f[k] for f in figs) for k in KEYS})
-            if ref is not None:
-                base = samples[(ref["name"], c)]
-                ratios = [a["output_tokens_per_s"] / b["output_tokens_per_s"]
-                          for a, b in zip(figs, base)]
-                rec.update(x_float=statistics.median(ratios), float_reference=ref["name"])
-            rec["rounds"] = figs
-            out.append(rec)
-    return out
-
-
 def table(records) -> str:
     head = (f"{'method':>14} {'dtype':>9} {'c':>3} {'out_tok/s':>9} {'req/s':>6} {'TTFT p50':>9} "
             f"{'p99':>8} {'TPOT p50':>8} {'p99':>7} {'x float':>7}")
@@ -155,14 +88,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         vllm = find_vllm()
-        rows = rows_of(args)
-        with contextlib.ExitStack() as stack:  # every server stopped, whatever happens
-            up = start_servers(stack, vllm, rows, args, log)
-            samples = measure(vllm, up, args, log)
+        records = serving_table(vllm, rows_of(args), concurrency=args.concurrency,
+                                requests=args.requests, input_tokens=args.input_tokens,
+                                output_tokens=args.output_tokens, rounds=args.rounds,
+                                eager=args.eager, log_dir=args.log_dir, log=log)
     except QuantlabError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    records = summarize(rows, samples, args.concurrency)
     print(f"serving: vLLM's OpenAI server ({vllm.label}, {'eager' if args.eager else 'compiled'}),"
           " load from vllm.benchmarks.serve: random"
           f" {args.input_tokens}-in/{args.output_tokens}-out"

@@ -16,6 +16,7 @@ import contextlib
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import time
 import urllib.error
@@ -166,3 +167,86 @@ def run_load(vllm: VllmEnv, server: Server, tokenizer: str | Path, load: Load, *
             "duration_s": f["duration"], "log": str(log),
             "total_output_tokens": f.get("total_output_tokens"),
             "samples": {"latencies_s": f.get("latencies"), "queue_times_s": f.get("queue_times")}}
+
+
+#: the figures of a serving record (medians over rounds)
+KEYS = ("output_tokens_per_s", "requests_per_s", "ttft_ms_p50", "ttft_ms_p99", "tpot_ms_p50",
+        "tpot_ms_p99")
+
+
+def serving_table(vllm: VllmEnv, entries: list[dict], *, concurrency: list[int], requests: int,
+                  input_tokens: int, output_tokens: int, rounds: int, log_dir: str | Path,
+                  eager: bool = False, log=lambda msg: None) -> list[dict]:
+    """Serve every entry (``{"method", "dtype", "dir", "float": bool, "name": unique}``; the
+    float model once per dtype) with vLLM's server, all up together and loaded one at a time:
+    per round, per concurrency, every entry once. Returns one record per entry and
+    concurrency (``engine, method, dtype, concurrency``, the medians of :data:`KEYS`,
+    ``x_float``: median per-round ratio of output tokens/s to the fastest float entry at that
+    concurrency, ``rounds``: every round's figures), or ``error`` for an entry vLLM refused.
+    Every server is stopped with its process group on return, on an error or on Ctrl-C."""
+    with contextlib.ExitStack() as stack:
+        up = _start_servers(stack, vllm, entries, input_tokens + output_tokens + 64,
+                            eager, Path(log_dir), log)
+        samples = _measure(vllm, up, concurrency, rounds, log_dir, log,
+                           requests=requests, input_tokens=input_tokens,
+                           output_tokens=output_tokens)
+    return _summarize(entries, samples, concurrency)
+
+
+def _start_servers(stack, vllm, entries, max_model_len, eager, log_dir, log) -> list:
+    """Every entry's server, started one after the other; an entry whose server does not
+    come up keeps the error (vLLM's message, the log's path)."""
+    up = []
+    for e in entries:
+        log(f"starting vLLM's server for {e['name']} ({'eager' if eager else 'compiled'})")
+        try:
+            server = stack.enter_context(vllm_server(
+                vllm, e["dir"], log_dir=log_dir, name=e["name"], dtype=e["dtype"],
+                max_model_len=max_model_len, eager=eager))
+        except ToolError as err:
+            e["error"] = str(err)
+            log(f"{e['name']}: {err}")
+            continue
+        up.append((e, server))
+    return up
+
+
+def _measure(vllm, up, concurrency, rounds, log_dir, log, **load) -> dict:
+    """samples[(name, concurrency)]: one figures dict per round."""
+    samples: dict[tuple[str, int], list[dict]] = {}
+    for k in range(rounds):
+        for c in concurrency:
+            spec = Load(concurrency=c, requests=max(load["requests"], c), warmups=min(c, 4),
+                        input_tokens=load["input_tokens"], output_tokens=load["output_tokens"])
+            for e, server in up:
+                log(f"round {k + 1}/{rounds}, concurrency {c}: {e['name']}")
+                try:
+                    fig = run_load(vllm, server, e["dir"], spec, log_dir=log_dir)
+                except ToolError as err:
+                    e["error"] = str(err)
+                    continue
+                samples.setdefault((e["name"], c), []).append(fig)
+    return samples
+
+
+def _summarize(entries, samples, concurrency) -> list[dict]:
+    out = []
+    for c in concurrency:
+        floats = [e for e in entries if e["float"] and (e["name"], c) in samples]
+        ref = max(floats, key=lambda e: statistics.median(
+            f["output_tokens_per_s"] for f in samples[(e["name"], c)]), default=None)
+        for e in entries:
+            figs = samples.get((e["name"], c))
+            rec = {"engine": "vllm", "method": e["method"], "dtype": e["dtype"], "concurrency": c}
+            if not figs:
+                out.append({**rec, "error": e.get("error", "not measured")})
+                continue
+            rec.update({k: statistics.median(f[k] for f in figs) for k in KEYS})
+            if ref is not None:
+                base = samples[(ref["name"], c)]
+                ratios = [a["output_tokens_per_s"] / b["output_tokens_per_s"]
+                          for a, b in zip(figs, base)]
+                rec.update(x_float=statistics.median(ratios), float_reference=ref["name"])
+            rec["rounds"] = figs
+            out.append(rec)
+    return out
