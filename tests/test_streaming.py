@@ -373,3 +373,18 @@ def test_a_long_unit_still_gets_its_minute_line():
         p.step()
     assert any(line.endswith("; layer 1 under way") for line in lines[:-1]), lines
     assert lines[-1].startswith("gptq: quantize: 1/2 layers done in")
+
+
+def test_a_sharded_source_quantizes_to_the_same_checkpoint(tiny_model_dir, sharded, tmp_path):
+    opts = dict(bits=4, group_size=32, batch_size=4)
+    for name, src in (("from-single", tiny_model_dir), ("from-shards", sharded)):
+        quantize_streaming(
+            src,
+            tmp_path / name,
+            layer_method("gptq", opts),
+            calibration=CAL,
+            source=SOURCE,
+            label="m",
+            **QUIET,
+        )
+    assert _sidecar(tmp_path / "from-single") == _sidecar(tmp_path / "from-shards")
