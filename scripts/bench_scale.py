@@ -17,7 +17,7 @@ its RoPE scaling is left out: it changes no shape), 7b = Llama-2-7B.
     python scripts/bench_scale.py --sizes 1b,3b,7b                   # the full table (long)
 
 Prints one row per (size, method) with ``quantize_s``, ``quantize_s_per_billion``,
-``peak_rss_quantize_MB``, ``ppl_s``, ``peak_rss_ppl_MB`` and the export's size; ``--json``
+``peak_rss_quantize_MiB``, ``ppl_s``, ``peak_rss_ppl_MiB`` and the export's size; ``--json``
 writes the rows with the machine's state.
 """
 
@@ -225,10 +225,10 @@ def run_size(size: str, methods: list[str], root: Path, args) -> list[dict]:
                     "params_B": params / 1e9,
                     "quantize_s": q["seconds"],
                     "quantize_s_per_billion": q["seconds"] / (params / 1e9),
-                    "peak_rss_quantize_MB": q["lifetime_peak_rss_bytes"] / 2**20,
+                    "peak_rss_quantize_MiB": q["lifetime_peak_rss_bytes"] / 2**20,
                     "export_GB": q["export_bytes"] / 1e9,
                     "ppl_s": p["seconds"],
-                    "peak_rss_ppl_MB": p["lifetime_peak_rss_bytes"] / 2**20,
+                    "peak_rss_ppl_MiB": p["lifetime_peak_rss_bytes"] / 2**20,
                 }
             )
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
