@@ -244,6 +244,15 @@ def test_an_index_pointing_outside_the_model_directory(sharded, tmp_path):
         ShardedSource(sharded)
 
 
+def test_shards_that_are_links_elsewhere_are_read_as_the_hub_cache_keeps_them(sharded, tmp_path):
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    for f in sorted(sharded.glob("model-*.safetensors")):
+        f.rename(blobs / f.name)
+        f.symlink_to(blobs / f.name)
+    assert ShardedSource(sharded).total_bytes == _index(sharded)["metadata"]["total_size"]
+
+
 def test_a_tensor_listed_twice(sharded, tiny_model_dir):
     # in the index's JSON (json would silently keep the last), and stored in two shards
     text = (sharded / INDEX).read_text()

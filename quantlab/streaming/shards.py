@@ -157,10 +157,11 @@ def _index_shards(model_dir: Path, index: Path) -> dict[str, str]:
         raise QuantlabError(
             f"index '{index}' has no weight_map of tensor names to shard files; {_FIX}"
         )
-    root = model_dir.resolve()
-    for shard in set(wmap.values()):
-        target = (model_dir / shard).resolve()
-        if Path(shard).is_absolute() or target.parent != root:
+    for shard in sorted(set(wmap.values())):
+        target = model_dir / shard
+        # by name, not by resolving links: the Hub's cache keeps shards as links into its
+        # blobs/ directory, and they are the directory's own files
+        if Path(shard).is_absolute() or Path(shard).name != shard or shard in (".", ".."):
             raise QuantlabError(
                 f"index '{index}' names shard '{shard}', which is outside the model "
                 f"directory '{model_dir}'; an index names files beside it only"
