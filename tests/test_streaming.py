@@ -397,3 +397,16 @@ def test_a_sharded_source_quantizes_to_the_same_checkpoint(tiny_model_dir, shard
             **QUIET,
         )
     assert _sidecar(tmp_path / "from-single") == _sidecar(tmp_path / "from-shards")
+
+
+def test_why_a_method_does_not_stream():
+    from quantlab.streaming.methods import why_not_streamed
+
+    assert why_not_streamed("rtn", {"bits": 4, "scale_search": "importance"}) is None
+    assert why_not_streamed("gptq", {"bits": 3, "act_order": True}) is None
+    assert "awq" in why_not_streamed("awq", {})
+    assert "engine: quantlab" in why_not_streamed("gptq", {"engine": "gptqmodel"})
+    assert "bits: auto" in why_not_streamed("rtn", {"bits": "auto", "bits_budget": 4.5})
+    assert "skip: auto" in why_not_streamed("gptq", {"skip": "auto"})
+    with pytest.raises(Exception, match="group_size"):  # options are the backend's own Config's
+        why_not_streamed("rtn", {"group_size": 0})

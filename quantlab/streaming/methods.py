@@ -45,17 +45,22 @@ class LayerMethod:
     batch_size = 8
 
     def __init__(self, config: WeightQuantConfig):
+        if config.allocating():
+            raise QuantlabError(
+                f"{self.backend} with bits: auto is not streamed yet: its allocation "
+                "probes need the whole model; give bits or module_bits"
+            )
+        if config.skip == "auto":
+            raise QuantlabError(
+                f"{self.backend} with skip: auto is not streamed yet: its sensitivity pass "
+                "needs the whole model; give the skip list"
+            )
         self.config = config
         self.layout = LAYOUTS["gptq-v1"]
 
     def check(self, model: nn.Module, targets: list[tuple[str, nn.Linear]]) -> None:
         """The in-memory backend's checks (on the meta skeleton: shapes only)."""
         c = self.config
-        if getattr(c, "allocating", lambda: False)():
-            raise QuantlabError(
-                f"{self.backend} with bits: auto is not streamed yet: its allocation "
-                "probes need the whole model; give bits or module_bits"
-            )
         for bits in c.widths():
             check_layers(targets, bits, c.group_size, self.layout)
 
@@ -342,6 +347,16 @@ def layer_method(backend: str, options: dict[str, Any] | WeightQuantConfig) -> L
     cfg_cls, make = METHODS[backend]
     config = options if isinstance(options, cfg_cls) else cfg_cls(**dict(options))
     return make(config)
+
+
+def why_not_streamed(backend: str, options: dict[str, Any] | WeightQuantConfig) -> str | None:
+    """Why a method cannot stream (one sentence), or None when it can: what the run asks
+    before it chooses between streaming and loading the whole model."""
+    try:
+        layer_method(backend, options)
+    except QuantlabError as e:
+        return str(e)
+    return None
 
 
 #: what each backend needs in memory, for ``quantlab backends`` (names as registered)
