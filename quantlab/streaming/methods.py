@@ -138,8 +138,12 @@ class RTNLayers(LayerMethod):
         importance, out = {}, None
         if self.needs_calibration:
             importance, out = _float_pass(layer, mine, hidden, kwargs)
-        for n, lin in mine.items():
+        # taken out of ``mine`` one by one: each float weight is freed once its packed layer
+        # is in (the in-memory RTN frees them the same way)
+        for n in list(mine):
+            lin = mine.pop(n)
             set_module(layer, n, self._one(prefix + n, lin, stats, importance.get(n)))
+            del lin
         return out
 
     def quantize_outer(self, name, lin, stats):
@@ -280,6 +284,7 @@ class GPTQLayers(LayerMethod):
                 "output_rel_error": rel,
             }
             set_module(layer, n, q)
+            del mine[n]  # the float weight is freed with ``lins`` (no later stage reads it)
 
 
 def _group_hessians(layer, mine, grp, hidden, kwargs):
