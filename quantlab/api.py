@@ -147,11 +147,13 @@ _EVAL_TEXTS = ("data", "text_field", "convention", "device", "kernel")
 
 def _check_evaluate(options: dict[str, Any]) -> None:
     """evaluate's options: known names, types and ranges, and only options that apply to the
-    others, by the rule ``quantlab eval`` applies to its flags (evalcmd._check_applicable)."""
+    others: the scoring options by their one rule (quantlab.evalspec), the rest by the rule
+    ``quantlab eval`` applies to its flags (evalcmd.check_command_flags)."""
     from types import SimpleNamespace
 
     from quantlab import arguments
-    from quantlab.evalcmd import _check_applicable, evaluate_source
+    from quantlab.evalcmd import check_command_flags, evaluate_source
+    from quantlab.evalspec import ScoringSpec
 
     arguments.known_keywords(evaluate_source, options, "evaluate")
     given = dict(_defaults(evaluate_source), **options)
@@ -170,8 +172,9 @@ def _check_evaluate(options: dict[str, Any]) -> None:
         arguments.flag("bos", given["bos"])
     args = SimpleNamespace(**dict(given, bos={None: "auto", True: "yes", False: "no"}[given["bos"]],
                                   no_cache_base=not given["cache_base"]))
+    ScoringSpec.checked("api", **{k: given[k] for k in ScoringSpec.model_fields})
     try:
-        _check_applicable(args)
+        check_command_flags(args)
     except QuantlabError as e:  # the command's flags, said as this function's arguments
         raise QuantlabError(_as_arguments(str(e))) from None
 

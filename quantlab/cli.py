@@ -14,7 +14,9 @@ import traceback
 
 from quantlab import __version__
 from quantlab.errors import QuantlabError
-from quantlab.formats.kernels import DEFAULT_KERNEL, KERNEL_CHOICES
+from quantlab.evalspec import CONVENTIONS
+from quantlab.evalspec import defaults as scoring_defaults
+from quantlab.formats.kernels import KERNEL_CHOICES
 
 #: the --quick preset: a comparison in minutes, figures labelled indicative
 QUICK = ("calibration.samples=8", "eval.max_windows=8", "eval.divergence.max_windows=4", "eval.speed.rounds=1",
@@ -57,6 +59,7 @@ def _add_validate(sub) -> None:
 
 
 def _add_eval(sub) -> None:
+    d = scoring_defaults()  # the same defaults as a recipe's eval block
     p = sub.add_parser("eval", help="score any model or checkpoint: perplexity by a convention, "
                        "divergence from a base model, speed; nothing is quantized",
                        description="Score MODEL (demo alias, Hub id, directory, .gguf or a checkpoint "
@@ -66,8 +69,8 @@ def _add_eval(sub) -> None:
                    "file, a WikiText-style directory, or wikitext2 (online)")
     p.add_argument("--split", help="part of the text source (pydoc: evaluation; directories: test)")
     p.add_argument("--text-field", default="text", help="field of a .jsonl source (default: text)")
-    p.add_argument("--convention", default="gptq", choices=["gptq", "llamacpp", "strided", "lm-eval"],
-                   help="perplexity convention (default gptq; see docs/results.md)")
+    p.add_argument("--convention", default=d["convention"], choices=CONVENTIONS,
+                   help=f"perplexity convention (default {d['convention']}; see docs/results.md)")
     p.add_argument("--ctx", "--seq-len", dest="seq_len", type=int, metavar="N", help="window / context length "
                    "(default: gptq 2048, llamacpp 512, strided and lm-eval the model's context)")
     p.add_argument("--stride", type=int, metavar="N", help="strided convention: tokens between window starts (default 512)")
@@ -76,7 +79,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--max-chunks", "--max-windows", dest="max_windows", type=int, metavar="N",
                    help="score only the first N windows/chunks")
     p.add_argument("--max-docs", type=int, metavar="N", help="lm-eval convention: score only the first N documents")
-    p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+    p.add_argument("--batch-size", type=int, default=d["batch_size"],
+                   help=f"windows per forward pass (default {d['batch_size']})")
     p.add_argument("--base", help="also score divergence (KL, top-1, Δp) from this model on the same tokens")
     p.add_argument("--kl-windows", type=int, metavar="N", help="compare only the first N windows with --base (default: all)")
     p.add_argument("--no-cache-base", action="store_true", help="with --base: do not keep the base model's "
@@ -85,8 +89,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--speed", action="store_true", help="also measure prefill/decode speed at batch 1")
     p.add_argument("--speed-mode", default="eager", choices=["eager", "compiled"],
                    help="with --speed: eager decode (default) or a static KV cache and a compiled decode step")
-    p.add_argument("--kernel", default=DEFAULT_KERNEL, choices=KERNEL_CHOICES,
-                   help=f"what runs a quantlab checkpoint's packed layers (default {DEFAULT_KERNEL}: "
+    p.add_argument("--kernel", default=d["kernel"], choices=KERNEL_CHOICES,
+                   help=f"what runs a quantlab checkpoint's packed layers (default {d['kernel']}: "
                    "a kernel only where it beat dense here; see docs/results.md, Kernels)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")

@@ -16,7 +16,10 @@ from pathlib import Path
 import torch
 
 from quantlab.errors import QuantlabError
-from quantlab.formats.kernels import DEFAULT_KERNEL
+from quantlab.evalspec import ScoringSpec, defaults
+
+#: the scoring options' defaults, from their one home (a recipe's eval block has the same)
+_D = defaults()
 
 
 def _log(msg: str) -> None:
@@ -38,12 +41,13 @@ def _finite(d: dict) -> dict:
 
 
 def evaluate_source(model: str, *, data: str = "pydoc", split: str | None = None, text_field: str = "text",
-                    convention: str = "gptq", seq_len: int | None = None, stride: int | None = None,
-                    bos: bool | None = None, max_windows: int | None = None, max_docs: int | None = None,
-                    batch_size: int = 4, base: str | None = None, kl_windows: int | None = None,
-                    speed: bool = False, dtype: str = "auto", device: str = "auto",
-                    trust_remote_code: bool = False, verify: bool = True, kernel: str = DEFAULT_KERNEL,
-                    speed_mode: str = "eager", cache_base: bool = True) -> dict:
+                    convention: str = _D["convention"], seq_len: int | None = None,
+                    stride: int | None = None, bos: bool | None = None, max_windows: int | None = None,
+                    max_docs: int | None = None, batch_size: int = _D["batch_size"],
+                    base: str | None = None, kl_windows: int | None = None, speed: bool = False,
+                    dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False,
+                    verify: bool = True, kernel: str = _D["kernel"], speed_mode: str = "eager",
+                    cache_base: bool = True) -> dict:
     """Score ``model`` (any model source or quantlab checkpoint) on ``data``; see ``quantlab eval``.
     ``verify``: check quantlab checkpoints against their sha256 manifest before loading;
     ``kernel``: what runs a checkpoint's packed layers; ``speed_mode``: eager or compiled decode;
@@ -56,26 +60,20 @@ def evaluate_source(model: str, *, data: str = "pydoc", split: str | None = None
         resolve_device,
         resolve_dtype,
     )
-    from quantlab.scoring import (
-        EvalSettings,
-        build_plan,
-        evaluate,
-        labels,
-    )
+    from quantlab.scoring import build_plan, evaluate, labels
 
+    settings = ScoringSpec.checked("cli", convention=convention, seq_len=seq_len, stride=stride,
+                                   bos=bos, max_windows=max_windows, batch_size=batch_size,
+                                   kernel=kernel)
     quiet_progress_bars()
     classify(model)
     if base:
         classify(base)
     text = load_text(data, split, "evaluation", text_field)
     if max_docs is not None:
-        if convention != "lm-eval":
-            raise QuantlabError("--max-docs applies to the lm-eval convention; use --max-windows for the others")
         text = Text(f"{text.name}[:{max_docs} docs]", text.articles()[:max_docs])
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    settings = EvalSettings(convention=convention, seq_len=seq_len, stride=stride, bos=bos,
-                            max_windows=max_windows, batch_size=batch_size)
     kw = {"dtype": dt, "device": dev, "trust_remote_code": trust_remote_code, "verify": verify}
     if trust_remote_code:
         _log("trust_remote_code is ON: code from the model repositories may run in this process")
@@ -203,15 +201,13 @@ def _kernel_label(lm) -> str:
     return ",".join(sorted({kernel_label(lm.model.get_submodule(n)) for n in names})) or "dense"
 
 
-def _check_applicable(args) -> None:
-    """Options that would be ignored are refused, as a recipe refuses them: a flag the user
-    typed always changes what is measured, or the command says why it cannot."""
-    if args.stride is not None and args.convention != "strided":
-        raise QuantlabError(f"--stride applies to the strided convention, not {args.convention!r}; add "
-                            "--convention strided or drop --stride")
-    if args.bos != "auto" and args.convention != "llamacpp":
-        raise QuantlabError(f"--bos applies to the llamacpp convention, not {args.convention!r}; add "
-                            "--convention llamacpp or drop --bos")
+def check_command_flags(args) -> None:
+    """The flags only this command has, refused where they would be ignored (the scoring
+    options' rules live with them, in :class:`quantlab.evalspec.ScoringSpec`): a flag the
+    user typed always changes what is measured, or the command says why it cannot."""
+    if args.max_docs is not None and args.convention != "lm-eval":
+        raise QuantlabError("--max-docs applies to the lm-eval convention; use --max-windows for "
+                            "the others")
     if args.text_field != "text" and not args.data.endswith(".jsonl"):
         raise QuantlabError(f"--text-field applies to .jsonl data, not {args.data!r}; drop it")
     if args.speed_mode != "eager" and not args.speed:
@@ -225,12 +221,16 @@ def _check_applicable(args) -> None:
 
 def run_eval(args) -> int:
     _check_positive(args)
-    _check_applicable(args)
+    bos = {"auto": None, "yes": True, "no": False}[args.bos]
+    ScoringSpec.checked("cli", convention=args.convention, seq_len=args.seq_len, stride=args.stride,
+                        bos=bos, max_windows=args.max_windows, batch_size=args.batch_size,
+                        kernel=args.kernel)  # before any model is loaded
+    check_command_flags(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     out = evaluate_source(args.model, data=args.data, split=args.split, text_field=args.text_field,
                           convention=args.convention, seq_len=args.seq_len, stride=args.stride,
-                          bos={"auto": None, "yes": True, "no": False}[args.bos], max_windows=args.max_windows,
+                          bos=bos, max_windows=args.max_windows,
                           max_docs=args.max_docs, batch_size=args.batch_size, base=args.base,
                           kl_windows=args.kl_windows, speed=args.speed, dtype=args.dtype, device=args.device,
                           trust_remote_code=args.trust_remote_code, verify=not args.no_verify,

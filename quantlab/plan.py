@@ -30,7 +30,7 @@ from quantlab.recipe import Recipe, recipe_to_dict
 from quantlab.records import atomic_write_bytes, atomic_write_text, code_digest, stage_key
 from quantlab.registry import get_backend
 from quantlab.rundir import RunDir, prepare_run_dir
-from quantlab.scoring import EvalSettings, build_plan, compute_reference, labels, plan_key
+from quantlab.scoring import build_plan, compute_reference, labels, plan_key
 
 PLAN_FORMAT = 1
 
@@ -280,9 +280,7 @@ def prepare(s: Setup, force: bool, log) -> tuple[RunPlan, LoadedModel]:
     _check_float(recipe, base)
     check_lengths(recipe, s.backends, model_context(base.model))
     ev = recipe.eval
-    settings = EvalSettings(convention=ev.convention, seq_len=ev.seq_len, stride=ev.stride, bos=ev.bos,
-                            max_windows=ev.max_windows, batch_size=ev.batch_size)
-    eval_plan = build_plan(settings, s.eval_text, base.tokenizer, base.model)
+    eval_plan = build_plan(ev, s.eval_text, base.tokenizer, base.model)
     check_methods(s.backends, base.model)
     plan = RunPlan(recipe=recipe, run_dir=s.run_dir, force=force, device=str(s.device),
                    dtype=str(s.dtype).removeprefix("torch."), keys={},

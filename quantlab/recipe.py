@@ -27,7 +27,7 @@ from pydantic import (
 
 from quantlab.bench import speed
 from quantlab.errors import RecipeError, did_you_mean
-from quantlab.formats.kernels import DEFAULT_KERNEL
+from quantlab.evalspec import ScoringSpec
 from quantlab.layout import CONTAINER_ENTRIES, RUN_ENTRIES
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -184,34 +184,13 @@ class LlamaCppSpec(_Strict):
     bench: LlamaCppBenchSpec = LlamaCppBenchSpec()
 
 
-class EvalSpec(TextSpec):
-    """How each reloaded checkpoint is scored."""
+class EvalSpec(ScoringSpec, TextSpec):
+    """How each reloaded checkpoint is scored: the text, the scoring options shared with
+    ``quantlab eval`` (:class:`quantlab.evalspec.ScoringSpec`: convention, windows, batch size,
+    kernel, and the rules of which applies to which), divergence, speed, engines, tasks."""
 
-    convention: Literal["gptq", "llamacpp", "strided", "lm-eval"] = Field(
-        "gptq",
-        description="Perplexity convention. 'gptq': the GPTQ/AWQ papers (non-overlapping "
-        "windows over the text joined with blank lines, remainder dropped); 'llamacpp': "
-        "llama-perplexity (BOS-led chunks, second half scored, ± stderr); 'strided': the "
-        "transformers docs' sliding window; 'lm-eval': lm-evaluation-harness rolling "
-        "log-likelihood per document, reported as word perplexity (docs/results.md, 'Perplexity').",
-    )
-    seq_len: int | None = Field(None, ge=8, le=1_000_000, description="Window length in tokens "
-                                "(llamacpp: ctx). None: gptq 2048, llamacpp 512, strided and "
-                                "lm-eval the model's context.")
-    stride: int | None = Field(None, ge=1, description="strided: tokens between window starts (default 512).")
-    bos: bool | None = Field(None, description="llamacpp: BOS on every chunk. None: when the "
-                             "tokenizer adds BOS to a text (as llama.cpp decides).")
-    max_windows: int | None = Field(None, ge=1, description="Score only the first N windows (None: all).")
-    batch_size: int = Field(4, ge=1, description="Windows per forward pass (windows longer than "
-                            "512 tokens: as many as fit in batch_size x 512 tokens).")
     divergence: DivergenceSpec = DivergenceSpec()
     speed: SpeedSpec = SpeedSpec()
-    kernel: Literal["auto", "dense", "int4pack", "int8pack"] = Field(
-        DEFAULT_KERNEL, description="What executes the packed layers of quantlab's layouts (GPTQ v1, AWQ gemm) when "
-        "a checkpoint is reloaded, for scoring and speed: 'dense' (dequantized once, float matmul), "
-        "'int4pack' / 'int8pack' (torch's kernels reading packed weights, bfloat16 activations), 'auto' "
-        "(times them per layer shape, keeps a kernel only for the token counts where it beat dense). "
-        "docs/results.md, \"Kernels\".")
     engines: list[Literal["torch", "llamacpp"]] = Field(
         default_factory=lambda: ["torch"], description="Engines that measure: 'torch' (every row, from the "
         "checkpoint reloaded by quantlab) and 'llamacpp' (rows that export GGUF, see eval.llamacpp).")
@@ -224,19 +203,11 @@ class EvalSpec(TextSpec):
     task_fewshot: int | None = Field(None, ge=0, description="Few-shot examples (None: the task's default).")
 
     @model_validator(mode="after")
-    def _convention_keys(self) -> EvalSpec:
-        if self.stride is not None and self.convention != "strided":
-            raise ValueError(f"stride applies to the strided convention, not {self.convention!r}")
-        if self.bos is not None and self.convention != "llamacpp":
-            raise ValueError(f"bos applies to the llamacpp convention, not {self.convention!r}")
+    def _task_keys(self) -> EvalSpec:
         unused = [k for k in ("task_limit", "task_fewshot") if getattr(self, k) is not None]
         if not self.tasks and (unused or self.task_paths):
             key = (unused or ["task_paths"])[0]
             raise ValueError(f"{key} applies to eval.tasks, which is empty; add tasks or remove {key}")
-        if self.max_windows is not None and self.convention == "lm-eval":
-            raise ValueError("max_windows does not apply to the lm-eval convention (it scores whole documents)")
-        if self.stride is not None and self.seq_len is not None and self.stride > self.seq_len:
-            raise ValueError(f"stride ({self.stride}) must not exceed seq_len ({self.seq_len})")
         return self
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import weakref
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,24 +23,14 @@ from quantlab.bench.perplexity import (
 )
 from quantlab.data import Text, tokenize
 from quantlab.errors import QuantlabError
+from quantlab.evalspec import ScoringSpec
 
 
-@dataclass(frozen=True)
-class EvalSettings:
-    convention: str = "gptq"
-    seq_len: int | None = None
-    stride: int | None = None
-    bos: bool | None = None
-    max_windows: int | None = None
-    batch_size: int = 4
-
-
-def build_plan(settings: EvalSettings, text: Text, tokenizer, model) -> Plan:
+def build_plan(settings: ScoringSpec, text: Text, tokenizer, model) -> Plan:
+    """The windows ``settings`` scores on ``text`` (its options were checked, together, when
+    the spec was made: :class:`quantlab.evalspec.ScoringSpec`)."""
     ctx = model_context(model)
     if settings.convention == "lm-eval":
-        if settings.max_windows is not None:
-            raise QuantlabError("eval.max_windows does not apply to the lm-eval convention (it scores "
-                                "whole documents); use a smaller text instead")
         return make_plan("lm-eval", documents=text.articles(), tokenizer=tokenizer,
                          seq_len=settings.seq_len, model_context=ctx)
     return make_plan(settings.convention, ids=tokenize(text, tokenizer), tokenizer=tokenizer,

@@ -108,7 +108,7 @@ def test_eval_human_output_and_speed(tiny_model_dir, text_file, capsys):
     (["--ctx", "0"], "--seq-len must be a positive integer"),
     (["--max-docs", "2"], "--max-docs applies to the lm-eval convention"),
     (["--data", "/no/such.txt"], "does not exist"),
-    (["--convention", "lm-eval", "--max-windows", "2"], "max_windows does not apply"),
+    (["--convention", "lm-eval", "--max-windows", "2"], "--max-windows does not apply"),
     (["--ctx", "4096"], "longer than the model's context"),
     (["--convention", "llamacpp", "--ctx", "250"], "at least 2 x ctx"),
 ])
