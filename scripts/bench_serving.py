@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -80,8 +81,15 @@ def table(records) -> str:
     return "\n".join(lines)
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    # Ctrl-C and a plain `kill` both unwind through the servers' cleanup (their groups stopped)
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
 
     def log(msg: str) -> None:
         print(f"bench_serving: {msg}", file=sys.stderr, flush=True)
@@ -95,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     except QuantlabError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"error: interrupted; every server was stopped (logs: {args.log_dir})",
+              file=sys.stderr)
+        return 130
     print(f"serving: vLLM's OpenAI server ({vllm.label}, {'eager' if args.eager else 'compiled'}),"
           " load from vllm.benchmarks.serve: random"
           f" {args.input_tokens}-in/{args.output_tokens}-out"
