@@ -205,8 +205,8 @@ def _check_gguf(recipe: Recipe, backends: dict) -> None:
 
     for m in recipe.all_methods():
         b = backends[m.label]
-        if "gguf" not in m.export or b.name == "llamacpp" or not b.quantizes:
-            continue  # llamacpp's checkpoint is a GGUF file already; a float model exports as float
+        if "gguf" not in m.export or b.gguf_checkpoint or not b.quantizes:
+            continue  # a GGUF checkpoint is exported as it is; a float model exports as float
         grid = b.grid()
         if grid is None:
             raise QuantlabError(f"method '{m.label}': backend '{b.name}' cannot export GGUF (its "
@@ -218,7 +218,7 @@ def _check_gguf(recipe: Recipe, backends: dict) -> None:
 
         find_llamacpp()
     methods = recipe.all_methods()
-    if any("gguf" in m.export or backends[m.label].name == "llamacpp" for m in methods):
+    if any("gguf" in m.export or backends[m.label].gguf_checkpoint for m in methods):
         _check_gguf_metadata(recipe.model.source)
 
 

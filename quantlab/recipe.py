@@ -266,10 +266,15 @@ class MethodSpec(_Strict):
 
     @model_validator(mode="before")
     @classmethod
-    def _llamacpp_exports_gguf(cls, data: Any) -> Any:
-        """llama.cpp's own rows are GGUF files: they export GGUF unless told otherwise."""
-        if isinstance(data, dict) and data.get("backend") == "llamacpp" and "export" not in data:
-            data = dict(data, export=["native", "gguf"])
+    def _gguf_rows_export_gguf(cls, data: Any) -> Any:
+        """Rows whose checkpoint is a GGUF file (llama.cpp's quantizers, run by llama.cpp or by
+        quantlab) export GGUF unless told otherwise."""
+        from quantlab.registry import BACKENDS, get_backend
+
+        name = data.get("backend") if isinstance(data, dict) else None
+        if isinstance(name, str) and name in BACKENDS and "export" not in data:
+            if get_backend(name).gguf_checkpoint:
+                data = dict(data, export=["native", "gguf"])
         return data
 
     @field_validator("export")

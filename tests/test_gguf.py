@@ -204,6 +204,7 @@ def test_a_run_measures_every_gguf_row_with_llamacpp(tiny_gguf, tmp_path, monkey
     methods = """  - {label: rtn-q4_0, backend: rtn, options: {bits: 4, group_size: 32}, export: [native, gguf]}
   - {label: gptq-q4_1, backend: gptq, options: {bits: 4, group_size: 64, sym: false}, export: [native, gguf]}
   - {label: llamacpp-q8_0, backend: llamacpp, options: {type: Q8_0}}
+  - {label: ggml-q8_0, backend: ggml, options: {type: q8_0}}
   - {label: rtn-w3, backend: rtn, options: {bits: 3, group_size: 32}}
   - {label: rtn-mixed, backend: rtn, options: {bits: 4, group_size: 32, module_bits: {"*.mlp.down_proj": 8}},
      export: [native, gguf]}
@@ -211,8 +212,14 @@ def test_a_run_measures_every_gguf_row_with_llamacpp(tiny_gguf, tmp_path, monkey
     recipe = _engine_recipe(tmp_path / "r.yaml", tiny_gguf, tmp_path / "run", methods)
     assert main(["run", str(recipe)]) == 0
     frame = pd.read_csv(tmp_path / "run" / "results.csv").set_index("method")
-    gguf_rows = ["baseline", "rtn-q4_0", "gptq-q4_1", "llamacpp-q8_0", "rtn-mixed", "hqq-q4_1"]
-    assert list(frame.loc[gguf_rows, "gguf_type"]) == ["F32", "Q4_0", "Q4_1", "Q8_0", "Q4_0", "Q4_1"]
+    gguf_rows = ["baseline", "rtn-q4_0", "gptq-q4_1", "llamacpp-q8_0", "ggml-q8_0", "rtn-mixed", "hqq-q4_1"]
+    assert list(frame.loc[gguf_rows, "gguf_type"]) == ["F32", "Q4_0", "Q4_1", "Q8_0", "Q8_0", "Q4_0", "Q4_1"]
+    # quantlab's own Q8_0 (the ggml backend, a GGUF checkpoint: exported and measured as one)
+    # holds llama-quantize's blocks, so llama.cpp measures the same file twice
+    blocks = [{t.name: bytes(t.data.tobytes()) for t in gguf.GGUFReader(str(tmp_path / "run" / row / "model.gguf"))
+               .tensors if t.name.startswith("blk.")} for row in ("llamacpp-q8_0", "ggml-q8_0")]
+    assert blocks[0] == blocks[1]
+    assert frame.loc["ggml-q8_0", "llamacpp_ppl"] == frame.loc["llamacpp-q8_0", "llamacpp_ppl"]
     # several widths: a type per tensor (the row names the most common), read back from the file
     written = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(tmp_path / "run" / "rtn-mixed" / "model.gguf"))
                .tensors if t.name.startswith("blk.")}
@@ -233,7 +240,7 @@ def test_a_run_measures_every_gguf_row_with_llamacpp(tiny_gguf, tmp_path, monkey
     capsys.readouterr()
     assert main(["run", str(recipe)]) == 0
     err = capsys.readouterr().err
-    assert err.count("finished earlier with the same settings") == 7 and "llama.cpp phase done" in err
+    assert err.count("finished earlier with the same settings") == 8 and "llama.cpp phase done" in err
 
 
 @pytest.mark.parametrize(("methods", "message"), [

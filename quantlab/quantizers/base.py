@@ -120,6 +120,9 @@ class Backend(ABC):
     #: the method changes weights (false only for the float baseline, which every export
     #: writes in float)
     quantizes: ClassVar[bool] = True
+    #: the checkpoint is a GGUF file already (llama.cpp's own quantizers): the method exports
+    #: GGUF unless told otherwise, and the GGUF export copies that file
+    gguf_checkpoint: ClassVar[bool] = False
 
     def __init__(self, config: BackendConfig | None = None):
         self.config = config if config is not None else self.Config()

@@ -67,6 +67,7 @@ class GgmlConfig(BackendConfig):
 
 class Ggml(Backend):
     name = "ggml"
+    gguf_checkpoint = True
     description = (
         "llama.cpp's own quantizers (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/IQ4_NL, optional importance matrix) "
         "run by quantlab: the bytes llama-quantize writes, as a GGUF checkpoint."

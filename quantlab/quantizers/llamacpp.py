@@ -43,6 +43,7 @@ class LlamaCppConfig(BackendConfig):
 
 class LlamaCpp(Backend):
     name = "llamacpp"
+    gguf_checkpoint = True
     description = "llama.cpp's own quantization (llama-quantize, optional imatrix): a GGUF reference row."
     Config = LlamaCppConfig
     replaces_only = False
