@@ -69,8 +69,13 @@ def materialize(
 
 
 def release(module: nn.Module) -> None:
-    """Free ``module``'s parameters and buffers (back to ``meta``)."""
+    """Free ``module``'s parameters and buffers (back to ``meta``), and hand the freed heap
+    back to the OS: glibc keeps it otherwise, fragmented across its arenas, and the next
+    layer's tensors then raise the resident memory instead of reusing it."""
+    from quantlab.bench.memory import release_free_memory
+
     module.to("meta")
+    release_free_memory()
 
 
 def buffers_to(model: nn.Module, device: torch.device) -> None:
