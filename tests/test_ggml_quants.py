@@ -430,3 +430,92 @@ def test_the_demo_models_file_equals_llama_quantizes(tmp_path):
     for t in theirs:
         assert ours[t.name].tensor_type == t.tensor_type, t.name
         assert np.array_equal(np.asarray(ours[t.name].data), np.asarray(t.data)), t.name
+
+
+# ------------------------------------------------------- search: awq (format-aware scales)
+
+
+@pytest.mark.parametrize("qtype", gq.TYPES)
+def test_fake_quant_reads_the_blocks_back_as_ggml_does(qtype):
+    """What the search scores is exactly what llama.cpp will compute with: fake_quant equals
+    gguf-py's dequantization of quantize's bytes (float16 scales included), with and without
+    importance."""
+    from gguf import quants
+
+    rng = np.random.default_rng(1)
+    w = (rng.standard_normal((16, 256)) * rng.random(256) * 3).astype(np.float32)
+    for imp in (None, rng.random(256).astype(np.float32) + 0.01):
+        data = gq.quantize(w, qtype, imp)
+        ref = quants.dequantize(data, getattr(gguf.GGMLQuantizationType, qtype))
+        assert np.array_equal(gq.fake_quant(w, qtype, imp), ref.astype(np.float32)), qtype
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "IQ4_NL"])
+def test_the_format_aware_search_never_loses_to_no_search(qtype):
+    """On its own objective (output MSE of llama.cpp's quantizer with importance), candidate 0
+    is exactly no search, the returned scales are the argmin, and on inputs with a few loud
+    channels (what AWQ exploits) the search strictly wins."""
+    from quantlab.quantizers.awq import gram, output_mse
+    from quantlab.quantizers.ggml_awq import ggml_search_scales
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2048, 128, generator=g) * (1 + 20 * (torch.rand(128, generator=g) > 0.95))
+    w = torch.randn(64, 128, generator=g) * 0.05
+    sigma = gram(x)
+    imp = x.pow(2).mean(0).numpy().astype(np.float32)
+    s, losses = ggml_search_scales(w, sigma, x.abs().mean(0), qtype, imp, 10, True)
+    plain = torch.from_numpy(gq.fake_quant(w.numpy(), qtype, imp))
+    assert float(losses[0]) == pytest.approx(output_mse(plain - w, sigma), rel=1e-6)
+    wq = torch.from_numpy(gq.fake_quant((w * s).numpy(), qtype, imp / (s * s).numpy())) / s
+    assert output_mse(wq - w, sigma) == pytest.approx(float(losses.min()), rel=1e-6)
+    assert float(losses.min()) < 0.9 * float(losses[0]), losses
+
+
+def test_search_awq_folds_scales_and_llama_cpp_runs_the_file(tiny_model_dir, tiny_gguf, tmp_path):
+    """ggml search: awq on the tiny model: the float model's function is unchanged by the
+    folding; every linear's chosen loss is at most no search's; the file is what llama-quantize
+    makes of the folded F32 model with the saved (rescaled) imatrix, and llama-perplexity runs
+    it; a search knob without the search is one clear error."""
+    from pydantic import ValidationError
+
+    from quantlab.checkpoint import export_checkpoint
+    from quantlab.data import pydoc_text, sample_calibration, tokenize
+    from quantlab.engines.llamacpp import perplexity
+    from quantlab.formats.gguf import export_gguf
+    from quantlab.models import load_model
+    from quantlab.quantizers.base import QuantizeContext
+    from quantlab.quantizers.ggml import Ggml
+
+    with pytest.raises(ValidationError, match="only apply with search: awq"):
+        Ggml.Config(n_grid=5)
+    tools = _tools()
+    lm = load_model(str(tiny_model_dir), dtype=torch.float32, device=CPU)
+    text = pydoc_text("calibration")
+    cal = sample_calibration(tokenize(text, lm.tokenizer), text, 4, 64, 0).ids
+    before = lm.model(cal[:2]).logits
+    backend = Ggml(Ggml.Config(type="q4_0", imatrix=True, search="awq", n_grid=8))
+    source = {"gguf": str(tiny_gguf)}
+    rec_model = backend.quantize(lm.model, cal, QuantizeContext(lm.tokenizer, source, tmp_path))
+    torch.testing.assert_close(lm.model(cal[:2]).logits, before, rtol=1e-4, atol=1e-4)
+    stats = {k: v for k, v in rec_model.layer_stats.items() if "search_loss_best" in v}
+    assert len(stats) == 2 * 6  # two layers: q/k/v, gate/up and down (o: GQA, not scaled)
+    assert all(v["search_loss_best"] <= v["search_loss_identity"] for v in stats.values())
+    assert any(v["search_best_grid_index"] > 0 for v in stats.values()), stats
+    ckpt = export_checkpoint(rec_model, lm.tokenizer, backend, tmp_path / "ckpt", source=source,
+                             label="ggml")
+    # the saved importance is the folded model's own (inputs x / s): recomputed, it agrees
+    saved = read_imatrix(ckpt / "imatrix" / "imatrix.gguf")
+    names = gguf_names(lm.model, [n for n in stats])
+    again = compute_imatrix(lm.model, cal, names)
+    for n in names.values():
+        np.testing.assert_allclose(saved.importance(n), again.importance(n), rtol=1e-3, err_msg=n)
+    export_gguf(lm.model, tmp_path / "folded.gguf", tiny_gguf)
+    _llama_quantize(tools, tmp_path / "folded.gguf", tmp_path / "theirs.gguf", "Q4_0",
+                    "--token-embedding-type", "q8_0", "--imatrix",
+                    ckpt / "imatrix" / "imatrix.gguf")
+    ours = {t.name: t for t in gguf.GGUFReader(str(ckpt / "model.gguf")).tensors}
+    for t in gguf.GGUFReader(str(tmp_path / "theirs.gguf")).tensors:
+        assert np.array_equal(np.asarray(ours[t.name].data), np.asarray(t.data)), t.name
+    text_file, _ = _pydoc_file(tmp_path / "eval.txt")
+    quant = perplexity(tools, ckpt / "model.gguf", text_file, ctx=64, chunks=4, threads=2)
+    assert np.isfinite(quant["ppl"]), quant

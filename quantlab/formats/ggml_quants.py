@@ -380,3 +380,44 @@ def _pack(qtype: str, *parts) -> np.ndarray:
     else:
         body = [_nibbles(q)]
     return np.concatenate(head + body, axis=1)
+
+
+# ------------------------------------------------------------------------- dequantizing
+
+
+def fake_quant(w: np.ndarray, qtype: str, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """``w`` (float32 [rows, cols]) quantized as :func:`quantize` does and read back as
+    llama.cpp reads the blocks (the float16 scales included, so a search scoring this sees the
+    fp16 rounding inside its objective): float32 [rows, cols]."""
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    check_quantizable("weight", w.shape, qtype)
+    if imatrix is not None:
+        imatrix = np.ascontiguousarray(imatrix, dtype=np.float32).reshape(-1)
+    if qtype not in USES_IMATRIX:
+        imatrix = None
+    out = np.empty_like(w)
+    step = max(1, CHUNK // w.shape[1])
+    for r in range(0, w.shape[0], step):
+        part = w[r : r + step]
+        x = np.ascontiguousarray(part.reshape(-1, BLOCK).T)  # [32, n_blocks], as quantize
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            parts = _quantize_blocks(x, part, qtype, imatrix)
+        out[r : r + step] = _dequantize(qtype, *parts).T.reshape(part.shape)
+    return out
+
+
+def _half(v: np.ndarray) -> np.ndarray:
+    """A float32 scale as the file stores it (float16) and ggml reads it back."""
+    return v.astype(np.float32).astype(np.float16).astype(np.float32)
+
+
+def _dequantize(qtype: str, *parts) -> np.ndarray:
+    """dequantize_row_* of (d, [m,] codes [32, n_blocks]): float32 [32, n_blocks]."""
+    if qtype in ("Q4_1", "Q5_1"):
+        d, m, q = parts
+        return _half(d) * q.astype(np.float32) + _half(m)
+    d, q = parts
+    if qtype == "IQ4_NL":
+        return _half(d) * IQ4NL_VALUES[q]
+    offset = {"Q4_0": 8, "Q5_0": 16, "Q8_0": 0}[qtype]
+    return _half(d) * (q.astype(np.float32) - np.float32(offset))

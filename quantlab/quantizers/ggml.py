@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from quantlab.errors import QuantlabError
@@ -56,10 +56,37 @@ class GgmlConfig(BackendConfig):
         "Q8_0, as llama.cpp's presets store it on models whose width is not a multiple of 256.",
     )
 
+    search: Literal["none", "awq"] = Field(
+        "none",
+        description="'none': llama.cpp's quantizer alone (its exact bytes); 'awq': first "
+        "AWQ's per-channel scale search, each candidate scored with this type's own quantizer "
+        "(importance and float16 scales included), the scales folded into the preceding norms "
+        "(the file stays plain GGUF). Needs calibration windows.",
+    )
+    n_grid: int = Field(20, ge=1, le=200, description="search: awq: grid points of the scales.")
+    duo_scaling: bool = Field(
+        True, description="search: awq: s = mean|x|^a / mean|w|^(1-a) (else mean|x|^a)."
+    )
+    search_tokens: int = Field(
+        4096,
+        ge=64,
+        description="search: awq: calibration tokens (seeded subset) whose second moment "
+        "scores the candidates.",
+    )
+    seed: int = Field(0, description="search: awq: seed of the token subset.")
+
     @field_validator("type", "embedding_type", mode="before")
     @classmethod
     def _upper(cls, v: Any) -> Any:
         return v.upper() if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _search_knobs(self) -> GgmlConfig:
+        # a knob of a search that does not run would be silently ignored: say so instead
+        knobs = sorted({"n_grid", "duo_scaling", "search_tokens", "seed"} & self.model_fields_set)
+        if self.search == "none" and knobs:
+            raise ValueError(f"{', '.join(knobs)} only apply with search: awq (search is none)")
+        return self
 
     def table_fields(self) -> dict[str, Any]:
         return {"bits": int(self.type[1] if self.type[0] == "Q" else 4), "group_size": BLOCK}
@@ -78,7 +105,8 @@ class Ggml(Backend):
 
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]
-        return self.config.imatrix and self.config.imatrix_file is None
+        c = self.config
+        return (c.imatrix and c.imatrix_file is None) or c.search == "awq"
 
     def quantized_modules(self, model: nn.Module) -> list[str]:
         return []  # the weights live in the GGUF file, not in replaced modules
@@ -94,6 +122,16 @@ class Ggml(Backend):
                 check_quantizable(name, shape, qtype)
         if c.imatrix_file:
             self._read_imatrix(model)
+        if c.search == "awq":
+            from quantlab.quantizers.arch import arch_spec, decoder_layers
+
+            spec = arch_spec(model)
+            decoder_layers(model, spec)
+            if not spec.scale_groups:
+                raise QuantlabError(
+                    f"ggml search: awq cannot fold scales in a '{model.config.model_type}' "
+                    "model (no scale groups for this architecture); use search: none"
+                )
 
     def _read_imatrix(self, model: nn.Module):
         from quantlab.imatrix import check_imatrix, read_imatrix
@@ -119,6 +157,15 @@ class Ggml(Backend):
         template = template_for(info, Path(info["path"]) if info.get("path") else None)
         with out.stage("importance matrix"):
             im = self._importance(model, calibration)
+        if self.config.search == "awq":
+            from quantlab.quantizers.ggml_awq import awq_fold
+
+            if calibration is None:
+                raise QuantlabError("ggml with search: awq needs calibration windows")
+            names = gguf_names_of(model)
+            with out.stage("scale search"):
+                awq_fold(model, calibration, self.config.type, im, names, self.config,
+                         out.layer_stats)
         with scratch_dir(SCRATCH_PREFIX, inside=context.scratch_dir) as work:
             gguf = work / CHECKPOINT_GGUF
             with out.stage("quantize and write GGUF"):
@@ -131,7 +178,7 @@ class Ggml(Backend):
                     embedding_type=self.config.embedding_type,
                     importance=importance,
                 )
-            out.layer_stats = {"gguf_tensor_types": gguf_type_counts(gguf)}
+            out.layer_stats["gguf_tensor_types"] = gguf_type_counts(gguf)
             loaded = _load_gguf(gguf, next(model.parameters()).dtype)
             # held open: closed by save(); the name goes with work
             out.artifacts["gguf"] = open(gguf, "rb")  # noqa: SIM115
@@ -183,6 +230,13 @@ def _block_linears(model: nn.Module) -> list[str]:
     return [
         n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in f".{n}"
     ]
+
+
+def gguf_names_of(model: nn.Module) -> dict[str, str]:
+    """{layer name: GGUF name} of the blocks' linear layers."""
+    from quantlab.imatrix import gguf_names
+
+    return gguf_names(model, _block_linears(model))
 
 
 def _block_columns(model: nn.Module) -> dict[str, int]:
