@@ -1,0 +1,123 @@
+"""Issue #30 part 2, measured: llama.cpp's Q4_0 / IQ4_NL + imatrix files against quantlab's
+``ggml`` files (search none, search awq), judged by llama.cpp's own ``llama-perplexity
+--kl-divergence`` against the F32 export of the demo model (WikiText-2 v1 test, ctx 512, the
+first N chunks, the same chunks for every row). One importance matrix (32 x 512 pydoc
+calibration windows, seed 0) is handed to both quantizers as the same file.
+
+    .venv/bin/python scripts/bench_ggml.py [--chunks 100] [--threads 2] [--n-grid 20]
+        [--types Q4_0,IQ4_NL] [--imatrix FILE] [--out runs/bench-ggml]
+
+Rows are printed (and appended to OUT/rows.jsonl) as each is measured. Needs llama.cpp's tools
+(bash scripts/llamacpp.sh) and ../shared/data/wikitext-2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2" / "test.txt"
+CPU = torch.device("cpu")
+
+
+def _setup(args, out: Path):
+    """(model, calibration ids, template, F32 file, imatrix, imatrix file)."""
+    from quantlab.data import pydoc_text, sample_calibration, tokenize
+    from quantlab.formats.gguf import export_gguf
+    from quantlab.imatrix import compute_imatrix, read_imatrix, write_imatrix
+    from quantlab.models import _demo_gguf, load_model
+    from quantlab.quantizers.ggml import gguf_names_of
+
+    lm = load_model("smollm2-135m", dtype=torch.float32, device=CPU)
+    text = pydoc_text("calibration")
+    cal = sample_calibration(tokenize(text, lm.tokenizer), text, args.samples, 512, 0).ids
+    template = _demo_gguf("smollm2-135m")
+    f32 = out / "f32.gguf"
+    export_gguf(lm.model, f32, template)
+    if args.imatrix:
+        im_file = Path(args.imatrix)
+        im = read_imatrix(im_file)
+    else:
+        im = compute_imatrix(lm.model, cal, gguf_names_of(lm.model))
+        im_file = write_imatrix(im, out / "imatrix.gguf")
+    return lm.model, cal, template, f32, im, im_file
+
+
+def _files(args, out: Path, model, cal, template, f32: Path, im, im_file: Path):
+    """Yield (label, GGUF file) of every row, each written just before it is yielded."""
+    from quantlab.engines.llamacpp import find_llamacpp
+    from quantlab.formats.gguf import export_ggml
+    from quantlab.procs import run_tool
+    from quantlab.quantizers.ggml import Ggml, gguf_names_of
+    from quantlab.quantizers.ggml_awq import awq_fold
+
+    quantize = find_llamacpp().tool("llama-quantize")
+    for qtype in args.types.split(","):
+        preset = out / f"llamacpp-{qtype}-imatrix.gguf"
+        run_tool([quantize, "--imatrix", im_file, f32, preset, qtype], what="llama-quantize",
+                 timeout_s=600)
+        yield f"llama-quantize --imatrix {qtype} (preset)", preset
+        pure = out / f"llamacpp-pure-{qtype}-imatrix.gguf"
+        run_tool([quantize, "--pure", "--token-embedding-type", "q8_0", "--imatrix", im_file,
+                  f32, pure, qtype], what="llama-quantize --pure", timeout_s=600)
+        yield f"llama-quantize --pure --token-embedding-type q8_0 --imatrix {qtype}", pure
+        ours = out / f"quantlab-{qtype}-imatrix.gguf"
+        export_ggml(model, ours, template, qtype,
+                    importance={n: im.importance(n) for n in im.sums})
+        yield f"quantlab ggml {qtype} + imatrix", ours
+        folded, im_s, stats = copy.deepcopy(model), copy.deepcopy(im), {}
+        cfg = Ggml.Config(type=qtype, imatrix=True, search="awq", n_grid=args.n_grid)
+        awq_fold(folded, cal, qtype, im_s, gguf_names_of(folded), cfg, stats)
+        searched = out / f"quantlab-{qtype}-imatrix-awq.gguf"
+        export_ggml(folded, searched, template, qtype,
+                    importance={n: im_s.importance(n) for n in im_s.sums})
+        gain = sum(v["search_loss_identity"] / v["search_loss_best"] for v in stats.values())
+        print(f"  search: mean identity/best loss ratio {gain / len(stats):.3f} over "
+              f"{len(stats)} linears", flush=True)
+        del folded
+        yield f"quantlab ggml {qtype} + imatrix + search awq (n_grid {args.n_grid})", searched
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--chunks", type=int, default=100)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--samples", type=int, default=32, help="calibration windows of 512 tokens")
+    p.add_argument("--n-grid", type=int, default=20)
+    p.add_argument("--types", default="Q4_0,IQ4_NL")
+    p.add_argument("--imatrix", help="an imatrix file to use instead of computing one")
+    p.add_argument("--out", default=str(ROOT / "runs" / "bench-ggml"))
+    args = p.parse_args()
+    if not WIKITEXT.is_file():
+        print(f"bench_ggml: {WIKITEXT} is missing (WikiText-2 v1 test)", file=sys.stderr)
+        return 2
+    from quantlab.engines.llamacpp import find_llamacpp, perplexity
+
+    tools = find_llamacpp()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    setup = _setup(args, out)
+    base = out / "f32.kld"
+    kw = dict(ctx=512, chunks=args.chunks, threads=args.threads, kld_base=base)
+    f32 = perplexity(tools, setup[3], WIKITEXT, **kw)
+    print(f"WikiText-2 v1 test, ctx 512, {args.chunks} chunks, llama-perplexity; F32 PPL "
+          f"{f32['ppl']:.4f}", flush=True)
+    for label, path in _files(args, out, *setup):
+        r = perplexity(tools, path, WIKITEXT, kld=True, **kw)
+        row = {"file": label, "bytes": path.stat().st_size, **r}
+        with open(out / "rows.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(f"| {label} | {row['bytes']} | {r['ppl']:.4f} | {r['kld_mean']:.6f} ± "
+              f"{r['kld_stderr']:.6f} | {r['kld_p99']:.4f} | {100 * r['top1_agreement']:.2f}% |",
+              flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
