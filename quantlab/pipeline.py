@@ -125,11 +125,17 @@ class _Collector:
 
 
 def _finish(plan: RunPlan, rows: list[dict], eval_text, on_results: OnResults | None) -> pd.DataFrame:
-    """The speed phase, the llama.cpp phase (when asked) and the final results files."""
+    """The speed phase, the llama.cpp and vLLM phases (when asked) and the final results files."""
     ok = [r for r in rows if not r.get("error")]
     speed_phase(plan, ok, _log)
     if "llamacpp" in plan.recipe.eval.engines and ok:
         _measure_with_llamacpp(plan, ok, eval_text)
+    if "vllm" in plan.recipe.eval.engines and ok:
+        from quantlab.engines.vllm_phase import vllm_phase
+
+        vllm_phase(plan, ok, _log)
+        for r in ok:
+            write_record(plan.run_dir.metrics(r["method"]), r)
     frame = results_frame(rows)
     _write_run_files(plan)
     _write_results(plan.run_dir.root, frame, on_results)
@@ -217,6 +223,10 @@ def _check_gguf(recipe: Recipe, backends: dict) -> None:
         from quantlab.engines.llamacpp import find_llamacpp
 
         find_llamacpp()
+    if "vllm" in recipe.eval.engines:
+        from quantlab.engines.vllm import find_vllm
+
+        find_vllm()
     methods = recipe.all_methods()
     if any("gguf" in m.export or backends[m.label].gguf_checkpoint for m in methods):
         _check_gguf_metadata(recipe.model.source)

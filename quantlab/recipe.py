@@ -184,6 +184,17 @@ class LlamaCppSpec(_Strict):
     bench: LlamaCppBenchSpec = LlamaCppBenchSpec()
 
 
+class VllmSpec(_Strict):
+    """vLLM as a measuring engine (``eval.engines: [torch, vllm]``; ``bash scripts/vllm.sh``
+    builds its environment): vLLM's perplexity of every checkpoint it loads, on the run's own
+    windows, beside quantlab's (docs/vllm.md)."""
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Activation dtype vLLM scores in. auto: the run's dtype; bfloat16 for "
+        "quantized rows of a float32 run (vLLM's GPTQ/AWQ paths take no float32).")
+    threads: int | None = Field(None, ge=1, description="Threads of the vLLM worker (None: the cores).")
+
+
 class EvalSpec(ScoringSpec, TextSpec):
     """How each reloaded checkpoint is scored: the text, the scoring options shared with
     ``quantlab eval`` (:class:`quantlab.evalspec.ScoringSpec`: convention, windows, batch size,
@@ -191,10 +202,12 @@ class EvalSpec(ScoringSpec, TextSpec):
 
     divergence: DivergenceSpec = DivergenceSpec()
     speed: SpeedSpec = SpeedSpec()
-    engines: list[Literal["torch", "llamacpp"]] = Field(
+    engines: list[Literal["torch", "llamacpp", "vllm"]] = Field(
         default_factory=lambda: ["torch"], description="Engines that measure: 'torch' (every row, from the "
-        "checkpoint reloaded by quantlab) and 'llamacpp' (rows that export GGUF, see eval.llamacpp).")
+        "checkpoint reloaded by quantlab), 'llamacpp' (rows that export GGUF, see eval.llamacpp) and "
+        "'vllm' (every checkpoint directory vLLM loads, see eval.vllm and docs/vllm.md).")
     llamacpp: LlamaCppSpec = LlamaCppSpec()
+    vllm: VllmSpec = VllmSpec()
     tasks: list[str] = Field(default_factory=list, description="lm-eval tasks run on each "
                              "checkpoint (needs the [eval] extra; offline: local task YAMLs).")
     task_paths: list[str] = Field(default_factory=list, description="Directories of lm-eval task "

@@ -38,6 +38,8 @@ COLUMNS = [
     "llamacpp_f32_ppl", "llamacpp_actq_cost_pct", "llamacpp_engine_gap_pct", "llamacpp_prefill_tokens_per_s",
     "llamacpp_decode_tokens_per_s", "llamacpp_decode_x_float", "llamacpp_decode_x_min", "llamacpp_decode_x_max",
     "llamacpp_prefill_x_float", "llamacpp_ctx", "llamacpp_chunks", "llamacpp_threads", "llamacpp_build",
+    # the vLLM engine (eval.engines: [torch, vllm])
+    "vllm_ppl", "vllm_ppl_gap_pct", "vllm_ppl_stderr", "vllm_dtype", "vllm_error", "vllm_warning",
     # where the method ran (distributed runs) and why it failed, if it did
     "worker", "error",
 ]
@@ -58,7 +60,8 @@ _FIELDS = frozenset(COLUMNS) | DETAILS
 
 def check_row(row: dict[str, Any]) -> dict[str, Any]:
     """``row`` unchanged when every field is in the schema; else a ValueError naming them."""
-    unknown = sorted(k for k in row if k not in _FIELDS and not k.startswith(("task_", "llamacpp_")))
+    unknown = sorted(k for k in row if k not in _FIELDS
+                     and not k.startswith(("task_", "llamacpp_", "vllm_")))
     if unknown:
         raise ValueError(f"result fields outside quantlab.results' schema: {', '.join(unknown)}")
     return row
