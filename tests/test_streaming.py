@@ -68,6 +68,8 @@ def _sidecar(ckpt: Path) -> dict:
         ),
         ("gptq", dict(bits=4, group_size=32, batch_size=4)),
         ("gptq", dict(bits=4, group_size=16, act_order=True, sym=False, batch_size=4)),
+        # the grouped path: q/k/v and gate/up share Hessians by the input tensor they read
+        ("gptq", dict(bits=8, group_size=-1, true_sequential=False, batch_size=4)),
     ],
 )
 def test_streamed_export_is_the_in_memory_export_byte_for_byte(

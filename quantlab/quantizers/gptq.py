@@ -173,6 +173,11 @@ class GPTQConfig(WeightQuantConfig):
         return self
 
 
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The same memory read the same way (two linears fed one input)."""
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+
+
 class GPTQ(LayoutBackend):
     name = "gptq"
     description = "GPTQ (Frantar et al. 2022), quantlab's PyTorch implementation; GPTQ v1 checkpoints."
@@ -247,16 +252,16 @@ class GPTQ(LayoutBackend):
                 hess: dict[str, torch.Tensor] = {}
                 count = {n: 0 for n in grp}
                 shares: dict[str, str] = {}  # q/k/v (and gate/up) read one tensor: one Hessian
-                last: dict[tuple, str] = {}
+                # [input, name] of the last hook: the input itself is held, so a freed input's
+                # address cannot come back as another's (o_proj's freed input reused by the
+                # MLP's once gave gate/up o_proj's Hessian)
+                last: list = []
 
                 def accumulate(name, x, hess=hess, count=count, shares=shares, last=last):
-                    key = (x.data_ptr(), tuple(x.shape))
-                    owner = last.get(key)
-                    if owner is not None and owner != name:
-                        shares[name] = owner
+                    if last and _same_tensor(last[0], x) and last[1] != name:
+                        shares[name] = last[1]
                         return
-                    last.clear()
-                    last[key] = name
+                    last[:] = [x, name]
                     x = x.reshape(-1, x.shape[-1]).float()
                     if name not in hess:
                         hess[name] = torch.zeros(x.shape[1], x.shape[1], device=x.device)
