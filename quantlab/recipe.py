@@ -74,6 +74,12 @@ class ModelSpec(_Strict):
     device: str = Field("auto", description="'auto' (CUDA if available, else CPU), 'cpu', "
                         "'cuda', 'cuda:N' or 'mps'.")
     trust_remote_code: bool = Field(False, description="Allow code from the model repository to run.")
+    streaming: Literal["auto", "on", "off"] = Field(
+        "auto", description="Quantize and export one decoder layer at a time, weights read lazily "
+        "from the safetensors shards (docs/streaming.md): 'auto' streams the methods that can "
+        "(rtn, gptq, from a local model directory; the checkpoint is byte for byte the one "
+        "quantizing the whole model writes), 'on' makes a method that cannot an error, 'off' "
+        "always quantizes the whole model in memory.")
     label: str | None = Field(None, description="With several models (recipe key models): the model's "
                               "sub-directory of the run; default: the source's last path component.")
 

@@ -30,7 +30,7 @@ COLUMNS = [
     "decode_x_float", "decode_x_min", "decode_x_max", "prefill_x_float", "speed_rounds", "speed_session",
     "speed_mode", "compile_s", "speed_other_cores",
     "peak_rss_quantize_bytes", "peak_rss_load_bytes", "peak_rss_eval_bytes", "peak_cuda_quantize_bytes",
-    "peak_cuda_eval_bytes", "quantize_s", "export_s", "load_s", "eval_s", "eval_tokens_per_s", "dtype",
+    "peak_cuda_eval_bytes", "quantize_s", "streamed", "export_s", "load_s", "eval_s", "eval_tokens_per_s", "dtype",
     "device", "threads", "kernel", "tokenizer", "eval_sha256", "checkpoint", "measured_at", "session",
     # GGUF export and the llama.cpp engine (eval.engines: [torch, llamacpp])
     "gguf_type", "gguf_float_type", "gguf_bytes", "gguf_file",

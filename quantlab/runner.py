@@ -185,7 +185,10 @@ def _checkpoint(plan: RunPlan, method, backend, export_key: str, tag: str, take_
     if reused:
         log(f"{tag}: quantized and exported earlier with the same settings; reusing the checkpoint")
         return stage, reused
-    stage = quantize_and_export(plan, method, backend, take_base(), tag)
+    if streams(plan, method, backend):
+        stage = stream_and_export(plan, method, backend, tag)
+    else:
+        stage = quantize_and_export(plan, method, backend, take_base(), tag)
     backend = stage.pop("backend")
     write_record(rd.export_record(method.label), dict(stage, key=export_key))
     return stage, backend
@@ -211,6 +214,50 @@ def reusable_stage(stage: dict, backend, ckpt: Path, tag: str):
         log(f"{tag}: the export record is not readable ({type(e).__name__}); quantizing again")
         return None
     return again
+
+
+def streams(plan: RunPlan, method, backend) -> bool:
+    """Whether the method quantizes one decoder layer at a time (``model.streaming``): it can
+    (quantlab.streaming.methods), it runs no sensitivity pass (its probes need the whole
+    model) and the source is a local model directory."""
+    from quantlab.streaming.methods import why_not_streamed
+
+    mode = plan.recipe.model.streaming
+    if mode == "off":
+        return False
+    why = why_not_streamed(backend.name, backend.config)
+    if why is None and method.sensitivity_spec() is not None:
+        why = "its sensitivity pass probes the whole model"
+    path = plan.source_info.get("path")
+    if why is None and not (path and Path(path).is_dir() and any(Path(path).glob("*.safetensors"))):
+        why = "the source is not a local directory of safetensors files"
+    if why is not None and mode == "on":
+        raise QuantlabError(f"method '{method.label}': model.streaming is on, but {why}; set "
+                            "model.streaming: auto (or off)")
+    return why is None
+
+
+def stream_and_export(plan: RunPlan, method, backend, tag: str) -> dict:
+    """Quantize and export one decoder layer at a time (quantlab.streaming): the export
+    record :func:`quantize_and_export` returns, for the same checkpoint, byte for byte. Its
+    peak memory covers quantizing and exporting together (they interleave)."""
+    from quantlab.streaming.layerwise import quantize_streaming
+    from quantlab.streaming.methods import layer_method
+
+    calibration = plan.calibration.ids if plan.calibration is not None else None
+    log(f"{tag}: quantize ({backend.name}) and export, one decoder layer at a time")
+    with Peak(plan.torch_device) as mem:
+        res = quantize_streaming(plan.source_info["path"], plan.run_dir.checkpoint(method.label),
+                                 layer_method(backend.name, backend.config),
+                                 calibration=calibration, dtype=plan.torch_dtype,
+                                 device=plan.torch_device, source=plan.source_info,
+                                 label=method.label, log=lambda m: log(f"{tag}: {m}"))
+    export_s = sum(res.stage_seconds.get(k, 0.0) for k in ("write shards", "finish export"))
+    return {"backend": backend, "options": backend.config.model_dump(mode="json"),
+            "quantize_s": res.quantize_s - export_s, "export_s": export_s,
+            "stage_seconds": dict(res.stage_seconds), "layers": res.layer_stats,
+            "peak_rss_quantize_bytes": mem.rss, "peak_cuda_quantize_bytes": mem.cuda,
+            "sensitivity": None, "allocation": None, "streamed": True}
 
 
 def quantize_and_export(plan: RunPlan, method, backend, base, tag: str) -> dict:
@@ -340,6 +387,7 @@ def _cost(stage: dict) -> dict:
         "peak_rss_quantize_bytes": stage["peak_rss_quantize_bytes"],
         "peak_cuda_quantize_bytes": stage["peak_cuda_quantize_bytes"],
         "layers": stage["layers"],
+        "streamed": bool(stage.get("streamed")),
         "skipped_layers": len(sens["chosen"]) if sens else None,
         "sensitivity_s": sens["seconds"] if sens else None,
         "sensitivity": sens,
