@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from quantlab import __version__
-from quantlab.bench.perplexity import Plan, Segment, model_context
+from quantlab.bench.perplexity import Segment, WindowPlan, model_context
 from quantlab.data import Calibration, Text, load_spec_text, sample_calibration, tokenize
 from quantlab.env import environment
 from quantlab.errors import QuantlabError
@@ -56,7 +56,7 @@ class RunPlan:
     env: dict[str, Any]
     eval_text: TextRef
     eval_labels: dict[str, Any]
-    eval_plan: Plan
+    eval_plan: WindowPlan
     reference_key: str | None
     prompt: torch.Tensor | None
     calibration: Calibration | None
@@ -195,7 +195,7 @@ def _plan_from(doc: dict, t: dict[str, torch.Tensor], rd: RunDir) -> RunPlan:
         recipe=parse_recipe(doc["recipe"], origin=str(rd.plan_json)), run_dir=rd, force=doc["force"],
         device=doc["device"], dtype=doc["dtype"], keys=doc["keys"], source_info=doc["source_info"], env=doc["env"],
         eval_text=TextRef(**doc["eval_text"]), eval_labels=doc["eval_labels"],
-        eval_plan=Plan(ep["convention"], segments, ep["params"], ep["text_tokens"], ep["docs"]),
+        eval_plan=WindowPlan(ep["convention"], segments, ep["params"], ep["text_tokens"], ep["docs"]),
         reference_key=doc["reference_key"], prompt=t.get("prompt"), calibration=cal, cal_ids=t.get("cal_ids"),
         cal_text=TextRef(**doc["cal_text"]) if doc["cal_text"] else None, base_load_s=doc["base_load_s"],
         session=doc["session"])

@@ -14,7 +14,7 @@ import torch
 from quantlab.bench.divergence import DivergenceStats, ReferenceLogprobs, check_distinct
 from quantlab.bench.perplexity import (
     PerplexityResult,
-    Plan,
+    WindowPlan,
     adds_bos,
     make_plan,
     model_context,
@@ -26,7 +26,7 @@ from quantlab.errors import QuantlabError
 from quantlab.evalspec import ScoringSpec
 
 
-def build_plan(settings: ScoringSpec, text: Text, tokenizer, model) -> Plan:
+def build_plan(settings: ScoringSpec, text: Text, tokenizer, model) -> WindowPlan:
     """The windows ``settings`` scores on ``text`` (its options were checked, together, when
     the spec was made: :class:`quantlab.evalspec.ScoringSpec`)."""
     ctx = model_context(model)
@@ -38,7 +38,7 @@ def build_plan(settings: ScoringSpec, text: Text, tokenizer, model) -> Plan:
                      bos=settings.bos, model_context=ctx)
 
 
-def labels(plan: Plan, text: Text, tokenizer, model) -> dict:
+def labels(plan: WindowPlan, text: Text, tokenizer, model) -> dict:
     """What a perplexity figure was measured on: convention, windows, text, tokenizer, dtype, device."""
     p = next(model.parameters())
     return {"convention": plan.convention, **plan.params, "text_source": text.name,
@@ -47,7 +47,7 @@ def labels(plan: Plan, text: Text, tokenizer, model) -> dict:
             "dtype": str(p.dtype).removeprefix("torch."), "device": str(p.device)}
 
 
-def plan_key(plan: Plan, text: Text, extra: dict) -> str:
+def plan_key(plan: WindowPlan, text: Text, extra: dict) -> str:
     """A digest of exactly which tokens a plan scores (for reusing a stored reference)."""
     h = hashlib.sha256()
     h.update(json.dumps({"plan": plan.params, "conv": plan.convention, "text": text.sha256, **extra},
@@ -58,7 +58,7 @@ def plan_key(plan: Plan, text: Text, extra: dict) -> str:
     return h.hexdigest()
 
 
-def compute_reference(model, plan: Plan, path: Path, batch_size: int, key: str) -> ReferenceLogprobs:
+def compute_reference(model, plan: WindowPlan, path: Path, batch_size: int, key: str) -> ReferenceLogprobs:
     """Score ``plan`` with the base model and store its distributions at ``path`` (reused
     when a finished reference with the same key is already there, unchanged since it was
     written: see ReferenceLogprobs.open)."""
@@ -85,7 +85,7 @@ def compute_reference(model, plan: Plan, path: Path, batch_size: int, key: str) 
     return done
 
 
-def evaluate(model, plan: Plan, batch_size: int, reference: ReferenceLogprobs | None = None
+def evaluate(model, plan: WindowPlan, batch_size: int, reference: ReferenceLogprobs | None = None
              ) -> tuple[PerplexityResult, dict | None]:
     """Perplexity over ``plan``, and divergence from ``reference`` on the tokens it covers
     (its first windows), in the same pass."""

@@ -76,7 +76,7 @@ def test_folding_scales_preserves_the_float_function(tiny):
     scales in every group of every layer, the float model computes the same logits."""
     from quantlab.data import pydoc_text, tokenize
     from quantlab.quantizers.arch import arch_spec, decoder_layers
-    from quantlab.quantizers.awq import _fold
+    from quantlab.quantizers.awq import fold_scales
 
     model, tok = tiny
     folded = copy.deepcopy(model)
@@ -89,7 +89,7 @@ def test_folding_scales_preserves_the_float_function(tiny):
             if isinstance(prev, torch.nn.Linear) and prev.out_features != lins[0].in_features:
                 continue  # v_proj -> o_proj under GQA: AWQ skips it too
             s = torch.exp(torch.randn(lins[0].in_features, generator=gen))  # scales from 0.05 to 20
-            _fold(prev, s)
+            fold_scales(prev, s)
             for lin in lins:
                 lin.weight.data.mul_(s.view(1, -1))
             n += 1

@@ -61,7 +61,10 @@ class Segment:
 
 
 @dataclass
-class Plan:
+class WindowPlan:
+    """The windows a perplexity convention scores on one text (not to be confused with the
+    run's plan, :class:`quantlab.plan.RunPlan`)."""
+
     convention: str
     segments: list[Segment]
     params: dict
@@ -76,11 +79,11 @@ class Plan:
     def input_tokens(self) -> int:
         return sum(s.input_ids.numel() for s in self.segments)
 
-    def head(self, n: int | None) -> Plan:
+    def head(self, n: int | None) -> WindowPlan:
         """The plan cut to its first ``n`` segments (for divergence on part of the text)."""
         if n is None or n >= len(self.segments):
             return self
-        return Plan(self.convention, self.segments[:n], dict(self.params), self.text_tokens, self.docs)
+        return WindowPlan(self.convention, self.segments[:n], dict(self.params), self.text_tokens, self.docs)
 
 
 @dataclass(frozen=True)
@@ -122,7 +125,7 @@ def _shifted(window: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def gptq_plan(ids: torch.Tensor, seq_len: int, max_windows: int | None = None) -> Plan:
+def gptq_plan(ids: torch.Tensor, seq_len: int, max_windows: int | None = None) -> WindowPlan:
     n = ids.numel() // seq_len
     if n == 0:
         raise QuantlabError(f"the evaluation text has {ids.numel()} tokens, fewer than one window "
@@ -130,10 +133,10 @@ def gptq_plan(ids: torch.Tensor, seq_len: int, max_windows: int | None = None) -
     if max_windows is not None:
         n = min(n, max_windows)
     segs = [Segment(w, _shifted(w)) for w in ids[: n * seq_len].view(n, seq_len)]
-    return Plan("gptq", segs, {"seq_len": seq_len}, int(ids.numel()))
+    return WindowPlan("gptq", segs, {"seq_len": seq_len}, int(ids.numel()))
 
 
-def llamacpp_plan(ids: torch.Tensor, ctx: int, bos_id: int | None, max_chunks: int | None = None) -> Plan:
+def llamacpp_plan(ids: torch.Tensor, ctx: int, bos_id: int | None, max_chunks: int | None = None) -> WindowPlan:
     """``ids`` is the whole text tokenized once (with BOS where the tokenizer adds it);
     ``bos_id`` replaces the first token of every chunk (None: the tokenizer adds no BOS and
     llama.cpp leaves chunks as they are)."""
@@ -155,10 +158,10 @@ def llamacpp_plan(ids: torch.Tensor, ctx: int, bos_id: int | None, max_chunks: i
         # position p (first <= p <= ctx-2) is scored on the ORIGINAL token p+1 of the chunk
         t[first : ctx - 1] = ids[c * ctx + first + 1 : (c + 1) * ctx]
         segs.append(Segment(chunk, t))
-    return Plan("llamacpp", segs, {"seq_len": ctx, "ctx": ctx, "bos": bos_id is not None}, int(ids.numel()))
+    return WindowPlan("llamacpp", segs, {"seq_len": ctx, "ctx": ctx, "bos": bos_id is not None}, int(ids.numel()))
 
 
-def strided_plan(ids: torch.Tensor, seq_len: int, stride: int, max_windows: int | None = None) -> Plan:
+def strided_plan(ids: torch.Tensor, seq_len: int, stride: int, max_windows: int | None = None) -> WindowPlan:
     if not 1 <= stride <= seq_len:
         raise QuantlabError(f"eval.stride must be between 1 and eval.seq_len={seq_len}, not {stride}")
     n_ids = ids.numel()
@@ -176,7 +179,7 @@ def strided_plan(ids: torch.Tensor, seq_len: int, stride: int, max_windows: int 
         prev_end = end
         if end == n_ids or (max_windows is not None and len(segs) >= max_windows):
             break
-    return Plan("strided", segs, {"seq_len": seq_len, "stride": stride}, n_ids)
+    return WindowPlan("strided", segs, {"seq_len": seq_len, "stride": stride}, n_ids)
 
 
 def rolling_windows(tokens: list[int], prefix: int, max_len: int) -> Iterable[tuple[list[int], list[int]]]:
@@ -196,7 +199,7 @@ def rolling_windows(tokens: list[int], prefix: int, max_len: int) -> Iterable[tu
         done = end
 
 
-def lmeval_plan(documents: list[str], tokenizer, max_len: int) -> Plan:
+def lmeval_plan(documents: list[str], tokenizer, max_len: int) -> WindowPlan:
     prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if prefix is None:
         raise QuantlabError("the lm-eval convention needs a BOS or EOS token as the prefix; the "
@@ -214,7 +217,7 @@ def lmeval_plan(documents: list[str], tokenizer, max_len: int) -> Plan:
             segs.append(Segment(x, t, doc=d))
     if not segs:
         raise QuantlabError("the evaluation documents hold no tokens")
-    return Plan("lm-eval", segs, {"seq_len": max_len, "prefix_token": prefix}, total, docs)
+    return WindowPlan("lm-eval", segs, {"seq_len": max_len, "prefix_token": prefix}, total, docs)
 
 
 # --------------------------------------------------------------------------------- engine
@@ -258,7 +261,7 @@ def batches(segs: list[Segment], batch_size: int) -> Iterable[list[Segment]]:
 
 
 @torch.no_grad()
-def score(model, plan: Plan, batch_size: int = 4, *, on_logits: LogitsHook | None = None,
+def score(model, plan: WindowPlan, batch_size: int = 4, *, on_logits: LogitsHook | None = None,
           desc: str = "perplexity") -> tuple[torch.Tensor, float]:
     """NLL (float64, CPU) of every scored token of ``plan``, in plan order, and the seconds
     the model took. Segments are batched in order, right-padded (a causal model's earlier
@@ -310,7 +313,7 @@ def score(model, plan: Plan, batch_size: int = 4, *, on_logits: LogitsHook | Non
     return (torch.cat(nlls) if nlls else torch.zeros(0, dtype=torch.float64)), seconds
 
 
-def _window_stderr(plan: Plan, nll: torch.Tensor, ppl: float) -> float | None:
+def _window_stderr(plan: WindowPlan, nll: torch.Tensor, ppl: float) -> float | None:
     """Standard error of the perplexity from the spread of the windows' mean NLLs (windows
     are closer to independent than the tokens inside one), by the delta method:
     ppl * sd(window means) / sqrt(windows). None with fewer than 2 windows."""
@@ -323,7 +326,7 @@ def _window_stderr(plan: Plan, nll: torch.Tensor, ppl: float) -> float | None:
     return ppl * float(means.std()) / math.sqrt(means.numel())
 
 
-def summarize(plan: Plan, nll: torch.Tensor, seconds: float) -> PerplexityResult:
+def summarize(plan: WindowPlan, nll: torch.Tensor, seconds: float) -> PerplexityResult:
     """Turn token NLLs into the convention's figures."""
     n = nll.numel()
     if n == 0:
@@ -368,7 +371,7 @@ def model_context(model) -> int | None:
 
 def make_plan(convention: str, *, ids: torch.Tensor | None = None, documents: list[str] | None = None,
               tokenizer=None, seq_len: int | None = None, stride: int | None = None,
-              max_windows: int | None = None, bos: bool | None = None, model_context: int | None = None) -> Plan:
+              max_windows: int | None = None, bos: bool | None = None, model_context: int | None = None) -> WindowPlan:
     """Build the plan of ``convention``. ``ids``: the text tokenized once (gptq, llamacpp,
     strided); ``documents`` + ``tokenizer``: lm-eval. ``seq_len`` None: the convention's
     default (gptq 2048, llamacpp 512, otherwise ``model_context``). ``bos`` (llamacpp):
@@ -406,7 +409,7 @@ def adds_bos(tokenizer) -> bool:
     return bool(ids) and ids[0] == bos
 
 
-def perplexity(model, plan: Plan, batch_size: int = 4, *, on_logits: LogitsHook | None = None) -> PerplexityResult:
+def perplexity(model, plan: WindowPlan, batch_size: int = 4, *, on_logits: LogitsHook | None = None) -> PerplexityResult:
     nll, seconds = score(model, plan, batch_size, on_logits=on_logits, desc=f"perplexity ({plan.convention})")
     return summarize(plan, nll, seconds)
 

@@ -200,7 +200,7 @@ def vllm_perplexity(checkpoint: str | Path, plan, *, log_dir: str | Path, dtype:
                     threads: int | None = None, timeout_s: float | None = None,
                     vllm: VllmEnv | None = None, name: str = "vllm-score") -> dict:
     """vLLM's perplexity of the checkpoint directory ``checkpoint`` over ``plan`` (a
-    :class:`quantlab.bench.perplexity.Plan`: the windows quantlab scored, as token ids),
+    :class:`quantlab.bench.perplexity.WindowPlan`: the windows quantlab scored, as token ids),
     summarized by the plan's own convention, in activation ``dtype`` ("float32",
     "bfloat16", "float16"). The worker's log, request and result stay in ``log_dir``.
 

@@ -151,7 +151,7 @@ class AWQConfig(WeightQuantConfig):
         return self
 
 
-def _fold(prev: nn.Module, s: torch.Tensor) -> None:
+def fold_scales(prev: nn.Module, s: torch.Tensor) -> None:
     """Divide the output of ``prev`` (a norm or a linear) by s."""
     if isinstance(prev, nn.Linear):
         prev.weight.data.div_(s.view(-1, 1).to(prev.weight.dtype))
@@ -262,7 +262,7 @@ class AWQ(LayoutBackend):
                 s, losses = awq_search_scales(w_cat, sig[names[0]], x_mean[names[0]], c.bits_for(prefix + names[0]),
                                               c.group_size,
                                               c.sym, c.n_grid, c.duo_scaling)
-            _fold(prev, s)
+            fold_scales(prev, s)
             for n in names:
                 mine[n].weight.data.mul_(s.view(1, -1).to(mine[n].weight.dtype))
                 # inputs become x / s: their second moment Sigma / (s s^T)

@@ -19,7 +19,7 @@ from torch import nn
 
 from quantlab.formats.ggml_quants import fake_quant
 from quantlab.quantizers.arch import arch_spec, decoder_layers
-from quantlab.quantizers.awq import _fold, awq_candidates, gram, output_mse
+from quantlab.quantizers.awq import awq_candidates, fold_scales, gram, output_mse
 from quantlab.quantizers.sequential import first_layer_inputs, input_hooks, layer_output
 
 
@@ -118,7 +118,7 @@ def awq_fold(model: nn.Module, calibration: torch.Tensor, qtype: str, imatrix, n
                 w_cat, sig[group[0]], x_mean[group[0]], qtype, imp, config.n_grid,
                 config.duo_scaling,
             )
-            _fold(prev, s)
+            fold_scales(prev, s)
             s2 = (s * s).numpy().astype(np.float32)
             for n, g in zip(group, gnames):
                 mine[n].weight.data.mul_(s.view(1, -1).to(mine[n].weight.dtype))

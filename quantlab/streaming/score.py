@@ -29,7 +29,7 @@ from quantlab.bench.perplexity import (
     ROW_CHUNK,
     LogitsHook,
     PerplexityResult,
-    Plan,
+    WindowPlan,
     batches,
     summarize,
 )
@@ -150,7 +150,7 @@ def _head_modules(model: nn.Module, layers_path: str) -> tuple[str, str]:
 @torch.no_grad()
 def streaming_score(
     model_dir: str | Path,
-    plan: Plan,
+    plan: WindowPlan,
     batch_size: int = 4,
     *,
     dtype: torch.dtype = torch.float32,
@@ -215,7 +215,7 @@ def _load_head(
 
 
 def streaming_perplexity(
-    model_dir: str | Path, plan: Plan, batch_size: int = 4, **kw
+    model_dir: str | Path, plan: WindowPlan, batch_size: int = 4, **kw
 ) -> PerplexityResult:
     """:func:`quantlab.bench.perplexity.perplexity` of the model in ``model_dir``, streamed."""
     nll, seconds = streaming_score(model_dir, plan, batch_size, **kw)
@@ -223,7 +223,7 @@ def streaming_perplexity(
 
 
 def streaming_evaluate(
-    model_dir: str | Path, plan: Plan, batch_size: int = 4, reference=None, **kw
+    model_dir: str | Path, plan: WindowPlan, batch_size: int = 4, reference=None, **kw
 ) -> tuple[PerplexityResult, dict | None]:
     """:func:`quantlab.scoring.evaluate`, streamed: perplexity, and divergence from
     ``reference`` (a :class:`~quantlab.bench.divergence.ReferenceLogprobs`) in the same pass."""
@@ -237,7 +237,7 @@ def streaming_evaluate(
 
 
 def streaming_reference(
-    model_dir: str | Path, plan: Plan, path: str | Path, batch_size: int, key: str, **kw
+    model_dir: str | Path, plan: WindowPlan, path: str | Path, batch_size: int, key: str, **kw
 ):
     """:func:`quantlab.scoring.compute_reference`, streamed: the base model's distributions
     at the scored positions, stored once at ``path`` (reused when a finished one with the same
