@@ -83,6 +83,12 @@ class ModelSpec(_Strict):
     label: str | None = Field(None, description="With several models (recipe key models): the model's "
                               "sub-directory of the run; default: the source's last path component.")
 
+    @field_validator("streaming", mode="before")
+    @classmethod
+    def _on_off(cls, v: Any) -> Any:
+        # YAML reads a bare on/off as true/false: take them as the words they were
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
+
     @field_validator("label")
     @classmethod
     def _label(cls, v: str | None) -> str | None:

@@ -273,8 +273,8 @@ class RunDir:
         return owned_path(self.method(label), ERROR, directory=False, what="method error record")
 
     def sensitivity(self, label: str) -> Path:
-        return owned_path(self.method(label), SENSITIVITY, directory=False,
-                          what="sensitivity record")
+        # written atomically (rename): a link planted there is replaced, never written through
+        return self.method(label) / SENSITIVITY
 
     def relative(self, path: Path) -> str:
         return str(Path(path).relative_to(self.root))

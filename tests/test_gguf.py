@@ -153,7 +153,8 @@ def test_llamacpp_perplexity_of_the_f32_export_equals_quantlabs(tiny_model_dir, 
     llama-perplexity, give quantlab's llamacpp-convention perplexity of the same weights."""
     from quantlab.data import pydoc_text
     from quantlab.engines.llamacpp import perplexity
-    from quantlab.scoring import EvalSettings, build_plan, evaluate
+    from quantlab.evalspec import ScoringSpec
+    from quantlab.scoring import build_plan, evaluate
 
     tools = _llamacpp()
     model = _quantized(tiny_model_dir, bits=4, sym=True, group_size=32)
@@ -166,7 +167,7 @@ def test_llamacpp_perplexity_of_the_f32_export_equals_quantlabs(tiny_model_dir, 
 
     sub = Text("pydoc:evaluation[:40]", text.documents[:40])
     tok = load_model(str(tiny_gguf), dtype=torch.float32, device=CPU).tokenizer
-    plan = build_plan(EvalSettings(convention="llamacpp", seq_len=128, max_windows=8), sub, tok, model)
+    plan = build_plan(ScoringSpec(convention="llamacpp", seq_len=128, max_windows=8), sub, tok, model)
     ours, _ = evaluate(model, plan, 4)
     theirs = perplexity(tools, tmp_path / "f32.gguf", text_file, ctx=128, chunks=8, threads=2)
     assert theirs["ppl"] == pytest.approx(ours.ppl, rel=5e-4), (theirs, ours.ppl)

@@ -83,7 +83,9 @@ class GgmlConfig(BackendConfig):
     @model_validator(mode="after")
     def _search_knobs(self) -> GgmlConfig:
         # a knob of a search that does not run would be silently ignored: say so instead
-        knobs = sorted({"n_grid", "duo_scaling", "search_tokens", "seed"} & self.model_fields_set)
+        # (only values other than the default: a checkpoint's sidecar holds every option)
+        knobs = sorted(k for k in ("n_grid", "duo_scaling", "search_tokens", "seed")
+                       if getattr(self, k) != type(self).model_fields[k].default)
         if self.search == "none" and knobs:
             raise ValueError(f"{', '.join(knobs)} only apply with search: awq (search is none)")
         return self

@@ -79,7 +79,7 @@ def write_model_files(
     config.dtype = dtype
     config.save_pretrained(tmp)
     try:
-        gen = GenerationConfig.from_pretrained(source_dir)
+        gen = GenerationConfig.from_pretrained(source_dir, trust_remote_code=False)
     except OSError:  # none stored: the one transformers derives from the model's config
         gen = GenerationConfig.from_model_config(config)
     gen.save_pretrained(tmp)
