@@ -72,6 +72,16 @@ def skip_field():
                  "sensitivity.kl_budget.")
 
 
+@contextlib.contextmanager
+def timed(seconds: dict[str, float], name: str):
+    """Add the wall time of the block to ``seconds[name]`` (stage times, summed over layers)."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0
+
+
 @dataclass(frozen=True)
 class QuantizeContext:
     """What a backend may need from the caller beyond the model and the calibration windows
@@ -98,14 +108,9 @@ class Quantized:
     #: could repack them; llamacpp: the quantized GGUF file, held open)
     artifacts: dict[str, Any] = field(default_factory=dict)
 
-    @contextlib.contextmanager
     def stage(self, name: str):
         """Add the wall time of the block to ``stage_seconds[name]``."""
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.stage_seconds[name] = self.stage_seconds.get(name, 0.0) + time.perf_counter() - t0
+        return timed(self.stage_seconds, name)
 
 
 class Backend(ABC):

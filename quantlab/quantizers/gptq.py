@@ -173,7 +173,7 @@ class GPTQConfig(WeightQuantConfig):
         return self
 
 
-def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+def same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
     """The same memory read the same way (two linears fed one input)."""
     return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
 
@@ -258,7 +258,7 @@ class GPTQ(LayoutBackend):
                 last: list = []
 
                 def accumulate(name, x, hess=hess, count=count, shares=shares, last=last):
-                    if last and _same_tensor(last[0], x) and last[1] != name:
+                    if last and same_tensor(last[0], x) and last[1] != name:
                         shares[name] = last[1]
                         return
                     last[:] = [x, name]

@@ -19,7 +19,6 @@ for tensor (``tests/test_streaming.py`` checks it byte for byte on a tiny model)
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,7 @@ from quantlab.errors import QuantlabError
 from quantlab.log import log as default_log
 from quantlab.progress import Progress
 from quantlab.quantizers.arch import ArchSpec, arch_spec, decoder_layers
-from quantlab.quantizers.base import check_not_tied, target_linears
+from quantlab.quantizers.base import check_not_tied, target_linears, timed
 from quantlab.streaming.export import building, write_model_files, write_sidecar
 from quantlab.streaming.shards import ShardedSource
 from quantlab.streaming.writer import DEFAULT_MAX_SHARD_BYTES, ShardWriter
@@ -101,14 +100,9 @@ class StreamResult:
     files: list[str] = field(default_factory=list)
     total_size: int = 0
 
-    @contextlib.contextmanager
     def stage(self, name: str):
         """Add the wall time of the block to ``stage_seconds[name]``."""
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.stage_seconds[name] = self.stage_seconds.get(name, 0.0) + time.perf_counter() - t0
+        return timed(self.stage_seconds, name)
 
 
 @dataclass

@@ -18,7 +18,7 @@ from quantlab.formats import LAYOUTS, QuantizedWeight, drop_dense_weights
 from quantlab.grid import quantize_matrix
 from quantlab.quantizers.arch import ArchSpec
 from quantlab.quantizers.base import set_module
-from quantlab.quantizers.gptq import GPTQConfig, gptq_quantize
+from quantlab.quantizers.gptq import GPTQConfig, gptq_quantize, same_tensor
 from quantlab.quantizers.rtn import RTNConfig, search_clip
 from quantlab.quantizers.sequential import (
     feed,
@@ -302,7 +302,7 @@ def _group_hessians(layer, mine, grp, hidden, kwargs):
     last: list = []  # [tensor, name]: the tensor held, so its address cannot be reused
 
     def accumulate(name, x):
-        if last and _same_tensor(last[0], x) and last[1] != name:
+        if last and same_tensor(last[0], x) and last[1] != name:
             shares[name] = last[1]
             return
         last[:] = [x, name]
@@ -315,11 +315,6 @@ def _group_hessians(layer, mine, grp, hidden, kwargs):
     with input_hooks({n: mine[n] for n in grp}, accumulate, stop_after=grp) as seen:
         feed(layer, hidden, kwargs, seen)
     return hess, count, shares
-
-
-def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """The same data seen twice (one tensor, or views of it alike), both alive."""
-    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
 
 
 def _hessian(xs) -> torch.Tensor:
