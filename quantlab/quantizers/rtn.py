@@ -13,6 +13,7 @@ in :mod:`quantlab.quantizers.weightonly`.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Literal
 
 import torch
@@ -71,8 +72,19 @@ def input_mean_squares(model: nn.Module, names: list[str], calibration: torch.Te
                        batch_size: int = 4) -> dict[str, torch.Tensor]:
     """Mean square of every input column of each named linear over the calibration windows
     (one pass of the float model; the diagonal of X^T X / tokens)."""
+    with column_mean_squares({n: model.get_submodule(n) for n in names}) as means:
+        for i in range(0, calibration.shape[0], batch_size):
+            model(calibration[i:i + batch_size], use_cache=False)
+    return means
+
+
+@contextlib.contextmanager
+def column_mean_squares(modules: dict[str, nn.Module]):
+    """While open, sum x² per input column of each module's inputs (batch by batch, in
+    order); on exit the yielded dict holds each module's mean over every token seen."""
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
+    means: dict[str, torch.Tensor] = {}
 
     def hook(name):
         def add(_m, args):
@@ -81,14 +93,13 @@ def input_mean_squares(model: nn.Module, names: list[str], calibration: torch.Te
             counts[name] = counts.get(name, 0) + x.shape[0]
         return add
 
-    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
     try:
-        for i in range(0, calibration.shape[0], batch_size):
-            model(calibration[i:i + batch_size], use_cache=False)
+        yield means
     finally:
         for h in handles:
             h.remove()
-    return {n: sums[n] / counts[n] for n in names}
+    means.update({n: sums[n] / counts[n] for n in modules})
 
 
 class RTN(LayoutBackend):

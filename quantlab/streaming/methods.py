@@ -19,7 +19,7 @@ from quantlab.grid import quantize_matrix
 from quantlab.quantizers.arch import ArchSpec
 from quantlab.quantizers.base import set_module
 from quantlab.quantizers.gptq import GPTQConfig, gptq_quantize, same_tensor
-from quantlab.quantizers.rtn import RTNConfig, search_clip
+from quantlab.quantizers.rtn import RTNConfig, column_mean_squares, search_clip
 from quantlab.quantizers.sequential import (
     feed,
     input_hooks,
@@ -161,24 +161,9 @@ def _float_pass(
 ) -> tuple[dict[str, torch.Tensor], list]:
     """The float layer's outputs on ``hidden`` and the mean square of every input column of
     each linear in ``mine`` (summed batch by batch in order, as input_mean_squares sums)."""
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-
-    def hook(name):
-        def add(_m, args):
-            x = args[0].reshape(-1, args[0].shape[-1]).float()
-            sums[name] = sums.get(name, 0) + x.pow(2).sum(dim=0)
-            counts[name] = counts.get(name, 0) + x.shape[0]
-
-        return add
-
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in mine.items()]
-    try:
+    with column_mean_squares(mine) as means:
         out = [layer_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs)]
-    finally:
-        for h in handles:
-            h.remove()
-    return {n: sums[n] / counts[n] for n in mine}, out
+    return means, out
 
 
 class GPTQLayers(LayerMethod):
