@@ -261,6 +261,29 @@ def batches(segs: list[Segment], batch_size: int) -> Iterable[list[Segment]]:
 
 
 @torch.no_grad()
+def batch_nlls(logits: torch.Tensor, tgt: torch.Tensor,
+               on_logits: LogitsHook | None = None) -> list[torch.Tensor]:
+    """NLL of every scored position of a batch (``logits`` [b, n, V], ``tgt`` [b, n] with
+    IGNORE where nothing is scored), batch-major: the plan's order. Cross-entropy in row
+    chunks, so a vocabulary-wide float32 copy of a whole window is never made."""
+    out: list[torch.Tensor] = []
+    for j in range(logits.shape[0]):
+        pos = (tgt[j] != IGNORE).nonzero()[:, 0]
+        if pos.numel() == 0:
+            continue
+        lo, hi = int(pos[0]), int(pos[-1]) + 1
+        if hi - lo == pos.numel():  # a contiguous run (every convention here): a view, no copy
+            rows, row_t = logits[j, lo:hi], tgt[j, lo:hi]
+        else:
+            rows, row_t = logits[j, pos], tgt[j, pos]
+        for c in range(0, row_t.numel(), ROW_CHUNK):
+            sel, sel_t = rows[c : c + ROW_CHUNK], row_t[c : c + ROW_CHUNK]
+            out.append(F.cross_entropy(sel.float(), sel_t, reduction="none").double().cpu())
+            if on_logits is not None:
+                on_logits(sel, sel_t)
+    return out
+
+
 def score(model, plan: WindowPlan, batch_size: int = 4, *, on_logits: LogitsHook | None = None,
           desc: str = "perplexity") -> tuple[torch.Tensor, float]:
     """NLL (float64, CPU) of every scored token of ``plan``, in plan order, and the seconds
@@ -290,22 +313,7 @@ def score(model, plan: WindowPlan, batch_size: int = 4, *, on_logits: LogitsHook
         logits = model(inp.to(device), **kwargs).logits
         logits = logits[:, logits.shape[1] - (length - first) :]  # [b, length-first, V]
         tgt = tgt[:, first:].to(device)
-        for j in range(len(batch)):  # batch-major: plan order
-            pos = (tgt[j] != IGNORE).nonzero()[:, 0]
-            if pos.numel() == 0:
-                continue
-            lo, hi = int(pos[0]), int(pos[-1]) + 1
-            if hi - lo == pos.numel():  # a contiguous run (every convention here): a view, no copy
-                rows, row_t = logits[j, lo:hi], tgt[j, lo:hi]
-            else:
-                rows, row_t = logits[j, pos], tgt[j, pos]
-            for c in range(0, row_t.numel(), ROW_CHUNK):
-                sel, sel_t = rows[c : c + ROW_CHUNK], row_t[c : c + ROW_CHUNK]
-                nlls.append(F.cross_entropy(sel.float(), sel_t, reduction="none").double().cpu())
-                if on_logits is not None:
-                    on_logits(sel, sel_t)
-                del sel
-            del rows
+        nlls += batch_nlls(logits, tgt, on_logits)
         del logits
     if device.type == "cuda":
         torch.cuda.synchronize(device)

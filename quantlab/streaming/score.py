@@ -21,15 +21,14 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from quantlab.bench.perplexity import (
     IGNORE,
-    ROW_CHUNK,
     LogitsHook,
     PerplexityResult,
     WindowPlan,
+    batch_nlls,
     batches,
     summarize,
 )
@@ -109,28 +108,6 @@ def _batch_tensors(batch) -> tuple[torch.Tensor, torch.Tensor, int]:
     return inp, tgt, int(scored[0]) if scored.numel() else -1
 
 
-def _nlls(
-    logits: torch.Tensor, tgt: torch.Tensor, on_logits: LogitsHook | None
-) -> list[torch.Tensor]:
-    """NLL of every scored position of a batch, batch-major (plan order), as ``score``."""
-    out = []
-    for j in range(logits.shape[0]):
-        pos = (tgt[j] != IGNORE).nonzero()[:, 0]
-        if pos.numel() == 0:
-            continue
-        lo, hi = int(pos[0]), int(pos[-1]) + 1
-        if hi - lo == pos.numel():
-            rows, row_t = logits[j, lo:hi], tgt[j, lo:hi]
-        else:
-            rows, row_t = logits[j, pos], tgt[j, pos]
-        for c in range(0, row_t.numel(), ROW_CHUNK):
-            sel, sel_t = rows[c : c + ROW_CHUNK], row_t[c : c + ROW_CHUNK]
-            out.append(F.cross_entropy(sel.float(), sel_t, reduction="none").double().cpu())
-            if on_logits is not None:
-                on_logits(sel, sel_t)
-    return out
-
-
 def _head_modules(model: nn.Module, layers_path: str) -> tuple[str, str]:
     """Paths of the final norm and the output head (llama-style: ``model.norm``, ``lm_head``)."""
     norm = layers_path.rpartition(".")[0] + ".norm"
@@ -188,7 +165,7 @@ def streaming_score(
     nlls: list[torch.Tensor] = []
     for h, (_, tgt, first) in zip(hidden, work):
         logits = head(norm(h[:, first:]))
-        nlls += _nlls(logits, tgt[:, first:].to(device), on_logits)
+        nlls += batch_nlls(logits, tgt[:, first:].to(device), on_logits)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
