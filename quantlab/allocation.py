@@ -64,15 +64,24 @@ class Allocation:
         return {m: self.chosen[u] for u, members in self.units.items() for m in members}
 
     def as_dict(self) -> dict:
-        return {"budget_bits_per_weight": self.budget, "choices": self.choices, "group_size": self.group_size,
-                "solver": f"multiple-choice knapsack, dynamic programming over {STEPS} budget steps (exact, costs "
-                          "rounded up)",
-                "probe": "round-to-nearest at each width, one unit at a time, KL(float || probe) per token (nats)",
-                "units": self.units, "params": self.params, "kl": {u: {str(b): v for b, v in k.items()}
-                                                                   for u, k in self.kl.items()},
-                "chosen": self.chosen, "predicted_kl": self.predicted_kl, "measured_kl": self.measured_kl,
-                "bits_per_weight": self.bits_per_weight, "seconds": self.seconds, "windows": self.windows,
-                "seq_len": self.seq_len}
+        return {
+            "budget_bits_per_weight": self.budget,
+            "choices": self.choices,
+            "group_size": self.group_size,
+            "solver": f"multiple-choice knapsack, dynamic programming over {STEPS} budget steps (exact, costs "
+            "rounded up)",
+            "probe": "round-to-nearest at each width, one unit at a time, KL(float || probe) per token (nats)",
+            "units": self.units,
+            "params": self.params,
+            "kl": {u: {str(b): v for b, v in k.items()} for u, k in self.kl.items()},
+            "chosen": self.chosen,
+            "predicted_kl": self.predicted_kl,
+            "measured_kl": self.measured_kl,
+            "bits_per_weight": self.bits_per_weight,
+            "seconds": self.seconds,
+            "windows": self.windows,
+            "seq_len": self.seq_len,
+        }
 
 
 def _read_cache(path: Path | None) -> dict[str, dict[str, float]]:
@@ -83,8 +92,10 @@ def _read_cache(path: Path | None) -> dict[str, dict[str, float]]:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-    ok = isinstance(data, dict) and all(isinstance(v, dict) and all(isinstance(x, (int, float)) for x in v.values())
-                                        for v in data.values())
+    ok = isinstance(data, dict) and all(
+        isinstance(v, dict) and all(isinstance(x, (int, float)) for x in v.values())
+        for v in data.values()
+    )
     return data if ok else {}
 
 
@@ -105,7 +116,9 @@ def fused_units(model: nn.Module, names: list[str]) -> dict[str, list[str]]:
         n_layers = len(model.get_submodule(spec.layers))
         for i in range(n_layers):
             for grp in spec.sequential:
-                members = [f"{spec.layers}.{i}.{n}" for n in grp if f"{spec.layers}.{i}.{n}" in left]
+                members = [
+                    f"{spec.layers}.{i}.{n}" for n in grp if f"{spec.layers}.{i}.{n}" in left
+                ]
                 if members:
                     key = f"{spec.layers}.{i}." + "+".join(m.rsplit(".", 1)[-1] for m in members)
                     units[key] = members
@@ -114,21 +127,38 @@ def fused_units(model: nn.Module, names: list[str]) -> dict[str, list[str]]:
     return units
 
 
-def check_budget(budget: float, choices: list[int], group_size: int, shapes: dict[str, tuple[int, int]],
-                 units: dict[str, list[str]]) -> None:
+def check_budget(
+    budget: float,
+    choices: list[int],
+    group_size: int,
+    shapes: dict[str, tuple[int, int]],
+    units: dict[str, list[str]],
+) -> None:
     """A budget outside what the widths can reach is an error naming the feasible range."""
     total = sum(i * o for i, o in shapes.values())
-    lo = sum(stored_bits(*shapes[m], min(choices), group_size) for ms in units.values() for m in ms) / total
-    hi = sum(stored_bits(*shapes[m], max(choices), group_size) for ms in units.values() for m in ms) / total
+    lo = (
+        sum(stored_bits(*shapes[m], min(choices), group_size) for ms in units.values() for m in ms)
+        / total
+    )
+    hi = (
+        sum(stored_bits(*shapes[m], max(choices), group_size) for ms in units.values() for m in ms)
+        / total
+    )
     if not lo <= budget <= hi:
-        raise QuantlabError(f"bits_budget {budget} cannot be met with widths {choices} and group_size "
-                            f"{group_size}: the quantized layers store between {lo:.3f} and {hi:.3f} bits per "
-                            f"weight; choose a budget in that range (nearest feasible: "
-                            f"{min(max(budget, lo), hi):.3f})")
+        raise QuantlabError(
+            f"bits_budget {budget} cannot be met with widths {choices} and group_size "
+            f"{group_size}: the quantized layers store between {lo:.3f} and {hi:.3f} bits per "
+            f"weight; choose a budget in that range (nearest feasible: "
+            f"{min(max(budget, lo), hi):.3f})"
+        )
 
 
-def solve(kl: dict[str, dict[int, float]], cost: dict[str, dict[int, float]], budget_bits: float,
-          steps: int = STEPS) -> dict[str, int]:
+def solve(
+    kl: dict[str, dict[int, float]],
+    cost: dict[str, dict[int, float]],
+    budget_bits: float,
+    steps: int = STEPS,
+) -> dict[str, int]:
     """The width of each unit minimising the summed KL with the summed cost <= budget_bits
     (multiple-choice knapsack, exact DP on costs rounded up to budget_bits / steps)."""
     units = list(kl)
@@ -161,9 +191,18 @@ def solve(kl: dict[str, dict[int, float]], cost: dict[str, dict[int, float]], bu
     return dict(reversed(list(chosen.items())))
 
 
-def allocate(model: nn.Module, names: list[str], make_probe: Callable[[dict[str, int]], object], ids: torch.Tensor, *,
-             budget: float, choices: list[int], group_size: int, cache: Path | None = None,
-             log: Callable[[str], None] | None = None) -> Allocation:
+def allocate(
+    model: nn.Module,
+    names: list[str],
+    make_probe: Callable[[dict[str, int]], object],
+    ids: torch.Tensor,
+    *,
+    budget: float,
+    choices: list[int],
+    group_size: int,
+    cache: Path | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Allocation:
     """Choose a width per fused unit of ``names`` (see the module docstring). ``make_probe``
     returns an RTN backend quantizing exactly the given {module: width}; ``ids`` are the
     sensitivity windows. ``cache``: a JSON file of the per-unit KLs, named by the caller after
@@ -174,13 +213,26 @@ def allocate(model: nn.Module, names: list[str], make_probe: Callable[[dict[str,
     if log is None:
         from quantlab.log import log
     t0 = time.perf_counter()
-    shapes = {n: (model.get_submodule(n).in_features, model.get_submodule(n).out_features) for n in names}
+    shapes = {
+        n: (model.get_submodule(n).in_features, model.get_submodule(n).out_features) for n in names
+    }
     units = fused_units(model, names)
     check_budget(budget, choices, group_size, shapes, units)
-    cost = {u: {b: sum(stored_bits(*shapes[m], b, group_size) for m in ms) for b in choices} for u, ms in units.items()}
+    cost = {
+        u: {b: sum(stored_bits(*shapes[m], b, group_size) for m in ms) for b in choices}
+        for u, ms in units.items()
+    }
     params = {u: sum(shapes[m][0] * shapes[m][1] for m in ms) for u, ms in units.items()}
-    alloc = Allocation(budget, sorted(choices), group_size, units, params, cost, windows=ids.shape[0],
-                       seq_len=ids.shape[1])
+    alloc = Allocation(
+        budget,
+        sorted(choices),
+        group_size,
+        units,
+        params,
+        cost,
+        windows=ids.shape[0],
+        seq_len=ids.shape[1],
+    )
     runner = _Runner(model, ids)
 
     def probe(widths: dict[str, int]) -> float:
@@ -193,8 +245,14 @@ def allocate(model: nn.Module, names: list[str], make_probe: Callable[[dict[str,
 
     known = _read_cache(cache)
     todo = [(u, b) for u in units for b in alloc.choices if str(b) not in known.get(u, {})]
-    log(f"allocation: {len(units)} units x {len(choices)} widths, KL on {ids.shape[0]} x {ids.shape[1]} tokens"
-        + (f" ({len(units) * len(choices) - len(todo)} measured earlier in this run)" if known else ""))
+    log(
+        f"allocation: {len(units)} units x {len(choices)} widths, KL on {ids.shape[0]} x {ids.shape[1]} tokens"
+        + (
+            f" ({len(units) * len(choices) - len(todo)} measured earlier in this run)"
+            if known
+            else ""
+        )
+    )
     for i, u in enumerate(units):
         alloc.kl[u] = {}
         for b in alloc.choices:
@@ -202,7 +260,9 @@ def allocate(model: nn.Module, names: list[str], make_probe: Callable[[dict[str,
                 known.setdefault(u, {})[str(b)] = probe(dict.fromkeys(units[u], b))
             alloc.kl[u][b] = known[u][str(b)]
         if (i + 1) % max(1, len(units) // 10) == 0 and todo:
-            log(f"allocation: {i + 1}/{len(units)} units measured ({time.perf_counter() - t0:.0f} s)")
+            log(
+                f"allocation: {i + 1}/{len(units)} units measured ({time.perf_counter() - t0:.0f} s)"
+            )
     if cache is not None and todo:
         atomic_write_json(cache, known)
     total_params = sum(params.values())
@@ -213,6 +273,8 @@ def allocate(model: nn.Module, names: list[str], make_probe: Callable[[dict[str,
     alloc.seconds = time.perf_counter() - t0
     widths = sorted(set(alloc.chosen.values()))
     mix = ", ".join(f"{sum(1 for b in alloc.chosen.values() if b == w)} x {w}-bit" for w in widths)
-    log(f"allocation: {mix} units; {alloc.bits_per_weight:.3f} bits/weight (budget {budget}); KL predicted "
-        f"{alloc.predicted_kl:.4f}, measured {alloc.measured_kl:.4f} (RTN probe) in {alloc.seconds:.0f} s")
+    log(
+        f"allocation: {mix} units; {alloc.bits_per_weight:.3f} bits/weight (budget {budget}); KL predicted "
+        f"{alloc.predicted_kl:.4f}, measured {alloc.measured_kl:.4f} (RTN probe) in {alloc.seconds:.0f} s"
+    )
     return alloc

@@ -11,9 +11,24 @@ from quantlab.errors import QuantlabError
 from quantlab.formats.kernels import DEFAULT_KERNEL
 from quantlab.recipe import load_recipe, parse_recipe
 
-__all__ = ["backends", "caveats", "config", "evaluate", "load", "load_checkpoint", "load_metrics", "load_model",
-           "load_recipe", "load_results", "parse_recipe", "quantize", "run_recipe", "save", "summary_table",
-           "write_report"]
+__all__ = [
+    "backends",
+    "caveats",
+    "config",
+    "evaluate",
+    "load",
+    "load_checkpoint",
+    "load_metrics",
+    "load_model",
+    "load_recipe",
+    "load_results",
+    "parse_recipe",
+    "quantize",
+    "run_recipe",
+    "save",
+    "summary_table",
+    "write_report",
+]
 
 
 def run_recipe(recipe, out: str | Path | None = None, *, force: bool = False, echo: bool = True):
@@ -28,8 +43,10 @@ def run_recipe(recipe, out: str | Path | None = None, *, force: bool = False, ec
     if isinstance(recipe, (str, os.PathLike)):
         recipe = load_recipe(recipe)
     if not isinstance(recipe, Recipe):
-        raise QuantlabError(f"recipe must be a Recipe (quantlab.load_recipe / parse_recipe) or the "
-                            f"path of a YAML recipe, not {type(recipe).__name__}")
+        raise QuantlabError(
+            f"recipe must be a Recipe (quantlab.load_recipe / parse_recipe) or the "
+            f"path of a YAML recipe, not {type(recipe).__name__}"
+        )
     out = None if out is None else arguments.path("out", out)
     force, echo = arguments.flag("force", force), arguments.flag("echo", echo)
     result = _run(recipe, out, force=force, on_results=on_results(recipe))
@@ -65,8 +82,9 @@ def caveats(paths: str | Path | list[str | Path]) -> list[str]:
     return report_warnings(runs, combined_frame(runs))
 
 
-def write_report(paths: str | Path | list[str | Path], out: str | Path | None = None, *,
-                 title: str | None = None) -> Path:
+def write_report(
+    paths: str | Path | list[str | Path], out: str | Path | None = None, *, title: str | None = None
+) -> Path:
     """Write ``report.html`` (+ results.md, plots/) for a run directory (into it by default)
     or for several runs into ``out``; returns the report's path."""
     from quantlab.report.html import write_report as _write
@@ -84,9 +102,11 @@ def summary_table(frame):
     table = isinstance(frame, pd.DataFrame)
     missing = [c for c in ("method", "backend", "ppl") if not table or c not in frame]
     if missing:
-        raise QuantlabError("summary_table takes the DataFrame quantlab.load_results returns "
-                            f"(columns method, backend, ppl...), not {type(frame).__name__}"
-                            + (f" without {', '.join(missing)}" if table else ""))
+        raise QuantlabError(
+            "summary_table takes the DataFrame quantlab.load_results returns "
+            f"(columns method, backend, ppl...), not {type(frame).__name__}"
+            + (f" without {', '.join(missing)}" if table else "")
+        )
     return summary_frame(frame)
 
 
@@ -105,8 +125,14 @@ def load_model(source: str, *, dtype: str = "auto", device: str = "auto", **kwar
     return _load(source, dtype=resolve_dtype(dtype, dev), device=dev, **kwargs)
 
 
-def load_checkpoint(path: str | Path, *, dtype: str = "auto", device: str = "auto", verify: bool = True,
-                    kernel: str = DEFAULT_KERNEL):
+def load_checkpoint(
+    path: str | Path,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    verify: bool = True,
+    kernel: str = DEFAULT_KERNEL,
+):
     """Reload a checkpoint quantlab exported; ``verify`` checks every file against the
     sha256 manifest in its quantlab.json first; ``kernel`` (auto, dense, int4pack, int8pack)
     chooses what executes its packed layers (``info["kernels"]`` records the choice)."""
@@ -170,8 +196,13 @@ def _check_evaluate(options: dict[str, Any]) -> None:
     arguments.choice("speed_mode", given["speed_mode"], ("eager", "compiled"))
     if given["bos"] is not None:
         arguments.flag("bos", given["bos"])
-    args = SimpleNamespace(**dict(given, bos={None: "auto", True: "yes", False: "no"}[given["bos"]],
-                                  no_cache_base=not given["cache_base"]))
+    args = SimpleNamespace(
+        **dict(
+            given,
+            bos={None: "auto", True: "yes", False: "no"}[given["bos"]],
+            no_cache_base=not given["cache_base"],
+        )
+    )
     ScoringSpec.checked("api", **{k: given[k] for k in ScoringSpec.model_fields})
     try:
         check_command_flags(args)
@@ -182,8 +213,11 @@ def _check_evaluate(options: dict[str, Any]) -> None:
 def _defaults(func) -> dict[str, Any]:
     import inspect
 
-    return {k: p.default for k, p in inspect.signature(func).parameters.items()
-            if p.default is not inspect.Parameter.empty}
+    return {
+        k: p.default
+        for k, p in inspect.signature(func).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
 
 
 def _as_arguments(message: str) -> str:
@@ -202,14 +236,29 @@ def backends() -> list[dict[str, Any]]:
     out = []
     for name in backend_names():
         cls = get_backend(name)
-        out.append(dict({"name": name, "description": cls.description,
+        out.append(
+            dict(
+                {
+                    "name": name,
+                    "description": cls.description,
                     # a property where the options decide (llamacpp: imatrix)
-                    "needs_calibration": cls.needs_calibration if isinstance(cls.needs_calibration, bool)
-                    else "with some options", "extra": cls.extra,
-                    "options": {k: {"default": f.default if f.default_factory is None else f.default_factory(),
-                                    "description": f.description or ""}
-                                for k, f in cls.Config.model_fields.items()}},
-                        usable=_usable(cls)))
+                    "needs_calibration": cls.needs_calibration
+                    if isinstance(cls.needs_calibration, bool)
+                    else "with some options",
+                    "extra": cls.extra,
+                    "options": {
+                        k: {
+                            "default": f.default
+                            if f.default_factory is None
+                            else f.default_factory(),
+                            "description": f.description or "",
+                        }
+                        for k, f in cls.Config.model_fields.items()
+                    },
+                },
+                usable=_usable(cls),
+            )
+        )
     return out
 
 

@@ -61,8 +61,9 @@ def text(name: str, value: Any, *, optional: bool = False) -> str | None:
     if value is None and optional:
         return None
     if not isinstance(value, str) or not value:
-        raise QuantlabError(f"{name} must be a non-empty string{' or None' if optional else ''}, "
-                            f"not {_got(value)}")
+        raise QuantlabError(
+            f"{name} must be a non-empty string{' or None' if optional else ''}, not {_got(value)}"
+        )
     return value
 
 
@@ -91,5 +92,7 @@ def known_keywords(func: Callable, given: dict[str, Any], what: str) -> None:
     params = [n for n, p in inspect.signature(func).parameters.items() if p.default is not p.empty]
     for key in given:
         if key not in params:
-            raise QuantlabError(f"{what} has no option '{key}'{did_you_mean(key, params)}; "
-                                f"its options: {', '.join(params)}")
+            raise QuantlabError(
+                f"{what} has no option '{key}'{did_you_mean(key, params)}; "
+                f"its options: {', '.join(params)}"
+            )

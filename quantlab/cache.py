@@ -65,9 +65,15 @@ def cache_subdir(name: str) -> Path:
         if not os.access(path, os.W_OK):
             raise PermissionError(13, "not writable")
     except OSError as e:
-        var = "QUANTLAB_CACHE" if os.environ.get("QUANTLAB_CACHE") else "XDG_CACHE_HOME or QUANTLAB_CACHE"
-        raise QuantlabError(f"the cache directory '{root}' cannot be used ({e.strerror or e} at "
-                            f"'{path}'); set {var} to a writable directory") from None
+        var = (
+            "QUANTLAB_CACHE"
+            if os.environ.get("QUANTLAB_CACHE")
+            else "XDG_CACHE_HOME or QUANTLAB_CACHE"
+        )
+        raise QuantlabError(
+            f"the cache directory '{root}' cannot be used ({e.strerror or e} at "
+            f"'{path}'); set {var} to a writable directory"
+        ) from None
     return path
 
 
@@ -89,8 +95,11 @@ def sha256_stream(f: BinaryIO, chunk: int = 1 << 22) -> str:
 def entry_files(entry: Path) -> dict[str, dict[str, Any]]:
     """``{relative path: {sha256, bytes}}`` of every file of ``entry`` but its record."""
     entry = Path(entry)
-    return {p.relative_to(entry).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-            for p in sorted(entry.rglob("*")) if p.is_file() and p.name != RECORD}
+    return {
+        p.relative_to(entry).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        for p in sorted(entry.rglob("*"))
+        if p.is_file() and p.name != RECORD
+    }
 
 
 @contextlib.contextmanager
@@ -107,8 +116,10 @@ def locked(root: Path, key: str, *, wait: bool = True) -> Iterator[bool]:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     except OSError as e:
-        raise QuantlabError(f"cannot lock the cache entry '{Path(root) / key}' ({e.strerror or e}); "
-                            "set QUANTLAB_CACHE to a writable directory") from None
+        raise QuantlabError(
+            f"cannot lock the cache entry '{Path(root) / key}' ({e.strerror or e}); "
+            "set QUANTLAB_CACHE to a writable directory"
+        ) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
@@ -142,8 +153,11 @@ def _problem(entry: Path, expect: dict | None) -> tuple[str | None, dict]:
 
 
 def _files_problem(entry: Path, files: dict) -> str | None:
-    found = {p.relative_to(entry).as_posix() for p in entry.rglob("*")
-             if p.is_file() and p.name != RECORD}
+    found = {
+        p.relative_to(entry).as_posix()
+        for p in entry.rglob("*")
+        if p.is_file() and p.name != RECORD
+    }
     if found != set(files):
         return f"its files differ from its record ({sorted(found ^ set(files))[:3]})"
     for name, want in files.items():
@@ -155,8 +169,9 @@ def _files_problem(entry: Path, files: dict) -> str | None:
     return None
 
 
-def read_entry(root: Path, key: str, *, what: str, discard: bool = True,
-               expect: dict | None = None) -> tuple[Path, dict] | None:
+def read_entry(
+    root: Path, key: str, *, what: str, discard: bool = True, expect: dict | None = None
+) -> tuple[Path, dict] | None:
     """The entry ``root/key`` and its record's ``meta``, verified; None when there is none.
     An entry that fails verification, or whose meta lacks an item of ``expect``, is reported as
     absent (``discard``: also removed, with a log line naming why; only a holder of the entry's
@@ -197,8 +212,14 @@ def recorded_files(entry: Path) -> dict[str, dict[str, Any]]:
     return json.loads((Path(entry) / RECORD).read_text(encoding="utf-8"))["files"]
 
 
-def cached(root: Path, key: str, build: Callable[[Path], dict | None], *,
-           what: str, expect: dict | None = None) -> tuple[Path, dict, bool]:
+def cached(
+    root: Path,
+    key: str,
+    build: Callable[[Path], dict | None],
+    *,
+    what: str,
+    expect: dict | None = None,
+) -> tuple[Path, dict, bool]:
     """The verified entry ``root/key`` (``root``: an existing directory, as :func:`cache_subdir`
     gives), built by ``build(tmp_dir) -> meta`` when absent, damaged or written for other inputs
     (``expect``: items its meta must hold; the builder's meta should hold them). Returns
@@ -233,8 +254,11 @@ def prune(root: Path, keep: int, *, what: str) -> None:
     (being read back or rebuilt) is left for a later prune. Temporary directories of writers
     that died go too (a live writer holds its entry's lock)."""
     root = Path(root)
-    entries = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
-                     key=_mtime, reverse=True)
+    entries = sorted(
+        (p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
+        key=_mtime,
+        reverse=True,
+    )
     for old in entries[keep:]:
         with locked(root, old.name, wait=False) as held:
             if held:

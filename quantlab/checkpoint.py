@@ -46,8 +46,9 @@ from quantlab.layout import SIDECAR
 from quantlab.modelfiles import LoadedModel, check_no_remote_code, check_safetensors
 
 
-def export_checkpoint(quantized, tokenizer, backend, out_dir: Path, *,
-                      source: dict[str, Any], label: str) -> Path:
+def export_checkpoint(
+    quantized, tokenizer, backend, out_dir: Path, *, source: dict[str, Any], label: str
+) -> Path:
     """Write ``quantized`` (the :class:`~quantlab.quantizers.base.Quantized` that
     ``backend.quantize`` returned, or a model that needs nothing beyond its modules to be
     saved: a float model, or one whose backend keeps no artifacts) into ``out_dir``,
@@ -64,8 +65,10 @@ def export_checkpoint(quantized, tokenizer, backend, out_dir: Path, *,
         quantized = Quantized(quantized)
     out_dir = Path(out_dir)
     if out_dir.is_symlink() or (out_dir.exists() and not (out_dir / SIDECAR).is_file()):
-        raise QuantlabError(f"'{out_dir}' exists but is not a checkpoint quantlab wrote (a file, a link, or a "
-                            "directory without quantlab.json); move it away and run again")
+        raise QuantlabError(
+            f"'{out_dir}' exists but is not a checkpoint quantlab wrote (a file, a link, or a "
+            "directory without quantlab.json); move it away and run again"
+        )
     _remove_stale_exports(out_dir)
     tmp = _fresh_tmp(out_dir)
     try:
@@ -76,7 +79,9 @@ def export_checkpoint(quantized, tokenizer, backend, out_dir: Path, *,
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # a full disk or Ctrl-C leaves no half checkpoint behind
+        shutil.rmtree(
+            tmp, ignore_errors=True
+        )  # a full disk or Ctrl-C leaves no half checkpoint behind
         raise
     (out_dir / TMP_MARKER).unlink(missing_ok=True)  # not in the manifest: a leftover is harmless
     return out_dir
@@ -246,8 +251,10 @@ def sidecar_digest(meta: dict[str, Any]) -> str:
 def read_sidecar(ckpt_dir: Path) -> dict[str, Any]:
     path = Path(ckpt_dir) / SIDECAR
     if not path.is_file():
-        raise QuantlabError(f"'{ckpt_dir}' is not a quantlab checkpoint (no {SIDECAR}); "
-                            "an incomplete export leaves none")
+        raise QuantlabError(
+            f"'{ckpt_dir}' is not a quantlab checkpoint (no {SIDECAR}); "
+            "an incomplete export leaves none"
+        )
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
@@ -261,8 +268,10 @@ def manifest(ckpt_dir: Path) -> dict[str, dict[str, Any]]:
     """sha256 and size of every file of a checkpoint directory but the sidecar (and a
     temporary export's marker): the proof of its content (:func:`verify_checkpoint`)."""
     ckpt_dir = Path(ckpt_dir)
-    return {p.relative_to(ckpt_dir).as_posix(): {"sha256": _sha256(p), "bytes": p.stat().st_size}
-            for p in _files(ckpt_dir)}
+    return {
+        p.relative_to(ckpt_dir).as_posix(): {"sha256": _sha256(p), "bytes": p.stat().st_size}
+        for p in _files(ckpt_dir)
+    }
 
 
 def file_times(ckpt_dir: Path) -> dict[str, int]:
@@ -274,8 +283,11 @@ def file_times(ckpt_dir: Path) -> dict[str, int]:
 
 
 def _files(ckpt_dir: Path) -> list[Path]:
-    return [p for p in sorted(ckpt_dir.rglob("*"))
-            if p.is_file() and p.name not in (SIDECAR, TMP_MARKER)]
+    return [
+        p
+        for p in sorted(ckpt_dir.rglob("*"))
+        if p.is_file() and p.name not in (SIDECAR, TMP_MARKER)
+    ]
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".gguf")
@@ -287,19 +299,28 @@ def _manifest_entries(ckpt_dir: Path, meta: dict[str, Any], hint: str) -> dict[s
     files = meta.get("files")
     where = f"'{Path(ckpt_dir) / SIDECAR}'"
     if not isinstance(files, dict) or not files:
-        raise QuantlabError(f"{where} has no manifest of its files ('files' is missing or not a mapping), so "
-                            f"the checkpoint cannot be verified; {hint}")
+        raise QuantlabError(
+            f"{where} has no manifest of its files ('files' is missing or not a mapping), so "
+            f"the checkpoint cannot be verified; {hint}"
+        )
     for name, want in files.items():
         parts = Path(name).parts
         if Path(name).is_absolute() or ".." in parts or not parts:
             raise QuantlabError(f"{where} lists '{name}', which is outside the checkpoint; {hint}")
-        if not isinstance(want, dict) or not isinstance(want.get("sha256"), str) or not isinstance(want.get("bytes"), int):
-            raise QuantlabError(f"{where}: the manifest entry of '{name}' is not {{sha256, bytes}}; {hint}")
+        if (
+            not isinstance(want, dict)
+            or not isinstance(want.get("sha256"), str)
+            or not isinstance(want.get("bytes"), int)
+        ):
+            raise QuantlabError(
+                f"{where}: the manifest entry of '{name}' is not {{sha256, bytes}}; {hint}"
+            )
     return files
 
 
-def _problems(ckpt_dir: Path, meta: dict[str, Any], files: dict[str, dict[str, Any]], *,
-              quick: bool) -> Iterator[str]:
+def _problems(
+    ckpt_dir: Path, meta: dict[str, Any], files: dict[str, dict[str, Any]], *, quick: bool
+) -> Iterator[str]:
     """Each difference between a checkpoint and its sidecar, as a sentence: the sidecar
     against its own digest, every listed file (missing, size, sha256), weight files the
     manifest does not list. ``quick``: a file whose size and time are as the sidecar's
@@ -307,8 +328,10 @@ def _problems(ckpt_dir: Path, meta: dict[str, Any], files: dict[str, dict[str, A
     any other is hashed, so a copied checkpoint (new times, same bytes) is not reported."""
     sidecar = ckpt_dir / SIDECAR
     if "sidecar_sha256" not in meta:
-        yield (f"'{sidecar}' has no digest of its own (written by an earlier quantlab, or edited), "
-               "so it cannot be verified")
+        yield (
+            f"'{sidecar}' has no digest of its own (written by an earlier quantlab, or edited), "
+            "so it cannot be verified"
+        )
     elif meta["sidecar_sha256"] != sidecar_digest(meta):
         yield f"'{sidecar}' was changed since export (its digest does not match its content)"
     times = meta.get("mtime_ns") if quick and isinstance(meta.get("mtime_ns"), dict) else {}
@@ -321,14 +344,21 @@ def _problems(ckpt_dir: Path, meta: dict[str, Any], files: dict[str, dict[str, A
         if st.st_size == want["bytes"] and st.st_mtime_ns == times.get(name):
             continue
         if st.st_size != want["bytes"] or _sha256(path) != want["sha256"]:
-            yield (f"checkpoint file '{path}' does not match its manifest (sha256 or size differs: "
-                   "damaged or changed since export)")
-    weights = [p.relative_to(ckpt_dir).as_posix() for p in ckpt_dir.rglob("*")
-               if p.is_file() and p.suffix in WEIGHT_SUFFIXES]
+            yield (
+                f"checkpoint file '{path}' does not match its manifest (sha256 or size differs: "
+                "damaged or changed since export)"
+            )
+    weights = [
+        p.relative_to(ckpt_dir).as_posix()
+        for p in ckpt_dir.rglob("*")
+        if p.is_file() and p.suffix in WEIGHT_SUFFIXES
+    ]
     extra = sorted(name for name in weights if name not in files)
     if extra:
-        yield (f"checkpoint '{ckpt_dir}' holds weight files its manifest does not list: "
-               f"{', '.join(extra)}")
+        yield (
+            f"checkpoint '{ckpt_dir}' holds weight files its manifest does not list: "
+            f"{', '.join(extra)}"
+        )
 
 
 def verify_checkpoint(ckpt_dir: Path) -> None:
@@ -360,8 +390,16 @@ def changes_since_export(ckpt_dir: Path) -> list[str]:
     return list(_problems(ckpt_dir, meta, files, quick=True))
 
 
-def load_checkpoint(ckpt_dir: Path, *, dtype: torch.dtype, device: torch.device, verify: bool = True,
-                    kernel: str = "dense", kernel_choices: dict | None = None, log=None) -> LoadedModel:
+def load_checkpoint(
+    ckpt_dir: Path,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    verify: bool = True,
+    kernel: str = "dense",
+    kernel_choices: dict | None = None,
+    log=None,
+) -> LoadedModel:
     """Reload an exported checkpoint from disk with the backend that wrote it; ``verify``
     checks every file against the manifest first. ``kernel`` chooses what executes its packed
     layers (quantlab.formats.kernels; ``kernel_choices`` replays a recorded ``auto`` choice);
@@ -387,16 +425,25 @@ def load_checkpoint(ckpt_dir: Path, *, dtype: torch.dtype, device: torch.device,
         tokenizer = AutoTokenizer.from_pretrained(ckpt_dir, trust_remote_code=False)
     except QuantlabError:
         raise
-    except Exception as e:  # a sidecar that contradicts its tensors, a config transformers rejects...
+    except (
+        Exception
+    ) as e:  # a sidecar that contradicts its tensors, a config transformers rejects...
         detail = (str(e).splitlines() or [""])[0][:200]
-        raise QuantlabError(f"checkpoint '{ckpt_dir}' cannot be loaded by backend '{meta.get('backend')}' "
-                            f"({type(e).__name__}: {detail}); re-export it (run its recipe again with "
-                            "--force)") from None
+        raise QuantlabError(
+            f"checkpoint '{ckpt_dir}' cannot be loaded by backend '{meta.get('backend')}' "
+            f"({type(e).__name__}: {detail}); re-export it (run its recipe again with "
+            "--force)"
+        ) from None
     from quantlab.formats.kernels import apply_kernels
 
     kernels = apply_kernels(model, kernel, device, choices=kernel_choices, log=log)
-    info = {"source": str(ckpt_dir), "kind": "checkpoint", "backend": meta["backend"],
-            "options": meta.get("options", {}), "kernels": kernels}
+    info = {
+        "source": str(ckpt_dir),
+        "kind": "checkpoint",
+        "backend": meta["backend"],
+        "options": meta.get("options", {}),
+        "kernels": kernels,
+    }
     return LoadedModel(model, tokenizer, info)
 
 
@@ -410,23 +457,31 @@ def _check_versions(ckpt_dir: Path, meta: dict[str, Any], backend) -> None:
     as if it were this one."""
     hint = "re-export it (run its recipe again with --force)"
     if meta.get("format") != SIDECAR_FORMAT:
-        raise QuantlabError(f"checkpoint '{ckpt_dir}' has sidecar format {meta.get('format')!r}; this quantlab "
-                            f"reads format {SIDECAR_FORMAT}: {hint}")
+        raise QuantlabError(
+            f"checkpoint '{ckpt_dir}' has sidecar format {meta.get('format')!r}; this quantlab "
+            f"reads format {SIDECAR_FORMAT}: {hint}"
+        )
     if meta.get("backend_config_version") != backend.Config.version:
-        raise QuantlabError(f"checkpoint '{ckpt_dir}' was written by {meta.get('backend')} config version "
-                            f"{meta.get('backend_config_version')!r}; this quantlab's is {backend.Config.version}: "
-                            f"{hint}")
+        raise QuantlabError(
+            f"checkpoint '{ckpt_dir}' was written by {meta.get('backend')} config version "
+            f"{meta.get('backend_config_version')!r}; this quantlab's is {backend.Config.version}: "
+            f"{hint}"
+        )
     rec = meta.get("layout")
     if rec is None:  # a library's own format (torchao, bitsandbytes...), or an older sidecar
         return
     from quantlab.formats import get_layout
 
     if not isinstance(rec, dict) or not isinstance(rec.get("name"), str):
-        raise QuantlabError(f"checkpoint '{ckpt_dir}': the sidecar's 'layout' is not {{name, version}}; {hint}")
+        raise QuantlabError(
+            f"checkpoint '{ckpt_dir}': the sidecar's 'layout' is not {{name, version}}; {hint}"
+        )
     layout = get_layout(rec["name"])
     if rec.get("version") != layout.version:
-        raise QuantlabError(f"checkpoint '{ckpt_dir}' was written in layout {layout.name} version "
-                            f"{rec.get('version')}; this quantlab reads version {layout.version}: {hint}")
+        raise QuantlabError(
+            f"checkpoint '{ckpt_dir}' was written in layout {layout.name} version "
+            f"{rec.get('version')}; this quantlab reads version {layout.version}: {hint}"
+        )
 
 
 def _check_options(ckpt_dir: Path, meta: dict[str, Any], backend) -> None:
@@ -438,19 +493,26 @@ def _check_options(ckpt_dir: Path, meta: dict[str, Any], backend) -> None:
     options = meta.get("options")
     hint = "re-export it (run its recipe again with --force)"
     if not isinstance(options, dict):
-        raise QuantlabError(f"checkpoint '{ckpt_dir}': the sidecar's 'options' is not a mapping; "
-                            f"{hint}")
+        raise QuantlabError(
+            f"checkpoint '{ckpt_dir}': the sidecar's 'options' is not a mapping; {hint}"
+        )
     try:
         backend.Config(**options)
     except ValidationError as e:
         from quantlab.recipe import _format_errors
 
         bad = "; ".join(_format_errors(e, backend.Config, "options").splitlines()[:3])
-        raise QuantlabError(f"checkpoint '{ckpt_dir}' cannot be loaded by backend "
-                            f"'{meta.get('backend')}': the sidecar's options are not valid "
-                            f"{meta.get('backend')} options ({bad}); {hint}") from None
+        raise QuantlabError(
+            f"checkpoint '{ckpt_dir}' cannot be loaded by backend "
+            f"'{meta.get('backend')}': the sidecar's options are not valid "
+            f"{meta.get('backend')} options ({bad}); {hint}"
+        ) from None
 
 
 def weight_bytes(ckpt_dir: Path) -> int:
     """Bytes of the weight files (``*.safetensors``, ``*.gguf``) of a checkpoint directory."""
-    return sum(p.stat().st_size for pattern in ("*.safetensors", "*.gguf") for p in Path(ckpt_dir).glob(pattern))
+    return sum(
+        p.stat().st_size
+        for pattern in ("*.safetensors", "*.gguf")
+        for p in Path(ckpt_dir).glob(pattern)
+    )

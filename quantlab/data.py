@@ -37,8 +37,13 @@ _DIR_FILES = {
     "valid": ("valid.txt", "validation.txt", "wiki.valid.tokens"),
     "test": ("test.txt", "wiki.test.tokens"),
 }
-_SPLIT_ALIASES = {"validation": "valid", "val": "valid", "eval": "test", "evaluation": "test",
-                  "calibration": "train"}
+_SPLIT_ALIASES = {
+    "validation": "valid",
+    "val": "valid",
+    "eval": "test",
+    "evaluation": "test",
+    "calibration": "train",
+}
 
 
 _HEADING = re.compile(r"^ = [^=].* = \s*$")
@@ -85,7 +90,9 @@ class Text:
         lm-eval's document-level WikiText is; other sources keep their documents."""
         if self.kind == "documents":
             return list(self.documents)
-        text = "".join(self.documents) if self.kind == "wikitext-lines" else "\n".join(self.documents)
+        text = (
+            "".join(self.documents) if self.kind == "wikitext-lines" else "\n".join(self.documents)
+        )
         out: list[list[str]] = []
         for line in text.splitlines(keepends=True):
             if _HEADING.match(line) and out and "".join(out[-1]).strip():
@@ -105,7 +112,11 @@ class Text:
 
 
 def _pydoc_split(text: str) -> str:
-    return "evaluation" if int(hashlib.sha256(text.encode()).hexdigest(), 16) % 4 == 0 else "calibration"
+    return (
+        "evaluation"
+        if int(hashlib.sha256(text.encode()).hexdigest(), 16) % 4 == 0
+        else "calibration"
+    )
 
 
 def pydoc_text(split: str) -> Text:
@@ -124,9 +135,13 @@ def _what_is(path: Path) -> str:
     if path.is_symlink() and not path.exists():
         return f"a symbolic link to '{os.readlink(path)}', which does not exist"
     mode = path.stat().st_mode
-    kinds = [(stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
-             (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
-             (stat.S_ISBLK, "a block device")]
+    kinds = [
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ]
     what = next((name for test, name in kinds if test(mode)), "not a regular file")
     return f"a symbolic link to {what}" if path.is_symlink() else what
 
@@ -144,8 +159,10 @@ def _open_regular(path: Path) -> BinaryIO:
         raise QuantlabError(f"text file '{path}' cannot be read ({e.strerror or e})") from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
-        raise QuantlabError(f"text file '{path}' is {_what_is(path)}, not a regular file; give a "
-                            ".txt/.jsonl file (a symbolic link to one is followed)")
+        raise QuantlabError(
+            f"text file '{path}' is {_what_is(path)}, not a regular file; give a "
+            ".txt/.jsonl file (a symbolic link to one is followed)"
+        )
     return os.fdopen(fd, "rb")
 
 
@@ -170,26 +187,29 @@ def _cut(raw: bytearray, path: Path, whole_lines: bool) -> None:
     must), else to its last complete UTF-8 character."""
     end = raw.rfind(b"\n")
     if end >= 0:
-        del raw[end + 1:]
+        del raw[end + 1 :]
         return
     if whole_lines:
-        raise QuantlabError(f"'{path}': its first line is longer than the {_size(len(raw))} "
-                            "quantlab reads of this file; give one document per line")
+        raise QuantlabError(
+            f"'{path}': its first line is longer than the {_size(len(raw))} "
+            "quantlab reads of this file; give one document per line"
+        )
     start = len(raw)  # of the last character: back over its continuation bytes (10xxxxxx)
     while start > 0 and len(raw) - start < 3 and raw[start - 1] & 0xC0 == 0x80:
         start -= 1
     lead = raw[start - 1] if start else 0
     width = 2 if 0xC0 <= lead < 0xE0 else 3 if 0xE0 <= lead < 0xF0 else 4 if lead >= 0xF0 else 1
     if width > 1 and len(raw) - (start - 1) < width:
-        del raw[start - 1:]
+        del raw[start - 1 :]
 
 
 def _size(n: int) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def _read_text_file(path: Path, budget: Budget | None = None, *,
-                    whole_lines: bool = False) -> tuple[str, int | None]:
+def _read_text_file(
+    path: Path, budget: Budget | None = None, *, whole_lines: bool = False
+) -> tuple[str, int | None]:
     """The text of a UTF-8 file, or of its first ``budget.bytes`` when it is longer (said in the
     log). Returns the text and, for a prefix, the bytes it holds (None: the whole file)."""
     budget = budget or Budget(None)
@@ -197,18 +217,24 @@ def _read_text_file(path: Path, budget: Budget | None = None, *,
         total = os.fstat(f.fileno()).st_size
         raw, more = _read_prefix(f, budget.bytes)
     if b"\x00" in raw[:65536]:
-        raise QuantlabError(f"text file '{path}' looks binary (it holds NUL bytes); give a UTF-8 text file")
+        raise QuantlabError(
+            f"text file '{path}' looks binary (it holds NUL bytes); give a UTF-8 text file"
+        )
     if more:
         _cut(raw, path, whole_lines)
-        why = (f"enough for the {budget.tokens} tokens used, at up to {BYTES_PER_TOKEN} bytes each"
-               if budget.tokens is not None and budget.bytes < MAX_TEXT_BYTES
-               else "the most quantlab reads of a text")
+        why = (
+            f"enough for the {budget.tokens} tokens used, at up to {BYTES_PER_TOKEN} bytes each"
+            if budget.tokens is not None and budget.bytes < MAX_TEXT_BYTES
+            else "the most quantlab reads of a text"
+        )
         log(f"text: read the first {_size(len(raw))} of '{path}' ({_size(total)}): {why}")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise QuantlabError(f"text file '{path}' is not valid UTF-8 (byte {e.start}); "
-                            "convert it, e.g. with iconv -t UTF-8") from None
+        raise QuantlabError(
+            f"text file '{path}' is not valid UTF-8 (byte {e.start}); "
+            "convert it, e.g. with iconv -t UTF-8"
+        ) from None
     if not text.strip():
         raise QuantlabError(f"text file '{path}' is empty")
     return text, len(raw) if more else None
@@ -230,7 +256,9 @@ def _jsonl(path: Path, text_field: str, budget: Budget | None = None) -> Text:
         except json.JSONDecodeError as e:
             raise QuantlabError(f"{path}:{i}: not valid JSON ({e.msg})") from None
         if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
-            raise QuantlabError(f"{path}:{i}: expected an object with a string field '{text_field}'")
+            raise QuantlabError(
+                f"{path}:{i}: expected an object with a string field '{text_field}'"
+            )
         docs.append(row[text_field])
     if not any(d.strip() for d in docs):
         raise QuantlabError(f"'{path}' holds no text in field '{text_field}'")
@@ -247,7 +275,9 @@ def _wikitext_dir(path: Path, split: str, budget: Budget | None = None) -> Text:
             return Text(_prefix_name(f"{path.name}:{split}", read), [text], kind="wikitext")
     if split == "train":  # WikiText copies often ship without train: calibrate on valid
         return _wikitext_dir(path, "valid", budget)
-    raise QuantlabError(f"directory '{path}' has no {split} file (looked for {', '.join(_DIR_FILES[split])})")
+    raise QuantlabError(
+        f"directory '{path}' has no {split} file (looked for {', '.join(_DIR_FILES[split])})"
+    )
 
 
 def _wikitext2_hub(split: str) -> Text:
@@ -255,18 +285,27 @@ def _wikitext2_hub(split: str) -> Text:
         import datasets
     except ImportError:
         raise MissingDependencyError("datasets", "eval", "the 'wikitext2' text source") from None
-    hub_split = {"valid": "validation", "calibration": "train", "evaluation": "test"}.get(split, split)
+    hub_split = {"valid": "validation", "calibration": "train", "evaluation": "test"}.get(
+        split, split
+    )
     try:
         rows = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=hub_split)["text"]
     except Exception as e:
         raise QuantlabError(
             f"could not load wikitext2 ({hub_split}) from the Hugging Face Hub: {e}. Offline? "
-            "Point 'source' at a local directory with valid.txt/test.txt instead") from None
+            "Point 'source' at a local directory with valid.txt/test.txt instead"
+        ) from None
     return Text(f"wikitext-2-raw-v1:{hub_split}", list(rows), kind="wikitext-lines")
 
 
-def load_text(source: str, split: str | None, role: str, text_field: str = "text", *,
-              max_tokens: int | None = None) -> Text:
+def load_text(
+    source: str,
+    split: str | None,
+    role: str,
+    text_field: str = "text",
+    *,
+    max_tokens: int | None = None,
+) -> Text:
     """Load a text source. ``role`` ('calibration' or 'evaluation') picks the default split.
     ``max_tokens``: the most tokens the caller uses (:func:`tokens_needed`); a longer file is
     read only as far as they need (see :class:`Budget`), and never past MAX_TEXT_BYTES."""
@@ -283,7 +322,8 @@ def load_text(source: str, split: str | None, role: str, text_field: str = "text
     if not path.exists() and not path.is_symlink():
         raise QuantlabError(
             f"text source '{source}' does not exist; use 'pydoc' (embedded), 'wikitext2' "
-            "(online), a .txt/.jsonl file or a directory with valid.txt/test.txt")
+            "(online), a .txt/.jsonl file or a directory with valid.txt/test.txt"
+        )
     if split is not None and path.is_file():
         raise QuantlabError(f"text source '{source}' is a single file; it has no split {split!r}")
     if path.suffix == ".jsonl":
@@ -344,17 +384,26 @@ class Calibration:
     starts: list[int]
 
     def record(self) -> dict:
-        return {"source": self.source, "sha256": self.sha256, "text_tokens": self.text_tokens,
-                "samples": int(self.ids.shape[0]), "seq_len": int(self.ids.shape[1]),
-                "seed": self.seed, "starts": self.starts}
+        return {
+            "source": self.source,
+            "sha256": self.sha256,
+            "text_tokens": self.text_tokens,
+            "samples": int(self.ids.shape[0]),
+            "seq_len": int(self.ids.shape[1]),
+            "seed": self.seed,
+            "starts": self.starts,
+        }
 
 
-def sample_calibration(ids: torch.Tensor, text: Text, samples: int, seq_len: int, seed: int) -> Calibration:
+def sample_calibration(
+    ids: torch.Tensor, text: Text, samples: int, seq_len: int, seed: int
+) -> Calibration:
     """Draw ``samples`` windows of ``seq_len`` tokens at uniformly random offsets (seeded)."""
     n = ids.numel()
     if n < seq_len:
         raise QuantlabError(
-            f"calibration text '{text.name}' has {n} tokens, fewer than calibration.seq_len={seq_len}")
+            f"calibration text '{text.name}' has {n} tokens, fewer than calibration.seq_len={seq_len}"
+        )
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, n - seq_len + 1, (samples,), generator=g)
     windows = torch.stack([ids[s : s + seq_len] for s in starts.tolist()])

@@ -45,7 +45,9 @@ def config(backend: str, **options: Any):
     except ValidationError as e:
         raise RecipeError(_format_errors(e, cls.Config, f"{backend} options")) from None
     if cfg.model_dump().get("skip") == "auto":
-        raise QuantlabError("skip: auto needs the sensitivity pass of a recipe run; give layer patterns here")
+        raise QuantlabError(
+            "skip: auto needs the sensitivity pass of a recipe run; give layer patterns here"
+        )
     return cfg
 
 
@@ -56,7 +58,9 @@ def _backend_of(cfg) -> Any:
         cls = get_backend(name)
         if type(cfg) is cls.Config:
             return cls(cfg)
-    raise QuantlabError(f"{type(cfg).__name__} is not the options of a quantlab backend; use quantlab.config(...)")
+    raise QuantlabError(
+        f"{type(cfg).__name__} is not the options of a quantlab backend; use quantlab.config(...)"
+    )
 
 
 def _calibration(calibration, tokenizer, samples: int, seq_len: int, seed: int) -> torch.Tensor:
@@ -65,22 +69,30 @@ def _calibration(calibration, tokenizer, samples: int, seq_len: int, seed: int) 
 
     if isinstance(calibration, torch.Tensor):
         if calibration.dim() != 2 or calibration.dtype not in (torch.int32, torch.int64):
-            raise QuantlabError("calibration as a tensor must be token ids [samples, seq_len] (int64)")
+            raise QuantlabError(
+                "calibration as a tensor must be token ids [samples, seq_len] (int64)"
+            )
         if calibration.numel() == 0:
             shape = list(calibration.shape)
-            raise QuantlabError(f"calibration holds no tokens (shape {shape}); give token ids "
-                                "[samples, seq_len] with samples >= 1 and seq_len >= 1")
+            raise QuantlabError(
+                f"calibration holds no tokens (shape {shape}); give token ids "
+                "[samples, seq_len] with samples >= 1 and seq_len >= 1"
+            )
         return calibration.long()
     if tokenizer is None:
-        raise QuantlabError("calibration from text needs the tokenizer: quantize(model, cfg, tokenizer=tok, ...)")
+        raise QuantlabError(
+            "calibration from text needs the tokenizer: quantize(model, cfg, tokenizer=tok, ...)"
+        )
     _check_tokenizer(tokenizer)
     if isinstance(calibration, str):
         text = load_text(calibration, None, "calibration")
     elif isinstance(calibration, (list, tuple)) and all(isinstance(t, str) for t in calibration):
         text = Text("texts", list(calibration))
     else:
-        raise QuantlabError("calibration must be a text source ('pydoc', a file, a directory), a list of "
-                            "strings, or token ids [samples, seq_len]")
+        raise QuantlabError(
+            "calibration must be a text source ('pydoc', a file, a directory), a list of "
+            "strings, or token ids [samples, seq_len]"
+        )
     return sample_calibration(tokenize(text, tokenizer), text, samples, seq_len, seed).ids
 
 
@@ -88,19 +100,24 @@ def _check_tokenizer(tokenizer) -> None:
     from transformers import PreTrainedTokenizerBase
 
     if not isinstance(tokenizer, PreTrainedTokenizerBase):
-        raise QuantlabError(f"tokenizer must be the model's transformers tokenizer "
-                            f"(AutoTokenizer.from_pretrained(...)), not {type(tokenizer).__name__}")
+        raise QuantlabError(
+            f"tokenizer must be the model's transformers tokenizer "
+            f"(AutoTokenizer.from_pretrained(...)), not {type(tokenizer).__name__}"
+        )
 
 
 def _check_model(model) -> torch.device:
     """The device of a model quantlab can work on (a torch module with weights)."""
     if not isinstance(model, nn.Module):
-        raise QuantlabError(f"model must be a transformers causal LM (a torch nn.Module), not "
-                            f"{type(model).__name__}")
+        raise QuantlabError(
+            f"model must be a transformers causal LM (a torch nn.Module), not "
+            f"{type(model).__name__}"
+        )
     param = next(model.parameters(), None)
     if param is None:
-        raise QuantlabError(f"model ({type(model).__name__}) has no parameters: nothing to "
-                            "quantize")
+        raise QuantlabError(
+            f"model ({type(model).__name__}) has no parameters: nothing to quantize"
+        )
     return param.device
 
 
@@ -113,12 +130,22 @@ def _check_ids(ids: torch.Tensor, model: nn.Module) -> None:
     if lo < 0 or (vocab is not None and hi >= vocab):
         bad = lo if lo < 0 else hi
         span = f"0 to {vocab - 1}" if vocab is not None else "0 or more"
-        raise QuantlabError(f"calibration holds token id {bad}, outside this model's vocabulary "
-                            f"({span}); use ids from the model's own tokenizer")
+        raise QuantlabError(
+            f"calibration holds token id {bad}, outside this model's vocabulary "
+            f"({span}); use ids from the model's own tokenizer"
+        )
 
 
-def quantize(model: nn.Module, cfg, *, tokenizer=None, calibration: Any = "pydoc", samples: int = 128,
-             seq_len: int = 512, seed: int = 0) -> nn.Module:
+def quantize(
+    model: nn.Module,
+    cfg,
+    *,
+    tokenizer=None,
+    calibration: Any = "pydoc",
+    samples: int = 128,
+    seq_len: int = 512,
+    seed: int = 0,
+) -> nn.Module:
     """Quantize ``model`` (a transformers causal LM, float) with ``cfg`` (:func:`config`) in
     place and return it. ``calibration`` (methods that need it): a text source, a list of
     strings (``samples`` windows of ``seq_len`` tokens are drawn with ``seed``) or token ids.
@@ -159,14 +186,19 @@ def save(model: nn.Module, path: str | Path, *, tokenizer, source: str | None = 
 
     backend, done = _QUANTIZED.get(model, (None, None))
     if backend is None:
-        raise QuantlabError("this model was not quantized by quantlab.quantize (nothing says how to store it); "
-                            "quantize it first, or save a float model with transformers' save_pretrained")
+        raise QuantlabError(
+            "this model was not quantized by quantlab.quantize (nothing says how to store it); "
+            "quantize it first, or save a float model with transformers' save_pretrained"
+        )
     path = arguments.path("path", path)
     source = arguments.text("source", source, optional=True)
     if tokenizer is None or not hasattr(tokenizer, "save_pretrained"):
-        raise QuantlabError(f"save needs the model's tokenizer (tokenizer=tok, a transformers "
-                            f"tokenizer), not {type(tokenizer).__name__}: a checkpoint holds its "
-                            "tokenizer, and quantlab.load and quantlab eval read it from there")
+        raise QuantlabError(
+            f"save needs the model's tokenizer (tokenizer=tok, a transformers "
+            f"tokenizer), not {type(tokenizer).__name__}: a checkpoint holds its "
+            "tokenizer, and quantlab.load and quantlab eval read it from there"
+        )
     refuse_inside_output(path, "checkpoint path")
-    return export_checkpoint(done, tokenizer, backend, path, label=path.name,
-                             source={"source": source, "kind": "api"})
+    return export_checkpoint(
+        done, tokenizer, backend, path, label=path.name, source={"source": source, "kind": "api"}
+    )

@@ -10,9 +10,24 @@ import torch
 
 #: versions recorded in environment.json: the core stack and the backends' libraries (their
 #: kernels and defaults change what a method computes; compare warns when runs differ)
-PACKAGES = ("quantlab", "torch", "transformers", "safetensors", "gguf", "accelerate", "numpy",
-            "pandas", "pydantic", "tokenizers", "torchao", "bitsandbytes", "optimum-quanto",
-            "gptqmodel", "hqq", "lm-eval")
+PACKAGES = (
+    "quantlab",
+    "torch",
+    "transformers",
+    "safetensors",
+    "gguf",
+    "accelerate",
+    "numpy",
+    "pandas",
+    "pydantic",
+    "tokenizers",
+    "torchao",
+    "bitsandbytes",
+    "optimum-quanto",
+    "gptqmodel",
+    "hqq",
+    "lm-eval",
+)
 
 
 def cpu_model() -> str:

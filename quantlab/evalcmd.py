@@ -29,7 +29,15 @@ def _log(msg: str) -> None:
 
 
 def _check_positive(args) -> None:
-    for name in ("seq_len", "stride", "max_windows", "max_docs", "batch_size", "kl_windows", "threads"):
+    for name in (
+        "seq_len",
+        "stride",
+        "max_windows",
+        "max_docs",
+        "batch_size",
+        "kl_windows",
+        "threads",
+    ):
         v = getattr(args, name, None)
         if v is not None and v < 1:
             raise QuantlabError(f"--{name.replace('_', '-')} must be a positive integer, not {v}")
@@ -40,14 +48,30 @@ def _finite(d: dict) -> dict:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
 
 
-def evaluate_source(model: str, *, data: str = "pydoc", split: str | None = None, text_field: str = "text",
-                    convention: str = _D["convention"], seq_len: int | None = None,
-                    stride: int | None = None, bos: bool | None = None, max_windows: int | None = None,
-                    max_docs: int | None = None, batch_size: int = _D["batch_size"],
-                    base: str | None = None, kl_windows: int | None = None, speed: bool = False,
-                    dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False,
-                    verify: bool = True, kernel: str = _D["kernel"], speed_mode: str = "eager",
-                    cache_base: bool = True) -> dict:
+def evaluate_source(
+    model: str,
+    *,
+    data: str = "pydoc",
+    split: str | None = None,
+    text_field: str = "text",
+    convention: str = _D["convention"],
+    seq_len: int | None = None,
+    stride: int | None = None,
+    bos: bool | None = None,
+    max_windows: int | None = None,
+    max_docs: int | None = None,
+    batch_size: int = _D["batch_size"],
+    base: str | None = None,
+    kl_windows: int | None = None,
+    speed: bool = False,
+    dtype: str = "auto",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+    verify: bool = True,
+    kernel: str = _D["kernel"],
+    speed_mode: str = "eager",
+    cache_base: bool = True,
+) -> dict:
     """Score ``model`` (any model source or quantlab checkpoint) on ``data``; see ``quantlab eval``.
     ``verify``: check quantlab checkpoints against their sha256 manifest before loading;
     ``kernel``: what runs a checkpoint's packed layers; ``speed_mode``: eager or compiled decode;
@@ -62,9 +86,16 @@ def evaluate_source(model: str, *, data: str = "pydoc", split: str | None = None
     )
     from quantlab.scoring import build_plan, evaluate, labels
 
-    settings = ScoringSpec.checked("cli", convention=convention, seq_len=seq_len, stride=stride,
-                                   bos=bos, max_windows=max_windows, batch_size=batch_size,
-                                   kernel=kernel)
+    settings = ScoringSpec.checked(
+        "cli",
+        convention=convention,
+        seq_len=seq_len,
+        stride=stride,
+        bos=bos,
+        max_windows=max_windows,
+        batch_size=batch_size,
+        kernel=kernel,
+    )
     quiet_progress_bars()
     classify(model)
     if base:
@@ -92,21 +123,41 @@ def evaluate_source(model: str, *, data: str = "pydoc", split: str | None = None
     lm = load_model(model, **kw, kernel=kernel)
     plan = build_plan(settings, text, lm.tokenizer, lm.model)
     if reference is not None and len(lm.tokenizer) != base_vocab:
-        raise QuantlabError(f"'{model}' and the base '{base}' have different tokenizers "
-                            f"({len(lm.tokenizer)} vs {base_vocab} tokens); divergence needs the same one")
-    _log(f"scoring {plan.scored_tokens} tokens of {text.name} ({plan.convention}, {len(plan.segments)} windows)")
+        raise QuantlabError(
+            f"'{model}' and the base '{base}' have different tokenizers "
+            f"({len(lm.tokenizer)} vs {base_vocab} tokens); divergence needs the same one"
+        )
+    _log(
+        f"scoring {plan.scored_tokens} tokens of {text.name} ({plan.convention}, {len(plan.segments)} windows)"
+    )
     ppl, div = evaluate(lm.model, plan, batch_size, reference)
     _warn_if_not_finite(model, ppl.ppl)
-    out = {"model": model, "ppl": ppl.ppl, "ppl_stderr": ppl.ppl_stderr, "nll_mean": ppl.nll_mean,
-           "scored_tokens": ppl.scored_tokens, "windows": ppl.windows, "text_tokens": ppl.text_tokens,
-           **labels(plan, text, lm.tokenizer, lm.model), **ppl.extra,
-           "seconds": ppl.seconds, "tokens_per_s": ppl.tokens_per_s, "threads": torch.get_num_threads(),
-           "kernel": _kernel_label(lm)}
+    out = {
+        "model": model,
+        "ppl": ppl.ppl,
+        "ppl_stderr": ppl.ppl_stderr,
+        "nll_mean": ppl.nll_mean,
+        "scored_tokens": ppl.scored_tokens,
+        "windows": ppl.windows,
+        "text_tokens": ppl.text_tokens,
+        **labels(plan, text, lm.tokenizer, lm.model),
+        **ppl.extra,
+        "seconds": ppl.seconds,
+        "tokens_per_s": ppl.tokens_per_s,
+        "threads": torch.get_num_threads(),
+        "kernel": _kernel_label(lm),
+    }
     if div is not None:
         base_ppl = reference.meta["ppl"]
-        out.update(base=base, **div, base_ppl=base_ppl, base_ppl_tokens=reference.n_tokens,
-                   ppl_ratio=math.exp(div["ln_ppl_ratio"]), base_reference=str(reference.path),
-                   base_reference_reused=reference.meta.get("reused", False))
+        out.update(
+            base=base,
+            **div,
+            base_ppl=base_ppl,
+            base_ppl_tokens=reference.n_tokens,
+            ppl_ratio=math.exp(div["ln_ppl_ratio"]),
+            base_reference=str(reference.path),
+            base_reference_reused=reference.meta.get("reused", False),
+        )
     if speed:
         out.update(_speed(lm, text, speed_mode))
     return _finite(out)
@@ -114,9 +165,11 @@ def evaluate_source(model: str, *, data: str = "pydoc", split: str | None = None
 
 def _warn_if_not_finite(model: str, ppl: float) -> None:
     if not math.isfinite(ppl):
-        _log(f"warning: the perplexity of '{model}' is not a finite number ({ppl}): the "
-             "model's outputs are NaN or infinite on this text. Its weights may be damaged "
-             "(re-export or re-download it), or its dtype overflows (try --dtype float32)")
+        _log(
+            f"warning: the perplexity of '{model}' is not a finite number ({ppl}): the "
+            "model's outputs are NaN or infinite on this text. Its weights may be damaged "
+            "(re-export or re-download it), or its dtype overflows (try --dtype float32)"
+        )
 
 
 def _speed(lm, text, speed_mode: str) -> dict:
@@ -147,19 +200,31 @@ def _base_reference(b, part, text, batch_size: int, dtype, device, cache: bool):
 
     # the base by content (every file of a directory or a checkpoint, a GGUF's sha256) or by
     # Hub commit, never by where it lies
-    key = plan_key(part, text, {"model": model_identity(b.info), "dtype": str(dtype),
-                                "device": str(device), "quantlab": __version__, "code": code_digest(),
-                                "torch": torch.__version__})
+    key = plan_key(
+        part,
+        text,
+        {
+            "model": model_identity(b.info),
+            "dtype": str(dtype),
+            "device": str(device),
+            "quantlab": __version__,
+            "code": code_digest(),
+            "torch": torch.__version__,
+        },
+    )
     if not cache:
         tmp = Path(tempfile.mkdtemp(prefix="quantlab-ref-"))
         atexit.register(shutil.rmtree, tmp, True)
         return compute_reference(b.model, part, tmp / "reference", batch_size, key)
     root = cache_subdir("eval-references")
-    ref = _cached_reference(root, key,
-                            lambda tmp: _build_reference(b.model, part, tmp, batch_size, key))
+    ref = _cached_reference(
+        root, key, lambda tmp: _build_reference(b.model, part, tmp, batch_size, key)
+    )
     ref.base_model = weakref.ref(b.model)
-    _log(f"base distributions {'reused from' if ref.meta['reused'] else 'stored in'} {ref.path} "
-         f"({ref.n_tokens} tokens; --no-cache-base to keep none)")
+    _log(
+        f"base distributions {'reused from' if ref.meta['reused'] else 'stored in'} {ref.path} "
+        f"({ref.n_tokens} tokens; --no-cache-base to keep none)"
+    )
     prune(root, KEEP_REFERENCES, what="base distributions")
     return ref
 
@@ -178,16 +243,19 @@ def _cached_reference(root: Path, key: str, build):
     from quantlab.cache import cached
 
     for _ in range(2):  # a second try if another process pruned the entry as it was returned
-        entry, _, reused = cached(root, key[:32], build, what="base distributions",
-                                  expect={"key": key})
+        entry, _, reused = cached(
+            root, key[:32], build, what="base distributions", expect={"key": key}
+        )
         with contextlib.suppress(FileNotFoundError):
             os.utime(entry)  # most recently used: pruned last
         ref = ReferenceLogprobs.open(entry, verify=False)  # cached() verified every byte
         if ref is not None:
             ref.meta["reused"] = reused
             return ref
-    raise QuantlabError(f"the base distributions in '{root}' keep changing while being read "
-                        "(another quantlab pruning them?); run again, or pass --no-cache-base")
+    raise QuantlabError(
+        f"the base distributions in '{root}' keep changing while being read "
+        "(another quantlab pruning them?); run again, or pass --no-cache-base"
+    )
 
 
 def _kernel_label(lm) -> str:
@@ -206,35 +274,63 @@ def check_command_flags(args) -> None:
     options' rules live with them, in :class:`quantlab.evalspec.ScoringSpec`): a flag the
     user typed always changes what is measured, or the command says why it cannot."""
     if args.max_docs is not None and args.convention != "lm-eval":
-        raise QuantlabError("--max-docs applies to the lm-eval convention; use --max-windows for "
-                            "the others")
+        raise QuantlabError(
+            "--max-docs applies to the lm-eval convention; use --max-windows for the others"
+        )
     if args.text_field != "text" and not args.data.endswith(".jsonl"):
         raise QuantlabError(f"--text-field applies to .jsonl data, not {args.data!r}; drop it")
     if args.speed_mode != "eager" and not args.speed:
-        raise QuantlabError("--speed-mode applies to the speed measurement; add --speed or drop --speed-mode")
+        raise QuantlabError(
+            "--speed-mode applies to the speed measurement; add --speed or drop --speed-mode"
+        )
     if args.no_cache_base and not args.base:
         raise QuantlabError("--no-cache-base applies to --base; add --base MODEL or drop it")
     if args.kl_windows is not None and not args.base:
-        raise QuantlabError("--kl-windows applies to the divergence from a base model; add --base MODEL or "
-                            "drop --kl-windows")
+        raise QuantlabError(
+            "--kl-windows applies to the divergence from a base model; add --base MODEL or "
+            "drop --kl-windows"
+        )
 
 
 def run_eval(args) -> int:
     _check_positive(args)
     bos = {"auto": None, "yes": True, "no": False}[args.bos]
-    ScoringSpec.checked("cli", convention=args.convention, seq_len=args.seq_len, stride=args.stride,
-                        bos=bos, max_windows=args.max_windows, batch_size=args.batch_size,
-                        kernel=args.kernel)  # before any model is loaded
+    ScoringSpec.checked(
+        "cli",
+        convention=args.convention,
+        seq_len=args.seq_len,
+        stride=args.stride,
+        bos=bos,
+        max_windows=args.max_windows,
+        batch_size=args.batch_size,
+        kernel=args.kernel,
+    )  # before any model is loaded
     check_command_flags(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = evaluate_source(args.model, data=args.data, split=args.split, text_field=args.text_field,
-                          convention=args.convention, seq_len=args.seq_len, stride=args.stride,
-                          bos=bos, max_windows=args.max_windows,
-                          max_docs=args.max_docs, batch_size=args.batch_size, base=args.base,
-                          kl_windows=args.kl_windows, speed=args.speed, dtype=args.dtype, device=args.device,
-                          trust_remote_code=args.trust_remote_code, verify=not args.no_verify,
-                          kernel=args.kernel, speed_mode=args.speed_mode, cache_base=not args.no_cache_base)
+    out = evaluate_source(
+        args.model,
+        data=args.data,
+        split=args.split,
+        text_field=args.text_field,
+        convention=args.convention,
+        seq_len=args.seq_len,
+        stride=args.stride,
+        bos=bos,
+        max_windows=args.max_windows,
+        max_docs=args.max_docs,
+        batch_size=args.batch_size,
+        base=args.base,
+        kl_windows=args.kl_windows,
+        speed=args.speed,
+        dtype=args.dtype,
+        device=args.device,
+        trust_remote_code=args.trust_remote_code,
+        verify=not args.no_verify,
+        kernel=args.kernel,
+        speed_mode=args.speed_mode,
+        cache_base=not args.no_cache_base,
+    )
     if args.json:
         print(json.dumps(out))
         return 0
@@ -248,27 +344,39 @@ def _print_summary(out: dict, args) -> None:
     conv = out["convention"]
     unit = "word perplexity" if conv == "lm-eval" else "perplexity"
     err = f" ± {out['ppl_stderr']:.4f}" if out.get("ppl_stderr") is not None else ""
-    print(f"{unit} {v['ppl']:.4f}{err}  ({conv}, seq_len {out['seq_len']}, "
-          f"{out['scored_tokens']} scored tokens in {out['windows']} windows of {out['text_source']}, "
-          f"tokenizer {out['tokenizer']}, {out['dtype']} on {out['device']})")
+    print(
+        f"{unit} {v['ppl']:.4f}{err}  ({conv}, seq_len {out['seq_len']}, "
+        f"{out['scored_tokens']} scored tokens in {out['windows']} windows of {out['text_source']}, "
+        f"tokenizer {out['tokenizer']}, {out['dtype']} on {out['device']})"
+    )
     if conv == "lm-eval":
-        print(f"byte perplexity {v['byte_perplexity']:.4f}, bits per byte "
-              f"{v['bits_per_byte']:.4f}, token perplexity {v['token_perplexity']:.4f} "
-              f"({out['documents']} documents)")
+        print(
+            f"byte perplexity {v['byte_perplexity']:.4f}, bits per byte "
+            f"{v['bits_per_byte']:.4f}, token perplexity {v['token_perplexity']:.4f} "
+            f"({out['documents']} documents)"
+        )
     if "kld_mean" in out:
-        print(f"vs {args.base}: KL mean {v['kld_mean']:.6f} ± {v['kld_stderr']:.6f}, median "
-              f"{v['kld_median']:.6f}, p99 {v['kld_p99']:.6f}; same top token "
-              f"{100 * v['top1_agreement']:.2f}%; Δp mean {100 * v['dp_mean']:+.3f}% "
-              f"rms {100 * v['dp_rms']:.3f}% ({out['kld_tokens']} tokens)")
-        print(f"base perplexity {v['base_ppl']:.4f} on those {out['base_ppl_tokens']} tokens; "
-              f"PPL(model)/PPL(base) {v['ppl_ratio']:.4f} on the same tokens (base distributions "
-              f"{'reused from the cache' if out['base_reference_reused'] else 'computed'})")
-    print(f"{v['tokens_per_s']:.1f} tokens/s through the model ({v['seconds']:.1f} s, "
-          f"{out['threads']} threads, kernel {out['kernel']})")
+        print(
+            f"vs {args.base}: KL mean {v['kld_mean']:.6f} ± {v['kld_stderr']:.6f}, median "
+            f"{v['kld_median']:.6f}, p99 {v['kld_p99']:.6f}; same top token "
+            f"{100 * v['top1_agreement']:.2f}%; Δp mean {100 * v['dp_mean']:+.3f}% "
+            f"rms {100 * v['dp_rms']:.3f}% ({out['kld_tokens']} tokens)"
+        )
+        print(
+            f"base perplexity {v['base_ppl']:.4f} on those {out['base_ppl_tokens']} tokens; "
+            f"PPL(model)/PPL(base) {v['ppl_ratio']:.4f} on the same tokens (base distributions "
+            f"{'reused from the cache' if out['base_reference_reused'] else 'computed'})"
+        )
+    print(
+        f"{v['tokens_per_s']:.1f} tokens/s through the model ({v['seconds']:.1f} s, "
+        f"{out['threads']} threads, kernel {out['kernel']})"
+    )
     if args.speed:
         comp = f", compiled in {out['speed_compile_s']:.0f} s" if out.get("speed_compile_s") else ""
-        print(f"speed ({out['speed_mode']} decode{comp}, batch 1, "
-              f"{out['speed_prompt_tokens']}-token prompt): prefill "
-              f"{v['speed_prefill_tokens_per_s']:.1f} tok/s, decode "
-              f"{v['speed_decode_tokens_per_s']:.1f} tok/s, TTFT {v['speed_ttft_ms']:.1f} ms, "
-              f"latency p50/p95 {v['speed_latency_p50_ms']:.1f}/{v['speed_latency_p95_ms']:.1f} ms")
+        print(
+            f"speed ({out['speed_mode']} decode{comp}, batch 1, "
+            f"{out['speed_prompt_tokens']}-token prompt): prefill "
+            f"{v['speed_prefill_tokens_per_s']:.1f} tok/s, decode "
+            f"{v['speed_decode_tokens_per_s']:.1f} tok/s, TTFT {v['speed_ttft_ms']:.1f} ms, "
+            f"latency p50/p95 {v['speed_latency_p50_ms']:.1f}/{v['speed_latency_p95_ms']:.1f} ms"
+        )

@@ -34,23 +34,39 @@ class ScoringSpec(BaseModel):
         "transformers docs' sliding window; 'lm-eval': lm-evaluation-harness rolling "
         "log-likelihood per document, reported as word perplexity (docs/results.md, 'Perplexity').",
     )
-    seq_len: int | None = Field(None, ge=8, le=1_000_000, description="Window length in tokens "
-                                "(llamacpp: ctx). None: gptq 2048, llamacpp 512, strided and "
-                                "lm-eval the model's context.")
-    stride: int | None = Field(None, ge=1, description="strided: tokens between window starts "
-                               "(default 512).")
-    bos: bool | None = Field(None, description="llamacpp: BOS on every chunk. None: when the "
-                             "tokenizer adds BOS to a text (as llama.cpp decides).")
-    max_windows: int | None = Field(None, ge=1, description="Score only the first N windows "
-                                    "(None: all).")
-    batch_size: int = Field(4, ge=1, description="Windows per forward pass (windows longer than "
-                            "512 tokens: as many as fit in batch_size x 512 tokens).")
+    seq_len: int | None = Field(
+        None,
+        ge=8,
+        le=1_000_000,
+        description="Window length in tokens "
+        "(llamacpp: ctx). None: gptq 2048, llamacpp 512, strided and "
+        "lm-eval the model's context.",
+    )
+    stride: int | None = Field(
+        None, ge=1, description="strided: tokens between window starts (default 512)."
+    )
+    bos: bool | None = Field(
+        None,
+        description="llamacpp: BOS on every chunk. None: when the "
+        "tokenizer adds BOS to a text (as llama.cpp decides).",
+    )
+    max_windows: int | None = Field(
+        None, ge=1, description="Score only the first N windows (None: all)."
+    )
+    batch_size: int = Field(
+        4,
+        ge=1,
+        description="Windows per forward pass (windows longer than "
+        "512 tokens: as many as fit in batch_size x 512 tokens).",
+    )
     kernel: Literal["auto", "dense", "int4pack", "int8pack"] = Field(
-        DEFAULT_KERNEL, description="What executes the packed layers of quantlab's layouts (GPTQ "
+        DEFAULT_KERNEL,
+        description="What executes the packed layers of quantlab's layouts (GPTQ "
         "v1, AWQ gemm) when a checkpoint is reloaded, for scoring and speed: 'dense' "
         "(dequantized once, float matmul), 'int4pack' / 'int8pack' (torch's kernels reading "
         "packed weights, bfloat16 activations), 'auto' (times them per layer shape, keeps a "
-        "kernel only for the token counts where it beat dense). docs/results.md, \"Kernels\".")
+        'kernel only for the token counts where it beat dense). docs/results.md, "Kernels".',
+    )
 
     @model_validator(mode="after")
     def _applies(self, info: ValidationInfo) -> ScoringSpec:
@@ -61,11 +77,14 @@ class ScoringSpec(BaseModel):
         if self.bos is not None and self.convention != "llamacpp":
             raise ValueError(say.applies("bos", "llamacpp", self.convention))
         if self.max_windows is not None and self.convention == "lm-eval":
-            raise ValueError(f"{say('max_windows')} does not apply to the lm-eval convention (it "
-                             "scores whole documents); use a smaller text instead")
+            raise ValueError(
+                f"{say('max_windows')} does not apply to the lm-eval convention (it "
+                "scores whole documents); use a smaller text instead"
+            )
         if self.stride is not None and self.seq_len is not None and self.stride > self.seq_len:
-            raise ValueError(f"{say('stride')} ({self.stride}) must not exceed "
-                             f"{say('seq_len')} ({self.seq_len})")
+            raise ValueError(
+                f"{say('stride')} ({self.stride}) must not exceed {say('seq_len')} ({self.seq_len})"
+            )
         return self
 
     @classmethod
@@ -80,8 +99,9 @@ class ScoringSpec(BaseModel):
             err = e.errors()[0]
             where = _Speaker(spell)(str(err["loc"][0])) if err["loc"] else ""
             msg = str(err["msg"]).removeprefix("Value error, ")
-            raise QuantlabError(f"{where}: {msg}" if where and err["type"] != "value_error"
-                                else msg) from None
+            raise QuantlabError(
+                f"{where}: {msg}" if where and err["type"] != "value_error" else msg
+            ) from None
 
 
 def defaults() -> dict[str, Any]:
@@ -99,7 +119,11 @@ class _Speaker:
         return "--" + name.replace("_", "-") if self.spell == "cli" else name
 
     def applies(self, name: str, convention: str, chosen: str) -> str:
-        fix = {"cli": f"add --convention {convention}",
-               "api": f"pass convention={convention!r}"}.get(self.spell, f"set convention: {convention}")
-        return (f"{self(name)} applies to the {convention} convention, not {chosen!r}; "
-                f"{fix} or drop {self(name)}")
+        fix = {
+            "cli": f"add --convention {convention}",
+            "api": f"pass convention={convention!r}",
+        }.get(self.spell, f"set convention: {convention}")
+        return (
+            f"{self(name)} applies to the {convention} convention, not {chosen!r}; "
+            f"{fix} or drop {self(name)}"
+        )

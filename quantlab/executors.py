@@ -95,8 +95,10 @@ def run_local(plan: RunPlan, base, on_result: OnResult, run: str | None = None) 
         position = f"[{i}/{len(methods)}] "
         # an interruption inside run_method removes its marker; every finished row has
         # already reached on_result (the results table is rewritten after each)
-        on_result(reused(plan, method, position + method.label)
-                  or run_method(plan, method, position=position, take_base=take_base, run=run))
+        on_result(
+            reused(plan, method, position + method.label)
+            or run_method(plan, method, position=position, take_base=take_base, run=run)
+        )
         gc.collect()
 
 
@@ -124,8 +126,10 @@ def connect(ray, spec) -> bool:
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = spec.address or "a local cluster"
         first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        raise QuantlabError(f"cannot connect to Ray at {where}: {first}; start one with "
-                            "`ray start --head` or fix executor.address / --address") from None
+        raise QuantlabError(
+            f"cannot connect to Ray at {where}: {first}; start one with "
+            "`ray start --head` or fix executor.address / --address"
+        ) from None
     return True
 
 
@@ -144,9 +148,11 @@ def check_resources(ray, methods, device: str) -> None:
         cpus, gpus = want["num_cpus"], want["num_gpus"]
         if not any(n.get("CPU", 0) >= cpus and n.get("GPU", 0) >= gpus for n in nodes):
             have = ", ".join(f"{n.get('CPU', 0):g} CPU/{n.get('GPU', 0):g} GPU" for n in nodes)
-            raise QuantlabError(f"method '{m.label}' asks for {cpus:g} CPUs and {gpus:g} GPUs; "
-                                "no node of the Ray cluster has them "
-                                f"({have or 'no nodes'}): lower its resources")
+            raise QuantlabError(
+                f"method '{m.label}' asks for {cpus:g} CPUs and {gpus:g} GPUs; "
+                "no node of the Ray cluster has them "
+                f"({have or 'no nodes'}): lower its resources"
+            )
 
 
 def _method_task(run_dir: str, label: str, threads: int | None, run: str) -> tuple[dict, dict]:
@@ -216,8 +222,12 @@ class RayExecutor:
         plan, spec = self.plan, self.plan.recipe.executor
         task = self.ray.remote(_method_task)
         for m in todo:
-            options = task.options(max_retries=spec.max_retries, retry_exceptions=False,
-                                   name=f"quantlab:{m.label}", **task_resources(m, plan.device))
+            options = task.options(
+                max_retries=spec.max_retries,
+                retry_exceptions=False,
+                name=f"quantlab:{m.label}",
+                **task_resources(m, plan.device),
+            )
             ref = options.remote(str(plan.run_dir.root), m.label, plan.threads_for(m), self.run_id)
             pending[ref] = m
 
@@ -240,8 +250,9 @@ class RayExecutor:
             log(f"{method.label}: failed on Ray: {msg}")
             mdir = self.plan.run_dir.method(method.label)
             clear_running(mdir, self.run_id)  # a worker that died could not remove it
-            atomic_write_json(self.plan.run_dir.error(method.label),
-                              {"method": method.label, "error": msg})
+            atomic_write_json(
+                self.plan.run_dir.error(method.label), {"method": method.label, "error": msg}
+            )
             on_result(MethodResult(method.label, error=msg))
             return
         self._log_retry(method, note)  # when no poll saw the retry's marker
@@ -264,10 +275,12 @@ class RayExecutor:
         self.attempts[method.label] = attempt
         total = self.plan.recipe.executor.max_retries + 1
         prev = note.get("previous") or {}
-        log(f"{method.label}: Ray runs it again, attempt {attempt} of {total} "
+        log(
+            f"{method.label}: Ray runs it again, attempt {attempt} of {total} "
             f"(on {note.get('host')}, pid {note.get('pid')}): attempt {attempt - 1}'s worker "
             f"(on {prev.get('host')}, pid {prev.get('pid')}) died before the method finished "
-            "(killed, crashed, out of memory or its node lost; Ray retries a task only then)")
+            "(killed, crashed, out of memory or its node lost; Ray retries a task only then)"
+        )
 
     def _stop(self, pending: dict, on_result: OnResult, why: BaseException) -> None:
         """Stopping early: cancel the outstanding tasks, wait (a bounded time) for them to
@@ -348,8 +361,10 @@ def _reachable(address: str, timeout: float = 5.0) -> None:
             return
     except (OSError, ValueError) as e:
         why = getattr(e, "strerror", None) or e
-        raise QuantlabError(f"cannot connect to Ray at {address}: {why}; start one "
-                            "with `ray start --head` or fix executor.address / --address") from None
+        raise QuantlabError(
+            f"cannot connect to Ray at {address}: {why}; start one "
+            "with `ray start --head` or fix executor.address / --address"
+        ) from None
 
 
 def _task_error(e: BaseException) -> str:

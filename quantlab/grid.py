@@ -41,7 +41,9 @@ def group_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, t
     return scale, zero
 
 
-def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+def quantize_codes(
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int
+) -> torch.Tensor:
     """Integer codes of ``w`` [R, G] on the grid (scale [R], zero [R])."""
     maxq = 2**bits - 1
     q = torch.round(w.float() / scale.unsqueeze(1)) + zero.unsqueeze(1)
@@ -59,10 +61,16 @@ def quantize_matrix(w: torch.Tensor, bits: int, group_size: int, sym: bool):
     wg = w.reshape(out_f * n_groups, g)  # row r = (output o, group j), r = o * n_groups + j
     scale, zero = group_params(wg, bits, sym)
     codes = quantize_codes(wg, scale, zero, bits).reshape(out_f, in_f)
-    return codes, scale.view(out_f, n_groups).t().contiguous(), zero.view(out_f, n_groups).t().contiguous()
+    return (
+        codes,
+        scale.view(out_f, n_groups).t().contiguous(),
+        zero.view(out_f, n_groups).t().contiguous(),
+    )
 
 
-def dequantize_matrix(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor) -> torch.Tensor:
+def dequantize_matrix(
+    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor
+) -> torch.Tensor:
     """W_hat [out, in] from codes [out, in], scales/zeros [n_groups, out] and g_idx [in]."""
     s = scales.float().t()[:, g_idx.long()]  # [out, in]
     z = zeros.t()[:, g_idx.long()]
@@ -76,8 +84,9 @@ def fake_quant(w: torch.Tensor, bits: int, group_size: int, sym: bool) -> torch.
     return dequantize_matrix(codes, scales, zeros, torch.arange(w.shape[1], device=w.device) // g)
 
 
-def clip_search(w: torch.Tensor, bits: int, group_size: int, sym: bool, error, *, steps: int,
-                n_grid: int) -> torch.Tensor:
+def clip_search(
+    w: torch.Tensor, bits: int, group_size: int, sym: bool, error, *, steps: int, n_grid: int
+) -> torch.Tensor:
     """The clipping-range search AWQ and RTN's scale_search share: bounds max|w| x (1 - i/n_grid)
     for i < ``steps``, each (row, group) keeping the bound whose rounding ``error(dq)`` (dq: the
     rounding error [out, n_groups, g]) is smallest. Returns max_val [out, n_groups]."""
@@ -90,7 +99,9 @@ def clip_search(w: torch.Tensor, bits: int, group_size: int, sym: bool, error, *
     for i in range(steps):
         mx = org_max * (1 - i / n_grid)
         cur = torch.clamp(wb, -mx, mx)
-        dq = fake_quant(cur.reshape(-1, g), bits, -1, sym).view_as(wb) - wb  # one grid per (row, group)
+        dq = (
+            fake_quant(cur.reshape(-1, g), bits, -1, sym).view_as(wb) - wb
+        )  # one grid per (row, group)
         err = error(dq)
         better = err < best_err
         best_err[better] = err[better]

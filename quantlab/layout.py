@@ -19,9 +19,22 @@ PLOTS = "plots"
 
 #: the run's own top-level entries; a method directory, named by its label,
 #: must not collide with any of them (recipe.RESERVED_LABELS is derived from this)
-RUN_ENTRIES = frozenset({
-    PLAN_JSON, PLAN_TENSORS, RECIPE, ENVIRONMENT, CALIBRATION, REFERENCE, ALLOCATION,
-    RESULTS_CSV, RESULTS_PARQUET, RESULTS_MD, REPORT_HTML, PLOTS})
+RUN_ENTRIES = frozenset(
+    {
+        PLAN_JSON,
+        PLAN_TENSORS,
+        RECIPE,
+        ENVIRONMENT,
+        CALIBRATION,
+        REFERENCE,
+        ALLOCATION,
+        RESULTS_CSV,
+        RESULTS_PARQUET,
+        RESULTS_MD,
+        REPORT_HTML,
+        PLOTS,
+    }
+)
 #: what a several-models run (pipeline.run_models) writes beside its models' run directories
 CONTAINER_ENTRIES = frozenset({"report", "methods_x_models.csv"})
 

@@ -28,23 +28,30 @@ def kernel_label(m) -> str:
         return m.kernel
     lib = type(m).__module__.split(".")[0]
     w = getattr(m, "weight", None)
-    if isinstance(w, torch.Tensor) and type(w.data if isinstance(w, torch.nn.Parameter) else w).__module__.startswith("torchao"):
+    if isinstance(w, torch.Tensor) and type(
+        w.data if isinstance(w, torch.nn.Parameter) else w
+    ).__module__.startswith("torchao"):
         return f"torchao:{type(w.data).__name__}"
     if lib == "torch" and "dynamic" in type(m).__module__:
         return "torch.ao:dynamic-int8(fbgemm)"
     return f"{lib}:{type(m).__name__}"
 
 
-def measure_checkpoint(plan, method, backend, loaded, ckpt: Path, ppl, div: dict, *, tag: str, log) -> dict:
+def measure_checkpoint(
+    plan, method, backend, loaded, ckpt: Path, ppl, div: dict, *, tag: str, log
+) -> dict:
     """Identity, quality, size and task fields of the row (the cost fields and load/eval
     memory are the runner's; speed is measured for all rows together, quantlab.speedphase)."""
     sizes = checkpoint_tensor_bytes(ckpt, loaded.model)
     qmodules = read_sidecar(ckpt).get("modules", [])
     row = _identity(plan, method, backend, loaded, ckpt, qmodules)
     row.update(_quality(plan, ppl, div))
-    row.update(size_bytes=weight_bytes(ckpt), checkpoint_bytes=directory_bytes(ckpt),
-               quantized_tensor_bytes=checkpoint_quantized_bytes(sizes, qmodules),
-               bits_per_weight=checkpoint_bits_per_weight(loaded.model, sizes))
+    row.update(
+        size_bytes=weight_bytes(ckpt),
+        checkpoint_bytes=directory_bytes(ckpt),
+        quantized_tensor_bytes=checkpoint_quantized_bytes(sizes, qmodules),
+        bits_per_weight=checkpoint_bits_per_weight(loaded.model, sizes),
+    )
     row.update(_tasks(plan, loaded, tag, log))
     return row
 
@@ -58,7 +65,11 @@ def _bits(fields: dict, model, qmodules: list[str], dtype) -> float | int:
         return fields["bits"]
     mods = [model.get_submodule(n) for n in qmodules]
     total = sum(m.in_features * m.out_features for m in mods)
-    return round(sum(m.bits * m.in_features * m.out_features for m in mods) / total, 3) if total else None
+    return (
+        round(sum(m.bits * m.in_features * m.out_features for m in mods) / total, 3)
+        if total
+        else None
+    )
 
 
 def _identity(plan, method, backend, loaded, ckpt: Path, qmodules: list[str]) -> dict:
@@ -116,8 +127,15 @@ def _tasks(plan, loaded, tag: str, log) -> dict:
     from quantlab.bench.tasks import run_tasks
 
     log(f"{tag}: lm-eval tasks {', '.join(ev.tasks)}")
-    tasks = run_tasks(loaded.model, loaded.tokenizer, ev.tasks, ev.task_paths, limit=ev.task_limit,
-                      num_fewshot=ev.task_fewshot, batch_size=ev.batch_size)
+    tasks = run_tasks(
+        loaded.model,
+        loaded.tokenizer,
+        ev.tasks,
+        ev.task_paths,
+        limit=ev.task_limit,
+        num_fewshot=ev.task_fewshot,
+        batch_size=ev.batch_size,
+    )
     out: dict = {"tasks": tasks}
     for task, values in tasks.items():
         for metric, value in values.items():

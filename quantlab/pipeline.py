@@ -50,8 +50,13 @@ class RunResult:
 OnResults = Callable[[Path], None]
 
 
-def run_recipe(recipe: Recipe, out: str | Path | None = None, *, force: bool = False,
-               on_results: OnResults | None = None) -> RunResult:
+def run_recipe(
+    recipe: Recipe,
+    out: str | Path | None = None,
+    *,
+    force: bool = False,
+    on_results: OnResults | None = None,
+) -> RunResult:
     """Run every method of ``recipe`` into ``out`` (default: the recipe's output.dir) with the
     executor the recipe names (``executor.kind``); with several models, see :func:`run_models`."""
     if recipe.models:
@@ -66,8 +71,13 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, *, force: bool = F
     return RunResult(plan.run_dir.root, frame)
 
 
-def run_models(recipe: Recipe, out: str | Path | None = None, *, force: bool = False,
-               on_results: OnResults | None = None) -> RunResult:
+def run_models(
+    recipe: Recipe,
+    out: str | Path | None = None,
+    *,
+    force: bool = False,
+    on_results: OnResults | None = None,
+) -> RunResult:
     """A recipe with ``models``: one run per model in ``OUT/LABEL`` (each method compared with
     that model's own baseline) and the method x model table ``OUT/methods_x_models.csv``."""
     from quantlab.rundir import CONTAINER, prepare_run_dir
@@ -78,8 +88,10 @@ def run_models(recipe: Recipe, out: str | Path | None = None, *, force: bool = F
     for i, (label, sub) in enumerate(subs, 1):
         _log(f"model {i}/{len(subs)}: {sub.model.source} -> {root / label}")
         done.append(run_recipe(sub, root / label, force=force, on_results=on_results))
-    frame = pd.concat([r.results.assign(run=str(r.path), model_label=r.path.name) for r in done],
-                      ignore_index=True)
+    frame = pd.concat(
+        [r.results.assign(run=str(r.path), model_label=r.path.name) for r in done],
+        ignore_index=True,
+    )
     table = methods_by_models(frame)
     atomic_write_text(root / "methods_x_models.csv", table.to_csv())
     return RunResult(root, frame, runs=[r.path for r in done], table=table)
@@ -92,13 +104,21 @@ def methods_by_models(frame: pd.DataFrame) -> pd.DataFrame:
     for model, part in frame.groupby("model_label", sort=False):
         base = part.loc[part["backend"] == "none", "ppl"]
         ref = float(base.iloc[0]) if len(base) else None
-        cells[model] = {r["method"]: (f"{r['ppl']:.3f}" + (f" ({100 * (r['ppl'] / ref - 1):+.1f}%)" if ref else ""))
-                        if pd.notna(r["ppl"]) else f"error: {r.get('error')}" for _, r in part.iterrows()}
+        cells[model] = {
+            r["method"]: (
+                f"{r['ppl']:.3f}" + (f" ({100 * (r['ppl'] / ref - 1):+.1f}%)" if ref else "")
+            )
+            if pd.notna(r["ppl"])
+            else f"error: {r.get('error')}"
+            for _, r in part.iterrows()
+        }
     table = pd.DataFrame(cells).fillna("")
     # what the numbers are, in the table itself (its CSV too)
     label = lambda col: ", ".join(sorted(frame[col].dropna().astype(str).unique()))  # noqa: E731
-    table.index.name = (f"perplexity ({label('ppl_convention')} convention, {label('eval_source')}, "
-                        f"{label('eval_tokens')} scored tokens; Δ% vs each model's own baseline)")
+    table.index.name = (
+        f"perplexity ({label('ppl_convention')} convention, {label('eval_source')}, "
+        f"{label('eval_tokens')} scored tokens; Δ% vs each model's own baseline)"
+    )
     return table
 
 
@@ -124,7 +144,9 @@ class _Collector:
         return [self.by_label[label] for label in self.order if label in self.by_label]
 
 
-def _finish(plan: RunPlan, rows: list[dict], eval_text, on_results: OnResults | None) -> pd.DataFrame:
+def _finish(
+    plan: RunPlan, rows: list[dict], eval_text, on_results: OnResults | None
+) -> pd.DataFrame:
     """The speed phase, the llama.cpp and vLLM phases (when asked) and the final results files."""
     ok = [r for r in rows if not r.get("error")]
     speed_phase(plan, ok, _log)
@@ -170,7 +192,9 @@ def check_sources(recipe: Recipe, backends: dict | None = None) -> None:
 
         check_tasks(recipe.eval.tasks, recipe.eval.task_paths)
     need_cal = needs_calibration(recipe, backends)
-    texts = [(recipe.eval, "evaluation")] + ([(recipe.calibration, "calibration")] if need_cal else [])
+    texts = [(recipe.eval, "evaluation")] + (
+        [(recipe.calibration, "calibration")] if need_cal else []
+    )
     for spec, role in texts:
         if spec.source != "wikitext2":  # online: checked when the run loads it
             load_spec_text(spec, role)
@@ -196,7 +220,9 @@ def _check_architecture(recipe: Recipe, backends: dict) -> None:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
     except Exception as e:  # an architecture this transformers does not know: the run says so
-        _log(f"cannot build '{recipe.model.source}' from its config to check the methods ({type(e).__name__})")
+        _log(
+            f"cannot build '{recipe.model.source}' from its config to check the methods ({type(e).__name__})"
+        )
         return
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
@@ -215,9 +241,11 @@ def _check_gguf(recipe: Recipe, backends: dict) -> None:
             continue  # a GGUF checkpoint is exported as it is; a float model exports as float
         grid = b.grid()
         if grid is None:
-            raise QuantlabError(f"method '{m.label}': backend '{b.name}' cannot export GGUF (its "
-                                "layers are not on a grid GGUF blocks hold: rtn, gptq, awq and hqq's "
-                                "are; llama.cpp's own types: backend llamacpp)")
+            raise QuantlabError(
+                f"method '{m.label}': backend '{b.name}' cannot export GGUF (its "
+                "layers are not on a grid GGUF blocks hold: rtn, gptq, awq and hqq's "
+                "are; llama.cpp's own types: backend llamacpp)"
+            )
         check_gguf_grid(m.label, grid)
     if "llamacpp" in recipe.eval.engines:
         from quantlab.engines.llamacpp import find_llamacpp
@@ -255,9 +283,11 @@ def _check_gguf_metadata(source: str) -> None:
     if tools is not None and tools.converter is not None:
         return  # the run writes the file when a method first needs it
     if kind == "hub":
-        raise QuantlabError(f"GGUF export of '{source}' needs llama.cpp's converter "
-                            f"(convert_hf_to_gguf.py), which is not next to '{tools.bin_dir}'; "
-                            "rebuild with `bash scripts/llamacpp.sh`")
+        raise QuantlabError(
+            f"GGUF export of '{source}' needs llama.cpp's converter "
+            f"(convert_hf_to_gguf.py), which is not next to '{tools.bin_dir}'; "
+            "rebuild with `bash scripts/llamacpp.sh`"
+        )
     # no converter: fine only when the file is cached; else template_for says what is missing
     template_for({"content_sha256": content_digest(Path(where))}, Path(where), tools)
 
@@ -289,8 +319,14 @@ def _measure_with_llamacpp(plan: RunPlan, rows: list[dict], eval_text) -> None:
     recipe, out_dir = plan.recipe, plan.run_dir.root
     spec = recipe.eval.llamacpp
     threads = spec.threads or recipe.threads or os.cpu_count() or 1
-    convention = (plan.eval_plan.convention, plan.eval_plan.params.get("seq_len"), recipe.eval.max_windows)
-    llamacpp_phase(out_dir, rows, eval_text.joined(), spec, threads, convention=convention, log=_log)
+    convention = (
+        plan.eval_plan.convention,
+        plan.eval_plan.params.get("seq_len"),
+        recipe.eval.max_windows,
+    )
+    llamacpp_phase(
+        out_dir, rows, eval_text.joined(), spec, threads, convention=convention, log=_log
+    )
     for r in rows:
         write_record(plan.run_dir.metrics(r["method"]), r)
 

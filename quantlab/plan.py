@@ -84,15 +84,22 @@ class RunPlan:
         uses_cal = backend.needs_calibration or sens is not None
         cal = None
         if uses_cal:
-            cal = dict(self.keys["calibration"],
-                       calibration_sha256=self.calibration.sha256 if backend.needs_calibration else None)
+            cal = dict(
+                self.keys["calibration"],
+                calibration_sha256=self.calibration.sha256 if backend.needs_calibration else None,
+            )
         layout = backend.layout()
         spec = method.model_dump(mode="json", exclude={"resources"})  # where it runs: see threads
-        what = {"calibration": cal, "backend_version": backend.Config.version,
-                "layout": None if layout is None else [layout.name, layout.version],
-                "threads": self.threads_for(method),
-                "method": dict(spec, options=backend.config.model_dump(mode="json"))}
-        return stage_key({"shared": self.keys["shared"], **what}), stage_key({"export": self.keys["export"], **what})
+        what = {
+            "calibration": cal,
+            "backend_version": backend.Config.version,
+            "layout": None if layout is None else [layout.name, layout.version],
+            "threads": self.threads_for(method),
+            "method": dict(spec, options=backend.config.model_dump(mode="json")),
+        }
+        return stage_key({"shared": self.keys["shared"], **what}), stage_key(
+            {"export": self.keys["export"], **what}
+        )
 
     def threads_for(self, method) -> int | None:
         """torch threads the method runs with: the recipe's ``threads``, else on Ray its task's
@@ -107,13 +114,20 @@ class RunPlan:
         """A fresh float model from the recipe's source, checked to be the one the plan was
         made from (a worker on another machine may see another file under the same path)."""
         m = self.recipe.model
-        base = load_model(m.source, dtype=self.torch_dtype, device=self.torch_device, revision=m.revision,
-                          trust_remote_code=m.trust_remote_code)
+        base = load_model(
+            m.source,
+            dtype=self.torch_dtype,
+            device=self.torch_device,
+            revision=m.revision,
+            trust_remote_code=m.trust_remote_code,
+        )
         want = self.source_info.get("content_sha256") or self.source_info.get("commit")
         got = base.info.get("content_sha256") or base.info.get("commit")
         if want != got:
-            raise QuantlabError(f"model '{m.source}' here is not the model the run was planned with (content "
-                                f"{str(got)[:12]} vs {str(want)[:12]}); every machine of a run must see the same model")
+            raise QuantlabError(
+                f"model '{m.source}' here is not the model the run was planned with (content "
+                f"{str(got)[:12]} vs {str(want)[:12]}); every machine of a run must see the same model"
+            )
         return base
 
     # ------------------------------------------------------------------ storage
@@ -121,7 +135,9 @@ class RunPlan:
         tensors, doc = _plan_tensors(self), _plan_doc(self)
         from safetensors.torch import save
 
-        atomic_write_bytes(self.run_dir.plan_tensors, save(tensors, metadata={"format": str(PLAN_FORMAT)}))
+        atomic_write_bytes(
+            self.run_dir.plan_tensors, save(tensors, metadata={"format": str(PLAN_FORMAT)})
+        )
         doc["tensors_sha256"] = _sha(self.run_dir.plan_tensors.read_bytes())
         atomic_write_text(self.run_dir.plan_json, json.dumps(doc, indent=1, default=str))
 
@@ -133,13 +149,23 @@ class RunPlan:
             doc = json.loads(rd.plan_json.read_text(encoding="utf-8"))
             raw = rd.plan_tensors.read_bytes()
         except OSError as e:
-            raise QuantlabError(f"cannot read the run plan in '{run_dir}' ({e.strerror or e}); on a cluster the run "
-                                "directory must be on storage every node mounts at the same path") from None
-        if doc.get("format") != PLAN_FORMAT or doc.get("quantlab") != __version__ or doc.get("code") != code_digest():
-            raise QuantlabError(f"the run plan in '{run_dir}' was written by another quantlab (version or code "
-                                "differs); every machine of a run needs the same quantlab")
+            raise QuantlabError(
+                f"cannot read the run plan in '{run_dir}' ({e.strerror or e}); on a cluster the run "
+                "directory must be on storage every node mounts at the same path"
+            ) from None
+        if (
+            doc.get("format") != PLAN_FORMAT
+            or doc.get("quantlab") != __version__
+            or doc.get("code") != code_digest()
+        ):
+            raise QuantlabError(
+                f"the run plan in '{run_dir}' was written by another quantlab (version or code "
+                "differs); every machine of a run needs the same quantlab"
+            )
         if doc.get("tensors_sha256") != _sha(raw):
-            raise QuantlabError(f"the run plan's tensors in '{run_dir}' do not match plan.json; run again")
+            raise QuantlabError(
+                f"the run plan's tensors in '{run_dir}' do not match plan.json; run again"
+            )
         from safetensors.torch import load
 
         return _plan_from(doc, load(raw), rd)
@@ -154,7 +180,10 @@ def _sha(data: bytes) -> str:
 def _plan_tensors(p: RunPlan) -> dict[str, torch.Tensor]:
     t: dict[str, torch.Tensor] = {}
     for i, s in enumerate(p.eval_plan.segments):
-        t[f"eval.{i}.input_ids"], t[f"eval.{i}.targets"] = s.input_ids.contiguous(), s.targets.contiguous()
+        t[f"eval.{i}.input_ids"], t[f"eval.{i}.targets"] = (
+            s.input_ids.contiguous(),
+            s.targets.contiguous(),
+        )
     if p.prompt is not None:
         t["prompt"] = p.prompt.contiguous()
     if p.calibration is not None:
@@ -169,36 +198,77 @@ def _plan_doc(p: RunPlan) -> dict[str, Any]:
     cal = None
     if p.calibration is not None:
         c = p.calibration
-        cal = {"source": c.source, "sha256": c.sha256, "text_tokens": c.text_tokens, "seed": c.seed,
-               "starts": c.starts}
-    return {"format": PLAN_FORMAT, "quantlab": __version__, "code": code_digest(),
-            "recipe": recipe_to_dict(p.recipe), "force": p.force, "device": p.device, "dtype": p.dtype,
-            "keys": p.keys, "source_info": p.source_info, "env": p.env,
-            "eval_text": vars(p.eval_text), "eval_labels": p.eval_labels,
-            "eval_plan": {"convention": ep.convention, "params": ep.params, "text_tokens": ep.text_tokens,
-                          "docs": ep.docs, "segment_docs": [s.doc for s in ep.segments]},
-            "reference_key": p.reference_key, "calibration": cal,
-            "cal_text": vars(p.cal_text) if p.cal_text else None,
-            "base_load_s": p.base_load_s, "session": p.session}
+        cal = {
+            "source": c.source,
+            "sha256": c.sha256,
+            "text_tokens": c.text_tokens,
+            "seed": c.seed,
+            "starts": c.starts,
+        }
+    return {
+        "format": PLAN_FORMAT,
+        "quantlab": __version__,
+        "code": code_digest(),
+        "recipe": recipe_to_dict(p.recipe),
+        "force": p.force,
+        "device": p.device,
+        "dtype": p.dtype,
+        "keys": p.keys,
+        "source_info": p.source_info,
+        "env": p.env,
+        "eval_text": vars(p.eval_text),
+        "eval_labels": p.eval_labels,
+        "eval_plan": {
+            "convention": ep.convention,
+            "params": ep.params,
+            "text_tokens": ep.text_tokens,
+            "docs": ep.docs,
+            "segment_docs": [s.doc for s in ep.segments],
+        },
+        "reference_key": p.reference_key,
+        "calibration": cal,
+        "cal_text": vars(p.cal_text) if p.cal_text else None,
+        "base_load_s": p.base_load_s,
+        "session": p.session,
+    }
 
 
 def _plan_from(doc: dict, t: dict[str, torch.Tensor], rd: RunDir) -> RunPlan:
     from quantlab.recipe import parse_recipe
 
     ep = doc["eval_plan"]
-    segments = [Segment(t[f"eval.{i}.input_ids"], t[f"eval.{i}.targets"], d) for i, d in enumerate(ep["segment_docs"])]
+    segments = [
+        Segment(t[f"eval.{i}.input_ids"], t[f"eval.{i}.targets"], d)
+        for i, d in enumerate(ep["segment_docs"])
+    ]
     cal = None
     if doc["calibration"] is not None:
         c = doc["calibration"]
-        cal = Calibration(t["calibration"], c["source"], c["sha256"], c["text_tokens"], c["seed"], c["starts"])
+        cal = Calibration(
+            t["calibration"], c["source"], c["sha256"], c["text_tokens"], c["seed"], c["starts"]
+        )
     return RunPlan(
-        recipe=parse_recipe(doc["recipe"], origin=str(rd.plan_json)), run_dir=rd, force=doc["force"],
-        device=doc["device"], dtype=doc["dtype"], keys=doc["keys"], source_info=doc["source_info"], env=doc["env"],
-        eval_text=TextRef(**doc["eval_text"]), eval_labels=doc["eval_labels"],
-        eval_plan=WindowPlan(ep["convention"], segments, ep["params"], ep["text_tokens"], ep["docs"]),
-        reference_key=doc["reference_key"], prompt=t.get("prompt"), calibration=cal, cal_ids=t.get("cal_ids"),
-        cal_text=TextRef(**doc["cal_text"]) if doc["cal_text"] else None, base_load_s=doc["base_load_s"],
-        session=doc["session"])
+        recipe=parse_recipe(doc["recipe"], origin=str(rd.plan_json)),
+        run_dir=rd,
+        force=doc["force"],
+        device=doc["device"],
+        dtype=doc["dtype"],
+        keys=doc["keys"],
+        source_info=doc["source_info"],
+        env=doc["env"],
+        eval_text=TextRef(**doc["eval_text"]),
+        eval_labels=doc["eval_labels"],
+        eval_plan=WindowPlan(
+            ep["convention"], segments, ep["params"], ep["text_tokens"], ep["docs"]
+        ),
+        reference_key=doc["reference_key"],
+        prompt=t.get("prompt"),
+        calibration=cal,
+        cal_ids=t.get("cal_ids"),
+        cal_text=TextRef(**doc["cal_text"]) if doc["cal_text"] else None,
+        base_load_s=doc["base_load_s"],
+        session=doc["session"],
+    )
 
 
 # --------------------------------------------------------------------------- preparing a run
@@ -218,7 +288,9 @@ class Setup:
 
 
 def needs_calibration(recipe: Recipe, backends: dict) -> bool:
-    return any(b.needs_calibration for b in backends.values()) or any(m.sensitivity_spec() for m in recipe.methods)
+    return any(b.needs_calibration for b in backends.values()) or any(
+        m.sensitivity_spec() for m in recipe.methods
+    )
 
 
 def setup(recipe: Recipe, out: str | Path | None, force: bool, check) -> Setup:
@@ -242,7 +314,9 @@ def setup(recipe: Recipe, out: str | Path | None, force: bool, check) -> Setup:
     root = prepare_run_dir(Path(out) if out else recipe.output_dir(), kind="run")
     rd = RunDir(root)
     _refuse_foreign_run(rd, recipe, force)
-    for label in backends:  # a method directory of the wrong kind or a link: refused before any work
+    for (
+        label
+    ) in backends:  # a method directory of the wrong kind or a link: refused before any work
         rd.method(label, create=False)
     return Setup(recipe, backends, device, dtype, eval_text, cal_text, rd)
 
@@ -261,7 +335,8 @@ def _refuse_foreign_run(rd: RunDir, recipe: Recipe, force: bool) -> None:
     if name != recipe.name:
         raise QuantlabError(
             f"'{rd.root}' holds the results of recipe '{name}', not '{recipe.name}'; choose another "
-            "--out, or pass --force to replace them")
+            "--out, or pass --force to replace them"
+        )
 
 
 def prepare(s: Setup, force: bool, log) -> tuple[RunPlan, LoadedModel]:
@@ -269,28 +344,48 @@ def prepare(s: Setup, force: bool, log) -> tuple[RunPlan, LoadedModel]:
     share; the plan is written to the run directory. Returns the plan and the base model
     (the local executor quantizes it first instead of loading it again)."""
     recipe = s.recipe
-    log(f"loading model '{recipe.model.source}' ({str(s.dtype).removeprefix('torch.')} on {s.device})")
+    log(
+        f"loading model '{recipe.model.source}' ({str(s.dtype).removeprefix('torch.')} on {s.device})"
+    )
     if recipe.model.trust_remote_code:
-        log("trust_remote_code is ON (recipe model.trust_remote_code): code from the model "
-            "repository may run in this process; the report says so")
+        log(
+            "trust_remote_code is ON (recipe model.trust_remote_code): code from the model "
+            "repository may run in this process; the report says so"
+        )
     t0 = time.perf_counter()
-    base = load_model(recipe.model.source, dtype=s.dtype, device=s.device, revision=recipe.model.revision,
-                      trust_remote_code=recipe.model.trust_remote_code)
+    base = load_model(
+        recipe.model.source,
+        dtype=s.dtype,
+        device=s.device,
+        revision=recipe.model.revision,
+        trust_remote_code=recipe.model.trust_remote_code,
+    )
     base_load_s = time.perf_counter() - t0
     _check_float(recipe, base)
     check_lengths(recipe, s.backends, model_context(base.model))
     ev = recipe.eval
     eval_plan = build_plan(ev, s.eval_text, base.tokenizer, base.model)
     check_methods(s.backends, base.model)
-    plan = RunPlan(recipe=recipe, run_dir=s.run_dir, force=force, device=str(s.device),
-                   dtype=str(s.dtype).removeprefix("torch."), keys={},
-                   source_info=dict(base.info, dtype=str(s.dtype).removeprefix("torch.")), env={},
-                   eval_text=TextRef(s.eval_text.name, s.eval_text.sha256),
-                   eval_labels=labels(eval_plan, s.eval_text, base.tokenizer, base.model), eval_plan=eval_plan,
-                   reference_key=None, prompt=None, calibration=None, cal_ids=None,
-                   cal_text=TextRef(s.cal_text.name, s.cal_text.sha256) if s.cal_text else None,
-                   base_load_s=base_load_s,
-                   session=_dt.datetime.now().astimezone().isoformat(timespec="seconds"))
+    plan = RunPlan(
+        recipe=recipe,
+        run_dir=s.run_dir,
+        force=force,
+        device=str(s.device),
+        dtype=str(s.dtype).removeprefix("torch."),
+        keys={},
+        source_info=dict(base.info, dtype=str(s.dtype).removeprefix("torch.")),
+        env={},
+        eval_text=TextRef(s.eval_text.name, s.eval_text.sha256),
+        eval_labels=labels(eval_plan, s.eval_text, base.tokenizer, base.model),
+        eval_plan=eval_plan,
+        reference_key=None,
+        prompt=None,
+        calibration=None,
+        cal_ids=None,
+        cal_text=TextRef(s.cal_text.name, s.cal_text.sha256) if s.cal_text else None,
+        base_load_s=base_load_s,
+        session=_dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+    )
     _inputs(plan, s, base)
     _environment_and_keys(plan, s, base)
     _reference(plan, base, log)
@@ -301,10 +396,14 @@ def prepare(s: Setup, force: bool, log) -> tuple[RunPlan, LoadedModel]:
 def _check_float(recipe: Recipe, base: LoadedModel) -> None:
     qc = getattr(base.model.config, "quantization_config", None)
     if qc:
-        method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", "?")
-        raise QuantlabError(f"model '{recipe.model.source}' is already quantized (quant_method "
-                            f"'{method}'); quantlab quantizes float models: give the unquantized one "
-                            "(score this one with `quantlab eval`)")
+        method = (
+            qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", "?")
+        )
+        raise QuantlabError(
+            f"model '{recipe.model.source}' is already quantized (quant_method "
+            f"'{method}'); quantlab quantizes float models: give the unquantized one "
+            "(score this one with `quantlab eval`)"
+        )
 
 
 def check_methods(backends: dict, model) -> None:
@@ -323,16 +422,22 @@ def check_lengths(recipe: Recipe, backends: dict, max_pos: int | None) -> None:
         return
     cal, speed = recipe.calibration, recipe.eval.speed
     if any(b.needs_calibration for b in backends.values()) and cal.seq_len > max_pos:
-        raise QuantlabError(f"calibration.seq_len={cal.seq_len} is longer than the model's context ({max_pos} tokens)")
+        raise QuantlabError(
+            f"calibration.seq_len={cal.seq_len} is longer than the model's context ({max_pos} tokens)"
+        )
     for i, m in enumerate(recipe.methods):
         spec = m.sensitivity_spec()
         if spec is not None and spec.seq_len > max_pos:
-            raise QuantlabError(f"methods[{i}].sensitivity.seq_len={spec.seq_len} ({m.label}) is longer than the "
-                                f"model's context ({max_pos} tokens)")
+            raise QuantlabError(
+                f"methods[{i}].sensitivity.seq_len={spec.seq_len} ({m.label}) is longer than the "
+                f"model's context ({max_pos} tokens)"
+            )
     if speed.enabled and speed.prompt_tokens + speed.new_tokens > max_pos:
-        raise QuantlabError(f"eval.speed.prompt_tokens + eval.speed.new_tokens = {speed.prompt_tokens} + "
-                            f"{speed.new_tokens} tokens decode past the model's context ({max_pos} tokens); "
-                            "lower them")
+        raise QuantlabError(
+            f"eval.speed.prompt_tokens + eval.speed.new_tokens = {speed.prompt_tokens} + "
+            f"{speed.new_tokens} tokens decode past the model's context ({max_pos} tokens); "
+            "lower them"
+        )
 
 
 def _inputs(plan: RunPlan, s: Setup, base: LoadedModel) -> None:
@@ -343,7 +448,9 @@ def _inputs(plan: RunPlan, s: Setup, base: LoadedModel) -> None:
     if s.cal_text is not None:
         plan.cal_ids = tokenize(s.cal_text, base.tokenizer)
         if any(b.needs_calibration for b in s.backends.values()):
-            plan.calibration = sample_calibration(plan.cal_ids, s.cal_text, cal.samples, cal.seq_len, cal.seed)
+            plan.calibration = sample_calibration(
+                plan.cal_ids, s.cal_text, cal.samples, cal.seq_len, cal.seed
+            )
 
 
 def _environment_and_keys(plan: RunPlan, s: Setup, base: LoadedModel) -> None:
@@ -356,19 +463,35 @@ def _environment_and_keys(plan: RunPlan, s: Setup, base: LoadedModel) -> None:
     resolved = recipe_to_dict(s.recipe)
     # what determines every method's results; the calibration set joins the keys of only
     # the methods that use it, so adding a GPTQ method does not invalidate finished RTN rows
-    shared = {k: v for k, v in resolved.items()
-              if k not in ("methods", "output", "name", "description", "calibration", "executor")}
+    shared = {
+        k: v
+        for k, v in resolved.items()
+        if k not in ("methods", "output", "name", "description", "calibration", "executor")
+    }
     # the code and library versions that compute results, the model by content, where it ran
-    shared.update(quantlab=__version__, code=code_digest(), versions=backend_versions(s.backends),
-                  runtime={"device": str(s.device), "dtype": str(s.dtype)}, eval_sha256=s.eval_text.sha256,
-                  model_info={k: v for k, v in base.info.items() if k != "path"},
-                  task_files={p: content_digest(Path(p)) for p in ev.task_paths if Path(p).is_dir()})
+    shared.update(
+        quantlab=__version__,
+        code=code_digest(),
+        versions=backend_versions(s.backends),
+        runtime={"device": str(s.device), "dtype": str(s.dtype)},
+        eval_sha256=s.eval_text.sha256,
+        model_info={k: v for k, v in base.info.items() if k != "path"},
+        task_files={p: content_digest(Path(p)) for p in ev.task_paths if Path(p).is_dir()},
+    )
     # what determines a checkpoint (not the evaluation settings: changing those re-scores the
     # checkpoints already exported instead of quantizing again)
-    export = {"model": resolved["model"], "model_info": shared["model_info"], "quantlab": __version__,
-              "code": shared["code"], "versions": shared["versions"], "runtime": shared["runtime"]}
-    calibration = {"calibration": resolved["calibration"],
-                   "calibration_text_sha256": s.cal_text.sha256 if s.cal_text else None}
+    export = {
+        "model": resolved["model"],
+        "model_info": shared["model_info"],
+        "quantlab": __version__,
+        "code": shared["code"],
+        "versions": shared["versions"],
+        "runtime": shared["runtime"],
+    }
+    calibration = {
+        "calibration": resolved["calibration"],
+        "calibration_text_sha256": s.cal_text.sha256 if s.cal_text else None,
+    }
     plan.keys = {"shared": shared, "export": export, "calibration": calibration}
 
 
@@ -379,9 +502,19 @@ def _reference(plan: RunPlan, base: LoadedModel, log) -> None:
         return
     part = plan.eval_plan.head(ev.divergence.max_windows)
     shared = plan.keys["shared"]
-    key = plan_key(part, plan.eval_text, {"model": shared["model_info"], "runtime": shared["runtime"],
-                                          "code": shared["code"], "versions": shared["versions"]})
-    log(f"base model distributions on {part.scored_tokens} tokens ({len(part.segments)} windows) for divergence")
+    key = plan_key(
+        part,
+        plan.eval_text,
+        {
+            "model": shared["model_info"],
+            "runtime": shared["runtime"],
+            "code": shared["code"],
+            "versions": shared["versions"],
+        },
+    )
+    log(
+        f"base model distributions on {part.scored_tokens} tokens ({len(part.segments)} windows) for divergence"
+    )
     compute_reference(base.model, part, plan.run_dir.reference(), ev.batch_size, key)
     plan.reference_key = key
     plan.keys["shared"]["reference_key"] = key
@@ -392,8 +525,9 @@ def backend_versions(backends: dict) -> dict:
     the backends use (their pip extras' packages, where installed)."""
     env = environment()["packages"]
     keep = ("torch", "transformers", "safetensors", "tokenizers", "accelerate", "numpy")
-    return {k: env.get(k) for k in keep} | {f"extra:{b.extra}": _extra_versions(b.extra)
-                                            for b in backends.values() if b.extra}
+    return {k: env.get(k) for k in keep} | {
+        f"extra:{b.extra}": _extra_versions(b.extra) for b in backends.values() if b.extra
+    }
 
 
 def _extra_versions(extra: str) -> dict:

@@ -64,25 +64,42 @@ def _tail(text: str, lines: int = 3) -> str:
     return "\n".join(text.strip().splitlines()[-lines:]) or "(no output)"
 
 
-def run_tool(cmd: Sequence[str | os.PathLike], *, what: str, timeout_s: float,
-             outputs: Sequence[Path] = (), cwd: Path | None = None,
-             env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
+def run_tool(
+    cmd: Sequence[str | os.PathLike],
+    *,
+    what: str,
+    timeout_s: float,
+    outputs: Sequence[Path] = (),
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    check: bool = True,
+) -> subprocess.CompletedProcess:
     """Run ``cmd`` under the module's rule and return its completed process (text output).
     ``what`` names the tool in errors ("llama-quantize of 'x.gguf' to Q4_0"); ``check``: a
     non-zero exit is a :class:`ToolError` (with the last lines of its output)."""
     limit = timeout_for(timeout_s)
     argv = [str(c) for c in cmd]
     try:
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                errors="replace", cwd=cwd, env=env, start_new_session=True)
+        proc = subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            errors="replace",
+            cwd=cwd,
+            env=env,
+            start_new_session=True,
+        )
     except OSError as e:
         raise ToolError(f"{what}: '{argv[0]}' cannot run ({e.strerror or e})") from None
     try:
         out, err = proc.communicate(timeout=limit)
     except subprocess.TimeoutExpired:
         _kill_group(proc)
-        raise ToolError(f"{what} did not finish within {limit:.0f} s and was stopped; if this machine "
-                        f"is just slow, raise the limit with {TIMEOUT_ENV}=SECONDS") from None
+        raise ToolError(
+            f"{what} did not finish within {limit:.0f} s and was stopped; if this machine "
+            f"is just slow, raise the limit with {TIMEOUT_ENV}=SECONDS"
+        ) from None
     except BaseException:
         _kill_group(proc)  # Ctrl-C or an error in this process: the tool goes with it
         raise
@@ -91,8 +108,10 @@ def run_tool(cmd: Sequence[str | os.PathLike], *, what: str, timeout_s: float,
         raise ToolError(f"{what} failed (exit {proc.returncode}): {_tail(err or out)}")
     missing = [str(p) for p in outputs if not Path(p).is_file()]
     if check and missing:
-        raise ToolError(f"{what} exited without an error but did not write {', '.join(missing)}; "
-                        f"its output ended: {_tail(err or out)}")
+        raise ToolError(
+            f"{what} exited without an error but did not write {', '.join(missing)}; "
+            f"its output ended: {_tail(err or out)}"
+        )
     return done
 
 

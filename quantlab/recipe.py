@@ -71,17 +71,26 @@ class ModelSpec(_Strict):
         description="Compute and export dtype of the unquantized tensors. 'auto': float32 on "
         "CPU, bfloat16 on CUDA when supported (else float16).",
     )
-    device: str = Field("auto", description="'auto' (CUDA if available, else CPU), 'cpu', "
-                        "'cuda', 'cuda:N' or 'mps'.")
-    trust_remote_code: bool = Field(False, description="Allow code from the model repository to run.")
+    device: str = Field(
+        "auto",
+        description="'auto' (CUDA if available, else CPU), 'cpu', 'cuda', 'cuda:N' or 'mps'.",
+    )
+    trust_remote_code: bool = Field(
+        False, description="Allow code from the model repository to run."
+    )
     streaming: Literal["auto", "on", "off"] = Field(
-        "auto", description="Quantize and export one decoder layer at a time, weights read lazily "
+        "auto",
+        description="Quantize and export one decoder layer at a time, weights read lazily "
         "from the safetensors shards (docs/streaming.md): 'auto' streams the methods that can "
         "(rtn, gptq, from a local model directory; the checkpoint is byte for byte the one "
         "quantizing the whole model writes), 'on' makes a method that cannot an error, 'off' "
-        "always quantizes the whole model in memory.")
-    label: str | None = Field(None, description="With several models (recipe key models): the model's "
-                              "sub-directory of the run; default: the source's last path component.")
+        "always quantizes the whole model in memory.",
+    )
+    label: str | None = Field(
+        None,
+        description="With several models (recipe key models): the model's "
+        "sub-directory of the run; default: the source's last path component.",
+    )
 
     @field_validator("streaming", mode="before")
     @classmethod
@@ -93,8 +102,10 @@ class ModelSpec(_Strict):
     @classmethod
     def _label(cls, v: str | None) -> str | None:
         if v is not None and (not _LABEL_RE.match(v) or len(v) > MAX_LABEL):
-            raise ValueError(f"model label {v!r} names a directory: letters, digits, '.', '_', '+' and '-', at "
-                             f"most {MAX_LABEL} characters")
+            raise ValueError(
+                f"model label {v!r} names a directory: letters, digits, '.', '_', '+' and '-', at "
+                f"most {MAX_LABEL} characters"
+            )
         return v
 
     def dir_label(self) -> str:
@@ -128,7 +139,9 @@ class TextSpec(_Strict):
     @model_validator(mode="after")
     def _text_field_for_jsonl(self) -> TextSpec:
         if self.text_field != "text" and not self.source.endswith(".jsonl"):
-            raise ValueError(f"text_field applies to .jsonl sources, not {self.source!r}; remove it")
+            raise ValueError(
+                f"text_field applies to .jsonl sources, not {self.source!r}; remove it"
+            )
         return self
 
 
@@ -145,20 +158,36 @@ class SpeedSpec(_Strict):
     decode with a KV cache (end-of-sequence ignored), at batch 1 and at ``batch_size``."""
 
     enabled: bool = True
-    prompt_tokens: int = Field(speed.PROMPT_TOKENS, ge=1, description="Prompt length (tokens of the evaluation text).")
+    prompt_tokens: int = Field(
+        speed.PROMPT_TOKENS, ge=1, description="Prompt length (tokens of the evaluation text)."
+    )
     new_tokens: int = Field(speed.NEW_TOKENS, ge=2, description="Tokens decoded per repeat.")
-    batch_size: int = Field(speed.BATCH_SIZE, ge=1, description="A second batch size measured besides batch 1 "
-                            "(the prompt repeated); 1 measures batch 1 only.")
+    batch_size: int = Field(
+        speed.BATCH_SIZE,
+        ge=1,
+        description="A second batch size measured besides batch 1 "
+        "(the prompt repeated); 1 measures batch 1 only.",
+    )
     warmup: int = Field(speed.WARMUP, ge=0, description="Untimed repeats first.")
-    repeats: int = Field(speed.REPEATS, ge=1, description="Timed repeats per measurement; medians, min and max "
-                         "are reported.")
-    rounds: int = Field(speed.ROUNDS, ge=1, le=50, description="Rounds of the speed phase: each measures every "
-                        "checkpoint once, alternating with the baseline (docs/results.md, \"Speed and the bandwidth bound\").")
+    repeats: int = Field(
+        speed.REPEATS,
+        ge=1,
+        description="Timed repeats per measurement; medians, min and max are reported.",
+    )
+    rounds: int = Field(
+        speed.ROUNDS,
+        ge=1,
+        le=50,
+        description="Rounds of the speed phase: each measures every "
+        'checkpoint once, alternating with the baseline (docs/results.md, "Speed and the bandwidth bound").',
+    )
     mode: Literal["eager", "compiled"] = Field(
-        "eager", description="'eager': a dynamic KV cache, every op dispatched from Python (what a plain "
+        "eager",
+        description="'eager': a dynamic KV cache, every op dispatched from Python (what a plain "
         "transformers generate() does); 'compiled': a static KV cache and the decode step compiled with "
         "torch.compile (CUDA graphs on GPU), as gpt-fast and vLLM run; compilation is timed apart "
-        "(compile_s, ~30 s per batch size per measurement on 2 CPU cores) and excluded from tokens/s.")
+        "(compile_s, ~30 s per batch size per measurement on 2 CPU cores) and excluded from tokens/s.",
+    )
 
 
 class DivergenceSpec(_Strict):
@@ -167,8 +196,12 @@ class DivergenceSpec(_Strict):
     once per run and stored in the run directory (2 bytes per vocabulary entry per token)."""
 
     enabled: bool = True
-    max_windows: int | None = Field(8, ge=1, description="Windows compared (None: all windows "
-                                    "of the evaluation; storage grows with vocabulary x tokens).")
+    max_windows: int | None = Field(
+        8,
+        ge=1,
+        description="Windows compared (None: all windows "
+        "of the evaluation; storage grows with vocabulary x tokens).",
+    )
 
 
 class LlamaCppBenchSpec(_Strict):
@@ -176,8 +209,12 @@ class LlamaCppBenchSpec(_Strict):
     GGUF and every row once, in that order, so each ratio comes from neighbouring
     measurements (machine load cannot fake it)."""
 
-    n_prompt: int = Field(512, ge=1, description="Prompt tokens of the prefill test (llama-bench -p).")
-    n_gen: int = Field(128, ge=1, description="Generated tokens of the decode test (llama-bench -n).")
+    n_prompt: int = Field(
+        512, ge=1, description="Prompt tokens of the prefill test (llama-bench -p)."
+    )
+    n_gen: int = Field(
+        128, ge=1, description="Generated tokens of the decode test (llama-bench -n)."
+    )
     rounds: int = Field(3, ge=1, le=50, description="Rounds (one repetition of every file each).")
 
 
@@ -187,12 +224,20 @@ class LlamaCppSpec(_Strict):
     divergence from the baseline and same-top-token rate, the F32 export's PPL (the engine
     cross-check), and llama-bench's prefill/decode tokens/s."""
 
-    ctx: int = Field(512, ge=8, description="llama-perplexity context (-c): BOS-led chunks, second half scored.")
-    chunks: int | None = Field(None, ge=1, description="Chunks scored (--chunks; None: all of the text).")
+    ctx: int = Field(
+        512, ge=8, description="llama-perplexity context (-c): BOS-led chunks, second half scored."
+    )
+    chunks: int | None = Field(
+        None, ge=1, description="Chunks scored (--chunks; None: all of the text)."
+    )
     float_type: Literal["F32", "F16", "Q8_0"] = Field(
-        "Q8_0", description="GGUF type of the 2-D tensors a method leaves in float (embeddings, a tied output "
-        "head), the same for every quantized row (llama.cpp's presets keep them in 8 bits or more).")
-    threads: int | None = Field(None, ge=1, description="Threads (-t; None: the recipe's threads, else the cores).")
+        "Q8_0",
+        description="GGUF type of the 2-D tensors a method leaves in float (embeddings, a tied output "
+        "head), the same for every quantized row (llama.cpp's presets keep them in 8 bits or more).",
+    )
+    threads: int | None = Field(
+        None, ge=1, description="Threads (-t; None: the recipe's threads, else the cores)."
+    )
     bench: LlamaCppBenchSpec = LlamaCppBenchSpec()
 
 
@@ -202,9 +247,13 @@ class VllmSpec(_Strict):
     windows, beside quantlab's (docs/vllm.md)."""
 
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Activation dtype vLLM scores in. auto: the run's dtype; bfloat16 for "
-        "quantized rows of a float32 run (vLLM's GPTQ/AWQ paths take no float32).")
-    threads: int | None = Field(None, ge=1, description="Threads of the vLLM worker (None: the cores).")
+        "auto",
+        description="Activation dtype vLLM scores in. auto: the run's dtype; bfloat16 for "
+        "quantized rows of a float32 run (vLLM's GPTQ/AWQ paths take no float32).",
+    )
+    threads: int | None = Field(
+        None, ge=1, description="Threads of the vLLM worker (None: the cores)."
+    )
 
 
 class EvalSpec(ScoringSpec, TextSpec):
@@ -215,24 +264,35 @@ class EvalSpec(ScoringSpec, TextSpec):
     divergence: DivergenceSpec = DivergenceSpec()
     speed: SpeedSpec = SpeedSpec()
     engines: list[Literal["torch", "llamacpp", "vllm"]] = Field(
-        default_factory=lambda: ["torch"], description="Engines that measure: 'torch' (every row, from the "
+        default_factory=lambda: ["torch"],
+        description="Engines that measure: 'torch' (every row, from the "
         "checkpoint reloaded by quantlab), 'llamacpp' (rows that export GGUF, see eval.llamacpp) and "
-        "'vllm' (every checkpoint directory vLLM loads, see eval.vllm and docs/vllm.md).")
+        "'vllm' (every checkpoint directory vLLM loads, see eval.vllm and docs/vllm.md).",
+    )
     llamacpp: LlamaCppSpec = LlamaCppSpec()
     vllm: VllmSpec = VllmSpec()
-    tasks: list[str] = Field(default_factory=list, description="lm-eval tasks run on each "
-                             "checkpoint (needs the [eval] extra; offline: local task YAMLs).")
-    task_paths: list[str] = Field(default_factory=list, description="Directories of lm-eval task "
-                                  "YAML files (e.g. tasks defined on local data).")
+    tasks: list[str] = Field(
+        default_factory=list,
+        description="lm-eval tasks run on each "
+        "checkpoint (needs the [eval] extra; offline: local task YAMLs).",
+    )
+    task_paths: list[str] = Field(
+        default_factory=list,
+        description="Directories of lm-eval task YAML files (e.g. tasks defined on local data).",
+    )
     task_limit: int | None = Field(None, ge=1, description="Examples per task (None: all).")
-    task_fewshot: int | None = Field(None, ge=0, description="Few-shot examples (None: the task's default).")
+    task_fewshot: int | None = Field(
+        None, ge=0, description="Few-shot examples (None: the task's default)."
+    )
 
     @model_validator(mode="after")
     def _task_keys(self) -> EvalSpec:
         unused = [k for k in ("task_limit", "task_fewshot") if getattr(self, k) is not None]
         if not self.tasks and (unused or self.task_paths):
             key = (unused or ["task_paths"])[0]
-            raise ValueError(f"{key} applies to eval.tasks, which is empty; add tasks or remove {key}")
+            raise ValueError(
+                f"{key} applies to eval.tasks, which is empty; add tasks or remove {key}"
+            )
         return self
 
 
@@ -243,51 +303,82 @@ class SensitivitySpec(_Strict):
     fewest candidates that keep the KL within ``kl_budget`` stay in float; with an explicit
     skip list the pass only measures (for the report)."""
 
-    kl_budget: float = Field(0.02, gt=0, description="skip: auto: the largest mean KL(float || "
-                             "quantized) per token, in nats, on the sensitivity windows.")
+    kl_budget: float = Field(
+        0.02,
+        gt=0,
+        description="skip: auto: the largest mean KL(float || "
+        "quantized) per token, in nats, on the sensitivity windows.",
+    )
     granularity: Literal["layer", "type"] = Field(
-        "layer", description="Candidates: every linear layer, or every layer type "
-        "(e.g. all mlp.down_proj together; far fewer probes for calibration-heavy backends).")
+        "layer",
+        description="Candidates: every linear layer, or every layer type "
+        "(e.g. all mlp.down_proj together; far fewer probes for calibration-heavy backends).",
+    )
     windows: int = Field(4, ge=1, le=64, description="Calibration windows the KL is measured on.")
     seq_len: int = Field(256, ge=8, le=8192, description="Tokens per sensitivity window.")
-    seed: int = Field(1, description="Seed of the window sampler (a different draw from the "
-                      "calibration windows by default).")
+    seed: int = Field(
+        1,
+        description="Seed of the window sampler (a different draw from the "
+        "calibration windows by default).",
+    )
 
 
 class ResourcesSpec(_Strict):
     """What one method's task asks a Ray cluster for (executor: ray; the local executor runs
     methods one after another in its own process and ignores it)."""
 
-    cpus: float = Field(1, gt=0, le=1024, description="CPU cores; the task's torch threads (unless the recipe "
-                        "sets threads).")
-    gpus: float | None = Field(None, ge=0, le=64, description="GPUs (fractions share one); default: 1 when the "
-                               "recipe's device is CUDA, else 0.")
+    cpus: float = Field(
+        1,
+        gt=0,
+        le=1024,
+        description="CPU cores; the task's torch threads (unless the recipe sets threads).",
+    )
+    gpus: float | None = Field(
+        None,
+        ge=0,
+        le=64,
+        description="GPUs (fractions share one); default: 1 when the "
+        "recipe's device is CUDA, else 0.",
+    )
 
 
 class ExecutorSpec(_Strict):
     """Where the methods run (docs/runs.md, "Runs as jobs")."""
 
-    kind: Literal["local", "ray"] = Field("local", description="'local': one after another in this process; "
-                                          "'ray': each method a Ray task (the [ray] extra).")
-    address: str | None = Field(None, description="Ray: the cluster to join ('auto', 'ray://host:10001', "
-                                "'host:6379'); default: a local cluster of this machine's cores.")
-    max_retries: int = Field(2, ge=0, le=100, description="Ray: times a task whose worker died is run again.")
+    kind: Literal["local", "ray"] = Field(
+        "local",
+        description="'local': one after another in this process; "
+        "'ray': each method a Ray task (the [ray] extra).",
+    )
+    address: str | None = Field(
+        None,
+        description="Ray: the cluster to join ('auto', 'ray://host:10001', "
+        "'host:6379'); default: a local cluster of this machine's cores.",
+    )
+    max_retries: int = Field(
+        2, ge=0, le=100, description="Ray: times a task whose worker died is run again."
+    )
 
 
 class MethodSpec(_Strict):
     """One quantization method: a backend and its options."""
 
-    label: str = Field(description="Unique name of the method in this run (a directory name). Default: the "
-                       "backend and its bits/group_size/type (gptq-w4-g128); an --set override of an option "
-                       "renames the row (docs/runs.md, \"Sweeps\").")
+    label: str = Field(
+        description="Unique name of the method in this run (a directory name). Default: the "
+        "backend and its bits/group_size/type (gptq-w4-g128); an --set override of an option "
+        'renames the row (docs/runs.md, "Sweeps").'
+    )
     backend: str = Field(description="Backend name; see `quantlab backends`.")
     options: dict[str, Any] = Field(default_factory=dict, description="Backend options.")
     sensitivity: SensitivitySpec | None = Field(
-        None, description="Run the sensitivity pass (implied by options.skip: auto).")
+        None, description="Run the sensitivity pass (implied by options.skip: auto)."
+    )
     resources: ResourcesSpec = ResourcesSpec()
     export: list[Literal["native", "gguf"]] = Field(
-        default_factory=lambda: ["native"], description="Formats written: 'native' (the method's ecosystem "
-        "checkpoint, always) and 'gguf' (llama.cpp blocks holding the same codes and scales; see docs/llamacpp.md).")
+        default_factory=lambda: ["native"],
+        description="Formats written: 'native' (the method's ecosystem "
+        "checkpoint, always) and 'gguf' (llama.cpp blocks holding the same codes and scales; see docs/llamacpp.md).",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -306,7 +397,9 @@ class MethodSpec(_Strict):
     @classmethod
     def _export(cls, v: list[str]) -> list[str]:
         if "native" not in v:
-            raise ValueError("export must include 'native' (the checkpoint every row is scored from)")
+            raise ValueError(
+                "export must include 'native' (the checkpoint every row is scored from)"
+            )
         return list(dict.fromkeys(v))
 
     def auto_skip(self) -> bool:
@@ -322,16 +415,20 @@ class MethodSpec(_Strict):
     @classmethod
     def _label(cls, v: str) -> str:
         if len(v) > MAX_LABEL:
-            raise ValueError(f"label '{v[:40]}…' is {len(v)} characters long; labels name directories: "
-                             f"at most {MAX_LABEL}")
+            raise ValueError(
+                f"label '{v[:40]}…' is {len(v)} characters long; labels name directories: "
+                f"at most {MAX_LABEL}"
+            )
         if not _LABEL_RE.match(v):
             raise ValueError(
                 f"label {v!r} must start with a letter or digit and use only letters, digits, "
                 "'.', '_', '+' and '-'"
             )
         if v.lower() in RESERVED_LABELS:
-            raise ValueError(f"label {v!r} is the name of a file or directory quantlab writes into the run "
-                             f"directory; choose another (reserved: {', '.join(sorted(RESERVED_LABELS))})")
+            raise ValueError(
+                f"label {v!r} is the name of a file or directory quantlab writes into the run "
+                f"directory; choose another (reserved: {', '.join(sorted(RESERVED_LABELS))})"
+            )
         return v
 
     def config(self):
@@ -357,7 +454,11 @@ def _label_part(key: str, value: Any) -> str:
     if key in _LABEL_PARTS:
         return _LABEL_PARTS[key].format(value)[: MAX_LABEL + 1]
     text = (str(value).lower() if isinstance(value, bool) else str(value))[: MAX_LABEL + 1]
-    return re.sub(r"[^A-Za-z0-9.+]", "", key.replace("_", "")) + "-" + re.sub(r"[^A-Za-z0-9._+-]", "_", text)
+    return (
+        re.sub(r"[^A-Za-z0-9.+]", "", key.replace("_", ""))
+        + "-"
+        + re.sub(r"[^A-Za-z0-9._+-]", "_", text)
+    )
 
 
 def default_label(method: dict) -> str:
@@ -367,7 +468,11 @@ def default_label(method: dict) -> str:
     parts = [str(method.get("backend", "method"))]
     if options.get("bits") == "auto":  # an allocation is named after its budget
         parts.append(f"auto{options.get('bits_budget', '')}")
-    parts += [_label_part(k, options[k]) for k in ("bits", "group_size") if k in options and options[k] != "auto"]
+    parts += [
+        _label_part(k, options[k])
+        for k in ("bits", "group_size")
+        if k in options and options[k] != "auto"
+    ]
     if "type" in options:
         parts.append(str(options["type"]).lower())
     return "-".join(re.sub(r"[^A-Za-z0-9._+-]", "_", p) for p in parts)
@@ -381,7 +486,11 @@ def relabel(label: str, key: str, old: Any, new: Any) -> str:
         return label
     if key == "backend":
         old_s = str(old)
-        rest = label[len(old_s):] if old is not None and (label == old_s or label.startswith(old_s + "-")) else f"-{label}"
+        rest = (
+            label[len(old_s) :]
+            if old is not None and (label == old_s or label.startswith(old_s + "-"))
+            else f"-{label}"
+        )
         return f"{new}{rest}"
     tokens = label.split("-")
     if old is not None and key in _LABEL_PARTS and _label_part(key, old) in tokens:
@@ -399,17 +508,28 @@ def sweep_size(method: Any, where: str) -> int:
     if not isinstance(method, dict) or method.get("sweep") is None:
         return 1
     sweep, options = method["sweep"], method.get("options") or {}
-    if not isinstance(sweep, dict) or not sweep or not all(isinstance(v, list) and v for v in sweep.values()):
-        raise RecipeError(f"{where}.sweep must map option names to non-empty lists of values, e.g. "
-                          "sweep: {bits: [3, 4], group_size: [32, 64]}")
+    if (
+        not isinstance(sweep, dict)
+        or not sweep
+        or not all(isinstance(v, list) and v for v in sweep.values())
+    ):
+        raise RecipeError(
+            f"{where}.sweep must map option names to non-empty lists of values, e.g. "
+            "sweep: {bits: [3, 4], group_size: [32, 64]}"
+        )
     both = sorted(set(sweep) & set(options)) if isinstance(options, dict) else []
     if both:
-        raise RecipeError(f"{where}: {', '.join(both)} is both in options and in sweep; keep it in one")
+        raise RecipeError(
+            f"{where}: {', '.join(both)} is both in options and in sweep; keep it in one"
+        )
     size = math.prod(len(v) for v in sweep.values())
     if size > MAX_SWEEP:
         lengths = [len(v) for v in sweep.values()]
-        lists = (f"its lists hold {' x '.join(map(str, lengths))} values" if len(lengths) <= 8
-                 else f"its {len(lengths)} lists hold up to {max(lengths)} values each")
+        lists = (
+            f"its lists hold {' x '.join(map(str, lengths))} values"
+            if len(lengths) <= 8
+            else f"its {len(lengths)} lists hold up to {max(lengths)} values each"
+        )
         raise RecipeError(f"{where}.sweep expands to {size} methods; at most {MAX_SWEEP} ({lists})")
     return size
 
@@ -448,14 +568,19 @@ def _check_size(data: dict) -> None:
         what = f"{n_methods} methods" + (" (after sweeps)" if n_methods > len(methods) else "")
         if models:
             what += f" x {len(models)} models"
-        raise RecipeError(f"the recipe asks for {what}; a recipe runs at most {MAX_METHODS} "
-                          "(methods x models): split it into several recipes")
+        raise RecipeError(
+            f"the recipe asks for {what}; a recipe runs at most {MAX_METHODS} "
+            "(methods x models): split it into several recipes"
+        )
 
 
 class OutputSpec(_Strict):
     dir: str = Field("runs/{name}", description="Run directory; '{name}' is the recipe name.")
-    report: bool = Field(True, description="Write report.html (plots, table, details) and results.md into "
-                         "the run directory when the run ends; `quantlab report RUN_DIR` regenerates them.")
+    report: bool = Field(
+        True,
+        description="Write report.html (plots, table, details) and results.md into "
+        "the run directory when the run ends; `quantlab report RUN_DIR` regenerates them.",
+    )
 
 
 class Recipe(_Strict):
@@ -463,8 +588,11 @@ class Recipe(_Strict):
 
     name: str = Field(description="Run name (default: the recipe file's stem).")
     description: str = ""
-    quick: bool = Field(False, description="Made with `quantlab run --quick` (a preset of small "
-                        "settings): the report and summary mark the figures indicative.")
+    quick: bool = Field(
+        False,
+        description="Made with `quantlab run --quick` (a preset of small "
+        "settings): the report and summary mark the figures indicative.",
+    )
     model: ModelSpec = ModelSpec()
     calibration: CalibrationSpec = CalibrationSpec()
     baseline: bool = Field(
@@ -475,11 +603,16 @@ class Recipe(_Strict):
     methods: list[MethodSpec] = Field(min_length=1)
     eval: EvalSpec = EvalSpec()
     output: OutputSpec = OutputSpec()
-    threads: int | None = Field(None, ge=1, le=4096, description="torch threads (default: all cores).")
+    threads: int | None = Field(
+        None, ge=1, le=4096, description="torch threads (default: all cores)."
+    )
     executor: ExecutorSpec = ExecutorSpec()
-    models: list[ModelSpec] = Field(default_factory=list, description="Several models, each run with every "
-                                    "method and compared with its own baseline (instead of model); docs/runs.md, "
-                                    "\"Several models\".")
+    models: list[ModelSpec] = Field(
+        default_factory=list,
+        description="Several models, each run with every "
+        "method and compared with its own baseline (instead of model); docs/runs.md, "
+        '"Several models".',
+    )
 
     @field_validator("name")
     @classmethod
@@ -498,10 +631,17 @@ class Recipe(_Strict):
             return data
         _check_size(data)
         if isinstance(data.get("methods"), list):
-            named = [dict(m, label=default_label(m)) if isinstance(m, dict) and m.get("label") is None else m
-                     for m in data["methods"]]
-            expanded = [(x, (i, picks)) for i, m in enumerate(named)
-                        for x, picks in _expand_one(m, f"methods[{i}]")]
+            named = [
+                dict(m, label=default_label(m))
+                if isinstance(m, dict) and m.get("label") is None
+                else m
+                for m in data["methods"]
+            ]
+            expanded = [
+                (x, (i, picks))
+                for i, m in enumerate(named)
+                for x, picks in _expand_one(m, f"methods[{i}]")
+            ]
             if isinstance(info.context, dict):
                 info.context["origins"] = [origin for _, origin in expanded]
             data = dict(data, methods=[x for x, _ in expanded])
@@ -516,23 +656,30 @@ class Recipe(_Strict):
         if dup:
             raise ValueError(f"method labels must be unique; repeated: {', '.join(dup)}")
         if "llamacpp" in self.eval.engines and not any("gguf" in m.export for m in self.methods):
-            raise ValueError("eval.engines has 'llamacpp' but no method exports GGUF; add export: [native, gguf] "
-                             "to the methods llama.cpp should measure")
+            raise ValueError(
+                "eval.engines has 'llamacpp' but no method exports GGUF; add export: [native, gguf] "
+                "to the methods llama.cpp should measure"
+            )
         if len(self.all_methods()) > len(self.methods) and "baseline" in labels:
-            raise ValueError("a method is labelled 'baseline', the name of the float baseline that 'baseline: "
-                             "true' adds; rename the method, or set 'baseline: false' (or give it backend 'none')")
+            raise ValueError(
+                "a method is labelled 'baseline', the name of the float baseline that 'baseline: "
+                "true' adds; rename the method, or set 'baseline: false' (or give it backend 'none')"
+            )
         origins = _origins(info, len(self.methods))
         for i, m in enumerate(self.methods):
             backend = get_backend(m.backend, where=_where(("methods", i, "backend"), origins))
             try:
                 backend.Config(**m.options)
             except ValidationError as e:
-                raise RecipeError(_format_errors(e, backend.Config, at=("methods", i, "options"),
-                                                 origins=origins)) from None
+                raise RecipeError(
+                    _format_errors(e, backend.Config, at=("methods", i, "options"), origins=origins)
+                ) from None
             if m.sensitivity is not None and "skip" not in backend.Config.model_fields:
                 where = _where(("methods", i, "sensitivity"), origins)
-                raise RecipeError(f"{where}: backend '{m.backend}' quantizes no individual layers "
-                                  "(it has no 'skip' option); remove the block")
+                raise RecipeError(
+                    f"{where}: backend '{m.backend}' quantizes no individual layers "
+                    "(it has no 'skip' option); remove the block"
+                )
         return self
 
     @model_validator(mode="after")
@@ -542,24 +689,32 @@ class Recipe(_Strict):
         labels = [m.dir_label() for m in self.models]
         dup = sorted(x for x, n in Counter(labels).items() if n > 1)
         if dup:
-            raise RecipeError(f"models share the directory label {', '.join(dup)}; give each a label")
+            raise RecipeError(
+                f"models share the directory label {', '.join(dup)}; give each a label"
+            )
         for i, label in enumerate(labels):
             if label.lower() in RESERVED_MODEL_LABELS:
                 how = "its label" if self.models[i].label else "the label its source gives it"
                 reserved = ", ".join(sorted(RESERVED_MODEL_LABELS))
-                raise RecipeError(f"models[{i}]: {how}, {label!r}, is the name of an entry "
-                                  "quantlab writes into a several-models run (reserved: "
-                                  f"{reserved}); give the model another label")
+                raise RecipeError(
+                    f"models[{i}]: {how}, {label!r}, is the name of an entry "
+                    "quantlab writes into a several-models run (reserved: "
+                    f"{reserved}); give the model another label"
+                )
         return self
 
     def per_model(self) -> list[tuple[str, Recipe]]:
         """With ``models``: (label, the recipe for that model alone) for each model."""
-        return [(m.dir_label(), self.model_copy(update={"model": m, "models": []})) for m in self.models]
+        return [
+            (m.dir_label(), self.model_copy(update={"model": m, "models": []})) for m in self.models
+        ]
 
     def all_methods(self) -> list[MethodSpec]:
         """Methods to run, with the implicit baseline first when `baseline` is on."""
         if self.baseline and not any(m.backend == "none" for m in self.methods):
-            gguf = ["native", "gguf"] if any("gguf" in m.export for m in self.methods) else ["native"]
+            gguf = (
+                ["native", "gguf"] if any("gguf" in m.export for m in self.methods) else ["native"]
+            )
             return [MethodSpec(label="baseline", backend="none", export=gguf), *self.methods]
         return list(self.methods)
 
@@ -578,8 +733,10 @@ def _set_path(doc: dict, dotted: str, value: Any) -> None:
         where = ".".join(parts[: i + 1])
         if isinstance(node, list):
             if not part.isdigit() or int(part) > len(node):
-                raise RecipeError(f"--set {dotted}: '{where}' is not an index of a list of {len(node)} (the "
-                                  f"next index, {len(node)}, adds an entry)")
+                raise RecipeError(
+                    f"--set {dotted}: '{where}' is not an index of a list of {len(node)} (the "
+                    f"next index, {len(node)}, adds an entry)"
+                )
             idx = int(part)
             if idx == len(node):  # one past the end adds an entry (a method, a model)
                 node.append(value if last else _container_for(parts[i + 1]))
@@ -625,7 +782,9 @@ def apply_overrides(doc: dict, overrides: list[str]) -> dict:
     labelled: set[int] = set()
     for item in overrides:
         if "=" not in item:
-            raise RecipeError(f"--set expects KEY=VALUE, e.g. calibration.samples=32 (got {item!r})")
+            raise RecipeError(
+                f"--set expects KEY=VALUE, e.g. calibration.samples=32 (got {item!r})"
+            )
         key, raw = item.split("=", 1)
         key = key.strip()
         if not key:
@@ -635,13 +794,16 @@ def apply_overrides(doc: dict, overrides: list[str]) -> dict:
         except yaml.YAMLError:
             value = raw
         except RecursionError:
-            raise RecipeError(f"--set {key}: the value is nested too deeply to be a recipe "
-                              "value") from None
+            raise RecipeError(
+                f"--set {key}: the value is nested too deeply to be a recipe value"
+            ) from None
         # counted before anything reads it: a label made from it would expand its aliases
         _refuse_expanding(value, f"--set {key}", what="the value")
-        if (m := _METHOD_KEY.match(key)) and isinstance(_get_path(doc, f"methods.{m.group(1)}.label"), str):
+        if (m := _METHOD_KEY.match(key)) and isinstance(
+            _get_path(doc, f"methods.{m.group(1)}.label"), str
+        ):
             renames.append((int(m.group(1)), m.group(2) or "backend", _get_path(doc, key), value))
-        if (lm := re.match(r"^methods\.(\d+)\.label$", key)):
+        if lm := re.match(r"^methods\.(\d+)\.label$", key):
             labelled.add(int(lm.group(1)))
         _set_path(doc, key, value)
     for idx, opt, old, new in renames:
@@ -662,7 +824,9 @@ def _model_at(cls: type[BaseModel] | None, loc: tuple) -> type[BaseModel] | None
         ann = field.annotation
         args = getattr(ann, "__args__", ())
         candidates = [ann, *args]
-        cls = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        cls = next(
+            (c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None
+        )
     return cls
 
 
@@ -704,8 +868,14 @@ def _path(loc: tuple, prefix: str = "") -> str:
     return path
 
 
-def _format_errors(exc: ValidationError, root: type[BaseModel], prefix: str = "", *, at: tuple = (),
-                   origins: list | None = None) -> str:
+def _format_errors(
+    exc: ValidationError,
+    root: type[BaseModel],
+    prefix: str = "",
+    *,
+    at: tuple = (),
+    origins: list | None = None,
+) -> str:
     """One line per error of ``exc`` (raised validating ``root``), each naming where: ``prefix``,
     then ``at`` and the error's location, as the user wrote it (see :func:`_where`)."""
     lines = []
@@ -722,7 +892,12 @@ def _format_errors(exc: ValidationError, root: type[BaseModel], prefix: str = ""
         msg = err["msg"]
         if err["type"] == "value_error":
             msg = msg.removeprefix("Value error, ")
-        if err["type"] in {"literal_error"} or err["type"].endswith("_type") or "greater" in err["type"] or "less" in err["type"]:
+        if (
+            err["type"] in {"literal_error"}
+            or err["type"].endswith("_type")
+            or "greater" in err["type"]
+            or "less" in err["type"]
+        ):
             msg += f" (got {_echo(err.get('input'))})"
         lines.append(f"{path or 'recipe'}: {msg}")
     return "\n".join(lines)
@@ -733,8 +908,10 @@ def parse_recipe(doc: Any, *, default_name: str = "run", origin: str = "recipe")
     if doc is None:
         raise RecipeError(f"{origin}: the recipe is empty; it needs at least a 'methods' list")
     if not isinstance(doc, dict):
-        raise RecipeError(f"{origin}: a recipe is a mapping of keys (model, calibration, methods, "
-                          f"eval, output), not a {type(doc).__name__}")
+        raise RecipeError(
+            f"{origin}: a recipe is a mapping of keys (model, calibration, methods, "
+            f"eval, output), not a {type(doc).__name__}"
+        )
     _refuse_expanding(doc, origin)  # --set values and documents built in Python were never counted
     doc = dict(doc)
     doc.setdefault("name", default_name)
@@ -760,8 +937,10 @@ class _RecipeLoader(yaml.SafeLoader):
                 continue  # an odd key (a list...): the schema rejects it with a clearer message
             if (type(key), key) in seen:
                 mark = key_node.start_mark
-                raise RecipeError(f"key '{key}' is given twice in the same section (line {mark.line + 1}); "
-                                  "keep one")
+                raise RecipeError(
+                    f"key '{key}' is given twice in the same section (line {mark.line + 1}); "
+                    "keep one"
+                )
             seen.add((type(key), key))
         return super().construct_mapping(node, deep=deep)
 
@@ -786,13 +965,17 @@ def read_recipe_document(path: Path) -> Any:
     """The YAML document of a recipe file, refused when it is too large, not UTF-8, not
     YAML, has duplicate keys, or expands (through aliases) past MAX_RECIPE_NODES values."""
     if path.is_dir():
-        raise RecipeError(f"'{path}' is a directory; give a recipe file (.yaml), e.g. recipes/rtn_int4.yaml")
+        raise RecipeError(
+            f"'{path}' is a directory; give a recipe file (.yaml), e.g. recipes/rtn_int4.yaml"
+        )
     if not path.is_file():
         raise RecipeError(f"recipe file '{path}' does not exist")
     size = path.stat().st_size
     if size > MAX_RECIPE_BYTES:
-        raise RecipeError(f"{path}: {size} bytes is too large for a recipe (at most {MAX_RECIPE_BYTES} bytes); "
-                          "is it the right file?")
+        raise RecipeError(
+            f"{path}: {size} bytes is too large for a recipe (at most {MAX_RECIPE_BYTES} bytes); "
+            "is it the right file?"
+        )
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
@@ -817,11 +1000,14 @@ def _refuse_expanding(doc: Any, origin: str, what: str = "the recipe") -> None:
     levels, before anything walks it recursively (validation, error messages, labels)."""
     count, depth = _count_nodes(doc, MAX_RECIPE_NODES)
     if count > MAX_RECIPE_NODES:
-        raise RecipeError(f"{origin}: {what} expands to more than {MAX_RECIPE_NODES} values "
-                          "(YAML aliases repeated inside each other?); write it out plainly")
+        raise RecipeError(
+            f"{origin}: {what} expands to more than {MAX_RECIPE_NODES} values "
+            "(YAML aliases repeated inside each other?); write it out plainly"
+        )
     if depth > MAX_RECIPE_DEPTH:
-        raise RecipeError(f"{origin}: {what} nests {depth} levels deep; a recipe nests at most "
-                          f"{MAX_RECIPE_DEPTH}")
+        raise RecipeError(
+            f"{origin}: {what} nests {depth} levels deep; a recipe nests at most {MAX_RECIPE_DEPTH}"
+        )
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

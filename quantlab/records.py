@@ -117,8 +117,11 @@ def finished_stage(method_dir: Path, key: str) -> dict | None:
     return read_record(Path(method_dir) / EXPORT_RECORD, key)
 
 
-_STORAGE_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EFBIG: "a file grew past the size "
-                   "this process may write", errno.EDQUOT: "the disk quota is exhausted"}
+_STORAGE_ERRNOS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EFBIG: "a file grew past the size this process may write",
+    errno.EDQUOT: "the disk quota is exhausted",
+}
 
 
 def storage_error(exc: BaseException) -> str | None:
@@ -145,9 +148,11 @@ def storage_errors(out_dir: Path):
         problem = storage_error(e)
         if problem is None:
             raise
-        raise QuantlabError(f"{problem} while writing into '{out_dir}'; free some space (or choose "
-                            "another --out) and run the same command again: finished methods are "
-                            "kept and reused") from None
+        raise QuantlabError(
+            f"{problem} while writing into '{out_dir}'; free some space (or choose "
+            "another --out) and run the same command again: finished methods are "
+            "kept and reused"
+        ) from None
 
 
 def os_problem(e: OSError) -> str:
@@ -156,5 +161,3 @@ def os_problem(e: OSError) -> str:
     if problem:
         return f"{problem}; free some space (or choose another --out) and run again"
     return e.strerror or str(e)
-
-

@@ -105,13 +105,16 @@ def refuse_inside_output(path: Path, what: str) -> None:
     it."""
     outer = _enclosing_output(Path(os.path.realpath(path)), through_containers=False)
     if outer is not None:
-        raise QuantlabError(f"{what} '{path}' is inside the quantlab {outer[1]} directory "
-                            f"'{outer[0]}'; quantlab writes there only when it runs that "
-                            "output's own command: choose a path outside it")
+        raise QuantlabError(
+            f"{what} '{path}' is inside the quantlab {outer[1]} directory "
+            f"'{outer[0]}'; quantlab writes there only when it runs that "
+            "output's own command: choose a path outside it"
+        )
 
 
-def prepare_run_dir(path: Path, what: str = "output directory", kind: str = "run",
-                    allow: Path | None = None) -> Path:
+def prepare_run_dir(
+    path: Path, what: str = "output directory", kind: str = "run", allow: Path | None = None
+) -> Path:
     """Create ``path`` (a directory quantlab writes ``kind`` output into) or say plainly why
     it cannot be.
 
@@ -124,8 +127,10 @@ def prepare_run_dir(path: Path, what: str = "output directory", kind: str = "run
     real = Path(os.path.realpath(path))
     outer = _enclosing_output(real)
     if outer is not None:
-        raise QuantlabError(f"{what} '{path}' is inside the quantlab {outer[1]} directory '{outer[0]}'; "
-                            "writing there would mix with its files: choose a directory outside it")
+        raise QuantlabError(
+            f"{what} '{path}' is inside the quantlab {outer[1]} directory '{outer[0]}'; "
+            "writing there would mix with its files: choose a directory outside it"
+        )
     existed = path.is_dir() and any(path.iterdir())
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -136,11 +141,19 @@ def prepare_run_dir(path: Path, what: str = "output directory", kind: str = "run
     if allow is not None and real == Path(os.path.realpath(allow)):
         return path
     found = _owner_kind(path)
-    if found is None and existed and not (kind == "report" and {p.name for p in path.iterdir()} <= _REPORT_FILES):
-        raise QuantlabError(f"{what} '{path}' already holds files that quantlab did not write; choose a new "
-                            "or empty directory (quantlab writes only into directories it created)")
+    if (
+        found is None
+        and existed
+        and not (kind == "report" and {p.name for p in path.iterdir()} <= _REPORT_FILES)
+    ):
+        raise QuantlabError(
+            f"{what} '{path}' already holds files that quantlab did not write; choose a new "
+            "or empty directory (quantlab writes only into directories it created)"
+        )
     if found is not None and found != kind:
-        raise QuantlabError(f"{what} '{path}' holds a quantlab {found}, not a {kind}; choose another directory")
+        raise QuantlabError(
+            f"{what} '{path}' holds a quantlab {found}, not a {kind}; choose another directory"
+        )
     if found is None:
         atomic_write_json(path / MARKER, {"kind": kind})
     return path
@@ -152,12 +165,16 @@ def owned_path(root: Path, name: str, *, directory: bool, what: str, create: boo
     directory belongs or the reverse). A directory is created unless ``create`` is off."""
     path = Path(root) / name
     if path.is_symlink():
-        raise QuantlabError(f"{what} '{path}' is a symbolic link; quantlab does not write through links "
-                            "out of its directories: remove the link (or choose another --out)")
+        raise QuantlabError(
+            f"{what} '{path}' is a symbolic link; quantlab does not write through links "
+            "out of its directories: remove the link (or choose another --out)"
+        )
     if path.exists() and path.is_dir() != directory:
         kind = "directory" if path.is_dir() else "file"
-        raise QuantlabError(f"{what} '{path}' is a {kind} where quantlab keeps a "
-                            f"{'directory' if directory else 'file'}; move it away (or choose another --out)")
+        raise QuantlabError(
+            f"{what} '{path}' is a {kind} where quantlab keeps a "
+            f"{'directory' if directory else 'file'}; move it away (or choose another --out)"
+        )
     if directory and create:
         try:
             path.mkdir(exist_ok=True)
@@ -183,25 +200,35 @@ class RunLock:
         except ImportError:  # no flock on this platform: run without the lock
             return self
         if self.path.is_symlink() or (self.path.exists() and not self.path.is_file()):
-            raise QuantlabError(f"lock file '{self.path}' is not a plain file (a directory or a link); remove "
-                                "it: quantlab creates it again")
+            raise QuantlabError(
+                f"lock file '{self.path}' is not a plain file (a directory or a link); remove "
+                "it: quantlab creates it again"
+            )
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         except OSError as e:
-            raise QuantlabError(f"cannot create the lock file '{self.path}': {os_problem(e)}") from None
+            raise QuantlabError(
+                f"cannot create the lock file '{self.path}': {os_problem(e)}"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            raise QuantlabError(f"another quantlab run is writing into '{self.path.parent}' ({holder}); wait "
-                                "for it to finish, or choose another --out") from None
+            raise QuantlabError(
+                f"another quantlab run is writing into '{self.path.parent}' ({holder}); wait "
+                "for it to finish, or choose another --out"
+            ) from None
         try:
             os.ftruncate(fd, 0)
-            os.write(fd, f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+            os.write(
+                fd, f"pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}".encode()
+            )
         except OSError as e:  # a full disk: the lock itself is held, only its note is missing
             os.close(fd)
-            raise QuantlabError(f"cannot write the lock file '{self.path}': {os_problem(e)}") from None
+            raise QuantlabError(
+                f"cannot write the lock file '{self.path}': {os_problem(e)}"
+            ) from None
         self._fd = fd
         return self
 
@@ -237,8 +264,9 @@ class RunDir:
 
     def allocation_cache(self, key: str) -> Path:
         folder = owned_path(self.root, ALLOCATION, directory=True, what="allocation measurements")
-        return owned_path(folder, f"{key[:32]}.json", directory=False,
-                          what="allocation measurements")
+        return owned_path(
+            folder, f"{key[:32]}.json", directory=False, what="allocation measurements"
+        )
 
     def results(self, suffix: str = "csv") -> Path:
         """The results table: ``csv``, ``parquet`` or ``md``."""
@@ -256,12 +284,18 @@ class RunDir:
 
     # ------------------------------------------------------------------ one method's files
     def method(self, label: str, create: bool = True) -> Path:
-        return owned_path(self.root, label, directory=True,
-                          what=f"method directory of '{label}'", create=create)
+        return owned_path(
+            self.root, label, directory=True, what=f"method directory of '{label}'", create=create
+        )
 
     def checkpoint(self, label: str) -> Path:
-        return owned_path(self.method(label), CHECKPOINT, directory=True,
-                          what="checkpoint directory", create=False)
+        return owned_path(
+            self.method(label),
+            CHECKPOINT,
+            directory=True,
+            what="checkpoint directory",
+            create=False,
+        )
 
     def metrics(self, label: str) -> Path:
         return self.method(label) / METRICS

@@ -56,7 +56,9 @@ class Peak:
     def __exit__(self, *exc):
         self._rss.__exit__(*exc)
         self.rss = self._rss.peak_bytes
-        self.cuda = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+        self.cuda = (
+            torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+        )
         return False
 
 
@@ -85,8 +87,9 @@ def reused(plan: RunPlan, method, tag: str) -> MethodResult | None:
     return MethodResult(method.label, done, reused=True)
 
 
-def run_method(plan: RunPlan, method, *, position: str = "", take_base=None,
-               run: str | None = None) -> MethodResult:
+def run_method(
+    plan: RunPlan, method, *, position: str = "", take_base=None, run: str | None = None
+) -> MethodResult:
     """Quantize, export, reload and score one method of ``plan`` (one that :func:`reused`
     found no result for); its row is written to ``LABEL/metrics.json``. ``take_base()``: the
     float model to quantize, a LoadedModel the method then owns (default: loaded from the
@@ -154,8 +157,13 @@ def note_running(mdir: Path, run: str) -> dict:
         else:
             attempt = int(before.get("attempt") or 1) + 1
             previous = {k: before.get(k) for k in ("host", "pid", "attempt", "started")}
-    note = dict(me, run=run, attempt=attempt, previous=previous,
-                started=_dt.datetime.now().astimezone().isoformat(timespec="seconds"))
+    note = dict(
+        me,
+        run=run,
+        attempt=attempt,
+        previous=previous,
+        started=_dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+    )
     atomic_write_json(mdir / RUNNING, note)
     return note
 
@@ -232,8 +240,10 @@ def streams(plan: RunPlan, method, backend) -> bool:
     if why is None and not (path and Path(path).is_dir() and any(Path(path).glob("*.safetensors"))):
         why = "the source is not a local directory of safetensors files"
     if why is not None and mode == "on":
-        raise QuantlabError(f"method '{method.label}': model.streaming is on, but {why}; set "
-                            "model.streaming: auto (or off)")
+        raise QuantlabError(
+            f"method '{method.label}': model.streaming is on, but {why}; set "
+            "model.streaming: auto (or off)"
+        )
     return why is None
 
 
@@ -247,17 +257,31 @@ def stream_and_export(plan: RunPlan, method, backend, tag: str) -> dict:
     calibration = plan.calibration.ids if plan.calibration is not None else None
     log(f"{tag}: quantize ({backend.name}) and export, one decoder layer at a time")
     with Peak(plan.torch_device) as mem:
-        res = quantize_streaming(plan.source_info["path"], plan.run_dir.checkpoint(method.label),
-                                 layer_method(backend.name, backend.config),
-                                 calibration=calibration, dtype=plan.torch_dtype,
-                                 device=plan.torch_device, source=plan.source_info,
-                                 label=method.label, log=lambda m: log(f"{tag}: {m}"))
+        res = quantize_streaming(
+            plan.source_info["path"],
+            plan.run_dir.checkpoint(method.label),
+            layer_method(backend.name, backend.config),
+            calibration=calibration,
+            dtype=plan.torch_dtype,
+            device=plan.torch_device,
+            source=plan.source_info,
+            label=method.label,
+            log=lambda m: log(f"{tag}: {m}"),
+        )
     export_s = sum(res.stage_seconds.get(k, 0.0) for k in ("write shards", "finish export"))
-    return {"backend": backend, "options": backend.config.model_dump(mode="json"),
-            "quantize_s": res.quantize_s - export_s, "export_s": export_s,
-            "stage_seconds": dict(res.stage_seconds), "layers": res.layer_stats,
-            "peak_rss_quantize_bytes": mem.rss, "peak_cuda_quantize_bytes": mem.cuda,
-            "sensitivity": None, "allocation": None, "streamed": True}
+    return {
+        "backend": backend,
+        "options": backend.config.model_dump(mode="json"),
+        "quantize_s": res.quantize_s - export_s,
+        "export_s": export_s,
+        "stage_seconds": dict(res.stage_seconds),
+        "layers": res.layer_stats,
+        "peak_rss_quantize_bytes": mem.rss,
+        "peak_cuda_quantize_bytes": mem.cuda,
+        "sensitivity": None,
+        "allocation": None,
+        "streamed": True,
+    }
 
 
 def quantize_and_export(plan: RunPlan, method, backend, base, tag: str) -> dict:
@@ -270,8 +294,12 @@ def quantize_and_export(plan: RunPlan, method, backend, base, tag: str) -> dict:
     calibration = plan.calibration.ids if plan.calibration is not None else None
     spec, sens, alloc = method.sensitivity_spec(), None, None
     allocating = getattr(backend.config, "allocating", lambda: False)()
-    if spec is not None and not allocating:  # with bits: auto the block sets the allocation's windows
-        log(f"{tag}: sensitivity pass ({spec.granularity}, {spec.windows} x {spec.seq_len} calibration tokens)")
+    if (
+        spec is not None and not allocating
+    ):  # with bits: auto the block sets the allocation's windows
+        log(
+            f"{tag}: sensitivity pass ({spec.granularity}, {spec.windows} x {spec.seq_len} calibration tokens)"
+        )
         backend, result = _sensitivity(plan, method, backend, spec, work, calibration, mdir)
         sens = result.as_dict()
     if allocating:
@@ -286,13 +314,27 @@ def quantize_and_export(plan: RunPlan, method, backend, base, tag: str) -> dict:
         quantize_s = time.perf_counter() - t0
     log(f"{tag}: export")
     t0 = time.perf_counter()
-    export_checkpoint(done, tokenizer, backend, plan.run_dir.checkpoint(method.label),
-                      source=plan.source_info, label=method.label)
+    export_checkpoint(
+        done,
+        tokenizer,
+        backend,
+        plan.run_dir.checkpoint(method.label),
+        source=plan.source_info,
+        label=method.label,
+    )
     export_s = time.perf_counter() - t0
-    return {"backend": backend, "options": backend.config.model_dump(mode="json"), "quantize_s": quantize_s,
-            "export_s": export_s, "stage_seconds": dict(done.stage_seconds), "layers": done.layer_stats,
-            "peak_rss_quantize_bytes": mem.rss, "peak_cuda_quantize_bytes": mem.cuda, "sensitivity": sens,
-            "allocation": alloc}
+    return {
+        "backend": backend,
+        "options": backend.config.model_dump(mode="json"),
+        "quantize_s": quantize_s,
+        "export_s": export_s,
+        "stage_seconds": dict(done.stage_seconds),
+        "layers": done.layer_stats,
+        "peak_rss_quantize_bytes": mem.rss,
+        "peak_cuda_quantize_bytes": mem.cuda,
+        "sensitivity": sens,
+        "allocation": alloc,
+    }
 
 
 def _sensitivity(plan: RunPlan, method, backend, spec, model, calibration, mdir: Path):
@@ -300,16 +342,25 @@ def _sensitivity(plan: RunPlan, method, backend, spec, model, calibration, mdir:
     list resolved when the method says ``skip: auto``) and the pass's result."""
     from quantlab.sensitivity import run_sensitivity
 
-    windows = sample_calibration(plan.cal_ids, plan.cal_text, spec.windows, spec.seq_len, spec.seed).ids
+    windows = sample_calibration(
+        plan.cal_ids, plan.cal_text, spec.windows, spec.seq_len, spec.seed
+    ).ids
     cls = type(backend)
     auto = method.auto_skip()
 
     def make(skip: list[str]):
         return cls(backend.config.model_copy(update={"skip": skip}))
 
-    result = run_sensitivity(model, make, windows, base_skip=backend.config.skip_list(),
-                             granularity=spec.granularity, kl_budget=spec.kl_budget if auto else None,
-                             calibration=calibration, log=log)
+    result = run_sensitivity(
+        model,
+        make,
+        windows,
+        base_skip=backend.config.skip_list(),
+        granularity=spec.granularity,
+        kl_budget=spec.kl_budget if auto else None,
+        calibration=calibration,
+        log=log,
+    )
     atomic_write_json(plan.run_dir.sensitivity(method.label), result.as_dict())
     if auto:
         backend = make(backend.config.skip_list() + result.skip_patterns())
@@ -325,22 +376,48 @@ def _allocation(plan: RunPlan, method, backend, model, mdir: Path, tag: str):
 
     c = backend.config
     spec = method.sensitivity or SensitivitySpec()
-    windows = sample_calibration(plan.cal_ids, plan.cal_text, spec.windows, spec.seq_len, spec.seed).ids
+    windows = sample_calibration(
+        plan.cal_ids, plan.cal_text, spec.windows, spec.seq_len, spec.seed
+    ).ids
     names = [n for n, _ in target_linears(model, c.skip_list())]
 
     def probe(widths: dict[str, int]):
         keep = set(widths)
-        return RTN(RTNConfig(bits=max(widths.values()), group_size=c.group_size, sym=c.sym, module_bits=widths,
-                             skip=[*c.skip_list(), *(n for n in names if n not in keep)]))
+        return RTN(
+            RTNConfig(
+                bits=max(widths.values()),
+                group_size=c.group_size,
+                sym=c.sym,
+                module_bits=widths,
+                skip=[*c.skip_list(), *(n for n in names if n not in keep)],
+            )
+        )
 
-    log(f"{tag}: bit allocation under {c.bits_budget} bits/weight (widths {c.bits_choices}, "
-        f"{spec.windows} x {spec.seq_len} calibration tokens)")
+    log(
+        f"{tag}: bit allocation under {c.bits_budget} bits/weight (widths {c.bits_choices}, "
+        f"{spec.windows} x {spec.seq_len} calibration tokens)"
+    )
     # what the per-unit KLs depend on: methods of the run on the same grid measure them once
-    key = stage_key({"export": plan.keys["export"], "names": names, "group_size": c.group_size, "sym": c.sym,
-                     "windows": hashlib.sha256(windows.numpy().tobytes()).hexdigest()})
-    result = allocate(model, names, probe, windows, budget=c.bits_budget, choices=c.bits_choices,
-                      group_size=c.group_size, cache=plan.run_dir.allocation_cache(key),
-                      log=lambda m: log(f"{tag}: {m}"))
+    key = stage_key(
+        {
+            "export": plan.keys["export"],
+            "names": names,
+            "group_size": c.group_size,
+            "sym": c.sym,
+            "windows": hashlib.sha256(windows.numpy().tobytes()).hexdigest(),
+        }
+    )
+    result = allocate(
+        model,
+        names,
+        probe,
+        windows,
+        budget=c.bits_budget,
+        choices=c.bits_choices,
+        group_size=c.group_size,
+        cache=plan.run_dir.allocation_cache(key),
+        log=lambda m: log(f"{tag}: {m}"),
+    )
     record = result.as_dict()
     atomic_write_json(plan.run_dir.sensitivity(method.label), {"allocation": record})
     return type(backend)(c.model_copy(update={"module_bits": result.module_bits()})), record
@@ -356,25 +433,42 @@ def _score(plan: RunPlan, method, backend, stage: dict, export_key: str, tag: st
     # a reused checkpoint was verified above; a fresh one was just hashed for its manifest
     with Peak(device) as mem_load:
         t0 = time.perf_counter()
-        loaded = load_checkpoint(ckpt, dtype=plan.torch_dtype, device=device, verify=False, kernel=ev.kernel,
-                                 log=lambda m: log(f"{tag}: {m}"))
+        loaded = load_checkpoint(
+            ckpt,
+            dtype=plan.torch_dtype,
+            device=device,
+            verify=False,
+            kernel=ev.kernel,
+            log=lambda m: log(f"{tag}: {m}"),
+        )
         load_s = time.perf_counter() - t0
     reference = None
     if plan.reference_key is not None:
         reference = ReferenceLogprobs.open(plan.run_dir.reference())
         if reference is None or reference.meta.get("key") != plan.reference_key:
-            raise QuantlabError(f"the base model's reference distributions in '{plan.run_dir.reference()}' are "
-                                "missing or from another plan; run again")
+            raise QuantlabError(
+                f"the base model's reference distributions in '{plan.run_dir.reference()}' are "
+                "missing or from another plan; run again"
+            )
     with Peak(device) as mem_eval:
         ppl, div = evaluate(loaded.model, plan.eval_plan, ev.batch_size, reference)
     gguf_cols = _gguf_stage(plan, method, backend, loaded, export_key)
     row = measure_checkpoint(plan, method, backend, loaded, ckpt, ppl, div or {}, tag=tag, log=log)
-    row.update(load_s=load_s, kernels=loaded.info["kernels"], peak_rss_load_bytes=mem_load.rss, peak_rss_eval_bytes=mem_eval.rss,
-               peak_cuda_eval_bytes=mem_eval.cuda, **_cost(stage), **gguf_cols)
+    row.update(
+        load_s=load_s,
+        kernels=loaded.info["kernels"],
+        peak_rss_load_bytes=mem_load.rss,
+        peak_rss_eval_bytes=mem_eval.rss,
+        peak_cuda_eval_bytes=mem_eval.cuda,
+        **_cost(stage),
+        **gguf_cols,
+    )
     del loaded
     gc.collect()
     kl = f", KL {div['kld_mean']:.4f}" if div else ""
-    log(f"{tag}: ppl {ppl.ppl:.3f} ({ppl.convention}, {ppl.scored_tokens} tokens of {plan.eval_text.name}){kl}")
+    log(
+        f"{tag}: ppl {ppl.ppl:.3f} ({ppl.convention}, {ppl.scored_tokens} tokens of {plan.eval_text.name}){kl}"
+    )
     return row
 
 
@@ -394,8 +488,9 @@ def _cost(stage: dict) -> dict:
         "allocation": stage.get("allocation"),
         "allocation_s": (stage.get("allocation") or {}).get("seconds"),
         # named stages of quantization; "other" is the rest (forward passes, packing...)
-        "quantize_stages": dict(stage["stage_seconds"],
-                                other=quantize_s - sum(stage["stage_seconds"].values())),
+        "quantize_stages": dict(
+            stage["stage_seconds"], other=quantize_s - sum(stage["stage_seconds"].values())
+        ),
     }
 
 
@@ -412,10 +507,20 @@ def _gguf_stage(plan: RunPlan, method, backend, loaded, key: str) -> dict:
     template = template_for(plan.source_info, Path(path) if path else None)
     baseline = backend.name == "none"
     mdir = rd.method(method.label)
-    rec = export_method_gguf(loaded.model, mdir, template, float_type=ev.llamacpp.float_type, baseline=baseline,
-                             key=stage_key({"gguf": key, "float_type": ev.llamacpp.float_type}),
-                             log=lambda msg: log(f"{method.label}: {msg}"))
+    rec = export_method_gguf(
+        loaded.model,
+        mdir,
+        template,
+        float_type=ev.llamacpp.float_type,
+        baseline=baseline,
+        key=stage_key({"gguf": key, "float_type": ev.llamacpp.float_type}),
+        log=lambda msg: log(f"{method.label}: {msg}"),
+    )
     rel = Path(rd.relative(mdir))
-    return {"gguf_file": str(rel / GGUF), "gguf_f32_file": None if baseline else str(rel / GGUF_F32),
-            "gguf_type": main_type(rec["type_counts"]), "gguf_bytes": rec["bytes"],
-            "gguf_float_type": "F32" if baseline else ev.llamacpp.float_type}
+    return {
+        "gguf_file": str(rel / GGUF),
+        "gguf_f32_file": None if baseline else str(rel / GGUF_F32),
+        "gguf_type": main_type(rec["type_counts"]),
+        "gguf_bytes": rec["bytes"],
+        "gguf_float_type": "F32" if baseline else ev.llamacpp.float_type,
+    }

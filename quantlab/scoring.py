@@ -31,34 +31,60 @@ def build_plan(settings: ScoringSpec, text: Text, tokenizer, model) -> WindowPla
     the spec was made: :class:`quantlab.evalspec.ScoringSpec`)."""
     ctx = model_context(model)
     if settings.convention == "lm-eval":
-        return make_plan("lm-eval", documents=text.articles(), tokenizer=tokenizer,
-                         seq_len=settings.seq_len, model_context=ctx)
-    return make_plan(settings.convention, ids=tokenize(text, tokenizer), tokenizer=tokenizer,
-                     seq_len=settings.seq_len, stride=settings.stride, max_windows=settings.max_windows,
-                     bos=settings.bos, model_context=ctx)
+        return make_plan(
+            "lm-eval",
+            documents=text.articles(),
+            tokenizer=tokenizer,
+            seq_len=settings.seq_len,
+            model_context=ctx,
+        )
+    return make_plan(
+        settings.convention,
+        ids=tokenize(text, tokenizer),
+        tokenizer=tokenizer,
+        seq_len=settings.seq_len,
+        stride=settings.stride,
+        max_windows=settings.max_windows,
+        bos=settings.bos,
+        model_context=ctx,
+    )
 
 
 def labels(plan: WindowPlan, text: Text, tokenizer, model) -> dict:
     """What a perplexity figure was measured on: convention, windows, text, tokenizer, dtype, device."""
     p = next(model.parameters())
-    return {"convention": plan.convention, **plan.params, "text_source": text.name,
-            "text_sha256": text.sha256, "tokenizer": type(tokenizer).__name__,
-            "tokenizer_vocab": len(tokenizer), "adds_bos": adds_bos(tokenizer),
-            "dtype": str(p.dtype).removeprefix("torch."), "device": str(p.device)}
+    return {
+        "convention": plan.convention,
+        **plan.params,
+        "text_source": text.name,
+        "text_sha256": text.sha256,
+        "tokenizer": type(tokenizer).__name__,
+        "tokenizer_vocab": len(tokenizer),
+        "adds_bos": adds_bos(tokenizer),
+        "dtype": str(p.dtype).removeprefix("torch."),
+        "device": str(p.device),
+    }
 
 
 def plan_key(plan: WindowPlan, text: Text, extra: dict) -> str:
     """A digest of exactly which tokens a plan scores (for reusing a stored reference)."""
     h = hashlib.sha256()
-    h.update(json.dumps({"plan": plan.params, "conv": plan.convention, "text": text.sha256, **extra},
-                        sort_keys=True, default=str).encode())
+    h.update(
+        json.dumps(
+            {"plan": plan.params, "conv": plan.convention, "text": text.sha256, **extra},
+            sort_keys=True,
+            default=str,
+        ).encode()
+    )
     for s in plan.segments:
         h.update(s.input_ids.numpy().tobytes())
         h.update(s.targets.numpy().tobytes())
     return h.hexdigest()
 
 
-def compute_reference(model, plan: WindowPlan, path: Path, batch_size: int, key: str) -> ReferenceLogprobs:
+def compute_reference(
+    model, plan: WindowPlan, path: Path, batch_size: int, key: str
+) -> ReferenceLogprobs:
     """Score ``plan`` with the base model and store its distributions at ``path`` (reused
     when a finished reference with the same key is already there, unchanged since it was
     written: see ReferenceLogprobs.open)."""
@@ -66,7 +92,11 @@ def compute_reference(model, plan: WindowPlan, path: Path, batch_size: int, key:
     if found is not None and found.meta.get("key") == key:
         found.base_model = weakref.ref(model)
         return found
-    vocab = model.get_output_embeddings().weight.shape[0] if hasattr(model, "get_output_embeddings") else None
+    vocab = (
+        model.get_output_embeddings().weight.shape[0]
+        if hasattr(model, "get_output_embeddings")
+        else None
+    )
     if vocab is None:
         raise QuantlabError("cannot tell the model's vocabulary size for the divergence reference")
     ref = ReferenceLogprobs.create(path, plan.scored_tokens, vocab, meta={"key": key})
@@ -76,23 +106,30 @@ def compute_reference(model, plan: WindowPlan, path: Path, batch_size: int, key:
     # just written from this process's own numbers: no need to read every byte back again
     done = ReferenceLogprobs.open(path, verify=False)
     if done is None:
-        raise QuantlabError(f"the reference distributions written to '{path}' were changed or "
-                            "removed while being written: is another process writing there? "
-                            "Run again")
+        raise QuantlabError(
+            f"the reference distributions written to '{path}' were changed or "
+            "removed while being written: is another process writing there? "
+            "Run again"
+        )
     # which object the distributions came from: evaluate() refuses to compare it with itself
     # (a model quantized in place after its reference was taken would score KL 0)
     done.base_model = weakref.ref(model)
     return done
 
 
-def evaluate(model, plan: WindowPlan, batch_size: int, reference: ReferenceLogprobs | None = None
-             ) -> tuple[PerplexityResult, dict | None]:
+def evaluate(
+    model, plan: WindowPlan, batch_size: int, reference: ReferenceLogprobs | None = None
+) -> tuple[PerplexityResult, dict | None]:
     """Perplexity over ``plan``, and divergence from ``reference`` on the tokens it covers
     (its first windows), in the same pass."""
     if reference is not None and getattr(reference, "base_model", None) is not None:
         check_distinct(reference.base_model(), model)
     stats = DivergenceStats(reference) if reference is not None else None
-    nll, seconds = score(model, plan, batch_size, on_logits=stats.compare if stats else None,
-                         desc=f"perplexity ({plan.convention})")
+    nll, seconds = score(
+        model,
+        plan,
+        batch_size,
+        on_logits=stats.compare if stats else None,
+        desc=f"perplexity ({plan.convention})",
+    )
     return summarize(plan, nll, seconds), (stats.result() if stats else None)
-

@@ -58,11 +58,19 @@ class SensitivityResult:
         return list(self.chosen)
 
     def as_dict(self) -> dict:
-        return {"granularity": self.granularity, "kl_budget": self.kl_budget, "windows": self.windows,
-                "seq_len": self.seq_len, "kl_measure": "mean KL(float || quantized) per token, nats",
-                "sensitivity": self.sensitivity, "chosen": self.chosen, "probes": self.probes,
-                "final_kl": self.final_kl, "seconds": self.seconds,
-                "candidates": {k: len(v) for k, v in self.candidates.items()}}
+        return {
+            "granularity": self.granularity,
+            "kl_budget": self.kl_budget,
+            "windows": self.windows,
+            "seq_len": self.seq_len,
+            "kl_measure": "mean KL(float || quantized) per token, nats",
+            "sensitivity": self.sensitivity,
+            "chosen": self.chosen,
+            "probes": self.probes,
+            "final_kl": self.final_kl,
+            "seconds": self.seconds,
+            "candidates": {k: len(v) for k, v in self.candidates.items()},
+        }
 
 
 def candidate_groups(names: list[str], granularity: str) -> dict[str, list[str]]:
@@ -98,8 +106,11 @@ class _Runner:
         self.cache: list[torch.Tensor] = []
         self.tuple_out = False
         if self.layers is not None:
-            self.index = {n: i for i, _ in enumerate(self.layers)
-                          for n, _m in self.layers[i].named_modules(prefix=f"{spec.layers}.{i}")}
+            self.index = {
+                n: i
+                for i, _ in enumerate(self.layers)
+                for n, _m in self.layers[i].named_modules(prefix=f"{spec.layers}.{i}")
+            }
         self.base = self._reference()
         self.base_p = self.base.exp()
 
@@ -107,13 +118,16 @@ class _Runner:
     def _reference(self) -> torch.Tensor:
         handles = []
         if self.layers is not None:
+
             def grab(module, args, kwargs):
                 self.cache.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
 
             def out_type(module, args, kwargs, out):
                 self.tuple_out = isinstance(out, tuple)
 
-            handles = [layer.register_forward_pre_hook(grab, with_kwargs=True) for layer in self.layers]
+            handles = [
+                layer.register_forward_pre_hook(grab, with_kwargs=True) for layer in self.layers
+            ]
             handles.append(self.layers[0].register_forward_hook(out_type, with_kwargs=True))
         try:
             return self._logprobs()
@@ -165,7 +179,10 @@ def _snapshot(model: nn.Module, names: list[str]) -> list[tuple[str, nn.Module, 
     out = []
     for n in names:
         m = model.get_submodule(n)
-        state = {k: (dict(v) if k in ("_parameters", "_buffers", "_modules") else v) for k, v in vars(m).items()}
+        state = {
+            k: (dict(v) if k in ("_parameters", "_buffers", "_modules") else v)
+            for k, v in vars(m).items()
+        }
         out.append((n, m, state))
     return out
 
@@ -179,9 +196,17 @@ def _restore(model: nn.Module, snap: list[tuple[str, nn.Module, dict]]) -> None:
         set_module(model, n, m)
 
 
-def run_sensitivity(model: nn.Module, make_backend: Callable[[list[str]], Backend], ids: torch.Tensor, *,
-                    base_skip: list[str], granularity: str, kl_budget: float | None,
-                    calibration: torch.Tensor | None = None, log: Callable[[str], None] | None = None) -> SensitivityResult:
+def run_sensitivity(
+    model: nn.Module,
+    make_backend: Callable[[list[str]], Backend],
+    ids: torch.Tensor,
+    *,
+    base_skip: list[str],
+    granularity: str,
+    kl_budget: float | None,
+    calibration: torch.Tensor | None = None,
+    log: Callable[[str], None] | None = None,
+) -> SensitivityResult:
     """Measure each candidate's sensitivity and, with a ``kl_budget``, choose what to skip.
 
     ``make_backend(skip)`` returns the method's backend with ``skip`` as its skip list;
@@ -215,7 +240,9 @@ def run_sensitivity(model: nn.Module, make_backend: Callable[[list[str]], Backen
         saved = runner.model, runner.layers
         try:
             runner.model = backend.quantize(copy.deepcopy(model), cal).model
-            runner.layers = runner.model.get_submodule(runner.layers_path) if runner.layers_path else None
+            runner.layers = (
+                runner.model.get_submodule(runner.layers_path) if runner.layers_path else None
+            )
             return runner.kl(runner.start_layer(quantized))
         finally:
             runner.model, runner.layers = saved
@@ -228,6 +255,7 @@ def run_sensitivity(model: nn.Module, make_backend: Callable[[list[str]], Backen
     log(f"sensitivity: {len(groups)} candidates ({granularity}), most sensitive: {top}")
 
     if kl_budget is not None:
+
         def joint(n_float: int) -> float:
             quantized = [m for c in ranked[n_float:] for m in groups[c]]
             kl = measure(quantized) if quantized else 0.0
@@ -250,11 +278,14 @@ def run_sensitivity(model: nn.Module, make_backend: Callable[[list[str]], Backen
         if hi == len(ranked):
             raise QuantlabError(
                 f"sensitivity: no subset of layers fits kl_budget {kl_budget} (quantizing only the "
-                f"least sensitive candidate already costs more); raise the budget")
+                f"least sensitive candidate already costs more); raise the budget"
+            )
         result.chosen = ranked[:hi]
         result.final_kl = best_kl
-        log(f"sensitivity: leaving {hi} of {len(ranked)} candidates in float keeps KL at "
-            f"{best_kl:.4g} (budget {kl_budget})")
+        log(
+            f"sensitivity: leaving {hi} of {len(ranked)} candidates in float keeps KL at "
+            f"{best_kl:.4g} (budget {kl_budget})"
+        )
     result.seconds = time.perf_counter() - t0
     return result
 

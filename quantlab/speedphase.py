@@ -50,11 +50,15 @@ def speed_phase(plan, rows: list[dict], log) -> None:
         return
     base = next((r for r in rows if r["backend"] == "none"), None)
     others = [r for r in rows if r is not base]
-    log(f"speed: {len(rows)} checkpoints, {spec.rounds} rounds alternating with the baseline, "
-        f"{spec.repeats} repeats each, {spec.mode} decode ({torch.get_num_threads()} threads)")
+    log(
+        f"speed: {len(rows)} checkpoints, {spec.rounds} rounds alternating with the baseline, "
+        f"{spec.repeats} repeats each, {spec.mode} decode ({torch.get_num_threads()} threads)"
+    )
     t0, cpu0 = time.perf_counter(), _cpu_seconds()
     samples: dict[str, list[dict]] = {r["method"]: [] for r in rows}
-    ratios: dict[str, dict[str, list[float]]] = {r["method"]: {"decode": [], "prefill": []} for r in others}
+    ratios: dict[str, dict[str, list[float]]] = {
+        r["method"]: {"decode": [], "prefill": []} for r in others
+    }
     bounds: dict[str, dict] = {}
     for rnd in range(spec.rounds):
         order = others if rnd % 2 == 0 else others[::-1]
@@ -68,11 +72,21 @@ def speed_phase(plan, rows: list[dict], log) -> None:
     session = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
     other = other_cores(cpu0, _cpu_seconds(), time.perf_counter() - t0)
     if other is not None and other >= BUSY_CORES:
-        log(f"speed: other processes used {other:.2f} cores on average during the speed phase "
-            f"({os.cpu_count()} cores, {torch.get_num_threads()} threads here): the figures are disturbed")
+        log(
+            f"speed: other processes used {other:.2f} cores on average during the speed phase "
+            f"({os.cpu_count()} cores, {torch.get_num_threads()} threads here): the figures are disturbed"
+        )
     for r in rows:
-        r.update(_row_fields(samples[r["method"]], ratios.get(r["method"]), r is base, bounds[r["method"]],
-                             spec.rounds, session))
+        r.update(
+            _row_fields(
+                samples[r["method"]],
+                ratios.get(r["method"]),
+                r is base,
+                bounds[r["method"]],
+                spec.rounds,
+                session,
+            )
+        )
         r["speed_other_cores"] = other
         write_record(plan.run_dir.metrics(r["method"]), r)
 
@@ -82,7 +96,9 @@ def _cpu_seconds() -> tuple[float, float] | None:
     /proc/stat and os.times; None where /proc/stat does not exist (not Linux)."""
     try:
         with open("/proc/stat") as f:
-            ticks = [int(v) for v in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+            ticks = [
+                int(v) for v in f.readline().split()[1:9]
+            ]  # user nice system idle iowait irq softirq steal
     except (OSError, ValueError):
         return None
     busy = sum(ticks) - ticks[3] - ticks[4]
@@ -105,10 +121,23 @@ def _measure(plan, row: dict, bounds: dict) -> dict:
     ckpt = plan.run_dir.root / row["checkpoint"]
     # the kernels the row was scored with (an `auto` choice replayed, not timed again)
     kernels = row.get("kernels") or {}
-    loaded = load_checkpoint(ckpt, dtype=plan.torch_dtype, device=plan.torch_device, verify=False,
-                             kernel=kernels.get("requested", "dense"), kernel_choices=kernels.get("shapes"))
-    m = measure_speed(loaded.model, plan.prompt, new_tokens=spec.new_tokens, batch_sizes=(1, spec.batch_size),
-                      warmup=spec.warmup, repeats=spec.repeats, mode=spec.mode)
+    loaded = load_checkpoint(
+        ckpt,
+        dtype=plan.torch_dtype,
+        device=plan.torch_device,
+        verify=False,
+        kernel=kernels.get("requested", "dense"),
+        kernel_choices=kernels.get("shapes"),
+    )
+    m = measure_speed(
+        loaded.model,
+        plan.prompt,
+        new_tokens=spec.new_tokens,
+        batch_sizes=(1, spec.batch_size),
+        warmup=spec.warmup,
+        repeats=spec.repeats,
+        mode=spec.mode,
+    )
     if row["method"] not in bounds:
         bounds[row["method"]] = _bound(plan, loaded.model, ckpt)
     del loaded
@@ -121,8 +150,11 @@ def _bound(plan, model, ckpt) -> dict:
     quantlab's packed layers what their kernel reads: the dense weight, or the kernel's tensors)."""
     sizes = checkpoint_tensor_bytes(ckpt, model)
     qmodules = read_sidecar(ckpt).get("modules", [])
-    stored = {n: checkpoint_quantized_bytes(sizes, [n]) + sizes.get(f"{n}.bias", 0) for n in qmodules
-              if not isinstance(model.get_submodule(n), DenseDequantLinear)}
+    stored = {
+        n: checkpoint_quantized_bytes(sizes, [n]) + sizes.get(f"{n}.bias", 0)
+        for n in qmodules
+        if not isinstance(model.get_submodule(n), DenseDequantLinear)
+    }
     return decode_bound(model, plan.env["memory_bandwidth_bytes_per_s"], stored=stored)
 
 
@@ -131,7 +163,11 @@ def _round_ratios(measured: list[tuple[dict, dict]], ratios: dict) -> None:
     for i, (r, m) in enumerate(measured):
         if r["method"] not in ratios:
             continue
-        beside = [measured[j][1] for j in (i - 1, i + 1) if 0 <= j < len(measured) and measured[j][0]["backend"] == "none"]
+        beside = [
+            measured[j][1]
+            for j in (i - 1, i + 1)
+            if 0 <= j < len(measured) and measured[j][0]["backend"] == "none"
+        ]
         for what in ("decode", "prefill"):
             ref = statistics.fmean(b[f"{what}_tokens_per_s"] for b in beside)
             ratios[r["method"]][what].append(m[f"{what}_tokens_per_s"] / ref)
@@ -143,9 +179,13 @@ def _pooled(ms: list[dict]) -> dict:
     for key in ms[0]["by_batch"]:
         parts = [m["by_batch"][key] for m in ms]
         pooled = {k: [x for p in parts for x in p[k]] for k in parts[0] if k.endswith("_samples")}
-        out[key] = dict(batch_size=parts[0]["batch_size"], prompt_tokens=parts[0]["prompt_tokens"],
-                        new_tokens=parts[0]["new_tokens"], **pooled,
-                        **{k.removesuffix("_samples"): statistics.median(v) for k, v in pooled.items()})
+        out[key] = dict(
+            batch_size=parts[0]["batch_size"],
+            prompt_tokens=parts[0]["prompt_tokens"],
+            new_tokens=parts[0]["new_tokens"],
+            **pooled,
+            **{k.removesuffix("_samples"): statistics.median(v) for k, v in pooled.items()},
+        )
     return out
 
 
@@ -154,25 +194,43 @@ def _median_or_none(values: list) -> float | None:
     return statistics.median(values) if values else None
 
 
-def _row_fields(ms: list[dict], ratio: dict | None, is_base: bool, bound: dict, rounds: int, session: str) -> dict:
+def _row_fields(
+    ms: list[dict], ratio: dict | None, is_base: bool, bound: dict, rounds: int, session: str
+) -> dict:
     pooled = _pooled(ms)
     b1 = pooled["b1"]
     others = [b for k, b in pooled.items() if k != "b1"]
     out = {k: statistics.median(m[k] for m in ms) for k in _PER_MEASUREMENT}
-    out.update(decode_tokens_per_s=b1["decode_tokens_per_s"], prefill_tokens_per_s=b1["prefill_tokens_per_s"],
-               decode_tokens_per_s_min=min(b1["decode_tokens_per_s_samples"]),
-               decode_tokens_per_s_max=max(b1["decode_tokens_per_s_samples"]),
-               decode_bound_tokens_per_s=bound["decode_bound_tokens_per_s"],
-               decode_fraction_of_bound=b1["decode_tokens_per_s"] / bound["decode_bound_tokens_per_s"],
-               decode_batch_size=others[0]["batch_size"] if others else None,
-               decode_tokens_per_s_batch=others[0]["decode_tokens_per_s"] if others else None,
-               speed_rounds=rounds, speed_session=session, decode_bound=bound, speed_mode=ms[0]["mode"],
-               compile_s=_median_or_none([m["by_batch"]["b1"].get("compile_s") for m in ms]),
-               speed={"by_batch": pooled, "measurements": ms, "ratios": ratio, "rounds": rounds,
-                      "threads": ms[0]["threads"], "device": ms[0]["device"]})
+    out.update(
+        decode_tokens_per_s=b1["decode_tokens_per_s"],
+        prefill_tokens_per_s=b1["prefill_tokens_per_s"],
+        decode_tokens_per_s_min=min(b1["decode_tokens_per_s_samples"]),
+        decode_tokens_per_s_max=max(b1["decode_tokens_per_s_samples"]),
+        decode_bound_tokens_per_s=bound["decode_bound_tokens_per_s"],
+        decode_fraction_of_bound=b1["decode_tokens_per_s"] / bound["decode_bound_tokens_per_s"],
+        decode_batch_size=others[0]["batch_size"] if others else None,
+        decode_tokens_per_s_batch=others[0]["decode_tokens_per_s"] if others else None,
+        speed_rounds=rounds,
+        speed_session=session,
+        decode_bound=bound,
+        speed_mode=ms[0]["mode"],
+        compile_s=_median_or_none([m["by_batch"]["b1"].get("compile_s") for m in ms]),
+        speed={
+            "by_batch": pooled,
+            "measurements": ms,
+            "ratios": ratio,
+            "rounds": rounds,
+            "threads": ms[0]["threads"],
+            "device": ms[0]["device"],
+        },
+    )
     if is_base:
         out.update(decode_x_float=1.0, decode_x_min=1.0, decode_x_max=1.0, prefill_x_float=1.0)
     elif ratio:
-        out.update(decode_x_float=statistics.median(ratio["decode"]), decode_x_min=min(ratio["decode"]),
-                   decode_x_max=max(ratio["decode"]), prefill_x_float=statistics.median(ratio["prefill"]))
+        out.update(
+            decode_x_float=statistics.median(ratio["decode"]),
+            decode_x_min=min(ratio["decode"]),
+            decode_x_max=max(ratio["decode"]),
+            prefill_x_float=statistics.median(ratio["prefill"]),
+        )
     return out

@@ -27,29 +27,65 @@ def _targets(f: pd.DataFrame) -> list[tuple[str, str, bool | None]]:
     best4 = min(uniform4, key=lambda m: f.loc[m, "kld_mean"])
     for alloc in [m for m in f.index if "auto4.3" in m]:
         k, b = f.loc[alloc, "kld_mean"], f.loc[best4, "kld_mean"]
-        out.append((f"{alloc}: KL <= 0.7x the best uniform 4-bit row ({best4})",
-                    f"{k:.4f} vs {b:.4f} ({k / b:.2f}x) at {f.loc[alloc, 'bits_per_weight']:.3f} vs "
-                    f"{f.loc[best4, 'bits_per_weight']:.3f} bits/weight", k <= 0.7 * b))
+        out.append(
+            (
+                f"{alloc}: KL <= 0.7x the best uniform 4-bit row ({best4})",
+                f"{k:.4f} vs {b:.4f} ({k / b:.2f}x) at {f.loc[alloc, 'bits_per_weight']:.3f} vs "
+                f"{f.loc[best4, 'bits_per_weight']:.3f} bits/weight",
+                k <= 0.7 * b,
+            )
+        )
     for alloc in [m for m in f.index if "auto3.5" in m]:
         bpw = f.loc[alloc, "bits_per_weight"]
-        rivals = [m for m in f.index if not m.startswith(("baseline",)) and "auto" not in m
-                  and f.loc[m, "bits_per_weight"] <= bpw + 1e-9]
-        beats = all(f.loc[alloc, "kld_mean"] < f.loc[m, "kld_mean"] and f.loc[alloc, "ppl"] < f.loc[m, "ppl"]
-                    for m in rivals)
-        out.append((f"{alloc} ({bpw:.3f} bits/weight): KL and PPL below every uniform row that fits "
-                    f"({', '.join(rivals) or 'none'})",
-                    f"KL {f.loc[alloc, 'kld_mean']:.4f}, PPL {f.loc[alloc, 'ppl']:.3f}; rivals "
-                    + "; ".join(f"{m} KL {f.loc[m, 'kld_mean']:.4f} PPL {f.loc[m, 'ppl']:.3f}" for m in rivals),
-                    beats if rivals else None))
+        rivals = [
+            m
+            for m in f.index
+            if not m.startswith(("baseline",))
+            and "auto" not in m
+            and f.loc[m, "bits_per_weight"] <= bpw + 1e-9
+        ]
+        beats = all(
+            f.loc[alloc, "kld_mean"] < f.loc[m, "kld_mean"]
+            and f.loc[alloc, "ppl"] < f.loc[m, "ppl"]
+            for m in rivals
+        )
+        out.append(
+            (
+                f"{alloc} ({bpw:.3f} bits/weight): KL and PPL below every uniform row that fits "
+                f"({', '.join(rivals) or 'none'})",
+                f"KL {f.loc[alloc, 'kld_mean']:.4f}, PPL {f.loc[alloc, 'ppl']:.3f}; rivals "
+                + "; ".join(
+                    f"{m} KL {f.loc[m, 'kld_mean']:.4f} PPL {f.loc[m, 'ppl']:.3f}" for m in rivals
+                ),
+                beats if rivals else None,
+            )
+        )
     k_imp, k_rtn = f.loc["rtn-w4-g64-imp", "kld_mean"], f.loc["rtn-w4-g64", "kld_mean"]
-    out.append(("importance-weighted RTN below plain RTN's KL (W4 g64)", f"{k_imp:.4f} vs {k_rtn:.4f}", k_imp < k_rtn))
+    out.append(
+        (
+            "importance-weighted RTN below plain RTN's KL (W4 g64)",
+            f"{k_imp:.4f} vs {k_rtn:.4f}",
+            k_imp < k_rtn,
+        )
+    )
     for m in [m for m in f.index if m.startswith("hqq")]:
-        out.append((f"{m}: present with its time and memory", f"KL {f.loc[m, 'kld_mean']:.4f}, PPL "
-                    f"{f.loc[m, 'ppl']:.3f}, quantized in {f.loc[m, 'quantize_s']:.1f} s, peak RSS "
-                    f"{f.loc[m, 'peak_rss_quantize_bytes'] / 2**20:.0f} MB while quantizing", None))
+        out.append(
+            (
+                f"{m}: present with its time and memory",
+                f"KL {f.loc[m, 'kld_mean']:.4f}, PPL "
+                f"{f.loc[m, 'ppl']:.3f}, quantized in {f.loc[m, 'quantize_s']:.1f} s, peak RSS "
+                f"{f.loc[m, 'peak_rss_quantize_bytes'] / 2**20:.0f} MB while quantizing",
+                None,
+            )
+        )
     secs = f["allocation_s"].dropna()
-    out.append(("the allocation search <= 10 minutes (first method measures, the others reuse)",
-                ", ".join(f"{m} {s:.0f} s" for m, s in secs.items()), bool(len(secs)) and secs.max() <= 600))
+    out.append(
+        (
+            "the allocation search <= 10 minutes (first method measures, the others reuse)",
+            ", ".join(f"{m} {s:.0f} s" for m, s in secs.items()),
+            bool(len(secs)) and secs.max() <= 600,
+        )
+    )
     return out
 
 
@@ -62,16 +98,37 @@ def main() -> int:
     if not WIKITEXT.is_dir():
         print(f"WikiText-2 not found at {WIKITEXT}", file=sys.stderr)
         return 2
-    sets = [f"threads={args.threads}", f"eval.source={WIKITEXT}", "eval.split=test",
-            f"eval.max_windows={args.windows}"]
-    cmd = [sys.executable, "-m", "quantlab", "run", str(ROOT / "recipes" / "size_budget.yaml"), "--out", args.out]
+    sets = [
+        f"threads={args.threads}",
+        f"eval.source={WIKITEXT}",
+        "eval.split=test",
+        f"eval.max_windows={args.windows}",
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "quantlab",
+        "run",
+        str(ROOT / "recipes" / "size_budget.yaml"),
+        "--out",
+        args.out,
+    ]
     for s in sets:
         cmd += ["--set", s]
     subprocess.run(cmd, check=True)
     frame = pd.read_csv(Path(args.out) / "results.csv")
     frame["quantize_peak_MB"] = frame["peak_rss_quantize_bytes"] / 2**20
-    cols = ["method", "bits", "bits_per_weight", "ppl", "kld_mean", "top1_agreement", "quantize_s", "allocation_s",
-            "quantize_peak_MB"]
+    cols = [
+        "method",
+        "bits",
+        "bits_per_weight",
+        "ppl",
+        "kld_mean",
+        "top1_agreement",
+        "quantize_s",
+        "allocation_s",
+        "quantize_peak_MB",
+    ]
     print(frame[[c for c in cols if c in frame]].to_string(index=False))
     for what, figure, ok in _targets(frame):
         print(f"[{ {True: 'MET', False: 'NOT MET', None: 'info'}[ok] }] {what}: {figure}")

@@ -29,7 +29,11 @@ ROOT = Path(__file__).resolve().parents[1]
 METHODS = [
     {"label": "rtn-w4-g32", "backend": "rtn", "options": {"bits": 4, "group_size": 32}},
     {"label": "rtn-w8", "backend": "rtn", "options": {"bits": 8, "group_size": 32}},
-    {"label": "rtn-w4-asym", "backend": "rtn", "options": {"bits": 4, "group_size": 32, "sym": False}},
+    {
+        "label": "rtn-w4-asym",
+        "backend": "rtn",
+        "options": {"bits": 4, "group_size": 32, "sym": False},
+    },
     {"label": "gptq-w4-g32", "backend": "gptq", "options": {"bits": 4, "group_size": 32}},
     {"label": "gptq-w3-g32", "backend": "gptq", "options": {"bits": 3, "group_size": 32}},
     {"label": "awq-w4-g32", "backend": "awq", "options": {"bits": 4, "group_size": 32}},
@@ -46,9 +50,18 @@ def tiny_model(out: Path) -> Path:
     if (out / "config.json").is_file():
         return out
     tok = AutoTokenizer.from_pretrained(demo_model_dir("smollm2-135m"))
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).save_pretrained(out)
     tok.save_pretrained(out)
@@ -56,10 +69,15 @@ def tiny_model(out: Path) -> Path:
 
 
 def recipe(path: Path, model: Path) -> Path:
-    doc = {"name": "bench-executors", "model": {"source": str(model)}, "threads": 1,
-           "calibration": {"samples": 32, "seq_len": 128}, "methods": METHODS,
-           "eval": {"seq_len": 128, "max_windows": 16, "batch_size": 4, "speed": {"enabled": False}},
-           "output": {"report": False}}
+    doc = {
+        "name": "bench-executors",
+        "model": {"source": str(model)},
+        "threads": 1,
+        "calibration": {"samples": 32, "seq_len": 128},
+        "methods": METHODS,
+        "eval": {"seq_len": 128, "max_windows": 16, "batch_size": 4, "speed": {"enabled": False}},
+        "output": {"report": False},
+    }
     path.write_text(json.dumps(doc))
     return path
 
@@ -67,8 +85,22 @@ def recipe(path: Path, model: Path) -> Path:
 def one_run(recipe_path: Path, out: Path, executor: str) -> float:
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "quantlab", "run", str(recipe_path), "--out", str(out),
-                           "--executor", executor], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "quantlab",
+            "run",
+            str(recipe_path),
+            "--out",
+            str(out),
+            "--executor",
+            executor,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     wall = time.perf_counter() - t0
     if proc.returncode:
         sys.exit(f"{executor} run failed:\n{proc.stderr[-3000:]}")
@@ -91,12 +123,16 @@ def main() -> None:
     ratios = [b / a for a, b in zip(walls["local"], walls["ray"])]
     a = pd.read_csv(out / "run-local" / "results.csv").set_index("method")
     b = pd.read_csv(out / "run-ray" / "results.csv").set_index("method")
-    same = a["ppl"].tolist() == b["ppl"].tolist() and a["kld_mean"].tolist() == b["kld_mean"].tolist()
+    same = (
+        a["ppl"].tolist() == b["ppl"].tolist() and a["kld_mean"].tolist() == b["kld_mean"].tolist()
+    )
     print(f"\n{len(METHODS)} methods + baseline, threads 1, {args.rounds} alternating rounds")
     print(f"local wall: {', '.join(f'{w:.1f}' for w in walls['local'])} s")
     print(f"ray wall:   {', '.join(f'{w:.1f}' for w in walls['ray'])} s")
-    print(f"ray / local per round: {', '.join(f'{x:.2f}' for x in ratios)}; median {statistics.median(ratios):.2f} "
-          f"(target <= 1.20: {'met' if statistics.median(ratios) <= 1.2 else 'NOT met'})")
+    print(
+        f"ray / local per round: {', '.join(f'{x:.2f}' for x in ratios)}; median {statistics.median(ratios):.2f} "
+        f"(target <= 1.20: {'met' if statistics.median(ratios) <= 1.2 else 'NOT met'})"
+    )
     print(f"perplexities and KL identical (bit for bit): {same}")
 
 

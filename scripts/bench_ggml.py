@@ -60,26 +60,45 @@ def _files(args, out: Path, model, cal, template, f32: Path, im, im_file: Path):
     quantize = find_llamacpp().tool("llama-quantize")
     for qtype in args.types.split(","):
         preset = out / f"llamacpp-{qtype}-imatrix.gguf"
-        run_tool([quantize, "--imatrix", im_file, f32, preset, qtype], what="llama-quantize",
-                 timeout_s=600)
+        run_tool(
+            [quantize, "--imatrix", im_file, f32, preset, qtype],
+            what="llama-quantize",
+            timeout_s=600,
+        )
         yield f"llama-quantize --imatrix {qtype} (preset)", preset
         pure = out / f"llamacpp-pure-{qtype}-imatrix.gguf"
-        run_tool([quantize, "--pure", "--token-embedding-type", "q8_0", "--imatrix", im_file,
-                  f32, pure, qtype], what="llama-quantize --pure", timeout_s=600)
+        run_tool(
+            [
+                quantize,
+                "--pure",
+                "--token-embedding-type",
+                "q8_0",
+                "--imatrix",
+                im_file,
+                f32,
+                pure,
+                qtype,
+            ],
+            what="llama-quantize --pure",
+            timeout_s=600,
+        )
         yield f"llama-quantize --pure --token-embedding-type q8_0 --imatrix {qtype}", pure
         ours = out / f"quantlab-{qtype}-imatrix.gguf"
-        export_ggml(model, ours, template, qtype,
-                    importance={n: im.importance(n) for n in im.sums})
+        export_ggml(model, ours, template, qtype, importance={n: im.importance(n) for n in im.sums})
         yield f"quantlab ggml {qtype} + imatrix", ours
         folded, im_s, stats = copy.deepcopy(model), copy.deepcopy(im), {}
         cfg = Ggml.Config(type=qtype, imatrix=True, search="awq", n_grid=args.n_grid)
         awq_fold(folded, cal, qtype, im_s, gguf_names_of(folded), cfg, stats)
         searched = out / f"quantlab-{qtype}-imatrix-awq.gguf"
-        export_ggml(folded, searched, template, qtype,
-                    importance={n: im_s.importance(n) for n in im_s.sums})
+        export_ggml(
+            folded, searched, template, qtype, importance={n: im_s.importance(n) for n in im_s.sums}
+        )
         gain = sum(v["search_loss_identity"] / v["search_loss_best"] for v in stats.values())
-        print(f"  search: mean identity/best loss ratio {gain / len(stats):.3f} over "
-              f"{len(stats)} linears", flush=True)
+        print(
+            f"  search: mean identity/best loss ratio {gain / len(stats):.3f} over "
+            f"{len(stats)} linears",
+            flush=True,
+        )
         del folded
         yield f"quantlab ggml {qtype} + imatrix + search awq (n_grid {args.n_grid})", searched
 
@@ -106,16 +125,21 @@ def main() -> int:
     base = out / "f32.kld"
     kw = dict(ctx=512, chunks=args.chunks, threads=args.threads, kld_base=base)
     f32 = perplexity(tools, setup[3], WIKITEXT, **kw)
-    print(f"WikiText-2 v1 test, ctx 512, {args.chunks} chunks, llama-perplexity; F32 PPL "
-          f"{f32['ppl']:.4f}", flush=True)
+    print(
+        f"WikiText-2 v1 test, ctx 512, {args.chunks} chunks, llama-perplexity; F32 PPL "
+        f"{f32['ppl']:.4f}",
+        flush=True,
+    )
     for label, path in _files(args, out, *setup):
         r = perplexity(tools, path, WIKITEXT, kld=True, **kw)
         row = {"file": label, "bytes": path.stat().st_size, **r}
         with open(out / "rows.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
-        print(f"| {label} | {row['bytes']} | {r['ppl']:.4f} | {r['kld_mean']:.6f} ± "
-              f"{r['kld_stderr']:.6f} | {r['kld_p99']:.4f} | {100 * r['top1_agreement']:.2f}% |",
-              flush=True)
+        print(
+            f"| {label} | {row['bytes']} | {r['ppl']:.4f} | {r['kld_mean']:.6f} ± "
+            f"{r['kld_stderr']:.6f} | {r['kld_p99']:.4f} | {100 * r['top1_agreement']:.2f}% |",
+            flush=True,
+        )
     return 0
 
 

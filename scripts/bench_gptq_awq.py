@@ -47,7 +47,9 @@ WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--methods", default="rtn4,gptq4,awq4,rtn3,gptq3")
@@ -65,21 +67,35 @@ def main() -> int:
     base = load_model("smollm2-135m", dtype=torch.float32, device=cpu)
     weights_bytes = sum(p.numel() * p.element_size() for p in base.model.parameters())
     cal_text = load_text("pydoc", None, "calibration")
-    cal = sample_calibration(tokenize(cal_text, base.tokenizer), cal_text, args.samples, args.seq_len, 0)
+    cal = sample_calibration(
+        tokenize(cal_text, base.tokenizer), cal_text, args.samples, args.seq_len, 0
+    )
     pydoc_ids = tokenize(load_text("pydoc", None, "evaluation"), base.tokenizer)
-    wt_ids = tokenize(load_text(str(WIKITEXT), None, "evaluation"), base.tokenizer) if WIKITEXT.is_dir() else None
-    print(f"# float weights {weights_bytes / 1e6:.1f} MB, rss after load {rss_bytes() / 1e6:.0f} MB, "
-          f"calibration {args.samples}x{args.seq_len} tokens of {cal_text.name}, threads {torch.get_num_threads()}",
-          file=sys.stderr)
+    wt_ids = (
+        tokenize(load_text(str(WIKITEXT), None, "evaluation"), base.tokenizer)
+        if WIKITEXT.is_dir()
+        else None
+    )
+    print(
+        f"# float weights {weights_bytes / 1e6:.1f} MB, rss after load {rss_bytes() / 1e6:.0f} MB, "
+        f"calibration {args.samples}x{args.seq_len} tokens of {cal_text.name}, threads {torch.get_num_threads()}",
+        file=sys.stderr,
+    )
 
     out_root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench-gptq-awq-"))
     wt_plan = gptq_plan(wt_ids, 512, args.wikitext_windows) if wt_ids is not None else None
-    reference = (compute_reference(base.model, wt_plan, out_root / "reference", args.batch_size, "wikitext")
-                 if wt_plan is not None else None)
+    reference = (
+        compute_reference(base.model, wt_plan, out_root / "reference", args.batch_size, "wikitext")
+        if wt_plan is not None
+        else None
+    )
 
     def score(model, divergence: bool = False) -> dict:
-        r = {"ppl_pydoc": perplexity_gptq(model, pydoc_ids, 512, max_windows=args.pydoc_windows,
-                                          batch_size=args.batch_size).ppl}
+        r = {
+            "ppl_pydoc": perplexity_gptq(
+                model, pydoc_ids, 512, max_windows=args.pydoc_windows, batch_size=args.batch_size
+            ).ppl
+        }
         if wt_plan is not None:
             ppl, div = evaluate(model, wt_plan, args.batch_size, reference if divergence else None)
             r["ppl_wikitext"] = ppl.ppl
@@ -107,14 +123,23 @@ def main() -> int:
         del q, work
         gc.collect()
         loaded = load_checkpoint(ckpt, dtype=torch.float32, device=cpu).model
-        row = {"method": key, "backend": backend_name, **opts, "quantize_s": round(quantize_s, 1),
-               "export_s": round(export_s, 1), "peak_rss_quantize_bytes": mem.peak_bytes,
-               "rss_before_quantize_bytes": mem.start_bytes,
-               "peak_rss_over_float_weights": round(mem.peak_bytes / weights_bytes, 2),
-               "runtime_rss_bytes": runtime_rss,
-               "peak_rss_above_runtime_over_float_weights": round((mem.peak_bytes - runtime_rss) / weights_bytes, 2),
-               "stage_seconds": {k: round(v, 1) for k, v in stage_seconds.items()},
-               "size_bytes": weight_bytes(ckpt), **score(loaded, divergence=True)}
+        row = {
+            "method": key,
+            "backend": backend_name,
+            **opts,
+            "quantize_s": round(quantize_s, 1),
+            "export_s": round(export_s, 1),
+            "peak_rss_quantize_bytes": mem.peak_bytes,
+            "rss_before_quantize_bytes": mem.start_bytes,
+            "peak_rss_over_float_weights": round(mem.peak_bytes / weights_bytes, 2),
+            "runtime_rss_bytes": runtime_rss,
+            "peak_rss_above_runtime_over_float_weights": round(
+                (mem.peak_bytes - runtime_rss) / weights_bytes, 2
+            ),
+            "stage_seconds": {k: round(v, 1) for k, v in stage_seconds.items()},
+            "size_bytes": weight_bytes(ckpt),
+            **score(loaded, divergence=True),
+        }
         rows.append(row)
         print(json.dumps(row), flush=True)
         del loaded
@@ -122,9 +147,22 @@ def main() -> int:
 
     import pandas as pd
 
-    cols = [c for c in ["method", "ppl_pydoc", "ppl_wikitext", "kld_mean", "kld_p99", "top1_agreement",
-                        "size_bytes", "quantize_s", "peak_rss_over_float_weights",
-                        "peak_rss_above_runtime_over_float_weights"] if c in pd.DataFrame(rows)]
+    cols = [
+        c
+        for c in [
+            "method",
+            "ppl_pydoc",
+            "ppl_wikitext",
+            "kld_mean",
+            "kld_p99",
+            "top1_agreement",
+            "size_bytes",
+            "quantize_s",
+            "peak_rss_over_float_weights",
+            "peak_rss_above_runtime_over_float_weights",
+        ]
+        if c in pd.DataFrame(rows)
+    ]
     print(pd.DataFrame(rows)[cols].to_string(index=False))
     return 0
 

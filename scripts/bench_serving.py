@@ -26,33 +26,49 @@ from quantlab.engines.serving import serving_table
 from quantlab.engines.vllm import cpu_isa, find_vllm
 from quantlab.errors import QuantlabError
 
-TARGETS = ("targets (issue 28), on a CPU whose vLLM build has the W4A16 kernel: AWQ/GPTQ W4 rows "
-           ">= 1.5x the float model's output tokens/s at concurrency 8 and >= 1.1x at 1, same run")
+TARGETS = (
+    "targets (issue 28), on a CPU whose vLLM build has the W4A16 kernel: AWQ/GPTQ W4 rows "
+    ">= 1.5x the float model's output tokens/s at concurrency 8 and >= 1.1x at 1, same run"
+)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--float", dest="float_dir", required=True, help="the float checkpoint")
-    p.add_argument("--method", action="append", default=[], metavar="LABEL=DIR",
-                   help="a quantized checkpoint (repeat)")
-    p.add_argument("--float-dtype", nargs="+", default=["bfloat16", "float32"],
-                   help="dtypes the float model is served in; the fastest is the reference")
+    p.add_argument(
+        "--method",
+        action="append",
+        default=[],
+        metavar="LABEL=DIR",
+        help="a quantized checkpoint (repeat)",
+    )
+    p.add_argument(
+        "--float-dtype",
+        nargs="+",
+        default=["bfloat16", "float32"],
+        help="dtypes the float model is served in; the fastest is the reference",
+    )
     p.add_argument("--dtype", default="bfloat16", help="activation dtype of the quantized rows")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     p.add_argument("--requests", type=int, default=16)
     p.add_argument("--input-tokens", type=int, default=256)
     p.add_argument("--output-tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--eager", action="store_true",
-                   help="no torch.compile (faster start-up; not what a deployment runs)")
+    p.add_argument(
+        "--eager",
+        action="store_true",
+        help="no torch.compile (faster start-up; not what a deployment runs)",
+    )
     p.add_argument("--log-dir", type=Path, default=Path("runs/bench-serving"))
     p.add_argument("--out", type=Path, help="write every figure and raw sample here (JSON)")
     return p.parse_args(argv)
 
 
 def rows_of(args) -> list[dict]:
-    rows = [{"method": "float", "dtype": d, "dir": args.float_dir, "float": True}
-            for d in args.float_dtype]
+    rows = [
+        {"method": "float", "dtype": d, "dir": args.float_dir, "float": True}
+        for d in args.float_dtype
+    ]
     for m in args.method:
         label, sep, path = m.partition("=")
         if not sep or not label or not path:
@@ -66,18 +82,24 @@ def rows_of(args) -> list[dict]:
 
 
 def table(records) -> str:
-    head = (f"{'method':>14} {'dtype':>9} {'c':>3} {'out_tok/s':>9} {'req/s':>6} {'TTFT p50':>9} "
-            f"{'p99':>8} {'TPOT p50':>8} {'p99':>7} {'x float':>7}")
+    head = (
+        f"{'method':>14} {'dtype':>9} {'c':>3} {'out_tok/s':>9} {'req/s':>6} {'TTFT p50':>9} "
+        f"{'p99':>8} {'TPOT p50':>8} {'p99':>7} {'x float':>7}"
+    )
     lines = [head]
     for r in records:
         if "error" in r:
-            lines.append(f"{r['method']:>14} {r['dtype']:>9} {r['concurrency']:>3}  "
-                         f"error: {r['error'][:160]}")
+            lines.append(
+                f"{r['method']:>14} {r['dtype']:>9} {r['concurrency']:>3}  "
+                f"error: {r['error'][:160]}"
+            )
             continue
-        lines.append(f"{r['method']:>14} {r['dtype']:>9} {r['concurrency']:>3} "
-                     f"{r['output_tokens_per_s']:9.1f} {r['requests_per_s']:6.2f} "
-                     f"{r['ttft_ms_p50']:9.0f} {r['ttft_ms_p99']:8.0f} {r['tpot_ms_p50']:8.1f} "
-                     f"{r['tpot_ms_p99']:7.1f} {r.get('x_float', float('nan')):7.2f}")
+        lines.append(
+            f"{r['method']:>14} {r['dtype']:>9} {r['concurrency']:>3} "
+            f"{r['output_tokens_per_s']:9.1f} {r['requests_per_s']:6.2f} "
+            f"{r['ttft_ms_p50']:9.0f} {r['ttft_ms_p99']:8.0f} {r['tpot_ms_p50']:8.1f} "
+            f"{r['tpot_ms_p99']:7.1f} {r.get('x_float', float('nan')):7.2f}"
+        )
     return "\n".join(lines)
 
 
@@ -96,29 +118,41 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         vllm = find_vllm()
-        records = serving_table(vllm, rows_of(args), concurrency=args.concurrency,
-                                requests=args.requests, input_tokens=args.input_tokens,
-                                output_tokens=args.output_tokens, rounds=args.rounds,
-                                eager=args.eager, log_dir=args.log_dir, log=log)
+        records = serving_table(
+            vllm,
+            rows_of(args),
+            concurrency=args.concurrency,
+            requests=args.requests,
+            input_tokens=args.input_tokens,
+            output_tokens=args.output_tokens,
+            rounds=args.rounds,
+            eager=args.eager,
+            log_dir=args.log_dir,
+            log=log,
+        )
     except QuantlabError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"error: interrupted; every server was stopped (logs: {args.log_dir})",
-              file=sys.stderr)
+        print(
+            f"error: interrupted; every server was stopped (logs: {args.log_dir})", file=sys.stderr
+        )
         return 130
-    print(f"serving: vLLM's OpenAI server ({vllm.label}, {'eager' if args.eager else 'compiled'}),"
-          " load from vllm.benchmarks.serve: random"
-          f" {args.input_tokens}-in/{args.output_tokens}-out"
-          f" tokens, ignore_eos, {args.requests} requests per load, {args.rounds} round(s);"
-          f" CPU {cpu_isa()}; medians over rounds; x float: median per-round ratio of output"
-          " tokens/s to the fastest float row; TTFT/TPOT in ms")
+    print(
+        f"serving: vLLM's OpenAI server ({vllm.label}, {'eager' if args.eager else 'compiled'}),"
+        " load from vllm.benchmarks.serve: random"
+        f" {args.input_tokens}-in/{args.output_tokens}-out"
+        f" tokens, ignore_eos, {args.requests} requests per load, {args.rounds} round(s);"
+        f" CPU {cpu_isa()}; medians over rounds; x float: median per-round ratio of output"
+        " tokens/s to the fastest float row; TTFT/TPOT in ms"
+    )
     print(table(records))
     print(TARGETS)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"serving": records, "vllm": vllm.label,
-                                        "isa": cpu_isa()}, indent=1))
+        args.out.write_text(
+            json.dumps({"serving": records, "vllm": vllm.label, "isa": cpu_isa()}, indent=1)
+        )
     return 0
 
 

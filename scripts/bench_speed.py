@@ -46,50 +46,92 @@ CONFIGS = [
 
 
 def _recipe(threads: int, llamacpp: bool) -> dict:
-    methods = [{"label": "float", "backend": "none"},
-               {"label": "rtn-w4-g32", "backend": "rtn", "options": {"bits": 4, "group_size": 32, "sym": False}}]
+    methods = [
+        {"label": "float", "backend": "none"},
+        {
+            "label": "rtn-w4-g32",
+            "backend": "rtn",
+            "options": {"bits": 4, "group_size": 32, "sym": False},
+        },
+    ]
     if llamacpp:
-        methods.append({"label": "llamacpp-q4_0", "backend": "llamacpp", "options": {"type": "Q4_0"}})
-    return {"name": "bench-speed", "model": {"source": "smollm2-135m"}, "threads": threads, "methods": methods,
-            "eval": {"max_windows": 2, "divergence": {"enabled": False}, "speed": {"enabled": False}}}
+        methods.append(
+            {"label": "llamacpp-q4_0", "backend": "llamacpp", "options": {"type": "Q4_0"}}
+        )
+    return {
+        "name": "bench-speed",
+        "model": {"source": "smollm2-135m"},
+        "threads": threads,
+        "methods": methods,
+        "eval": {"max_windows": 2, "divergence": {"enabled": False}, "speed": {"enabled": False}},
+    }
 
 
 def _export(out: Path, threads: int, llamacpp: bool) -> None:
     recipe = out / "bench_speed.yaml"
     out.mkdir(parents=True, exist_ok=True)
     recipe.write_text(yaml.safe_dump(_recipe(threads, llamacpp), sort_keys=False))
-    subprocess.run([sys.executable, "-m", "quantlab", "run", str(recipe), "--out", str(out / "run")], check=True)
+    subprocess.run(
+        [sys.executable, "-m", "quantlab", "run", str(recipe), "--out", str(out / "run")],
+        check=True,
+    )
 
 
-def _measure(out: Path, method: str, kernel: str, mode: str, prompt: torch.Tensor, bandwidth: float) -> dict:
+def _measure(
+    out: Path, method: str, kernel: str, mode: str, prompt: torch.Tensor, bandwidth: float
+) -> dict:
     """One measurement in a fresh process: what a compiled measurement leaves behind (inductor's
     worker pool, its OpenMP threads) must not slow the eager one after it."""
-    cmd = [sys.executable, __file__, "--measure", str(out), method, kernel, mode, json.dumps(prompt.tolist()),
-           str(bandwidth), "--threads", str(torch.get_num_threads())]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--measure",
+        str(out),
+        method,
+        kernel,
+        mode,
+        json.dumps(prompt.tolist()),
+        str(bandwidth),
+        "--threads",
+        str(torch.get_num_threads()),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"measuring {method} {kernel} {mode} failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _measure_here(out: Path, method: str, kernel: str, mode: str, prompt: torch.Tensor, bandwidth: float) -> dict:
+def _measure_here(
+    out: Path, method: str, kernel: str, mode: str, prompt: torch.Tensor, bandwidth: float
+) -> dict:
     from quantlab.bench.speed import decode_bound, measure_speed
     from quantlab.checkpoint import load_checkpoint
     from quantlab.models import quiet_progress_bars
 
     quiet_progress_bars()
-    loaded = load_checkpoint(out / "run" / method / "checkpoint", dtype=torch.float32, device=torch.device("cpu"),
-                             verify=False, kernel=kernel)
-    m = measure_speed(loaded.model, prompt, new_tokens=NEW, warmup=WARMUP, repeats=REPEATS, mode=mode)
+    loaded = load_checkpoint(
+        out / "run" / method / "checkpoint",
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        verify=False,
+        kernel=kernel,
+    )
+    m = measure_speed(
+        loaded.model, prompt, new_tokens=NEW, warmup=WARMUP, repeats=REPEATS, mode=mode
+    )
     m["bound"] = decode_bound(loaded.model, bandwidth)["decode_bound_tokens_per_s"]
-    m["kernels"] = {k: (v["kernel"], v["max_tokens"]) for k, v in loaded.info["kernels"]["shapes"].items()}
+    m["kernels"] = {
+        k: (v["kernel"], v["max_tokens"]) for k, v in loaded.info["kernels"]["shapes"].items()
+    }
     return m
 
 
 def _llama_bench(gguf: Path, threads: int) -> float:
     from quantlab.engines.llamacpp import bench, find_llamacpp
 
-    recs = bench(find_llamacpp(), [gguf], threads=threads, n_prompt=PROMPT, n_gen=NEW, repetitions=REPEATS)
+    recs = bench(
+        find_llamacpp(), [gguf], threads=threads, n_prompt=PROMPT, n_gen=NEW, repetitions=REPEATS
+    )
     return next(r["tokens_per_s"] for r in recs if r["test"] == "decode")
 
 
@@ -99,7 +141,9 @@ def _rounds(out: Path, rounds: int, threads: int, llamacpp: bool) -> dict:
     from quantlab.models import load_model
 
     torch.set_num_threads(threads)
-    tok = load_model(str(out / "run" / "float" / "checkpoint"), dtype=torch.float32, device=torch.device("cpu")).tokenizer
+    tok = load_model(
+        str(out / "run" / "float" / "checkpoint"), dtype=torch.float32, device=torch.device("cpu")
+    ).tokenizer
     prompt = tokenize(load_text("pydoc", None, "evaluation"), tok)[:PROMPT]
     bandwidth = memory_bandwidth()
     ratios: dict[str, list[float]] = {c[0]: [] for c in CONFIGS[1:]}
@@ -112,16 +156,22 @@ def _rounds(out: Path, rounds: int, threads: int, llamacpp: bool) -> dict:
         todo = [(c[0], lambda c=c: _measure(out, *c[1:], prompt, bandwidth)) for c in CONFIGS[1:]]
         if llamacpp:
             gguf = out / "run" / "llamacpp-q4_0" / "checkpoint" / "model.gguf"
-            todo.append(("llama.cpp Q4_0", lambda g=gguf: {"decode_tokens_per_s": _llama_bench(g, threads)}))
+            todo.append(
+                ("llama.cpp Q4_0", lambda g=gguf: {"decode_tokens_per_s": _llama_bench(g, threads)})
+            )
         for label, fn in todo:
             m = fn()
             nxt = _measure(out, *CONFIGS[0][1:], prompt, bandwidth)
             figures[label].append(m)
             figures[CONFIGS[0][0]].append(nxt)
-            ratios[label].append(m["decode_tokens_per_s"] / statistics.fmean(
-                [ref["decode_tokens_per_s"], nxt["decode_tokens_per_s"]]))
-            print(f"round {rnd + 1}: {label}: {m['decode_tokens_per_s']:.1f} tok/s, {ratios[label][-1]:.2f}x float eager",
-                  flush=True)
+            ratios[label].append(
+                m["decode_tokens_per_s"]
+                / statistics.fmean([ref["decode_tokens_per_s"], nxt["decode_tokens_per_s"]])
+            )
+            print(
+                f"round {rnd + 1}: {label}: {m['decode_tokens_per_s']:.1f} tok/s, {ratios[label][-1]:.2f}x float eager",
+                flush=True,
+            )
             ref = nxt
     return {"ratios": ratios, "figures": figures, "bandwidth": bandwidth}
 
@@ -134,24 +184,48 @@ def _targets(res: dict, llamacpp: bool) -> list[tuple[str, str, bool | None]]:
     r, f = res["ratios"], res["figures"]
     med = {k: statistics.median(v) for k, v in r.items()}
     fe, fc = f["float eager"], f["float compiled"]
-    out = [("compiled decode of the float model >= 2x eager", f"{med['float compiled']:.2f}x "
+    out = [
+        (
+            "compiled decode of the float model >= 2x eager",
+            f"{med['float compiled']:.2f}x "
             f"({_median(fc, 'decode_tokens_per_s'):.1f} vs {_median(fe, 'decode_tokens_per_s'):.1f} tok/s)",
-            med["float compiled"] >= 2),
-           ("compiled float decode >= 50% of its bandwidth bound",
+            med["float compiled"] >= 2,
+        ),
+        (
+            "compiled float decode >= 50% of its bandwidth bound",
             f"{_median(fc, 'decode_tokens_per_s') / fc[0]['bound']:.0%} of {fc[0]['bound']:.1f} tok/s "
             f"(eager: {_median(fe, 'decode_tokens_per_s') / fe[0]['bound']:.0%})",
-            _median(fc, "decode_tokens_per_s") / fc[0]["bound"] >= 0.5)]
+            _median(fc, "decode_tokens_per_s") / fc[0]["bound"] >= 0.5,
+        ),
+    ]
     best = max(("rtn-w4-g32 auto compiled", "rtn-w4-g32 int4pack compiled"), key=lambda k: med[k])
-    out.append((f"4-bit auto+compiled >= 2.5x float eager ({best})", f"{med[best]:.2f}x "
-                f"(rounds {', '.join(f'{x:.2f}' for x in r[best])})", med[best] >= 2.5))
+    out.append(
+        (
+            f"4-bit auto+compiled >= 2.5x float eager ({best})",
+            f"{med[best]:.2f}x (rounds {', '.join(f'{x:.2f}' for x in r[best])})",
+            med[best] >= 2.5,
+        )
+    )
     if llamacpp:
         q4 = _median(f[best], "decode_tokens_per_s")
         lc = _median(f["llama.cpp Q4_0"], "decode_tokens_per_s")
-        out.append(("4-bit auto+compiled >= 0.4x llama.cpp's Q4_0", f"{q4 / lc:.2f}x ({q4:.1f} vs {lc:.1f} tok/s)",
-                    q4 / lc >= 0.4))
+        out.append(
+            (
+                "4-bit auto+compiled >= 0.4x llama.cpp's Q4_0",
+                f"{q4 / lc:.2f}x ({q4:.1f} vs {lc:.1f} tok/s)",
+                q4 / lc >= 0.4,
+            )
+        )
     kernels = f["rtn-w4-g32 auto eager"][0]["kernels"]
-    out.append(("auto keeps dense for prefill where dense is faster (choices per shape)",
-                "; ".join(f"{k}: {v[0]}" + (f" <= {v[1]} tokens" if v[1] else "") for k, v in kernels.items()), None))
+    out.append(
+        (
+            "auto keeps dense for prefill where dense is faster (choices per shape)",
+            "; ".join(
+                f"{k}: {v[0]}" + (f" <= {v[1]} tokens" if v[1] else "") for k, v in kernels.items()
+            ),
+            None,
+        )
+    )
     return out
 
 
@@ -173,33 +247,58 @@ def _stability(out: Path, threads: int) -> list[tuple[str, str, bool | None]]:
         if burner:
             burner.start()
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "quantlab", "run", str(ROOT / "recipes" / "awq_int4.yaml"),
-                        "--out", str(run), "--set", f"threads={threads}"], check=True, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "quantlab",
+                "run",
+                str(ROOT / "recipes" / "awq_int4.yaml"),
+                "--out",
+                str(run),
+                "--set",
+                f"threads={threads}",
+            ],
+            check=True,
+            capture_output=True,
+        )
         if burner:
             stop.set()
             burner.join()
         frame = load_results(run)
         row = frame[frame["backend"] != "none"].iloc[0]
         results.append((load, row["decode_x_float"], row["decode_x_min"], row["decode_x_max"]))
-        print(f"stability run {i + 1} ({'one core busy' if load else 'idle'}, {time.perf_counter() - t0:.0f} s): "
-              f"x-speed {row['decode_x_float']:.3f} ({row['decode_x_min']:.3f}-{row['decode_x_max']:.3f})", flush=True)
+        print(
+            f"stability run {i + 1} ({'one core busy' if load else 'idle'}, {time.perf_counter() - t0:.0f} s): "
+            f"x-speed {row['decode_x_float']:.3f} ({row['decode_x_min']:.3f}-{row['decode_x_max']:.3f})",
+            flush=True,
+        )
     idle, a, b = (x[1] for x in results)
     spread = max(abs(a - b) / b, abs(a - idle) / idle, abs(b - idle) / idle)
-    return [("x-speed under load within 10% of each other and of the idle run",
-             f"idle {idle:.3f}, loaded {a:.3f} and {b:.3f}: largest gap {spread:.1%}", spread <= 0.10)]
+    return [
+        (
+            "x-speed under load within 10% of each other and of the idle run",
+            f"idle {idle:.3f}, loaded {a:.3f} and {b:.3f}: largest gap {spread:.1%}",
+            spread <= 0.10,
+        )
+    ]
 
 
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--measure":  # one measurement, in its own process
         out, method, kernel, mode, prompt, bandwidth = sys.argv[2:8]
         torch.set_num_threads(int(sys.argv[sys.argv.index("--threads") + 1]))
-        m = _measure_here(Path(out), method, kernel, mode, torch.tensor(json.loads(prompt)), float(bandwidth))
+        m = _measure_here(
+            Path(out), method, kernel, mode, torch.tensor(json.loads(prompt)), float(bandwidth)
+        )
         print(json.dumps(m))
         return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--stability", action="store_true", help="also the speed phase's stability under load")
+    ap.add_argument(
+        "--stability", action="store_true", help="also the speed phase's stability under load"
+    )
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench-speed"))
     args = ap.parse_args()
     out = Path(args.out)
@@ -218,14 +317,18 @@ def main() -> int:
     if args.stability:
         targets += _stability(out, args.threads)
     (out / "bench_speed.json").write_text(json.dumps(res, indent=1, default=str))
-    print(f"\nmachine: {args.threads} threads, measured bandwidth {res['bandwidth'] / 1e9:.1f} GB/s; "
-          f"decode at batch 1, {PROMPT}-token prompt, {NEW} new tokens, {WARMUP}+{REPEATS} repeats, {args.rounds} rounds")
+    print(
+        f"\nmachine: {args.threads} threads, measured bandwidth {res['bandwidth'] / 1e9:.1f} GB/s; "
+        f"decode at batch 1, {PROMPT}-token prompt, {NEW} new tokens, {WARMUP}+{REPEATS} repeats, {args.rounds} rounds"
+    )
     for label, figures in res["figures"].items():
         ms = [m["decode_tokens_per_s"] for m in figures]
         comp = [m.get("compile_s") for m in figures if m.get("compile_s")]
         extra = f", compile {statistics.median(comp):.0f} s" if comp else ""
         bound = f", bound {figures[0]['bound']:.0f} tok/s" if "bound" in figures[0] else ""
-        print(f"  {label:32s} decode {statistics.median(ms):6.1f} tok/s (n={len(ms)}{bound}{extra})")
+        print(
+            f"  {label:32s} decode {statistics.median(ms):6.1f} tok/s (n={len(ms)}{bound}{extra})"
+        )
     for what, figure, ok in targets:
         mark = {True: "MET", False: "NOT MET", None: "info"}[ok]
         print(f"[{mark}] {what}: {figure}")

@@ -26,11 +26,15 @@ def _train_tokenizer(out_dir: Path):
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=384,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(pydoc_text("calibration").documents[:20], trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
-                                   eos_token="</s>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
     fast.save_pretrained(out_dir)
     return fast
 
@@ -42,10 +46,18 @@ def build_tiny_llama(out: Path, max_position_embeddings: int = 256) -> Path:
 
     out.mkdir(parents=True, exist_ok=True)
     tok = _train_tokenizer(out)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=max_position_embeddings, tie_word_embeddings=True,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
     model.save_pretrained(out)
@@ -82,7 +94,7 @@ eval:
   max_windows: 6
   batch_size: 3
   speed: {{prompt_tokens: 8, new_tokens: 4, warmup: 0, repeats: 2}}
-output: {{dir: "{tmp_path / 'run'}"}}
+output: {{dir: "{tmp_path / "run"}"}}
 """)
     return path
 
@@ -109,15 +121,21 @@ def write_tiny_gguf(model_dir: Path, path: Path) -> Path:
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"] if hasattr(cfg, "rope_parameters") else cfg.rope_theta)
+    w.add_rope_freq_base(
+        cfg.rope_parameters["rope_theta"] if hasattr(cfg, "rope_parameters") else cfg.rope_theta
+    )
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
     vocab = json.loads((model_dir / "tokenizer.json").read_text())["model"]
     tokens = [t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])]
     special = set(tok.all_special_tokens)
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt-2")  # the GPT-2 split regex, as the tiny tokenizer's ByteLevel pre-tokenizer
+    w.add_tokenizer_pre(
+        "gpt-2"
+    )  # the GPT-2 split regex, as the tiny tokenizer's ByteLevel pre-tokenizer
     w.add_token_list(tokens)
-    w.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens])
+    w.add_token_types(
+        [gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens]
+    )
     w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in vocab["merges"]])
     w.add_bos_token_id(tok.bos_token_id)
     w.add_eos_token_id(tok.eos_token_id)

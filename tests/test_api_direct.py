@@ -33,22 +33,41 @@ def test_a_calibrated_method_takes_texts_and_the_tokenizer(tiny, tmp_path):
     model, tok = tiny
     texts = pydoc_text("calibration").documents[:20]
     cfg = quantlab.config("gptq", bits=4, group_size=32)
-    q = quantlab.quantize(copy.deepcopy(model), cfg, tokenizer=tok, calibration=texts, samples=4, seq_len=64)
+    q = quantlab.quantize(
+        copy.deepcopy(model), cfg, tokenizer=tok, calibration=texts, samples=4, seq_len=64
+    )
     path = quantlab.save(q, tmp_path / "gptq", tokenizer=tok)
     with torch.no_grad():
         assert torch.equal(quantlab.load(path).model(IDS).logits, q(IDS).logits)
 
 
-@pytest.mark.parametrize(("call", "error", "message"), [
-    (lambda m, t: quantlab.config("rtn", bits=17), RecipeError, "bits"),
-    (lambda m, t: quantlab.config("rtnn"), QuantlabError, "did you mean 'rtn'"),
-    (lambda m, t: quantlab.quantize(m, quantlab.config("gptq", group_size=32), calibration=["some text"]), QuantlabError,
-     "needs the tokenizer"),
-    (lambda m, t: quantlab.quantize(m, quantlab.config("gptq", group_size=32), calibration=torch.zeros(2, 8)), QuantlabError,
-     "token ids"),
-    (lambda m, t: quantlab.quantize(m, {"bits": 4}), QuantlabError, "quantlab.config"),
-    (lambda m, t: quantlab.save(m, "/tmp/never", tokenizer=t), QuantlabError, "not quantized by quantlab.quantize"),
-])
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (lambda m, t: quantlab.config("rtn", bits=17), RecipeError, "bits"),
+        (lambda m, t: quantlab.config("rtnn"), QuantlabError, "did you mean 'rtn'"),
+        (
+            lambda m, t: quantlab.quantize(
+                m, quantlab.config("gptq", group_size=32), calibration=["some text"]
+            ),
+            QuantlabError,
+            "needs the tokenizer",
+        ),
+        (
+            lambda m, t: quantlab.quantize(
+                m, quantlab.config("gptq", group_size=32), calibration=torch.zeros(2, 8)
+            ),
+            QuantlabError,
+            "token ids",
+        ),
+        (lambda m, t: quantlab.quantize(m, {"bits": 4}), QuantlabError, "quantlab.config"),
+        (
+            lambda m, t: quantlab.save(m, "/tmp/never", tokenizer=t),
+            QuantlabError,
+            "not quantized by quantlab.quantize",
+        ),
+    ],
+)
 def test_wrong_input_is_a_clear_error(tiny, call, error, message):
     model, tok = tiny
     with pytest.raises(error, match=message):

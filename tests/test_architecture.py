@@ -105,8 +105,11 @@ def test_no_import_cycle(graph):
 
 
 def test_formats_never_import_quantizers(graph):
-    bad = {m: sorted(t for t in ts if t.startswith("quantlab.quantizers"))
-           for m, ts in graph.items() if m.startswith("quantlab.formats")}
+    bad = {
+        m: sorted(t for t in ts if t.startswith("quantlab.quantizers"))
+        for m, ts in graph.items()
+        if m.startswith("quantlab.formats")
+    }
     assert not {m: ts for m, ts in bad.items() if ts}
 
 
@@ -115,8 +118,12 @@ def test_grid_functions_import_nothing_of_quantlab(graph):
 
 
 def test_methods_share_through_weightonly_not_through_each_other(graph):
-    methods = {"quantlab.quantizers.rtn", "quantlab.quantizers.gptq", "quantlab.quantizers.awq",
-               "quantlab.quantizers.hqq"}
+    methods = {
+        "quantlab.quantizers.rtn",
+        "quantlab.quantizers.gptq",
+        "quantlab.quantizers.awq",
+        "quantlab.quantizers.hqq",
+    }
     for m in methods:
         assert not graph[m] & methods, f"{m} imports {sorted(graph[m] & methods)}"
 
@@ -124,8 +131,14 @@ def test_methods_share_through_weightonly_not_through_each_other(graph):
 def test_the_run_draws_and_prints_nothing(graph):
     """The run (plan, executors, one method, the pipeline, the speed phase) writes data; the
     report, plots and terminal summary are the caller's (quantlab.report.publish)."""
-    run = ["quantlab.pipeline", "quantlab.runner", "quantlab.executors", "quantlab.plan",
-           "quantlab.speedphase", "quantlab.measure"]
+    run = [
+        "quantlab.pipeline",
+        "quantlab.runner",
+        "quantlab.executors",
+        "quantlab.plan",
+        "quantlab.speedphase",
+        "quantlab.measure",
+    ]
     for m in run:
         assert not {t for t in graph[m] if t.startswith("quantlab.report")}, m
 
@@ -138,8 +151,14 @@ def test_every_name_the_run_directory_uses_is_reserved_for_labels(tmp_path):
     from quantlab.rundir import RunDir
 
     rd = RunDir(tmp_path)
-    built = [rd.plan_json, rd.plan_tensors, rd.recipe, rd.reference(), rd.allocation_cache("k" * 32),
-             *(rd.results(s) for s in ("csv", "parquet", "md"))]
+    built = [
+        rd.plan_json,
+        rd.plan_tensors,
+        rd.recipe,
+        rd.reference(),
+        rd.allocation_cache("k" * 32),
+        *(rd.results(s) for s in ("csv", "parquet", "md")),
+    ]
     assert {p.relative_to(tmp_path).parts[0] for p in built} <= RUN_ENTRIES
     assert {n.lower() for n in RUN_ENTRIES} == RESERVED_LABELS
 

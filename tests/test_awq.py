@@ -43,14 +43,20 @@ def _problem(seed=0, out_f=96, in_f=128, n=1024):
     return w, x
 
 
-@pytest.mark.parametrize("bits,group,sym,duo", [(4, 32, False, True), (4, 64, True, False),
-                                                (3, 32, False, True), (2, 32, False, False)])
+@pytest.mark.parametrize(
+    "bits,group,sym,duo",
+    [(4, 32, False, True), (4, 64, True, False), (3, 32, False, True), (2, 32, False, False)],
+)
 def test_scale_search_never_worse_than_no_scaling(bits, group, sym, duo):
     w, x = _problem(bits)
-    s, losses = awq_search_scales(w, gram(x), x.abs().mean(0), bits, group, sym, n_grid=10, duo_scaling=duo)
+    s, losses = awq_search_scales(
+        w, gram(x), x.abs().mean(0), bits, group, sym, n_grid=10, duo_scaling=duo
+    )
     assert losses.shape == (11,)
     # the objective, computed directly on the tokens, agrees with the second-moment form
-    best = float(torch.nn.functional.mse_loss(x / s @ (fake_quant(w * s, bits, group, sym)).t(), x @ w.t()))
+    best = float(
+        torch.nn.functional.mse_loss(x / s @ (fake_quant(w * s, bits, group, sym)).t(), x @ w.t())
+    )
     none = float(torch.nn.functional.mse_loss(x @ fake_quant(w, bits, group, sym).t(), x @ w.t()))
     assert best == pytest.approx(float(losses.min()), rel=1e-3)
     assert none == pytest.approx(float(losses[0]), rel=1e-3)
@@ -124,8 +130,14 @@ def test_awq_on_tiny_model_searches_then_quantizes(tiny, tmp_path):
     assert "awq_loss_identity" not in done.layer_stats["model.layers.0.self_attn.o_proj"]
     ckpt = export_checkpoint(q, tok, backend, tmp_path / "ckpt", source={}, label="a")
     qc = json.loads((ckpt / "config.json").read_text())["quantization_config"]
-    assert qc == {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True,
-                  "version": "gemm", "modules_to_not_convert": ["lm_head"]}
+    assert qc == {
+        "quant_method": "awq",
+        "bits": 4,
+        "group_size": 32,
+        "zero_point": True,
+        "version": "gemm",
+        "modules_to_not_convert": ["lm_head"],
+    }
     loaded = load_checkpoint(ckpt, dtype=torch.float32, device=torch.device("cpu")).model
     with torch.inference_mode():
         assert torch.equal(loaded(cal[:2]).logits, q(cal[:2]).logits)
@@ -142,7 +154,11 @@ def test_scale_folding_alone_keeps_the_float_model(tiny):
 
     model, tok = tiny
     cal = tokenize(pydoc_text("calibration"), tok)[: 4 * 64].view(4, 64)
-    q = AWQ(AWQ.Config(bits=8, group_size=16, format="gptq", clip=False, search_tokens=128)).quantize(copy.deepcopy(model), cal).model
+    q = (
+        AWQ(AWQ.Config(bits=8, group_size=16, format="gptq", clip=False, search_tokens=128))
+        .quantize(copy.deepcopy(model), cal)
+        .model
+    )
     with torch.inference_mode():
         a, b = model(cal).logits, q(cal).logits
     assert float((a - b).abs().max()) < 0.05 * float(a.abs().max())
@@ -169,9 +185,15 @@ def test_next_inputs_float_calibrates_later_layers_on_float_outputs(tiny):
     for mode in ("quantized", "float"):
         backend = AWQ(AWQ.Config(bits=4, group_size=32, search_tokens=128, next_inputs=mode))
         done = backend.quantize(copy.deepcopy(model), cal)
-        assert all(not isinstance(m, torch.nn.Linear) or n == "lm_head" for n, m in done.model.named_modules())
+        assert all(
+            not isinstance(m, torch.nn.Linear) or n == "lm_head"
+            for n, m in done.model.named_modules()
+        )
         stats[mode] = done.layer_stats
     first = "model.layers.0.self_attn.q_proj"
     second = "model.layers.1.self_attn.q_proj"
     assert stats["quantized"][first] == stats["float"][first]
-    assert stats["quantized"][second]["awq_loss_identity"] != stats["float"][second]["awq_loss_identity"]
+    assert (
+        stats["quantized"][second]["awq_loss_identity"]
+        != stats["float"][second]["awq_loss_identity"]
+    )

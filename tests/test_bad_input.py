@@ -121,7 +121,9 @@ def _renamed(path: Path, name: str) -> Path:
 
 
 def _bnb_missing(monkeypatch) -> None:
-    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` raises ImportError
+    monkeypatch.setitem(
+        sys.modules, "bitsandbytes", None
+    )  # `import bitsandbytes` raises ImportError
 
 
 # --------------------------------------------------------------------------- the second pass
@@ -138,6 +140,7 @@ def _replace_with_file(name: str) -> Callable[[Path], None]:
         target = run / name
         shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
         target.write_text("not a directory")
+
     return change
 
 
@@ -145,6 +148,7 @@ def _replace_with_dir(name: str) -> Callable[[Path], None]:
     def change(run: Path) -> None:
         (run / name).unlink(missing_ok=True)
         (run / name).mkdir()
+
     return change
 
 
@@ -153,6 +157,7 @@ def _edit_json(name: str, edit: Callable[[dict], None]) -> Callable[[Path], None
         doc = json.loads((d / name).read_text())
         edit(doc)
         (d / name).write_text(json.dumps(doc))
+
     return change
 
 
@@ -163,6 +168,7 @@ def _auto_map(doc: dict) -> None:
 def _safetensors(data: bytes) -> Callable[[Path], None]:
     def change(d: Path) -> None:
         (d / "model.safetensors").write_bytes(data)
+
     return change
 
 
@@ -193,15 +199,18 @@ def _foreign_dir(ctx: Ctx) -> Path:
     return d
 
 
-
 # --------------------------------------------------------------------------- the third pass
 # (issue 26): small input that grew without bound, names trusted over content, tools
 
 
 def _huge_sweep(ctx: Ctx) -> list[str]:
     keys = ", ".join(f"k{i}: [{', '.join(str(v) for v in range(10))}]" for i in range(12))
-    return ctx.run(edit=lambda t: t.replace("options: {bits: 4, group_size: 32}}",
-                                            f"options: {{bits: 4, group_size: 32}}, sweep: {{{keys}}}}}"))
+    return ctx.run(
+        edit=lambda t: t.replace(
+            "options: {bits: 4, group_size: 32}}",
+            f"options: {{bits: 4, group_size: 32}}, sweep: {{{keys}}}}}",
+        )
+    )
 
 
 def _resigned_options(d: Path) -> None:
@@ -236,217 +245,803 @@ def _tool_timeout_soon(monkeypatch) -> None:
 
 
 def _models_labelled(label: str) -> Callable[[Ctx], list[str]]:
-    return lambda c: c.run(text=BASE.format(model=c.model).replace(
-        f'model: {{source: "{c.model}"}}',
-        f'models: [{{source: "{c.model}", label: {label}}}, {{source: "{c.model}", label: other}}]'))
+    return lambda c: c.run(
+        text=BASE.format(model=c.model).replace(
+            f'model: {{source: "{c.model}"}}',
+            f'models: [{{source: "{c.model}", label: {label}}}, {{source: "{c.model}", label: other}}]',
+        )
+    )
 
 
 # id, argv builder, exact error class, regex the message must match (, optional set-up with monkeypatch)
 CASES: list[tuple] = [
-    ("yaml-malformed", lambda c: c.run(text="model: {source: x\nmethods: [\n"), RecipeError, r"invalid YAML.*line"),
-    ("yaml-not-a-mapping", lambda c: c.run(text="- rtn\n- gptq\n"), RecipeError, r"a recipe is a mapping"),
-    ("yaml-binary", lambda c: ["run", str(c.file("bin.yaml", b"\xff\xfe\x00model"))], RecipeError, r"not a UTF-8"),
-    ("recipe-missing", lambda c: ["run", str(c.root / "nope.yaml")], RecipeError, r"does not exist"),
-    ("recipe-is-a-directory", lambda c: ["run", str(c.root)], RecipeError, r"is a directory; give a recipe file"),
-    ("wrong-type", lambda c: c.run(edit=lambda t: t + "calibration: {samples: many}\n"), RecipeError,
-     r"calibration\.samples.*integer"),
-    ("unknown-top-key", lambda c: c.run(edit=lambda t: t + "modle: {}\n"), RecipeError, r"modle.*did you mean 'model'"),
-    ("unknown-nested-key", _edit("seq_len: 64", "seq_lenn: 64"), RecipeError,
-     r"seq_lenn.*did you mean 'seq_len'"),
-    ("unknown-option-key", _edit("group_size: 32", "group_sise: 32"), RecipeError,
-     r"group_sise.*did you mean 'group_size'"),
-    ("unknown-backend", _edit("backend: rtn", "backend: gptqq"), RecipeError,
-     r"gptqq.*did you mean 'gptq'"),
-    ("unknown-engine", _edit("backend: rtn, options: {bits: 4, group_size: 32}", "backend: int8-dynamic, options: {engine: fbgem}"),
-     RecipeError, r"engine"),
-    ("unknown-convention", _edit("eval: {", "eval: {convention: gpqt, "),
-     RecipeError, r"convention.*gptq"),
+    (
+        "yaml-malformed",
+        lambda c: c.run(text="model: {source: x\nmethods: [\n"),
+        RecipeError,
+        r"invalid YAML.*line",
+    ),
+    (
+        "yaml-not-a-mapping",
+        lambda c: c.run(text="- rtn\n- gptq\n"),
+        RecipeError,
+        r"a recipe is a mapping",
+    ),
+    (
+        "yaml-binary",
+        lambda c: ["run", str(c.file("bin.yaml", b"\xff\xfe\x00model"))],
+        RecipeError,
+        r"not a UTF-8",
+    ),
+    (
+        "recipe-missing",
+        lambda c: ["run", str(c.root / "nope.yaml")],
+        RecipeError,
+        r"does not exist",
+    ),
+    (
+        "recipe-is-a-directory",
+        lambda c: ["run", str(c.root)],
+        RecipeError,
+        r"is a directory; give a recipe file",
+    ),
+    (
+        "wrong-type",
+        lambda c: c.run(edit=lambda t: t + "calibration: {samples: many}\n"),
+        RecipeError,
+        r"calibration\.samples.*integer",
+    ),
+    (
+        "unknown-top-key",
+        lambda c: c.run(edit=lambda t: t + "modle: {}\n"),
+        RecipeError,
+        r"modle.*did you mean 'model'",
+    ),
+    (
+        "unknown-nested-key",
+        _edit("seq_len: 64", "seq_lenn: 64"),
+        RecipeError,
+        r"seq_lenn.*did you mean 'seq_len'",
+    ),
+    (
+        "unknown-option-key",
+        _edit("group_size: 32", "group_sise: 32"),
+        RecipeError,
+        r"group_sise.*did you mean 'group_size'",
+    ),
+    (
+        "unknown-backend",
+        _edit("backend: rtn", "backend: gptqq"),
+        RecipeError,
+        r"gptqq.*did you mean 'gptq'",
+    ),
+    (
+        "unknown-engine",
+        _edit(
+            "backend: rtn, options: {bits: 4, group_size: 32}",
+            "backend: int8-dynamic, options: {engine: fbgem}",
+        ),
+        RecipeError,
+        r"engine",
+    ),
+    (
+        "unknown-convention",
+        _edit("eval: {", "eval: {convention: gpqt, "),
+        RecipeError,
+        r"convention.*gptq",
+    ),
     ("bits-out-of-range", _edit("bits: 4", "bits: 9"), RecipeError, r"bits"),
-    ("group-size-out-of-range", _edit("group_size: 32", "group_size: 0"),
-     RecipeError, r"group_size"),
-    ("group-size-not-dividing", _edit("group_size: 32", "group_size: 48"),
-     QuantlabError, r"48.*(64|128).*32"),
-    ("dtype-unknown", _edit('source: "', 'dtype: float8, source: "'),
-     RecipeError, r"dtype.*float32"),
-    ("device-unknown", _edit('source: "', 'device: gpu, source: "'),
-     RecipeError, r"device must be auto, cpu, cuda"),
-    ("labels-repeated", _edit("methods:\n", "methods:\n  - {label: rtn-w4, backend: rtn}\n"),
-     RecipeError, r"unique.*rtn-w4"),
-    ("label-path-traversal", _edit("label: rtn-w4", "label: ../../evil"),
-     RecipeError, r"label '../../evil' must start with a letter"),
-    ("label-reserved", _edit("label: rtn-w4", "label: reference"),
-     RecipeError, r"reserved"),
-    ("name-path-traversal", lambda c: c.run(edit=lambda t: "name: ../up\n" + t), RecipeError, r"name '../up'"),
-    ("methods-empty", lambda c: c.run(text=f'model: {{source: "{c.model}"}}\nmethods: []\n'), RecipeError, r"methods"),
-    ("max-windows-zero", _edit("max_windows: 2", "max_windows: 0"),
-     RecipeError, r"max_windows"),
-    ("threads-negative", lambda c: c.run(edit=lambda t: t + "threads: -1\n"), RecipeError, r"threads"),
-    ("set-without-value", lambda c: c.run() + ["--set", "calibration.samples"], RecipeError, r"KEY=VALUE"),
-    ("set-unknown-key", lambda c: c.run() + ["--set", "calibration.sample=3"], RecipeError,
-     r"did you mean 'samples'"),
-    ("calibration-longer-than-context", lambda c: c.run(edit=lambda t: t.replace(
-        "backend: rtn, options: {bits: 4, group_size: 32}", "backend: gptq, options: {bits: 4, group_size: 32}")
-        + "calibration: {samples: 2, seq_len: 512}\n"), QuantlabError, r"seq_len=512 is longer than the model's context \(256"),
-    ("text-empty", lambda c: _with_eval_source(c, c.file("empty.txt", b"")), QuantlabError, r"is empty"),
-    ("text-binary", lambda c: _with_eval_source(c, c.file("binary.txt", b"abc\x00\x01\x02" * 100)), QuantlabError,
-     r"looks binary"),
-    ("text-not-utf8", lambda c: _with_eval_source(c, c.file("latin1.txt", "café crème".encode("latin-1") * 50)),
-     QuantlabError, r"not valid UTF-8"),
-    ("jsonl-missing-field", lambda c: _with_eval_source(c, c.file("d.jsonl", b'{"body": "x"}\n')), QuantlabError,
-     r"field 'text'"),
-    ("text-split-unknown", _edit("eval: {", "eval: {split: training, "),
-     QuantlabError, r"pydoc has splits"),
-    ("model-missing", lambda c: c.run(edit=lambda t: t.replace(str(c.model), str(c.root / "no-model"))),
-     QuantlabError, r"does not exist"),
-    ("model-dir-without-config", lambda c: c.run(edit=lambda t: t.replace(str(c.model), str(c.root / "files"))),
-     QuantlabError, r"no config.json"),
-    ("gguf-truncated", lambda c: c.run(edit=lambda t: t.replace(
-        str(c.model), str(c.file("t.gguf", b"GGUF\x03\x00\x00\x00" + b"\x01" * 40)))), QuantlabError, r"GGUF file .* truncated, damaged"),
-    ("quantization-config-foreign", lambda c: c.run(edit=lambda t: t.replace(
-        str(c.model), str(_model_dir(c, "exl2", _foreign_quant)))), QuantlabError, r"exl2"),
-    ("weights-pickle-only", lambda c: c.run(edit=lambda t: t.replace(
-        str(c.model), str(_model_dir(c, "pickle", _pickle_only)))), QuantlabError, r"pickle.*safetensors only"),
-    ("checkpoint-tensor-file-missing", lambda c: ["eval", str(_damaged_ckpt(
-        c, "missing", lambda d: (d / "model.safetensors").unlink()))], QuantlabError, r"missing 'model.safetensors'"),
-    ("checkpoint-tensor-file-corrupt", lambda c: ["eval", str(_damaged_ckpt(c, "flipped", _flip_last_byte))],
-     QuantlabError, r"does not match its manifest"),
-    ("checkpoint-truncated-no-verify", lambda c: ["eval", "--no-verify", str(_damaged_ckpt(c, "truncated", _truncate))],
-     QuantlabError, r"cannot be read"),
-    ("checkpoint-sidecar-corrupt", lambda c: ["eval", str(_damaged_ckpt(
-        c, "sidecar", lambda d: (d / "quantlab.json").write_text("{oops")))], QuantlabError, r"quantlab.json' is corrupt"),
-    ("output-is-a-file", lambda c: ["run", str(c.recipe()), "--out", str(c.file("out-file", b"x"))], QuantlabError,
-     r"is a file"),
-    ("output-read-only", lambda c: ["run", str(c.recipe()), "--out", str(_read_only_dir(c))], QuantlabError,
-     r"not writable"),
-    ("output-cannot-be-created", lambda c: ["run", str(c.recipe()), "--out", "/proc/self/quantlab/run"],
-     QuantlabError, r"cannot create output directory"),
-    ("output-of-another-recipe", lambda c: ["run", str(_renamed(c.recipe(), "other.yaml")), "--out", str(c.ref)],
-     QuantlabError, r"holds the results of recipe 'ref'"),
-    ("optional-dependency-missing", _edit("backend: rtn, options: {bits: 4, group_size: 32}", "backend: bnb"), MissingDependencyError,
-     r"pip install 'quantlab\[bnb\]'", _bnb_missing),
-    ("eval-base-missing", lambda c: ["eval", str(c.model), "--base", str(c.root / "no-base")], QuantlabError,
-     r"does not exist"),
-    ("report-not-a-run", lambda c: ["report", str(c.root / "files")], QuantlabError, r"holds no results.csv"),
-    ("report-results-corrupt", lambda c: ["report", str(c.file("bad-run/results.csv", b"\x00\xff" * 64).parent)],
-     QuantlabError, r"cannot be read as a results table"),
+    (
+        "group-size-out-of-range",
+        _edit("group_size: 32", "group_size: 0"),
+        RecipeError,
+        r"group_size",
+    ),
+    (
+        "group-size-not-dividing",
+        _edit("group_size: 32", "group_size: 48"),
+        QuantlabError,
+        r"48.*(64|128).*32",
+    ),
+    (
+        "dtype-unknown",
+        _edit('source: "', 'dtype: float8, source: "'),
+        RecipeError,
+        r"dtype.*float32",
+    ),
+    (
+        "device-unknown",
+        _edit('source: "', 'device: gpu, source: "'),
+        RecipeError,
+        r"device must be auto, cpu, cuda",
+    ),
+    (
+        "labels-repeated",
+        _edit("methods:\n", "methods:\n  - {label: rtn-w4, backend: rtn}\n"),
+        RecipeError,
+        r"unique.*rtn-w4",
+    ),
+    (
+        "label-path-traversal",
+        _edit("label: rtn-w4", "label: ../../evil"),
+        RecipeError,
+        r"label '../../evil' must start with a letter",
+    ),
+    ("label-reserved", _edit("label: rtn-w4", "label: reference"), RecipeError, r"reserved"),
+    (
+        "name-path-traversal",
+        lambda c: c.run(edit=lambda t: "name: ../up\n" + t),
+        RecipeError,
+        r"name '../up'",
+    ),
+    (
+        "methods-empty",
+        lambda c: c.run(text=f'model: {{source: "{c.model}"}}\nmethods: []\n'),
+        RecipeError,
+        r"methods",
+    ),
+    ("max-windows-zero", _edit("max_windows: 2", "max_windows: 0"), RecipeError, r"max_windows"),
+    (
+        "threads-negative",
+        lambda c: c.run(edit=lambda t: t + "threads: -1\n"),
+        RecipeError,
+        r"threads",
+    ),
+    (
+        "set-without-value",
+        lambda c: c.run() + ["--set", "calibration.samples"],
+        RecipeError,
+        r"KEY=VALUE",
+    ),
+    (
+        "set-unknown-key",
+        lambda c: c.run() + ["--set", "calibration.sample=3"],
+        RecipeError,
+        r"did you mean 'samples'",
+    ),
+    (
+        "calibration-longer-than-context",
+        lambda c: c.run(
+            edit=lambda t: (
+                t.replace(
+                    "backend: rtn, options: {bits: 4, group_size: 32}",
+                    "backend: gptq, options: {bits: 4, group_size: 32}",
+                )
+                + "calibration: {samples: 2, seq_len: 512}\n"
+            )
+        ),
+        QuantlabError,
+        r"seq_len=512 is longer than the model's context \(256",
+    ),
+    (
+        "text-empty",
+        lambda c: _with_eval_source(c, c.file("empty.txt", b"")),
+        QuantlabError,
+        r"is empty",
+    ),
+    (
+        "text-binary",
+        lambda c: _with_eval_source(c, c.file("binary.txt", b"abc\x00\x01\x02" * 100)),
+        QuantlabError,
+        r"looks binary",
+    ),
+    (
+        "text-not-utf8",
+        lambda c: _with_eval_source(c, c.file("latin1.txt", "café crème".encode("latin-1") * 50)),
+        QuantlabError,
+        r"not valid UTF-8",
+    ),
+    (
+        "jsonl-missing-field",
+        lambda c: _with_eval_source(c, c.file("d.jsonl", b'{"body": "x"}\n')),
+        QuantlabError,
+        r"field 'text'",
+    ),
+    (
+        "text-split-unknown",
+        _edit("eval: {", "eval: {split: training, "),
+        QuantlabError,
+        r"pydoc has splits",
+    ),
+    (
+        "model-missing",
+        lambda c: c.run(edit=lambda t: t.replace(str(c.model), str(c.root / "no-model"))),
+        QuantlabError,
+        r"does not exist",
+    ),
+    (
+        "model-dir-without-config",
+        lambda c: c.run(edit=lambda t: t.replace(str(c.model), str(c.root / "files"))),
+        QuantlabError,
+        r"no config.json",
+    ),
+    (
+        "gguf-truncated",
+        lambda c: c.run(
+            edit=lambda t: t.replace(
+                str(c.model), str(c.file("t.gguf", b"GGUF\x03\x00\x00\x00" + b"\x01" * 40))
+            )
+        ),
+        QuantlabError,
+        r"GGUF file .* truncated, damaged",
+    ),
+    (
+        "quantization-config-foreign",
+        lambda c: c.run(
+            edit=lambda t: t.replace(str(c.model), str(_model_dir(c, "exl2", _foreign_quant)))
+        ),
+        QuantlabError,
+        r"exl2",
+    ),
+    (
+        "weights-pickle-only",
+        lambda c: c.run(
+            edit=lambda t: t.replace(str(c.model), str(_model_dir(c, "pickle", _pickle_only)))
+        ),
+        QuantlabError,
+        r"pickle.*safetensors only",
+    ),
+    (
+        "checkpoint-tensor-file-missing",
+        lambda c: [
+            "eval",
+            str(_damaged_ckpt(c, "missing", lambda d: (d / "model.safetensors").unlink())),
+        ],
+        QuantlabError,
+        r"missing 'model.safetensors'",
+    ),
+    (
+        "checkpoint-tensor-file-corrupt",
+        lambda c: ["eval", str(_damaged_ckpt(c, "flipped", _flip_last_byte))],
+        QuantlabError,
+        r"does not match its manifest",
+    ),
+    (
+        "checkpoint-truncated-no-verify",
+        lambda c: ["eval", "--no-verify", str(_damaged_ckpt(c, "truncated", _truncate))],
+        QuantlabError,
+        r"cannot be read",
+    ),
+    (
+        "checkpoint-sidecar-corrupt",
+        lambda c: [
+            "eval",
+            str(_damaged_ckpt(c, "sidecar", lambda d: (d / "quantlab.json").write_text("{oops"))),
+        ],
+        QuantlabError,
+        r"quantlab.json' is corrupt",
+    ),
+    (
+        "output-is-a-file",
+        lambda c: ["run", str(c.recipe()), "--out", str(c.file("out-file", b"x"))],
+        QuantlabError,
+        r"is a file",
+    ),
+    (
+        "output-read-only",
+        lambda c: ["run", str(c.recipe()), "--out", str(_read_only_dir(c))],
+        QuantlabError,
+        r"not writable",
+    ),
+    (
+        "output-cannot-be-created",
+        lambda c: ["run", str(c.recipe()), "--out", "/proc/self/quantlab/run"],
+        QuantlabError,
+        r"cannot create output directory",
+    ),
+    (
+        "output-of-another-recipe",
+        lambda c: ["run", str(_renamed(c.recipe(), "other.yaml")), "--out", str(c.ref)],
+        QuantlabError,
+        r"holds the results of recipe 'ref'",
+    ),
+    (
+        "optional-dependency-missing",
+        _edit("backend: rtn, options: {bits: 4, group_size: 32}", "backend: bnb"),
+        MissingDependencyError,
+        r"pip install 'quantlab\[bnb\]'",
+        _bnb_missing,
+    ),
+    (
+        "eval-base-missing",
+        lambda c: ["eval", str(c.model), "--base", str(c.root / "no-base")],
+        QuantlabError,
+        r"does not exist",
+    ),
+    (
+        "report-not-a-run",
+        lambda c: ["report", str(c.root / "files")],
+        QuantlabError,
+        r"holds no results.csv",
+    ),
+    (
+        "report-results-corrupt",
+        lambda c: ["report", str(c.file("bad-run/results.csv", b"\x00\xff" * 64).parent)],
+        QuantlabError,
+        r"cannot be read as a results table",
+    ),
     # 2. writing over other runs or outside the output directory
-    ("report-out-over-another-run", lambda c: ["report", str(_run_copy(c, "other")), "--out", str(c.ref)],
-     QuantlabError, r"holds a quantlab run, not a report"),
-    ("compare-out-over-a-compared-run", lambda c: ["compare", str(_run_copy(c, "other")), str(_run_copy(c, "other2")),
-                                                   "--out", str(c.ref)], QuantlabError, r"holds a quantlab run, not a report"),
-    ("run-out-inside-another-run", lambda c: ["run", str(_renamed(c.recipe(), "nested.yaml")), "--out",
-                                              str(c.ref / "rtn-w4" / "checkpoint" / "nested")],
-     QuantlabError, r"is inside the quantlab (run|checkpoint) directory"),
-    ("run-out-foreign-directory", lambda c: ["run", str(c.recipe()), "--out", str(_foreign_dir(c))],
-     QuantlabError, r"already holds files that quantlab did not write"),
-    ("label-300-characters", _edit("label: rtn-w4", "label: " + "x" * 300), RecipeError, r"300 characters.*at most 100"),
-    ("late-failure-nothing-left-to-quantize", _edit("group_size: 32}", "group_size: 32, skip: ['*']}"),
-     QuantlabError, r"no linear layer is left to quantize"),
+    (
+        "report-out-over-another-run",
+        lambda c: ["report", str(_run_copy(c, "other")), "--out", str(c.ref)],
+        QuantlabError,
+        r"holds a quantlab run, not a report",
+    ),
+    (
+        "compare-out-over-a-compared-run",
+        lambda c: [
+            "compare",
+            str(_run_copy(c, "other")),
+            str(_run_copy(c, "other2")),
+            "--out",
+            str(c.ref),
+        ],
+        QuantlabError,
+        r"holds a quantlab run, not a report",
+    ),
+    (
+        "run-out-inside-another-run",
+        lambda c: [
+            "run",
+            str(_renamed(c.recipe(), "nested.yaml")),
+            "--out",
+            str(c.ref / "rtn-w4" / "checkpoint" / "nested"),
+        ],
+        QuantlabError,
+        r"is inside the quantlab (run|checkpoint) directory",
+    ),
+    (
+        "run-out-foreign-directory",
+        lambda c: ["run", str(c.recipe()), "--out", str(_foreign_dir(c))],
+        QuantlabError,
+        r"already holds files that quantlab did not write",
+    ),
+    (
+        "label-300-characters",
+        _edit("label: rtn-w4", "label: " + "x" * 300),
+        RecipeError,
+        r"300 characters.*at most 100",
+    ),
+    (
+        "late-failure-nothing-left-to-quantize",
+        _edit("group_size: 32}", "group_size: 32, skip: ['*']}"),
+        QuantlabError,
+        r"no linear layer is left to quantize",
+    ),
     # 3. code or content from a checkpoint that should not be trusted
-    ("checkpoint-auto-map", lambda c: ["eval", "--no-verify", str(_damaged_ckpt(c, "auto-map", _edit_json(
-        "config.json", _auto_map)))], QuantlabError, r"auto_map.*does not run"),
-    ("model-auto-map", lambda c: c.run(edit=lambda t: t.replace(str(c.model), str(_model_dir(
-        c, "auto-map", _edit_json("config.json", _auto_map))))), QuantlabError, r"auto_map.*trust_remote_code"),
-    ("checkpoint-manifest-deleted", lambda c: ["eval", str(_damaged_ckpt(c, "no-files", _edit_json(
-        "quantlab.json", lambda d: d.pop("files"))))], QuantlabError, r"has no manifest of its files"),
-    ("checkpoint-manifest-a-list", lambda c: ["eval", str(_damaged_ckpt(c, "files-list", _edit_json(
-        "quantlab.json", lambda d: d.update(files=list(d["files"])))))], QuantlabError, r"has no manifest"),
-    ("checkpoint-manifest-null-entry", lambda c: ["eval", str(_damaged_ckpt(c, "files-null", _edit_json(
-        "quantlab.json", lambda d: d["files"].update({"config.json": None}))))], QuantlabError,
-     r"entry of 'config.json' is not"),
-    ("checkpoint-manifest-outside", lambda c: ["eval", str(_damaged_ckpt(c, "files-outside", _edit_json(
-        "quantlab.json", lambda d: d["files"].update({"../../etc/passwd": {"sha256": "0", "bytes": 1}}))))],
-     QuantlabError, r"outside the checkpoint"),
-    ("checkpoint-sidecar-options-edited", lambda c: ["eval", str(_damaged_ckpt(c, "bits-8", _edit_json(
-        "quantlab.json", lambda d: d["options"].update(bits=8))))], QuantlabError, r"changed since export"),
+    (
+        "checkpoint-auto-map",
+        lambda c: [
+            "eval",
+            "--no-verify",
+            str(_damaged_ckpt(c, "auto-map", _edit_json("config.json", _auto_map))),
+        ],
+        QuantlabError,
+        r"auto_map.*does not run",
+    ),
+    (
+        "model-auto-map",
+        lambda c: c.run(
+            edit=lambda t: t.replace(
+                str(c.model), str(_model_dir(c, "auto-map", _edit_json("config.json", _auto_map)))
+            )
+        ),
+        QuantlabError,
+        r"auto_map.*trust_remote_code",
+    ),
+    (
+        "checkpoint-manifest-deleted",
+        lambda c: [
+            "eval",
+            str(
+                _damaged_ckpt(c, "no-files", _edit_json("quantlab.json", lambda d: d.pop("files")))
+            ),
+        ],
+        QuantlabError,
+        r"has no manifest of its files",
+    ),
+    (
+        "checkpoint-manifest-a-list",
+        lambda c: [
+            "eval",
+            str(
+                _damaged_ckpt(
+                    c,
+                    "files-list",
+                    _edit_json("quantlab.json", lambda d: d.update(files=list(d["files"]))),
+                )
+            ),
+        ],
+        QuantlabError,
+        r"has no manifest",
+    ),
+    (
+        "checkpoint-manifest-null-entry",
+        lambda c: [
+            "eval",
+            str(
+                _damaged_ckpt(
+                    c,
+                    "files-null",
+                    _edit_json("quantlab.json", lambda d: d["files"].update({"config.json": None})),
+                )
+            ),
+        ],
+        QuantlabError,
+        r"entry of 'config.json' is not",
+    ),
+    (
+        "checkpoint-manifest-outside",
+        lambda c: [
+            "eval",
+            str(
+                _damaged_ckpt(
+                    c,
+                    "files-outside",
+                    _edit_json(
+                        "quantlab.json",
+                        lambda d: d["files"].update(
+                            {"../../etc/passwd": {"sha256": "0", "bytes": 1}}
+                        ),
+                    ),
+                )
+            ),
+        ],
+        QuantlabError,
+        r"outside the checkpoint",
+    ),
+    (
+        "checkpoint-sidecar-options-edited",
+        lambda c: [
+            "eval",
+            str(
+                _damaged_ckpt(
+                    c, "bits-8", _edit_json("quantlab.json", lambda d: d["options"].update(bits=8))
+                )
+            ),
+        ],
+        QuantlabError,
+        r"changed since export",
+    ),
     # 4. damaged or odd state: one error line each
-    ("weights-random-bytes", lambda c: c.run(edit=lambda t: t.replace(str(c.model), str(_model_dir(
-        c, "random", _safetensors(os.urandom(4096)))))), QuantlabError, r"model.safetensors' cannot be read"),
-    ("weights-header-size-absurd", lambda c: c.run(edit=lambda t: t.replace(str(c.model), str(_model_dir(
-        c, "absurd", _safetensors((2**62).to_bytes(8, "little") + b"{}"))))), QuantlabError, r"header size is impossible"),
-    ("weights-truncated", lambda c: c.run(edit=lambda t: t.replace(str(c.model), str(_model_dir(
-        c, "half", _truncated_weights)))), QuantlabError, r"shorter than its header says"),
-    ("checkpoint-random-bytes-no-verify", lambda c: ["eval", "--no-verify", str(_damaged_ckpt(
-        c, "random", _safetensors(os.urandom(4096))))], QuantlabError, r"cannot be read"),
-    ("sidecar-backend-contradicts-tensors", lambda c: ["eval", "--no-verify", str(_damaged_ckpt(c, "as-awq", _edit_json(
-        "quantlab.json", lambda d: d.update(backend="int8-dynamic"))))], QuantlabError, r"cannot be loaded by backend 'int8-dynamic'"),
-    ("eval-device-torch-rejects", lambda c: ["eval", str(c.model), "--device", "gpu:x"], QuantlabError,
-     r"not a device torch knows"),
-    ("eval-device-no-cuda", lambda c: ["eval", str(c.model), "--device", "cuda:3"], QuantlabError, r"CUDA is not available"),
-    ("cache-is-a-file", _demo_run, QuantlabError, r"cache directory .* cannot be used.*QUANTLAB_CACHE",
-     lambda mp: mp.setenv("QUANTLAB_CACHE", "/proc/self/status")),
-    ("cache-unwritable", _demo_run, QuantlabError, r"cache directory .* cannot be used",
-     lambda mp: mp.setenv("QUANTLAB_CACHE", "/proc/self/quantlab-cache")),
-    ("lock-file-is-a-directory", lambda c: ["run", str(c.recipe()), "--out", str(_run_copy(
-        c, "lock-dir", _replace_with_dir(".quantlab.lock")))], QuantlabError, r"lock file .* is not a plain file"),
-    ("method-directory-is-a-file", lambda c: ["run", str(c.recipe()), "--out", str(_run_copy(
-        c, "mdir-file", _replace_with_file("rtn-w4")))], QuantlabError, r"method directory .* is a file"),
-    ("checkpoint-is-a-file", lambda c: ["run", str(c.recipe()), "--force", "--out", str(_run_copy(
-        c, "ckpt-file", _replace_with_file("rtn-w4/checkpoint")))], QuantlabError, r"checkpoint directory .* is a file"),
-    ("reference-is-a-file", lambda c: ["run", str(c.recipe()), "--force", "--out", str(_run_copy(
-        c, "ref-file", _replace_with_file("reference")))], QuantlabError, r"divergence reference .* is a file"),
-    ("plots-is-a-file", lambda c: ["report", str(_run_copy(c, "plots-file", _replace_with_file("plots")))],
-     QuantlabError, r"plots directory .* is a file"),
+    (
+        "weights-random-bytes",
+        lambda c: c.run(
+            edit=lambda t: t.replace(
+                str(c.model), str(_model_dir(c, "random", _safetensors(os.urandom(4096))))
+            )
+        ),
+        QuantlabError,
+        r"model.safetensors' cannot be read",
+    ),
+    (
+        "weights-header-size-absurd",
+        lambda c: c.run(
+            edit=lambda t: t.replace(
+                str(c.model),
+                str(_model_dir(c, "absurd", _safetensors((2**62).to_bytes(8, "little") + b"{}"))),
+            )
+        ),
+        QuantlabError,
+        r"header size is impossible",
+    ),
+    (
+        "weights-truncated",
+        lambda c: c.run(
+            edit=lambda t: t.replace(str(c.model), str(_model_dir(c, "half", _truncated_weights)))
+        ),
+        QuantlabError,
+        r"shorter than its header says",
+    ),
+    (
+        "checkpoint-random-bytes-no-verify",
+        lambda c: [
+            "eval",
+            "--no-verify",
+            str(_damaged_ckpt(c, "random", _safetensors(os.urandom(4096)))),
+        ],
+        QuantlabError,
+        r"cannot be read",
+    ),
+    (
+        "sidecar-backend-contradicts-tensors",
+        lambda c: [
+            "eval",
+            "--no-verify",
+            str(
+                _damaged_ckpt(
+                    c,
+                    "as-awq",
+                    _edit_json("quantlab.json", lambda d: d.update(backend="int8-dynamic")),
+                )
+            ),
+        ],
+        QuantlabError,
+        r"cannot be loaded by backend 'int8-dynamic'",
+    ),
+    (
+        "eval-device-torch-rejects",
+        lambda c: ["eval", str(c.model), "--device", "gpu:x"],
+        QuantlabError,
+        r"not a device torch knows",
+    ),
+    (
+        "eval-device-no-cuda",
+        lambda c: ["eval", str(c.model), "--device", "cuda:3"],
+        QuantlabError,
+        r"CUDA is not available",
+    ),
+    (
+        "cache-is-a-file",
+        _demo_run,
+        QuantlabError,
+        r"cache directory .* cannot be used.*QUANTLAB_CACHE",
+        lambda mp: mp.setenv("QUANTLAB_CACHE", "/proc/self/status"),
+    ),
+    (
+        "cache-unwritable",
+        _demo_run,
+        QuantlabError,
+        r"cache directory .* cannot be used",
+        lambda mp: mp.setenv("QUANTLAB_CACHE", "/proc/self/quantlab-cache"),
+    ),
+    (
+        "lock-file-is-a-directory",
+        lambda c: [
+            "run",
+            str(c.recipe()),
+            "--out",
+            str(_run_copy(c, "lock-dir", _replace_with_dir(".quantlab.lock"))),
+        ],
+        QuantlabError,
+        r"lock file .* is not a plain file",
+    ),
+    (
+        "method-directory-is-a-file",
+        lambda c: [
+            "run",
+            str(c.recipe()),
+            "--out",
+            str(_run_copy(c, "mdir-file", _replace_with_file("rtn-w4"))),
+        ],
+        QuantlabError,
+        r"method directory .* is a file",
+    ),
+    (
+        "checkpoint-is-a-file",
+        lambda c: [
+            "run",
+            str(c.recipe()),
+            "--force",
+            "--out",
+            str(_run_copy(c, "ckpt-file", _replace_with_file("rtn-w4/checkpoint"))),
+        ],
+        QuantlabError,
+        r"checkpoint directory .* is a file",
+    ),
+    (
+        "reference-is-a-file",
+        lambda c: [
+            "run",
+            str(c.recipe()),
+            "--force",
+            "--out",
+            str(_run_copy(c, "ref-file", _replace_with_file("reference"))),
+        ],
+        QuantlabError,
+        r"divergence reference .* is a file",
+    ),
+    (
+        "plots-is-a-file",
+        lambda c: ["report", str(_run_copy(c, "plots-file", _replace_with_file("plots")))],
+        QuantlabError,
+        r"plots directory .* is a file",
+    ),
     # 5. resource exhaustion
-    ("yaml-billion-laughs", lambda c: c.run(text=_billion_laughs()), RecipeError, r"expands to more than 100000 values"),
-    ("recipe-file-too-large", lambda c: ["run", str(c.file("big.yaml", b"# padding\n" * 120_000))], RecipeError,
-     r"too large for a recipe"),
+    (
+        "yaml-billion-laughs",
+        lambda c: c.run(text=_billion_laughs()),
+        RecipeError,
+        r"expands to more than 100000 values",
+    ),
+    (
+        "recipe-file-too-large",
+        lambda c: ["run", str(c.file("big.yaml", b"# padding\n" * 120_000))],
+        RecipeError,
+        r"too large for a recipe",
+    ),
     # 6. smaller but real
-    ("label-baseline-with-implicit-baseline", _edit("label: rtn-w4", "label: baseline"), RecipeError,
-     r"labelled 'baseline'"),
-    ("group-size-true", _edit("group_size: 32", "group_size: true"), RecipeError, r"group_size.*valid integer"),
-    ("max-windows-true", _edit("max_windows: 2", "max_windows: true"), RecipeError, r"max_windows.*valid integer"),
-    ("yaml-duplicate-key", _edit("eval: {", "eval: {seq_len: 32, "), RecipeError, r"'seq_len' is given twice"),
-    ("validate-model-missing", lambda c: ["validate", str(c.recipe(edit=lambda t: t.replace(
-        str(c.model), str(c.root / "no-model"))))], QuantlabError, r"does not exist"),
-    ("validate-text-missing", lambda c: ["validate", str(c.recipe(edit=lambda t: t.replace(
-        "eval: {", f'eval: {{source: "{c.root / "no-text.txt"}", ')))], QuantlabError, r"text source .* does not exist"),
-    ("model-without-weights", lambda c: c.run(edit=lambda t: t.replace(str(c.model), str(_model_dir(
-        c, "no-weights", _no_weights)))), QuantlabError, r"holds no weight files"),
-    ("sensitivity-seq-len-over-context", _edit("group_size: 32}", "group_size: 32}, sensitivity: {seq_len: 512}"),
-     QuantlabError, r"methods\[0\]\.sensitivity\.seq_len=512"),
-    ("speed-decodes-past-context", _edit("speed: {enabled: false}", "speed: {new_tokens: 400}"), QuantlabError,
-     r"decode past the model's context \(256"),
-    ("eval-stride-not-strided", lambda c: ["eval", str(c.model), "--stride", "16"], QuantlabError,
-     r"--stride applies to the strided convention"),
-    ("eval-bos-not-llamacpp", lambda c: ["eval", str(c.model), "--bos", "yes"], QuantlabError,
-     r"--bos applies to the llamacpp convention"),
-    ("eval-kl-windows-without-base", lambda c: ["eval", str(c.model), "--kl-windows", "2"], QuantlabError,
-     r"--kl-windows applies to the divergence"),
+    (
+        "label-baseline-with-implicit-baseline",
+        _edit("label: rtn-w4", "label: baseline"),
+        RecipeError,
+        r"labelled 'baseline'",
+    ),
+    (
+        "group-size-true",
+        _edit("group_size: 32", "group_size: true"),
+        RecipeError,
+        r"group_size.*valid integer",
+    ),
+    (
+        "max-windows-true",
+        _edit("max_windows: 2", "max_windows: true"),
+        RecipeError,
+        r"max_windows.*valid integer",
+    ),
+    (
+        "yaml-duplicate-key",
+        _edit("eval: {", "eval: {seq_len: 32, "),
+        RecipeError,
+        r"'seq_len' is given twice",
+    ),
+    (
+        "validate-model-missing",
+        lambda c: [
+            "validate",
+            str(c.recipe(edit=lambda t: t.replace(str(c.model), str(c.root / "no-model")))),
+        ],
+        QuantlabError,
+        r"does not exist",
+    ),
+    (
+        "validate-text-missing",
+        lambda c: [
+            "validate",
+            str(
+                c.recipe(
+                    edit=lambda t: t.replace(
+                        "eval: {", f'eval: {{source: "{c.root / "no-text.txt"}", '
+                    )
+                )
+            ),
+        ],
+        QuantlabError,
+        r"text source .* does not exist",
+    ),
+    (
+        "model-without-weights",
+        lambda c: c.run(
+            edit=lambda t: t.replace(str(c.model), str(_model_dir(c, "no-weights", _no_weights)))
+        ),
+        QuantlabError,
+        r"holds no weight files",
+    ),
+    (
+        "sensitivity-seq-len-over-context",
+        _edit("group_size: 32}", "group_size: 32}, sensitivity: {seq_len: 512}"),
+        QuantlabError,
+        r"methods\[0\]\.sensitivity\.seq_len=512",
+    ),
+    (
+        "speed-decodes-past-context",
+        _edit("speed: {enabled: false}", "speed: {new_tokens: 400}"),
+        QuantlabError,
+        r"decode past the model's context \(256",
+    ),
+    (
+        "eval-stride-not-strided",
+        lambda c: ["eval", str(c.model), "--stride", "16"],
+        QuantlabError,
+        r"--stride applies to the strided convention",
+    ),
+    (
+        "eval-bos-not-llamacpp",
+        lambda c: ["eval", str(c.model), "--bos", "yes"],
+        QuantlabError,
+        r"--bos applies to the llamacpp convention",
+    ),
+    (
+        "eval-kl-windows-without-base",
+        lambda c: ["eval", str(c.model), "--kl-windows", "2"],
+        QuantlabError,
+        r"--kl-windows applies to the divergence",
+    ),
     # more instances of the same classes
-    ("yaml-nested-too-deep", lambda c: c.run(text="methods: " + "[" * 50_000 + "]" * 50_000 + "\n"), RecipeError,
-     r"nested too deeply"),
-    ("text-source-not-a-regular-file", lambda c: _with_eval_source(c, Path("/dev/zero")), QuantlabError,
-     r"not a regular file"),
-    ("text-field-not-jsonl", _edit("eval: {", "eval: {text_field: body, "), RecipeError,
-     r"text_field applies to \.jsonl"),
-    ("task-limit-without-tasks", _edit("eval: {", "eval: {task_limit: 5, "), RecipeError,
-     r"task_limit applies to eval\.tasks"),
-    ("eval-text-field-not-jsonl", lambda c: ["eval", str(c.model), "--text-field", "body"], QuantlabError,
-     r"--text-field applies to \.jsonl"),
-    ("checkpoint-sidecar-nested-too-deep", lambda c: ["eval", str(_damaged_ckpt(
-        c, "deep", lambda d: (d / "quantlab.json").write_text("[" * 100_000 + "]" * 100_000)))], QuantlabError,
-     r"quantlab.json' is corrupt"),
-    ("tokenizer-garbage", lambda c: c.run(edit=lambda t: t.replace(str(c.model), str(_model_dir(
-        c, "bad-tokenizer", lambda d: (d / "tokenizer.json").write_bytes(os.urandom(512)))))), QuantlabError,
-     r"could not load model .*tokenizer|could not load model"),
+    (
+        "yaml-nested-too-deep",
+        lambda c: c.run(text="methods: " + "[" * 50_000 + "]" * 50_000 + "\n"),
+        RecipeError,
+        r"nested too deeply",
+    ),
+    (
+        "text-source-not-a-regular-file",
+        lambda c: _with_eval_source(c, Path("/dev/zero")),
+        QuantlabError,
+        r"not a regular file",
+    ),
+    (
+        "text-field-not-jsonl",
+        _edit("eval: {", "eval: {text_field: body, "),
+        RecipeError,
+        r"text_field applies to \.jsonl",
+    ),
+    (
+        "task-limit-without-tasks",
+        _edit("eval: {", "eval: {task_limit: 5, "),
+        RecipeError,
+        r"task_limit applies to eval\.tasks",
+    ),
+    (
+        "eval-text-field-not-jsonl",
+        lambda c: ["eval", str(c.model), "--text-field", "body"],
+        QuantlabError,
+        r"--text-field applies to \.jsonl",
+    ),
+    (
+        "checkpoint-sidecar-nested-too-deep",
+        lambda c: [
+            "eval",
+            str(
+                _damaged_ckpt(
+                    c,
+                    "deep",
+                    lambda d: (d / "quantlab.json").write_text("[" * 100_000 + "]" * 100_000),
+                )
+            ),
+        ],
+        QuantlabError,
+        r"quantlab.json' is corrupt",
+    ),
+    (
+        "tokenizer-garbage",
+        lambda c: c.run(
+            edit=lambda t: t.replace(
+                str(c.model),
+                str(
+                    _model_dir(
+                        c,
+                        "bad-tokenizer",
+                        lambda d: (d / "tokenizer.json").write_bytes(os.urandom(512)),
+                    )
+                ),
+            )
+        ),
+        QuantlabError,
+        r"could not load model .*tokenizer|could not load model",
+    ),
     # the third pass (issue 26)
-    ("sweep-10-to-the-12", _huge_sweep, RecipeError, r"sweep expands to 1000000000000 methods; at most 256"),
-    ("sweep-key-unknown", _edit("group_size: 32}", "group_size: 32}, sweep: {sym: [true], grup_size: [64]}"),
-     RecipeError, r"sweep\.grup_size: unknown key.*did you mean 'group_size'"),
-    ("model-labelled-report", _models_labelled("report"), RecipeError,
-     r"'report', is the name of an entry quantlab writes"),
+    (
+        "sweep-10-to-the-12",
+        _huge_sweep,
+        RecipeError,
+        r"sweep expands to 1000000000000 methods; at most 256",
+    ),
+    (
+        "sweep-key-unknown",
+        _edit("group_size: 32}", "group_size: 32}, sweep: {sym: [true], grup_size: [64]}"),
+        RecipeError,
+        r"sweep\.grup_size: unknown key.*did you mean 'group_size'",
+    ),
+    (
+        "model-labelled-report",
+        _models_labelled("report"),
+        RecipeError,
+        r"'report', is the name of an entry quantlab writes",
+    ),
     ("text-source-fifo", lambda c: _with_eval_source(c, _fifo(c)), QuantlabError, r"FIFO"),
-    ("checkpoint-options-resigned-invalid", lambda c: ["eval", str(_damaged_ckpt(c, "bits-four", _resigned_options))],
-     QuantlabError, r"sidecar's options are not valid rtn options"),
-    ("tool-timeout-not-a-number", _edit("group_size: 32}", "group_size: 32}, export: [native, gguf]"), QuantlabError,
-     r"QUANTLAB_TOOL_TIMEOUT_S='soon' is not a positive", _tool_timeout_soon),
+    (
+        "checkpoint-options-resigned-invalid",
+        lambda c: ["eval", str(_damaged_ckpt(c, "bits-four", _resigned_options))],
+        QuantlabError,
+        r"sidecar's options are not valid rtn options",
+    ),
+    (
+        "tool-timeout-not-a-number",
+        _edit("group_size: 32}", "group_size: 32}, export: [native, gguf]"),
+        QuantlabError,
+        r"QUANTLAB_TOOL_TIMEOUT_S='soon' is not a positive",
+        _tool_timeout_soon,
+    ),
 ]
 
 
 def _fingerprint(run: Path) -> dict[str, str]:
-    return {str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(run.rglob("*")) if p.is_file() and p.name != ".quantlab.lock"}
+    return {
+        str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(run.rglob("*"))
+        if p.is_file() and p.name != ".quantlab.lock"
+    }
 
 
 @pytest.fixture(scope="module")
@@ -480,6 +1075,8 @@ def test_bad_input(case, ctx, monkeypatch, capsys):
     # the command line: exit 2, a message, no traceback
     assert cli.main(argv) == cli.EXIT_USER_ERROR
     err = capsys.readouterr().err
-    assert [line for line in err.splitlines() if line.startswith("error: ")] and "Traceback" not in err, err
+    assert [
+        line for line in err.splitlines() if line.startswith("error: ")
+    ] and "Traceback" not in err, err
     # nothing already computed was touched
     assert _fingerprint(ctx.ref) == before, f"{name} changed the finished run"

@@ -39,11 +39,13 @@ def test_an_entry_is_reused_only_while_it_matches_its_record(tmp_path, capsys):
     entry, _, reused = cached(tmp_path, "k", build, what="thing")
     assert not reused and build.calls == 2 and (entry / "a.bin").read_text() == "weights"
     assert "thing at" in capsys.readouterr().err
-    damages = [lambda e: (e / "extra.bin").write_text("x"),  # a file the record does not list
-               lambda e: (e / "sub" / "b.json").unlink(),  # a listed file missing
-               lambda e: (e / RECORD).write_text("{"),  # a record that does not parse
-               lambda e: (e / RECORD).write_text('{"files": [], "meta": 3}'),
-               lambda e: (e / RECORD).unlink()]  # written before records existed
+    damages = [
+        lambda e: (e / "extra.bin").write_text("x"),  # a file the record does not list
+        lambda e: (e / "sub" / "b.json").unlink(),  # a listed file missing
+        lambda e: (e / RECORD).write_text("{"),  # a record that does not parse
+        lambda e: (e / RECORD).write_text('{"files": [], "meta": 3}'),
+        lambda e: (e / RECORD).unlink(),
+    ]  # written before records existed
     for n, damage in enumerate(damages, start=3):
         damage(entry)
         entry, _, reused = cached(tmp_path, "k", build, what="thing")
@@ -55,8 +57,13 @@ def test_an_entry_for_other_inputs_is_built_again(tmp_path):
     build = Builder()
     cached(tmp_path, "k", build, what="thing", expect={"source_sha256": "s1"})
     assert cached(tmp_path, "k", build, what="thing", expect={"source_sha256": "s1"})[2]
-    _, meta, reused = cached(tmp_path, "k", lambda tmp: {"source_sha256": "s2"}, what="thing",
-                             expect={"source_sha256": "s2"})
+    _, meta, reused = cached(
+        tmp_path,
+        "k",
+        lambda tmp: {"source_sha256": "s2"},
+        what="thing",
+        expect={"source_sha256": "s2"},
+    )
     assert not reused and meta == {"source_sha256": "s2"}
 
 
@@ -105,8 +112,14 @@ print(int(reused), (entry / "pid").read_text())
 """
     go = tmp_path / "go"
     (tmp_path / "cache").mkdir()
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "cache"), str(go)],
-                              stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(tmp_path / "cache"), str(go)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     time.sleep(1.0)
     go.touch()
     outs = [p.communicate(timeout=60)[0].split() for p in procs]

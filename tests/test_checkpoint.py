@@ -21,13 +21,23 @@ IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 8, 120, 64, 33, 2]])
 def _export(tiny, tmp_path, backend):
     model, tok = tiny
     q = backend.quantize(copy.deepcopy(model), None).model
-    ckpt = export_checkpoint(q, tok, backend, tmp_path / "ckpt", source={"source": "tiny"}, label="m")
+    ckpt = export_checkpoint(
+        q, tok, backend, tmp_path / "ckpt", source={"source": "tiny"}, label="m"
+    )
     return q, ckpt
 
 
-@pytest.mark.parametrize("opts", [dict(bits=4, group_size=32, sym=True), dict(bits=4, group_size=32, sym=False),
-                                  dict(bits=3, group_size=64, sym=True), dict(bits=2, group_size=16, sym=False),
-                                  dict(bits=8, group_size=-1, sym=True), dict(bits=5, group_size=32, sym=False)])
+@pytest.mark.parametrize(
+    "opts",
+    [
+        dict(bits=4, group_size=32, sym=True),
+        dict(bits=4, group_size=32, sym=False),
+        dict(bits=3, group_size=64, sym=True),
+        dict(bits=2, group_size=16, sym=False),
+        dict(bits=8, group_size=-1, sym=True),
+        dict(bits=5, group_size=32, sym=False),
+    ],
+)
 def test_rtn_round_trip_logits_equal(tiny, tmp_path, opts):
     q, ckpt = _export(tiny, tmp_path, RTN(RTN.Config(**opts)))
     loaded = load_checkpoint(ckpt, dtype=torch.float32, device=CPU)
@@ -53,7 +63,9 @@ def test_gptq_layout_and_config(tiny, tmp_path):
         assert f.get_tensor(p + "qweight").shape == (128 * 4 // 32, 64)
         assert f.get_tensor(p + "qweight").dtype == torch.int32
         assert f.get_tensor(p + "qzeros").shape == (4, 64 * 4 // 32)
-        assert f.get_tensor(p + "scales").dtype == torch.float16 and f.get_tensor(p + "scales").shape == (4, 64)
+        assert f.get_tensor(p + "scales").dtype == torch.float16 and f.get_tensor(
+            p + "scales"
+        ).shape == (4, 64)
         assert torch.equal(f.get_tensor(p + "g_idx"), torch.arange(128, dtype=torch.int32) // 32)
         # symmetric 4-bit: every stored zero is 8 - 1 = 7 (GPTQ v1 convention)
         assert (f.get_tensor(p + "qzeros") == 0x77777777).all()
@@ -63,7 +75,10 @@ def test_gptq_layout_and_config(tiny, tmp_path):
 
 def test_rtn_5bit_is_not_labelled_gptq(tiny, tmp_path):
     _, ckpt = _export(tiny, tmp_path, RTN(RTN.Config(bits=5, group_size=32)))
-    assert json.loads((ckpt / "config.json").read_text())["quantization_config"]["quant_method"] == "quantlab"
+    assert (
+        json.loads((ckpt / "config.json").read_text())["quantization_config"]["quant_method"]
+        == "quantlab"
+    )
 
 
 def test_round_trip_in_a_fresh_process(tiny, tmp_path):
@@ -76,10 +91,12 @@ from quantlab.checkpoint import load_checkpoint
 m = load_checkpoint({str(ckpt)!r}, dtype=torch.float32, device=torch.device('cpu')).model
 with torch.inference_mode():
     got = m(torch.tensor({IDS.tolist()})).logits
-want = torch.load({str(tmp_path / 'expected.pt')!r}, weights_only=True)
+want = torch.load({str(tmp_path / "expected.pt")!r}, weights_only=True)
 print('MAXDIFF', float((got - want).abs().max()))
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
     assert "MAXDIFF 0.0" in out
 
 
@@ -133,8 +150,14 @@ def test_the_baseline_shares_no_storage_with_the_source(tiny, tmp_path, monkeypa
     monkeypatch.setattr(ck, "CLONE_MIN_BYTES", 0)  # the tiny model's files are small
     model, tok = tiny
     source = export_checkpoint(model, tok, NoQuant(), tmp_path / "source", source={}, label="float")
-    ckpt = export_checkpoint(model, tok, NoQuant(), tmp_path / "run" / "ckpt", source={"path": str(source)},
-                             label="baseline")
+    ckpt = export_checkpoint(
+        model,
+        tok,
+        NoQuant(),
+        tmp_path / "run" / "ckpt",
+        source={"path": str(source)},
+        label="baseline",
+    )
     weights, src = ckpt / "model.safetensors", source / "model.safetensors"
     assert weights.stat().st_ino != src.stat().st_ino and weights.stat().st_nlink == 1
     assert not weights.is_symlink() and weights.read_bytes() == src.read_bytes()
@@ -144,7 +167,9 @@ def test_the_baseline_shares_no_storage_with_the_source(tiny, tmp_path, monkeypa
         f.seek(-1, 2)
         f.write(bytes([last[0] ^ 0xFF]))
     assert weights.read_bytes() != src.read_bytes()
-    loaded = load_checkpoint(ckpt, dtype=torch.float32, device=torch.device("cpu"))  # manifest verified
+    loaded = load_checkpoint(
+        ckpt, dtype=torch.float32, device=torch.device("cpu")
+    )  # manifest verified
     ids = torch.tensor([[1, 5, 9, 12]])
     with torch.no_grad():
         assert torch.equal(loaded.model(ids).logits, model(ids).logits)

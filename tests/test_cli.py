@@ -10,8 +10,20 @@ import torch
 
 from quantlab.cli import main
 
-REQUIRED = ["method", "backend", "bits", "group_size", "ppl", "ppl_convention", "eval_tokens",
-            "size_bytes", "bits_per_weight", "decode_tokens_per_s", "quantize_s", "checkpoint"]
+REQUIRED = [
+    "method",
+    "backend",
+    "bits",
+    "group_size",
+    "ppl",
+    "ppl_convention",
+    "eval_tokens",
+    "size_bytes",
+    "bits_per_weight",
+    "decode_tokens_per_s",
+    "quantize_s",
+    "checkpoint",
+]
 
 
 def test_run_writes_a_complete_run_directory(tiny_recipe, tmp_path, capsys):
@@ -22,7 +34,11 @@ def test_run_writes_a_complete_run_directory(tiny_recipe, tmp_path, capsys):
     assert set(REQUIRED) <= set(table.columns)
     assert (table["ppl_convention"] == "gptq").all() and (table["eval_tokens"] == 6 * 63).all()
     base, rtn = table.iloc[0], table.iloc[1]
-    assert rtn["size_bytes"] < base["size_bytes"] and rtn["bits_per_weight"] < 6 and base["bits_per_weight"] == 32
+    assert (
+        rtn["size_bytes"] < base["size_bytes"]
+        and rtn["bits_per_weight"] < 6
+        and base["bits_per_weight"] == 32
+    )
     for row in table.itertuples():
         assert (run / row.checkpoint / "quantlab.json").is_file()
         metrics = json.loads((run / row.method / "metrics.json").read_text())
@@ -30,7 +46,9 @@ def test_run_writes_a_complete_run_directory(tiny_recipe, tmp_path, capsys):
         b1 = metrics["speed"]["by_batch"]["b1"]
         # every sample kept: 2 repeats per measurement, pooled over the speed phase's measurements
         n = 2 * len(metrics["speed"]["measurements"])
-        assert len(b1["decode_tokens_per_s_samples"]) == len(b1["prefill_tokens_per_s_samples"]) == n
+        assert (
+            len(b1["decode_tokens_per_s_samples"]) == len(b1["prefill_tokens_per_s_samples"]) == n
+        )
         assert metrics["speed"]["by_batch"]["b4"]["batch_size"] == 4 == row.decode_batch_size
         assert row.latency_p50_ms <= row.latency_p95_ms and row.ttft_ms > 0
         assert 0 < row.decode_fraction_of_bound and row.decode_bound_tokens_per_s > 0
@@ -51,7 +69,9 @@ def test_run_writes_a_complete_run_directory(tiny_recipe, tmp_path, capsys):
 
     lm = load_checkpoint(run / rtn["checkpoint"], dtype=torch.float32, device=torch.device("cpu"))
     ids = tokenize(pydoc_text("evaluation"), lm.tokenizer)
-    assert perplexity_gptq(lm.model, ids, 64, max_windows=6).ppl == pytest.approx(rtn["ppl"], rel=1e-6)
+    assert perplexity_gptq(lm.model, ids, 64, max_windows=6).ppl == pytest.approx(
+        rtn["ppl"], rel=1e-6
+    )
 
 
 def test_rerun_reuses_finished_methods_and_force_redoes_them(tiny_recipe, tmp_path, capsys):
@@ -59,11 +79,16 @@ def test_rerun_reuses_finished_methods_and_force_redoes_them(tiny_recipe, tmp_pa
     # the checkpoint's sidecar is written only by an export (metrics.json is rewritten by every
     # run's speed phase, which measures all rows together)
     marker = tmp_path / "run" / "rtn-w4-g32" / "checkpoint" / "quantlab.json"
-    measured = json.loads((tmp_path / "run" / "rtn-w4-g32" / "metrics.json").read_text())["measured_at"]
+    measured = json.loads((tmp_path / "run" / "rtn-w4-g32" / "metrics.json").read_text())[
+        "measured_at"
+    ]
     first = marker.stat().st_mtime_ns
     assert main(["run", str(tiny_recipe)]) == 0
     assert marker.stat().st_mtime_ns == first
-    assert json.loads((tmp_path / "run" / "rtn-w4-g32" / "metrics.json").read_text())["measured_at"] == measured
+    assert (
+        json.loads((tmp_path / "run" / "rtn-w4-g32" / "metrics.json").read_text())["measured_at"]
+        == measured
+    )
     assert "reusing" in capsys.readouterr().err
     # a changed option is a different method, named after it: computed in its own directory
     assert main(["run", str(tiny_recipe), "--set", "methods.0.options.sym=false"]) == 0
@@ -74,16 +99,24 @@ def test_rerun_reuses_finished_methods_and_force_redoes_them(tiny_recipe, tmp_pa
     assert other.stat().st_mtime_ns != second
 
 
-@pytest.mark.parametrize("override,needle", [
-    ("methods.0.backend=rnt", "unknown backend 'rnt' (did you mean 'rtn'?)"),
-    ("methods.0.options.bits=9", "methods[0].options.bits"),
-    ("methods.0.options.group_size=48", "group_size 48 does not divide the input width 64 of layer 'model.layers.0.self_attn.q_proj'"),
-    ("model.source=/no/such/model", "model path '/no/such/model' does not exist"),
-    ("eval.source=EMPTY", "is empty"),
-    ("eval.seq_len=4096", "longer than the model's context"),
-    ("modle.source=x", "did you mean 'model'"),
-])
-def test_bad_input_exit_2_and_earlier_results_survive(tiny_recipe, tmp_path, capsys, override, needle):
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("methods.0.backend=rnt", "unknown backend 'rnt' (did you mean 'rtn'?)"),
+        ("methods.0.options.bits=9", "methods[0].options.bits"),
+        (
+            "methods.0.options.group_size=48",
+            "group_size 48 does not divide the input width 64 of layer 'model.layers.0.self_attn.q_proj'",
+        ),
+        ("model.source=/no/such/model", "model path '/no/such/model' does not exist"),
+        ("eval.source=EMPTY", "is empty"),
+        ("eval.seq_len=4096", "longer than the model's context"),
+        ("modle.source=x", "did you mean 'model'"),
+    ],
+)
+def test_bad_input_exit_2_and_earlier_results_survive(
+    tiny_recipe, tmp_path, capsys, override, needle
+):
     assert main(["run", str(tiny_recipe)]) == 0
     results = (tmp_path / "run" / "results.csv").read_bytes()
     empty = tmp_path / "empty.txt"
@@ -109,12 +142,17 @@ def test_validate_and_listing_commands(tiny_recipe, capsys):
 def test_user_errors_have_no_traceback_in_a_real_process(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("methods: [{label: a, backend: rtn, options: {bits: 12}}]\n")
-    proc = subprocess.run([sys.executable, "-m", "quantlab", "run", str(bad)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "quantlab", "run", str(bad)], capture_output=True, text=True
+    )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "bits" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
-    proc = subprocess.run([sys.executable, "-m", "quantlab", "validate", str(tmp_path / "none.yaml")],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "quantlab", "validate", str(tmp_path / "none.yaml")],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and "does not exist" in proc.stderr
 
 
@@ -143,20 +181,26 @@ methods:
 eval: {{seq_len: 64, max_windows: 4, speed: {{new_tokens: 2, warmup: 0, repeats: 1}}}}
 """)
     # the whole-model path of every backend (streamed rows name other stages: docs/streaming.md)
-    assert main(["run", str(recipe), "--out", str(tmp_path / "run"), "--set", "model.streaming=off"]) == 0
+    assert (
+        main(["run", str(recipe), "--out", str(tmp_path / "run"), "--set", "model.streaming=off"])
+        == 0
+    )
     table = pd.read_csv(tmp_path / "run" / "results.csv").set_index("method")
     assert list(table.index) == ["baseline", "rtn", "gptq", "awq", "awq-gptq-layout"]
     assert table["ppl"].notna().all() and (table["ppl"] > 1).all()
     assert (table.loc[["rtn", "gptq", "awq"], "bits_per_weight"] < 6).all()
     assert table.loc["awq-gptq-layout", "bits_per_weight"] < table.loc["awq", "bits_per_weight"]
     assert json.loads((tmp_path / "run" / "calibration.json").read_text())["samples"] == 8
-    stages = {m: json.loads((tmp_path / "run" / m / "metrics.json").read_text())["quantize_stages"]
-              for m in ("gptq", "awq")}
+    stages = {
+        m: json.loads((tmp_path / "run" / m / "metrics.json").read_text())["quantize_stages"]
+        for m in ("gptq", "awq")
+    }
     assert stages["gptq"]["gptq solve"] > 0 and stages["gptq"]["capture inputs"] > 0
     assert stages["awq"]["scale search"] > 0 and stages["awq"]["clip search"] > 0
     assert table["compression_ratio"].loc["baseline"] == 1
     assert table["compression_ratio"].loc["rtn"] == pytest.approx(
-        table["size_bytes"].loc["baseline"] / table["size_bytes"].loc["rtn"])
+        table["size_bytes"].loc["baseline"] / table["size_bytes"].loc["rtn"]
+    )
 
 
 def test_output_directory_that_is_a_file(tiny_recipe, tmp_path, capsys):
@@ -168,7 +212,19 @@ def test_output_directory_that_is_a_file(tiny_recipe, tmp_path, capsys):
 
 
 def test_bad_model_path_creates_nothing(tiny_recipe, tmp_path):
-    assert main(["run", str(tiny_recipe), "--out", str(tmp_path / "new"), "--set", "model.source=/nope/x"]) == 2
+    assert (
+        main(
+            [
+                "run",
+                str(tiny_recipe),
+                "--out",
+                str(tmp_path / "new"),
+                "--set",
+                "model.source=/nope/x",
+            ]
+        )
+        == 2
+    )
     assert not (tmp_path / "new").exists()
 
 
@@ -179,14 +235,23 @@ def test_quick_preset_is_named_labelled_and_overridable(tmp_path, monkeypatch, t
     import yaml
 
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({"name": "r", "model": {"source": str(tiny_model_dir)},
-                                      "methods": [{"backend": "rtn", "options": {"bits": 4, "group_size": 32}}],
-                                      "eval": {"seq_len": 32, "speed": {"new_tokens": 2, "prompt_tokens": 8}}}))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "name": "r",
+                "model": {"source": str(tiny_model_dir)},
+                "methods": [{"backend": "rtn", "options": {"bits": 4, "group_size": 32}}],
+                "eval": {"seq_len": 32, "speed": {"new_tokens": 2, "prompt_tokens": 8}},
+            }
+        )
+    )
     monkeypatch.chdir(tmp_path)
     assert main(["run", str(recipe), "--quick", "--set", "eval.max_windows=3"]) == 0
     run = tmp_path / "runs" / "r-quick"
     saved = yaml.safe_load((run / "recipe.yaml").read_text())
     assert saved["eval"]["max_windows"] == 3 and saved["eval"]["speed"]["rounds"] == 1
-    assert saved["quick"] is True and saved["description"] == ""  # a field, not a description prefix
+    assert (
+        saved["quick"] is True and saved["description"] == ""
+    )  # a field, not a description prefix
     assert "made with `quantlab run --quick`" in (run / "report.html").read_text()
     assert pd.read_csv(run / "results.csv")["method"].tolist() == ["baseline", "rtn-w4-g32"]

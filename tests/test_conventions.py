@@ -52,7 +52,9 @@ def test_llamacpp_matches_its_reference_loop(tiny, ids):
     want_ppl = math.exp(nll)
     want_err = want_ppl * math.sqrt((nll2 - nll * nll) / (count - 1))
 
-    got = perplexity(model, make_plan("llamacpp", ids=ids, tokenizer=tok, seq_len=ctx, bos=True), batch_size=3)
+    got = perplexity(
+        model, make_plan("llamacpp", ids=ids, tokenizer=tok, seq_len=ctx, bos=True), batch_size=3
+    )
     assert got.scored_tokens == count == 15 * 49
     assert got.ppl == pytest.approx(want_ppl, rel=1e-6)
     assert got.ppl_stderr == pytest.approx(want_err, rel=1e-4)
@@ -122,7 +124,11 @@ def _rolling_reference(model, tok, docs: list[str], max_len: int) -> tuple[float
                 ll_total += float(lp[j - lo, seq[j + 1]])
         words += len(re.split(r"\s+", doc))
         nbytes += len(doc.encode("utf-8"))
-    return math.exp(-ll_total / words), math.exp(-ll_total / nbytes), -ll_total / nbytes / math.log(2)
+    return (
+        math.exp(-ll_total / words),
+        math.exp(-ll_total / nbytes),
+        -ll_total / nbytes / math.log(2),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +141,9 @@ def test_lmeval_matches_a_direct_rolling_loglikelihood(tiny, docs):
     plan = make_plan("lm-eval", documents=docs, tokenizer=tok, model_context=256)
     got = perplexity(model, plan, batch_size=2)
     word, byte, bpb = _rolling_reference(model, tok, docs, 256)
-    assert plan.params["seq_len"] == 256 and len(plan.segments) > len(docs)  # some docs need 2+ windows
+    assert plan.params["seq_len"] == 256 and len(plan.segments) > len(
+        docs
+    )  # some docs need 2+ windows
     assert got.scored_tokens == sum(len(tok(d).input_ids) for d in docs)
     assert got.ppl == pytest.approx(word, rel=1e-6)
     assert got.extra["word_perplexity"] == got.ppl
@@ -169,17 +177,24 @@ metric_list:
   - metric: bits_per_byte
 """)
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=2, device="cpu")
-    out = lm_eval.simple_evaluate(model=lm, tasks=["quantlab_rolling_test"],
-                                  task_manager=TaskManager(include_path=str(tmp_path)))
+    out = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=["quantlab_rolling_test"],
+        task_manager=TaskManager(include_path=str(tmp_path)),
+    )
     ref = out["results"]["quantlab_rolling_test"]
-    got = perplexity(model, make_plan("lm-eval", documents=docs, tokenizer=tok, model_context=256), batch_size=2)
+    got = perplexity(
+        model, make_plan("lm-eval", documents=docs, tokenizer=tok, model_context=256), batch_size=2
+    )
     assert got.extra["word_perplexity"] == pytest.approx(ref["word_perplexity,none"], rel=1e-5)
     assert got.extra["byte_perplexity"] == pytest.approx(ref["byte_perplexity,none"], rel=1e-5)
     assert got.extra["bits_per_byte"] == pytest.approx(ref["bits_per_byte,none"], rel=1e-5)
 
 
 def test_wikitext_files_split_into_articles():
-    text = Text("w:test", [" = A = \n \n x y \n = = Sub = = \n z \n = B = \n \n w \n"], kind="wikitext")
+    text = Text(
+        "w:test", [" = A = \n \n x y \n = = Sub = = \n z \n = B = \n \n w \n"], kind="wikitext"
+    )
     assert text.articles() == [" = A = \n \n x y \n = = Sub = = \n z \n", " = B = \n \n w \n"]
     assert Text("d", ["one", "two"]).articles() == ["one", "two"]
 

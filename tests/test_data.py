@@ -27,18 +27,29 @@ def test_pydoc_split_is_deterministic_disjoint_and_complete():
 
 def test_text_and_jsonl_files(tmp_path):
     (tmp_path / "a.txt").write_text("hello world\n\nsecond paragraph")
-    assert load_text(str(tmp_path / "a.txt"), None, "evaluation").documents == ["hello world\n\nsecond paragraph"]
-    (tmp_path / "a.jsonl").write_text(json.dumps({"text": "one"}) + "\n\n" + json.dumps({"text": "two"}) + "\n")
+    assert load_text(str(tmp_path / "a.txt"), None, "evaluation").documents == [
+        "hello world\n\nsecond paragraph"
+    ]
+    (tmp_path / "a.jsonl").write_text(
+        json.dumps({"text": "one"}) + "\n\n" + json.dumps({"text": "two"}) + "\n"
+    )
     assert load_text(str(tmp_path / "a.jsonl"), None, "calibration").documents == ["one", "two"]
     (tmp_path / "b.jsonl").write_text('{"text": "ok"}\n{"txt": "x"}\n')
-    with pytest.raises(QuantlabError, match=r"b.jsonl:2: expected an object with a string field 'text'"):
+    with pytest.raises(
+        QuantlabError, match=r"b.jsonl:2: expected an object with a string field 'text'"
+    ):
         load_text(str(tmp_path / "b.jsonl"), None, "calibration")
 
 
-@pytest.mark.parametrize("content,needle", [
-    (b"", "is empty"), (b"  \n\n ", "is empty"), (b"\x00\x01\x02abc", "binary"),
-    (b"caf\xe9 latin-1", "not valid UTF-8"),
-])
+@pytest.mark.parametrize(
+    "content,needle",
+    [
+        (b"", "is empty"),
+        (b"  \n\n ", "is empty"),
+        (b"\x00\x01\x02abc", "binary"),
+        (b"caf\xe9 latin-1", "not valid UTF-8"),
+    ],
+)
 def test_bad_text_files(tmp_path, content, needle):
     p = tmp_path / "t.txt"
     p.write_bytes(content)
@@ -110,14 +121,21 @@ def test_a_2_gib_text_is_read_as_far_as_needed_not_whole(tmp_path):
 
     text = _long_text(tmp_path / "big.txt", 65 << 20, sparse_to=2 << 30)
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"methods: [{{backend: rtn, options: {{group_size: 64}}}}]\n"
-                      f"eval: {{source: {text}, max_windows: 8, seq_len: 512}}\n")
+    recipe.write_text(
+        f"methods: [{{backend: rtn, options: {{group_size: 64}}}}]\n"
+        f"eval: {{source: {text}, max_windows: 8, seq_len: 512}}\n"
+    )
 
     def limit():
         resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
 
-    proc = subprocess.run([sys.executable, "-m", "quantlab", "validate", str(recipe)],
-                          capture_output=True, text=True, timeout=300, preexec_fn=limit)
+    proc = subprocess.run(
+        [sys.executable, "-m", "quantlab", "validate", str(recipe)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=limit,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     # 8 windows of 512 tokens need far less than the smallest budget: 32 MiB are read
     assert f"text: read the first 32.0 MiB of '{text}' (2.0 GiB)" in proc.stderr
@@ -131,8 +149,9 @@ def test_a_long_text_is_read_for_the_tokens_used_and_named_and_hashed_as_read(tm
     from quantlab.recipe import parse_recipe
 
     path = _long_text(tmp_path / "long.txt", MIN_READ_BYTES + (4 << 20))
-    recipe = parse_recipe({"methods": [{"backend": "rtn"}],
-                           "eval": {"source": str(path), "max_windows": 8}})
+    recipe = parse_recipe(
+        {"methods": [{"backend": "rtn"}], "eval": {"source": str(path), "max_windows": 8}}
+    )
     tracemalloc.start()
     try:
         text = load_spec_text(recipe.eval, "evaluation")
@@ -172,22 +191,44 @@ def test_a_prefix_ends_on_a_whole_line_or_character(tmp_path, monkeypatch):
         load_text(str(tmp_path / "long.jsonl"), None, "calibration", max_tokens=1)
 
 
-@pytest.mark.parametrize(("section", "tokens"), [
-    ({"calibration": {"samples": 16, "seq_len": 256}}, ("calibration", 16 * 256)),
-    ({"eval": {"max_windows": 4, "seq_len": 128}}, ("eval", 4 * 128 + 1)),
-    ({"eval": {"max_windows": 4}}, ("eval", 4 * 2048 + 1)),  # gptq's default window
-    ({"eval": {"convention": "strided", "max_windows": 3, "seq_len": 256, "stride": 64}},
-     ("eval", 2 * 64 + 256 + 1)),
-    ({"eval": {"max_windows": 1, "seq_len": 8}}, ("eval", 64)),  # the speed prompt
-    ({"eval": {}}, ("eval", None)),  # every window
-    ({"eval": {"convention": "lm-eval"}}, ("eval", None)),
-    ({"eval": {"convention": "strided", "max_windows": 3}}, ("eval", None)),  # the model's context
-    ({"eval": {"max_windows": 2, "seq_len": 64, "engines": ["torch", "llamacpp"]},
-      "methods": [{"backend": "rtn", "export": ["native", "gguf"]}]}, ("eval", None)),
-    ({"eval": {"max_windows": 2, "seq_len": 64, "engines": ["torch", "llamacpp"],
-               "llamacpp": {"chunks": 5}},
-      "methods": [{"backend": "rtn", "export": ["native", "gguf"]}]}, ("eval", 5 * 512)),
-])
+@pytest.mark.parametrize(
+    ("section", "tokens"),
+    [
+        ({"calibration": {"samples": 16, "seq_len": 256}}, ("calibration", 16 * 256)),
+        ({"eval": {"max_windows": 4, "seq_len": 128}}, ("eval", 4 * 128 + 1)),
+        ({"eval": {"max_windows": 4}}, ("eval", 4 * 2048 + 1)),  # gptq's default window
+        (
+            {"eval": {"convention": "strided", "max_windows": 3, "seq_len": 256, "stride": 64}},
+            ("eval", 2 * 64 + 256 + 1),
+        ),
+        ({"eval": {"max_windows": 1, "seq_len": 8}}, ("eval", 64)),  # the speed prompt
+        ({"eval": {}}, ("eval", None)),  # every window
+        ({"eval": {"convention": "lm-eval"}}, ("eval", None)),
+        (
+            {"eval": {"convention": "strided", "max_windows": 3}},
+            ("eval", None),
+        ),  # the model's context
+        (
+            {
+                "eval": {"max_windows": 2, "seq_len": 64, "engines": ["torch", "llamacpp"]},
+                "methods": [{"backend": "rtn", "export": ["native", "gguf"]}],
+            },
+            ("eval", None),
+        ),
+        (
+            {
+                "eval": {
+                    "max_windows": 2,
+                    "seq_len": 64,
+                    "engines": ["torch", "llamacpp"],
+                    "llamacpp": {"chunks": 5},
+                },
+                "methods": [{"backend": "rtn", "export": ["native", "gguf"]}],
+            },
+            ("eval", 5 * 512),
+        ),
+    ],
+)
 def test_the_tokens_a_section_uses(section, tokens):
     from quantlab.data import tokens_needed
     from quantlab.recipe import parse_recipe

@@ -31,7 +31,9 @@ eval: {seq_len: 512, max_windows: 4, speed: {new_tokens: 8, warmup: 1, repeats: 
     assert 530e6 < base["size_bytes"] < 545e6
     assert 0.25 < rtn["size_bytes"] / base["size_bytes"] < 0.4
     assert rtn["bits_per_weight"] == pytest.approx(4 + 20 / 64, abs=0.1)
-    info = json.loads((tmp_path / "run" / "rtn-w4-g64" / "checkpoint" / "quantlab.json").read_text())
+    info = json.loads(
+        (tmp_path / "run" / "rtn-w4-g64" / "checkpoint" / "quantlab.json").read_text()
+    )
     assert info["source"]["gguf"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert "baseline" in capsys.readouterr().out
 
@@ -58,7 +60,7 @@ def test_demo_model_generates_english():
     ids = lm.tokenizer("The capital of France is", return_tensors="pt").input_ids
     with torch.inference_mode():
         out = lm.model.generate(ids, max_new_tokens=6, do_sample=False)
-    assert "Paris" in lm.tokenizer.decode(out[0, ids.shape[1]:])
+    assert "Paris" in lm.tokenizer.decode(out[0, ids.shape[1] :])
 
 
 @pytest.mark.skipif(not WIKITEXT.is_dir(), reason=f"shared WikiText-2 copy not found at {WIKITEXT}")
@@ -92,8 +94,13 @@ def test_llamacpp_convention_reproduces_llama_perplexity():
 
     lm = load_model("smollm2-135m", device="cpu")
     text = load_text(str(WIKITEXT), None, "evaluation")
-    plan = make_plan("llamacpp", ids=tokenize(text, lm.tokenizer), tokenizer=lm.tokenizer, seq_len=512,
-                     max_windows=4)
+    plan = make_plan(
+        "llamacpp",
+        ids=tokenize(text, lm.tokenizer),
+        tokenizer=lm.tokenizer,
+        seq_len=512,
+        max_windows=4,
+    )
     r = perplexity(lm.model, plan)
     assert r.scored_tokens == 4 * 255 and r.params["bos"] is False  # this GGUF adds no BOS
     assert r.ppl == pytest.approx(18.5520, abs=2e-3)
@@ -140,9 +147,15 @@ def test_kernels_keep_the_demo_models_perplexity(tmp_path):
     q = quantlab.quantize(lm.model, quantlab.config("rtn", bits=4, group_size=64, sym=False))
     path = quantlab.save(q, tmp_path / "rtn-w4-g64", tokenizer=lm.tokenizer, source="smollm2-135m")
     del lm, q
-    runs = {k: quantlab.evaluate(path, max_windows=4, seq_len=512, kernel=k) for k in ("dense", "int4pack", "auto")}
+    runs = {
+        k: quantlab.evaluate(path, max_windows=4, seq_len=512, kernel=k)
+        for k in ("dense", "int4pack", "auto")
+    }
     dense = runs["dense"]["ppl"]
     for kernel in ("int4pack", "auto"):
         assert abs(runs[kernel]["ppl"] / dense - 1) < 1e-3, (kernel, runs[kernel]["ppl"], dense)
-    assert runs["dense"]["kernel"] == "dense-dequant" and runs["int4pack"]["kernel"] == "int4pack(bf16 activations)"
+    assert (
+        runs["dense"]["kernel"] == "dense-dequant"
+        and runs["int4pack"]["kernel"] == "int4pack(bf16 activations)"
+    )
     assert "int4pack(bf16 activations, <=" in runs["auto"]["kernel"]

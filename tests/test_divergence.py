@@ -46,7 +46,9 @@ def _direct(model, noisy, plan, n_windows):
 def test_stored_reference_gives_the_direct_divergence(setup, tmp_path):
     model, noisy, plan = setup
     part = plan.head(4)
-    ref = compute_reference(model, part, tmp_path / "ref", 3, plan_key(part, pydoc_text("evaluation"), {}))
+    ref = compute_reference(
+        model, part, tmp_path / "ref", 3, plan_key(part, pydoc_text("evaluation"), {})
+    )
     assert ref.n_tokens == 4 * 99
     # the candidate is scored on the WHOLE plan; divergence covers the reference's windows
     ppl, div = evaluate(noisy, plan, 3, ref)
@@ -76,7 +78,10 @@ def test_reference_is_reused_by_key_and_only_when_finished(setup, tmp_path):
     ref = compute_reference(model, part, tmp_path / "ref", 2, "key-1")
     stamp = (tmp_path / "ref" / "logprobs.u16").stat().st_mtime_ns
     again = compute_reference(model, part, tmp_path / "ref", 2, "key-1")
-    assert again.n_tokens == ref.n_tokens and (tmp_path / "ref" / "logprobs.u16").stat().st_mtime_ns == stamp
+    assert (
+        again.n_tokens == ref.n_tokens
+        and (tmp_path / "ref" / "logprobs.u16").stat().st_mtime_ns == stamp
+    )
     (tmp_path / "ref" / "meta.json").unlink()  # an interrupted write leaves no marker
     assert ReferenceLogprobs.open(tmp_path / "ref") is None
 
@@ -97,8 +102,13 @@ def test_comparing_a_model_with_itself_is_refused(setup):
 def test_candidate_on_other_tokens_is_an_error(setup, tmp_path):
     model, noisy, plan = setup
     ref = compute_reference(model, plan.head(2), tmp_path / "ref", 2, "k")
-    shifted = make_plan("gptq", ids=torch.cat([plan.segments[0].input_ids[1:], plan.segments[1].input_ids,
-                                               plan.segments[2].input_ids]), seq_len=100)
+    shifted = make_plan(
+        "gptq",
+        ids=torch.cat(
+            [plan.segments[0].input_ids[1:], plan.segments[1].input_ids, plan.segments[2].input_ids]
+        ),
+        seq_len=100,
+    )
     with pytest.raises(QuantlabError, match="other tokens"):
         evaluate(noisy, shifted, 2, ref)
     with pytest.raises(QuantlabError, match="reference holds"):
@@ -147,11 +157,13 @@ def test_a_reference_unlike_its_recorded_digests_is_recomputed_not_used(setup, t
         "codes": lambda: _overwrite(ref_dir / "logprobs.u16", 1000, b"\0" * 20000),
         "rows": lambda: _overwrite(ref_dir / "rows.npy", rows_end - 8, b"\1" * 8),
         "codes truncated": lambda: os.truncate(ref_dir / "logprobs.u16", 1000),
-        "no digests": lambda: (ref_dir / "meta.json").write_text(json.dumps(
-            {k: v for k, v in meta.items() if k != "files"})),
+        "no digests": lambda: (ref_dir / "meta.json").write_text(
+            json.dumps({k: v for k, v in meta.items() if k != "files"})
+        ),
         "not an object": lambda: (ref_dir / "meta.json").write_text("[1, 2]"),
         "absurd size": lambda: (ref_dir / "meta.json").write_text(
-            json.dumps(dict(meta, n_tokens=10**15))),
+            json.dumps(dict(meta, n_tokens=10**15))
+        ),
     }
     for name, damage in damages.items():
         damage()

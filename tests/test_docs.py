@@ -38,8 +38,12 @@ def test_every_recipe_key_is_documented():
 
 
 def test_every_backend_option_is_documented():
-    missing = [f"{b}.{k}" for b in backend_names() for k in get_backend(b).Config.model_fields
-               if not _documented(k)]
+    missing = [
+        f"{b}.{k}"
+        for b in backend_names()
+        for k in get_backend(b).Config.model_fields
+        if not _documented(k)
+    ]
     assert not missing, f"backend options without documentation in README.md or docs/: {missing}"
 
 
@@ -92,4 +96,9 @@ def test_the_readme_stays_short_and_starts_with_the_two_commands():
     readme = (ROOT / "README.md").read_text()
     assert len(readme.splitlines()) <= 300, "reference material belongs in docs/"
     heads = [line for line in readme.splitlines() if line.startswith("## ")]
-    assert heads[:4] == ["## The two commands", "## A first run", "## Your own model", "## On a GPU"]
+    assert heads[:4] == [
+        "## The two commands",
+        "## A first run",
+        "## Your own model",
+        "## On a GPU",
+    ]

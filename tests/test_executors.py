@@ -19,7 +19,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-pytest.importorskip("ray", reason="the Ray executor's tests need Ray: pip install 'quantlab[ray]' torch==2.13.0")
+pytest.importorskip(
+    "ray", reason="the Ray executor's tests need Ray: pip install 'quantlab[ray]' torch==2.13.0"
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,7 +35,11 @@ def _recipe(path: Path, model_dir: Path, out: Path, **extra) -> Path:
         "methods": [
             {"label": "rtn-w4", "backend": "rtn", "options": {"bits": 4, "group_size": 32}},
             {"label": "gptq-w4", "backend": "gptq", "options": {"bits": 4, "group_size": 32}},
-            {"label": "awq-w4", "backend": "awq", "options": {"bits": 4, "group_size": 32, "n_grid": 40}},
+            {
+                "label": "awq-w4",
+                "backend": "awq",
+                "options": {"bits": 4, "group_size": 32, "n_grid": 40},
+            },
         ],
         "eval": {"seq_len": 64, "max_windows": 6, "batch_size": 3, "speed": {"enabled": False}},
         "output": {"dir": str(out), "report": False},
@@ -46,7 +52,9 @@ def _recipe(path: Path, model_dir: Path, out: Path, **extra) -> Path:
 def _run(recipe: Path, *args: str, wait: bool = True):
     cmd = [sys.executable, "-m", "quantlab", "run", str(recipe), *args]
     env = dict(os.environ, RAY_ENABLE_UV_RUN_RUNTIME_ENV="0")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     if not wait:
         return proc
     out, err = proc.communicate(timeout=600)
@@ -66,7 +74,9 @@ def local_run(tiny_model_dir, tmp_path_factory):
 
 
 def test_ray_gives_the_local_executors_numbers_bit_for_bit(local_run, tiny_model_dir, tmp_path):
-    rc, _, err = _run(_recipe(tmp_path / "r.yaml", tiny_model_dir, tmp_path / "run"), "--executor", "ray")
+    rc, _, err = _run(
+        _recipe(tmp_path / "r.yaml", tiny_model_dir, tmp_path / "run"), "--executor", "ray"
+    )
     assert rc == 0, err
     got = _results(tmp_path / "run")
     assert list(got.index) == list(local_run.index) == ["baseline", "rtn-w4", "gptq-w4", "awq-w4"]
@@ -115,17 +125,24 @@ def test_a_worker_killed_mid_task_is_run_again(local_run, tiny_model_dir, tmp_pa
 
 def test_with_no_retries_left_the_row_carries_the_error(local_run, tiny_model_dir, tmp_path):
     run = tmp_path / "run"
-    recipe = _recipe(tmp_path / "r.yaml", tiny_model_dir, run, executor={"kind": "ray", "max_retries": 0})
+    recipe = _recipe(
+        tmp_path / "r.yaml", tiny_model_dir, run, executor={"kind": "ray", "max_retries": 0}
+    )
     proc = _run(recipe, wait=False)
     _kill_first_worker(run, proc, "awq-w4")
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 1, err
-    assert "error: method awq-w4 failed:" in err and "Traceback" not in err.split("error: method")[-1]
+    assert (
+        "error: method awq-w4 failed:" in err and "Traceback" not in err.split("error: method")[-1]
+    )
     got = _results(run)
     assert isinstance(got.loc["awq-w4", "error"], str) and pd.isna(got.loc["awq-w4", "ppl"])
     for label in ("baseline", "rtn-w4", "gptq-w4"):  # the others finished, with the local numbers
         assert got.loc[label, "ppl"] == local_run.loc[label, "ppl"]
-    assert json.loads((run / "awq-w4" / "error.json").read_text())["error"] == got.loc["awq-w4", "error"]
+    assert (
+        json.loads((run / "awq-w4" / "error.json").read_text())["error"]
+        == got.loc["awq-w4", "error"]
+    )
     assert not (run / "awq-w4" / "running.json").exists()  # its worker died: the driver removed it
 
 
@@ -136,7 +153,10 @@ def test_requests_the_cluster_cannot_meet_are_errors_before_work(tiny_model_dir,
     recipe.write_text(json.dumps(doc))
     rc, _, err = _run(recipe, "--executor", "ray")
     assert rc == 2, err
-    assert "error: method 'rtn-w4' asks for 64 CPUs and 0 GPUs; no node of the Ray cluster has them" in err
+    assert (
+        "error: method 'rtn-w4' asks for 64 CPUs and 0 GPUs; no node of the Ray cluster has them"
+        in err
+    )
     assert not (tmp_path / "run" / "rtn-w4" / "checkpoint").exists()
     rc, _, err = _run(recipe, "--executor", "ray", "--address", "127.0.0.1:1")
     assert rc == 2 and "error: cannot connect to Ray at 127.0.0.1:1" in err, err
@@ -148,5 +168,7 @@ def test_without_ray_the_executor_says_how_to_get_it(monkeypatch):
     from quantlab.executors import _ray
 
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
-    with pytest.raises(MissingDependencyError, match=r"pip install 'quantlab\[ray\]' torch==2.13.0"):
+    with pytest.raises(
+        MissingDependencyError, match=r"pip install 'quantlab\[ray\]' torch==2.13.0"
+    ):
         _ray()

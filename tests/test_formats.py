@@ -23,7 +23,9 @@ from quantlab.quantizers.weightonly import WeightQuantConfig
 CPU = torch.device("cpu")
 
 
-def _grid(out_f: int, in_f: int, bits: int, group_size: int, sym: bool, seed: int = 0) -> QuantizedWeight:
+def _grid(
+    out_f: int, in_f: int, bits: int, group_size: int, sym: bool, seed: int = 0
+) -> QuantizedWeight:
     w = torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(seed))
     codes, scales, zeros = quantize_matrix(w, bits, group_size, sym)
     g = in_f if group_size == -1 else group_size
@@ -34,8 +36,11 @@ CASES = [("gptq-v1", b, g, s) for b in (2, 3, 4, 5, 6, 7, 8) for g, s in ((32, T
 CASES += [("awq-gemm", 4, 32, False), ("awq-gemm", 4, -1, True)]
 
 
-@pytest.mark.parametrize(("layout", "bits", "group", "sym"), CASES,
-                         ids=[f"{c[0]}-w{c[1]}-g{c[2]}-{'sym' if c[3] else 'asym'}" for c in CASES])
+@pytest.mark.parametrize(
+    ("layout", "bits", "group", "sym"),
+    CASES,
+    ids=[f"{c[0]}-w{c[1]}-g{c[2]}-{'sym' if c[3] else 'asym'}" for c in CASES],
+)
 def test_a_layout_gives_back_the_grid_it_was_given(layout, bits, group, sym):
     fmt = LAYOUTS[layout]
     q = _grid(64, 128, bits, group, sym)
@@ -44,11 +49,15 @@ def test_a_layout_gives_back_the_grid_it_was_given(layout, bits, group, sym):
     assert layout_of(module) is fmt and isinstance(module, fmt.module_type)
     back = unpack_layer(module)
     assert torch.equal(back.codes, q.codes) and torch.equal(back.zeros, q.zeros)
-    assert torch.equal(back.g_idx.long(), q.g_idx) and torch.equal(back.scales.float(), q.scales.float())
+    assert torch.equal(back.g_idx.long(), q.g_idx) and torch.equal(
+        back.scales.float(), q.scales.float()
+    )
     assert (back.bits, back.group_size) == (bits, group)
     # what the layer computes is what the grid encodes, before and after a state-dict round trip
     assert torch.equal(module.weight, q.dequantize())
-    fresh = fmt.empty(torch.nn.Linear(128, 64), fmt.quantization_config(bits, group, sym), torch.float32)
+    fresh = fmt.empty(
+        torch.nn.Linear(128, 64), fmt.quantization_config(bits, group, sym), torch.float32
+    )
     fresh.load_state_dict(module.state_dict())
     fresh.refresh()
     assert torch.equal(fresh.weight, q.dequantize()) and torch.equal(fresh.bias, bias)
@@ -62,11 +71,17 @@ def test_the_awq_layout_refuses_permuted_groups():
 
 
 def test_layout_limits_are_stated_by_the_layout():
-    assert LAYOUTS["awq-gemm"].check(3, False).startswith("the AWQ gemm format stores 4-bit weights only")
+    assert (
+        LAYOUTS["awq-gemm"]
+        .check(3, False)
+        .startswith("the AWQ gemm format stores 4-bit weights only")
+    )
     assert LAYOUTS["gptq-v1"].check(3, True) is None
     assert "multiple of 8" in LAYOUTS["awq-gemm"].check_layer("x", 64, 12, 4)
     assert "whole 32-bit words" in LAYOUTS["gptq-v1"].check_layer("x", 64, 12, 3)
-    with pytest.raises(QuantlabError, match="unknown checkpoint layout 'exl2'; quantlab reads awq-gemm, gptq-v1"):
+    with pytest.raises(
+        QuantlabError, match="unknown checkpoint layout 'exl2'; quantlab reads awq-gemm, gptq-v1"
+    ):
         get_layout("exl2")
 
 
@@ -80,8 +95,11 @@ def test_the_same_grid_in_either_layout_writes_the_same_gguf(tiny_model_dir, tin
     from quantlab.models import load_model
     from quantlab.quantizers.base import set_module
 
-    gptq = RTN(WeightQuantConfig(bits=4, group_size=32, sym=True)).quantize(
-        load_model(str(tiny_model_dir), dtype=torch.float32, device=CPU).model, None).model
+    gptq = (
+        RTN(WeightQuantConfig(bits=4, group_size=32, sym=True))
+        .quantize(load_model(str(tiny_model_dir), dtype=torch.float32, device=CPU).model, None)
+        .model
+    )
     awq = load_model(str(tiny_model_dir), dtype=torch.float32, device=CPU).model
     for name, m in gptq.named_modules():
         q = unpack_layer(m)
@@ -97,8 +115,12 @@ def test_the_same_grid_in_either_layout_writes_the_same_gguf(tiny_model_dir, tin
 def rtn_checkpoint(tiny, tmp_path):
     model, tok = tiny
     backend = RTN(WeightQuantConfig(bits=4, group_size=32))
-    q = backend.quantize(copy.deepcopy(model), None).model  # the fixture's model is shared: quantize a copy
-    return export_checkpoint(q, tok, backend, tmp_path / "rtn", source={"model": "tiny"}, label="rtn")
+    q = backend.quantize(
+        copy.deepcopy(model), None
+    ).model  # the fixture's model is shared: quantize a copy
+    return export_checkpoint(
+        q, tok, backend, tmp_path / "rtn", source={"model": "tiny"}, label="rtn"
+    )
 
 
 def _rewrite_sidecar(ckpt, **changes) -> None:
@@ -114,22 +136,33 @@ def test_checkpoints_record_their_layout(rtn_checkpoint):
     load_checkpoint(rtn_checkpoint, dtype=torch.float32, device=CPU)
 
 
-@pytest.mark.parametrize(("layout", "message"), [
-    ({"name": "gptq-v1", "version": 99}, r"written in layout gptq-v1 version 99; this quantlab reads version 1"),
-    ({"name": "marlin", "version": 1}, r"unknown checkpoint layout 'marlin'"),
-    ("gptq-v1", r"the sidecar's 'layout' is not \{name, version\}"),
-])
+@pytest.mark.parametrize(
+    ("layout", "message"),
+    [
+        (
+            {"name": "gptq-v1", "version": 99},
+            r"written in layout gptq-v1 version 99; this quantlab reads version 1",
+        ),
+        ({"name": "marlin", "version": 1}, r"unknown checkpoint layout 'marlin'"),
+        ("gptq-v1", r"the sidecar's 'layout' is not \{name, version\}"),
+    ],
+)
 def test_a_layout_this_quantlab_does_not_read_is_a_clear_error(rtn_checkpoint, layout, message):
     _rewrite_sidecar(rtn_checkpoint, layout=layout)
     with pytest.raises(QuantlabError, match=message):
         load_checkpoint(rtn_checkpoint, dtype=torch.float32, device=CPU)
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    ({"backend_config_version": 0}, r"written by rtn config version 0; this quantlab's is 1"),
-    ({"format": 2}, r"sidecar format 2; this quantlab reads format 1"),
-])
-def test_a_checkpoint_of_another_config_or_sidecar_version_is_not_read(rtn_checkpoint, change, message):
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"backend_config_version": 0}, r"written by rtn config version 0; this quantlab's is 1"),
+        ({"format": 2}, r"sidecar format 2; this quantlab reads format 1"),
+    ],
+)
+def test_a_checkpoint_of_another_config_or_sidecar_version_is_not_read(
+    rtn_checkpoint, change, message
+):
     _rewrite_sidecar(rtn_checkpoint, **change)
     with pytest.raises(QuantlabError, match=message):
         load_checkpoint(rtn_checkpoint, dtype=torch.float32, device=CPU)

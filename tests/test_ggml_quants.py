@@ -501,8 +501,9 @@ def test_search_awq_folds_scales_and_llama_cpp_runs_the_file(tiny_model_dir, tin
     assert len(stats) == 2 * 6  # two layers: q/k/v, gate/up and down (o: GQA, not scaled)
     assert all(v["search_loss_best"] <= v["search_loss_identity"] for v in stats.values())
     assert any(v["search_best_grid_index"] > 0 for v in stats.values()), stats
-    ckpt = export_checkpoint(rec_model, lm.tokenizer, backend, tmp_path / "ckpt", source=source,
-                             label="ggml")
+    ckpt = export_checkpoint(
+        rec_model, lm.tokenizer, backend, tmp_path / "ckpt", source=source, label="ggml"
+    )
     # the saved importance is the folded model's own (inputs x / s): recomputed, it agrees
     saved = read_imatrix(ckpt / "imatrix" / "imatrix.gguf")
     names = gguf_names(lm.model, [n for n in stats])
@@ -510,9 +511,16 @@ def test_search_awq_folds_scales_and_llama_cpp_runs_the_file(tiny_model_dir, tin
     for n in names.values():
         np.testing.assert_allclose(saved.importance(n), again.importance(n), rtol=1e-3, err_msg=n)
     export_gguf(lm.model, tmp_path / "folded.gguf", tiny_gguf)
-    _llama_quantize(tools, tmp_path / "folded.gguf", tmp_path / "theirs.gguf", "Q4_0",
-                    "--token-embedding-type", "q8_0", "--imatrix",
-                    ckpt / "imatrix" / "imatrix.gguf")
+    _llama_quantize(
+        tools,
+        tmp_path / "folded.gguf",
+        tmp_path / "theirs.gguf",
+        "Q4_0",
+        "--token-embedding-type",
+        "q8_0",
+        "--imatrix",
+        ckpt / "imatrix" / "imatrix.gguf",
+    )
     ours = {t.name: t for t in gguf.GGUFReader(str(ckpt / "model.gguf")).tensors}
     for t in gguf.GGUFReader(str(tmp_path / "theirs.gguf")).tensors:
         assert np.array_equal(np.asarray(ours[t.name].data), np.asarray(t.data)), t.name

@@ -25,15 +25,25 @@ def _out_err(w, w_hat, x):
     return float(((x @ (w - w_hat).t()) ** 2).mean())
 
 
-@pytest.mark.parametrize("bits,group,sym,act_order,static", [
-    (4, 32, True, False, False), (4, 32, False, False, False), (3, 32, True, False, False),
-    (2, 64, False, False, False), (4, 32, True, True, False), (4, 32, True, True, True),
-    (4, -1, True, False, False), (8, 32, True, False, False),
-])
+@pytest.mark.parametrize(
+    "bits,group,sym,act_order,static",
+    [
+        (4, 32, True, False, False),
+        (4, 32, False, False, False),
+        (3, 32, True, False, False),
+        (2, 64, False, False, False),
+        (4, 32, True, True, False),
+        (4, 32, True, True, True),
+        (4, -1, True, False, False),
+        (8, 32, True, False, False),
+    ],
+)
 def test_gptq_output_error_not_worse_than_rtn(bits, group, sym, act_order, static):
     w, x = _layer_problem(bits)
     h = 2 * x.t() @ x / x.shape[0]
-    codes, scales, zeros, g_idx = gptq_quantize(w, h, bits, group, sym, act_order=act_order, static_groups=static)
+    codes, scales, zeros, g_idx = gptq_quantize(
+        w, h, bits, group, sym, act_order=act_order, static_groups=static
+    )
     w_gptq = dequantize_matrix(codes, scales, zeros, g_idx)
     rc, rs, rz = quantize_matrix(w, bits, group, sym)
     gsz = 128 if group == -1 else group
@@ -55,7 +65,9 @@ def test_dead_inputs_and_identity_hessian():
     codes, scales, zeros, g_idx = gptq_quantize(w, h, 4, 32, True)
     w_hat = dequantize_matrix(codes, scales, zeros, g_idx)
     # with H = I (no correlations) GPTQ reduces to RTN on the other columns
-    rc, rs, rz = quantize_matrix(torch.cat([w[:, :5], torch.zeros(64, 1), w[:, 6:]], 1), 4, 32, True)
+    rc, rs, rz = quantize_matrix(
+        torch.cat([w[:, :5], torch.zeros(64, 1), w[:, 6:]], 1), 4, 32, True
+    )
     w_rtn = dequantize_matrix(rc, rs, rz, torch.arange(128) // 32)
     assert torch.allclose(w_hat, w_rtn, atol=1e-6)
 
@@ -110,16 +122,27 @@ def test_staged_layer_runner_equals_the_layer(tiny):
     cal = tokenize(pydoc_text("calibration"), tok)[: 4 * 64].view(4, 64)
     hidden, kwargs = first_layer_inputs(model, layers, cal, 2)
     seen = {}
-    got = staged_prenorm_layer(layers[0], spec.prenorm, hidden, kwargs,
-                               lambda stage, xs: seen.setdefault(stage, [x.shape for x in xs]))
+    got = staged_prenorm_layer(
+        layers[0],
+        spec.prenorm,
+        hidden,
+        kwargs,
+        lambda stage, xs: seen.setdefault(stage, [x.shape for x in xs]),
+    )
     want = run_layer(layers[0], hidden, kwargs)
     for a, b in zip(got, want):
         assert torch.allclose(a, b, atol=1e-5)
     # every batch's input, computed on demand
-    assert seen == {"attn_in": [(2, 64, 64)] * 2, "o_in": [(2, 64, 64)] * 2, "mlp_in": [(2, 64, 64)] * 2,
-                    "down_in": [(2, 64, 128)] * 2}
+    assert seen == {
+        "attn_in": [(2, 64, 64)] * 2,
+        "o_in": [(2, 64, 64)] * 2,
+        "mlp_in": [(2, 64, 64)] * 2,
+        "down_in": [(2, 64, 128)] * 2,
+    }
     # a stage nobody consumes costs nothing and changes nothing
-    untouched = staged_prenorm_layer(layers[0], spec.prenorm, hidden, kwargs, lambda stage, xs: None)
+    untouched = staged_prenorm_layer(
+        layers[0], spec.prenorm, hidden, kwargs, lambda stage, xs: None
+    )
     for a, b in zip(untouched, want):
         assert torch.allclose(a, b, atol=1e-5)
 

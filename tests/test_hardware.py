@@ -39,13 +39,21 @@ from quantlab.hardware.projection import (
 )
 from quantlab.hardware.shape import shape_from_config
 
-LLAMA31_CONFIG = {"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32,
-                  "num_attention_heads": 32, "num_key_value_heads": 8, "intermediate_size": 14336,
-                  "vocab_size": 128256, "max_position_embeddings": 131072,
-                  "tie_word_embeddings": False}
+LLAMA31_CONFIG = {
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "intermediate_size": 14336,
+    "vocab_size": 128256,
+    "max_position_embeddings": 131072,
+    "tie_word_embeddings": False,
+}
 
 
 # ---------------------------------------------------------------- shapes and KV arithmetic
+
 
 def test_kv_bytes_per_token_is_layers_x_kv_heads_x_head_dim_x_dtype_x_2():
     shape = shape_from_config(LLAMA31_CONFIG)
@@ -59,8 +67,16 @@ def test_kv_bytes_per_token_is_layers_x_kv_heads_x_head_dim_x_dtype_x_2():
 
 
 def test_shape_reads_other_families_and_refuses_what_it_cannot_describe():
-    gpt2 = shape_from_config({"model_type": "gpt2", "n_embd": 768, "n_layer": 12, "n_head": 12,
-                              "vocab_size": 50257, "n_positions": 1024})
+    gpt2 = shape_from_config(
+        {
+            "model_type": "gpt2",
+            "n_embd": 768,
+            "n_layer": 12,
+            "n_head": 12,
+            "vocab_size": 50257,
+            "n_positions": 1024,
+        }
+    )
     assert (gpt2.kv_heads, gpt2.head_dim, gpt2.intermediate, gpt2.mlp_matrices) == (12, 64, 3072, 2)
     assert gpt2.layer_params == 4 * 768 * 768 + 2 * 768 * 3072  # GPT-2 small's 7.08M per block
     with pytest.raises(QuantlabError, match="mixture of experts"):
@@ -111,6 +127,7 @@ def test_decode_is_memory_bound_until_the_flops_catch_up():
 
 # ---------------------------------------------------------------- published anchors
 
+
 def test_every_published_anchor_is_reproduced_within_tolerance():
     errors = anchor_errors(GPU_DECODE + GPU_PREFILL, gpu_efficiency())
     cards = {a.card.name for a in GPU_DECODE}
@@ -124,7 +141,7 @@ def test_every_published_anchor_is_reproduced_within_tolerance():
 
 def test_each_decode_anchor_is_predicted_by_a_fit_that_never_saw_it():
     for i, held_out in enumerate(GPU_DECODE):
-        memory, overhead = fit_decode(GPU_DECODE[:i] + GPU_DECODE[i + 1:])
+        memory, overhead = fit_decode(GPU_DECODE[:i] + GPU_DECODE[i + 1 :])
         eff = Efficiency(memory, fit_compute(GPU_PREFILL, overhead), overhead, "leave one out")
         ratio = project_anchor(held_out, eff) / held_out.measured_tokens_per_s
         assert ratio == pytest.approx(1, abs=0.30), held_out.name
@@ -172,14 +189,26 @@ def _json(capsys, *argv) -> list[dict]:
 
 
 def test_hardware_json_one_object_per_row_and_card(run, capsys):
-    records = _json(capsys, run, "--card", "H100 SXM", "--card", "rtx-4090", "--context", 128,
-                    "--batch", 2)
+    records = _json(
+        capsys, run, "--card", "H100 SXM", "--card", "rtx-4090", "--context", 128, "--batch", 2
+    )
     assert [(r["card"], r["method"]) for r in records] == [
-        ("H100 SXM", "baseline"), ("H100 SXM", "rtn-w4"),
-        ("RTX 4090", "baseline"), ("RTX 4090", "rtn-w4")]
-    required = {"method", "card", "fits", "weight_bytes", "kv_bytes_per_token", "max_batch",
-                "decode_tokens_per_s_projected", "prefill_tokens_per_s_projected",
-                "efficiency_source"}
+        ("H100 SXM", "baseline"),
+        ("H100 SXM", "rtn-w4"),
+        ("RTX 4090", "baseline"),
+        ("RTX 4090", "rtn-w4"),
+    ]
+    required = {
+        "method",
+        "card",
+        "fits",
+        "weight_bytes",
+        "kv_bytes_per_token",
+        "max_batch",
+        "decode_tokens_per_s_projected",
+        "prefill_tokens_per_s_projected",
+        "efficiency_source",
+    }
     base, rtn = records[0], records[1]
     for r in records:
         assert required <= set(r) and r["projected"] is True and r["fits"]
@@ -207,8 +236,8 @@ def test_hardware_text_names_every_card_and_says_projected(run, capsys):
 
 
 def test_this_machine_uses_the_bandwidth_given_and_the_runs_dtype(run, capsys):
-    fast, = _json(capsys, run, "--card", "this machine", "--bandwidth", 100, "--context", 64)[:1]
-    slow, = _json(capsys, run, "--card", "this machine", "--bandwidth", 1, "--context", 64)[:1]
+    (fast,) = _json(capsys, run, "--card", "this machine", "--bandwidth", 100, "--context", 64)[:1]
+    (slow,) = _json(capsys, run, "--card", "this machine", "--bandwidth", 1, "--context", 64)[:1]
     assert fast["card_kind"] == "cpu" and fast["engine"] == "torch eager"
     assert fast["kv_cache_bytes_per_element"] == 4  # the run's float32 cache
     assert fast["decode_tokens_per_s_projected"] > slow["decode_tokens_per_s_projected"]
@@ -216,8 +245,10 @@ def test_this_machine_uses_the_bandwidth_given_and_the_runs_dtype(run, capsys):
 
 def test_a_users_card_file(run, tmp_path, capsys):
     f = tmp_path / "cards.yaml"
-    f.write_text("cards:\n  - {name: My GPU, memory_gib: 48, bandwidth_gb_s: 960, "
-                 "dense_tflops: 181, source: 'vendor datasheet'}\n")
+    f.write_text(
+        "cards:\n  - {name: My GPU, memory_gib: 48, bandwidth_gb_s: 960, "
+        "dense_tflops: 181, source: 'vendor datasheet'}\n"
+    )
     records = _json(capsys, run, "--cards", f, "--card", "my gpu")
     assert {r["card"] for r in records} == {"My GPU"} and all(r["fits"] for r in records)
     (card,) = load_cards(f)
@@ -233,29 +264,50 @@ def _error(capsys, *argv) -> str:
 
 
 def test_bad_input_is_one_error_line(run, tmp_path, capsys):
-    assert re.search(r"unknown card 'H10'.*did you mean 'H100 SXM' or 'H100 PCIe'.*"
-                     r"known cards: .*'RTX 4090'", _error(capsys, run, "--card", "H10"))
+    assert re.search(
+        r"unknown card 'H10'.*did you mean 'H100 SXM' or 'H100 PCIe'.*"
+        r"known cards: .*'RTX 4090'",
+        _error(capsys, run, "--card", "H10"),
+    )
     assert "did you mean 'RTX 4090'" in _error(capsys, run, "--card", "rtx4900")
-    assert re.search(r"--context 1000 is longer than the model's context: 256 tokens",
-                     _error(capsys, run, "--context", 1000))
+    assert re.search(
+        r"--context 1000 is longer than the model's context: 256 tokens",
+        _error(capsys, run, "--context", 1000),
+    )
     assert "not a quantlab run directory" in _error(capsys, tmp_path)
     assert "at least 1" in _error(capsys, run, "--batch", 0)
     small = tmp_path / "small.json"
-    small.write_text(json.dumps([{"name": "Tiny", "memory_gib": 1.1, "bandwidth_gb_s": 50,
-                                  "dense_tflops": 1, "source": "made up"}]))
+    small.write_text(
+        json.dumps(
+            [
+                {
+                    "name": "Tiny",
+                    "memory_gib": 1.1,
+                    "bandwidth_gb_s": 50,
+                    "dense_tflops": 1,
+                    "source": "made up",
+                }
+            ]
+        )
+    )
     msg = _error(capsys, run, "--cards", small, "--card", "Tiny")
     assert re.search(r"Tiny fits none of the rows .*the card leaves", msg)
 
 
 def test_a_bad_cards_file_names_every_problem(run, tmp_path, capsys):
     f = tmp_path / "bad.yaml"
-    f.write_text("cards:\n  - {name: X, memory_gib: -1, bandwith_gb_s: 9, dense_tflops: 1}\n"
-                 "  - {name: h100 sxm, memory_gib: 80, bandwidth_gb_s: 1, dense_tflops: 1, "
-                 "source: s}\n")
+    f.write_text(
+        "cards:\n  - {name: X, memory_gib: -1, bandwith_gb_s: 9, dense_tflops: 1}\n"
+        "  - {name: h100 sxm, memory_gib: 80, bandwidth_gb_s: 1, dense_tflops: 1, "
+        "source: s}\n"
+    )
     msg = _error(capsys, run, "--cards", f)
-    for needle in ("cards[0].memory_gib",
-                   "cards[0].bandwith_gb_s: unknown key (did you mean 'bandwidth_gb_s'?)",
-                   "cards[0].source: Field required", "'h100 sxm' is a built-in card"):
+    for needle in (
+        "cards[0].memory_gib",
+        "cards[0].bandwith_gb_s: unknown key (did you mean 'bandwidth_gb_s'?)",
+        "cards[0].source: Field required",
+        "'h100 sxm' is a built-in card",
+    ):
         assert needle in msg, msg
     with pytest.raises(QuantlabError, match="holds no cards"):
         load_cards(_write(tmp_path / "empty.yaml", "cards: []\n"))
@@ -284,10 +336,11 @@ def test_gguf_checkpoint_bytes_are_the_files(tiny_gguf):
 
 # ---------------------------------------------------------------- the report
 
+
 def test_the_report_has_a_where_to_deploy_section_labelled_projected(run):
     html = (run / "report.html").read_text()
     start, end = html.index('<section id="deploy">'), html.index('<section id="methods">')
-    section, results = html[start:end], html[html.index('<section id="results">'):start]
+    section, results = html[start:end], html[html.index('<section id="results">') : start]
     assert "projected, not measured" in section
     assert section.count("PROJECTED</th>") == 2 * len(CARDS)
     for card in CARDS:

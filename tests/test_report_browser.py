@@ -12,16 +12,30 @@ import pytest
 
 from quantlab.cli import main
 
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run", "--disable-quic"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
 
 
 def _chromium() -> str:
-    for candidate in (os.environ.get("QUANTLAB_CHROMIUM"), "chromium", "chromium-browser", "google-chrome"):
+    for candidate in (
+        os.environ.get("QUANTLAB_CHROMIUM"),
+        "chromium",
+        "chromium-browser",
+        "google-chrome",
+    ):
         if candidate and (path := shutil.which(candidate)):
             return path
-    message = ("no Chromium found: install Debian's browser with `apt-get install chromium` (scripts/test.sh "
-               "does, as root), or set QUANTLAB_CHROMIUM to a Chromium/Chrome executable")
+    message = (
+        "no Chromium found: install Debian's browser with `apt-get install chromium` (scripts/test.sh "
+        "does, as root), or set QUANTLAB_CHROMIUM to a Chromium/Chrome executable"
+    )
     if os.environ.get("QUANTLAB_REQUIRE_BROWSER") == "1":  # CI: the browser test must run
         pytest.fail(message)
     pytest.skip(message)
@@ -30,8 +44,11 @@ def _chromium() -> str:
 def open_report(path: Path, screenshot: Path, script: str | None = None) -> dict:
     """Open ``path`` in headless Chromium; return what the page shows and what went wrong
     (``script``: JavaScript run on the page after load, its value returned as ``script``)."""
-    sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed: "
-                                   "pip install 'quantlab[dev]' (the browser itself comes from Debian)")
+    sync_api = pytest.importorskip(
+        "playwright.sync_api",
+        reason="Playwright is not installed: "
+        "pip install 'quantlab[dev]' (the browser itself comes from Debian)",
+    )
     executable = _chromium()
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
@@ -42,16 +59,27 @@ def open_report(path: Path, screenshot: Path, script: str | None = None) -> dict
         page.on("requestfailed", lambda r: failed.append(r.url))
         page.goto(path.resolve().as_uri(), wait_until="load")
         images = page.eval_on_selector_all(
-            "img", "els => els.map(e => ({alt: e.alt, complete: e.complete, w: e.naturalWidth, h: e.naturalHeight, "
-                   "shown: e.getBoundingClientRect().width}))")
-        rows = page.eval_on_selector_all("table.results tbody tr", "els => els.map(e => e.innerText)")
+            "img",
+            "els => els.map(e => ({alt: e.alt, complete: e.complete, w: e.naturalWidth, h: e.naturalHeight, "
+            "shown: e.getBoundingClientRect().width}))",
+        )
+        rows = page.eval_on_selector_all(
+            "table.results tbody tr", "els => els.map(e => e.innerText)"
+        )
         headers = page.eval_on_selector_all("table.results th", "els => els.map(e => e.innerText)")
         title = page.title()
         ran = page.evaluate(script) if script else None
         page.screenshot(path=str(screenshot), full_page=True)
         browser.close()
-    return {"images": images, "rows": rows, "headers": headers, "errors": errors, "failed": failed, "title": title,
-            "script": ran}
+    return {
+        "images": images,
+        "rows": rows,
+        "headers": headers,
+        "errors": errors,
+        "failed": failed,
+        "title": title,
+        "script": ran,
+    }
 
 
 SORT_AND_HIDE = """() => {
@@ -75,7 +103,10 @@ def test_report_renders_in_chromium(tiny_recipe, tmp_path):
     assert seen["errors"] == [] and seen["failed"] == []
     assert "quantlab report" in seen["title"]
     # sorting by ppl, descending, puts the quantized row first; hiding a column hides its cells
-    assert seen["script"]["first_after_desc"] == "rtn-w4-g32" and seen["script"]["first_after_asc"] == "baseline"
+    assert (
+        seen["script"]["first_after_desc"] == "rtn-w4-g32"
+        and seen["script"]["first_after_asc"] == "baseline"
+    )
     assert seen["script"]["ppl_hidden"] is True
     assert [r.split("\t")[0] for r in seen["rows"]] == ["baseline", "rtn-w4-g32"]
     assert "ppl" in seen["headers"] and "KL" in seen["headers"]

@@ -19,8 +19,20 @@ from quantlab.cli import main
 
 # columns that must be identical between an interrupted-and-resumed run and a clean one
 # (speed and wall times are measurements, not results)
-DETERMINISTIC = ["method", "backend", "bits", "group_size", "ppl", "kld_mean", "kld_p99", "top1_agreement",
-                 "size_bytes", "quantized_tensor_bytes", "bits_per_weight", "eval_tokens"]
+DETERMINISTIC = [
+    "method",
+    "backend",
+    "bits",
+    "group_size",
+    "ppl",
+    "kld_mean",
+    "kld_p99",
+    "top1_agreement",
+    "size_bytes",
+    "quantized_tensor_bytes",
+    "bits_per_weight",
+    "eval_tokens",
+]
 
 
 def _recipe(path: Path, model: Path, out: Path, speed: bool = False) -> Path:
@@ -44,8 +56,14 @@ output: {{dir: "{out}"}}
 
 def _start(recipe: Path, **kw) -> subprocess.Popen:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "quantlab", "run", str(recipe)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "quantlab", "run", str(recipe)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        **kw,
+    )
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
@@ -53,7 +71,9 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
     while not path.exists():
         if proc.poll() is not None:
             out, err = proc.communicate()
-            pytest.fail(f"the run ended (rc {proc.returncode}) before {path.name} appeared:\n{err[-3000:]}")
+            pytest.fail(
+                f"the run ended (rc {proc.returncode}) before {path.name} appeared:\n{err[-3000:]}"
+            )
         if time.monotonic() - t0 > timeout:
             proc.kill()
             pytest.fail(f"{path} did not appear in {timeout} s")
@@ -61,7 +81,10 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
 
 
 def _mtimes(run: Path, label: str) -> dict[str, int]:
-    return {p.name: p.stat().st_mtime_ns for p in [run / label / "metrics.json", run / label / "checkpoint" / "quantlab.json"]}
+    return {
+        p.name: p.stat().st_mtime_ns
+        for p in [run / label / "metrics.json", run / label / "checkpoint" / "quantlab.json"]
+    }
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +95,9 @@ def clean(tiny_model_dir, tmp_path_factory) -> pd.DataFrame:
     return pd.read_csv(root / "run" / "results.csv")
 
 
-def test_sigkill_mid_method_then_resume_equals_an_uninterrupted_run(tiny_model_dir, tmp_path, clean, capsys):
+def test_sigkill_mid_method_then_resume_equals_an_uninterrupted_run(
+    tiny_model_dir, tmp_path, clean, capsys
+):
     run = tmp_path / "run"
     recipe = _recipe(tmp_path / "r.yaml", tiny_model_dir, run)
     proc = _start(recipe)
@@ -81,7 +106,9 @@ def test_sigkill_mid_method_then_resume_equals_an_uninterrupted_run(tiny_model_d
     time.sleep(0.3)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (run / "gptq-w4" / "metrics.json").exists(), "killed too late: GPTQ had already finished"
+    assert not (run / "gptq-w4" / "metrics.json").exists(), (
+        "killed too late: GPTQ had already finished"
+    )
     finished = {label: _mtimes(run, label) for label in ("baseline", "rtn-w4")}
     partial = pd.read_csv(run / "results.csv")
     assert list(partial["method"]) == ["baseline", "rtn-w4"]  # the table holds what finished
@@ -113,7 +140,10 @@ def test_sigkill_after_export_reuses_the_checkpoint(tiny_model_dir, tmp_path, cl
     record = json.loads((run / "gptq-w4" / "export.json").read_text())
     assert main(["run", str(recipe)]) == 0
     err = capsys.readouterr().err
-    assert "gptq-w4: quantized and exported earlier with the same settings; reusing the checkpoint" in err
+    assert (
+        "gptq-w4: quantized and exported earlier with the same settings; reusing the checkpoint"
+        in err
+    )
     assert "gptq-w4: quantize (gptq)" not in err
     assert sidecar.stat().st_mtime_ns == exported
     metrics = json.loads((run / "gptq-w4" / "metrics.json").read_text())
@@ -122,7 +152,9 @@ def test_sigkill_after_export_reuses_the_checkpoint(tiny_model_dir, tmp_path, cl
     pd.testing.assert_frame_equal(resumed[DETERMINISTIC], clean[DETERMINISTIC])
 
 
-def test_changing_only_evaluation_settings_rescores_without_quantizing(tiny_model_dir, tmp_path, capsys):
+def test_changing_only_evaluation_settings_rescores_without_quantizing(
+    tiny_model_dir, tmp_path, capsys
+):
     run = tmp_path / "run"
     recipe = _recipe(tmp_path / "r.yaml", tiny_model_dir, run)
     assert main(["run", str(recipe)]) == 0
@@ -161,13 +193,19 @@ def test_a_second_run_into_the_same_directory_refuses(tiny_model_dir, tmp_path, 
     assert "another quantlab run is writing into" in err and f"pid {proc.pid}" in err
     out, perr = proc.communicate(timeout=300)
     assert proc.returncode == 0, perr[-2000:]  # the first run was not disturbed
-    assert list(pd.read_csv(run / "results.csv")["method"]) == ["baseline", "rtn-w4", "gptq-w4", "awq-w4"]
+    assert list(pd.read_csv(run / "results.csv")["method"]) == [
+        "baseline",
+        "rtn-w4",
+        "gptq-w4",
+        "awq-w4",
+    ]
 
 
 def _file_size_limit(limit: int):
     def apply():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a full disk gives an error, not a signal
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
     return apply
 
 
@@ -175,8 +213,11 @@ def test_a_full_disk_is_one_clear_error_and_keeps_finished_methods(tiny_model_di
     run = tmp_path / "run"
     recipe = _recipe(tmp_path / "r.yaml", tiny_model_dir, run)
     text = recipe.read_text()
-    recipe.write_text(text.replace("  - {label: gptq-w4", "  # - {label: gptq-w4").replace(
-        "  - {label: awq-w4", "  # - {label: awq-w4"))
+    recipe.write_text(
+        text.replace("  - {label: gptq-w4", "  # - {label: gptq-w4").replace(
+            "  - {label: awq-w4", "  # - {label: awq-w4"
+        )
+    )
     assert main(["run", str(recipe)]) == 0
     before = (run / "results.csv").read_bytes()
     recipe.write_text(text)  # two more methods; their checkpoints no longer fit

@@ -32,15 +32,19 @@ def numpy_rtn(w: np.ndarray, bits: int, group: int, sym: bool) -> np.ndarray:
     return out
 
 
-@pytest.mark.parametrize("bits,group,sym", [(4, 32, True), (4, 32, False), (3, 64, True),
-                                            (2, 16, False), (8, -1, True), (6, 32, False)])
+@pytest.mark.parametrize(
+    "bits,group,sym",
+    [(4, 32, True), (4, 32, False), (3, 64, True), (2, 16, False), (8, -1, True), (6, 32, False)],
+)
 def test_rtn_matches_numpy_reference(bits, group, sym):
     torch.manual_seed(bits)
     w = torch.randn(64, 128) * 0.05
     w[3, 5] = 0.9  # an outlier row
     codes, scales, zeros = quantize_matrix(w, bits, group, sym)
     g = 128 if group == -1 else group
-    layer = PackedLinear.from_codes(codes, scales, zeros, torch.arange(128) // g, bits, group, None, torch.float32)
+    layer = PackedLinear.from_codes(
+        codes, scales, zeros, torch.arange(128) // g, bits, group, None, torch.float32
+    )
     ref = numpy_rtn(w.numpy(), bits, group, sym)
     # the packed layer, unpacked from its int32 words, encodes the reference weights
     np.testing.assert_allclose(layer.dequantize().numpy(), ref, rtol=0, atol=1e-6)
@@ -120,9 +124,14 @@ def test_importance_rtn_weights_the_error_by_the_inputs_it_will_see(tiny):
     assert imp.needs_calibration and not plain.needs_calibration
     with pytest.raises(QuantlabError, match="needs calibration"):
         imp.quantize(copy.deepcopy(model), None)
-    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    names = [
+        n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"
+    ]
     stats = input_mean_squares(model, names, calib)
-    a, done = plain.quantize(copy.deepcopy(model), None).model, imp.quantize(copy.deepcopy(model), calib)
+    a, done = (
+        plain.quantize(copy.deepcopy(model), None).model,
+        imp.quantize(copy.deepcopy(model), calib),
+    )
     b = done.model
     assert "clip search" in done.stage_seconds and "input statistics" in done.stage_seconds
     for n in names:  # the weighted error of every layer is no larger than plain rounding's

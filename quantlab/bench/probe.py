@@ -18,8 +18,12 @@ import sys
 import torch
 
 #: the library each library backend imports (its import cost is not the model's memory)
-_LIBRARIES = {"bnb": "bitsandbytes", "quanto": "optimum.quanto", "int8-dynamic": "torchao",
-              "int8-weight-only": "torchao"}
+_LIBRARIES = {
+    "bnb": "bitsandbytes",
+    "quanto": "optimum.quanto",
+    "int8-dynamic": "torchao",
+    "int8-weight-only": "torchao",
+}
 
 
 def probe(ckpt: str, threads: int, repeats: int) -> dict:
@@ -43,9 +47,15 @@ def probe(ckpt: str, threads: int, repeats: int) -> dict:
         pre = measure_speed(lm.model, prompt, new_tokens=1, warmup=1, repeats=repeats)
         dec = measure_speed(lm.model, prompt[:64], new_tokens=32, warmup=1, repeats=repeats)
     release_free_memory()
-    return {"rss_imports": before, "model_rss": rss_bytes() - before, "peak_run": peak.peak_bytes - before,
-            "prefill512_tok_s": pre["prefill_tokens_per_s"], "decode_tok_s": dec["decode_tokens_per_s"],
-            "decode_min": dec["decode_tokens_per_s_min"], "decode_max": dec["decode_tokens_per_s_max"]}
+    return {
+        "rss_imports": before,
+        "model_rss": rss_bytes() - before,
+        "peak_run": peak.peak_bytes - before,
+        "prefill512_tok_s": pre["prefill_tokens_per_s"],
+        "decode_tok_s": dec["decode_tokens_per_s"],
+        "decode_min": dec["decode_tokens_per_s_min"],
+        "decode_max": dec["decode_tokens_per_s_max"],
+    }
 
 
 if __name__ == "__main__":

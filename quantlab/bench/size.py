@@ -18,7 +18,11 @@ def checkpoint_tensor_bytes(ckpt_dir, model: nn.Module | None = None) -> dict[st
     if model is not None and not any(Path(ckpt_dir).glob("*.safetensors")):
         from quantlab.formats.gguf import gguf_tensor_bytes
 
-        return {k: v for f in sorted(Path(ckpt_dir).glob("*.gguf")) for k, v in gguf_tensor_bytes(f, model).items()}
+        return {
+            k: v
+            for f in sorted(Path(ckpt_dir).glob("*.gguf"))
+            for k, v in gguf_tensor_bytes(f, model).items()
+        }
     sizes: dict[str, int] = {}
     for f in sorted(Path(ckpt_dir).glob("*.safetensors")):
         with open(f, "rb") as fh:
@@ -42,17 +46,22 @@ def _linear_like(model: nn.Module):
 
 def _owned(sizes: dict[str, int], name: str, with_bias: bool = False) -> int:
     prefix = f"{name}."
-    return sum(v for k, v in sizes.items() if k.startswith(prefix) and (with_bias or k != f"{name}.bias"))
+    return sum(
+        v for k, v in sizes.items() if k.startswith(prefix) and (with_bias or k != f"{name}.bias")
+    )
 
 
-def checkpoint_bits_per_weight(model: nn.Module, sizes: dict[str, int],
-                               exclude: tuple[str, ...] = ("lm_head",)) -> float:
+def checkpoint_bits_per_weight(
+    model: nn.Module, sizes: dict[str, int], exclude: tuple[str, ...] = ("lm_head",)
+) -> float:
     """Stored bits per weight of the linear layers (except ``exclude``) as written in the
     checkpoint: every tensor a layer stores except its bias (codes, scales, zeros, maps,
     outlier statistics, whatever the format holds), over its in x out weights."""
     bits = weights = 0
     for name, fin, fout in _linear_like(model):
-        if any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, f"*.{p}") for p in exclude):
+        if any(
+            fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, f"*.{p}") for p in exclude
+        ):
             continue
         stored = _owned(sizes, name)
         if stored:

@@ -72,10 +72,14 @@ def _one_batch(model, prompt: torch.Tensor, new_tokens: int, warmup: int, repeat
             prefill.append(t_prefill)
             decode.append(b * new_tokens / sum(step_times))
             steps.extend(step_times)
-    return _summary(b, p, new_tokens, prefill, decode, steps) | {"generated": generated[-new_tokens:]}
+    return _summary(b, p, new_tokens, prefill, decode, steps) | {
+        "generated": generated[-new_tokens:]
+    }
 
 
-def _summary(b: int, p: int, new_tokens: int, prefill: list[float], decode: list[float], steps: list[float]) -> dict:
+def _summary(
+    b: int, p: int, new_tokens: int, prefill: list[float], decode: list[float], steps: list[float]
+) -> dict:
     prefill_tps = [b * p / t for t in prefill]
     return {
         "batch_size": b,
@@ -111,7 +115,9 @@ def _compiled_step(device: torch.device):
 
 
 @torch.no_grad()
-def _one_batch_compiled(model, prompt: torch.Tensor, new_tokens: int, warmup: int, repeats: int) -> dict:
+def _one_batch_compiled(
+    model, prompt: torch.Tensor, new_tokens: int, warmup: int, repeats: int
+) -> dict:
     """gpt-fast's pattern: a static KV cache (fixed shapes) and a compiled decode step; the
     prefill runs eager into the same cache. The first step (the compilation) is timed
     separately (``compile_s``) and not counted in any tokens/s."""
@@ -138,11 +144,13 @@ def _one_batch_compiled(model, prompt: torch.Tensor, new_tokens: int, warmup: in
         for i in range(new_tokens):
             t1 = time.perf_counter()
             try:
-                logits = step(model, nxt, positions[:, p + i:p + i + 1].contiguous(), cache)
+                logits = step(model, nxt, positions[:, p + i : p + i + 1].contiguous(), cache)
             except Exception as e:  # inductor/dynamo failures: say what failed, measure nothing
                 detail = (str(e).strip().splitlines() or [""])[0][:300]
-                raise QuantlabError(f"compiling the decode step failed ({type(e).__name__}: {detail}); "
-                                    "use eval.speed.mode: eager") from None
+                raise QuantlabError(
+                    f"compiling the decode step failed ({type(e).__name__}: {detail}); "
+                    "use eval.speed.mode: eager"
+                ) from None
             nxt = logits.argmax(-1, keepdim=True)
             _sync(device)
             step_times.append(time.perf_counter() - t1)
@@ -153,8 +161,10 @@ def _one_batch_compiled(model, prompt: torch.Tensor, new_tokens: int, warmup: in
             prefill.append(t_prefill)
             decode.append(b * new_tokens / sum(step_times))
             steps.extend(step_times)
-    return _summary(b, p, new_tokens, prefill, decode, steps) | {"compile_s": compile_s,
-                                                                 "generated": generated[-new_tokens:]}
+    return _summary(b, p, new_tokens, prefill, decode, steps) | {
+        "compile_s": compile_s,
+        "generated": generated[-new_tokens:],
+    }
 
 
 #: the speed measurement's defaults, in one place: recipes (``eval.speed``), ``quantlab eval
@@ -165,8 +175,16 @@ PROMPT_TOKENS, NEW_TOKENS, WARMUP, REPEATS, BATCH_SIZE, ROUNDS = 64, 32, 1, 3, 4
 MODES = ("eager", "compiled")
 
 
-def measure_speed(model, prompt: torch.Tensor, *, new_tokens: int = NEW_TOKENS, batch_sizes: tuple[int, ...] = (1,),
-                  warmup: int = WARMUP, repeats: int = REPEATS, mode: str = "eager") -> dict:
+def measure_speed(
+    model,
+    prompt: torch.Tensor,
+    *,
+    new_tokens: int = NEW_TOKENS,
+    batch_sizes: tuple[int, ...] = (1,),
+    warmup: int = WARMUP,
+    repeats: int = REPEATS,
+    mode: str = "eager",
+) -> dict:
     """Speed at each batch size (the prompt [1, P] repeated), keyed ``b1``, ``b4``...;
     the batch-1 figures are also at the top level. ``mode``: ``eager`` (a dynamic KV cache,
     every op dispatched from Python) or ``compiled`` (a static KV cache and a compiled decode
@@ -176,11 +194,19 @@ def measure_speed(model, prompt: torch.Tensor, *, new_tokens: int = NEW_TOKENS, 
     if prompt.dim() == 1:
         prompt = prompt[None]
     device = next(model.parameters()).device
-    result = {"warmup": warmup, "repeats": repeats, "threads": torch.get_num_threads(), "device": str(device),
-              "mode": mode, "by_batch": {}}
+    result = {
+        "warmup": warmup,
+        "repeats": repeats,
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+        "mode": mode,
+        "by_batch": {},
+    }
     one = _one_batch if mode == "eager" else _one_batch_compiled
     for b in dict.fromkeys(batch_sizes):
-        result["by_batch"][f"b{b}"] = one(model, prompt[:1].expand(b, -1), new_tokens, warmup, repeats)
+        result["by_batch"][f"b{b}"] = one(
+            model, prompt[:1].expand(b, -1), new_tokens, warmup, repeats
+        )
     first = result["by_batch"][f"b{batch_sizes[0]}"]
     result.update({k: v for k, v in first.items() if not k.endswith("_samples")})
     return result
@@ -189,7 +215,9 @@ def measure_speed(model, prompt: torch.Tensor, *, new_tokens: int = NEW_TOKENS, 
 # ------------------------------------------------------------------------ hardware bound
 
 
-def memory_bandwidth(device: torch.device | str = "cpu", mbytes: int = 256, repeats: int = 5) -> float:
+def memory_bandwidth(
+    device: torch.device | str = "cpu", mbytes: int = 256, repeats: int = 5
+) -> float:
     """Measured memory bandwidth in bytes/s: the best of ``repeats`` copies of a
     ``mbytes`` MB buffer (each copy reads and writes it: 2x the bytes)."""
     device = torch.device(device)
@@ -241,7 +269,9 @@ def bytes_per_token(model: nn.Module, stored: dict[str, int] | None = None) -> i
                 add(m.weight, m.weight.shape[1] * m.weight.element_size())
             continue
         fast = getattr(m, "fast", None)
-        if fast is not None:  # a kernel reading packed weights (quantlab.formats.kernels): its tensors
+        if (
+            fast is not None
+        ):  # a kernel reading packed weights (quantlab.formats.kernels): its tensors
             for t in fast.buffers():
                 add(t)
             add(getattr(m, "bias", None))
@@ -259,9 +289,13 @@ def bytes_per_token(model: nn.Module, stored: dict[str, int] | None = None) -> i
     return total
 
 
-def decode_bound(model: nn.Module, bandwidth: float, batch_size: int = 1,
-                 stored: dict[str, int] | None = None) -> dict:
+def decode_bound(
+    model: nn.Module, bandwidth: float, batch_size: int = 1, stored: dict[str, int] | None = None
+) -> dict:
     """Decode tokens/s the memory bandwidth allows if each step reads the weights once."""
     per_token = bytes_per_token(model, stored)
-    return {"weight_bytes_per_step": per_token, "memory_bandwidth_bytes_per_s": bandwidth,
-            "decode_bound_tokens_per_s": batch_size * bandwidth / per_token}
+    return {
+        "weight_bytes_per_step": per_token,
+        "memory_bandwidth_bytes_per_s": bandwidth,
+        "decode_bound_tokens_per_s": batch_size * bandwidth / per_token,
+    }

@@ -20,7 +20,9 @@ def _lm_eval():
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError:
-        raise MissingDependencyError("lm-eval", "eval", "eval.tasks (lm-evaluation-harness tasks)") from None
+        raise MissingDependencyError(
+            "lm-eval", "eval", "eval.tasks (lm-evaluation-harness tasks)"
+        ) from None
     return lm_eval, HFLM, TaskManager
 
 
@@ -46,28 +48,48 @@ def check_tasks(names: list[str], paths: list[str]) -> None:
 
     for p in paths:
         if not Path(p).is_dir():
-            raise QuantlabError(f"eval.task_paths: '{p}' is not a directory of lm-eval task YAML files")
+            raise QuantlabError(
+                f"eval.task_paths: '{p}' is not a directory of lm-eval task YAML files"
+            )
     known = set(_manager_for(names, paths).all_tasks)
     for name in names:
         if name not in known:
-            raise QuantlabError(f"eval.tasks: lm-eval knows no task '{name}'{did_you_mean(name, known)}; "
-                                "define local tasks in a directory named in eval.task_paths")
+            raise QuantlabError(
+                f"eval.tasks: lm-eval knows no task '{name}'{did_you_mean(name, known)}; "
+                "define local tasks in a directory named in eval.task_paths"
+            )
 
 
-def run_tasks(model, tokenizer, names: list[str], paths: list[str], *, limit: int | None = None,
-              num_fewshot: int | None = None, batch_size: int = 4) -> dict:
+def run_tasks(
+    model,
+    tokenizer,
+    names: list[str],
+    paths: list[str],
+    *,
+    limit: int | None = None,
+    num_fewshot: int | None = None,
+    batch_size: int = 4,
+) -> dict:
     """{task: {metric: value}} with lm-eval's metric names (``acc``, ``acc_norm``, their
     ``_stderr``...), filters dropped from the keys when there is only the default one."""
     lm_eval, HFLM, _ = _lm_eval()
     device = next(model.parameters()).device
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
     try:
-        out = lm_eval.simple_evaluate(model=lm, tasks=list(names), task_manager=_manager_for(names, paths),
-                                      limit=limit, num_fewshot=num_fewshot, log_samples=False,
-                                      bootstrap_iters=1000)
+        out = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=list(names),
+            task_manager=_manager_for(names, paths),
+            limit=limit,
+            num_fewshot=num_fewshot,
+            log_samples=False,
+            bootstrap_iters=1000,
+        )
     except Exception as e:  # lm-eval raises plain exceptions for data it cannot load
-        raise QuantlabError(f"lm-eval could not run {', '.join(names)}: {type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''}") from None
+        raise QuantlabError(
+            f"lm-eval could not run {', '.join(names)}: {type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}"
+        ) from None
     results = {}
     for task, metrics in out["results"].items():
         clean = {}

@@ -20,9 +20,11 @@ from quantlab.procs import ToolError, run_tool
 #: the llama-cpp-python sdist whose vendored llama.cpp scripts/llamacpp.sh builds
 LLAMACPP_PACKAGE_VERSION = "0.3.36"
 TOOLS = ("llama-bench", "llama-perplexity", "llama-quantize", "llama-imatrix")
-_HOW = ("build them once with `bash scripts/llamacpp.sh` (from the llama.cpp sources in PyPI's "
-        f"llama-cpp-python {LLAMACPP_PACKAGE_VERSION} sdist; 10-15 minutes on 2 cores), or set "
-        "QUANTLAB_LLAMACPP to a directory holding " + ", ".join(TOOLS))
+_HOW = (
+    "build them once with `bash scripts/llamacpp.sh` (from the llama.cpp sources in PyPI's "
+    f"llama-cpp-python {LLAMACPP_PACKAGE_VERSION} sdist; 10-15 minutes on 2 cores), or set "
+    "QUANTLAB_LLAMACPP to a directory holding " + ", ".join(TOOLS)
+)
 
 
 def default_bin_dir() -> Path:
@@ -54,11 +56,17 @@ def find_llamacpp(path: str | Path | None = None) -> LlamaCpp:
     where = Path(path or os.environ.get("QUANTLAB_LLAMACPP") or default_bin_dir()).expanduser()
     missing = [t for t in TOOLS if not os.access(where / t, os.X_OK)]
     if missing:
-        raise QuantlabError(f"llama.cpp's tools are not found in '{where}' (missing {', '.join(missing)}); {_HOW}")
+        raise QuantlabError(
+            f"llama.cpp's tools are not found in '{where}' (missing {', '.join(missing)}); {_HOW}"
+        )
     probe = where / "llama-perplexity"
     try:
-        proc = run_tool([probe, "--version"], what=f"'{probe} --version'",
-                        timeout_s=PROBE_TIMEOUT_S, check=False)
+        proc = run_tool(
+            [probe, "--version"],
+            what=f"'{probe} --version'",
+            timeout_s=PROBE_TIMEOUT_S,
+            check=False,
+        )
     except ToolError as e:
         raise QuantlabError(f"{e}; {_HOW}") from None
     found = re.search(r"^version:\s*(.+)$", proc.stdout + proc.stderr, re.M)
@@ -83,13 +91,16 @@ REWRITE_S_PER_GB = 120.0
 PROBE_TIMEOUT_S = 60.0
 
 
-def tool_timeout(model_bytes: int, *, eval_tokens: int = 0, decode_tokens: int = 0,
-                 rewrite: bool = False) -> float:
+def tool_timeout(
+    model_bytes: int, *, eval_tokens: int = 0, decode_tokens: int = 0, rewrite: bool = False
+) -> float:
     """The default time limit of one tool run on a model file of ``model_bytes``."""
     gb = model_bytes / 1e9
-    per_gb = (EVAL_S_PER_GB_KTOKEN * eval_tokens / 1000
-              + DECODE_S_PER_GB_KTOKEN * decode_tokens / 1000
-              + (REWRITE_S_PER_GB if rewrite else 0.0))
+    per_gb = (
+        EVAL_S_PER_GB_KTOKEN * eval_tokens / 1000
+        + DECODE_S_PER_GB_KTOKEN * decode_tokens / 1000
+        + (REWRITE_S_PER_GB if rewrite else 0.0)
+    )
     return TOOL_BASE_S + gb * per_gb
 
 
@@ -104,7 +115,9 @@ _FLOAT = r"([-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)"
 def _grab(pattern: str, text: str, what: str, model: Path) -> tuple[float, ...]:
     found = re.search(pattern, text)
     if not found:
-        raise QuantlabError(f"llama-perplexity printed no {what} for '{model}'; its output ended: {text.strip()[-300:]}")
+        raise QuantlabError(
+            f"llama-perplexity printed no {what} for '{model}'; its output ended: {text.strip()[-300:]}"
+        )
     return tuple(float(g) for g in found.groups())
 
 
@@ -114,9 +127,18 @@ def _grab(pattern: str, text: str, what: str, model: Path) -> tuple[float, ...]:
 ATTEMPTS = 3
 
 
-def perplexity(tools: LlamaCpp, model: Path, text_file: Path, *, ctx: int = 512, chunks: int | None = None,
-               threads: int, kld_base: Path | None = None, kld: bool = False,
-               timeout: float | None = None) -> dict:
+def perplexity(
+    tools: LlamaCpp,
+    model: Path,
+    text_file: Path,
+    *,
+    ctx: int = 512,
+    chunks: int | None = None,
+    threads: int,
+    kld_base: Path | None = None,
+    kld: bool = False,
+    timeout: float | None = None,
+) -> dict:
     """llama-perplexity of ``model`` on ``text_file``: its PPL ± stderr (BOS-led chunks of
     ``ctx`` tokens, second half scored). ``kld_base`` without ``kld``: also save the model's
     logits there (the base of later comparisons); with ``kld``: compare with that file and
@@ -126,8 +148,20 @@ def perplexity(tools: LlamaCpp, model: Path, text_file: Path, *, ctx: int = 512,
     if timeout is None:
         tokens = ctx * chunks if chunks else Path(text_file).stat().st_size
         timeout = tool_timeout(Path(model).stat().st_size, eval_tokens=tokens)
-    cmd = [str(tools.tool("llama-perplexity")), "-m", str(model), "-f", str(text_file), "-c", str(ctx),
-           "-b", str(ctx), "-t", str(threads), "--no-warmup"]
+    cmd = [
+        str(tools.tool("llama-perplexity")),
+        "-m",
+        str(model),
+        "-f",
+        str(text_file),
+        "-c",
+        str(ctx),
+        "-b",
+        str(ctx),
+        "-t",
+        str(threads),
+        "--no-warmup",
+    ]
     if chunks:
         cmd += ["--chunks", str(chunks)]
     if kld_base is not None:
@@ -141,21 +175,44 @@ def perplexity(tools: LlamaCpp, model: Path, text_file: Path, *, ctx: int = 512,
 
 
 def _ppl_figures(out: str, model: Path) -> dict:
-    ppl, ppl_err = _grab(r"Final estimate: PPL = " + _FLOAT + r" \+/- " + _FLOAT, out, "final PPL estimate", model)
+    ppl, ppl_err = _grab(
+        r"Final estimate: PPL = " + _FLOAT + r" \+/- " + _FLOAT, out, "final PPL estimate", model
+    )
     return {"ppl": ppl, "ppl_stderr": ppl_err}
 
 
 def _kld_figures(out: str, model: Path) -> dict:
-    ppl, ppl_err = _grab(r"Mean PPL\(Q\)\s*:\s*" + _FLOAT + r"\s*±\s*" + _FLOAT, out, "Mean PPL(Q)", model)
-    kld_mean, kld_err = _grab(r"Mean\s+KLD:\s*" + _FLOAT + r"\s*±\s*" + _FLOAT, out, "mean KLD", model)
+    ppl, ppl_err = _grab(
+        r"Mean PPL\(Q\)\s*:\s*" + _FLOAT + r"\s*±\s*" + _FLOAT, out, "Mean PPL(Q)", model
+    )
+    kld_mean, kld_err = _grab(
+        r"Mean\s+KLD:\s*" + _FLOAT + r"\s*±\s*" + _FLOAT, out, "mean KLD", model
+    )
     (p99,) = _grab(r"99\.0%\s+KLD:\s*" + _FLOAT, out, "KLD p99", model)
-    top, top_err = _grab(r"Same top p:\s*" + _FLOAT + r"\s*±\s*" + _FLOAT, out, "same-top-token rate", model)
-    return {"ppl": ppl, "ppl_stderr": ppl_err, "kld_mean": kld_mean, "kld_stderr": kld_err, "kld_p99": p99,
-            "top1_agreement": top / 100, "top1_agreement_stderr": top_err / 100}
+    top, top_err = _grab(
+        r"Same top p:\s*" + _FLOAT + r"\s*±\s*" + _FLOAT, out, "same-top-token rate", model
+    )
+    return {
+        "ppl": ppl,
+        "ppl_stderr": ppl_err,
+        "kld_mean": kld_mean,
+        "kld_stderr": kld_err,
+        "kld_p99": p99,
+        "top1_agreement": top / 100,
+        "top1_agreement_stderr": top_err / 100,
+    }
 
 
-def bench(tools: LlamaCpp, models: list[Path], *, threads: int, n_prompt: int = 512, n_gen: int = 128,
-          repetitions: int = 3, timeout: float | None = None) -> list[dict]:
+def bench(
+    tools: LlamaCpp,
+    models: list[Path],
+    *,
+    threads: int,
+    n_prompt: int = 512,
+    n_gen: int = 128,
+    repetitions: int = 3,
+    timeout: float | None = None,
+) -> list[dict]:
     """``llama-bench`` of each model (in the order given, each test ``repetitions`` times):
     one record per model and test, with tokens/s mean, stddev and every sample. ``timeout``:
     seconds (default: :func:`tool_timeout` of all the files and tokens; warm-up runs count)."""
@@ -163,18 +220,42 @@ def bench(tools: LlamaCpp, models: list[Path], *, threads: int, n_prompt: int = 
         size = sum(Path(m).stat().st_size for m in models)
         runs = repetitions + 1  # llama-bench warms up once per test
         timeout = tool_timeout(size, eval_tokens=n_prompt * runs, decode_tokens=n_gen * runs)
-    cmd = [str(tools.tool("llama-bench")), "-o", "json", "-t", str(threads), "-p", str(n_prompt),
-           "-n", str(n_gen), "-r", str(repetitions)]
+    cmd = [
+        str(tools.tool("llama-bench")),
+        "-o",
+        "json",
+        "-t",
+        str(threads),
+        "-p",
+        str(n_prompt),
+        "-n",
+        str(n_gen),
+        "-r",
+        str(repetitions),
+    ]
     for m in models:
         cmd += ["-m", str(m)]
     out = _run(cmd, "llama-bench", timeout)
     start = out.find("[")
     try:
-        records = json.loads(out[start: out.rfind("]") + 1])
+        records = json.loads(out[start : out.rfind("]") + 1])
     except (ValueError, json.JSONDecodeError):
-        raise QuantlabError(f"llama-bench printed no JSON; its output ended: {out.strip()[-300:]}") from None
-    return [{"model": r.get("model_filename"), "test": "prefill" if r.get("n_gen", 0) == 0 else "decode",
-             "n_prompt": r.get("n_prompt"), "n_gen": r.get("n_gen"), "threads": r.get("n_threads"),
-             "tokens_per_s": r.get("avg_ts"), "tokens_per_s_stddev": r.get("stddev_ts"),
-             "samples_tokens_per_s": r.get("samples_ts"), "build": f"{r.get('build_number')} ({r.get('build_commit')})",
-             "cpu": r.get("cpu_info"), "type": r.get("model_type")} for r in records]
+        raise QuantlabError(
+            f"llama-bench printed no JSON; its output ended: {out.strip()[-300:]}"
+        ) from None
+    return [
+        {
+            "model": r.get("model_filename"),
+            "test": "prefill" if r.get("n_gen", 0) == 0 else "decode",
+            "n_prompt": r.get("n_prompt"),
+            "n_gen": r.get("n_gen"),
+            "threads": r.get("n_threads"),
+            "tokens_per_s": r.get("avg_ts"),
+            "tokens_per_s_stddev": r.get("stddev_ts"),
+            "samples_tokens_per_s": r.get("samples_ts"),
+            "build": f"{r.get('build_number')} ({r.get('build_commit')})",
+            "cpu": r.get("cpu_info"),
+            "type": r.get("model_type"),
+        }
+        for r in records
+    ]

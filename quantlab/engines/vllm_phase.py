@@ -29,11 +29,19 @@ def vllm_phase(plan, rows: list[dict], log: Callable[[str], None]) -> None:
             r["vllm_error"] = "a GGUF checkpoint: vLLM scores checkpoint directories here"
             continue
         log(f"vLLM: {label}")
-        r.update(vllm_row(ckpt, plan.eval_plan, quantlab_ppl=r.get("ppl"),
-                          quantlab_dtype=run_dtype, quantized=r["backend"] != "none",
-                          log_dir=plan.run_dir.method(label) / "vllm",
-                          dtype=None if spec.dtype == "auto" else spec.dtype, vllm=vllm,
-                          threads=spec.threads))
+        r.update(
+            vllm_row(
+                ckpt,
+                plan.eval_plan,
+                quantlab_ppl=r.get("ppl"),
+                quantlab_dtype=run_dtype,
+                quantized=r["backend"] != "none",
+                log_dir=plan.run_dir.method(label) / "vllm",
+                dtype=None if spec.dtype == "auto" else spec.dtype,
+                vllm=vllm,
+                threads=spec.threads,
+            )
+        )
         for what in ("vllm_warning", "vllm_error"):
             if r.get(what):
                 log(f"vLLM: {label}: {r[what]}")

@@ -52,8 +52,14 @@ def score(req: dict) -> dict:
     from vllm.inputs import TokensPrompt
 
     t0 = time.perf_counter()
-    llm = LLM(model=req["model"], dtype=req["dtype"], max_model_len=req["max_model_len"],
-              seed=0, enforce_eager=req.get("enforce_eager", True), **req.get("engine_args", {}))
+    llm = LLM(
+        model=req["model"],
+        dtype=req["dtype"],
+        max_model_len=req["max_model_len"],
+        seed=0,
+        enforce_eager=req.get("enforce_eager", True),
+        **req.get("engine_args", {}),
+    )
     load_s = time.perf_counter() - t0
     # one new token per prompt: the work is the prompt's log-probabilities; prompt_logprobs=0
     # returns the log-probability of each prompt token itself (no top-k alternatives)
@@ -66,8 +72,14 @@ def score(req: dict) -> dict:
     for prompt, positions, out in zip(req["prompts"], req["positions"], outs):
         lps = out.prompt_logprobs  # [None, {token: Logprob}, ...], one entry per prompt token
         nll.append([-lps[j][prompt[j]].logprob for j in positions])
-    return {"ok": True, "nll": nll, "load_s": load_s, "score_s": score_s,
-            "isa_library": _loaded_isa(), "vllm_version": _version()}
+    return {
+        "ok": True,
+        "nll": nll,
+        "load_s": load_s,
+        "score_s": score_s,
+        "isa_library": _loaded_isa(),
+        "vllm_version": _version(),
+    }
 
 
 def bench(req: dict) -> dict:

@@ -31,16 +31,27 @@ from quantlab.formats.hqq import HQQ
 
 LAYOUTS: dict[str, LayerFormat] = {f.name: f for f in (GPTQv1(), AWQGemm(), HQQ())}
 
-__all__ = ["LAYOUTS", "DenseDequantLinear", "GridSpec", "LayerFormat", "QuantizedWeight",
-           "drop_dense_weights", "get_layout", "layout_of", "unpack_layer"]
+__all__ = [
+    "LAYOUTS",
+    "DenseDequantLinear",
+    "GridSpec",
+    "LayerFormat",
+    "QuantizedWeight",
+    "drop_dense_weights",
+    "get_layout",
+    "layout_of",
+    "unpack_layer",
+]
 
 
 def get_layout(name: str) -> LayerFormat:
     try:
         return LAYOUTS[name]
     except KeyError:
-        raise QuantlabError(f"unknown checkpoint layout '{name}'; quantlab reads {', '.join(sorted(LAYOUTS))} "
-                            "(a checkpoint from a newer quantlab?)") from None
+        raise QuantlabError(
+            f"unknown checkpoint layout '{name}'; quantlab reads {', '.join(sorted(LAYOUTS))} "
+            "(a checkpoint from a newer quantlab?)"
+        ) from None
 
 
 def layout_of(module: nn.Module | None) -> LayerFormat | None:

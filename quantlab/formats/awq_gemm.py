@@ -45,17 +45,38 @@ class AWQLinear(DenseDequantLinear):
 
     bits = 4
 
-    def __init__(self, in_features: int, out_features: int, group_size: int, bias: bool,
-                 dtype: torch.dtype = torch.float32, device=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        group_size: int,
+        bias: bool,
+        dtype: torch.dtype = torch.float32,
+        device=None,
+    ):
         super().__init__()
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         self.compute_dtype = dtype
         ng = 1 if group_size == -1 else in_features // group_size
-        self.register_buffer("qweight", torch.zeros(in_features, out_features // 8, dtype=torch.int32, device=device))
-        self.register_buffer("qzeros", torch.zeros(ng, out_features // 8, dtype=torch.int32, device=device))
-        self.register_buffer("scales", torch.zeros(ng, out_features, dtype=torch.float16, device=device))
-        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
-        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=dtype, device=device), persistent=False)
+        self.register_buffer(
+            "qweight", torch.zeros(in_features, out_features // 8, dtype=torch.int32, device=device)
+        )
+        self.register_buffer(
+            "qzeros", torch.zeros(ng, out_features // 8, dtype=torch.int32, device=device)
+        )
+        self.register_buffer(
+            "scales", torch.zeros(ng, out_features, dtype=torch.float16, device=device)
+        )
+        self.bias = (
+            nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
+            if bias
+            else None
+        )
+        self.register_buffer(
+            "weight",
+            torch.empty(out_features, in_features, dtype=dtype, device=device),
+            persistent=False,
+        )
 
     def g_idx(self) -> torch.Tensor:
         g = self.in_features if self.group_size == -1 else self.group_size
@@ -79,8 +100,10 @@ class AWQLinear(DenseDequantLinear):
         return dequantize_matrix(codes, self.scales, unpack_awq(self.qzeros), self.g_idx())
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bits=4, "
-                f"group_size={self.group_size}, format=awq-gemm, kernel={self.kernel}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits=4, "
+            f"group_size={self.group_size}, format=awq-gemm, kernel={self.kernel}"
+        )
 
 
 class AWQGemm(LayerFormat):
@@ -95,8 +118,10 @@ class AWQGemm(LayerFormat):
 
     def check_layer(self, name: str, in_features: int, out_features: int, bits: int) -> str | None:
         if out_features % 8:
-            return (f"layer '{name}' has output width {out_features}, not a multiple of 8 as the AWQ gemm "
-                    "format needs; use format: gptq or skip it")
+            return (
+                f"layer '{name}' has output width {out_features}, not a multiple of 8 as the AWQ gemm "
+                "format needs; use format: gptq or skip it"
+            )
         return None
 
     def pack(self, q: QuantizedWeight, bias, dtype, dense: bool = True) -> AWQLinear:
@@ -109,17 +134,33 @@ class AWQGemm(LayerFormat):
         return m
 
     def unpack(self, module: AWQLinear) -> QuantizedWeight:
-        return QuantizedWeight(unpack_awq(module.qweight).t(), module.scales, unpack_awq(module.qzeros),
-                               module.g_idx(), 4, module.group_size)
+        return QuantizedWeight(
+            unpack_awq(module.qweight).t(),
+            module.scales,
+            unpack_awq(module.qzeros),
+            module.g_idx(),
+            4,
+            module.group_size,
+        )
 
     def empty(self, lin: nn.Linear, qcfg: dict[str, Any], dtype: torch.dtype) -> AWQLinear:
         if qcfg.get("quant_method") != "awq" or qcfg.get("version") != "gemm":
             raise QuantlabError("config.json's quantization_config is not an AWQ gemm one")
-        return AWQLinear(lin.in_features, lin.out_features, qcfg["group_size"], lin.bias is not None, dtype)
+        return AWQLinear(
+            lin.in_features, lin.out_features, qcfg["group_size"], lin.bias is not None, dtype
+        )
 
-    def quantization_config(self, bits: int, group_size: int, sym: bool, **extra: Any) -> dict[str, Any]:
-        return {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": not sym,
-                "version": "gemm", "modules_to_not_convert": extra.get("modules_to_not_convert")}
+    def quantization_config(
+        self, bits: int, group_size: int, sym: bool, **extra: Any
+    ) -> dict[str, Any]:
+        return {
+            "quant_method": "awq",
+            "bits": 4,
+            "group_size": group_size,
+            "zero_point": not sym,
+            "version": "gemm",
+            "modules_to_not_convert": extra.get("modules_to_not_convert"),
+        }
 
 
 def _static_g_idx(q: QuantizedWeight) -> torch.Tensor:

@@ -119,7 +119,9 @@ class DenseDequantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fast = self.fast
-        if fast is not None and (fast.max_tokens is None or x.numel() <= fast.max_tokens * x.shape[-1]):
+        if fast is not None and (
+            fast.max_tokens is None or x.numel() <= fast.max_tokens * x.shape[-1]
+        ):
             y = fast(x)
             return y if self.bias is None else y + self.bias
         return F.linear(x, self.dense_weight(), self.bias)
@@ -153,8 +155,9 @@ class LayerFormat(ABC):
         """Why a layer of this shape cannot be stored (``None``: it can)."""
 
     @abstractmethod
-    def pack(self, q: QuantizedWeight, bias: torch.Tensor | None, dtype: torch.dtype,
-             dense: bool = True) -> DenseDequantLinear:
+    def pack(
+        self, q: QuantizedWeight, bias: torch.Tensor | None, dtype: torch.dtype, dense: bool = True
+    ) -> DenseDequantLinear:
         """The layer holding ``q`` (with ``dense`` off it keeps only its packed buffers)."""
 
     @abstractmethod
@@ -166,5 +169,7 @@ class LayerFormat(ABC):
         """An empty layer the shape of ``lin`` for a checkpoint's ``quantization_config``."""
 
     @abstractmethod
-    def quantization_config(self, bits: int, group_size: int, sym: bool, **extra: Any) -> dict[str, Any]:
+    def quantization_config(
+        self, bits: int, group_size: int, sym: bool, **extra: Any
+    ) -> dict[str, Any]:
         """The ``quantization_config`` for ``config.json`` (what the ecosystem's loaders read)."""

@@ -58,12 +58,16 @@ def _check_grid(name: str, q: QuantizedWeight) -> int:
     """The grid's group size in compressed-tensors' terms (refusing what it cannot hold)."""
     out_f, in_f = q.codes.shape
     if q.zeros.is_floating_point() and not torch.equal(q.zeros, q.zeros.round()):
-        raise QuantlabError(f"layer '{name}': its zero points are real numbers (HQQ's grid); "
-                            "compressed-tensors pack-quantized holds integer zero points only")
+        raise QuantlabError(
+            f"layer '{name}': its zero points are real numbers (HQQ's grid); "
+            "compressed-tensors pack-quantized holds integer zero points only"
+        )
     g = in_f if q.group_size == -1 else q.group_size
     if not torch.equal(q.g_idx.long().cpu(), torch.arange(in_f) // g):
-        raise QuantlabError(f"layer '{name}': its groups follow a permuted column order (GPTQ "
-                            "act_order without static_groups); export it with static_groups: true")
+        raise QuantlabError(
+            f"layer '{name}': its groups follow a permuted column order (GPTQ "
+            "act_order without static_groups); export it with static_groups: true"
+        )
     return g
 
 
@@ -74,22 +78,41 @@ def _symmetric(grids: dict[str, QuantizedWeight]) -> bool:
 
 def quantization_config(bits: int, group_size: int, in_features: int, sym: bool) -> dict:
     strategy = "channel" if group_size in (-1, in_features) else "group"
-    weights = {"num_bits": bits, "type": "int", "symmetric": sym, "strategy": strategy,
-               "group_size": None if strategy == "channel" else group_size, "dynamic": False,
-               "actorder": None, "observer": "minmax"}
-    return {"quant_method": "compressed-tensors", "format": FORMAT,
-            "quantization_status": "compressed", "ignore": ["lm_head"],
-            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
-                                          "input_activations": None, "output_activations": None,
-                                          "format": FORMAT}}}
+    weights = {
+        "num_bits": bits,
+        "type": "int",
+        "symmetric": sym,
+        "strategy": strategy,
+        "group_size": None if strategy == "channel" else group_size,
+        "dynamic": False,
+        "actorder": None,
+        "observer": "minmax",
+    }
+    return {
+        "quant_method": "compressed-tensors",
+        "format": FORMAT,
+        "quantization_status": "compressed",
+        "ignore": ["lm_head"],
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": weights,
+                "input_activations": None,
+                "output_activations": None,
+                "format": FORMAT,
+            }
+        },
+    }
 
 
 def layer_tensors(q: QuantizedWeight) -> dict[str, torch.Tensor]:
     """One layer's compressed-tensors tensors (names without the layer's prefix)."""
     out_f, in_f = q.codes.shape
-    tensors = {"weight_packed": pack_int32(q.codes, q.bits),
-               "weight_scale": q.scales.t().contiguous(),  # [out, n_groups]
-               "weight_shape": torch.tensor([out_f, in_f], dtype=torch.int64)}
+    tensors = {
+        "weight_packed": pack_int32(q.codes, q.bits),
+        "weight_scale": q.scales.t().contiguous(),  # [out, n_groups]
+        "weight_shape": torch.tensor([out_f, in_f], dtype=torch.int64),
+    }
     if not bool((q.zeros == 2 ** (q.bits - 1)).all()):
         zeros = q.zeros.round().to(torch.int64).t().contiguous()  # [out, n_groups]
         tensors["weight_zero_point"] = pack_int32(zeros.t(), q.bits).t().contiguous()
@@ -132,13 +155,17 @@ def export_compressed_tensors(checkpoint: str | Path, out_dir: str | Path) -> Pa
     model = load_checkpoint(src, dtype=torch.float32, device=torch.device("cpu")).model
     grids = grids_of(model)
     if not grids:
-        raise QuantlabError(f"'{src}' holds no packed layers (a float checkpoint?); nothing to "
-                            "write in compressed-tensors' pack-quantized format")
+        raise QuantlabError(
+            f"'{src}' holds no packed layers (a float checkpoint?); nothing to "
+            "write in compressed-tensors' pack-quantized format"
+        )
     shapes = {(q.bits, q.group_size) for q in grids.values()}
     if len(shapes) != 1:
-        raise QuantlabError(f"'{src}' mixes bit widths or group sizes {sorted(shapes)}; "
-                            "one compressed-tensors config group holds one grid")
-    (bits, group), = shapes
+        raise QuantlabError(
+            f"'{src}' mixes bit widths or group sizes {sorted(shapes)}; "
+            "one compressed-tensors config group holds one grid"
+        )
+    ((bits, group),) = shapes
     in_features = next(iter(grids.values())).codes.shape[1]
     tensors = state_dict(model, grids)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
@@ -149,8 +176,9 @@ def export_compressed_tensors(checkpoint: str | Path, out_dir: str | Path) -> Pa
             if f.is_file() and f.name not in (SIDECAR, WEIGHTS, "model.safetensors.index.json"):
                 shutil.copy2(f, tmp / f.name)
         config = json.loads((src / "config.json").read_text())
-        config["quantization_config"] = quantization_config(bits, group, in_features,
-                                                            _symmetric(grids))
+        config["quantization_config"] = quantization_config(
+            bits, group, in_features, _symmetric(grids)
+        )
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         tmp.rename(out_dir)
@@ -177,8 +205,14 @@ def read_grids(ckpt_dir: str | Path) -> dict[str, dict[str, torch.Tensor]]:
         out_f, in_f = (int(x) for x in shape)
         scales = tensors[f"{name}.weight_scale"]
         zp = tensors.get(f"{name}.weight_zero_point")
-        zeros = (torch.full(scales.shape, 2 ** (bits - 1), dtype=torch.int64) if zp is None
-                 else unpack_int32(zp.t(), bits, out_f).t())
-        grids[name] = {"codes": unpack_int32(tensors[f"{name}.weight_packed"], bits, in_f),
-                       "zeros": zeros, "scales": scales}
+        zeros = (
+            torch.full(scales.shape, 2 ** (bits - 1), dtype=torch.int64)
+            if zp is None
+            else unpack_int32(zp.t(), bits, out_f).t()
+        )
+        grids[name] = {
+            "codes": unpack_int32(tensors[f"{name}.weight_packed"], bits, in_f),
+            "zeros": zeros,
+            "scales": scales,
+        }
     return grids

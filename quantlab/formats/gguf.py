@@ -43,7 +43,13 @@ from quantlab.grid import dequantize_matrix
 
 BLOCK = 32
 #: (bits, symmetric) -> GGUF type name
-GRID_TYPES = {(4, True): "Q4_0", (4, False): "Q4_1", (5, True): "Q5_0", (5, False): "Q5_1", (8, True): "Q8_0"}
+GRID_TYPES = {
+    (4, True): "Q4_0",
+    (4, False): "Q4_1",
+    (5, True): "Q5_0",
+    (5, False): "Q5_1",
+    (8, True): "Q8_0",
+}
 FLOAT_TYPES = ("F32", "F16", "Q8_0")
 #: architectures whose q/k projections llama.cpp's converter permutes (rotary layout)
 _PERMUTE_QK = {"llama"}
@@ -54,7 +60,9 @@ def grid_problem(bits: int, sym: bool) -> str | None:
     if (bits, sym) in GRID_TYPES:
         return None
     fits = ", ".join(f"bits {b} with sym {str(s).lower()}" for b, s in GRID_TYPES)
-    return f"a {bits}-bit grid with sym {str(sym).lower()} has no GGUF block type; GGUF holds {fits}"
+    return (
+        f"a {bits}-bit grid with sym {str(sym).lower()} has no GGUF block type; GGUF holds {fits}"
+    )
 
 
 def check_gguf_grid(label: str, grid: GridSpec) -> None:
@@ -65,19 +73,27 @@ def check_gguf_grid(label: str, grid: GridSpec) -> None:
     sym = str(grid.sym).lower()
     if bad and len(grid.widths) > 1:
         fits = sorted(b for b, s in GRID_TYPES if s == grid.sym)
-        raise QuantlabError(f"method '{label}': GGUF has no block type for "
-                            f"{'/'.join(map(str, bad))}-bit grids with sym {sym}; with several "
-                            f"widths, GGUF export takes bits_choices and module_bits from {fits}")
+        raise QuantlabError(
+            f"method '{label}': GGUF has no block type for "
+            f"{'/'.join(map(str, bad))}-bit grids with sym {sym}; with several "
+            f"widths, GGUF export takes bits_choices and module_bits from {fits}"
+        )
     if bad:
         raise QuantlabError(f"method '{label}': {grid_problem(bad[0], grid.sym)}")
     if grid.group_size != -1 and grid.group_size % BLOCK:
-        raise QuantlabError(f"method '{label}': group_size {grid.group_size} is not a multiple of "
-                            f"{BLOCK}; GGUF export needs group_size 32, 64, 128... or -1")
+        raise QuantlabError(
+            f"method '{label}': group_size {grid.group_size} is not a multiple of "
+            f"{BLOCK}; GGUF export needs group_size 32, 64, 128... or -1"
+        )
     if grid.permuted_groups:
-        raise QuantlabError(f"method '{label}': act_order needs static_groups: true for GGUF export")
+        raise QuantlabError(
+            f"method '{label}': act_order needs static_groups: true for GGUF export"
+        )
 
 
-def quantized_parts(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
+def quantized_parts(
+    module: nn.Module,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
     """(codes [out, in], scales [n_groups, out] float16, zeros [n_groups, out], g_idx [in], bits)
     of a layer in any registered layout (:data:`quantlab.formats.LAYOUTS`), or None for any
     other module."""
@@ -94,19 +110,29 @@ def grid_type(name: str, parts) -> str:
     symmetric = bool((zeros == 2 ** (bits - 1)).all())
     qtype = GRID_TYPES.get((bits, symmetric))
     if qtype is None:
-        fits = ", ".join(f"{b}-bit {'symmetric' if s else 'with zero points'}" for b, s in GRID_TYPES)
-        raise QuantlabError(f"layer '{name}': a {bits}-bit {'symmetric' if symmetric else 'zero-point'} grid has no "
-                            f"GGUF block type; GGUF export holds: {fits}")
+        fits = ", ".join(
+            f"{b}-bit {'symmetric' if s else 'with zero points'}" for b, s in GRID_TYPES
+        )
+        raise QuantlabError(
+            f"layer '{name}': a {bits}-bit {'symmetric' if symmetric else 'zero-point'} grid has no "
+            f"GGUF block type; GGUF export holds: {fits}"
+        )
     if in_f % BLOCK:
-        raise QuantlabError(f"layer '{name}': input width {in_f} is not a multiple of {BLOCK}, the GGUF block size")
+        raise QuantlabError(
+            f"layer '{name}': input width {in_f} is not a multiple of {BLOCK}, the GGUF block size"
+        )
     group = int((g_idx == g_idx[0]).sum()) if scales.shape[0] > 1 else in_f
     static = torch.equal(g_idx.cpu(), torch.arange(in_f) // group)
     if not static:
-        raise QuantlabError(f"layer '{name}': its groups are permuted (act_order without static groups), which GGUF "
-                            "blocks cannot hold; act_order needs static_groups: true for GGUF export")
+        raise QuantlabError(
+            f"layer '{name}': its groups are permuted (act_order without static groups), which GGUF "
+            "blocks cannot hold; act_order needs static_groups: true for GGUF export"
+        )
     if group % BLOCK:
-        raise QuantlabError(f"layer '{name}': group_size {group} is not a multiple of {BLOCK}; GGUF export needs "
-                            "group_size 32, 64, 128... (or -1, per channel)")
+        raise QuantlabError(
+            f"layer '{name}': group_size {group} is not a multiple of {BLOCK}; GGUF export needs "
+            "group_size 32, 64, 128... (or -1, per channel)"
+        )
     return qtype
 
 
@@ -185,7 +211,9 @@ def gguf_tensor_bytes(path: Path, model: nn.Module) -> dict[str, int]:
     import gguf
 
     reader = gguf.GGUFReader(str(path))
-    n_blocks = int(reader.fields[f"{reader.fields['general.architecture'].contents()}.block_count"].contents())
+    n_blocks = int(
+        reader.fields[f"{reader.fields['general.architecture'].contents()}.block_count"].contents()
+    )
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_blocks)
     ours = {}
     for hf_name, _ in model.named_parameters(remove_duplicate=False):
@@ -200,7 +228,11 @@ def _copy_metadata(reader, writer, skip: set[str]) -> None:
     from gguf import GGUFValueType
 
     for field in reader.fields.values():
-        if field.name.startswith("GGUF.") or field.name in skip or field.name == "general.architecture":
+        if (
+            field.name.startswith("GGUF.")
+            or field.name in skip
+            or field.name == "general.architecture"
+        ):
             continue
         vtype = field.types[0]
         sub = field.types[1] if vtype == GGUFValueType.ARRAY and len(field.types) > 1 else None
@@ -224,12 +256,21 @@ class _Layout:
         f = reader.fields
         arch = str(f["general.architecture"].contents())
         if arch not in _PERMUTE_QK:
-            raise QuantlabError(f"GGUF export knows the 'llama' architecture; this model is '{arch}'")
+            raise QuantlabError(
+                f"GGUF export knows the 'llama' architecture; this model is '{arch}'"
+            )
         n_head = int(f[f"{arch}.attention.head_count"].contents())
         kv = f.get(f"{arch}.attention.head_count_kv")
-        names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, int(f[f"{arch}.block_count"].contents()))
-        return cls(arch, n_head, int(kv.contents()) if kv is not None else n_head, names,
-                   frozenset(t.name for t in reader.tensors))
+        names = gguf.get_tensor_name_map(
+            gguf.MODEL_ARCH.LLAMA, int(f[f"{arch}.block_count"].contents())
+        )
+        return cls(
+            arch,
+            n_head,
+            int(kv.contents()) if kv is not None else n_head,
+            names,
+            frozenset(t.name for t in reader.tensors),
+        )
 
     def heads(self, hf_name: str) -> int | None:
         """Heads whose rotary row order a q/k projection takes in GGUF (None: not q/k)."""
@@ -240,7 +281,9 @@ class _Layout:
         return None
 
 
-def _quantized_tensors(model: nn.Module, layout: _Layout, dequantized: bool) -> list[tuple[str, np.ndarray, Any]]:
+def _quantized_tensors(
+    model: nn.Module, layout: _Layout, dequantized: bool
+) -> list[tuple[str, np.ndarray, Any]]:
     """(GGUF name, data, raw type) of every packed layer: its blocks, or F32 of its dequantized weight."""
     import gguf
 
@@ -253,27 +296,43 @@ def _quantized_tensors(model: nn.Module, layout: _Layout, dequantized: bool) -> 
         if gname is None or gname not in layout.wanted:
             raise QuantlabError(f"layer '{hf_name}' has no tensor in the GGUF template")
         if getattr(mod, "bias", None) is not None:
-            raise QuantlabError(f"layer '{hf_name}' has a bias, which the llama GGUF layout has no tensor for")
+            raise QuantlabError(
+                f"layer '{hf_name}' has a bias, which the llama GGUF layout has no tensor for"
+            )
         qtype = grid_type(hf_name, parts)
         heads = layout.heads(hf_name)
         if heads:
             parts = _permute_rows(parts, _qk_permutation(parts[0].shape[0], heads))
         if dequantized:
             codes, scales, zeros, g_idx, _ = parts
-            out.append((gname, dequantize_matrix(codes, scales, zeros, g_idx).numpy().astype(np.float32), None))
+            out.append(
+                (
+                    gname,
+                    dequantize_matrix(codes, scales, zeros, g_idx).numpy().astype(np.float32),
+                    None,
+                )
+            )
         else:
-            out.append((gname, pack_blocks(parts, qtype), getattr(gguf.GGMLQuantizationType, qtype)))
+            out.append(
+                (gname, pack_blocks(parts, qtype), getattr(gguf.GGMLQuantizationType, qtype))
+            )
     return out
 
 
-def _float_tensors(model: nn.Module, layout: _Layout, float_type: str) -> list[tuple[str, np.ndarray, Any]]:
+def _float_tensors(
+    model: nn.Module, layout: _Layout, float_type: str
+) -> list[tuple[str, np.ndarray, Any]]:
     """(GGUF name, data, raw type) of every float tensor with a GGUF name (tied copies once)."""
     tied = tied_parameter_names(model)
     modules = dict(model.named_modules())
     out = []
     for hf_name, t in model.state_dict().items():
         owner = hf_name.rsplit(".", 1)[0]
-        if hf_name in tied or quantized_parts(modules.get(owner)) is not None or not t.is_floating_point():
+        if (
+            hf_name in tied
+            or quantized_parts(modules.get(owner)) is not None
+            or not t.is_floating_point()
+        ):
             continue
         gname = layout.names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gname is None:
@@ -285,9 +344,15 @@ def _float_tensors(model: nn.Module, layout: _Layout, float_type: str) -> list[t
     return out
 
 
-def export_ggml(model: nn.Module, path: Path, template: Path, qtype: str, *,
-                embedding_type: str = "Q8_0",
-                importance: dict[str, np.ndarray] | None = None) -> dict[str, str]:
+def export_ggml(
+    model: nn.Module,
+    path: Path,
+    template: Path,
+    qtype: str,
+    *,
+    embedding_type: str = "Q8_0",
+    importance: dict[str, np.ndarray] | None = None,
+) -> dict[str, str]:
     """Write ``model``'s float weights as a GGUF file quantized by llama.cpp's own quantizers
     (:mod:`quantlab.formats.ggml_quants`, byte for byte what ``llama-quantize --pure`` writes):
     every 2-D tensor of the blocks as ``qtype`` (with ``importance[GGUF name]``, float32
@@ -336,24 +401,38 @@ def _type_name(data: np.ndarray, raw) -> str:
     return raw.name if raw is not None else ("F32" if data.dtype == np.float32 else "F16")
 
 
-def export_gguf(model: nn.Module, path: Path, template: Path, *, float_type: str = "F32",
-                dequantized: bool = False) -> dict[str, str]:
+def export_gguf(
+    model: nn.Module,
+    path: Path,
+    template: Path,
+    *,
+    float_type: str = "F32",
+    dequantized: bool = False,
+) -> dict[str, str]:
     """Write ``model`` (float parts and quantlab's packed layers) as a GGUF file at ``path``,
     metadata from ``template``. ``dequantized``: write every quantized layer as F32 of its
     dequantized weight (the engine cross-check's file). Returns {tensor name: GGUF type}."""
     import gguf
 
     if float_type not in FLOAT_TYPES:
-        raise QuantlabError(f"GGUF float_type must be one of {', '.join(FLOAT_TYPES)}, not {float_type!r}")
+        raise QuantlabError(
+            f"GGUF float_type must be one of {', '.join(FLOAT_TYPES)}, not {float_type!r}"
+        )
     reader = gguf.GGUFReader(str(template))
     layout = _Layout.read(reader)
-    tensors = _quantized_tensors(model, layout, dequantized) + _float_tensors(model, layout, float_type)
+    tensors = _quantized_tensors(model, layout, dequantized) + _float_tensors(
+        model, layout, float_type
+    )
     return _write_file(path, reader, layout, tensors)
 
 
-def _write_file(path: Path, reader, layout: _Layout,
-                tensors: list[tuple[str, np.ndarray, Any]],
-                file_type: str | None = None) -> dict[str, str]:
+def _write_file(
+    path: Path,
+    reader,
+    layout: _Layout,
+    tensors: list[tuple[str, np.ndarray, Any]],
+    file_type: str | None = None,
+) -> dict[str, str]:
     """Write ``tensors`` (GGUF name, data, raw type) in the template's order, with its
     metadata; every tensor the template has must be there. ``file_type``: the type named in
     ``general.file_type`` (llama.cpp's "ftype", shown by its tools), e.g. Q4_0; None: none.
@@ -401,8 +480,10 @@ def template_for(source_info: dict, model_dir: Path | None, tools=None) -> Path:
         raise QuantlabError("GGUF export needs the source model's directory or GGUF file")
     digest = source_info.get("content_sha256") or source_info.get("commit")
     if not digest:
-        raise QuantlabError("GGUF export needs a source model identified by content (a local directory, GGUF "
-                            "file or Hub commit)")
+        raise QuantlabError(
+            "GGUF export needs a source model identified by content (a local directory, GGUF "
+            "file or Hub commit)"
+        )
 
     def build(tmp: Path) -> dict:
         _convert(model_dir, tmp / TEMPLATE_FILE, tools)
@@ -410,8 +491,9 @@ def template_for(source_info: dict, model_dir: Path | None, tools=None) -> Path:
 
     # a key that is a file name whatever the digest's form; the digest itself is checked in the meta
     key = hashlib.sha256(str(digest).encode()).hexdigest()[:32]
-    entry, _, _ = cached(cache_subdir("gguf-templates"), key, build, what="GGUF template",
-                         expect={"model": digest})
+    entry, _, _ = cached(
+        cache_subdir("gguf-templates"), key, build, what="GGUF template", expect={"model": digest}
+    )
     return entry / TEMPLATE_FILE
 
 
@@ -427,9 +509,14 @@ def _convert(model_dir: Path, out: Path, tools=None) -> None:
 
         tools = find_llamacpp()
     if tools.converter is None:
-        raise QuantlabError(f"llama.cpp's converter (convert_hf_to_gguf.py) is not next to '{tools.bin_dir}'; "
-                            "rebuild with `bash scripts/llamacpp.sh`")
+        raise QuantlabError(
+            f"llama.cpp's converter (convert_hf_to_gguf.py) is not next to '{tools.bin_dir}'; "
+            "rebuild with `bash scripts/llamacpp.sh`"
+        )
     size = sum(p.stat().st_size for p in Path(model_dir).iterdir() if p.is_file())
-    run_tool([sys.executable, tools.converter, model_dir, "--outtype", "f16", "--outfile", out],
-             what=f"llama.cpp's converter of '{model_dir}' (for GGUF metadata)", outputs=[out],
-             timeout_s=TOOL_BASE_S + REWRITE_S_PER_GB * size / 1e9)
+    run_tool(
+        [sys.executable, tools.converter, model_dir, "--outtype", "f16", "--outfile", out],
+        what=f"llama.cpp's converter of '{model_dir}' (for GGUF metadata)",
+        outputs=[out],
+        timeout_s=TOOL_BASE_S + REWRITE_S_PER_GB * size / 1e9,
+    )

@@ -28,24 +28,57 @@ GPTQ_BITS = (2, 3, 4, 8)
 
 
 class PackedLinear(DenseDequantLinear):
-    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int,
-                 bias: bool, dtype: torch.dtype = torch.float32, device=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int,
+        bias: bool,
+        dtype: torch.dtype = torch.float32,
+        device=None,
+    ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, group_size
         self.compute_dtype = dtype
         n_groups = 1 if group_size == -1 else in_features // group_size
-        self.register_buffer("qweight", torch.zeros(in_features * bits // 32, out_features, dtype=torch.int32, device=device))
-        self.register_buffer("qzeros", torch.zeros(n_groups, out_features * bits // 32, dtype=torch.int32, device=device))
-        self.register_buffer("scales", torch.zeros(n_groups, out_features, dtype=torch.float16, device=device))
+        self.register_buffer(
+            "qweight",
+            torch.zeros(in_features * bits // 32, out_features, dtype=torch.int32, device=device),
+        )
+        self.register_buffer(
+            "qzeros",
+            torch.zeros(n_groups, out_features * bits // 32, dtype=torch.int32, device=device),
+        )
+        self.register_buffer(
+            "scales", torch.zeros(n_groups, out_features, dtype=torch.float16, device=device)
+        )
         self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32, device=device))
-        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
-        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=dtype, device=device), persistent=False)
+        self.bias = (
+            nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
+            if bias
+            else None
+        )
+        self.register_buffer(
+            "weight",
+            torch.empty(out_features, in_features, dtype=dtype, device=device),
+            persistent=False,
+        )
 
     @classmethod
-    def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                   g_idx: torch.Tensor, bits: int, group_size: int, bias: torch.Tensor | None,
-                   dtype: torch.dtype, dense: bool = True) -> PackedLinear:
+    def from_codes(
+        cls,
+        codes: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor,
+        g_idx: torch.Tensor,
+        bits: int,
+        group_size: int,
+        bias: torch.Tensor | None,
+        dtype: torch.dtype,
+        dense: bool = True,
+    ) -> PackedLinear:
         """Build from codes [out, in], scales/zeros [n_groups, out] and g_idx [in]; with
         ``dense`` off the layer keeps only its packed buffers (quantizers, see above)."""
         out_f, in_f = codes.shape
@@ -73,23 +106,40 @@ class PackedLinear(DenseDequantLinear):
         return dequantize_matrix(self.codes(), self.scales, self.zeros(), self.g_idx)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bits={self.bits}, group_size={self.group_size}, kernel={self.kernel}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bits={self.bits}, group_size={self.group_size}, kernel={self.kernel}"
+        )
 
 
 def gptq_quantization_config(bits: int, group_size: int, sym: bool, desc_act: bool = False) -> dict:
     """The ``quantization_config`` of a GPTQ v1 checkpoint (what transformers/gptqmodel read)."""
     if bits not in GPTQ_BITS:
         # No GPTQ loader packs 5-7 bits; say so instead of pretending to be loadable.
-        return {"quant_method": "quantlab", "format": "gptq-v1-bitstream", "bits": bits,
-                "group_size": group_size, "sym": sym, "desc_act": desc_act}
-    return {"quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": desc_act,
-            "sym": sym, "checkpoint_format": "gptq", "pack_dtype": "int32"}
+        return {
+            "quant_method": "quantlab",
+            "format": "gptq-v1-bitstream",
+            "bits": bits,
+            "group_size": group_size,
+            "sym": sym,
+            "desc_act": desc_act,
+        }
+    return {
+        "quant_method": "gptq",
+        "bits": bits,
+        "group_size": group_size,
+        "desc_act": desc_act,
+        "sym": sym,
+        "checkpoint_format": "gptq",
+        "pack_dtype": "int32",
+    }
 
 
 class GPTQv1(LayerFormat):
     name = "gptq-v1"
-    description = "GPTQ v1 (AutoGPTQ/gptqmodel/transformers), 2-8 bits; 5-7 bits load in quantlab only."
+    description = (
+        "GPTQ v1 (AutoGPTQ/gptqmodel/transformers), 2-8 bits; 5-7 bits load in quantlab only."
+    )
     module_type = PackedLinear
 
     def check(self, bits: int, sym: bool) -> str | None:
@@ -99,23 +149,46 @@ class GPTQv1(LayerFormat):
         unit = pack_unit(bits)
         for what, n in (("input", in_features), ("output", out_features)):
             if n % unit:
-                return (f"layer '{name}' has {what} width {n}, which {bits}-bit codes cannot pack "
-                        f"into whole 32-bit words (needs a multiple of {unit}); add it to 'skip'")
+                return (
+                    f"layer '{name}' has {what} width {n}, which {bits}-bit codes cannot pack "
+                    f"into whole 32-bit words (needs a multiple of {unit}); add it to 'skip'"
+                )
         return None
 
     def pack(self, q: QuantizedWeight, bias, dtype, dense: bool = True) -> PackedLinear:
-        return PackedLinear.from_codes(q.codes, q.scales, q.zeros, q.g_idx, q.bits, q.group_size, bias,
-                                       dtype=dtype, dense=dense)
+        return PackedLinear.from_codes(
+            q.codes,
+            q.scales,
+            q.zeros,
+            q.g_idx,
+            q.bits,
+            q.group_size,
+            bias,
+            dtype=dtype,
+            dense=dense,
+        )
 
     def unpack(self, module: PackedLinear) -> QuantizedWeight:
-        return QuantizedWeight(module.codes(), module.scales, module.zeros(), module.g_idx.long(),
-                               module.bits, module.group_size)
+        return QuantizedWeight(
+            module.codes(),
+            module.scales,
+            module.zeros(),
+            module.g_idx.long(),
+            module.bits,
+            module.group_size,
+        )
 
     def empty(self, lin: nn.Linear, qcfg: dict[str, Any], dtype: torch.dtype) -> PackedLinear:
         bits, group_size = qcfg.get("bits"), qcfg.get("group_size")
         if bits is None or group_size is None:
             raise QuantlabError("config.json has no quantization_config with bits and group_size")
-        return PackedLinear(lin.in_features, lin.out_features, bits, group_size, lin.bias is not None, dtype)
+        return PackedLinear(
+            lin.in_features, lin.out_features, bits, group_size, lin.bias is not None, dtype
+        )
 
-    def quantization_config(self, bits: int, group_size: int, sym: bool, **extra: Any) -> dict[str, Any]:
-        return gptq_quantization_config(bits, group_size, sym, desc_act=bool(extra.get("desc_act", False)))
+    def quantization_config(
+        self, bits: int, group_size: int, sym: bool, **extra: Any
+    ) -> dict[str, Any]:
+        return gptq_quantization_config(
+            bits, group_size, sym, desc_act=bool(extra.get("desc_act", False))
+        )

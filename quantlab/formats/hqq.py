@@ -33,21 +33,41 @@ HQQ_BITS = (2, 3, 4, 8)
 
 
 class HQQLinear(DenseDequantLinear):
-    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int,
-                 bias: bool, dtype: torch.dtype = torch.float32, device=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int,
+        bias: bool,
+        dtype: torch.dtype = torch.float32,
+        device=None,
+    ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, group_size
         self.compute_dtype = dtype
         n_groups = 1 if group_size == -1 else in_features // group_size
-        self.register_buffer("qweight", torch.zeros(in_features * bits // 32, out_features, dtype=torch.int32,
-                                                    device=device))
-        self.register_buffer("scales", torch.zeros(n_groups, out_features, dtype=torch.float16, device=device))
-        self.register_buffer("zeros", torch.zeros(n_groups, out_features, dtype=torch.float16, device=device))
-        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device),
-                                 requires_grad=False) if bias else None
-        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=dtype, device=device),
-                             persistent=False)
+        self.register_buffer(
+            "qweight",
+            torch.zeros(in_features * bits // 32, out_features, dtype=torch.int32, device=device),
+        )
+        self.register_buffer(
+            "scales", torch.zeros(n_groups, out_features, dtype=torch.float16, device=device)
+        )
+        self.register_buffer(
+            "zeros", torch.zeros(n_groups, out_features, dtype=torch.float16, device=device)
+        )
+        self.bias = (
+            nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
+            if bias
+            else None
+        )
+        self.register_buffer(
+            "weight",
+            torch.empty(out_features, in_features, dtype=dtype, device=device),
+            persistent=False,
+        )
 
     def g_idx(self) -> torch.Tensor:
         g = self.in_features if self.group_size == -1 else self.group_size
@@ -60,23 +80,33 @@ class HQQLinear(DenseDequantLinear):
         return dequantize_matrix(self.codes(), self.scales, self.zeros.float(), self.g_idx())
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bits={self.bits}, group_size={self.group_size}, kernel={self.kernel}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bits={self.bits}, group_size={self.group_size}, kernel={self.kernel}"
+        )
 
 
 class HQQ(LayerFormat):
     name = "hqq"
-    description = "HQQ grid: float zero points in float16, codes packed as GPTQ v1; loads in quantlab only."
+    description = (
+        "HQQ grid: float zero points in float16, codes packed as GPTQ v1; loads in quantlab only."
+    )
     module_type = HQQLinear
 
     def check(self, bits: int, sym: bool) -> str | None:
-        return None if bits in HQQ_BITS else f"the HQQ layout holds {', '.join(map(str, HQQ_BITS))} bits, not {bits}"
+        return (
+            None
+            if bits in HQQ_BITS
+            else f"the HQQ layout holds {', '.join(map(str, HQQ_BITS))} bits, not {bits}"
+        )
 
     def check_layer(self, name: str, in_features: int, out_features: int, bits: int) -> str | None:
         unit = pack_unit(bits)
         if in_features % unit:
-            return (f"layer '{name}' has input width {in_features}, which {bits}-bit codes cannot pack into whole "
-                    f"32-bit words (needs a multiple of {unit}); add it to 'skip'")
+            return (
+                f"layer '{name}' has input width {in_features}, which {bits}-bit codes cannot pack into whole "
+                f"32-bit words (needs a multiple of {unit}); add it to 'skip'"
+            )
         return None
 
     def pack(self, q: QuantizedWeight, bias, dtype, dense: bool = True) -> HQQLinear:
@@ -84,7 +114,9 @@ class HQQ(LayerFormat):
         g = in_f if q.group_size == -1 else q.group_size
         if not torch.equal(q.g_idx.long().cpu(), torch.arange(in_f) // g):
             raise QuantlabError("the HQQ layout stores contiguous groups only (no act-order)")
-        m = HQQLinear(in_f, out_f, q.bits, q.group_size, bias is not None, dtype, device=q.codes.device)
+        m = HQQLinear(
+            in_f, out_f, q.bits, q.group_size, bias is not None, dtype, device=q.codes.device
+        )
         m.qweight.copy_(pack_rows(q.codes.t(), q.bits))
         m.scales.copy_(q.scales.half())
         m.zeros.copy_(q.zeros.half())
@@ -94,15 +126,31 @@ class HQQ(LayerFormat):
         return m
 
     def unpack(self, module: HQQLinear) -> QuantizedWeight:
-        return QuantizedWeight(module.codes(), module.scales, module.zeros.float(), module.g_idx(),
-                               module.bits, module.group_size)
+        return QuantizedWeight(
+            module.codes(),
+            module.scales,
+            module.zeros.float(),
+            module.g_idx(),
+            module.bits,
+            module.group_size,
+        )
 
     def empty(self, lin: nn.Linear, qcfg: dict[str, Any], dtype: torch.dtype) -> HQQLinear:
         bits, group_size = qcfg.get("bits"), qcfg.get("group_size")
         if bits is None or group_size is None:
             raise QuantlabError("config.json has no quantization_config with bits and group_size")
-        return HQQLinear(lin.in_features, lin.out_features, bits, group_size, lin.bias is not None, dtype)
+        return HQQLinear(
+            lin.in_features, lin.out_features, bits, group_size, lin.bias is not None, dtype
+        )
 
-    def quantization_config(self, bits: int, group_size: int, sym: bool, **extra: Any) -> dict[str, Any]:
-        return {"quant_method": "quantlab", "format": "hqq", "bits": bits, "group_size": group_size,
-                "zero_point": "float16", **extra}
+    def quantization_config(
+        self, bits: int, group_size: int, sym: bool, **extra: Any
+    ) -> dict[str, Any]:
+        return {
+            "quant_method": "quantlab",
+            "format": "hqq",
+            "bits": bits,
+            "group_size": group_size,
+            "zero_point": "float16",
+            **extra,
+        }

@@ -62,8 +62,11 @@ class FastPath(nn.Module):
 
     def label(self) -> str:
         act = "bf16 activations"
-        return f"{self.name}({act})" if self.max_tokens is None else \
-            f"{self.name}({act}, <={self.max_tokens} tokens; dense-dequant above)"
+        return (
+            f"{self.name}({act})"
+            if self.max_tokens is None
+            else f"{self.name}({act}, <={self.max_tokens} tokens; dense-dequant above)"
+        )
 
 
 def _contiguous_groups(q: QuantizedWeight) -> tuple[torch.Tensor | None, int]:
@@ -95,7 +98,9 @@ class Int4Pack(FastPath):
         # the kernel dequantizes (code - 8) * scale + zero; the grid is (code - z) * scale
         scales = q.scales.float().to(device)
         zeros = (8 - q.zeros.float().to(device)) * scales
-        sz = torch.stack([scales, zeros], dim=-1).to(torch.bfloat16).contiguous()  # [n_groups, out, 2]
+        sz = (
+            torch.stack([scales, zeros], dim=-1).to(torch.bfloat16).contiguous()
+        )  # [n_groups, out, 2]
         self.register_buffer("scales_and_zeros", sz, persistent=False)
         w = codes.to(torch.int32).contiguous()
         if device.type == "cuda":
@@ -104,8 +109,11 @@ class Int4Pack(FastPath):
         else:
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(w, 2)
         self.register_buffer("packed", packed, persistent=False)
-        self._mm = (torch.ops.aten._weight_int4pack_mm if device.type == "cuda"
-                    else torch.ops.aten._weight_int4pack_mm_for_cpu)
+        self._mm = (
+            torch.ops.aten._weight_int4pack_mm
+            if device.type == "cuda"
+            else torch.ops.aten._weight_int4pack_mm_for_cpu
+        )
 
     @staticmethod
     def check(q: QuantizedWeight, device: torch.device) -> str | None:
@@ -131,7 +139,9 @@ class Int4Pack(FastPath):
         x2 = x.reshape(-1, x.shape[-1])
         if self.perm is not None:
             x2 = x2[:, self.perm]
-        y = self._mm(x2.to(torch.bfloat16).contiguous(), self.packed, self.group_size, self.scales_and_zeros)
+        y = self._mm(
+            x2.to(torch.bfloat16).contiguous(), self.packed, self.group_size, self.scales_and_zeros
+        )
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
@@ -143,7 +153,9 @@ class Int8Pack(FastPath):
         scales = q.scales[0].float().to(device)  # one group: [out]
         zeros = q.zeros[0].float().to(device)
         self.out_features = q.codes.shape[0]
-        self.register_buffer("weight", (q.codes.to(device) - 128).to(torch.int8).contiguous(), persistent=False)
+        self.register_buffer(
+            "weight", (q.codes.to(device) - 128).to(torch.int8).contiguous(), persistent=False
+        )
         self.register_buffer("scales", scales.to(torch.bfloat16), persistent=False)
         # (code - z) * s = (code - 128) * s + (128 - z) * s: the second term is per output
         corr = (128 - zeros) * scales
@@ -161,7 +173,9 @@ class Int8Pack(FastPath):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), self.weight, self.scales)
+        y = torch.ops.aten._weight_int8pack_mm(
+            x2.to(torch.bfloat16).contiguous(), self.weight, self.scales
+        )
         y = y.to(x.dtype)
         if self.correction is not None:
             y = y + x2.sum(-1, keepdim=True) * self.correction
@@ -177,7 +191,9 @@ def check_kernel_name(kernel: str) -> None:
 
         near = get_close_matches(kernel, KERNEL_CHOICES, n=1)
         hint = f" (did you mean '{near[0]}'?)" if near else ""
-        raise QuantlabError(f"unknown kernel '{kernel}'{hint}; choose one of {', '.join(KERNEL_CHOICES)}")
+        raise QuantlabError(
+            f"unknown kernel '{kernel}'{hint}; choose one of {', '.join(KERNEL_CHOICES)}"
+        )
 
 
 def shape_key(q: QuantizedWeight) -> str:
@@ -190,8 +206,14 @@ def shape_key(q: QuantizedWeight) -> str:
     return f"{in_f}x{out_f} w{q.bits} g{q.group_size}" + (" act-order" if act else "")
 
 
-def apply_kernels(model: nn.Module, kernel: str, device: torch.device | str, *,
-                  choices: dict[str, Any] | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def apply_kernels(
+    model: nn.Module,
+    kernel: str,
+    device: torch.device | str,
+    *,
+    choices: dict[str, Any] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Give every packed layer of ``model`` the kernel ``kernel`` asks for (see the module
     docstring); returns the record: per shape, the kernel used, the token counts it serves,
     the timings (``auto``) and why other kernels could not run it. ``choices`` (a previous
@@ -213,39 +235,63 @@ def apply_kernels(model: nn.Module, kernel: str, device: torch.device | str, *,
         return record
     for key, m, q in layers:
         by_shape[key].append((m, q))
-    why_not = {key: {name: why for name, k in KERNELS.items() if (why := k.check(group[0][1], device))}
-               for key, group in by_shape.items()}
+    why_not = {
+        key: {name: why for name, k in KERNELS.items() if (why := k.check(group[0][1], device))}
+        for key, group in by_shape.items()
+    }
     timings = {}
     if kernel == "auto" and choices is None:
-        timings = _time_in_model_order(layers, {k: [n for n in KERNELS if n not in w] for k, w in why_not.items()},
-                                       device)
+        timings = _time_in_model_order(
+            layers, {k: [n for n in KERNELS if n not in w] for k, w in why_not.items()}, device
+        )
     for key, group in by_shape.items():
-        rec = _choose(key, len(group), kernel, why_not[key], timings.get(key), (choices or {}).get(key), log)
+        rec = _choose(
+            key, len(group), kernel, why_not[key], timings.get(key), (choices or {}).get(key), log
+        )
         record["shapes"][key] = rec
         _install(group, rec, device)
     return record
 
 
-def _choose(key: str, count: int, kernel: str, why_not: dict[str, str], timings: dict | None,
-            replay: dict | None, log) -> dict[str, Any]:
+def _choose(
+    key: str,
+    count: int,
+    kernel: str,
+    why_not: dict[str, str],
+    timings: dict | None,
+    replay: dict | None,
+    log,
+) -> dict[str, Any]:
     rec: dict[str, Any] = {"layers": count, "why_not": why_not}
     if replay is not None:
         name = replay.get("kernel", "dense-dequant")
         if name != "dense-dequant" and name in why_not:
-            raise QuantlabError(f"the recorded kernel '{name}' cannot run layers {key} here: {why_not[name]}")
+            raise QuantlabError(
+                f"the recorded kernel '{name}' cannot run layers {key} here: {why_not[name]}"
+            )
         return {**rec, "kernel": name, "max_tokens": replay.get("max_tokens"), "replayed": True}
     if kernel != "auto":
         if kernel in why_not:
             log(f"kernel: {key} ({count} layers) stays dense-dequant: {why_not[kernel]}")
-            return {**rec, "kernel": "dense-dequant", "max_tokens": None, "fallback": why_not[kernel]}
+            return {
+                **rec,
+                "kernel": "dense-dequant",
+                "max_tokens": None,
+                "fallback": why_not[kernel],
+            }
         return {**rec, "kernel": kernel, "max_tokens": None}
     if not timings or len(timings) == 1:  # no kernel can run this shape
         return {**rec, "kernel": "dense-dequant", "max_tokens": None}
     name, max_tokens = _pick(timings)
-    log(f"kernel: {key} ({count} layers) -> {name}"
+    log(
+        f"kernel: {key} ({count} layers) -> {name}"
         + (f" up to {max_tokens} tokens" if name != "dense-dequant" else "")
-        + "; us/layer " + ", ".join(f"{c} " + "/".join(f"{t:.0f}" for t in ts.values()) for c, ts in timings.items())
-        + f" at {'/'.join(map(str, TIMING_TOKENS))} tokens")
+        + "; us/layer "
+        + ", ".join(
+            f"{c} " + "/".join(f"{t:.0f}" for t in ts.values()) for c, ts in timings.items()
+        )
+        + f" at {'/'.join(map(str, TIMING_TOKENS))} tokens"
+    )
     return {**rec, "kernel": name, "max_tokens": max_tokens, "timings_us": timings}
 
 
@@ -268,7 +314,9 @@ def _pick(timings: dict[str, dict[int, float]]) -> tuple[str, int | None]:
 
 
 @torch.no_grad()
-def _time_in_model_order(layers: list, usable: dict[str, list[str]], device, passes: int = 3) -> dict:
+def _time_in_model_order(
+    layers: list, usable: dict[str, list[str]], device, passes: int = 3
+) -> dict:
     """Microseconds per layer, per shape, of dense and of each usable kernel at each token
     count. Every timing pass runs all the packed layers in model order (a kernel on the
     layers it can run, dense on the others), so the weights come from wherever a decode step
@@ -290,7 +338,10 @@ def _time_in_model_order(layers: list, usable: dict[str, list[str]], device, pas
             for p in range(passes + 1):  # pass 0 warms up
                 spent: dict[str, float] = defaultdict(float)
                 for (key, _, q), f in zip(layers, fns):
-                    x = xs.setdefault(q.codes.shape[1], torch.randn(n, q.codes.shape[1], dtype=dtype, device=device))
+                    x = xs.setdefault(
+                        q.codes.shape[1],
+                        torch.randn(n, q.codes.shape[1], dtype=dtype, device=device),
+                    )
                     spent[key] += _timed(f, x, device)
                 if p:
                     best = {k: min(best.get(k, float("inf")), v) for k, v in spent.items()}

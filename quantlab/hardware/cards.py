@@ -52,9 +52,12 @@ class Card:
         else:
             extra = (("int8 TOPS", self.int8_ops), ("fp8 TFLOPS", self.fp8_flops))
             compute = f"{self.dense_flops / TERA:,.1f} dense 16-bit TFLOPS" + "".join(
-                f", {v / TERA:,.1f} {what}" for what, v in extra if v)
-        return (f"{self.name}: {self.memory_bytes / GIB:.0f} GiB, "
-                f"{self.bandwidth_bytes_per_s / GB:,.0f} GB/s, {compute}")
+                f", {v / TERA:,.1f} {what}" for what, v in extra if v
+            )
+        return (
+            f"{self.name}: {self.memory_bytes / GIB:.0f} GiB, "
+            f"{self.bandwidth_bytes_per_s / GB:,.0f} GB/s, {compute}"
+        )
 
     def source_line(self) -> str:
         """Which document each figure comes from, grouped by document."""
@@ -65,23 +68,44 @@ class Card:
         return line + (f" ({self.note})" if self.note else "")
 
 
-_A100 = ("NVIDIA A100 Tensor Core GPU datasheet (nvidia-a100-datasheet-us-nvidia-1758950-r4-web), "
-         "https://www.nvidia.com/content/dam/en-zz/Solutions/Data-Center/a100/pdf/"
-         "nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf")
-_H100 = ("NVIDIA H100 Tensor Core GPU datasheet, "
-         "https://resources.nvidia.com/en-us-tensor-core/nvidia-tensor-core-gpu-datasheet")
+_A100 = (
+    "NVIDIA A100 Tensor Core GPU datasheet (nvidia-a100-datasheet-us-nvidia-1758950-r4-web), "
+    "https://www.nvidia.com/content/dam/en-zz/Solutions/Data-Center/a100/pdf/"
+    "nvidia-a100-datasheet-us-nvidia-1758950-r4-web.pdf"
+)
+_H100 = (
+    "NVIDIA H100 Tensor Core GPU datasheet, "
+    "https://resources.nvidia.com/en-us-tensor-core/nvidia-tensor-core-gpu-datasheet"
+)
 _H200 = "NVIDIA H200 Tensor Core GPU datasheet, https://www.nvidia.com/en-us/data-center/h200/"
-_ADA = ("NVIDIA Ada GPU Architecture whitepaper v2.01, appendix A, GeForce RTX 4090 column, "
-        "https://images.nvidia.com/aem-dam/Solutions/geforce/ada/nvidia-ada-gpu-architecture.pdf")
+_ADA = (
+    "NVIDIA Ada GPU Architecture whitepaper v2.01, appendix A, GeForce RTX 4090 column, "
+    "https://images.nvidia.com/aem-dam/Solutions/geforce/ada/nvidia-ada-gpu-architecture.pdf"
+)
 
 
-def _datasheet(name: str, source: str, memory_gb: int, bandwidth_gb_s: float, tflops: float,
-               int8_tops: float | None, fp8_tflops: float | None, note: str) -> Card:
+def _datasheet(
+    name: str,
+    source: str,
+    memory_gb: int,
+    bandwidth_gb_s: float,
+    tflops: float,
+    int8_tops: float | None,
+    fp8_tflops: float | None,
+    note: str,
+) -> Card:
     figures = ["memory", "bandwidth", "dense_flops"]
     figures += ["int8_ops"] * bool(int8_tops) + ["fp8_flops"] * bool(fp8_tflops)
-    return Card(name, memory_gb * GIB, bandwidth_gb_s * GB, tflops * TERA,
-                int8_tops * TERA if int8_tops else None, fp8_tflops * TERA if fp8_tflops else None,
-                sources=dict.fromkeys(figures, source), note=f"{memory_gb} GB read as GiB; {note}")
+    return Card(
+        name,
+        memory_gb * GIB,
+        bandwidth_gb_s * GB,
+        tflops * TERA,
+        int8_tops * TERA if int8_tops else None,
+        fp8_tflops * TERA if fp8_tflops else None,
+        sources=dict.fromkeys(figures, source),
+        note=f"{memory_gb} GB read as GiB; {note}",
+    )
 
 
 _SPARSE = "tensor throughputs dense: the datasheet's sparse figures / 2"
@@ -89,8 +113,16 @@ _SPARSE = "tensor throughputs dense: the datasheet's sparse figures / 2"
 CARDS: tuple[Card, ...] = (
     # GeForce tensor cores run 16-bit inputs with FP32 accumulation (what engines use) at half
     # the FP16-accumulate rate: 165.2, not 330.3
-    _datasheet("RTX 4090", _ADA, 24, 1008, 165.2, 660.6, 330.3,
-               "16-bit: BF16 tensor with FP32 accumulate, dense; fp8 with FP32 accumulate"),
+    _datasheet(
+        "RTX 4090",
+        _ADA,
+        24,
+        1008,
+        165.2,
+        660.6,
+        330.3,
+        "16-bit: BF16 tensor with FP32 accumulate, dense; fp8 with FP32 accumulate",
+    ),
     _datasheet("A100 40GB SXM", _A100, 40, 1555, 312, 624, None, _SPARSE),
     _datasheet("A100 80GB SXM", _A100, 80, 2039, 312, 624, None, _SPARSE),
     _datasheet("H100 SXM", _H100, 80, 3350, 989.5, 1979, 1979, _SPARSE),
@@ -112,11 +144,13 @@ def find_card(name: str, cards: list[Card] | tuple[Card, ...]) -> Card:
         return by_key[_key(name)]
     # 'a100' names two cards: list both; else the closest spelling
     close = [k for k in by_key if _key(name) and _key(name) in k] or difflib.get_close_matches(
-        _key(name), list(by_key), n=1, cutoff=0.6)
+        _key(name), list(by_key), n=1, cutoff=0.6
+    )
     hint = f" (did you mean {' or '.join(repr(by_key[k].name) for k in close)}?)" if close else ""
     known = ", ".join(f"'{c.name}'" for c in cards)
-    raise QuantlabError(f"unknown card '{name}'{hint}; known cards: {known} "
-                        "(add your own with --cards FILE)")
+    raise QuantlabError(
+        f"unknown card '{name}'{hint}; known cards: {known} (add your own with --cards FILE)"
+    )
 
 
 class CardSpec(BaseModel):
@@ -132,12 +166,16 @@ class CardSpec(BaseModel):
     source: str = Field(min_length=1, description="where the figures come from (datasheet, URL)")
 
     def card(self) -> Card:
-        return Card(self.name, int(self.memory_gib * GIB), self.bandwidth_gb_s * GB,
-                    self.dense_tflops * TERA,
-                    self.int8_tops * TERA if self.int8_tops else None,
-                    self.fp8_tflops * TERA if self.fp8_tflops else None,
-                    sources=dict.fromkeys(("memory", "bandwidth", "dense_flops"), self.source),
-                    note="from the user's cards file")
+        return Card(
+            self.name,
+            int(self.memory_gib * GIB),
+            self.bandwidth_gb_s * GB,
+            self.dense_tflops * TERA,
+            self.int8_tops * TERA if self.int8_tops else None,
+            self.fp8_tflops * TERA if self.fp8_tflops else None,
+            sources=dict.fromkeys(("memory", "bandwidth", "dense_flops"), self.source),
+            note="from the user's cards file",
+        )
 
 
 def _problem(err: dict) -> str:
@@ -160,8 +198,9 @@ def load_cards(path: str | Path, builtin: tuple[Card, ...] = CARDS) -> list[Card
         raise QuantlabError(f"cards file '{path}' cannot be read ({type(e).__name__})") from None
     items = doc.get("cards") if isinstance(doc, dict) else doc
     if not isinstance(items, list) or not items:
-        raise QuantlabError(f"cards file '{path}' holds no cards: expected 'cards:' with a list "
-                            "of cards")
+        raise QuantlabError(
+            f"cards file '{path}' holds no cards: expected 'cards:' with a list of cards"
+        )
     problems, cards = [], []
     for i, item in enumerate(items):
         try:
@@ -169,8 +208,11 @@ def load_cards(path: str | Path, builtin: tuple[Card, ...] = CARDS) -> list[Card
         except ValidationError as e:
             problems += [f"cards[{i}]{_problem(err)}" for err in e.errors()]
     taken = {_key(c.name) for c in builtin}
-    problems += [f"'{c.name}' is a built-in card; give yours another name"
-                 for c in cards if _key(c.name) in taken]
+    problems += [
+        f"'{c.name}' is a built-in card; give yours another name"
+        for c in cards
+        if _key(c.name) in taken
+    ]
     if problems:
         raise QuantlabError(f"cards file '{path}': " + "; ".join(problems))
     return cards

@@ -32,9 +32,11 @@ def resolve_context(rows: list[RowModel], context: int | None) -> int:
     if context < 1:
         raise QuantlabError(f"--context must be at least 1 token, not {context}")
     if context > shortest.shape.max_context:
-        raise QuantlabError(f"--context {context} is longer than the model's context: "
-                            f"{shortest.shape.max_context} tokens (max_position_embeddings of row "
-                            f"'{shortest.method}' in {shortest.run})")
+        raise QuantlabError(
+            f"--context {context} is longer than the model's context: "
+            f"{shortest.shape.max_context} tokens (max_position_embeddings of row "
+            f"'{shortest.method}' in {shortest.run})"
+        )
     return context
 
 
@@ -51,22 +53,33 @@ def _capacity(row: RowModel, card: Card, fp, context: int, batch: int, kv_width:
     kv = row.shape.kv_bytes_per_token(kv_width)
     usable = usable_bytes(card)
     most = max_batch(usable, fp.weight_bytes, kv, context)
-    return {"kv_cache_bytes_per_element": kv_width, "weight_bytes": fp.weight_bytes,
-            "weight_bytes_read_per_step": fp.read_bytes, "kv_bytes_per_token": kv,
-            "usable_bytes": usable, "fits": most >= batch, "max_batch": most,
-            "max_context": max_context(usable, fp.weight_bytes, kv, batch, row.shape.max_context)}
+    return {
+        "kv_cache_bytes_per_element": kv_width,
+        "weight_bytes": fp.weight_bytes,
+        "weight_bytes_read_per_step": fp.read_bytes,
+        "kv_bytes_per_token": kv,
+        "usable_bytes": usable,
+        "fits": most >= batch,
+        "max_batch": most,
+        "max_context": max_context(usable, fp.weight_bytes, kv, batch, row.shape.max_context),
+    }
 
 
 def _speeds(row: RowModel, card: Card, fp, eff, cap: dict, context: int, batch: int) -> dict:
     """Projected speeds; none for a row that does not fit (it does not run there)."""
-    out = {"decode_tokens_per_s_projected": None, "decode_bound": None,
-           "prefill_tokens_per_s_projected": None}
+    out = {
+        "decode_tokens_per_s_projected": None,
+        "decode_bound": None,
+        "prefill_tokens_per_s_projected": None,
+    }
     if cap["fits"]:
         kv = cap["kv_bytes_per_token"]
         out["decode_tokens_per_s_projected"], out["decode_bound"] = decode_rate(
-            row.shape, fp.read_bytes, kv, context, batch, card, eff, row.compute)
+            row.shape, fp.read_bytes, kv, context, batch, card, eff, row.compute
+        )
         out["prefill_tokens_per_s_projected"] = prefill_rate(
-            row.shape, fp.read_bytes, context, batch, card, eff, row.compute)[0]
+            row.shape, fp.read_bytes, context, batch, card, eff, row.compute
+        )[0]
     return out
 
 
@@ -75,12 +88,25 @@ def project(row: RowModel, card: Card, context: int, batch: int, kv_dtype: str =
     fp = row.cpu if card.kind == "cpu" else row.gpu
     eff = cpu_efficiency(fp.engine) if card.kind == "cpu" else gpu_efficiency()
     cap = _capacity(row, card, fp, context, batch, _kv_width(row, card, kv_dtype))
-    return {"run": row.run, "method": row.method, "backend": row.backend, "card": card.name,
-            "card_kind": card.kind, "engine": fp.engine, "projected": True, "context": context,
-            "batch": batch, **cap, **_speeds(row, card, fp, eff, cap, context, batch),
-            "efficiency_source": eff.source, "memory_efficiency": eff.memory,
-            "compute_efficiency": eff.compute, "layer_overhead_s": eff.layer_overhead_s,
-            "kld_mean": row.kld_mean, "ppl": row.ppl}
+    return {
+        "run": row.run,
+        "method": row.method,
+        "backend": row.backend,
+        "card": card.name,
+        "card_kind": card.kind,
+        "engine": fp.engine,
+        "projected": True,
+        "context": context,
+        "batch": batch,
+        **cap,
+        **_speeds(row, card, fp, eff, cap, context, batch),
+        "efficiency_source": eff.source,
+        "memory_efficiency": eff.memory,
+        "compute_efficiency": eff.compute,
+        "layer_overhead_s": eff.layer_overhead_s,
+        "kld_mean": row.kld_mean,
+        "ppl": row.ppl,
+    }
 
 
 def check_batch(batch: int) -> int:
@@ -89,8 +115,9 @@ def check_batch(batch: int) -> int:
     return batch
 
 
-def project_rows(rows: list[RowModel], cards: list[Card], context: int, batch: int,
-                 kv_dtype: str = "auto") -> list[dict]:
+def project_rows(
+    rows: list[RowModel], cards: list[Card], context: int, batch: int, kv_dtype: str = "auto"
+) -> list[dict]:
     """Every row on every card, cards in the order given."""
     check_batch(batch)
     return [project(r, c, context, batch, kv_dtype) for c in cards for r in rows]
@@ -103,7 +130,9 @@ def nothing_fits(records: list[dict], card: str) -> str | None:
         return None
     small = min(mine, key=lambda r: r["weight_bytes"])
     need = small["weight_bytes"] + small["batch"] * small["context"] * small["kv_bytes_per_token"]
-    return (f"{card} fits none of the rows at context {small['context']}, batch {small['batch']}: "
-            f"the smallest, '{small['method']}', needs {need / GIB:.1f} GiB (weights "
-            f"{small['weight_bytes'] / GIB:.1f} GiB + KV cache), the card leaves "
-            f"{small['usable_bytes'] / GIB:.1f} GiB to the engine")
+    return (
+        f"{card} fits none of the rows at context {small['context']}, batch {small['batch']}: "
+        f"the smallest, '{small['method']}', needs {need / GIB:.1f} GiB (weights "
+        f"{small['weight_bytes'] / GIB:.1f} GiB + KV cache), the card leaves "
+        f"{small['usable_bytes'] / GIB:.1f} GiB to the engine"
+    )

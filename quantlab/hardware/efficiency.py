@@ -34,12 +34,16 @@ def fit_decode(anchors: Sequence[Anchor]) -> tuple[float, float]:
     """(memory efficiency, seconds of overhead per layer) that best reproduce the anchors."""
     terms = [_decode_terms(a) for a in anchors]
     su, sv = sum(u for u, _ in terms), sum(v for _, v in terms)
-    suu, svv, suv = (sum(u * u for u, _ in terms), sum(v * v for _, v in terms),
-                     sum(u * v for u, v in terms))
+    suu, svv, suv = (
+        sum(u * u for u, _ in terms),
+        sum(v * v for _, v in terms),
+        sum(u * v for u, v in terms),
+    )
     det = suu * svv - suv * suv
     if len(terms) < 2 or det <= 1e-12 * suu * svv:
-        raise ValueError("fitting memory efficiency and overhead needs two anchors of "
-                         "different sizes")
+        raise ValueError(
+            "fitting memory efficiency and overhead needs two anchors of different sizes"
+        )
     inv_eff, overhead = (su * svv - sv * suv) / det, (suu * sv - suv * su) / det
     if inv_eff < 1:  # faster than the bandwidth allows: the bandwidth figure is low, not the model
         inv_eff, overhead = 1.0, (sv - suv) / svv
@@ -68,10 +72,14 @@ def gpu_efficiency() -> Efficiency:
     """The GPU profile, fitted to every published anchor."""
     memory, overhead = fit_decode(GPU_DECODE)
     compute = fit_compute(GPU_PREFILL, overhead)
-    return Efficiency(memory, compute, overhead,
-                      f"fit to {len(GPU_DECODE)} published GPU decode anchors "
-                      f"({_names(GPU_DECODE)}) and {len(GPU_PREFILL)} prefill anchors "
-                      "(TensorRT-LLM); docs/hardware.md")
+    return Efficiency(
+        memory,
+        compute,
+        overhead,
+        f"fit to {len(GPU_DECODE)} published GPU decode anchors "
+        f"({_names(GPU_DECODE)}) and {len(GPU_PREFILL)} prefill anchors "
+        "(TensorRT-LLM); docs/hardware.md",
+    )
 
 
 @functools.cache
@@ -79,9 +87,13 @@ def cpu_efficiency(engine: str) -> Efficiency:
     """The profile of a CPU engine ('torch eager', 'torch compiled', 'llama.cpp')."""
     anchors = CPU_DECODE[engine]
     memory, overhead = fit_decode(anchors)
-    return Efficiency(memory, CPU_COMPUTE_EFFICIENCY, overhead,
-                      f"{engine} on CPU: fit to {len(anchors)} measurements on a 2-core Xeon VM "
-                      f"({anchors[0].source}); refit here with scripts/bench_projection.py")
+    return Efficiency(
+        memory,
+        CPU_COMPUTE_EFFICIENCY,
+        overhead,
+        f"{engine} on CPU: fit to {len(anchors)} measurements on a 2-core Xeon VM "
+        f"({anchors[0].source}); refit here with scripts/bench_projection.py",
+    )
 
 
 def project_anchor(a: Anchor, eff: Efficiency) -> float:
@@ -97,7 +109,16 @@ def anchor_errors(anchors: Sequence[Anchor], eff: Efficiency) -> list[dict]:
     out = []
     for a in anchors:
         p = project_anchor(a, eff)
-        out.append({"anchor": a.name, "card": a.card.name, "engine": a.engine, "kind": a.kind,
-                    "measured_tokens_per_s": a.measured_tokens_per_s, "projected_tokens_per_s": p,
-                    "error": p / a.measured_tokens_per_s - 1, "source": a.source})
+        out.append(
+            {
+                "anchor": a.name,
+                "card": a.card.name,
+                "engine": a.engine,
+                "kind": a.kind,
+                "measured_tokens_per_s": a.measured_tokens_per_s,
+                "projected_tokens_per_s": p,
+                "error": p / a.measured_tokens_per_s - 1,
+                "source": a.source,
+            }
+        )
     return out

@@ -1,4 +1,4 @@
-""""This machine" as a card: its measured memory bandwidth (quantlab's own probe, the one the
+""" "This machine" as a card: its measured memory bandwidth (quantlab's own probe, the one the
 speed phase uses, or a figure passed in), its measured float32 matmul rate, its memory and
 cores. Measurements take a second or two; pass figures in to skip them."""
 
@@ -47,16 +47,20 @@ def matmul_flops(n: int = 1024, repeats: int = 5) -> float:
     return 2 * n**3 / best
 
 
-def this_machine(bandwidth: float | None = None, bandwidth_source: str = "",
-                 flops: float | None = None) -> Card:
+def this_machine(
+    bandwidth: float | None = None, bandwidth_source: str = "", flops: float | None = None
+) -> Card:
     """This host as a card; what is not given is measured now."""
     from quantlab.bench.speed import memory_bandwidth
 
     if bandwidth is None:
         bandwidth = memory_bandwidth("cpu")
         bandwidth_source = "measured now: best of 5 copies of 256 MB"
-    src = {"memory": "MemTotal (/proc/meminfo)", "bandwidth": bandwidth_source or "given",
-           "dense_flops": "given" if flops else "measured now: best float32 1024x1024 matmul of 5"}
+    src = {
+        "memory": "MemTotal (/proc/meminfo)",
+        "bandwidth": bandwidth_source or "given",
+        "dense_flops": "given" if flops else "measured now: best float32 1024x1024 matmul of 5",
+    }
     flops = flops or matmul_flops()
     return Card(NAME, memory_total(), bandwidth, flops, kind="cpu", cores=cores(), sources=src)
 
@@ -66,6 +70,8 @@ def host() -> str:
 
 
 def describe(card: Card) -> str:
-    return (f"{card.name} ({host()}): {card.cores} cores, {card.memory_bytes / (1 << 30):.0f} GiB, "
-            f"{card.bandwidth_bytes_per_s / GB:.1f} GB/s ({card.sources.get('bandwidth')}), "
-            f"{card.dense_flops / TERA * 1000:.0f} GFLOPS float32 matmul")
+    return (
+        f"{card.name} ({host()}): {card.cores} cores, {card.memory_bytes / (1 << 30):.0f} GiB, "
+        f"{card.bandwidth_bytes_per_s / GB:.1f} GB/s ({card.sources.get('bandwidth')}), "
+        f"{card.dense_flops / TERA * 1000:.0f} GFLOPS float32 matmul"
+    )

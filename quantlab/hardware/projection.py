@@ -50,8 +50,9 @@ def max_context(usable: int, weights: int, kv_per_token: int, batch: int, model_
     return min(model_max, max(0, int(free // (kv_per_token * batch)))) if free > 0 else 0
 
 
-def forward_time(read_bytes: float, flops: float, layers: int, card: Card, eff: Efficiency,
-                 compute: str = "bf16") -> tuple[float, str]:
+def forward_time(
+    read_bytes: float, flops: float, layers: int, card: Card, eff: Efficiency, compute: str = "bf16"
+) -> tuple[float, str]:
     """Seconds of one forward pass, and what bounds it ('memory' or 'compute')."""
     memory = read_bytes / (card.bandwidth_bytes_per_s * eff.memory)
     math = flops / (card.peak(compute) * eff.compute)
@@ -59,8 +60,16 @@ def forward_time(read_bytes: float, flops: float, layers: int, card: Card, eff: 
     return max(memory, math) + layers * eff.layer_overhead_s, bound
 
 
-def decode_rate(shape: ModelShape, read_bytes: float, kv_per_token: float, context: int, batch: int,
-                card: Card, eff: Efficiency, compute: str = "bf16") -> tuple[float, str]:
+def decode_rate(
+    shape: ModelShape,
+    read_bytes: float,
+    kv_per_token: float,
+    context: int,
+    batch: int,
+    card: Card,
+    eff: Efficiency,
+    compute: str = "bf16",
+) -> tuple[float, str]:
     """Decode tokens/s of ``batch`` sequences (all of them) whose KV cache holds ``context``
     tokens: every step reads the weights once and each sequence's cache."""
     step_bytes = read_bytes + batch * context * kv_per_token
@@ -69,8 +78,15 @@ def decode_rate(shape: ModelShape, read_bytes: float, kv_per_token: float, conte
     return batch / t, bound
 
 
-def prefill_rate(shape: ModelShape, read_bytes: float, tokens: int, batch: int, card: Card,
-                 eff: Efficiency, compute: str = "bf16") -> tuple[float, str]:
+def prefill_rate(
+    shape: ModelShape,
+    read_bytes: float,
+    tokens: int,
+    batch: int,
+    card: Card,
+    eff: Efficiency,
+    compute: str = "bf16",
+) -> tuple[float, str]:
     """Prefill tokens/s of ``batch`` prompts of ``tokens`` each, in one forward pass."""
     flops = batch * shape.prefill_flops(tokens)
     t, bound = forward_time(read_bytes, flops, shape.layers, card, eff, compute)

@@ -25,8 +25,22 @@ from quantlab.report.data import RunData
 
 #: bytes per element as served on a GPU: floats in 16 bits, fp8 in 8, integers as stored
 _SERVED = {"F64": 2, "F32": 2, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
-_STORED = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
-           "U32": 4, "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_STORED = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I64": 8,
+    "I32": 4,
+    "U32": 4,
+    "I16": 2,
+    "U16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}
 #: backends whose matmuls run in int8 (activations quantized too): their prefill peak is int8's
 INT8_COMPUTE = frozenset({"int8-dynamic"})
 
@@ -87,8 +101,9 @@ def _is_input_embedding(t: _Tensor, shape: ModelShape) -> bool:
     return not shape.tied and t.shape == (shape.vocab, shape.hidden) and "lm_head" not in t.name
 
 
-def _safetensors_footprints(ckpt: Path, shape: ModelShape, metrics: dict,
-                            mode: str) -> tuple[Footprint, Footprint]:
+def _safetensors_footprints(
+    ckpt: Path, shape: ModelShape, metrics: dict, mode: str
+) -> tuple[Footprint, Footprint]:
     tensors = [t for f in sorted(ckpt.glob("*.safetensors")) for t in _safetensors(f)]
     served = {t.name: t.numel * _SERVED.get(t.dtype, _STORED.get(t.dtype, 1)) for t in tensors}
     lookup = [t for t in tensors if _is_input_embedding(t, shape)]
@@ -97,8 +112,10 @@ def _safetensors_footprints(ckpt: Path, shape: ModelShape, metrics: dict,
     stored = sum(t.nbytes for t in tensors)
     measured = (metrics.get("decode_bound") or {}).get("weight_bytes_per_step")
     cpu_read = measured or stored - sum(t.nbytes for t in lookup)
-    return (Footprint("vLLM-class CUDA engine", gpu_total, gpu_read),
-            Footprint(f"torch {mode}", stored, int(cpu_read)))
+    return (
+        Footprint("vLLM-class CUDA engine", gpu_total, gpu_read),
+        Footprint(f"torch {mode}", stored, int(cpu_read)),
+    )
 
 
 def gguf_footprint(path: Path, engine: str) -> Footprint:
@@ -121,8 +138,10 @@ def _config_path(run: RunData, row: pd.Series) -> Path:
         if (run.path / ckpt / "config.json").is_file():
             return run.path / ckpt / "config.json"
     looked = ", ".join(same["checkpoint"].dropna().astype(str)) or "no checkpoint"
-    raise QuantlabError(f"'{run.path}' holds no config.json of the model of row '{row['method']}' "
-                        f"(looked in {looked}): re-run the recipe to export its checkpoints")
+    raise QuantlabError(
+        f"'{run.path}' holds no config.json of the model of row '{row['method']}' "
+        f"(looked in {looked}): re-run the recipe to export its checkpoints"
+    )
 
 
 def _number(v) -> float | None:
@@ -143,9 +162,18 @@ def row_model(run: RunData, row: pd.Series) -> RowModel:
         metrics = run.metrics.get(str(row["method"]), {})
         gpu, cpu = _safetensors_footprints(ckpt, shape, metrics, mode)
     width = {"float32": 4, "float64": 8}.get(str(row.get("dtype")), 2)
-    return RowModel(str(run.path), str(row["method"]), str(row["backend"]), shape, gpu, cpu,
-                    "int8" if row["backend"] in INT8_COMPUTE else "bf16", width,
-                    _number(row.get("kld_mean")), _number(row.get("ppl")))
+    return RowModel(
+        str(run.path),
+        str(row["method"]),
+        str(row["backend"]),
+        shape,
+        gpu,
+        cpu,
+        "int8" if row["backend"] in INT8_COMPUTE else "bf16",
+        width,
+        _number(row.get("kld_mean")),
+        _number(row.get("ppl")),
+    )
 
 
 def run_rows(run: RunData) -> tuple[list[RowModel], list[str]]:

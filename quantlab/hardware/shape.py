@@ -22,8 +22,9 @@ _KEYS = {
     "max_context": ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"),
 }
 #: families whose MLP has two matrices (up, down) instead of the gated three (gate, up, down)
-UNGATED = frozenset({"gpt2", "gpt_neox", "gptj", "opt", "falcon", "phi", "bloom", "starcoder2",
-                     "gpt_bigcode"})
+UNGATED = frozenset(
+    {"gpt2", "gpt_neox", "gptj", "opt", "falcon", "phi", "bloom", "starcoder2", "gpt_bigcode"}
+)
 #: configs that route tokens to experts: their bytes per token are not the weights' bytes
 MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
@@ -80,8 +81,10 @@ def _get(cfg: dict, what: str, where: str) -> int:
     for key in _KEYS[what]:
         if isinstance(cfg.get(key), int):
             return cfg[key]
-    raise QuantlabError(f"{where} has no {' / '.join(_KEYS[what])}: its architecture cannot be "
-                        "projected (decoder-only transformer configs are)")
+    raise QuantlabError(
+        f"{where} has no {' / '.join(_KEYS[what])}: its architecture cannot be "
+        "projected (decoder-only transformer configs are)"
+    )
 
 
 def shape_from_config(cfg: dict, where: str = "config.json") -> ModelShape:
@@ -90,19 +93,26 @@ def shape_from_config(cfg: dict, where: str = "config.json") -> ModelShape:
     cfg = {**cfg, **(cfg.get("text_config") or {})}  # multimodal wrappers keep the LM's keys there
     moe = [k for k in MOE_KEYS if cfg.get(k)]
     if moe:
-        raise QuantlabError(f"{where} describes a mixture of experts ({moe[0]}={cfg[moe[0]]}): "
-                            "only the routed experts' bytes are read per token, which this "
-                            "projection does not model")
+        raise QuantlabError(
+            f"{where} describes a mixture of experts ({moe[0]}={cfg[moe[0]]}): "
+            "only the routed experts' bytes are read per token, which this "
+            "projection does not model"
+        )
     hidden, heads = _get(cfg, "hidden", where), _get(cfg, "heads", where)
     head_dim = cfg.get("head_dim") or hidden // heads
     gated = cfg.get("model_type") not in UNGATED
     return ModelShape(
-        layers=_get(cfg, "layers", where), hidden=hidden, heads=heads,
+        layers=_get(cfg, "layers", where),
+        hidden=hidden,
+        heads=heads,
         kv_heads=cfg.get("num_key_value_heads") or cfg.get("multi_query_group_num") or heads,
         head_dim=head_dim,
         intermediate=cfg.get("intermediate_size") or cfg.get("n_inner") or 4 * hidden,
-        vocab=_get(cfg, "vocab", where), max_context=_get(cfg, "max_context", where),
-        tied=bool(cfg.get("tie_word_embeddings", True)), mlp_matrices=3 if gated else 2)
+        vocab=_get(cfg, "vocab", where),
+        max_context=_get(cfg, "max_context", where),
+        tied=bool(cfg.get("tie_word_embeddings", True)),
+        mlp_matrices=3 if gated else 2,
+    )
 
 
 def read_shape(path: Path) -> ModelShape:
@@ -110,8 +120,9 @@ def read_shape(path: Path) -> ModelShape:
     try:
         cfg = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise QuantlabError(f"'{path}' cannot be read as a model config "
-                            f"({type(e).__name__}: {e})") from None
+        raise QuantlabError(
+            f"'{path}' cannot be read as a model config ({type(e).__name__}: {e})"
+        ) from None
     if not isinstance(cfg, dict):
         raise QuantlabError(f"'{path}' is not a model config (expected a JSON object)")
     return shape_from_config(cfg, f"'{path}'")

@@ -48,7 +48,14 @@ _LLAMA = ArchSpec(
         ScaleGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
         ScaleGroup("mlp.up_proj", ("mlp.down_proj",)),
     ),
-    prenorm=("input_layernorm", "self_attn", "self_attn.o_proj", "post_attention_layernorm", "mlp", "mlp.down_proj"),
+    prenorm=(
+        "input_layernorm",
+        "self_attn",
+        "self_attn.o_proj",
+        "post_attention_layernorm",
+        "mlp",
+        "mlp.down_proj",
+    ),
 )
 
 ARCHS: dict[str, ArchSpec] = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA}
@@ -70,6 +77,8 @@ def decoder_layers(model: nn.Module, spec: ArchSpec) -> nn.ModuleList:
     from quantlab.errors import QuantlabError
 
     if not spec.layers:
-        raise QuantlabError(f"cannot find the decoder layers of a '{type(model).__name__}'; "
-                            f"known architectures: {', '.join(sorted(ARCHS))}")
+        raise QuantlabError(
+            f"cannot find the decoder layers of a '{type(model).__name__}'; "
+            f"known architectures: {', '.join(sorted(ARCHS))}"
+        )
     return model.get_submodule(spec.layers)

@@ -79,8 +79,16 @@ def output_mse(dw: torch.Tensor, sigma: torch.Tensor) -> float:
     return float(((dw @ sigma) * dw).sum() / dw.shape[0])
 
 
-def awq_search_scales(w: torch.Tensor, sigma: torch.Tensor, x_mean: torch.Tensor, bits: int, group_size: int,
-                      sym: bool, n_grid: int = 20, duo_scaling: bool = True):
+def awq_search_scales(
+    w: torch.Tensor,
+    sigma: torch.Tensor,
+    x_mean: torch.Tensor,
+    bits: int,
+    group_size: int,
+    sym: bool,
+    n_grid: int = 20,
+    duo_scaling: bool = True,
+):
     """Best input-channel scales for the linears stacked in W [out, in] whose inputs have
     second moment ``sigma`` [in, in] (see :func:`gram`) and mean |x| ``x_mean`` [in].
 
@@ -102,16 +110,32 @@ def awq_search_scales(w: torch.Tensor, sigma: torch.Tensor, x_mean: torch.Tensor
     return best, torch.tensor(losses)
 
 
-def awq_search_clip(w: torch.Tensor, sigma: torch.Tensor, bits: int, group_size: int, sym: bool,
-                    n_grid: int = 20, max_shrink: float = 0.5) -> torch.Tensor:
+def awq_search_clip(
+    w: torch.Tensor,
+    sigma: torch.Tensor,
+    bits: int,
+    group_size: int,
+    sym: bool,
+    n_grid: int = 20,
+    max_shrink: float = 0.5,
+) -> torch.Tensor:
     """Per (row, group) clipping bound of W [out, in] minimising that group's share of the
     output error, (dW_g) Sigma_gg (dW_g)^T with Sigma_gg the group's diagonal block of the
     input second moment ``sigma``. Returns max_val [out, n_groups]."""
     in_f = w.shape[1]
     g = in_f if group_size == -1 else group_size
-    blocks = torch.stack([sigma[j * g : (j + 1) * g, j * g : (j + 1) * g] for j in range(in_f // g)])  # [ng, g, g]
-    return clip_search(w, bits, group_size, sym, lambda dq: torch.einsum("ong,ngh,onh->on", dq, blocks, dq),
-                       steps=max(1, int(max_shrink * n_grid)), n_grid=n_grid)
+    blocks = torch.stack(
+        [sigma[j * g : (j + 1) * g, j * g : (j + 1) * g] for j in range(in_f // g)]
+    )  # [ng, g, g]
+    return clip_search(
+        w,
+        bits,
+        group_size,
+        sym,
+        lambda dq: torch.einsum("ong,ngh,onh->on", dq, blocks, dq),
+        steps=max(1, int(max_shrink * n_grid)),
+        n_grid=n_grid,
+    )
 
 
 # --------------------------------------------------------------------------- backend
@@ -119,35 +143,51 @@ def awq_search_clip(w: torch.Tensor, sigma: torch.Tensor, bits: int, group_size:
 
 class AWQConfig(WeightQuantConfig):
     version = 1
-    sym: bool = Field(False, description="Symmetric grid; AWQ's default is asymmetric (zero_point: true).")
+    sym: bool = Field(
+        False, description="Symmetric grid; AWQ's default is asymmetric (zero_point: true)."
+    )
     n_grid: int = Field(20, ge=1, le=200, description="Grid points of the scale search.")
     duo_scaling: bool = Field(True, description="s = mean|x|^a / mean|w|^(1-a) (else mean|x|^a).")
     clip: bool = Field(True, description="Search each weight group's clipping range after scaling.")
     clip_grid: int = Field(20, ge=1, description="Grid points of the clipping search.")
-    max_shrink: float = Field(0.5, gt=0, lt=1, description="Largest fraction by which clipping shrinks max|w|.")
-    search_tokens: int = Field(8192, ge=64, description="Calibration tokens (seeded random subset) whose input "
-                               "second moment the scale and clipping searches score on.")
+    max_shrink: float = Field(
+        0.5, gt=0, lt=1, description="Largest fraction by which clipping shrinks max|w|."
+    )
+    search_tokens: int = Field(
+        8192,
+        ge=64,
+        description="Calibration tokens (seeded random subset) whose input "
+        "second moment the scale and clipping searches score on.",
+    )
     seed: int = Field(0, description="Seed of the token subsets.")
     batch_size: int = Field(8, ge=1, description="Calibration windows per forward pass.")
     next_inputs: Literal["float", "quantized"] = Field(
-        "float", description="What the next layer is calibrated on: 'float', this layer's float outputs "
+        "float",
+        description="What the next layer is calibrated on: 'float', this layer's float outputs "
         "from the statistics pass (one pass per layer, as the reference AutoAWQ does), or 'quantized', "
         "its outputs after quantization (a second pass per layer, ~1.6x the time; errors propagate as "
-        "at inference).")
+        "at inference).",
+    )
     format: Literal["gemm", "gptq"] = Field(
-        "gemm", description="Checkpoint layout: 'gemm' (AutoAWQ, 4 bits only) or 'gptq' (GPTQ v1, 2/3/4/8 bits).")
+        "gemm",
+        description="Checkpoint layout: 'gemm' (AutoAWQ, 4 bits only) or 'gptq' (GPTQ v1, 2/3/4/8 bits).",
+    )
 
     @model_validator(mode="after")
     def _format_bits(self) -> AWQConfig:
         if self.format == "gemm" and self.widths() != [4]:
-            raise ValueError(f"the AWQ gemm format stores 4-bit weights only (got widths {self.widths()}); use "
-                             "format: gptq for 2, 3 or 8 bits or for several widths (bits: auto, module_bits)")
+            raise ValueError(
+                f"the AWQ gemm format stores 4-bit weights only (got widths {self.widths()}); use "
+                "format: gptq for 2, 3 or 8 bits or for several widths (bits: auto, module_bits)"
+            )
         why = LAYOUTS["awq-gemm"].check(4, self.sym) if self.format == "gemm" else None
         if why:
             raise ValueError(why)
         odd = [b for b in self.widths() if b not in GPTQ_BITS]
         if self.format == "gptq" and odd:
-            raise ValueError(f"format gptq stores {', '.join(map(str, GPTQ_BITS))} bits (got {', '.join(map(str, odd))})")
+            raise ValueError(
+                f"format gptq stores {', '.join(map(str, GPTQ_BITS))} bits (got {', '.join(map(str, odd))})"
+            )
         return self
 
 
@@ -182,12 +222,19 @@ class AWQ(LayoutBackend):
         spec = arch_spec(model)
         decoder_layers(model, spec)
         if not spec.scale_groups:
-            raise QuantlabError(f"AWQ does not know how to fold scales in a '{model.config.model_type}' "
-                                "model (no scale groups for this architecture)")
+            raise QuantlabError(
+                f"AWQ does not know how to fold scales in a '{model.config.model_type}' "
+                "model (no scale groups for this architecture)"
+            )
 
     @torch.no_grad()
-    def _quantize(self, model: nn.Module, calibration: torch.Tensor | None, out: Quantized,
-                  context: QuantizeContext) -> nn.Module:
+    def _quantize(
+        self,
+        model: nn.Module,
+        calibration: torch.Tensor | None,
+        out: Quantized,
+        context: QuantizeContext,
+    ) -> nn.Module:
         if calibration is None:
             raise QuantlabError("awq needs calibration data")
         c = self.config
@@ -199,10 +246,15 @@ class AWQ(LayoutBackend):
         gen = torch.Generator().manual_seed(c.seed)
         n_tok = sum(h.shape[0] * h.shape[1] for h in hidden)
         pick = torch.randperm(n_tok, generator=gen)[: c.search_tokens].sort().values
-        for li, layer in enumerate(tqdm(layers, desc="awq: layers", unit="layer", leave=False, disable=None)):
+        for li, layer in enumerate(
+            tqdm(layers, desc="awq: layers", unit="layer", leave=False, disable=None)
+        ):
             prefix = f"{spec.layers}.{li}."
             # taken out of `targets`, so each float layer is freed once its quantized copy is in
-            mine = {n[len(prefix):]: targets.pop(n) for n in [n for n in targets if n.startswith(prefix)]}
+            mine = {
+                n[len(prefix) :]: targets.pop(n)
+                for n in [n for n in targets if n.startswith(prefix)]
+            }
             sig, x_mean, float_out = self._statistics(layer, mine, hidden, kwargs, pick, n_tok, out)
             self._scale(layer, spec, mine, sig, x_mean, prefix, out)
             self._quantize_linears(layer, mine, sig, prefix, out)
@@ -214,8 +266,9 @@ class AWQ(LayoutBackend):
             drop_dense_weights(layer)
         return model
 
-    def _statistics(self, layer, mine: dict, hidden, kwargs, pick: torch.Tensor, n_tok: int,
-                    rec: Quantized):
+    def _statistics(
+        self, layer, mine: dict, hidden, kwargs, pick: torch.Tensor, n_tok: int, rec: Quantized
+    ):
         """One pass through ``layer``: per distinct input, mean |x| over all tokens and the
         second moment over the ``pick`` subset; and the layer's float outputs (when the next
         layer calibrates on them). Returns (sigma by name, mean |x| by name, outputs)."""
@@ -245,8 +298,9 @@ class AWQ(LayoutBackend):
             sig[n] = sig[twin] if twin else gram(torch.cat(chunks[n]))
         return sig, {n: abs_sum[n] / n_tok for n in mine}, float_out
 
-    def _scale(self, layer, spec, mine: dict, sig: dict, x_mean: dict, prefix: str,
-               rec: Quantized) -> None:
+    def _scale(
+        self, layer, spec, mine: dict, sig: dict, x_mean: dict, prefix: str, rec: Quantized
+    ) -> None:
         """Search and fold the input-channel scales of each scale group of ``layer``."""
         c = self.config
         for sg in spec.scale_groups:
@@ -259,17 +313,26 @@ class AWQ(LayoutBackend):
                 continue  # e.g. v_proj -> o_proj under grouped-query attention
             w_cat = torch.cat([mine[n].weight.data for n in names])
             with rec.stage("scale search"):
-                s, losses = awq_search_scales(w_cat, sig[names[0]], x_mean[names[0]], c.bits_for(prefix + names[0]),
-                                              c.group_size,
-                                              c.sym, c.n_grid, c.duo_scaling)
+                s, losses = awq_search_scales(
+                    w_cat,
+                    sig[names[0]],
+                    x_mean[names[0]],
+                    c.bits_for(prefix + names[0]),
+                    c.group_size,
+                    c.sym,
+                    c.n_grid,
+                    c.duo_scaling,
+                )
             fold_scales(prev, s)
             for n in names:
                 mine[n].weight.data.mul_(s.view(1, -1).to(mine[n].weight.dtype))
                 # inputs become x / s: their second moment Sigma / (s s^T)
                 sig[n] = sig[n] / (s.view(-1, 1) * s.view(1, -1))
-                rec.layer_stats[prefix + n] = {"awq_loss_identity": float(losses[0]),
-                                                "awq_loss_best": float(losses.min()),
-                                                "awq_best_grid_index": int(losses.argmin())}
+                rec.layer_stats[prefix + n] = {
+                    "awq_loss_identity": float(losses[0]),
+                    "awq_loss_best": float(losses.min()),
+                    "awq_best_grid_index": int(losses.argmin()),
+                }
 
     def _quantize_linears(self, layer, mine: dict, sig: dict, prefix: str, rec: Quantized) -> None:
         """Clip (optionally) and round each linear of ``layer`` to its grid; swap them in."""
@@ -280,15 +343,24 @@ class AWQ(LayoutBackend):
             bits = c.bits_for(prefix + n)
             if c.clip and not any(k in n for k in ("q_proj", "k_proj")):
                 with rec.stage("clip search"):
-                    mx = awq_search_clip(w, sig[n], bits, c.group_size, c.sym, c.clip_grid, c.max_shrink)
+                    mx = awq_search_clip(
+                        w, sig[n], bits, c.group_size, c.sym, c.clip_grid, c.max_shrink
+                    )
                 bound = mx.repeat_interleave(g, dim=1).to(w.dtype)
                 w = torch.clamp(w, -bound, bound)
             codes, scales, zeros = quantize_matrix(w, bits, c.group_size, c.sym)
-            q = self.pack(QuantizedWeight(codes, scales, zeros, torch.arange(w.shape[1]) // g, bits,
-                                          c.group_size), lin.bias, lin.weight.dtype)
+            q = self.pack(
+                QuantizedWeight(
+                    codes, scales, zeros, torch.arange(w.shape[1]) // g, bits, c.group_size
+                ),
+                lin.bias,
+                lin.weight.dtype,
+            )
             stats = rec.layer_stats.setdefault(prefix + n, {})
-            stats["weight_rel_error"] = float((q.weight.float() - lin.weight.float()).norm()
-                                              / lin.weight.float().norm().clamp(min=1e-12))
+            stats["weight_rel_error"] = float(
+                (q.weight.float() - lin.weight.float()).norm()
+                / lin.weight.float().norm().clamp(min=1e-12)
+            )
             set_module(layer, n, q)
 
     def layout(self) -> LayerFormat:

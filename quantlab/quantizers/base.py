@@ -65,11 +65,13 @@ AUTO_SKIP_BASE = ("lm_head",)
 
 def skip_field():
     """The ``skip`` option every backend that quantizes linear layers shares."""
-    return Field(default_factory=lambda: ["lm_head"],
-                 description="Glob patterns of linear layers left in float (embeddings are never "
-                 "quantized: they are not linear layers), or 'auto': the sensitivity pass leaves "
-                 "in float the fewest layers that keep the KL divergence within the method's "
-                 "sensitivity.kl_budget.")
+    return Field(
+        default_factory=lambda: ["lm_head"],
+        description="Glob patterns of linear layers left in float (embeddings are never "
+        "quantized: they are not linear layers), or 'auto': the sensitivity pass leaves "
+        "in float the fewest layers that keep the KL divergence within the method's "
+        "sensitivity.kl_budget.",
+    )
 
 
 @contextlib.contextmanager
@@ -152,8 +154,12 @@ class Backend(ABC):
         (the default accepts every model)."""
         return None
 
-    def quantize(self, model: nn.Module, calibration: torch.Tensor | None,
-                 context: QuantizeContext | None = None) -> Quantized:
+    def quantize(
+        self,
+        model: nn.Module,
+        calibration: torch.Tensor | None,
+        context: QuantizeContext | None = None,
+    ) -> Quantized:
         """Quantize ``model`` (it may be modified in place); ``calibration`` is a LongTensor
         [samples, seq_len] of token ids (``None`` for backends that need none)."""
         out = Quantized(model)
@@ -161,8 +167,13 @@ class Backend(ABC):
         return out
 
     @abstractmethod
-    def _quantize(self, model: nn.Module, calibration: torch.Tensor | None, out: Quantized,
-                  context: QuantizeContext) -> nn.Module:
+    def _quantize(
+        self,
+        model: nn.Module,
+        calibration: torch.Tensor | None,
+        out: Quantized,
+        context: QuantizeContext,
+    ) -> nn.Module:
         """The method itself: return the quantized model; record statistics, stage times
         (``with out.stage(name)``) and what ``save`` needs into ``out``."""
 
@@ -173,7 +184,9 @@ class Backend(ABC):
 
     @classmethod
     @abstractmethod
-    def load(cls, ckpt_dir: Path, meta: dict[str, Any], dtype: torch.dtype, device: torch.device) -> nn.Module:
+    def load(
+        cls, ckpt_dir: Path, meta: dict[str, Any], dtype: torch.dtype, device: torch.device
+    ) -> nn.Module:
         """Rebuild the model saved by :meth:`save` (``meta``: the checkpoint's quantlab.json)."""
 
     def layout(self):
@@ -192,7 +205,9 @@ def target_linears(model: nn.Module, skip: list[str]) -> list[tuple[str, nn.Line
     ``model.layers.0.*``); a plain name also matches as a suffix after a dot."""
 
     def skipped(name: str) -> bool:
-        return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, f"*.{p}") for p in skip)
+        return any(
+            fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, f"*.{p}") for p in skip
+        )
 
     return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and not skipped(n)]
 
@@ -288,8 +303,9 @@ def module_config(qcfg: dict[str, Any], name: str) -> dict[str, Any]:
     return qcfg
 
 
-def load_quantized(ckpt_dir: Path, meta: dict[str, Any], dtype: torch.dtype, device: torch.device,
-                   make) -> nn.Module:
+def load_quantized(
+    ckpt_dir: Path, meta: dict[str, Any], dtype: torch.dtype, device: torch.device, make
+) -> nn.Module:
     """Rebuild a quantized checkpoint: the architecture from ``config.json``, each module named
     in ``meta['modules']`` replaced by ``make(float_linear, quantization_config)``, the weights
     loaded, then every packed module's dense weight recomputed (``refresh``)."""

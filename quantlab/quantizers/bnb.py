@@ -58,14 +58,22 @@ def _bnb():
 
 class BnbConfig(BackendConfig):
     mode: Literal["nf4", "fp4", "int8"] = Field(
-        "nf4", description="'nf4' (4-bit NormalFloat), 'fp4' (4-bit float) or 'int8' (LLM.int8: "
-        "int8 weights, outlier input features in 16/32-bit).")
-    double_quant: bool = Field(False, description="4-bit: quantize the block scales too (saves "
-                               "about 0.4 bits per weight).")
+        "nf4",
+        description="'nf4' (4-bit NormalFloat), 'fp4' (4-bit float) or 'int8' (LLM.int8: "
+        "int8 weights, outlier input features in 16/32-bit).",
+    )
+    double_quant: bool = Field(
+        False, description="4-bit: quantize the block scales too (saves about 0.4 bits per weight)."
+    )
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="4-bit: dtype the matmul runs in ('auto': the run's dtype).")
-    threshold: float | None = Field(None, ge=0, description="int8: outlier threshold of "
-                                    "LLM.int8 (default 6.0; 0 disables the outlier path).")
+        "auto", description="4-bit: dtype the matmul runs in ('auto': the run's dtype)."
+    )
+    threshold: float | None = Field(
+        None,
+        ge=0,
+        description="int8: outlier threshold of "
+        "LLM.int8 (default 6.0; 0 disables the outlier path).",
+    )
     skip: list[str] | Literal["auto"] = skip_field()
 
     @model_validator(mode="after")
@@ -74,8 +82,10 @@ class BnbConfig(BackendConfig):
             if self.double_quant:
                 raise ValueError("double_quant applies to the 4-bit modes (nf4, fp4), not int8")
             if self.compute_dtype != "auto":
-                raise ValueError("compute_dtype applies to the 4-bit modes (nf4, fp4); int8 computes "
-                                 "in the run's dtype")
+                raise ValueError(
+                    "compute_dtype applies to the 4-bit modes (nf4, fp4); int8 computes "
+                    "in the run's dtype"
+                )
         elif self.threshold is not None:
             raise ValueError(f"threshold applies to mode int8 (LLM.int8), not {self.mode}")
         return self
@@ -84,20 +94,29 @@ class BnbConfig(BackendConfig):
         return 6.0 if self.threshold is None else self.threshold
 
     def table_fields(self) -> dict[str, Any]:
-        return {"bits": 8 if self.mode == "int8" else 4, "group_size": None if self.mode == "int8" else 64}
+        return {
+            "bits": 8 if self.mode == "int8" else 4,
+            "group_size": None if self.mode == "int8" else 64,
+        }
 
     def transformers_config(self, dtype: torch.dtype, skipped: list[str]):
         """The equivalent ``BitsAndBytesConfig`` (written into config.json)."""
         from transformers import BitsAndBytesConfig
 
         if self.mode == "int8":
-            return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=self.int8_threshold(),
-                                      llm_int8_skip_modules=skipped or None)
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=self.mode,
-                                  bnb_4bit_use_double_quant=self.double_quant,
-                                  bnb_4bit_compute_dtype=self.compute(dtype),
-                                  bnb_4bit_quant_storage=torch.uint8,
-                                  llm_int8_skip_modules=skipped or None)
+            return BitsAndBytesConfig(
+                load_in_8bit=True,
+                llm_int8_threshold=self.int8_threshold(),
+                llm_int8_skip_modules=skipped or None,
+            )
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=self.mode,
+            bnb_4bit_use_double_quant=self.double_quant,
+            bnb_4bit_compute_dtype=self.compute(dtype),
+            bnb_4bit_quant_storage=torch.uint8,
+            llm_int8_skip_modules=skipped or None,
+        )
 
     def compute(self, dtype: torch.dtype) -> torch.dtype:
         return dtype if self.compute_dtype == "auto" else getattr(torch, self.compute_dtype)
@@ -110,7 +129,9 @@ def _is_bnb(m: nn.Module) -> bool:
 
 class Bnb(Backend):
     name = "bnb"
-    description = "bitsandbytes NF4/FP4 (optional double quantization) or LLM.int8, transformers layout."
+    description = (
+        "bitsandbytes NF4/FP4 (optional double quantization) or LLM.int8, transformers layout."
+    )
     Config = BnbConfig
     extra = "bnb"
 
@@ -123,12 +144,19 @@ class Bnb(Backend):
         if self.config.mode != "int8":
             odd = [n for n, m in targets if m.in_features * m.out_features % 2]
             if odd:
-                raise QuantlabError(f"layer '{odd[0]}' has an odd number of weights, which 4-bit "
-                                    "packing cannot hold; add it to 'skip'")
+                raise QuantlabError(
+                    f"layer '{odd[0]}' has an odd number of weights, which 4-bit "
+                    "packing cannot hold; add it to 'skip'"
+                )
 
     @torch.no_grad()
-    def _quantize(self, model: nn.Module, calibration: torch.Tensor | None, out: Quantized,
-                  context: QuantizeContext) -> nn.Module:
+    def _quantize(
+        self,
+        model: nn.Module,
+        calibration: torch.Tensor | None,
+        out: Quantized,
+        context: QuantizeContext,
+    ) -> nn.Module:
         bnb = _bnb()
         c = self.config
         for name, lin in target_linears(model, c.skip_list()):
@@ -137,19 +165,36 @@ class Bnb(Backend):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 if c.mode == "int8":
-                    q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=has_bias,
-                                            has_fp16_weights=False, threshold=c.int8_threshold(),
-                                            device="meta")
-                    q.weight = bnb.nn.Int8Params(lin.weight.data.clone(), requires_grad=False,
-                                                 has_fp16_weights=False).to(device)
+                    q = bnb.nn.Linear8bitLt(
+                        lin.in_features,
+                        lin.out_features,
+                        bias=has_bias,
+                        has_fp16_weights=False,
+                        threshold=c.int8_threshold(),
+                        device="meta",
+                    )
+                    q.weight = bnb.nn.Int8Params(
+                        lin.weight.data.clone(), requires_grad=False, has_fp16_weights=False
+                    ).to(device)
                 else:
-                    q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=has_bias,
-                                          compute_dtype=c.compute(lin.weight.dtype),
-                                          compress_statistics=c.double_quant, quant_type=c.mode,
-                                          quant_storage=torch.uint8, device="meta")
-                    q.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False,
-                                                 quant_type=c.mode, compress_statistics=c.double_quant,
-                                                 quant_storage=torch.uint8, module=q).to(device)
+                    q = bnb.nn.Linear4bit(
+                        lin.in_features,
+                        lin.out_features,
+                        bias=has_bias,
+                        compute_dtype=c.compute(lin.weight.dtype),
+                        compress_statistics=c.double_quant,
+                        quant_type=c.mode,
+                        quant_storage=torch.uint8,
+                        device="meta",
+                    )
+                    q.weight = bnb.nn.Params4bit(
+                        lin.weight.data.clone(),
+                        requires_grad=False,
+                        quant_type=c.mode,
+                        compress_statistics=c.double_quant,
+                        quant_storage=torch.uint8,
+                        module=q,
+                    ).to(device)
             if has_bias:
                 q.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
             # a new module is in training mode, where LLM.int8 on CPU takes a dequantize-
@@ -157,8 +202,11 @@ class Bnb(Backend):
             q.train(lin.training)
             set_module(model, name, q)
         # what save() writes: the layers' tensors before any forward pass could repack them
-        out.artifacts["state"] = {k: v.detach().clone() for k, v in model.state_dict().items()
-                                  if _owned_by(k, self.quantized_modules(model))}
+        out.artifacts["state"] = {
+            k: v.detach().clone()
+            for k, v in model.state_dict().items()
+            if _owned_by(k, self.quantized_modules(model))
+        }
         return model
 
     def quantized_modules(self, model: nn.Module) -> list[str]:
@@ -170,8 +218,10 @@ class Bnb(Backend):
 
         snapshot = quantized.artifacts.get("state")
         if snapshot is None:
-            raise QuantlabError("this model was not quantized by the bnb backend in this process; "
-                                "it cannot be exported faithfully")
+            raise QuantlabError(
+                "this model was not quantized by the bnb backend in this process; "
+                "it cannot be exported faithfully"
+            )
         tied = tied_parameter_names(model)
         tensors = {}
         for k, v in model.state_dict().items():
@@ -180,11 +230,15 @@ class Bnb(Backend):
             tensors[k] = snapshot.get(k, v).detach().contiguous().cpu()
         save_file(tensors, str(out_dir / WEIGHTS_NAME), metadata={"format": "pt"})
         dtype = next(p.dtype for n, p in model.named_parameters() if p.is_floating_point())
-        skipped = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not _is_bnb(m)]
+        skipped = [
+            n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not _is_bnb(m)
+        ]
         return self.config.transformers_config(dtype, skipped).to_dict()
 
     @classmethod
-    def load(cls, ckpt_dir: Path, meta: dict, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    def load(
+        cls, ckpt_dir: Path, meta: dict, dtype: torch.dtype, device: torch.device
+    ) -> nn.Module:
         _bnb()
         return transformers_load(ckpt_dir, dtype, device)
 

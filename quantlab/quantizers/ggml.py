@@ -84,8 +84,11 @@ class GgmlConfig(BackendConfig):
     def _search_knobs(self) -> GgmlConfig:
         # a knob of a search that does not run would be silently ignored: say so instead
         # (only values other than the default: a checkpoint's sidecar holds every option)
-        knobs = sorted(k for k in ("n_grid", "duo_scaling", "search_tokens", "seed")
-                       if getattr(self, k) != type(self).model_fields[k].default)
+        knobs = sorted(
+            k
+            for k in ("n_grid", "duo_scaling", "search_tokens", "seed")
+            if getattr(self, k) != type(self).model_fields[k].default
+        )
         if self.search == "none" and knobs:
             raise ValueError(f"{', '.join(knobs)} only apply with search: awq (search is none)")
         return self
@@ -166,8 +169,9 @@ class Ggml(Backend):
                 raise QuantlabError("ggml with search: awq needs calibration windows")
             names = gguf_names_of(model)
             with out.stage("scale search"):
-                awq_fold(model, calibration, self.config.type, im, names, self.config,
-                         out.layer_stats)
+                awq_fold(
+                    model, calibration, self.config.type, im, names, self.config, out.layer_stats
+                )
         with scratch_dir(SCRATCH_PREFIX, inside=context.scratch_dir) as work:
             gguf = work / CHECKPOINT_GGUF
             with out.stage("quantize and write GGUF"):

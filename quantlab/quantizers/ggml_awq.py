@@ -81,8 +81,15 @@ def _layer_statistics(layer, mine: dict, hidden, kwargs, pick: torch.Tensor):
 
 
 @torch.no_grad()
-def awq_fold(model: nn.Module, calibration: torch.Tensor, qtype: str, imatrix, names: dict,
-             config, stats: dict) -> None:
+def awq_fold(
+    model: nn.Module,
+    calibration: torch.Tensor,
+    qtype: str,
+    imatrix,
+    names: dict,
+    config,
+    stats: dict,
+) -> None:
     """Search and fold every layer's scales in place (layer by layer, each calibrated on the
     previous float layer's outputs). ``imatrix`` (an :class:`quantlab.imatrix.Imatrix` or
     None) is updated to the scaled inputs (sums / s^2), so the file written beside the
@@ -115,7 +122,12 @@ def awq_fold(model: nn.Module, calibration: torch.Tensor, qtype: str, imatrix, n
             imp = None if imatrix is None else imatrix.importance(gnames[0])
             w_cat = torch.cat([mine[n].weight.data for n in group])
             s, losses = ggml_search_scales(
-                w_cat, sig[group[0]], x_mean[group[0]], qtype, imp, config.n_grid,
+                w_cat,
+                sig[group[0]],
+                x_mean[group[0]],
+                qtype,
+                imp,
+                config.n_grid,
                 config.duo_scaling,
             )
             fold_scales(prev, s)

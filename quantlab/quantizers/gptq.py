@@ -53,9 +53,18 @@ from quantlab.quantizers.weightonly import (
 # --------------------------------------------------------------------------- algorithm core
 
 
-def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, sym: bool, *,
-                  damp_percent: float = 0.01, act_order: bool = False, static_groups: bool = False,
-                  block_size: int = 128):
+def gptq_quantize(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    bits: int,
+    group_size: int,
+    sym: bool,
+    *,
+    damp_percent: float = 0.01,
+    act_order: bool = False,
+    static_groups: bool = False,
+    block_size: int = 128,
+):
     """GPTQ of one weight matrix W [out, in] given the Hessian H [in, in] of its inputs.
 
     Returns (codes int64 [out, in], scales float32 [n_groups, out], zeros int64
@@ -86,7 +95,8 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, 
     except torch.linalg.LinAlgError:
         raise QuantlabError(
             f"GPTQ: the Hessian is not positive definite even with damp_percent={damp_percent}; "
-            "raise damp_percent (e.g. 0.1) or use more calibration samples") from None
+            "raise damp_percent (e.g. 0.1) or use more calibration samples"
+        ) from None
 
     codes = torch.zeros(out_f, in_f, dtype=torch.int64)
     scales = torch.zeros(n_groups, out_f)
@@ -140,34 +150,53 @@ def _placeholder_tokenizer():
 
 class GPTQConfig(WeightQuantConfig):
     version = 1
-    bits: int | Literal["auto"] = Field(4, description="Bits per weight: 2, 3, 4 or 8 (the GPTQ format's "
-                                        "widths), or 'auto' (a width per layer under bits_budget).")
-    act_order: bool = Field(False, description="Quantize columns in order of decreasing Hessian "
-                            "diagonal (desc_act); the checkpoint's g_idx then maps columns to groups.")
-    static_groups: bool = Field(False, description="Fix every group's grid from the unquantized weights first.")
-    damp_percent: float = Field(0.01, gt=0, le=1, description="Dampening: this fraction of mean(diag H) is added to diag H.")
-    true_sequential: bool = Field(True, description="Within a layer, quantize q/k/v, o, gate/up, down in "
-                                  "turn, each with inputs from the already-quantized part.")
+    bits: int | Literal["auto"] = Field(
+        4,
+        description="Bits per weight: 2, 3, 4 or 8 (the GPTQ format's "
+        "widths), or 'auto' (a width per layer under bits_budget).",
+    )
+    act_order: bool = Field(
+        False,
+        description="Quantize columns in order of decreasing Hessian "
+        "diagonal (desc_act); the checkpoint's g_idx then maps columns to groups.",
+    )
+    static_groups: bool = Field(
+        False, description="Fix every group's grid from the unquantized weights first."
+    )
+    damp_percent: float = Field(
+        0.01, gt=0, le=1, description="Dampening: this fraction of mean(diag H) is added to diag H."
+    )
+    true_sequential: bool = Field(
+        True,
+        description="Within a layer, quantize q/k/v, o, gate/up, down in "
+        "turn, each with inputs from the already-quantized part.",
+    )
     block_size: int = Field(128, ge=1, description="Columns per lazy-update block.")
     batch_size: int = Field(8, ge=1, description="Calibration windows per forward pass.")
     engine: Literal["quantlab", "gptqmodel"] = Field(
-        "quantlab", description="Who runs GPTQ: 'quantlab' (this module) or 'gptqmodel', the same "
+        "quantlab",
+        description="Who runs GPTQ: 'quantlab' (this module) or 'gptqmodel', the same "
         "options through the gptqmodel library as a cross-check (the [gptq] extra; its layers are "
-        "re-exported in the same GPTQ v1 layout; block_size is quantlab's alone).")
+        "re-exported in the same GPTQ v1 layout; block_size is quantlab's alone).",
+    )
 
     @field_validator("bits")
     @classmethod
     def _bits(cls, v):
         if v != "auto" and v not in GPTQ_BITS:
-            raise ValueError(f"GPTQ bits must be one of {', '.join(map(str, GPTQ_BITS))} or 'auto' (got {v})")
+            raise ValueError(
+                f"GPTQ bits must be one of {', '.join(map(str, GPTQ_BITS))} or 'auto' (got {v})"
+            )
         return v
 
     @model_validator(mode="after")
     def _widths(self) -> GPTQConfig:
         odd = [b for b in self.widths() if b not in GPTQ_BITS]
         if odd:
-            raise ValueError(f"GPTQ packs {', '.join(map(str, GPTQ_BITS))} bits; bits_choices/module_bits ask for "
-                             f"{', '.join(map(str, odd))}")
+            raise ValueError(
+                f"GPTQ packs {', '.join(map(str, GPTQ_BITS))} bits; bits_choices/module_bits ask for "
+                f"{', '.join(map(str, odd))}"
+            )
         if self.engine == "gptqmodel" and (self.bits == "auto" or self.module_bits):
             raise ValueError("several widths (bits: auto, module_bits) run with engine: quantlab")
         return self
@@ -180,7 +209,9 @@ def same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 class GPTQ(LayoutBackend):
     name = "gptq"
-    description = "GPTQ (Frantar et al. 2022), quantlab's PyTorch implementation; GPTQ v1 checkpoints."
+    description = (
+        "GPTQ (Frantar et al. 2022), quantlab's PyTorch implementation; GPTQ v1 checkpoints."
+    )
     Config = GPTQConfig
     needs_calibration = True
     extra = "gptq"
@@ -207,8 +238,13 @@ class GPTQ(LayoutBackend):
         decoder_layers(model, arch_spec(model))
 
     @torch.no_grad()
-    def _quantize(self, model: nn.Module, calibration: torch.Tensor | None, out: Quantized,
-                  context: QuantizeContext) -> nn.Module:
+    def _quantize(
+        self,
+        model: nn.Module,
+        calibration: torch.Tensor | None,
+        out: Quantized,
+        context: QuantizeContext,
+    ) -> nn.Module:
         if calibration is None:
             raise QuantlabError("gptq needs calibration data")
         if self.config.engine == "gptqmodel":
@@ -220,11 +256,20 @@ class GPTQ(LayoutBackend):
         with out.stage("capture inputs"):
             hidden, kwargs = first_layer_inputs(model, layers, calibration, c.batch_size)
         stages = dict(zip(("attn_in", "o_in", "mlp_in", "down_in"), spec.sequential))
-        for li, layer in enumerate(tqdm(layers, desc="gptq: layers", unit="layer", leave=False, disable=None)):
+        for li, layer in enumerate(
+            tqdm(layers, desc="gptq: layers", unit="layer", leave=False, disable=None)
+        ):
             prefix = f"{spec.layers}.{li}."
             # taken out of `targets`, so each float layer is freed once its quantized copy is in
-            mine = {n[len(prefix):]: targets.pop(n) for n in [n for n in targets if n.startswith(prefix)]}
-            staged = c.true_sequential and spec.prenorm is not None and set(mine) <= {n for g in spec.sequential for n in g}
+            mine = {
+                n[len(prefix) :]: targets.pop(n)
+                for n in [n for n in targets if n.startswith(prefix)]
+            }
+            staged = (
+                c.true_sequential
+                and spec.prenorm is not None
+                and set(mine) <= {n for g in spec.sequential for n in g}
+            )
             if staged:
                 # each stage of the layer runs once; a group is quantized before the next stage
                 def on_inputs(stage, xs, layer=layer, mine=mine, prefix=prefix):
@@ -243,11 +288,19 @@ class GPTQ(LayoutBackend):
                 hidden = staged_prenorm_layer(layer, spec.prenorm, hidden, kwargs, on_inputs)
                 drop_dense_weights(layer)
                 continue
-            groups = [tuple(n for n in grp if n in mine) for grp in spec.sequential] if c.true_sequential else []
+            groups = (
+                [tuple(n for n in grp if n in mine) for grp in spec.sequential]
+                if c.true_sequential
+                else []
+            )
             groups = [grp for grp in groups if grp]
             covered = {n for grp in groups for n in grp}
             if set(mine) - covered:  # generic architecture or true_sequential off: one group
-                groups = [tuple(n for n in mine if n not in covered)] + groups if covered else [tuple(mine)]
+                groups = (
+                    [tuple(n for n in mine if n not in covered)] + groups
+                    if covered
+                    else [tuple(mine)]
+                )
             for grp in groups:
                 hess: dict[str, torch.Tensor] = {}
                 count = {n: 0 for n in grp}
@@ -273,43 +326,73 @@ class GPTQ(LayoutBackend):
                     feed(layer, hidden, kwargs, seen)
                 for n in grp:
                     src = shares.get(n, n)
-                    self._quantize_group(layer, mine, [n], hess[src] * (2 / max(count[src], 1)), prefix,
-                                         out)
+                    self._quantize_group(
+                        layer, mine, [n], hess[src] * (2 / max(count[src], 1)), prefix, out
+                    )
                 del hess
             hidden = run_layer(layer, hidden, kwargs)
             drop_dense_weights(layer)
         return model
 
-    def _quantize_group(self, layer: nn.Module, mine: dict[str, nn.Module], names: list[str],
-                        h: torch.Tensor, prefix: str, out: Quantized) -> None:
+    def _quantize_group(
+        self,
+        layer: nn.Module,
+        mine: dict[str, nn.Module],
+        names: list[str],
+        h: torch.Tensor,
+        prefix: str,
+        out: Quantized,
+    ) -> None:
         """GPTQ the named linears of ``layer``, which share the Hessian ``h``; swap them in.
 
         GPTQ treats the rows of W independently given H, so linears that read the same input
         (q/k/v, gate/up) are solved as one stacked matrix: one factorization, one column loop."""
         c = self.config
         lins = [mine[n] for n in names]
-        bits = c.bits_for(prefix + names[0])  # one solve, one width (allocation gives fused layers one)
+        bits = c.bits_for(
+            prefix + names[0]
+        )  # one solve, one width (allocation gives fused layers one)
         with out.stage("gptq solve"):
             codes, scales, zeros, g_idx = gptq_quantize(
-                torch.cat([lin.weight.data for lin in lins]), h, bits, c.group_size, c.sym,
-                damp_percent=c.damp_percent, act_order=c.act_order, static_groups=c.static_groups,
-                block_size=c.block_size)
+                torch.cat([lin.weight.data for lin in lins]),
+                h,
+                bits,
+                c.group_size,
+                c.sym,
+                damp_percent=c.damp_percent,
+                act_order=c.act_order,
+                static_groups=c.static_groups,
+                block_size=c.block_size,
+            )
         r0 = 0
         for n, lin in zip(names, lins):
             r1 = r0 + lin.out_features
-            q = self.pack(QuantizedWeight(codes[r0:r1].to(lin.weight.device), scales[:, r0:r1], zeros[:, r0:r1],
-                                          g_idx, bits, c.group_size), lin.bias, lin.weight.dtype)
+            q = self.pack(
+                QuantizedWeight(
+                    codes[r0:r1].to(lin.weight.device),
+                    scales[:, r0:r1],
+                    zeros[:, r0:r1],
+                    g_idx,
+                    bits,
+                    c.group_size,
+                ),
+                lin.bias,
+                lin.weight.dtype,
+            )
             r0 = r1
             w = lin.weight.data.float()
             dw = q.weight.float() - w
             # output error on the calibration inputs: trace(dW H dW^T) / trace(W H W^T)
             rel = float(((dw @ h) * dw).sum() / ((w @ h) * w).sum().clamp(min=1e-20))
-            out.layer_stats[prefix + n] = {"weight_rel_error": float(dw.norm() / w.norm().clamp(min=1e-12)),
-                                            "output_rel_error": rel}
+            out.layer_stats[prefix + n] = {
+                "weight_rel_error": float(dw.norm() / w.norm().clamp(min=1e-12)),
+                "output_rel_error": rel,
+            }
             set_module(layer, n, q)
 
-    def _quantize_gptqmodel(self, model: nn.Module, calibration: torch.Tensor,
-                           out: Quantized) -> nn.Module:
+    def _quantize_gptqmodel(
+        self, model: nn.Module, calibration: torch.Tensor, out: Quantized
+    ) -> nn.Module:
         """The same GPTQ through gptqmodel: the float model is saved to a temporary directory,
         quantized there by gptqmodel with this config's options (its extras that quantlab's
         GPTQ does not have, act-group-aware ordering, MSE grids and the RTN fallback, off),
@@ -319,10 +402,18 @@ class GPTQ(LayoutBackend):
 
         c = self.config
         targets = dict(target_linears(model, c.skip_list()))
-        qc = QuantizeConfig(bits=c.bits, group_size=c.group_size, sym=c.sym, desc_act=c.act_order,
-                            act_group_aware=False, static_groups=c.static_groups,
-                            damp_percent=c.damp_percent, true_sequential=c.true_sequential,
-                            mse=0.0, fallback=None)
+        qc = QuantizeConfig(
+            bits=c.bits,
+            group_size=c.group_size,
+            sym=c.sym,
+            desc_act=c.act_order,
+            act_group_aware=False,
+            static_groups=c.static_groups,
+            damp_percent=c.damp_percent,
+            true_sequential=c.true_sequential,
+            mse=0.0,
+            fallback=None,
+        )
         rows = [{"input_ids": r, "attention_mask": torch.ones_like(r)} for r in calibration.cpu()]
         with tempfile.TemporaryDirectory(prefix="quantlab-gptqmodel-") as tmp:
             src, dst = Path(tmp) / "float", Path(tmp) / "quantized"
@@ -342,18 +433,28 @@ class GPTQ(LayoutBackend):
                             tensors[k] = sf.get_tensor(k)
         for name, lin in targets.items():
             if f"{name}.qweight" not in tensors:
-                raise QuantlabError(f"gptqmodel left layer '{name}' unquantized; its checkpoint has "
-                                    "no qweight for it")
-            q = PackedLinear(lin.in_features, lin.out_features, c.bits, c.group_size, lin.bias is not None,
-                             lin.weight.dtype, device=lin.weight.device)
+                raise QuantlabError(
+                    f"gptqmodel left layer '{name}' unquantized; its checkpoint has "
+                    "no qweight for it"
+                )
+            q = PackedLinear(
+                lin.in_features,
+                lin.out_features,
+                c.bits,
+                c.group_size,
+                lin.bias is not None,
+                lin.weight.dtype,
+                device=lin.weight.device,
+            )
             for k in ("qweight", "qzeros", "scales", "g_idx"):
                 getattr(q, k).copy_(tensors[f"{name}.{k}"])
             if lin.bias is not None:
                 q.bias.data.copy_(lin.bias.data)
             q.weight = None  # packed only, as the quantlab engine leaves its layers
             w = lin.weight.data.float()
-            out.layer_stats[name] = {"weight_rel_error": float((q.dequantize() - w).norm()
-                                                                / w.norm().clamp(min=1e-12))}
+            out.layer_stats[name] = {
+                "weight_rel_error": float((q.dequantize() - w).norm() / w.norm().clamp(min=1e-12))
+            }
             set_module(model, name, q)
         return model
 

@@ -43,25 +43,47 @@ __all__ = ["HQQBackend", "HQQConfig", "hqq_grid"]
 
 class HQQConfig(BackendConfig):
     bits: int = Field(4, description="Bits per weight code: 2, 3, 4 or 8.")
-    group_size: int = Field(64, description="Input columns per scale/zero group (HQQ's default 64); -1 for one "
-                            "group per output channel. Must divide every quantized layer's input width.")
-    sym: Literal[False] = Field(False, description="Always false: HQQ's zero points are optimised real numbers.")
-    optimize: bool = Field(True, description="Run the half-quadratic optimiser (false: the min-max grid with a "
-                           "float zero point, HQQ's starting point).")
-    iters: int = Field(20, ge=1, le=1000, description="Optimiser iterations (it stops early once the error "
-                       "stops falling).")
-    lp_norm: float = Field(0.7, gt=0, le=1, description="p of the lp-norm error HQQ minimises (p < 1 favours "
-                           "fitting most weights exactly and letting outliers go).")
-    round_zero: bool | None = Field(None, description="Round each group's starting zero point to an integer "
-                                    "(null: HQQ's default, 4 bits only). Without it no code maps to exactly 0, which "
-                                    "costs much at 3 bits on the demo model (docs/methods.md).")
+    group_size: int = Field(
+        64,
+        description="Input columns per scale/zero group (HQQ's default 64); -1 for one "
+        "group per output channel. Must divide every quantized layer's input width.",
+    )
+    sym: Literal[False] = Field(
+        False, description="Always false: HQQ's zero points are optimised real numbers."
+    )
+    optimize: bool = Field(
+        True,
+        description="Run the half-quadratic optimiser (false: the min-max grid with a "
+        "float zero point, HQQ's starting point).",
+    )
+    iters: int = Field(
+        20,
+        ge=1,
+        le=1000,
+        description="Optimiser iterations (it stops early once the error stops falling).",
+    )
+    lp_norm: float = Field(
+        0.7,
+        gt=0,
+        le=1,
+        description="p of the lp-norm error HQQ minimises (p < 1 favours "
+        "fitting most weights exactly and letting outliers go).",
+    )
+    round_zero: bool | None = Field(
+        None,
+        description="Round each group's starting zero point to an integer "
+        "(null: HQQ's default, 4 bits only). Without it no code maps to exactly 0, which "
+        "costs much at 3 bits on the demo model (docs/methods.md).",
+    )
     skip: list[str] | Literal["auto"] = skip_field()
 
     @field_validator("bits")
     @classmethod
     def _bits(cls, v: int) -> int:
         if v not in HQQ_BITS:
-            raise ValueError(f"bits must be one of {', '.join(map(str, HQQ_BITS))} (HQQ's widths), not {v}")
+            raise ValueError(
+                f"bits must be one of {', '.join(map(str, HQQ_BITS))} (HQQ's widths), not {v}"
+            )
         return v
 
     @field_validator("group_size")
@@ -83,14 +105,23 @@ def _optimizer():
     qp = importlib.import_module("torchao.quantization.quant_primitives")
     fn = getattr(qp, "optimize_weights_proximal_legacy", None)
     if fn is None:  # renamed or removed in another torchao release
-        raise QuantlabError("this torchao has no optimize_weights_proximal_legacy (quantlab uses torchao "
-                            "0.12-0.18's HQQ optimiser); pip install 'torchao>=0.12,<0.19' torch==2.13.0")
+        raise QuantlabError(
+            "this torchao has no optimize_weights_proximal_legacy (quantlab uses torchao "
+            "0.12-0.18's HQQ optimiser); pip install 'torchao>=0.12,<0.19' torch==2.13.0"
+        )
     return fn
 
 
 @torch.no_grad()
-def hqq_grid(w: torch.Tensor, bits: int, group_size: int, optimize: bool = True, iters: int = 20,
-             lp_norm: float = 0.7, round_zero: bool | None = None) -> QuantizedWeight:
+def hqq_grid(
+    w: torch.Tensor,
+    bits: int,
+    group_size: int,
+    optimize: bool = True,
+    iters: int = 20,
+    lp_norm: float = 0.7,
+    round_zero: bool | None = None,
+) -> QuantizedWeight:
     """HQQ's grid of W [out, in]: codes, float16 scales and float zero points [n_groups, out].
 
     The start is HQQ's: each group's min-max range, its zero point rounded to an integer for 4
@@ -107,21 +138,43 @@ def hqq_grid(w: torch.Tensor, bits: int, group_size: int, optimize: bool = True,
     if bits == 4 if round_zero is None else round_zero:
         zero = torch.round(zero)
     if optimize:
-        params = {"lp_norm": lp_norm, "beta": 1e1, "kappa": 1.01, "iters": iters, "early_stop": True}
-        _, inv, zero = proximal(tensor=wg, scale=inv, zero=zero, min_max=[0, maxq], axis=1, device=str(w.device),
-                                dtype=torch.float32, opt_params=params)
+        params = {
+            "lp_norm": lp_norm,
+            "beta": 1e1,
+            "kappa": 1.01,
+            "iters": iters,
+            "early_stop": True,
+        }
+        _, inv, zero = proximal(
+            tensor=wg,
+            scale=inv,
+            zero=zero,
+            min_max=[0, maxq],
+            axis=1,
+            device=str(w.device),
+            dtype=torch.float32,
+            opt_params=params,
+        )
     # [out, n_groups] -> the stored float16 values; codes taken against exactly those
     scales = (1.0 / inv).reshape(out_f, in_f // g).half().float()
     zeros = zero.reshape(out_f, in_f // g).half().float()
     g_idx = torch.arange(in_f, device=w.device) // g
-    q = torch.round(w.float() / scales[:, g_idx] + zeros[:, g_idx]).clamp(0, 2**bits - 1).to(torch.int64)
-    return QuantizedWeight(q, scales.t().contiguous(), zeros.t().contiguous(), g_idx, bits, group_size)
+    q = (
+        torch.round(w.float() / scales[:, g_idx] + zeros[:, g_idx])
+        .clamp(0, 2**bits - 1)
+        .to(torch.int64)
+    )
+    return QuantizedWeight(
+        q, scales.t().contiguous(), zeros.t().contiguous(), g_idx, bits, group_size
+    )
 
 
 class HQQBackend(LayoutBackend):
     name = "hqq"
-    description = ("Half-Quadratic Quantization (torchao's optimiser): calibration-free, float zero points, "
-                   "2/3/4/8 bits (quantlab's hqq layout).")
+    description = (
+        "Half-Quadratic Quantization (torchao's optimiser): calibration-free, float zero points, "
+        "2/3/4/8 bits (quantlab's hqq layout)."
+    )
     Config = HQQConfig
     config: HQQConfig  # type: ignore[assignment]
     extra = "torchao"
@@ -143,15 +196,22 @@ class HQQBackend(LayoutBackend):
         _optimizer()
 
     @torch.no_grad()
-    def _quantize(self, model: nn.Module, calibration: torch.Tensor | None, out: Quantized,
-                  context: QuantizeContext) -> nn.Module:
+    def _quantize(
+        self,
+        model: nn.Module,
+        calibration: torch.Tensor | None,
+        out: Quantized,
+        context: QuantizeContext,
+    ) -> nn.Module:
         c = self.config
         names = [name for name, _ in target_linears(model, c.skip_list())]
         for name in tqdm(names, desc="hqq: layers", unit="layer", leave=False, disable=None):
             lin = model.get_submodule(name)
             w = lin.weight.data
             with out.stage("hqq optimiser"):
-                grid = hqq_grid(w, c.bits, c.group_size, c.optimize, c.iters, c.lp_norm, c.round_zero)
+                grid = hqq_grid(
+                    w, c.bits, c.group_size, c.optimize, c.iters, c.lp_norm, c.round_zero
+                )
             q = self.pack(grid, lin.bias, w.dtype, dense=False)
             err = (q.dequantize() - w.float()).norm() / w.float().norm().clamp(min=1e-12)
             out.layer_stats[name] = {"weight_rel_error": float(err)}

@@ -93,14 +93,19 @@ def torchao_quantize(model: nn.Module, names: set[str], kind: str, backend: str)
     q = _torchao(backend)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        q.quantize_(model, _torchao_config(kind, backend),
-                    filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn in names)
+        q.quantize_(
+            model,
+            _torchao_config(kind, backend),
+            filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn in names,
+        )
     for name in names:
         model.get_submodule(name).quantlab_quantized = True
     return model
 
 
-def torchao_save(model: nn.Module, out_dir: Path, kind: str, backend: str, skipped: list[str]) -> dict:
+def torchao_save(
+    model: nn.Module, out_dir: Path, kind: str, backend: str, skipped: list[str]
+) -> dict:
     """Write the transformers torchao layout: flattened tensor subclasses in safetensors with
     their metadata, and a ``quant_method: torchao`` config."""
     from safetensors.torch import save_file
@@ -112,7 +117,9 @@ def torchao_save(model: nn.Module, out_dir: Path, kind: str, backend: str, skipp
     tensors, metadata = flatten_tensor_state_dict(state)
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     save_file(tensors, str(out_dir / WEIGHTS_NAME), metadata={"format": "pt", **metadata})
-    config = TorchAoConfig(quant_type=_torchao_config(kind, backend), modules_to_not_convert=skipped or None)
+    config = TorchAoConfig(
+        quant_type=_torchao_config(kind, backend), modules_to_not_convert=skipped or None
+    )
     return config.to_dict()
 
 
@@ -123,15 +130,22 @@ def transformers_load(ckpt_dir: Path, dtype: torch.dtype, device: torch.device) 
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_pretrained(ckpt_dir, dtype=dtype, device_map=str(device),
-                                                     use_safetensors=True, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(
+            ckpt_dir,
+            dtype=dtype,
+            device_map=str(device),
+            use_safetensors=True,
+            trust_remote_code=False,
+        )
     return model.eval()
 
 
 # --------------------------------------------------------------------------- fbgemm
 
 
-def fbgemm_quantize(model: nn.Module, names: list[str], per_channel: bool, per_token: bool = False) -> nn.Module:
+def fbgemm_quantize(
+    model: nn.Module, names: list[str], per_channel: bool, per_token: bool = False
+) -> nn.Module:
     from torch.ao.quantization import (
         default_dynamic_qconfig,
         per_channel_dynamic_qconfig,
@@ -164,7 +178,9 @@ class RowScaledDynamicLinear(nn.Module):
         super().__init__()
         self.inner = inner
         self.in_features, self.out_features = inner.in_features, inner.out_features
-        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+        self.bias = (
+            nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = x.abs().amax(-1, keepdim=True).clamp_min(1e-12)
@@ -172,7 +188,9 @@ class RowScaledDynamicLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-def _fbgemm_modules(model: nn.Module) -> list[tuple[str, nn.Module, nn.Module, torch.Tensor | None]]:
+def _fbgemm_modules(
+    model: nn.Module,
+) -> list[tuple[str, nn.Module, nn.Module, torch.Tensor | None]]:
     """(name, layer, its torch.ao dynamic linear, float bias) of every fbgemm INT8 layer."""
     from torch.ao.nn.quantized.dynamic import Linear as DynLinear
 
@@ -201,7 +219,9 @@ def fbgemm_save(model: nn.Module, out_dir: Path, per_channel: bool, per_token: b
             else:
                 scale, zero = torch.tensor([w.q_scale()]), torch.tensor([w.q_zero_point()])
             if bool((zero != 0).any()):
-                raise QuantlabError(f"layer '{name}': asymmetric int8 weights are not supported by the export")
+                raise QuantlabError(
+                    f"layer '{name}': asymmetric int8 weights are not supported by the export"
+                )
             tensors[f"{name}.weight"] = w.int_repr().contiguous()
             tensors[f"{name}.weight_scale"] = scale.to(torch.float32).contiguous()
             if b is not None:
@@ -209,13 +229,21 @@ def fbgemm_save(model: nn.Module, out_dir: Path, per_channel: bool, per_token: b
             quantized.add(name)
     tied = tied_parameter_names(model)
     for k, v in model.state_dict().items():
-        if k in tied or not isinstance(v, torch.Tensor) or any(k.startswith(f"{n}.") for n in quantized):
+        if (
+            k in tied
+            or not isinstance(v, torch.Tensor)
+            or any(k.startswith(f"{n}.") for n in quantized)
+        ):
             continue  # the int8 layers' own entries (packed weights, scale, zero point) are written above
         tensors[k] = v.detach().contiguous()
     save_file(tensors, str(out_dir / WEIGHTS_NAME), metadata={"format": "pt"})
-    return {"quant_method": "quantlab", "format": FBGEMM_FORMAT, "bits": 8,
-            "weights": "per-channel" if per_channel else "per-tensor",
-            "activations": "per-token-rowscaled" if per_token else "per-tensor"}
+    return {
+        "quant_method": "quantlab",
+        "format": FBGEMM_FORMAT,
+        "bits": 8,
+        "weights": "per-channel" if per_channel else "per-tensor",
+        "activations": "per-token-rowscaled" if per_token else "per-tensor",
+    }
 
 
 def fbgemm_load(ckpt_dir: Path, meta: dict, dtype: torch.dtype, device: torch.device) -> nn.Module:
@@ -226,7 +254,9 @@ def fbgemm_load(ckpt_dir: Path, meta: dict, dtype: torch.dtype, device: torch.de
     if device.type != "cpu":
         raise QuantlabError(f"int8 fbgemm checkpoints run on CPU only, not on '{device}'")
     config = AutoConfig.from_pretrained(ckpt_dir, trust_remote_code=False)
-    per_token = (getattr(config, "quantization_config", None) or {}).get("activations") == "per-token-rowscaled"
+    per_token = (getattr(config, "quantization_config", None) or {}).get(
+        "activations"
+    ) == "per-token-rowscaled"
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     model = build_skeleton(config, dtype)
@@ -236,26 +266,40 @@ def fbgemm_load(ckpt_dir: Path, meta: dict, dtype: torch.dtype, device: torch.de
         raise QuantlabError(f"checkpoint weights in '{ckpt_dir}' cannot be read: {e}") from None
     names = meta.get("modules", [])
     try:
-        packed = {n: (state.pop(f"{n}.weight"), state.pop(f"{n}.weight_scale").double(),
-                      state.pop(f"{n}.bias", None)) for n in names}
+        packed = {
+            n: (
+                state.pop(f"{n}.weight"),
+                state.pop(f"{n}.weight_scale").double(),
+                state.pop(f"{n}.bias", None),
+            )
+            for n in names
+        }
     except KeyError as e:
         raise QuantlabError(f"checkpoint '{ckpt_dir}' lacks the int8 tensor {e}") from None
     # the float part first, into the float skeleton (the int8 layers' weights are expected
     # to be missing here), then the int8 layers replace their float ones
     tied = tied_parameter_names(model)
     result = model.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if k not in tied and k.rsplit(".", 1)[0] not in packed]
+    missing = [
+        k for k in result.missing_keys if k not in tied and k.rsplit(".", 1)[0] not in packed
+    ]
     if missing or result.unexpected_keys:
-        raise QuantlabError(f"checkpoint '{ckpt_dir}' does not match the model: missing {missing[:5]}, "
-                            f"unexpected {result.unexpected_keys[:5]}")
+        raise QuantlabError(
+            f"checkpoint '{ckpt_dir}' does not match the model: missing {missing[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
     with _quiet_torch_ao():
         for name, (w8, scale, bias) in packed.items():
             lin = model.get_submodule(name)
             if scale.numel() == 1:
                 qw = torch._make_per_tensor_quantized_tensor(w8, float(scale), 0)
             else:
-                qw = torch._make_per_channel_quantized_tensor(w8, scale, torch.zeros_like(scale, dtype=torch.long), 0)
-            q = DynLinear(lin.in_features, lin.out_features, bias_=bias is not None, dtype=torch.qint8)
+                qw = torch._make_per_channel_quantized_tensor(
+                    w8, scale, torch.zeros_like(scale, dtype=torch.long), 0
+                )
+            q = DynLinear(
+                lin.in_features, lin.out_features, bias_=bias is not None, dtype=torch.qint8
+            )
             if per_token:
                 q.set_weight_bias(qw, None)
                 q = RowScaledDynamicLinear(q, bias)
@@ -272,25 +316,33 @@ def fbgemm_load(ckpt_dir: Path, meta: dict, dtype: torch.dtype, device: torch.de
 
 class Int8DynamicConfig(BackendConfig):
     activations: Literal["per-token", "per-tensor"] = Field(
-        "per-token", description="Activation scales: one per token (accurate) or one per "
-        "tensor (fragile with activation outliers; pair it with skip: auto).")
+        "per-token",
+        description="Activation scales: one per token (accurate) or one per "
+        "tensor (fragile with activation outliers; pair it with skip: auto).",
+    )
     engine: Literal["torchao", "fbgemm"] | None = Field(
-        None, description="Kernel: 'torchao' (Int8DynamicActivationInt8Weight; symmetric int8 "
+        None,
+        description="Kernel: 'torchao' (Int8DynamicActivationInt8Weight; symmetric int8 "
         "per token; slow matmul on CPUs without a fast int8 GEMM) or 'fbgemm' (torch.ao "
         "quantize_dynamic; fastest on x86 CPUs; CPU and float32 only; per token by row "
-        "scaling, with 7-bit activations). Default: torchao for per-token, fbgemm for per-tensor.")
+        "scaling, with 7-bit activations). Default: torchao for per-token, fbgemm for per-tensor.",
+    )
     weights: Literal["per-channel", "per-tensor"] = Field(
-        "per-channel", description="Weight scales; 'per-tensor' only with the fbgemm engine.")
+        "per-channel", description="Weight scales; 'per-tensor' only with the fbgemm engine."
+    )
     skip: list[str] | Literal["auto"] = skip_field()
 
     @model_validator(mode="after")
     def _combo(self):
         if self.activations == "per-tensor" and self.engine == "torchao":
-            raise ValueError("activations: per-tensor runs on engine fbgemm (torchao's int8 "
-                             "dynamic quantization is per token)")
+            raise ValueError(
+                "activations: per-tensor runs on engine fbgemm (torchao's int8 "
+                "dynamic quantization is per token)"
+            )
         if self.weights == "per-tensor" and self.resolved_engine() == "torchao":
-            raise ValueError("weights: per-tensor needs engine: fbgemm (torchao scales int8 "
-                             "weights per channel)")
+            raise ValueError(
+                "weights: per-tensor needs engine: fbgemm (torchao scales int8 weights per channel)"
+            )
         return self
 
     def resolved_engine(self) -> str:
@@ -304,8 +356,10 @@ class Int8DynamicConfig(BackendConfig):
 
 class Int8Dynamic(Backend):
     name = "int8-dynamic"
-    description = ("INT8 weights and dynamic INT8 activations, per token or per tensor, on "
-                   "torchao or torch.ao's fbgemm kernel.")
+    description = (
+        "INT8 weights and dynamic INT8 activations, per token or per tensor, on "
+        "torchao or torch.ao's fbgemm kernel."
+    )
     Config = Int8DynamicConfig
     extra = "torchao"
 
@@ -324,19 +378,30 @@ class Int8Dynamic(Backend):
         # meta: a skeleton built from config.json by the checks before any weight is read; the
         # run checks again with the model on its device
         elif next(model.parameters()).device.type not in ("cpu", "meta"):
-            raise QuantlabError("engine fbgemm (torch.ao quantize_dynamic) runs on CPU only; use "
-                                "engine: torchao (activations: per-token) on this device")
+            raise QuantlabError(
+                "engine fbgemm (torch.ao quantize_dynamic) runs on CPU only; use "
+                "engine: torchao (activations: per-token) on this device"
+            )
 
     @torch.no_grad()
-    def _quantize(self, model: nn.Module, calibration: torch.Tensor | None, out: Quantized,
-                  context: QuantizeContext) -> nn.Module:
+    def _quantize(
+        self,
+        model: nn.Module,
+        calibration: torch.Tensor | None,
+        out: Quantized,
+        context: QuantizeContext,
+    ) -> nn.Module:
         names = [n for n, _ in target_linears(model, self.config.skip_list())]
         if not self._fbgemm:
             return torchao_quantize(model, set(names), "dynamic", self.name)
         if model.dtype != torch.float32:
             raise QuantlabError("engine fbgemm needs model.dtype: float32")
-        return fbgemm_quantize(model, names, self.config.weights == "per-channel",
-                               per_token=self.config.activations == "per-token")
+        return fbgemm_quantize(
+            model,
+            names,
+            self.config.weights == "per-channel",
+            per_token=self.config.activations == "per-token",
+        )
 
     def quantized_modules(self, model: nn.Module) -> list[str]:
         if not self._fbgemm:
@@ -346,14 +411,23 @@ class Int8Dynamic(Backend):
     def save(self, quantized: Quantized, out_dir: Path) -> dict:
         model = quantized.model
         if not self._fbgemm:
-            skipped = [n for n, m in model.named_modules()
-                       if isinstance(m, nn.Linear) and not getattr(m, "quantlab_quantized", False)]
+            skipped = [
+                n
+                for n, m in model.named_modules()
+                if isinstance(m, nn.Linear) and not getattr(m, "quantlab_quantized", False)
+            ]
             return torchao_save(model, out_dir, "dynamic", self.name, skipped)
-        return fbgemm_save(model, out_dir, self.config.weights == "per-channel",
-                           per_token=self.config.activations == "per-token")
+        return fbgemm_save(
+            model,
+            out_dir,
+            self.config.weights == "per-channel",
+            per_token=self.config.activations == "per-token",
+        )
 
     @classmethod
-    def load(cls, ckpt_dir: Path, meta: dict, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    def load(
+        cls, ckpt_dir: Path, meta: dict, dtype: torch.dtype, device: torch.device
+    ) -> nn.Module:
         config = cls.Config(**meta.get("options", {}))
         if config.resolved_engine() == "fbgemm":
             return fbgemm_load(ckpt_dir, meta, dtype, device)
@@ -382,8 +456,13 @@ class Int8WeightOnly(Backend):
         _torchao(self.name)
 
     @torch.no_grad()
-    def _quantize(self, model: nn.Module, calibration: torch.Tensor | None, out: Quantized,
-                  context: QuantizeContext) -> nn.Module:
+    def _quantize(
+        self,
+        model: nn.Module,
+        calibration: torch.Tensor | None,
+        out: Quantized,
+        context: QuantizeContext,
+    ) -> nn.Module:
         names = {n for n, _ in target_linears(model, self.config.skip_list())}
         return torchao_quantize(model, names, "weight-only", self.name)
 
@@ -392,11 +471,16 @@ class Int8WeightOnly(Backend):
 
     def save(self, quantized: Quantized, out_dir: Path) -> dict:
         model = quantized.model
-        skipped = [n for n, m in model.named_modules()
-                   if isinstance(m, nn.Linear) and not getattr(m, "quantlab_quantized", False)]
+        skipped = [
+            n
+            for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and not getattr(m, "quantlab_quantized", False)
+        ]
         return torchao_save(model, out_dir, "weight-only", self.name, skipped)
 
     @classmethod
-    def load(cls, ckpt_dir: Path, meta: dict, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    def load(
+        cls, ckpt_dir: Path, meta: dict, dtype: torch.dtype, device: torch.device
+    ) -> nn.Module:
         _torchao(cls.name)
         return transformers_load(ckpt_dir, dtype, device)

@@ -27,8 +27,13 @@ class NoQuant(Backend):
     Config = NoQuantConfig
     quantizes = False
 
-    def _quantize(self, model: nn.Module, calibration: torch.Tensor | None, out: Quantized,
-                  context: QuantizeContext) -> nn.Module:
+    def _quantize(
+        self,
+        model: nn.Module,
+        calibration: torch.Tensor | None,
+        out: Quantized,
+        context: QuantizeContext,
+    ) -> nn.Module:
         return model
 
     def save(self, quantized: Quantized, out_dir: Path) -> None:
@@ -37,9 +42,12 @@ class NoQuant(Backend):
         return None
 
     @classmethod
-    def load(cls, ckpt_dir: Path, meta: dict, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    def load(
+        cls, ckpt_dir: Path, meta: dict, dtype: torch.dtype, device: torch.device
+    ) -> nn.Module:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(ckpt_dir, dtype=dtype, use_safetensors=True,
-                                                     trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(
+            ckpt_dir, dtype=dtype, use_safetensors=True, trust_remote_code=False
+        )
         return model.to(device).eval()

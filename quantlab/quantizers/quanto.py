@@ -62,8 +62,10 @@ def _qtype(name: str):
 
 class QuantoConfig(BackendConfig):
     weights: Literal["int8", "int4", "int2", "float8"] = Field(
-        "int8", description="Weight type: int8 and float8 per output channel, int4 and int2 in "
-        "groups (quanto picks 128, else the largest of 96/64/32 dividing the input width).")
+        "int8",
+        description="Weight type: int8 and float8 per output channel, int4 and int2 in "
+        "groups (quanto picks 128, else the largest of 96/64/32 dividing the input width).",
+    )
     skip: list[str] | Literal["auto"] = skip_field()
 
     def table_fields(self) -> dict[str, Any]:
@@ -72,7 +74,9 @@ class QuantoConfig(BackendConfig):
 
 class Quanto(Backend):
     name = "quanto"
-    description = "optimum-quanto weight-only int8/int4/int2/float8 (quanto's own checkpoint layout)."
+    description = (
+        "optimum-quanto weight-only int8/int4/int2/float8 (quanto's own checkpoint layout)."
+    )
     Config = QuantoConfig
     extra = "quanto"
 
@@ -84,8 +88,13 @@ class Quanto(Backend):
         _quanto()
 
     @torch.no_grad()
-    def _quantize(self, model: nn.Module, calibration: torch.Tensor | None, out: Quantized,
-                  context: QuantizeContext) -> nn.Module:
+    def _quantize(
+        self,
+        model: nn.Module,
+        calibration: torch.Tensor | None,
+        out: Quantized,
+        context: QuantizeContext,
+    ) -> nn.Module:
         q = _quanto()
         names = [n for n, _ in target_linears(model, self.config.skip_list())]
         with warnings.catch_warnings():
@@ -105,11 +114,18 @@ class Quanto(Backend):
         (out_dir / QMAP_NAME).write_text(json.dumps(q.quantization_map(model), indent=2))
         # optimum-quanto checkpoints carry no quantization_config (quanto_qmap.json holds the
         # map); this one names the method so that tools reading config.json see it
-        return {"quant_method": "quanto", "weights": self.config.weights, "activations": None,
-                "format": "optimum-quanto", "qmap": QMAP_NAME}
+        return {
+            "quant_method": "quanto",
+            "weights": self.config.weights,
+            "activations": None,
+            "format": "optimum-quanto",
+            "qmap": QMAP_NAME,
+        }
 
     @classmethod
-    def load(cls, ckpt_dir: Path, meta: dict, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    def load(
+        cls, ckpt_dir: Path, meta: dict, dtype: torch.dtype, device: torch.device
+    ) -> nn.Module:
         from safetensors.torch import load_file
         from transformers import AutoConfig
 
@@ -119,7 +135,9 @@ class Quanto(Backend):
             qmap = json.loads((ckpt_dir / QMAP_NAME).read_text())
             state = load_file(str(ckpt_dir / WEIGHTS_NAME))
         except FileNotFoundError as e:
-            raise QuantlabError(f"quanto checkpoint '{ckpt_dir}' is incomplete: {e.filename} is missing") from None
+            raise QuantlabError(
+                f"quanto checkpoint '{ckpt_dir}' is incomplete: {e.filename} is missing"
+            ) from None
         except Exception as e:
             raise QuantlabError(f"quanto checkpoint '{ckpt_dir}' cannot be read: {e}") from None
         config = AutoConfig.from_pretrained(ckpt_dir, trust_remote_code=False)

@@ -41,40 +41,64 @@ from quantlab.quantizers.weightonly import (
 
 class RTNConfig(WeightQuantConfig):
     scale_search: Literal["none", "mse", "importance"] = Field(
-        "none", description="How each group's range is chosen before rounding: 'none' (its min and max), "
+        "none",
+        description="How each group's range is chosen before rounding: 'none' (its min and max), "
         "'mse' (the clipping of the range that minimises the group's squared weight error) or 'importance' "
         "(the same, each input column's error weighted by the mean square of that input over the calibration "
-        "text, the diagonal of X^T X: llama.cpp's imatrix idea; needs calibration). Same checkpoint layout.")
-    search_grid: int = Field(20, ge=2, le=200, description="Clipping ratios tried: 1, 1 - 1/n, ... down to "
-                             "1 - max_shrink.")
-    max_shrink: float = Field(0.5, gt=0, lt=1, description="Largest fraction by which the search shrinks a "
-                              "group's range.")
+        "text, the diagonal of X^T X: llama.cpp's imatrix idea; needs calibration). Same checkpoint layout.",
+    )
+    search_grid: int = Field(
+        20,
+        ge=2,
+        le=200,
+        description="Clipping ratios tried: 1, 1 - 1/n, ... down to 1 - max_shrink.",
+    )
+    max_shrink: float = Field(
+        0.5, gt=0, lt=1, description="Largest fraction by which the search shrinks a group's range."
+    )
 
 
-def search_clip(w: torch.Tensor, importance: torch.Tensor | None, bits: int, group_size: int, sym: bool,
-                n_grid: int = 20, max_shrink: float = 0.5) -> torch.Tensor:
+def search_clip(
+    w: torch.Tensor,
+    importance: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    sym: bool,
+    n_grid: int = 20,
+    max_shrink: float = 0.5,
+) -> torch.Tensor:
     """Per (row, group) bound on |w| minimising sum_j importance_j * (w_j - q(w)_j)^2 over the
     group's columns (importance None: plain squared error); returns W clamped to its bounds.
     Bound 1 (no clipping) is a candidate, so the result is never worse than plain rounding by
     this measure."""
     in_f = w.shape[1]
     g = in_f if group_size == -1 else group_size
-    imp = torch.ones(in_f, device=w.device) if importance is None else importance.float().to(w.device)
+    imp = (
+        torch.ones(in_f, device=w.device) if importance is None else importance.float().to(w.device)
+    )
     ib = imp.view(1, in_f // g, g)
-    best_max = clip_search(w, bits, group_size, sym, lambda dq: (dq * dq * ib).sum(dim=2),
-                           steps=max(1, int(max_shrink * n_grid)) + 1, n_grid=n_grid)
+    best_max = clip_search(
+        w,
+        bits,
+        group_size,
+        sym,
+        lambda dq: (dq * dq * ib).sum(dim=2),
+        steps=max(1, int(max_shrink * n_grid)) + 1,
+        n_grid=n_grid,
+    )
     bound = best_max.repeat_interleave(g, dim=1)
     return torch.clamp(w.float(), -bound, bound).to(w.dtype)
 
 
 @torch.no_grad()
-def input_mean_squares(model: nn.Module, names: list[str], calibration: torch.Tensor,
-                       batch_size: int = 4) -> dict[str, torch.Tensor]:
+def input_mean_squares(
+    model: nn.Module, names: list[str], calibration: torch.Tensor, batch_size: int = 4
+) -> dict[str, torch.Tensor]:
     """Mean square of every input column of each named linear over the calibration windows
     (one pass of the float model; the diagonal of X^T X / tokens)."""
     with column_mean_squares({n: model.get_submodule(n) for n in names}) as means:
         for i in range(0, calibration.shape[0], batch_size):
-            model(calibration[i:i + batch_size], use_cache=False)
+            model(calibration[i : i + batch_size], use_cache=False)
     return means
 
 
@@ -91,6 +115,7 @@ def column_mean_squares(modules: dict[str, nn.Module]):
             x = args[0].reshape(-1, args[0].shape[-1]).float()
             sums[name] = sums.get(name, 0) + x.pow(2).sum(dim=0)
             counts[name] = counts.get(name, 0) + x.shape[0]
+
         return add
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
@@ -104,8 +129,10 @@ def column_mean_squares(modules: dict[str, nn.Module]):
 
 class RTN(LayoutBackend):
     name = "rtn"
-    description = ("Weight-only round-to-nearest, 2-8 bits, grouped or per-channel (GPTQ layout); optionally "
-                   "with a clipping search weighted by input importance.")
+    description = (
+        "Weight-only round-to-nearest, 2-8 bits, grouped or per-channel (GPTQ layout); optionally "
+        "with a clipping search weighted by input importance."
+    )
     Config = RTNConfig
     config: RTNConfig
 
@@ -128,8 +155,13 @@ class RTN(LayoutBackend):
         check_allocation(self.config, model, targets)
 
     @torch.no_grad()
-    def _quantize(self, model: nn.Module, calibration: torch.Tensor | None, out: Quantized,
-                  context: QuantizeContext) -> nn.Module:
+    def _quantize(
+        self,
+        model: nn.Module,
+        calibration: torch.Tensor | None,
+        out: Quantized,
+        context: QuantizeContext,
+    ) -> nn.Module:
         c = self.config
         names = [name for name, _ in target_linears(model, c.skip_list())]
         importance = {}
@@ -144,14 +176,25 @@ class RTN(LayoutBackend):
             w = lin.weight.data
             if c.scale_search != "none":
                 with out.stage("clip search"):
-                    w = search_clip(w, importance.get(name), c.bits_for(name), c.group_size, c.sym, c.search_grid,
-                                    c.max_shrink)
+                    w = search_clip(
+                        w,
+                        importance.get(name),
+                        c.bits_for(name),
+                        c.group_size,
+                        c.sym,
+                        c.search_grid,
+                        c.max_shrink,
+                    )
             bits = c.bits_for(name)
             codes, scales, zeros = quantize_matrix(w, bits, c.group_size, c.sym)
             g = w.shape[1] if c.group_size == -1 else c.group_size
             g_idx = torch.arange(w.shape[1], device=w.device) // g
-            q = self.pack(QuantizedWeight(codes, scales, zeros, g_idx, bits, c.group_size), lin.bias,
-                          w.dtype, dense=False)
+            q = self.pack(
+                QuantizedWeight(codes, scales, zeros, g_idx, bits, c.group_size),
+                lin.bias,
+                w.dtype,
+                dense=False,
+            )
             w = lin.weight.data  # the error against the float weight, not the clipped one
             err = (q.dequantize() - w.float()).norm() / w.float().norm().clamp(min=1e-12)
             out.layer_stats[name] = {"weight_rel_error": float(err)}

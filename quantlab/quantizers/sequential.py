@@ -24,10 +24,10 @@ def layer_output(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-
 @torch.no_grad()
-def first_layer_inputs(model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor,
-                       batch_size: int) -> tuple[list[torch.Tensor], list[dict]]:
+def first_layer_inputs(
+    model: nn.Module, layers: nn.ModuleList, ids: torch.Tensor, batch_size: int
+) -> tuple[list[torch.Tensor], list[dict]]:
     """Hidden states entering ``layers[0]`` for each batch of ``ids`` [n, L], with the
     keyword arguments (position embeddings, mask...) the model passes to its layers."""
     device = next(model.parameters()).device
@@ -55,14 +55,19 @@ def first_layer_inputs(model: nn.Module, layers: nn.ModuleList, ids: torch.Tenso
 
 
 @torch.no_grad()
-def run_layer(layer: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
+def run_layer(
+    layer: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict]
+) -> list[torch.Tensor]:
     """Outputs of one decoder layer for every batch."""
     return [layer_output(layer(h, **kw)) for h, kw in zip(hidden, kwargs)]
 
 
 @contextmanager
-def input_hooks(modules: dict[str, nn.Module], fn: Callable[[str, torch.Tensor], None],
-                stop_after: Iterable[str] = ()):
+def input_hooks(
+    modules: dict[str, nn.Module],
+    fn: Callable[[str, torch.Tensor], None],
+    stop_after: Iterable[str] = (),
+):
     """Call ``fn(name, x)`` with the input of each module in ``modules`` during forwards.
 
     When every module named in ``stop_after`` has been called in the current forward pass,
@@ -119,8 +124,13 @@ def _capture_input(module: nn.Module, run: Callable[[], object]) -> torch.Tensor
 
 
 @torch.no_grad()
-def staged_prenorm_layer(layer: nn.Module, prenorm: tuple[str, ...], hidden: list[torch.Tensor],
-                         kwargs: list[dict], on_inputs: Callable[[str, list[torch.Tensor]], None]) -> list[torch.Tensor]:
+def staged_prenorm_layer(
+    layer: nn.Module,
+    prenorm: tuple[str, ...],
+    hidden: list[torch.Tensor],
+    kwargs: list[dict],
+    on_inputs: Callable[[str, list[torch.Tensor]], None],
+) -> list[torch.Tensor]:
     """Run a pre-norm decoder layer over all batches stage by stage, each stage once.
 
     ``on_inputs(stage, xs)`` is called with the inputs of every linear group before that group
@@ -136,8 +146,10 @@ def staged_prenorm_layer(layer: nn.Module, prenorm: tuple[str, ...], hidden: lis
 
     on_inputs("attn_in", (norm1(h) for h in hidden))
     o_proj = layer.get_submodule(prenorm[2])
-    a = [_capture_input(o_proj, lambda h=h, kw=kw: attn(hidden_states=norm1(h), **kw))
-         for h, kw in zip(hidden, kwargs)]
+    a = [
+        _capture_input(o_proj, lambda h=h, kw=kw: attn(hidden_states=norm1(h), **kw))
+        for h, kw in zip(hidden, kwargs)
+    ]
     on_inputs("o_in", iter(a))
     o_proj = layer.get_submodule(prenorm[2])  # it may have been replaced by a quantized one
     h2 = [h + o_proj(ai) for h, ai in zip(hidden, a)]

@@ -37,7 +37,9 @@ AUTO_CHOICES = (2, 3, 4, 8)
 def check_group_size(v: int) -> int:
     """A group size option: a positive number of input columns, or -1 (one group per channel)."""
     if v != -1 and v < 1:
-        raise ValueError(f"group_size must be a positive number of columns or -1 (per channel), got {v}")
+        raise ValueError(
+            f"group_size must be a positive number of columns or -1 (per channel), got {v}"
+        )
     return v
 
 
@@ -45,19 +47,30 @@ class WeightQuantConfig(BackendConfig):
     """Options shared by the weight-only integer backends."""
 
     bits: int | Literal["auto"] = Field(
-        4, description="Bits per weight code (2-8), or 'auto': a width per layer chosen under bits_budget "
-        "(docs/methods.md, \"Bit allocation\").")
+        4,
+        description="Bits per weight code (2-8), or 'auto': a width per layer chosen under bits_budget "
+        '(docs/methods.md, "Bit allocation").',
+    )
     bits_budget: float | None = Field(
-        None, gt=0, description="bits: auto: the average stored bits per weight of the quantized linears "
-        "(codes, scales, zeros and group index, as the results table's bits_per_weight counts them).")
+        None,
+        gt=0,
+        description="bits: auto: the average stored bits per weight of the quantized linears "
+        "(codes, scales, zeros and group index, as the results table's bits_per_weight counts them).",
+    )
     bits_choices: list[int] = Field(
-        default_factory=lambda: list(AUTO_CHOICES), description="bits: auto: the widths a layer may get.")
+        default_factory=lambda: list(AUTO_CHOICES),
+        description="bits: auto: the widths a layer may get.",
+    )
     module_bits: dict[str, int] = Field(
-        default_factory=dict, description="Widths of particular layers (name or glob pattern -> bits), over "
-        "'bits'; bits: auto fills it with the chosen allocation (recipe.yaml shows it resolved).")
+        default_factory=dict,
+        description="Widths of particular layers (name or glob pattern -> bits), over "
+        "'bits'; bits: auto fills it with the chosen allocation (recipe.yaml shows it resolved).",
+    )
     group_size: int = Field(
-        128, description="Input columns per scale/zero group; -1 for one group per output "
-        "channel. Must divide every quantized layer's input width.")
+        128,
+        description="Input columns per scale/zero group; -1 for one group per output "
+        "channel. Must divide every quantized layer's input width.",
+    )
     sym: bool = Field(True, description="Symmetric grid (fixed zero point) or asymmetric.")
     skip: list[str] | Literal["auto"] = skip_field()
 
@@ -86,12 +99,18 @@ class WeightQuantConfig(BackendConfig):
     @model_validator(mode="after")
     def _budget(self):
         if self.bits == "auto" and self.bits_budget is None:
-            raise ValueError("bits: auto needs bits_budget (average stored bits per weight, e.g. 4.3)")
+            raise ValueError(
+                "bits: auto needs bits_budget (average stored bits per weight, e.g. 4.3)"
+            )
         if self.bits != "auto" and self.bits_budget is not None:
-            raise ValueError("bits_budget applies to bits: auto; set bits: auto or remove bits_budget")
+            raise ValueError(
+                "bits_budget applies to bits: auto; set bits: auto or remove bits_budget"
+            )
         if self.bits == "auto" and self.skip == "auto":
-            raise ValueError("choose either skip: auto (which layers stay float) or bits: auto (a width per layer), "
-                             "not both")
+            raise ValueError(
+                "choose either skip: auto (which layers stay float) or bits: auto (a width per layer), "
+                "not both"
+            )
         return self
 
     def allocating(self) -> bool:
@@ -128,8 +147,12 @@ class WeightQuantConfig(BackendConfig):
         return {"bits": None if mixed else self.bits, "group_size": self.group_size}
 
 
-def check_layers(targets: list[tuple[str, nn.Linear]], bits: int, group_size: int,
-                 layout: LayerFormat | None = None) -> None:
+def check_layers(
+    targets: list[tuple[str, nn.Linear]],
+    bits: int,
+    group_size: int,
+    layout: LayerFormat | None = None,
+) -> None:
     """Clear errors for layers whose shape does not fit the group size or the layout
     (GPTQ v1 unless another is given)."""
     if not targets:
@@ -147,8 +170,13 @@ def check_layers(targets: list[tuple[str, nn.Linear]], bits: int, group_size: in
             raise QuantlabError(why)
 
 
-def load_packed(ckpt_dir: Path, meta: dict, dtype: torch.dtype, device: torch.device,
-                layout: LayerFormat | None = None) -> nn.Module:
+def load_packed(
+    ckpt_dir: Path,
+    meta: dict,
+    dtype: torch.dtype,
+    device: torch.device,
+    layout: LayerFormat | None = None,
+) -> nn.Module:
     """Rebuild a model whose quantized layers are in ``layout`` (GPTQ v1 unless given)."""
     layout = layout or LAYOUTS["gptq-v1"]
 
@@ -161,8 +189,9 @@ def load_packed(ckpt_dir: Path, meta: dict, dtype: torch.dtype, device: torch.de
     return load_quantized(ckpt_dir, meta, dtype, device, make)
 
 
-def mixed_quantization_config(layout: LayerFormat, widths: dict[str, int], group_size: int, sym: bool,
-                              extra: dict[str, Any]) -> dict[str, Any]:
+def mixed_quantization_config(
+    layout: LayerFormat, widths: dict[str, int], group_size: int, sym: bool, extra: dict[str, Any]
+) -> dict[str, Any]:
     """Layers of several widths: the most common width as ``bits`` and gptqmodel's ``dynamic``
     per-module overrides (``{"+:^NAME$": {"bits": b}}``) for the others. With a 5-7-bit layer
     the config says ``quant_method: quantlab`` (no GPTQ loader packs those widths)."""
@@ -197,8 +226,9 @@ class LayoutBackend(Backend):
         widths = c.widths() if hasattr(c, "widths") else [c.bits]
         return GridSpec(frozenset(widths), c.sym, c.group_size)
 
-    def pack(self, q: QuantizedWeight, bias: torch.Tensor | None, dtype: torch.dtype,
-             dense: bool = True) -> nn.Module:
+    def pack(
+        self, q: QuantizedWeight, bias: torch.Tensor | None, dtype: torch.dtype, dense: bool = True
+    ) -> nn.Module:
         return self.layout().pack(q, bias, dtype, dense=dense)
 
     def quantization_extra(self, model: nn.Module) -> dict[str, Any]:
@@ -212,17 +242,25 @@ class LayoutBackend(Backend):
         widths = {n: model.get_submodule(n).bits for n in self.quantized_modules(model)}
         if not widths or len(set(widths.values())) == 1:
             bits = next(iter(widths.values()), c.bits if c.bits != "auto" else max(c.bits_choices))
-            return self.layout().quantization_config(bits, c.group_size, c.sym, **self.quantization_extra(model))
-        return mixed_quantization_config(self.layout(), widths, c.group_size, c.sym, self.quantization_extra(model))
+            return self.layout().quantization_config(
+                bits, c.group_size, c.sym, **self.quantization_extra(model)
+            )
+        return mixed_quantization_config(
+            self.layout(), widths, c.group_size, c.sym, self.quantization_extra(model)
+        )
 
     @classmethod
-    def load(cls, ckpt_dir: Path, meta: dict, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    def load(
+        cls, ckpt_dir: Path, meta: dict, dtype: torch.dtype, device: torch.device
+    ) -> nn.Module:
         # the sidecar's layout record was checked by load_checkpoint (name known, same version)
         layout = LAYOUTS[meta["layout"]["name"]] if "layout" in meta else cls.default_layout(meta)
         return load_packed(ckpt_dir, meta, dtype, device, layout)
 
 
-def check_allocation(config: WeightQuantConfig, model: nn.Module, targets: list[tuple[str, nn.Linear]]) -> None:
+def check_allocation(
+    config: WeightQuantConfig, model: nn.Module, targets: list[tuple[str, nn.Linear]]
+) -> None:
     """bits: auto: a budget the widths cannot meet on this model's layers is an error naming
     the feasible range, before any work (the model may be on the meta device)."""
     if not config.allocating():
@@ -231,4 +269,10 @@ def check_allocation(config: WeightQuantConfig, model: nn.Module, targets: list[
 
     names = [n for n, _ in targets]
     shapes = {n: (m.in_features, m.out_features) for n, m in targets}
-    check_budget(config.bits_budget, config.bits_choices, config.group_size, shapes, fused_units(model, names))
+    check_budget(
+        config.bits_budget,
+        config.bits_choices,
+        config.group_size,
+        shapes,
+        fused_units(model, names),
+    )

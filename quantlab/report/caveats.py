@@ -42,10 +42,18 @@ def few_tokens(frame: pd.DataFrame) -> str | None:
     n = int(frame["eval_tokens"].dropna().min())
     if n >= FEW_TOKENS:
         return None
-    rel = (frame["ppl_stderr"] / frame["ppl"]).dropna() if "ppl_stderr" in frame else pd.Series(dtype=float)
-    err = f" (standard error about ±{100 * rel.median():.1f}% of the perplexity)" if len(rel) else ""
-    return (f"perplexity rests on only {n} scored tokens{err}: differences of a few percent between rows may "
-            f"be noise; raise eval.max_windows (or use more text) for {FEW_TOKENS}+ tokens, and compare rows by KL")
+    rel = (
+        (frame["ppl_stderr"] / frame["ppl"]).dropna()
+        if "ppl_stderr" in frame
+        else pd.Series(dtype=float)
+    )
+    err = (
+        f" (standard error about ±{100 * rel.median():.1f}% of the perplexity)" if len(rel) else ""
+    )
+    return (
+        f"perplexity rests on only {n} scored tokens{err}: differences of a few percent between rows may "
+        f"be noise; raise eval.max_windows (or use more text) for {FEW_TOKENS}+ tokens, and compare rows by KL"
+    )
 
 
 def busy_machine(frame: pd.DataFrame) -> str | None:
@@ -57,35 +65,52 @@ def busy_machine(frame: pd.DataFrame) -> str | None:
     other = float(frame["speed_other_cores"].max())
     if other < BUSY_CORES:
         return None
-    return (f"other processes used {other:.2f} cores on average while speed was measured: tokens/s are "
-            "disturbed (threads waiting for a shared core can slow decode many times over) and ratios are only "
-            "as good as the interleaving; measure again on an idle machine, or with fewer threads than free cores")
+    return (
+        f"other processes used {other:.2f} cores on average while speed was measured: tokens/s are "
+        "disturbed (threads waiting for a shared core can slow decode many times over) and ratios are only "
+        "as good as the interleaving; measure again on an idle machine, or with fewer threads than free cores"
+    )
 
 
 def engine_disagreements(frame: pd.DataFrame, metrics: dict[str, dict]) -> list[str]:
     """Pairs of rows whose options are equal except for ``engine`` and whose perplexities
     differ by more than noise."""
     out = []
-    rows = [(str(r["method"]), r, (metrics.get(str(r["method"])) or {}).get("options") or {})
-            for _, r in frame.iterrows()]
+    rows = [
+        (str(r["method"]), r, (metrics.get(str(r["method"])) or {}).get("options") or {})
+        for _, r in frame.iterrows()
+    ]
     for i, (la, ra, oa) in enumerate(rows):
-        for lb, rb, ob in rows[i + 1:]:
-            if ra["backend"] != rb["backend"] or "engine" not in oa or oa.get("engine") == ob.get("engine"):
+        for lb, rb, ob in rows[i + 1 :]:
+            if (
+                ra["backend"] != rb["backend"]
+                or "engine" not in oa
+                or oa.get("engine") == ob.get("engine")
+            ):
                 continue
-            if {k: v for k, v in oa.items() if k != "engine"} != {k: v for k, v in ob.items() if k != "engine"}:
+            if {k: v for k, v in oa.items() if k != "engine"} != {
+                k: v for k, v in ob.items() if k != "engine"
+            }:
                 continue
             diff = abs(float(ra["ppl"]) - float(rb["ppl"]))
             noise = ENGINE_REL_TOL * float(ra["ppl"])
             if diff > noise:
-                out.append(f"engines disagree: {la} (engine {oa['engine']}, ppl {ra['ppl']:.3f}) and {lb} "
-                           f"(engine {ob['engine']}, ppl {rb['ppl']:.3f}) run the same options but differ by "
-                           f"{diff:.3f}, more than noise ({noise:.3f})")
+                out.append(
+                    f"engines disagree: {la} (engine {oa['engine']}, ppl {ra['ppl']:.3f}) and {lb} "
+                    f"(engine {ob['engine']}, ppl {rb['ppl']:.3f}) run the same options but differ by "
+                    f"{diff:.3f}, more than noise ({noise:.3f})"
+                )
     return out
 
 
 #: a GGUF type of the source -> the quantlab grids that coincide with it
-_SOURCE_GRIDS = {"Q4_0": (4, True, 32), "Q4_1": (4, False, 32), "Q5_0": (5, True, 32), "Q5_1": (5, False, 32),
-                 "Q8_0": (8, True, 32)}
+_SOURCE_GRIDS = {
+    "Q4_0": (4, True, 32),
+    "Q4_1": (4, False, 32),
+    "Q5_0": (5, True, 32),
+    "Q5_1": (5, False, 32),
+    "Q8_0": (8, True, 32),
+}
 
 
 def source_history(frame: pd.DataFrame, metrics: dict[str, dict]) -> list[str]:
@@ -108,8 +133,10 @@ def source_history(frame: pd.DataFrame, metrics: dict[str, dict]) -> list[str]:
             hit.append(label)
     rows = f"; rows on that grid: {', '.join(hit)}" if hit else ""
     grid = f"{bits}-bit {'symmetric' if sym else 'with zero points'}, blocks of {group}"
-    return [f"the source model was quantized before ({gguf_name}: {qtype}, {grid}): its float weights sit on that "
-            f"grid, which flatters any method using the same grid{rows}"]
+    return [
+        f"the source model was quantized before ({gguf_name}: {qtype}, {grid}): its float weights sit on that "
+        f"grid, which flatters any method using the same grid{rows}"
+    ]
 
 
 def checkpoint_warnings(run: RunData, label: str) -> list[str]:
@@ -125,9 +152,11 @@ def checkpoint_warnings(run: RunData, label: str) -> list[str]:
     if not changes:
         return []
     more = f" (and {len(changes) - 1} more)" if len(changes) > 1 else ""
-    return [f"the checkpoint of {label} changed since it was scored: {changes[0]}{more}; its "
-            "row describes the checkpoint as it was: run the recipe again to quantize and score it "
-            "anew"]
+    return [
+        f"the checkpoint of {label} changed since it was scored: {changes[0]}{more}; its "
+        "row describes the checkpoint as it was: run the recipe again to quantize and score it "
+        "anew"
+    ]
 
 
 #: packages whose version cannot change a figure (they only carry the data)
@@ -151,12 +180,17 @@ def version_differences(runs: list[RunData]) -> str | None:
     unknown = [r.path.name for r, pk in recorded if not isinstance(pk, dict)]
     if not parts and not (unknown and known):
         return None
-    what = (f"different library versions ({' | '.join(parts)})" if parts
-            else "library versions not all recorded")
+    what = (
+        f"different library versions ({' | '.join(parts)})"
+        if parts
+        else "library versions not all recorded"
+    )
     missing = f"; {', '.join(unknown)} recorded none (no environment.json)" if unknown else ""
-    return (f"the runs were made with {what}{missing}: the same method can score differently "
-            "under another version; compare each method with its own run's baseline, or run them "
-            "again in one environment")
+    return (
+        f"the runs were made with {what}{missing}: the same method can score differently "
+        "under another version; compare each method with its own run's baseline, or run them "
+        "again in one environment"
+    )
 
 
 def report_warnings(runs: list[RunData], frame: pd.DataFrame) -> list[str]:
@@ -165,47 +199,67 @@ def report_warnings(runs: list[RunData], frame: pd.DataFrame) -> list[str]:
     for run in runs:
         part = run.frame
         scope = f"run {run.path.name}" if multi else "this run"
-        for col, what in (("ppl_convention", "perplexity convention"), ("eval_seq_len", "evaluation context length"),
-                          ("eval_sha256", "evaluation text"), ("eval_tokens", "number of scored tokens"),
-                          ("dtype", "dtype"), ("device", "device")):
+        for col, what in (
+            ("ppl_convention", "perplexity convention"),
+            ("eval_seq_len", "evaluation context length"),
+            ("eval_sha256", "evaluation text"),
+            ("eval_tokens", "number of scored tokens"),
+            ("dtype", "dtype"),
+            ("device", "device"),
+        ):
             msg = _differs(part, col, what, scope)
             if msg:
                 out.append(msg)
         out += [f"{scope}: {w}" if multi else w for w in engine_disagreements(part, run.metrics)]
         # runs before the field said so in their description
         if run.recipe.get("quick") is True or str(run.recipe.get("description") or "").startswith(
-                "QUICK PRESET"):
-            out.append(f"{scope}: made with `quantlab run --quick` (8 calibration windows, 8 evaluation windows, "
-                       "1 speed round): indicative figures, not a measurement to publish; run without --quick")
+            "QUICK PRESET"
+        ):
+            out.append(
+                f"{scope}: made with `quantlab run --quick` (8 calibration windows, 8 evaluation windows, "
+                "1 speed round): indicative figures, not a measurement to publish; run without --quick"
+            )
         few = few_tokens(part)
         if few:
             out.append(f"{scope}: {few}" if multi else few)
-        sess = "speed_session" if "speed_session" in part and part["speed_session"].notna().any() else "session"
+        sess = (
+            "speed_session"
+            if "speed_session" in part and part["speed_session"].notna().any()
+            else "session"
+        )
         if sess in part and part["decode_tokens_per_s"].notna().any():
             timed = part[part["decode_tokens_per_s"].notna()]
             sessions = _distinct(timed, sess)
             if len(sessions) > 1:
                 latest = str(timed[sess].dropna().astype(str).max())
                 older = timed[timed[sess].astype(str) != latest]["method"].astype(str).tolist()
-                out.append(f"{scope}: speed of {', '.join(older)} was measured in an earlier session (finished "
-                           "methods are reused when a run resumes); the machine's load may have differed, so "
-                           "speed ratios between those rows and the others are unreliable (re-run with --force "
-                           "to measure all of them together)")
+                out.append(
+                    f"{scope}: speed of {', '.join(older)} was measured in an earlier session (finished "
+                    "methods are reused when a run resumes); the machine's load may have differed, so "
+                    "speed ratios between those rows and the others are unreliable (re-run with --force "
+                    "to measure all of them together)"
+                )
         busy = busy_machine(part)
         if busy:
             out.append(f"{scope}: {busy}" if multi else busy)
         slower = slower_than_baseline(part)
         if slower:
-            out.append(f"{scope}: slower than the float baseline on this device ({slower_basis(part)}): "
-                       + ", ".join(f"{m} ({r:.2f}x)" for m, r in slower))
+            out.append(
+                f"{scope}: slower than the float baseline on this device ({slower_basis(part)}): "
+                + ", ".join(f"{m} ({r:.2f}x)" for m, r in slower)
+            )
         out += [f"{scope}: {w}" if multi else w for w in source_history(part, run.metrics)]
         model = run.recipe.get("model") or {}
         if model.get("trust_remote_code"):
-            out.append(f"{scope}: trust_remote_code was ON: code from the model repository "
-                       f"'{model.get('source')}' ran in this process")
+            out.append(
+                f"{scope}: trust_remote_code was ON: code from the model repository "
+                f"'{model.get('source')}' ran in this process"
+            )
         for label in part["method"].astype(str):
             if label not in run.metrics:
-                out.append(f"{scope}: {label} has no metrics.json (only its results row); its details are missing")
+                out.append(
+                    f"{scope}: {label} has no metrics.json (only its results row); its details are missing"
+                )
             out += [f"{scope}: {w}" for w in checkpoint_warnings(run, label)]
         out += [f"{scope}: {n}" for n in run.notes]
     if multi:
@@ -215,14 +269,22 @@ def report_warnings(runs: list[RunData], frame: pd.DataFrame) -> list[str]:
         tok = _distinct(frame, "tokenizer")
         models = _distinct(frame, "model")
         if len(models) > 1:
-            out.append(f"the runs use different models ({', '.join(models)}): compare each method with its own "
-                       "run's baseline (Δppl_%, KL), not raw perplexities across models"
-                       + (" (their tokenizers also differ)" if len(tok) > 1 else ""))
-        for col, what in (("ppl_convention", "perplexity convention"), ("eval_seq_len", "evaluation context length"),
-                          ("eval_sha256", "evaluation text"), ("eval_tokens", "number of scored tokens")):
+            out.append(
+                f"the runs use different models ({', '.join(models)}): compare each method with its own "
+                "run's baseline (Δppl_%, KL), not raw perplexities across models"
+                + (" (their tokenizers also differ)" if len(tok) > 1 else "")
+            )
+        for col, what in (
+            ("ppl_convention", "perplexity convention"),
+            ("eval_seq_len", "evaluation context length"),
+            ("eval_sha256", "evaluation text"),
+            ("eval_tokens", "number of scored tokens"),
+        ):
             values = _distinct(frame, col)
             if len(values) > 1:
-                out.append(f"the runs differ in {what} ({', '.join(v[:16] for v in values)}); perplexities across "
-                           "runs are not comparable; compare each run's Δppl_% against its own baseline instead")
+                out.append(
+                    f"the runs differ in {what} ({', '.join(v[:16] for v in values)}); perplexities across "
+                    "runs are not comparable; compare each run's Δppl_% against its own baseline instead"
+                )
                 break
     return out

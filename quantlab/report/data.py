@@ -63,14 +63,21 @@ def results_file(path: Path) -> Path:
     if path.is_file():
         return path
     if not path.exists():
-        raise QuantlabError(f"'{path}' does not exist; pass a quantlab run directory (it holds results.csv)")
+        raise QuantlabError(
+            f"'{path}' does not exist; pass a quantlab run directory (it holds results.csv)"
+        )
     csv = path / RESULTS_CSV
     if csv.is_file():
         return csv
     nested = _nested_runs(path)
-    hint = (f"; run directories inside it: {', '.join(nested)}" if nested
-            else "; a run directory gets results.csv when its first method finishes (quantlab run RECIPE)")
-    raise QuantlabError(f"'{path}' holds no results.csv, so it is not a quantlab run directory{hint}")
+    hint = (
+        f"; run directories inside it: {', '.join(nested)}"
+        if nested
+        else "; a run directory gets results.csv when its first method finishes (quantlab run RECIPE)"
+    )
+    raise QuantlabError(
+        f"'{path}' holds no results.csv, so it is not a quantlab run directory{hint}"
+    )
 
 
 def read_results(path: Path) -> pd.DataFrame:
@@ -83,12 +90,16 @@ def read_results(path: Path) -> pd.DataFrame:
         else:
             frame = pd.read_csv(path)
     except Exception as e:  # pandas raises many types for a damaged file
-        raise QuantlabError(f"'{path}' cannot be read as a results table ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else 'empty'}); re-run the recipe to rewrite it") from None
+        raise QuantlabError(
+            f"'{path}' cannot be read as a results table ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else 'empty'}); re-run the recipe to rewrite it"
+        ) from None
     missing = [c for c in ("method", "backend", "ppl") if c not in frame.columns]
     if missing:
-        raise QuantlabError(f"'{path}' is not a quantlab results table: no {', '.join(missing)} column; "
-                            "re-run the recipe to rewrite it")
+        raise QuantlabError(
+            f"'{path}' is not a quantlab results table: no {', '.join(missing)} column; "
+            "re-run the recipe to rewrite it"
+        )
     if frame.empty:
         raise QuantlabError(f"'{path}' holds no results rows yet")
     if "group_size" in frame:
@@ -100,9 +111,13 @@ def _read_json(path: Path) -> dict:
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise QuantlabError(f"'{path}' is damaged ({type(e).__name__}: {e}); re-run the recipe to rewrite it") from None
+        raise QuantlabError(
+            f"'{path}' is damaged ({type(e).__name__}: {e}); re-run the recipe to rewrite it"
+        ) from None
     if not isinstance(obj, dict):
-        raise QuantlabError(f"'{path}' is damaged (expected a JSON object); re-run the recipe to rewrite it")
+        raise QuantlabError(
+            f"'{path}' is damaged (expected a JSON object); re-run the recipe to rewrite it"
+        )
     return obj
 
 
@@ -116,8 +131,10 @@ def load_run(path: str | Path) -> RunData:
         try:
             recipe = yaml.safe_load((run_dir / RECIPE).read_text(encoding="utf-8")) or {}
         except (yaml.YAMLError, OSError, UnicodeDecodeError) as e:
-            raise QuantlabError(f"'{run_dir / RECIPE}' is damaged ({type(e).__name__}); "
-                                "re-run the recipe to rewrite it") from None
+            raise QuantlabError(
+                f"'{run_dir / RECIPE}' is damaged ({type(e).__name__}); "
+                "re-run the recipe to rewrite it"
+            ) from None
         if not isinstance(recipe, dict):
             recipe = {}
     env = _read_json(run_dir / ENVIRONMENT) if (run_dir / ENVIRONMENT).is_file() else {}
@@ -141,8 +158,10 @@ def _parquet_problem(run_dir: Path, frame: pd.DataFrame) -> list[str]:
     path = run_dir / RESULTS_PARQUET
     if not path.is_file():
         return []
-    redo = ("the report uses results.csv; run the recipe again (finished methods are reused) to "
-            "rewrite both")
+    redo = (
+        "the report uses results.csv; run the recipe again (finished methods are reused) to "
+        "rewrite both"
+    )
     try:
         other = pd.read_parquet(path)
     except ImportError:  # no Parquet engine here: nothing to compare with
@@ -159,8 +178,9 @@ def _same_rows(a: pd.DataFrame, b: pd.DataFrame) -> bool:
     if any(c not in df.columns for c in ("method", "ppl") for df in (a, b)) or len(a) != len(b):
         return False
     ppl_a, ppl_b = (pd.to_numeric(df["ppl"], errors="coerce").to_numpy(float) for df in (a, b))
-    return (list(a["method"].astype(str)) == list(b["method"].astype(str))
-            and bool(np.allclose(ppl_a, ppl_b, rtol=1e-9, atol=0, equal_nan=True)))
+    return list(a["method"].astype(str)) == list(b["method"].astype(str)) and bool(
+        np.allclose(ppl_a, ppl_b, rtol=1e-9, atol=0, equal_nan=True)
+    )
 
 
 def load_runs(paths: str | Path | list[str | Path]) -> list[RunData]:
@@ -168,16 +188,22 @@ def load_runs(paths: str | Path | list[str | Path]) -> list[RunData]:
     for every run directly inside it, in name order: a leaderboard across runs."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
-    if not isinstance(paths, (list, tuple)) or not all(isinstance(p, (str, os.PathLike))
-                                                       for p in paths):
-        raise QuantlabError("run directories must be a path or a list of paths (str or "
-                            f"pathlib.Path), not {type(paths).__name__}")
+    if not isinstance(paths, (list, tuple)) or not all(
+        isinstance(p, (str, os.PathLike)) for p in paths
+    ):
+        raise QuantlabError(
+            "run directories must be a path or a list of paths (str or "
+            f"pathlib.Path), not {type(paths).__name__}"
+        )
     if not paths:
         raise QuantlabError("no run directories given")
     expanded: list[Path] = []
     for p in map(Path, paths):
-        inner = sorted(d for d in p.iterdir() if (d / RESULTS_CSV).is_file()) if p.is_dir() and not (
-            p / RESULTS_CSV).is_file() else []
+        inner = (
+            sorted(d for d in p.iterdir() if (d / RESULTS_CSV).is_file())
+            if p.is_dir() and not (p / RESULTS_CSV).is_file()
+            else []
+        )
         expanded += inner or [p]
     return [load_run(p) for p in expanded]
 

@@ -18,8 +18,18 @@ from quantlab.errors import MissingDependencyError
 from quantlab.records import atomic_write_bytes
 
 BASE_COLOR = "#222222"
-PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2",
-           "#7f7f7f", "#bcbd22"]
+PALETTE = [
+    "#1f77b4",
+    "#d62728",
+    "#2ca02c",
+    "#9467bd",
+    "#ff7f0e",
+    "#17becf",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+]
 _LAYER = re.compile(r"^(?:.*\.)?layers\.(\d+)\.(?:.*\.)?([^.]+)$")
 
 
@@ -39,6 +49,7 @@ def pyplot():
 
 def context_line(frame: pd.DataFrame) -> str:
     """What the numbers were measured on, for plot titles: model, corpus, convention."""
+
     def one(col: str) -> str:
         vals = [str(v) for v in frame[col].dropna().unique()] if col in frame else []
         return vals[0] if len(vals) == 1 else (f"{len(vals)} {col}s" if vals else "?")
@@ -88,19 +99,49 @@ def quality_vs_size(frame: pd.DataFrame):
             quant = data[data["backend"] != "none"]
             base = data[data["backend"] == "none"]
             name = Path(str(run)).name if multi else None
-            ax.scatter(quant["bits_per_weight"], quant[col], color=color, s=36, zorder=3,
-                       label=f"{name}: methods" if multi else "quantized methods")
+            ax.scatter(
+                quant["bits_per_weight"],
+                quant[col],
+                color=color,
+                s=36,
+                zorder=3,
+                label=f"{name}: methods" if multi else "quantized methods",
+            )
             if len(base):
-                ax.scatter(base["bits_per_weight"], base[col], marker="*", s=180, color=BASE_COLOR if not multi else color,
-                           edgecolor="black", zorder=4, label=f"{name}: float baseline" if multi else "float baseline")
-                ax.axhline(float(base[col].iloc[0]), color=color if multi else BASE_COLOR, lw=0.7, ls=":")
-            front = pareto_front(list(zip(data["bits_per_weight"].astype(float), data[col].astype(float))))
+                ax.scatter(
+                    base["bits_per_weight"],
+                    base[col],
+                    marker="*",
+                    s=180,
+                    color=BASE_COLOR if not multi else color,
+                    edgecolor="black",
+                    zorder=4,
+                    label=f"{name}: float baseline" if multi else "float baseline",
+                )
+                ax.axhline(
+                    float(base[col].iloc[0]), color=color if multi else BASE_COLOR, lw=0.7, ls=":"
+                )
+            front = pareto_front(
+                list(zip(data["bits_per_weight"].astype(float), data[col].astype(float)))
+            )
             if len(front) > 1:
                 xs, ys = zip(*front)
-                ax.step(xs, ys, where="post", color=color, lw=1.2, alpha=0.7,
-                        label=f"{name}: Pareto front" if multi else "Pareto front")
-            _annotate(ax, data["bits_per_weight"].astype(float).tolist(), data[col].astype(float).tolist(),
-                      [_label(r, multi) for _, r in data.iterrows()], log)
+                ax.step(
+                    xs,
+                    ys,
+                    where="post",
+                    color=color,
+                    lw=1.2,
+                    alpha=0.7,
+                    label=f"{name}: Pareto front" if multi else "Pareto front",
+                )
+            _annotate(
+                ax,
+                data["bits_per_weight"].astype(float).tolist(),
+                data[col].astype(float).tolist(),
+                [_label(r, multi) for _, r in data.iterrows()],
+                log,
+            )
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_locator(plt.FixedLocator([1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 64]))
         ax.xaxis.set_minor_locator(plt.NullLocator())
@@ -134,7 +175,9 @@ def _annotate(ax, xs: list[float], ys: list[float], labels: list[str], log_y: bo
         kx, ky = key(x, y)
         near = sum(1 for px, py in placed if abs(px - kx) < 0.35 and abs(py - ky) < 0.06)
         placed.append((kx, ky))
-        ax.annotate(text, (x, y), textcoords="offset points", xytext=(5, 4 + 9 * near), fontsize=7.5)
+        ax.annotate(
+            text, (x, y), textcoords="offset points", xytext=(5, 4 + 9 * near), fontsize=7.5
+        )
 
 
 def speed(frame: pd.DataFrame):
@@ -158,18 +201,32 @@ def speed(frame: pd.DataFrame):
     med = data["decode_tokens_per_s"]
     lo = (med - data["decode_tokens_per_s_min"]).clip(lower=0).fillna(0)
     hi = (data["decode_tokens_per_s_max"] - med).clip(lower=0).fillna(0)
-    ax2.barh(y, med, xerr=[lo, hi], color=colors, alpha=0.85, capsize=3, label="decode, median (min-max)")
+    ax2.barh(
+        y, med, xerr=[lo, hi], color=colors, alpha=0.85, capsize=3, label="decode, median (min-max)"
+    )
     if "decode_bound_tokens_per_s" in data and data["decode_bound_tokens_per_s"].notna().any():
-        ax2.scatter(data["decode_bound_tokens_per_s"], y, marker="|", s=400, color="#d62728", zorder=4,
-                    label="bound: memory bandwidth / weight bytes per token")
+        ax2.scatter(
+            data["decode_bound_tokens_per_s"],
+            y,
+            marker="|",
+            s=400,
+            color="#d62728",
+            zorder=4,
+            label="bound: memory bandwidth / weight bytes per token",
+        )
     ax2.set_xlim(left=0)  # linear from zero: bar lengths compare like the numbers do
     ax2.set_xlabel("decode tokens/s (batch 1, KV cache)")
     ax2.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=2, frameon=False)
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3, axis="x", which="both")
-    dev = ", ".join(sorted({f"{d} {t}" for d, t in zip(data["device"].astype(str), data["dtype"].astype(str))}))
+    dev = ", ".join(
+        sorted({f"{d} {t}" for d, t in zip(data["device"].astype(str), data["dtype"].astype(str))})
+    )
     threads = ", ".join(sorted({str(int(t)) for t in data["threads"].dropna()}))
-    fig.suptitle(f"Speed on {dev}, {threads} threads (float baseline in black)\n{context_line(frame)}", fontsize=10)
+    fig.suptitle(
+        f"Speed on {dev}, {threads} threads (float baseline in black)\n{context_line(frame)}",
+        fontsize=10,
+    )
     fig.tight_layout()
     return fig
 
@@ -185,7 +242,11 @@ def _layer_table(layers: dict[str, dict[str, float]], stat: str) -> pd.DataFrame
     if not cells:
         return None
     table = pd.Series(cells).unstack()
-    order = [c for c in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj") if c in table]
+    order = [
+        c
+        for c in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+        if c in table
+    ]
     return table[order + [c for c in table.columns if c not in order]].sort_index()
 
 
@@ -195,11 +256,18 @@ LAYER_STATS = {
 }
 
 
-def layer_error(metrics: dict[str, dict[str, Any]], frame: pd.DataFrame | None = None, stat: str = "weight_rel_error"):
+def layer_error(
+    metrics: dict[str, dict[str, Any]],
+    frame: pd.DataFrame | None = None,
+    stat: str = "weight_rel_error",
+):
     """Per-layer quantization error as one heat map per method (decoder block × linear
     type), for the methods whose backend records it (rtn, gptq, awq)."""
-    tables = {label: t for label, m in metrics.items()
-              if (t := _layer_table(m.get("layers") or {}, stat)) is not None}
+    tables = {
+        label: t
+        for label, m in metrics.items()
+        if (t := _layer_table(m.get("layers") or {}, stat)) is not None
+    }
     if not tables:
         return None
     plt = pyplot()
@@ -207,13 +275,29 @@ def layer_error(metrics: dict[str, dict[str, Any]], frame: pd.DataFrame | None =
     vmax = max(float(t.max().max()) for t in tables.values())
     n = len(tables)
     blocks = max(len(t) for t in tables.values())
-    fig, axes = plt.subplots(1, n, figsize=(max(4.5, 3.2 * n + 1.5), max(3.5, 0.16 * blocks + 1.8)),
-                             squeeze=False, sharey=True)
+    fig, axes = plt.subplots(
+        1,
+        n,
+        figsize=(max(4.5, 3.2 * n + 1.5), max(3.5, 0.16 * blocks + 1.8)),
+        squeeze=False,
+        sharey=True,
+    )
     im = None
     for ax, (label, t) in zip(axes[0], tables.items()):
-        im = ax.imshow(t.to_numpy(dtype=float), aspect="auto", cmap="viridis", vmin=vmin, vmax=vmax,
-                       interpolation="nearest")
-        ax.set_xticks(range(len(t.columns)), [c.replace("_proj", "") for c in t.columns], rotation=45, fontsize=8)
+        im = ax.imshow(
+            t.to_numpy(dtype=float),
+            aspect="auto",
+            cmap="viridis",
+            vmin=vmin,
+            vmax=vmax,
+            interpolation="nearest",
+        )
+        ax.set_xticks(
+            range(len(t.columns)),
+            [c.replace("_proj", "") for c in t.columns],
+            rotation=45,
+            fontsize=8,
+        )
         ax.set_title(label, fontsize=9)
         worst = t.stack().idxmax()
         ax.set_xlabel(f"worst: block {worst[0]} {worst[1]} ({t.stack().max():.3f})", fontsize=7.5)
@@ -248,7 +332,9 @@ def quantization_cost(frame: pd.DataFrame, metrics: dict[str, dict[str, Any]] | 
         stage_rows.append({k: max(float(v or 0.0), 0.0) for k, v in stages.items()})
     stages = pd.DataFrame(stage_rows).fillna(0.0)
     y = list(range(len(data)))
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, max(3.2, 0.42 * len(data) + 2.2)), sharey=True)
+    fig, (ax1, ax2) = plt.subplots(
+        1, 2, figsize=(12, max(3.2, 0.42 * len(data) + 2.2)), sharey=True
+    )
     left = [0.0] * len(data)
     for k, col in enumerate(stages.columns):
         ax1.barh(y, stages[col], left=left, color=PALETTE[k % len(PALETTE)], label=col)
@@ -257,13 +343,21 @@ def quantization_cost(frame: pd.DataFrame, metrics: dict[str, dict[str, Any]] | 
     ax1.invert_yaxis()
     ax1.set_xlabel("seconds to quantize (stacked by stage)")
     ax1.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=3, frameon=False)
-    mem_cols = [("peak_rss_quantize_bytes", "quantize"), ("peak_rss_load_bytes", "reload"),
-                ("peak_rss_eval_bytes", "score")]
+    mem_cols = [
+        ("peak_rss_quantize_bytes", "quantize"),
+        ("peak_rss_load_bytes", "reload"),
+        ("peak_rss_eval_bytes", "score"),
+    ]
     width = 0.27
     for k, (col, label) in enumerate(mem_cols):
         if col in data and data[col].notna().any():
-            ax2.barh([v + (k - 1) * width for v in y], data[col].fillna(0) / 1e6, height=width,
-                     color=PALETTE[k + 3], label=label)
+            ax2.barh(
+                [v + (k - 1) * width for v in y],
+                data[col].fillna(0) / 1e6,
+                height=width,
+                color=PALETTE[k + 3],
+                label=label,
+            )
     ax2.set_xlabel("peak resident memory of the process, MB")
     ax2.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=3, frameon=False)
     for ax in (ax1, ax2):
@@ -282,8 +376,11 @@ def _deploy_x(records: list[dict]) -> tuple[str, str]:
 
 
 def _deploy_panel(ax, mine: list[dict], key: str, xcol: str, multi: bool) -> None:
-    shown = [r for r in mine
-             if r["fits"] and r["backend"] != "none" and r[xcol] is not None and r[xcol] > 0]
+    shown = [
+        r
+        for r in mine
+        if r["fits"] and r["backend"] != "none" and r[xcol] is not None and r[xcol] > 0
+    ]
     for r in [r for r in mine if r["fits"] and r["backend"] == "none"]:
         ax.axhline(r[key], color=BASE_COLOR, lw=0.8, ls=":")
     if shown:
@@ -292,8 +389,9 @@ def _deploy_panel(ax, mine: list[dict], key: str, xcol: str, multi: bool) -> Non
         labels = [f"{Path(r['run']).name}/{r['method']}" if multi else r["method"] for r in shown]
         _annotate(ax, xs, ys, labels, True)
     if not any(r["fits"] for r in mine):
-        ax.text(0.5, 0.5, "fits none of the rows", transform=ax.transAxes, ha="center",
-                color="#d62728")
+        ax.text(
+            0.5, 0.5, "fits none of the rows", transform=ax.transAxes, ha="center", color="#d62728"
+        )
 
 
 def deploy(records: list[dict]):
@@ -307,8 +405,9 @@ def deploy(records: list[dict]):
     xcol, xlabel = _deploy_x(records)
     multi = len({r["run"] for r in records}) > 1
     keys = ("decode_tokens_per_s_projected", "prefill_tokens_per_s_projected")
-    fig, axes = plt.subplots(2, len(cards), figsize=(3.2 * len(cards) + 1, 6.4), squeeze=False,
-                             sharey="row")
+    fig, axes = plt.subplots(
+        2, len(cards), figsize=(3.2 * len(cards) + 1, 6.4), squeeze=False, sharey="row"
+    )
     for j, card in enumerate(cards):
         mine = [r for r in records if r["card"] == card]
         for i, key in enumerate(keys):
@@ -327,8 +426,11 @@ def deploy(records: list[dict]):
     axes[0][0].set_ylabel("decode tok/s, PROJECTED", fontsize=8)
     axes[1][0].set_ylabel("prefill tok/s, PROJECTED", fontsize=8)
     first = records[0]
-    fig.suptitle(f"Where to deploy — PROJECTED tokens/s, not measured (context "
-                 f"{first['context']}, batch {first['batch']}; docs/hardware.md)", fontsize=10)
+    fig.suptitle(
+        f"Where to deploy — PROJECTED tokens/s, not measured (context "
+        f"{first['context']}, batch {first['batch']}; docs/hardware.md)",
+        fontsize=10,
+    )
     fig.tight_layout()
     return fig
 
@@ -342,19 +444,28 @@ def sensitivity(doc: dict, label: str):
     values = [max(float(sens[n]), 1e-8) for n in names]
     chosen = set(doc.get("chosen") or [])
     fig, ax = plt.subplots(figsize=(max(6, 0.12 * len(names) + 2), 3.6))
-    ax.bar(range(len(names)), values, color=["#c0392b" if n in chosen else "#2c7fb8" for n in names])
+    ax.bar(
+        range(len(names)), values, color=["#c0392b" if n in chosen else "#2c7fb8" for n in names]
+    )
     ax.set_yscale("log")
     ax.set_ylabel("KL(float || quantized), nats/token")
-    ax.set_title(f"{label}: sensitivity per {doc.get('granularity', 'layer')} "
-                 f"({len(chosen)} left in float, red)")
+    ax.set_title(
+        f"{label}: sensitivity per {doc.get('granularity', 'layer')} "
+        f"({len(chosen)} left in float, red)"
+    )
     if len(names) <= 40:
-        ax.set_xticks(range(len(names)), [n.replace("model.layers.", "L") for n in names],
-                      rotation=90, fontsize=7)
+        ax.set_xticks(
+            range(len(names)),
+            [n.replace("model.layers.", "L") for n in names],
+            rotation=90,
+            fontsize=7,
+        )
     else:
         ax.set_xlabel("layers in model order")
     if doc.get("kl_budget") is not None:
-        ax.axhline(doc["kl_budget"], color="black", lw=0.8, ls="--",
-                   label=f"kl_budget {doc['kl_budget']}")
+        ax.axhline(
+            doc["kl_budget"], color="black", lw=0.8, ls="--", label=f"kl_budget {doc['kl_budget']}"
+        )
         ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
@@ -376,9 +487,12 @@ def allocation(record: dict, label: str):
     ax.set_xlabel("decoder block")
     ax.set_ylabel("bits per code")
     ax.set_yticks(sorted(set(record["chosen"].values())))
-    ax.set_title(f"{label}: widths at {record['bits_per_weight']:.2f} bits/weight (budget "
-                 f"{record['budget_bits_per_weight']}); RTN-probe KL {record['measured_kl']:.4f} "
-                 "on calibration windows", fontsize=10)
+    ax.set_title(
+        f"{label}: widths at {record['bits_per_weight']:.2f} bits/weight (budget "
+        f"{record['budget_bits_per_weight']}); RTN-probe KL {record['measured_kl']:.4f} "
+        "on calibration windows",
+        fontsize=10,
+    )
     ax.legend(fontsize=7, ncol=min(4, len(series)))
     fig.tight_layout()
     return fig

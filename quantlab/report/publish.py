@@ -52,8 +52,10 @@ def publish(recipe, result, *, echo: bool = True) -> None:
     runs = load_runs([result.path])
     frame = runs[0].frame
     print(format_summary(frame, runs[0].environment, warnings=report_warnings(runs, frame)))
-    print(f"\nrun directory: {result.path}  (results.csv/.parquet/.md, per-method metrics.json "
-          "and checkpoints)")
+    print(
+        f"\nrun directory: {result.path}  (results.csv/.parquet/.md, per-method metrics.json "
+        "and checkpoints)"
+    )
     report = result.path / REPORT_HTML
     if recipe.output.report and report.is_file():
         print(f"report: {report}")

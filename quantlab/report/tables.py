@@ -24,7 +24,9 @@ def summary_frame(frame: pd.DataFrame) -> pd.DataFrame:
     several runs (a ``run`` column, as :func:`quantlab.load_results` gives), each run's rows
     are compared with that run's own baseline, and a ``run`` column leads."""
     if "run" in frame.columns and frame["run"].nunique() > 1:
-        parts = [_summary_one(part).assign(run=run) for run, part in frame.groupby("run", sort=False)]
+        parts = [
+            _summary_one(part).assign(run=run) for run, part in frame.groupby("run", sort=False)
+        ]
         out = pd.concat(parts, ignore_index=True).fillna("")
         return out[["run"] + [c for c in out.columns if c != "run"]]
     return _summary_one(frame)
@@ -36,49 +38,75 @@ _NUMERIC = ("ppl", "ppl_stderr", "kld_mean", "top1_agreement", "size_bytes", "bi
 
 
 def _summary_one(frame: pd.DataFrame) -> pd.DataFrame:
-    frame = frame.assign(**{c: pd.to_numeric(frame[c], errors="coerce")
-                            for c in _NUMERIC if c in frame.columns})
+    frame = frame.assign(
+        **{c: pd.to_numeric(frame[c], errors="coerce") for c in _NUMERIC if c in frame.columns}
+    )
     base = _baseline(frame)
-    order = frame.assign(_b=frame["backend"] != "none").sort_values("_b", kind="stable").drop(columns="_b")
-    out = pd.DataFrame({
-        "method": order["method"],
-        "backend": order["backend"],
-        "bits": order["bits"],
-        "group": order["group_size"].map(lambda g: "" if pd.isna(g) else ("channel" if g == -1 else str(g))),
-        "ppl": order["ppl"].map("{:.3f}".format),
-    })
+    order = (
+        frame.assign(_b=frame["backend"] != "none")
+        .sort_values("_b", kind="stable")
+        .drop(columns="_b")
+    )
+    out = pd.DataFrame(
+        {
+            "method": order["method"],
+            "backend": order["backend"],
+            "bits": order["bits"],
+            "group": order["group_size"].map(
+                lambda g: "" if pd.isna(g) else ("channel" if g == -1 else str(g))
+            ),
+            "ppl": order["ppl"].map("{:.3f}".format),
+        }
+    )
     if order["ppl_stderr"].notna().any():
         out["±"] = order["ppl_stderr"].map(lambda v: "" if pd.isna(v) else f"{v:.3f}")
     if base is not None:
         out["Δppl_%"] = ((order["ppl"] / base["ppl"] - 1) * 100).map("{:+.2f}".format)
     if order["kld_mean"].notna().any():
         out["KL"] = order["kld_mean"].map(lambda v: "" if pd.isna(v) else f"{v:.4f}")
-        out["top1_%"] = order["top1_agreement"].map(lambda v: "" if pd.isna(v) else f"{100 * v:.1f}")
+        out["top1_%"] = order["top1_agreement"].map(
+            lambda v: "" if pd.isna(v) else f"{100 * v:.1f}"
+        )
     out["size_MB"] = (order["size_bytes"] / 1e6).map("{:.1f}".format)
     if base is not None:
         out["×size"] = (order["size_bytes"] / base["size_bytes"]).map("{:.3f}".format)
     out["bits/weight"] = order["bits_per_weight"].map("{:.2f}".format)
     if order["skipped_layers"].notna().any():
-        out["float_layers"] = order["skipped_layers"].map(lambda v: "" if pd.isna(v) else f"{int(v)}")
+        out["float_layers"] = order["skipped_layers"].map(
+            lambda v: "" if pd.isna(v) else f"{int(v)}"
+        )
     if order["prefill_tokens_per_s"].notna().any():
-        out["prefill_tok/s"] = order["prefill_tokens_per_s"].map(lambda v: "" if pd.isna(v) else f"{v:.0f}")
+        out["prefill_tok/s"] = order["prefill_tokens_per_s"].map(
+            lambda v: "" if pd.isna(v) else f"{v:.0f}"
+        )
     speed = order["decode_tokens_per_s"]
     lo, hi = order["decode_tokens_per_s_min"], order["decode_tokens_per_s_max"]
     out["decode_tok/s (min-max)"] = [
-        "" if pd.isna(v) else f"{v:.1f} ({a:.1f}-{b:.1f})" for v, a, b in zip(speed, lo, hi)]
+        "" if pd.isna(v) else f"{v:.1f} ({a:.1f}-{b:.1f})" for v, a, b in zip(speed, lo, hi)
+    ]
     if "decode_x_float" in order and order["decode_x_float"].notna().any():
         # the speed phase's per-round ratios to the baseline measured beside each method
         out["×speed (rounds min-max)"] = [
             "" if pd.isna(v) else f"{v:.2f} ({a:.2f}-{b:.2f})"
-            for v, a, b in zip(order["decode_x_float"], order["decode_x_min"], order["decode_x_max"])]
+            for v, a, b in zip(
+                order["decode_x_float"], order["decode_x_min"], order["decode_x_max"]
+            )
+        ]
     elif base is not None and pd.notna(base["decode_tokens_per_s"]):
-        out["×speed"] = (speed / base["decode_tokens_per_s"]).map(lambda v: "" if pd.isna(v) else f"{v:.2f}")
+        out["×speed"] = (speed / base["decode_tokens_per_s"]).map(
+            lambda v: "" if pd.isna(v) else f"{v:.2f}"
+        )
     if order["decode_fraction_of_bound"].notna().any():
-        out["%bound"] = order["decode_fraction_of_bound"].map(lambda v: "" if pd.isna(v) else f"{100 * v:.0f}")
+        out["%bound"] = order["decode_fraction_of_bound"].map(
+            lambda v: "" if pd.isna(v) else f"{100 * v:.0f}"
+        )
     out["quantize_s"] = order["quantize_s"].map(lambda v: "" if pd.isna(v) else f"{v:.1f}")
     if order["peak_rss_quantize_bytes"].notna().any():
-        out["peak_MB"] = order[["peak_rss_quantize_bytes", "peak_rss_eval_bytes"]].max(axis=1).map(
-            lambda v: "" if pd.isna(v) else f"{v / 1e6:.0f}")
+        out["peak_MB"] = (
+            order[["peak_rss_quantize_bytes", "peak_rss_eval_bytes"]]
+            .max(axis=1)
+            .map(lambda v: "" if pd.isna(v) else f"{v / 1e6:.0f}")
+        )
     for col in [c for c in order.columns if c.startswith("task_") and not c.endswith("_stderr")]:
         out[col.removeprefix("task_")] = order[col].map(lambda v: "" if pd.isna(v) else f"{v:.4f}")
     if "llamacpp_ppl" in order and order["llamacpp_ppl"].notna().any():
@@ -91,6 +119,7 @@ def _llamacpp_columns(out: pd.DataFrame, order: pd.DataFrame) -> None:
     KL, the activation-quantization cost (quantized file vs its F32 twin), the engine gap
     (F32 twin vs quantlab's llamacpp-convention PPL, when the run scores that convention with
     the same context and chunks), decode tokens/s and its per-round ratio to the float GGUF."""
+
     def fmt(col: str, spec: str, scale: float = 1.0) -> pd.Series:
         return order[col].map(lambda v: "" if pd.isna(v) else format(scale * v, spec))
 
@@ -104,7 +133,12 @@ def _llamacpp_columns(out: pd.DataFrame, order: pd.DataFrame) -> None:
     out["llama.cpp decode_tok/s"] = fmt("llamacpp_decode_tokens_per_s", ".1f")
     out["llama.cpp ×decode (min-max)"] = [
         "" if pd.isna(x) else f"{x:.2f} ({a:.2f}-{b:.2f})"
-        for x, a, b in zip(order["llamacpp_decode_x_float"], order["llamacpp_decode_x_min"], order["llamacpp_decode_x_max"])]
+        for x, a, b in zip(
+            order["llamacpp_decode_x_float"],
+            order["llamacpp_decode_x_min"],
+            order["llamacpp_decode_x_max"],
+        )
+    ]
 
 
 def slower_basis(frame: pd.DataFrame) -> str:
@@ -127,12 +161,17 @@ def slower_than_baseline(frame: pd.DataFrame) -> list[tuple[str, float]]:
         return []
     out = []
     for _, row in frame[frame["backend"] != "none"].iterrows():
-        if pd.notna(row["decode_tokens_per_s_max"]) and row["decode_tokens_per_s_max"] < base["decode_tokens_per_s_min"]:
+        if (
+            pd.notna(row["decode_tokens_per_s_max"])
+            and row["decode_tokens_per_s_max"] < base["decode_tokens_per_s_min"]
+        ):
             out.append((row["method"], row["decode_tokens_per_s"] / base["decode_tokens_per_s"]))
     return out
 
 
-def format_summary(frame: pd.DataFrame, env: dict | None = None, warnings: list[str] | None = None) -> str:
+def format_summary(
+    frame: pd.DataFrame, env: dict | None = None, warnings: list[str] | None = None
+) -> str:
     """The terminal summary: a header saying what was measured, then the table. ``warnings``:
     the report's caveats (:func:`quantlab.report.caveats.report_warnings`), printed instead of
     this run's own speed warnings: ``quantlab compare`` passes them, so the terminal and the
@@ -148,7 +187,12 @@ def format_summary(frame: pd.DataFrame, env: dict | None = None, warnings: list[
     conv = first["ppl_convention"]
     how = CONVENTION_TEXT.get(conv, "").format(seq=first["eval_seq_len"])
     if frame["ppl_convention"].nunique() > 1 or frame["eval_seq_len"].nunique() > 1:
-        how = "DIFFERENT CONVENTIONS OR CONTEXTS BETWEEN ROWS: " + vals("ppl_convention") + ", ctx " + vals("eval_seq_len")
+        how = (
+            "DIFFERENT CONVENTIONS OR CONTEXTS BETWEEN ROWS: "
+            + vals("ppl_convention")
+            + ", ctx "
+            + vals("eval_seq_len")
+        )
     lines = [
         f"perplexity: convention {vals('ppl_convention')} ({how}), {vals('eval_tokens')} scored tokens of "
         f"{vals('eval_source')}, tokenizer {vals('tokenizer')}",
@@ -156,35 +200,58 @@ def format_summary(frame: pd.DataFrame, env: dict | None = None, warnings: list[
         + (f", {env['cpu']}" if env and env.get("cpu") else ""),
     ]
     if pd.notna(first.get("kld_mean")):
-        lines.append(f"KL: mean KL(base || method) per token over {vals('kld_tokens')} tokens; top1_%: same "
-                     "top token as the base model")
+        lines.append(
+            f"KL: mean KL(base || method) per token over {vals('kld_tokens')} tokens; top1_%: same "
+            "top token as the base model"
+        )
     if pd.notna(first.get("decode_tokens_per_s")):
-        lines.append("speed: batch 1, KV cache, median (min-max) of repeats, all checkpoints measured together "
-                     "in rounds alternating with the baseline; ×speed: median (min-max) over rounds of each "
-                     "method's ratio to the baseline beside it; %bound: decode speed as a share of memory "
-                     "bandwidth / weight bytes per token")
-        mode = vals("speed_mode") if "speed_mode" in frame and frame["speed_mode"].notna().any() else "eager"
-        kernels = "; ".join(f"{r['method']} {r['kernel']}" for _, r in frame.iterrows()
-                            if r.get("backend") != "none" and pd.notna(r.get("kernel")))
+        lines.append(
+            "speed: batch 1, KV cache, median (min-max) of repeats, all checkpoints measured together "
+            "in rounds alternating with the baseline; ×speed: median (min-max) over rounds of each "
+            "method's ratio to the baseline beside it; %bound: decode speed as a share of memory "
+            "bandwidth / weight bytes per token"
+        )
+        mode = (
+            vals("speed_mode")
+            if "speed_mode" in frame and frame["speed_mode"].notna().any()
+            else "eager"
+        )
+        kernels = "; ".join(
+            f"{r['method']} {r['kernel']}"
+            for _, r in frame.iterrows()
+            if r.get("backend") != "none" and pd.notna(r.get("kernel"))
+        )
         lines.append(f"speed engine: torch, {mode} decode; kernels: {kernels or 'dense'}")
-    lines.append("size: weight files on disk; peak_MB: process peak RSS while quantizing or scoring")
+    lines.append(
+        "size: weight files on disk; peak_MB: process peak RSS while quantizing or scoring"
+    )
     if "skipped_layers" in frame and frame["skipped_layers"].notna().any():
-        lines.append("float_layers: linear layers the sensitivity pass left in float (skip: auto), besides lm_head")
+        lines.append(
+            "float_layers: linear layers the sensitivity pass left in float (skip: auto), besides lm_head"
+        )
     if warnings is not None:
         lines += [f"WARNING: {w}" for w in warnings]
     else:
-        session = "speed_session" if "speed_session" in frame and frame["speed_session"].notna().any() else "session"
+        session = (
+            "speed_session"
+            if "speed_session" in frame and frame["speed_session"].notna().any()
+            else "session"
+        )
         if session in frame and frame["decode_tokens_per_s"].notna().any():
             timed = frame[frame["decode_tokens_per_s"].notna()]
             sessions = timed[session].dropna().astype(str)
             if sessions.nunique() > 1:
                 older = timed[timed[session].astype(str) != sessions.max()]["method"].astype(str)
-                lines.append("SPEED FROM AN EARLIER SESSION (reused on resume; machine load may have differed, "
-                             f"--force re-measures): {', '.join(older)}")
+                lines.append(
+                    "SPEED FROM AN EARLIER SESSION (reused on resume; machine load may have differed, "
+                    f"--force re-measures): {', '.join(older)}"
+                )
         slower = slower_than_baseline(frame)
         if slower:
-            lines.append(f"SLOWER THAN FLOAT on this device ({slower_basis(frame)}): "
-                         + ", ".join(f"{m} ({r:.2f}x)" for m, r in slower))
+            lines.append(
+                f"SLOWER THAN FLOAT on this device ({slower_basis(frame)}): "
+                + ", ".join(f"{m} ({r:.2f}x)" for m, r in slower)
+            )
     lines += [
         "",
         summary_frame(frame).to_string(index=False),
@@ -195,7 +262,10 @@ def format_summary(frame: pd.DataFrame, env: dict | None = None, warnings: list[
 def markdown_table(table: pd.DataFrame) -> str:
     """A GitHub-flavoured Markdown table of a (formatted) frame, numbers right-aligned."""
     cols = [str(c) for c in table.columns]
-    cells = [["" if pd.isna(v) else str(v).replace("|", "\\|") for v in row] for row in table.itertuples(index=False)]
+    cells = [
+        ["" if pd.isna(v) else str(v).replace("|", "\\|") for v in row]
+        for row in table.itertuples(index=False)
+    ]
 
     def numeric(j: int) -> bool:
         vals = [r[j] for r in cells if r[j]]
@@ -217,9 +287,11 @@ def _looks_numeric(text: str) -> bool:
 
 # ------------------------------------------------------------------ where to deploy (projected)
 
-PROJECTED_NOTE = ("PROJECTED, not measured: datasheet figures x efficiencies fitted to published "
-                  "measurements (docs/hardware.md); decode at the context's end, prefill of a "
-                  "prompt that fills the context")
+PROJECTED_NOTE = (
+    "PROJECTED, not measured: datasheet figures x efficiencies fitted to published "
+    "measurements (docs/hardware.md); decode at the context's end, prefill of a "
+    "prompt that fills the context"
+)
 
 
 def _row_label(rec: dict, multi: bool) -> str:
@@ -240,19 +312,23 @@ def deploy_frame(records: list[dict]) -> pd.DataFrame:
         return pd.DataFrame()
     first = records[0]
     multi = len({r["run"] for r in records}) > 1
-    out = pd.DataFrame({
-        "method": [_row_label(r, multi) for r in records],
-        "engine": [r["engine"] for r in records],
-        "fits": ["yes" if r["fits"] else "NO" for r in records],
-        "weights": [_size(r["weight_bytes"]) for r in records],
-        f"max_batch@ctx{first['context']}": [r["max_batch"] for r in records],
-        f"max_ctx@batch{first['batch']}": [r["max_context"] for r in records],
-        "decode_tok/s PROJECTED": [_fmt(r["decode_tokens_per_s_projected"], ",.0f")
-                                   for r in records],
-        "bound": [r["decode_bound"] or "" for r in records],
-        "prefill_tok/s PROJECTED": [_fmt(r["prefill_tokens_per_s_projected"], ",.0f")
-                                    for r in records],
-    })
+    out = pd.DataFrame(
+        {
+            "method": [_row_label(r, multi) for r in records],
+            "engine": [r["engine"] for r in records],
+            "fits": ["yes" if r["fits"] else "NO" for r in records],
+            "weights": [_size(r["weight_bytes"]) for r in records],
+            f"max_batch@ctx{first['context']}": [r["max_batch"] for r in records],
+            f"max_ctx@batch{first['batch']}": [r["max_context"] for r in records],
+            "decode_tok/s PROJECTED": [
+                _fmt(r["decode_tokens_per_s_projected"], ",.0f") for r in records
+            ],
+            "bound": [r["decode_bound"] or "" for r in records],
+            "prefill_tok/s PROJECTED": [
+                _fmt(r["prefill_tokens_per_s_projected"], ",.0f") for r in records
+            ],
+        }
+    )
     if any(r["kld_mean"] is not None for r in records):
         out["KL (measured)"] = [_fmt(r["kld_mean"], ".4f") for r in records]
     return out
@@ -262,8 +338,10 @@ def format_deploy(records: list[dict], cards: list, notes: list[str] | None = No
     """The terminal version of the report's "Where to deploy" section."""
     first = records[0]
     widths = sorted({f"{8 * r['kv_cache_bytes_per_element']:g}-bit" for r in records})
-    lines = [PROJECTED_NOTE, f"context {first['context']} tokens, batch {first['batch']}, "
-                             f"KV cache {' / '.join(widths)}"]
+    lines = [
+        PROJECTED_NOTE,
+        f"context {first['context']} tokens, batch {first['batch']}, KV cache {' / '.join(widths)}",
+    ]
     for source in dict.fromkeys(r["efficiency_source"] for r in records):
         lines.append(f"efficiency: {source}")
     for card in cards:
