@@ -30,22 +30,21 @@ a file by its name.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
 import shutil
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from quantlab.atomicdir import TMP_INFIX, atomic_directory, tmp_prefix
 from quantlab.errors import QuantlabError
 from quantlab.log import log
 
 RECORD = ".quantlab-entry.json"
 RECORD_FORMAT = 1
-#: temporary directories of writers: ``ROOT/.KEY.tmp-<pid>-<random>`` (only quantlab writes here)
-_TMP_INFIX = ".tmp-"
 
 
 def cache_dir() -> Path:
@@ -202,7 +201,7 @@ def _remove(path: Path) -> None:
 
 def _stale_temporaries(root: Path, key: str) -> None:
     """Temporary directories of writers of ``key`` that died (we hold the lock: none is live)."""
-    for tmp in Path(root).glob(f".{key}{_TMP_INFIX}*"):
+    for tmp in Path(root).glob(f"{glob.escape(tmp_prefix(Path(root) / key, hidden=True))}*"):
         _remove(tmp)
 
 
@@ -233,18 +232,12 @@ def cached(
         if (found := read_entry(root, key, what=what, expect=expect)) is not None:
             return found[0], found[1], True
         _stale_temporaries(root, key)
-        tmp = root / f".{key}{_TMP_INFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir(parents=True)
-        try:
+        entry = root / key
+        # no marker: it would join the entry's files; the lock keeps other writers out
+        with atomic_directory(entry, replace=True, marker=False, hidden=True) as tmp:
             meta = build(tmp) or {}
             record = {"format": RECORD_FORMAT, "key": key, "meta": meta, "files": entry_files(tmp)}
             (tmp / RECORD).write_text(json.dumps(record, indent=2), encoding="utf-8")
-            entry = root / key
-            _remove(entry)
-            tmp.rename(entry)
-        except BaseException:
-            _remove(tmp)  # Ctrl-C or a failed build leaves nothing half-written behind
-            raise
     return entry, meta, False
 
 
@@ -264,8 +257,8 @@ def prune(root: Path, keep: int, *, what: str) -> None:
             if held:
                 log(f"cache: {what} at '{old}' removed (the {keep} most recently used are kept)")
                 _remove(old)
-    for tmp in root.glob(f".*{_TMP_INFIX}*"):
-        key = tmp.name[1:].split(_TMP_INFIX)[0]
+    for tmp in root.glob(f".*{TMP_INFIX}*"):
+        key = tmp.name[1:].split(TMP_INFIX)[0]
         with locked(root, key, wait=False) as held:
             if held:
                 _remove(tmp)

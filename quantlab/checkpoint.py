@@ -26,13 +26,9 @@ Two rules keep a checkpoint what it was when it was scored:
 from __future__ import annotations
 
 import copy
-import glob
 import hashlib
 import json
 import os
-import secrets
-import shutil
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -40,6 +36,7 @@ from typing import Any
 import torch
 
 from quantlab import __version__
+from quantlab.atomicdir import TMP_MARKER, atomic_directory
 from quantlab.cache import sha256_file as _sha256
 from quantlab.errors import QuantlabError
 from quantlab.layout import SIDECAR
@@ -52,97 +49,32 @@ def export_checkpoint(
     """Write ``quantized`` (the :class:`~quantlab.quantizers.base.Quantized` that
     ``backend.quantize`` returned, or a model that needs nothing beyond its modules to be
     saved: a float model, or one whose backend keeps no artifacts) into ``out_dir``,
-    atomically. An existing
-    ``out_dir`` is replaced only when it is a checkpoint quantlab wrote (it has a sidecar).
+    atomically (:func:`quantlab.atomicdir.atomic_directory`). An existing ``out_dir`` is
+    replaced only when it is a checkpoint quantlab wrote (it has a sidecar).
 
     Where ``out_dir`` may be is the caller's rule (a run's method directory under its lock,
     :func:`quantlab.direct.save` outside every quantlab output). The temporary directory is
     removed on any failure; leftovers of killed exports are removed only when provably
-    quantlab's (:func:`_remove_stale_exports`)."""
+    quantlab's (:func:`quantlab.atomicdir.remove_stale`)."""
     from quantlab.quantizers.base import Quantized
 
     if not isinstance(quantized, Quantized):
         quantized = Quantized(quantized)
     out_dir = Path(out_dir)
+    check_replaceable(out_dir)
+    with atomic_directory(out_dir, replace=True) as tmp:
+        _write(quantized, tokenizer, backend, tmp, source, label)
+    return out_dir
+
+
+def check_replaceable(out_dir: Path) -> None:
+    """An export may write ``out_dir`` when it is absent or a checkpoint quantlab wrote (it has
+    a sidecar): a user's file, link or other directory is never replaced."""
     if out_dir.is_symlink() or (out_dir.exists() and not (out_dir / SIDECAR).is_file()):
         raise QuantlabError(
             f"'{out_dir}' exists but is not a checkpoint quantlab wrote (a file, a link, or a "
             "directory without quantlab.json); move it away and run again"
         )
-    _remove_stale_exports(out_dir)
-    tmp = _fresh_tmp(out_dir)
-    try:
-        marker = {"pid": os.getpid(), "host": socket.gethostname()}
-        (tmp / TMP_MARKER).write_text(json.dumps(marker))
-        _write(quantized, tokenizer, backend, tmp, source, label)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(
-            tmp, ignore_errors=True
-        )  # a full disk or Ctrl-C leaves no half checkpoint behind
-        raise
-    (out_dir / TMP_MARKER).unlink(missing_ok=True)  # not in the manifest: a leftover is harmless
-    return out_dir
-
-
-#: the temporary export directory of ``NAME`` is ``NAME.tmp-PID-RANDOM``
-TMP_INFIX = ".tmp-"
-#: written first into every temporary export directory: the proof that quantlab made it
-#: (with the pid and host that did, so a live export of another process is left alone)
-TMP_MARKER = ".quantlab-export"
-
-
-def _fresh_tmp(out_dir: Path) -> Path:
-    """A new, empty temporary directory beside ``out_dir``: an entry that happens to bear the
-    name is never taken over (nor, on failure, removed)."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(100):
-        tmp = out_dir.with_name(f"{out_dir.name}{TMP_INFIX}{os.getpid()}-{secrets.token_hex(4)}")
-        try:
-            tmp.mkdir()
-        except FileExistsError:
-            continue
-        return tmp
-    raise QuantlabError(f"cannot create a temporary directory beside '{out_dir}'")
-
-
-def _remove_stale_exports(out_dir: Path) -> list[Path]:
-    """Remove the half-written exports of killed processes beside ``out_dir``.
-
-    The rule: quantlab deletes only what it can prove it wrote. An entry is removed when it
-    is named ``NAME.tmp-*``, is a real directory (not a link), holds :data:`TMP_MARKER`, and
-    the marker names a process of this host that no longer runs. Anything else (a user's
-    ``NAME.tmp-mine/``, an export still being written by another process, another host's)
-    is left as it is."""
-    removed = []
-    for stale in out_dir.parent.glob(f"{glob.escape(out_dir.name)}{TMP_INFIX}*"):
-        if stale.is_symlink() or not stale.is_dir() or not _dead_writer(stale / TMP_MARKER):
-            continue
-        shutil.rmtree(stale, ignore_errors=True)
-        removed.append(stale)
-    return removed
-
-
-def _dead_writer(marker: Path) -> bool:
-    """True when ``marker`` is a temporary export's marker whose process, on this host, has
-    ended; False when it is not one, or the writer may still run (or cannot be told)."""
-    try:
-        rec = json.loads(marker.read_text(encoding="utf-8")) if not marker.is_symlink() else None
-    except (OSError, ValueError):
-        return False
-    if not isinstance(rec, dict) or type(rec.get("pid")) is not int:
-        return False
-    if rec.get("host") != socket.gethostname():
-        return False
-    try:
-        os.kill(rec["pid"], 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, OverflowError, ValueError):
-        return False
-    return False
 
 
 def _write(quantized, tokenizer, backend, tmp: Path, source: dict[str, Any], label: str) -> None:

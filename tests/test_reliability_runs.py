@@ -23,9 +23,9 @@ import pytest
 import torch
 
 import quantlab
+from quantlab.atomicdir import TMP_MARKER
 from quantlab.checkpoint import (
     CLONE_MIN_BYTES,
-    TMP_MARKER,
     changes_since_export,
     export_checkpoint,
     share_source_files,

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from quantlab.atomicdir import atomic_directory
 from quantlab.errors import QuantlabError
 from quantlab.formats import QuantizedWeight, unpack_layer
 from quantlab.formats.base import tied_parameter_names
@@ -168,10 +169,7 @@ def export_compressed_tensors(checkpoint: str | Path, out_dir: str | Path) -> Pa
     ((bits, group),) = shapes
     in_features = next(iter(grids.values())).codes.shape[1]
     tensors = state_dict(model, grids)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_directory(out_dir) as tmp:
         for f in src.iterdir():
             if f.is_file() and f.name not in (SIDECAR, WEIGHTS, "model.safetensors.index.json"):
                 shutil.copy2(f, tmp / f.name)
@@ -181,10 +179,6 @@ def export_compressed_tensors(checkpoint: str | Path, out_dir: str | Path) -> Pa
         )
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

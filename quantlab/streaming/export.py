@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,12 +17,11 @@ from typing import Any
 import torch
 
 from quantlab import __version__
+from quantlab.atomicdir import atomic_directory
 from quantlab.checkpoint import (
     SIDECAR,
     SIDECAR_FORMAT,
-    TMP_MARKER,
-    _fresh_tmp,
-    _remove_stale_exports,
+    check_replaceable,
     file_times,
     manifest,
     sidecar_digest,
@@ -38,29 +34,14 @@ def building(out_dir: Path) -> Iterator[Path]:
     """A fresh temporary directory beside ``out_dir`` that becomes ``out_dir`` when the block
     ends without error, and is removed otherwise (a full disk, Ctrl-C). An existing
     ``out_dir`` is replaced only when it is a checkpoint quantlab wrote; leftovers of killed
-    exports beside it are removed by quantlab.checkpoint's rule (provably quantlab's, writer
+    exports beside it are removed by quantlab.atomicdir's rule (provably quantlab's, writer
     gone)."""
     out_dir = Path(out_dir)
-    if out_dir.is_symlink() or (out_dir.exists() and not (out_dir / SIDECAR).is_file()):
-        raise QuantlabError(
-            f"'{out_dir}' exists but is not a checkpoint quantlab wrote (a file, a link, "
-            "or a directory without quantlab.json); move it away and run again"
-        )
-    _remove_stale_exports(out_dir)
-    tmp = _fresh_tmp(out_dir)
-    try:
-        marker = {"pid": os.getpid(), "host": socket.gethostname()}
-        (tmp / TMP_MARKER).write_text(json.dumps(marker))
+    check_replaceable(out_dir)
+    with atomic_directory(out_dir, replace=True) as tmp:
         yield tmp
         if not (tmp / SIDECAR).is_file():
             raise QuantlabError(f"the export into '{tmp}' ended without its sidecar")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    (out_dir / TMP_MARKER).unlink(missing_ok=True)
 
 
 def write_model_files(
