@@ -68,9 +68,10 @@ class Allocation:
             "budget_bits_per_weight": self.budget,
             "choices": self.choices,
             "group_size": self.group_size,
-            "solver": f"multiple-choice knapsack, dynamic programming over {STEPS} budget steps (exact, costs "
-            "rounded up)",
-            "probe": "round-to-nearest at each width, one unit at a time, KL(float || probe) per token (nats)",
+            "solver": f"multiple-choice knapsack, dynamic programming over {STEPS} budget "
+            "steps (exact, costs rounded up)",
+            "probe": "round-to-nearest at each width, one unit at a time, KL(float || probe) "
+            "per token (nats)",
             "units": self.units,
             "params": self.params,
             "kl": {u: {str(b): v for b, v in k.items()} for u, k in self.kl.items()},
@@ -243,28 +244,11 @@ def allocate(
         finally:
             _restore(model, snap)
 
-    known = _read_cache(cache)
-    todo = [(u, b) for u in units for b in alloc.choices if str(b) not in known.get(u, {})]
     log(
-        f"allocation: {len(units)} units x {len(choices)} widths, KL on {ids.shape[0]} x {ids.shape[1]} tokens"
-        + (
-            f" ({len(units) * len(choices) - len(todo)} measured earlier in this run)"
-            if known
-            else ""
-        )
+        f"allocation: {len(units)} units x {len(choices)} widths, KL on "
+        f"{ids.shape[0]} x {ids.shape[1]} tokens"
     )
-    for i, u in enumerate(units):
-        alloc.kl[u] = {}
-        for b in alloc.choices:
-            if str(b) not in known.get(u, {}):
-                known.setdefault(u, {})[str(b)] = probe(dict.fromkeys(units[u], b))
-            alloc.kl[u][b] = known[u][str(b)]
-        if (i + 1) % max(1, len(units) // 10) == 0 and todo:
-            log(
-                f"allocation: {i + 1}/{len(units)} units measured ({time.perf_counter() - t0:.0f} s)"
-            )
-    if cache is not None and todo:
-        atomic_write_json(cache, known)
+    alloc.kl = measure(units, dict.fromkeys(units, alloc.choices), probe, cache=cache, log=log)
     total_params = sum(params.values())
     alloc.chosen = solve(alloc.kl, cost, budget * total_params)
     alloc.predicted_kl = sum(alloc.kl[u][b] for u, b in alloc.chosen.items())
@@ -274,7 +258,42 @@ def allocate(
     widths = sorted(set(alloc.chosen.values()))
     mix = ", ".join(f"{sum(1 for b in alloc.chosen.values() if b == w)} x {w}-bit" for w in widths)
     log(
-        f"allocation: {mix} units; {alloc.bits_per_weight:.3f} bits/weight (budget {budget}); KL predicted "
-        f"{alloc.predicted_kl:.4f}, measured {alloc.measured_kl:.4f} (RTN probe) in {alloc.seconds:.0f} s"
+        f"allocation: {mix} units; {alloc.bits_per_weight:.3f} bits/weight (budget {budget}); "
+        f"KL predicted {alloc.predicted_kl:.4f}, measured {alloc.measured_kl:.4f} (RTN probe) "
+        f"in {alloc.seconds:.0f} s"
     )
     return alloc
+
+
+def measure(
+    units: dict[str, list[str]],
+    choices: dict[str, list],
+    probe: Callable[[dict], float],
+    *,
+    cache: Path | None = None,
+    log: Callable[[str], None],
+) -> dict[str, dict]:
+    """KL of every unit at each of its ``choices[unit]`` (widths, GGUF types...): ``probe``
+    of {member: choice} for the unit's members, read from ``cache`` (a JSON file of
+    {unit: {str(choice): KL}}) when measured before and written back when new ones were."""
+    t0 = time.perf_counter()
+    known = _read_cache(cache)
+    todo = [(u, c) for u in units for c in choices[u] if str(c) not in known.get(u, {})]
+    total = sum(len(c) for c in choices.values())
+    if known:
+        log(f"allocation: {total - len(todo)} of {total} probes measured earlier in this run")
+    kl: dict[str, dict] = {}
+    for i, u in enumerate(units):
+        kl[u] = {}
+        for c in choices[u]:
+            if str(c) not in known.get(u, {}):
+                known.setdefault(u, {})[str(c)] = probe(dict.fromkeys(units[u], c))
+            kl[u][c] = known[u][str(c)]
+        if (i + 1) % max(1, len(units) // 10) == 0 and todo:
+            log(
+                f"allocation: {i + 1}/{len(units)} units measured "
+                f"({time.perf_counter() - t0:.0f} s)"
+            )
+    if cache is not None and todo:
+        atomic_write_json(cache, known)
+    return kl

@@ -9,6 +9,10 @@ collects) and the search weights by it as llama.cpp does; ``imatrix_file`` reads
 llama.cpp's imatrix files instead. The GGUF file is the checkpoint (``model.gguf``, with the
 importance matrix beside it as ``imatrix/imatrix.gguf`` when one was used); quantlab scores it read
 back through transformers' GGUF reader, like the ``llamacpp`` rows.
+
+``type: auto`` with ``size_target`` chooses a type per tensor (the embedding included) under
+the target by each tensor's KL at each type (:mod:`quantlab.quantizers.ggml_alloc`); the choice
+goes into the checkpoint as ``allocation.json`` and into the row's ``layers`` record.
 """
 
 from __future__ import annotations
@@ -31,14 +35,41 @@ CHECKPOINT_GGUF = "model.gguf"
 #: checkpoint's top-level *.gguf files are its weights (sizes, bits per weight)
 IMATRIX_FILE = "imatrix/imatrix.gguf"
 SCRATCH_PREFIX = "quantlab-ggml-"
-GgmlType = Literal["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL"]
+#: the type allocation's record beside the GGUF file (type: auto)
+ALLOCATION_FILE = "allocation.json"
+GgmlType = Literal["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "AUTO"]
+#: options that only type: auto reads
+_AUTO_KNOBS = ("size_target", "candidates", "units", "probe_windows", "probe_seq_len")
 
 
 class GgmlConfig(BackendConfig):
     type: GgmlType = Field(
         "Q4_0",
         description="The GGUF type of every linear layer: Q4_0, Q4_1, Q5_0, "
-        "Q5_1, Q8_0 or IQ4_NL (lower case accepted).",
+        "Q5_1, Q8_0 or IQ4_NL (lower case accepted); 'auto': a type per tensor, the token "
+        "embedding included, chosen by KL under size_target.",
+    )
+    size_target: float | str | None = Field(
+        None,
+        description="type: auto: the size of the 2-D tensors (linears, embedding, an untied "
+        "head): bits per weight (a number, e.g. 4.5) or bytes with a unit ('85MB', '81MiB').",
+    )
+    candidates: list[str] | None = Field(
+        None,
+        description="type: auto: the types to choose from (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, "
+        "IQ4_NL, F16, F32); default the six quantized types that fit each tensor, plus F16 "
+        "for tensors of at most 131072 weights.",
+    )
+    units: Literal["tensor", "fused"] = Field(
+        "tensor",
+        description="type: auto: 'tensor': every tensor its own type; 'fused': the layers "
+        "engines fuse (q/k/v, gate/up) share one (fewer probes).",
+    )
+    probe_windows: int = Field(
+        4, ge=1, le=64, description="type: auto: calibration windows the KL is measured on."
+    )
+    probe_seq_len: int = Field(
+        256, ge=8, le=8192, description="type: auto: tokens of each probe window."
     )
     imatrix: bool = Field(
         False,
@@ -80,6 +111,51 @@ class GgmlConfig(BackendConfig):
     def _upper(cls, v: Any) -> Any:
         return v.upper() if isinstance(v, str) else v
 
+    @field_validator("candidates", mode="before")
+    @classmethod
+    def _known_types(cls, v: Any) -> Any:
+        from quantlab.quantizers.ggml_alloc import ALL_TYPES
+
+        if v is None:
+            return v
+        v = [t.upper() if isinstance(t, str) else t for t in v]
+        bad = [t for t in v if t not in ALL_TYPES]
+        if bad or not v or len(set(v)) != len(v):
+            raise ValueError(
+                f"candidates {v}: give distinct types from {', '.join(ALL_TYPES)}"
+                + (f" ({', '.join(map(str, bad))} unknown)" if bad else "")
+            )
+        return v
+
+    @field_validator("size_target")
+    @classmethod
+    def _target(cls, v: Any) -> Any:
+        from quantlab.quantizers.ggml_alloc import parse_target
+
+        if v is not None:
+            parse_target(v)
+        return v
+
+    @model_validator(mode="after")
+    def _auto_knobs(self) -> GgmlConfig:
+        # type: auto needs a target; its knobs without it would be silently ignored
+        if self.type == "AUTO":
+            if self.size_target is None:
+                raise ValueError(
+                    "type: auto needs size_target (bits per weight, e.g. 4.5, or bytes, '85MB')"
+                )
+            if self.search != "none":
+                raise ValueError(
+                    "search: awq needs one type to search for; with type: auto use search: none"
+                )
+            return self
+        knobs = sorted(
+            k for k in _AUTO_KNOBS if getattr(self, k) != type(self).model_fields[k].default
+        )
+        if knobs:
+            raise ValueError(f"{', '.join(knobs)} only apply with type: auto (type is {self.type})")
+        return self
+
     @model_validator(mode="after")
     def _search_knobs(self) -> GgmlConfig:
         # a knob of a search that does not run would be silently ignored: say so instead
@@ -94,6 +170,8 @@ class GgmlConfig(BackendConfig):
         return self
 
     def table_fields(self) -> dict[str, Any]:
+        if self.type == "AUTO":  # several types: bits per weight says the size
+            return {"bits": None, "group_size": BLOCK}
         return {"bits": int(self.type[1] if self.type[0] == "Q" else 4), "group_size": BLOCK}
 
 
@@ -111,7 +189,7 @@ class Ggml(Backend):
     @property
     def needs_calibration(self) -> bool:  # type: ignore[override]
         c = self.config
-        return (c.imatrix and c.imatrix_file is None) or c.search == "awq"
+        return (c.imatrix and c.imatrix_file is None) or c.search == "awq" or c.type == "AUTO"
 
     def quantized_modules(self, model: nn.Module) -> list[str]:
         return []  # the weights live in the GGUF file, not in replaced modules
@@ -122,6 +200,10 @@ class Ggml(Backend):
         c = self.config
         if c.imatrix and c.imatrix_file:
             raise QuantlabError("ggml: set imatrix: true (computed here) or imatrix_file, not both")
+        if c.type == "AUTO":
+            from quantlab.quantizers.ggml_alloc import plan
+
+            plan(model, _block_linears(model), c)  # candidates fit, the target is reachable
         for name, shape, qtype in _planned(model, c):
             if qtype in TYPES:
                 check_quantizable(name, shape, qtype)
@@ -172,18 +254,27 @@ class Ggml(Backend):
                 awq_fold(
                     model, calibration, self.config.type, im, names, self.config, out.layer_stats
                 )
+        importance = {n: im.importance(n) for n in im.sums} if im is not None else None
+        types = None
+        if self.config.type == "AUTO":
+            with out.stage("type allocation"):
+                types = self._allocate(model, calibration, template, importance, out)
         with scratch_dir(SCRATCH_PREFIX, inside=context.scratch_dir) as work:
             gguf = work / CHECKPOINT_GGUF
             with out.stage("quantize and write GGUF"):
-                importance = {n: im.importance(n) for n in im.sums} if im is not None else None
-                export_ggml(
-                    model,
-                    gguf,
-                    template,
-                    self.config.type,
-                    embedding_type=self.config.embedding_type,
-                    importance=importance,
-                )
+                if types is not None:
+                    from quantlab.quantizers.ggml_alloc import write_mixed_gguf
+
+                    write_mixed_gguf(model, gguf, template, types, importance)
+                else:
+                    export_ggml(
+                        model,
+                        gguf,
+                        template,
+                        self.config.type,
+                        embedding_type=self.config.embedding_type,
+                        importance=importance,
+                    )
             out.layer_stats["gguf_tensor_types"] = gguf_type_counts(gguf)
             loaded = _load_gguf(gguf, next(model.parameters()).dtype)
             # held open: closed by save(); the name goes with work
@@ -191,6 +282,31 @@ class Ggml(Backend):
             if im is not None:
                 out.artifacts["imatrix"] = write_imatrix(im, work / "imatrix.gguf").read_bytes()
         return loaded
+
+    def _allocate(self, model, calibration, template, importance, out: Quantized) -> dict:
+        """type: auto: {GGUF name: type} under the size target (the record goes to the row's
+        layers and, by save(), beside the file)."""
+        import json
+
+        from quantlab.log import log
+        from quantlab.quantizers import ggml_alloc as ga
+
+        c = self.config
+        if calibration is None:
+            raise QuantlabError("ggml with type: auto needs calibration windows")
+        layout = ga.plan(model, _block_linears(model), c)
+        gnames = ga.gguf_name_map(model, list(layout["shapes"]), template)
+        # the blocks' tensors are quantized with the importance, the embedding/head without
+        imp = {
+            m: (importance or {}).get(g) if g.startswith("blk.") else None
+            for m, g in gnames.items()
+        }
+        ids = ga.probe_windows(calibration, c.probe_windows, c.probe_seq_len)
+        rec = ga.choose_types(model, ids, layout, c, imp, log)
+        rec["gguf_tensor_types"] = {gnames[m]: t for m, t in rec["tensor_types"].items()}
+        out.layer_stats["gguf_allocation"] = rec
+        out.artifacts["allocation"] = json.dumps(rec, indent=1).encode()
+        return rec["gguf_tensor_types"]
 
     def _importance(self, model: nn.Module, calibration: torch.Tensor | None):
         """The importance matrix the options ask for (None: none)."""
@@ -216,6 +332,8 @@ class Ggml(Backend):
         with gguf as src, open(out_dir / CHECKPOINT_GGUF, "wb") as dst:
             src.seek(0)
             shutil.copyfileobj(src, dst, 1 << 22)
+        if "allocation" in quantized.artifacts:
+            (out_dir / ALLOCATION_FILE).write_bytes(quantized.artifacts["allocation"])
         if "imatrix" in quantized.artifacts:
             (out_dir / IMATRIX_FILE).parent.mkdir()
             (out_dir / IMATRIX_FILE).write_bytes(quantized.artifacts["imatrix"])
@@ -255,6 +373,8 @@ def _block_columns(model: nn.Module) -> dict[str, int]:
 
 def _planned(model: nn.Module, c: GgmlConfig) -> list[tuple[str, tuple[int, ...], str]]:
     """(name, shape, GGUF type) of every 2-D weight the file quantizes."""
+    if c.type == "AUTO":  # checked by ggml_alloc.plan
+        return []
     out = [(n, tuple(model.get_submodule(n).weight.shape), c.type) for n in _block_linears(model)]
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if emb is not None:
