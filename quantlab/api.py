@@ -148,7 +148,8 @@ def load_checkpoint(
     return _load(path, dtype=resolve_dtype(dtype, dev), device=dev, verify=verify, kernel=kernel)
 
 
-#: ``quantlab.load(path)``: the counterpart of :func:`quantlab.save` (GPTQModel's and torchao's name)
+# : ``quantlab.load(path)``: the counterpart of :func:`quantlab.save` (GPTQModel's and torchao's
+# name)
 load = load_checkpoint
 
 
@@ -156,7 +157,8 @@ def evaluate(model: str | Path, **options: Any) -> dict:
     """Score a model source or exported checkpoint without quantizing anything, as
     ``quantlab eval`` does: ``evaluate("smollm2-135m", data="pydoc", convention="llamacpp",
     seq_len=512, max_windows=20, base=None, speed=False)``. Returns the JSON object the
-    command prints (``ppl``, ``ppl_stderr``, ``scored_tokens``, labels, divergence with ``base``)."""
+    command prints (``ppl``, ``ppl_stderr``, ``scored_tokens``, labels, divergence with
+    ``base``)."""
     from quantlab import arguments
     from quantlab.evalcmd import evaluate_source
 

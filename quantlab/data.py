@@ -402,7 +402,8 @@ def sample_calibration(
     n = ids.numel()
     if n < seq_len:
         raise QuantlabError(
-            f"calibration text '{text.name}' has {n} tokens, fewer than calibration.seq_len={seq_len}"
+            f"calibration text '{text.name}' has {n} tokens, fewer than "
+            f"calibration.seq_len={seq_len}"
         )
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, n - seq_len + 1, (samples,), generator=g)

@@ -128,7 +128,8 @@ def evaluate_source(
             f"({len(lm.tokenizer)} vs {base_vocab} tokens); divergence needs the same one"
         )
     _log(
-        f"scoring {plan.scored_tokens} tokens of {text.name} ({plan.convention}, {len(plan.segments)} windows)"
+        f"scoring {plan.scored_tokens} tokens of {text.name} ({plan.convention}, "
+        f"{len(plan.segments)} windows)"
     )
     ppl, div = evaluate(lm.model, plan, batch_size, reference)
     _warn_if_not_finite(model, ppl.ppl)
@@ -259,7 +260,8 @@ def _cached_reference(root: Path, key: str, build):
 
 
 def _kernel_label(lm) -> str:
-    """What ran the quantized layers (the results table's ``kernel``); ``dense`` for a float model."""
+    """What ran the quantized layers (the results table's ``kernel``); ``dense`` for a float
+    model."""
     from quantlab.checkpoint import read_sidecar
     from quantlab.measure import kernel_label
 
@@ -346,7 +348,8 @@ def _print_summary(out: dict, args) -> None:
     err = f" ± {out['ppl_stderr']:.4f}" if out.get("ppl_stderr") is not None else ""
     print(
         f"{unit} {v['ppl']:.4f}{err}  ({conv}, seq_len {out['seq_len']}, "
-        f"{out['scored_tokens']} scored tokens in {out['windows']} windows of {out['text_source']}, "
+        f"{out['scored_tokens']} scored tokens in {out['windows']} windows of "
+        f"{out['text_source']}, "
         f"tokenizer {out['tokenizer']}, {out['dtype']} on {out['device']})"
     )
     if conv == "lm-eval":

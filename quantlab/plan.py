@@ -126,7 +126,8 @@ class RunPlan:
         if want != got:
             raise QuantlabError(
                 f"model '{m.source}' here is not the model the run was planned with (content "
-                f"{str(got)[:12]} vs {str(want)[:12]}); every machine of a run must see the same model"
+                f"{str(got)[:12]} vs {str(want)[:12]}); every machine of a run must see the same "
+                "model"
             )
         return base
 
@@ -150,7 +151,8 @@ class RunPlan:
             raw = rd.plan_tensors.read_bytes()
         except OSError as e:
             raise QuantlabError(
-                f"cannot read the run plan in '{run_dir}' ({e.strerror or e}); on a cluster the run "
+                f"cannot read the run plan in '{run_dir}' ({e.strerror or e}); on a cluster the "
+                "run "
                 "directory must be on storage every node mounts at the same path"
             ) from None
         if (
@@ -334,7 +336,8 @@ def _refuse_foreign_run(rd: RunDir, recipe: Recipe, force: bool) -> None:
         name = None
     if name != recipe.name:
         raise QuantlabError(
-            f"'{rd.root}' holds the results of recipe '{name}', not '{recipe.name}'; choose another "
+            f"'{rd.root}' holds the results of recipe '{name}', not '{recipe.name}'; choose "
+            "another "
             "--out, or pass --force to replace them"
         )
 
@@ -345,7 +348,8 @@ def prepare(s: Setup, force: bool, log) -> tuple[RunPlan, LoadedModel]:
     (the local executor quantizes it first instead of loading it again)."""
     recipe = s.recipe
     log(
-        f"loading model '{recipe.model.source}' ({str(s.dtype).removeprefix('torch.')} on {s.device})"
+        f"loading model '{recipe.model.source}' ({str(s.dtype).removeprefix('torch.')} on "
+        f"{s.device})"
     )
     if recipe.model.trust_remote_code:
         log(
@@ -423,7 +427,8 @@ def check_lengths(recipe: Recipe, backends: dict, max_pos: int | None) -> None:
     cal, speed = recipe.calibration, recipe.eval.speed
     if any(b.needs_calibration for b in backends.values()) and cal.seq_len > max_pos:
         raise QuantlabError(
-            f"calibration.seq_len={cal.seq_len} is longer than the model's context ({max_pos} tokens)"
+            f"calibration.seq_len={cal.seq_len} is longer than the model's context ({max_pos} "
+            "tokens)"
         )
     for i, m in enumerate(recipe.methods):
         spec = m.sensitivity_spec()
@@ -513,7 +518,8 @@ def _reference(plan: RunPlan, base: LoadedModel, log) -> None:
         },
     )
     log(
-        f"base model distributions on {part.scored_tokens} tokens ({len(part.segments)} windows) for divergence"
+        f"base model distributions on {part.scored_tokens} tokens ({len(part.segments)} windows) "
+        "for divergence"
     )
     compute_reference(base.model, part, plan.run_dir.reference(), ev.batch_size, key)
     plan.reference_key = key

@@ -8,7 +8,8 @@ Layout::
       recipe.yaml                       the recipe as resolved (every default filled in)
       environment.json, calibration.json
       reference/                        the base model's distributions (divergence)
-      allocation/                       per-unit KLs of bits: auto, shared by the methods (quantlab.allocation)
+      allocation/                       per-unit KLs of bits: auto, shared by the methods
+      (quantlab.allocation)
       results.csv, results.parquet      one row per method, rewritten as methods finish
       report.html, results.md, plots/
       LABEL/                            one directory per method

@@ -51,7 +51,8 @@ def build_plan(settings: ScoringSpec, text: Text, tokenizer, model) -> WindowPla
 
 
 def labels(plan: WindowPlan, text: Text, tokenizer, model) -> dict:
-    """What a perplexity figure was measured on: convention, windows, text, tokenizer, dtype, device."""
+    """What a perplexity figure was measured on: convention, windows, text, tokenizer, dtype,
+    device."""
     p = next(model.parameters())
     return {
         "convention": plan.convention,

@@ -74,7 +74,8 @@ def speed_phase(plan, rows: list[dict], log) -> None:
     if other is not None and other >= BUSY_CORES:
         log(
             f"speed: other processes used {other:.2f} cores on average during the speed phase "
-            f"({os.cpu_count()} cores, {torch.get_num_threads()} threads here): the figures are disturbed"
+            f"({os.cpu_count()} cores, {torch.get_num_threads()} threads here): the figures are "
+            "disturbed"
         )
     for r in rows:
         r.update(

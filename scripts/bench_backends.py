@@ -17,7 +17,8 @@ and the backend's library.
 
 Prints a table with every figure and its ratio to the float baseline.
 
-    .venv/bin/python scripts/bench_backends.py [--windows 8] [--granularity layer] [--out runs/bench_backends]
+    .venv/bin/python scripts/bench_backends.py [--windows 8] [--granularity layer] [--out
+    runs/bench_backends]
 """
 
 from __future__ import annotations
@@ -160,9 +161,12 @@ def main() -> None:
     pd.set_option("display.max_columns", 30)
     print(
         "\nperplexity: gptq convention, 512-token windows of the embedded pydoc evaluation split; "
-        "KL: mean KL(float || method) per token; fresh process per checkpoint, nothing else running: "
-        f"prefill: 512-token prompt, decode: batch 1, 32 tokens after a 64-token prompt, medians of "
-        f"{args.repeats}; model_MB: RSS after running minus RSS after imports; peak_MB: peak RSS while "
+        "KL: mean KL(float || method) per token; fresh process per checkpoint, nothing else "
+        "running: "
+        "prefill: 512-token prompt, decode: batch 1, 32 tokens after a 64-token prompt, medians "
+        "of "
+        f"{args.repeats}; model_MB: RSS after running minus RSS after imports; peak_MB: peak RSS "
+        "while "
         "running minus RSS after imports"
     )
     print(t.to_string(index=False, float_format=lambda v: f"{v:.3f}"))

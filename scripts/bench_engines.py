@@ -2,7 +2,8 @@
 scored by quantlab (torch) and by llama.cpp on WikiText-2 v1 test (../shared/data), ctx 512,
 the first N chunks, at a fixed thread count; then each target printed with the figures behind it.
 
-    .venv/bin/python scripts/bench_engines.py [--chunks 100] [--threads 2] [--samples 32] [--out runs/bench-engines]
+    .venv/bin/python scripts/bench_engines.py [--chunks 100] [--threads 2] [--samples 32] [--out
+    runs/bench-engines]
 
 Needs llama.cpp's tools (bash scripts/llamacpp.sh) and ../shared/data/wikitext-2. Run it alone:
 speed ratios come from interleaved rounds, but a second benchmark on the same cores still
@@ -65,7 +66,8 @@ def _targets(frame: pd.DataFrame) -> list[tuple[str, str, bool | None]]:
             out.append(
                 (
                     f"{label}: llama.cpp PPL of the F32 export == quantlab's within 0.05%",
-                    f"gap {gap:+.4f}%, activation-quantization cost {row['llamacpp_actq_cost_pct']:+.3f}%",
+                    f"gap {gap:+.4f}%, activation-quantization cost "
+                    f"{row['llamacpp_actq_cost_pct']:+.3f}%",
                     abs(gap) <= 0.05 if pd.notna(gap) else None,
                 )
             )
@@ -112,7 +114,8 @@ def main() -> int:
         "quantize_s",
     ]
     print(
-        f"\nWikiText-2 v1 test, ctx 512, {args.chunks} chunks, {args.threads} threads; torch ppl in the llamacpp "
+        f"\nWikiText-2 v1 test, ctx 512, {args.chunks} chunks, {args.threads} threads; torch ppl "
+        "in the llamacpp "
         "convention; llama.cpp figures from its own tools"
     )
     print(frame[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}"))

@@ -130,7 +130,8 @@ def main() -> None:
     print(f"local wall: {', '.join(f'{w:.1f}' for w in walls['local'])} s")
     print(f"ray wall:   {', '.join(f'{w:.1f}' for w in walls['ray'])} s")
     print(
-        f"ray / local per round: {', '.join(f'{x:.2f}' for x in ratios)}; median {statistics.median(ratios):.2f} "
+        f"ray / local per round: {', '.join(f'{x:.2f}' for x in ratios)}; median "
+        f"{statistics.median(ratios):.2f} "
         f"(target <= 1.20: {'met' if statistics.median(ratios) <= 1.2 else 'NOT met'})"
     )
     print(f"perplexities and KL identical (bit for bit): {same}")

@@ -78,7 +78,8 @@ def main() -> int:
     )
     print(
         f"# float weights {weights_bytes / 1e6:.1f} MB, rss after load {rss_bytes() / 1e6:.0f} MB, "
-        f"calibration {args.samples}x{args.seq_len} tokens of {cal_text.name}, threads {torch.get_num_threads()}",
+        f"calibration {args.samples}x{args.seq_len} tokens of {cal_text.name}, threads "
+        f"{torch.get_num_threads()}",
         file=sys.stderr,
     )
 

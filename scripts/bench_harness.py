@@ -168,12 +168,14 @@ def main() -> int:
         gguf.unlink()
 
     print(
-        f"\nWikiText-2 test, llamacpp convention, ctx {args.ctx}, {args.chunks} chunks, {args.threads} threads"
+        f"\nWikiText-2 test, llamacpp convention, ctx {args.ctx}, {args.chunks} chunks, "
+        f"{args.threads} threads"
     )
     for row in rows:
         ratio = rows[0]["tokens_per_s"] / row["tokens_per_s"]
         print(
-            f"{row['engine']:28s} {row['dtype']:8s} PPL {row['ppl']:.4f} ± {row['ppl_stderr']:.4f}  "
+            f"{row['engine']:28s} {row['dtype']:8s} PPL {row['ppl']:.4f} ± {row['ppl_stderr']:.4f} "
+            " "
             f"{row['tokens_per_s']:7.1f} tok/s  (quantlab / this = {ratio:.2f}x)"
         )
     return 0

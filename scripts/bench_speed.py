@@ -2,7 +2,8 @@
 kernels chosen at load, against llama.cpp's own Q4_0 on the same machine; optionally the
 stability of the speed phase's ratios under load.
 
-    .venv/bin/python scripts/bench_speed.py [--threads 2] [--rounds 2] [--stability] [--out runs/bench-speed]
+    .venv/bin/python scripts/bench_speed.py [--threads 2] [--rounds 2] [--stability] [--out
+    runs/bench-speed]
 
 1. ``quantlab run`` of a small recipe exports the checkpoints (float baseline, RTN W4 g32,
    llama.cpp's Q4_0 through llama-quantize when its tools are built: ``bash scripts/llamacpp.sh``).
@@ -169,7 +170,8 @@ def _rounds(out: Path, rounds: int, threads: int, llamacpp: bool) -> dict:
                 / statistics.fmean([ref["decode_tokens_per_s"], nxt["decode_tokens_per_s"]])
             )
             print(
-                f"round {rnd + 1}: {label}: {m['decode_tokens_per_s']:.1f} tok/s, {ratios[label][-1]:.2f}x float eager",
+                f"round {rnd + 1}: {label}: {m['decode_tokens_per_s']:.1f} tok/s, "
+                f"{ratios[label][-1]:.2f}x float eager",
                 flush=True,
             )
             ref = nxt
@@ -188,12 +190,14 @@ def _targets(res: dict, llamacpp: bool) -> list[tuple[str, str, bool | None]]:
         (
             "compiled decode of the float model >= 2x eager",
             f"{med['float compiled']:.2f}x "
-            f"({_median(fc, 'decode_tokens_per_s'):.1f} vs {_median(fe, 'decode_tokens_per_s'):.1f} tok/s)",
+            f"({_median(fc, 'decode_tokens_per_s'):.1f} vs "
+            f"{_median(fe, 'decode_tokens_per_s'):.1f} tok/s)",
             med["float compiled"] >= 2,
         ),
         (
             "compiled float decode >= 50% of its bandwidth bound",
-            f"{_median(fc, 'decode_tokens_per_s') / fc[0]['bound']:.0%} of {fc[0]['bound']:.1f} tok/s "
+            f"{_median(fc, 'decode_tokens_per_s') / fc[0]['bound']:.0%} of {fc[0]['bound']:.1f} "
+            "tok/s "
             f"(eager: {_median(fe, 'decode_tokens_per_s') / fe[0]['bound']:.0%})",
             _median(fc, "decode_tokens_per_s") / fc[0]["bound"] >= 0.5,
         ),
@@ -269,8 +273,10 @@ def _stability(out: Path, threads: int) -> list[tuple[str, str, bool | None]]:
         row = frame[frame["backend"] != "none"].iloc[0]
         results.append((load, row["decode_x_float"], row["decode_x_min"], row["decode_x_max"]))
         print(
-            f"stability run {i + 1} ({'one core busy' if load else 'idle'}, {time.perf_counter() - t0:.0f} s): "
-            f"x-speed {row['decode_x_float']:.3f} ({row['decode_x_min']:.3f}-{row['decode_x_max']:.3f})",
+            f"stability run {i + 1} ({'one core busy' if load else 'idle'}, "
+            f"{time.perf_counter() - t0:.0f} s): "
+            f"x-speed {row['decode_x_float']:.3f} "
+            f"({row['decode_x_min']:.3f}-{row['decode_x_max']:.3f})",
             flush=True,
         )
     idle, a, b = (x[1] for x in results)
@@ -319,7 +325,8 @@ def main() -> int:
     (out / "bench_speed.json").write_text(json.dumps(res, indent=1, default=str))
     print(
         f"\nmachine: {args.threads} threads, measured bandwidth {res['bandwidth'] / 1e9:.1f} GB/s; "
-        f"decode at batch 1, {PROMPT}-token prompt, {NEW} new tokens, {WARMUP}+{REPEATS} repeats, {args.rounds} rounds"
+        f"decode at batch 1, {PROMPT}-token prompt, {NEW} new tokens, {WARMUP}+{REPEATS} repeats, "
+        f"{args.rounds} rounds"
     )
     for label, figures in res["figures"].items():
         ms = [m["decode_tokens_per_s"] for m in figures]

@@ -248,12 +248,14 @@ def _models_labelled(label: str) -> Callable[[Ctx], list[str]]:
     return lambda c: c.run(
         text=BASE.format(model=c.model).replace(
             f'model: {{source: "{c.model}"}}',
-            f'models: [{{source: "{c.model}", label: {label}}}, {{source: "{c.model}", label: other}}]',
+            f'models: [{{source: "{c.model}", label: {label}}}, {{source: "{c.model}", label: '
+            f"other}}]",
         )
     )
 
 
-# id, argv builder, exact error class, regex the message must match (, optional set-up with monkeypatch)
+# id, argv builder, exact error class, regex the message must match (, optional set-up with
+# monkeypatch)
 CASES: list[tuple] = [
     (
         "yaml-malformed",

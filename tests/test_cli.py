@@ -106,7 +106,8 @@ def test_rerun_reuses_finished_methods_and_force_redoes_them(tiny_recipe, tmp_pa
         ("methods.0.options.bits=9", "methods[0].options.bits"),
         (
             "methods.0.options.group_size=48",
-            "group_size 48 does not divide the input width 64 of layer 'model.layers.0.self_attn.q_proj'",
+            "group_size 48 does not divide the input width 64 of layer "
+            "'model.layers.0.self_attn.q_proj'",
         ),
         ("model.source=/no/such/model", "model path '/no/such/model' does not exist"),
         ("eval.source=EMPTY", "is empty"),
@@ -177,7 +178,8 @@ methods:
   - {{label: rtn, backend: rtn, options: {{bits: 4, group_size: 32}}}}
   - {{label: gptq, backend: gptq, options: {{bits: 4, group_size: 32, act_order: true}}}}
   - {{label: awq, backend: awq, options: {{bits: 4, group_size: 32, search_tokens: 128}}}}
-  - {{label: awq-gptq-layout, backend: awq, options: {{bits: 3, group_size: 32, format: gptq, clip: false}}}}
+  - {{label: awq-gptq-layout, backend: awq,
+     options: {{bits: 3, group_size: 32, format: gptq, clip: false}}}}
 eval: {{seq_len: 64, max_windows: 4, speed: {{new_tokens: 2, warmup: 0, repeats: 1}}}}
 """)
     # the whole-model path of every backend (streamed rows name other stages: docs/streaming.md)

@@ -48,7 +48,8 @@ def test_every_backend_option_is_documented():
 
 
 def _anchor(heading: str) -> str:
-    """GitHub's anchor of a heading: lower case, punctuation but '-' and '_' dropped, spaces to '-'."""
+    """GitHub's anchor of a heading: lower case, punctuation but '-' and '_' dropped, spaces to
+    '-'."""
     text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
     return text.replace(" ", "-")
 

@@ -145,7 +145,8 @@ def test_eval_base_distributions_are_stored_once_and_reused(
     again = _eval_json(capsys, *args, 3)
     assert not first["base_reference_reused"] and again["base_reference_reused"]
     assert again["kld_mean"] == first["kld_mean"] and again["base_ppl"] == first["base_ppl"]
-    # the base perplexity is the base model's own on the same tokens, the ratio the two perplexities'
+    # the base perplexity is the base model's own on the same tokens, the ratio the two
+    # perplexities'
     base = _eval_json(capsys, tiny_model_dir, "--data", text_file, "--ctx", 64, "--max-windows", 3)
     assert first["base_ppl"] == pytest.approx(base["ppl"], rel=1e-6)
     assert first["ppl_ratio"] == pytest.approx(first["ppl"] / base["ppl"], rel=1e-6)

@@ -243,12 +243,15 @@ def test_a_run_measures_every_gguf_row_with_llamacpp(tiny_gguf, tmp_path, monkey
 
     monkeypatch.setenv("QUANTLAB_LLAMACPP", str(_llamacpp().bin_dir))
     monkeypatch.setenv("QUANTLAB_CACHE", str(tmp_path / "cache"))
-    methods = """  - {label: rtn-q4_0, backend: rtn, options: {bits: 4, group_size: 32}, export: [native, gguf]}
-  - {label: gptq-q4_1, backend: gptq, options: {bits: 4, group_size: 64, sym: false}, export: [native, gguf]}
+    methods = """  - {label: rtn-q4_0, backend: rtn, options: {bits: 4, group_size: 32},
+     export: [native, gguf]}
+  - {label: gptq-q4_1, backend: gptq, options: {bits: 4, group_size: 64, sym: false},
+     export: [native, gguf]}
   - {label: llamacpp-q8_0, backend: llamacpp, options: {type: Q8_0}}
   - {label: ggml-q8_0, backend: ggml, options: {type: q8_0}}
   - {label: rtn-w3, backend: rtn, options: {bits: 3, group_size: 32}}
-  - {label: rtn-mixed, backend: rtn, options: {bits: 4, group_size: 32, module_bits: {"*.mlp.down_proj": 8}},
+  - {label: rtn-mixed, backend: rtn,
+     options: {bits: 4, group_size: 32, module_bits: {"*.mlp.down_proj": 8}},
      export: [native, gguf]}
   - {label: hqq-q4_1, backend: hqq, options: {bits: 4, group_size: 32}, export: [native, gguf]}"""
     recipe = _engine_recipe(tmp_path / "r.yaml", tiny_gguf, tmp_path / "run", methods)
@@ -305,7 +308,8 @@ def test_a_run_measures_every_gguf_row_with_llamacpp(tiny_gguf, tmp_path, monkey
     assert (frame.loc[gguf_rows[1:], "llamacpp_kld_mean"] > 0).all()
     assert (frame.loc[gguf_rows, "llamacpp_decode_tokens_per_s"] > 0).all()
     assert frame.loc["baseline", "llamacpp_decode_x_float"] == 1.0
-    # llama.cpp's own row: its checkpoint is the GGUF file, read back by transformers for the torch scores
+    # llama.cpp's own row: its checkpoint is the GGUF file, read back by transformers for the torch
+    # scores
     metrics = json.loads((tmp_path / "run" / "llamacpp-q8_0" / "metrics.json").read_text())
     assert metrics["layers"]["gguf_tensor_types"]["Q8_0"] >= 14
     assert frame.loc["llamacpp-q8_0", "ppl"] == pytest.approx(
@@ -324,11 +328,13 @@ def test_a_run_measures_every_gguf_row_with_llamacpp(tiny_gguf, tmp_path, monkey
     ("methods", "message"),
     [
         (
-            "  - {label: a, backend: rtn, options: {bits: 3, group_size: 32}, export: [native, gguf]}",
+            "  - {label: a, backend: rtn, options: {bits: 3, group_size: 32}, export: [native, "
+            "gguf]}",
             r"method 'a': a 3-bit grid with sym true has no GGUF block type",
         ),
         (
-            "  - {label: a, backend: gptq, options: {bits: 4, group_size: 32, act_order: true}, export: [native, gguf]}",
+            "  - {label: a, backend: gptq, options: {bits: 4, group_size: 32, act_order: true}, "
+            "export: [native, gguf]}",
             r"act_order needs static_groups: true",
         ),
         (

@@ -84,7 +84,9 @@ def test_reload_in_a_fresh_process_gives_the_same_logits(exported):
         ids = torch.randint(3, 380, (2, 48), generator=torch.Generator().manual_seed(0))
         out = {{}}
         for i in range({len(cases)}):
-            m = load_checkpoint(r"{root}/case%d" % i, dtype=torch.float32, device=torch.device("cpu")).model
+            m = load_checkpoint(
+                r"{root}/case%d" % i, dtype=torch.float32, device=torch.device("cpu")
+            ).model
             with torch.no_grad():
                 torch.save(m(ids).logits, r"{root}/reloaded%d.pt" % i)
             out[i] = type(m).__name__
@@ -122,7 +124,9 @@ def test_transformers_loads_the_torchao_and_bnb_checkpoints_itself(exported):
         from transformers import AutoModelForCausalLM
         ids = torch.randint(3, 380, (2, 48), generator=torch.Generator().manual_seed(0))
         for i in {picks}:
-            m = AutoModelForCausalLM.from_pretrained(r"{root}/case%d" % i, dtype=torch.float32).eval()
+            m = AutoModelForCausalLM.from_pretrained(
+                r"{root}/case%d" % i, dtype=torch.float32
+            ).eval()
             with torch.no_grad():
                 torch.save(m(ids).logits, r"{root}/hf%d.pt" % i)
     """)

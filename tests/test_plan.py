@@ -21,7 +21,8 @@ calibration: {{samples: 4, seq_len: 32}}
 methods:
   - {{label: rtn, backend: rtn, options: {{bits: 4}}}}
   - {{label: gptq, backend: gptq, options: {{bits: 4, group_size: 32}}}}
-eval: {{seq_len: 64, max_windows: 3, batch_size: 3, speed: {{prompt_tokens: 8, new_tokens: 2, warmup: 0, repeats: 1}}}}
+eval: {{seq_len: 64, max_windows: 3, batch_size: 3,
+       speed: {{prompt_tokens: 8, new_tokens: 2, warmup: 0, repeats: 1}}}}
 output: {{dir: "{out}", report: false}}
 """
 

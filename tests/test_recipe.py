@@ -140,11 +140,13 @@ def test_every_shipped_recipe_is_valid():
     [
         (
             {**MINIMAL, "models": [{"source": "a", "label": "report"}, {"source": "b"}]},
-            r"models\[0\]: its label, 'report', is the name of an entry quantlab writes into a several-models run",
+            r"models\[0\]: its label, 'report', is the name of an entry quantlab writes into a "
+            r"several-models run",
         ),
         (
             {**MINIMAL, "models": [{"source": "a"}, {"source": "./runs/Methods_x_models.csv"}]},
-            r"models\[1\]: the label its source gives it, 'Methods_x_models.csv', is the name of an entry",
+            r"models\[1\]: the label its source gives it, 'Methods_x_models.csv', is the name of "
+            r"an entry",
         ),
         (
             {"methods": [{"label": "plan.json", "backend": "rtn"}]},

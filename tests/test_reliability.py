@@ -156,7 +156,8 @@ def test_an_unparsable_export_record_means_redo_the_stage(tiny_model_dir, tmp_pa
     assert "rtn-w4: quantize" in capsys.readouterr().err
 
 
-# --------------------------------------------------------------------------- 2. no writes over others
+# --------------------------------------------------------------------------- 2. no writes over
+# others
 
 
 def test_a_method_directory_linked_out_of_the_run_is_refused(tiny_model_dir, tmp_path, capsys):

@@ -34,7 +34,8 @@ eval:
   seq_len: 64
   max_windows: 4
   batch_size: 2
-  speed: {{enabled: {str(speed).lower()}, prompt_tokens: 8, new_tokens: 4, warmup: 0, repeats: 2, batch_size: 1}}
+  speed: {{enabled: {str(speed).lower()}, prompt_tokens: 8, new_tokens: 4, warmup: 0, repeats: 2,
+          batch_size: 1}}
 output: {{dir: "{out}"}}
 """)
     return path

@@ -33,7 +33,8 @@ def _chromium() -> str:
         if candidate and (path := shutil.which(candidate)):
             return path
     message = (
-        "no Chromium found: install Debian's browser with `apt-get install chromium` (scripts/test.sh "
+        "no Chromium found: install Debian's browser with `apt-get install chromium` "
+        "(scripts/test.sh "
         "does, as root), or set QUANTLAB_CHROMIUM to a Chromium/Chrome executable"
     )
     if os.environ.get("QUANTLAB_REQUIRE_BROWSER") == "1":  # CI: the browser test must run
@@ -60,7 +61,8 @@ def open_report(path: Path, screenshot: Path, script: str | None = None) -> dict
         page.goto(path.resolve().as_uri(), wait_until="load")
         images = page.eval_on_selector_all(
             "img",
-            "els => els.map(e => ({alt: e.alt, complete: e.complete, w: e.naturalWidth, h: e.naturalHeight, "
+            "els => els.map(e => ({alt: e.alt, complete: e.complete, w: e.naturalWidth, h: "
+            "e.naturalHeight, "
             "shown: e.getBoundingClientRect().width}))",
         )
         rows = page.eval_on_selector_all(
@@ -89,7 +91,8 @@ SORT_AND_HIDE = """() => {
   ppl.click(); const asc = first(); ppl.click(); const desc = first();
   const box = document.querySelector('#columns input[data-column="ppl"]');
   box.click();
-  return {first_after_asc: asc, first_after_desc: desc, ppl_hidden: getComputedStyle(ppl).display === "none"};
+  return {first_after_asc: asc, first_after_desc: desc,
+          ppl_hidden: getComputedStyle(ppl).display === "none"};
 }"""
 
 

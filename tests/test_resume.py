@@ -48,7 +48,8 @@ eval:
   seq_len: 64
   max_windows: 8
   batch_size: 2
-  speed: {{enabled: {str(speed).lower()}, prompt_tokens: 16, new_tokens: 48, warmup: 1, repeats: 3, batch_size: 1}}
+  speed: {{enabled: {str(speed).lower()}, prompt_tokens: 16, new_tokens: 48, warmup: 1, repeats: 3,
+          batch_size: 1}}
 output: {{dir: "{out}"}}
 """)
     return path

@@ -19,7 +19,8 @@ methods:
   - {{label: rtn-w4, backend: rtn, options: {{bits: 4, group_size: 32}}}}
   - {{label: rtn-w8, backend: rtn, options: {{bits: 8, group_size: 32}}}}
 eval: {{seq_len: 64, max_windows: 2, batch_size: 2,
-        speed: {{prompt_tokens: 8, new_tokens: 3, warmup: 0, repeats: 2, rounds: 3, batch_size: 1}}}}
+        speed: {{prompt_tokens: 8, new_tokens: 3, warmup: 0, repeats: 2, rounds: 3,
+                 batch_size: 1}}}}
 output: {{dir: "{out}", report: false}}
 """
 

@@ -150,7 +150,8 @@ def test_a_method_without_a_label_is_named_after_its_backend_and_grid():
     assert [m.label for m in r.methods] == ["gptq-w4-g128", "llamacpp-q4_k_m", "rtn-w3", "rtn-w4"]
 
 
-# ------------------------------------------------------------------ bounded before expanding (issue 26)
+# ------------------------------------------------------------------ bounded before expanding (issue
+# 26)
 
 
 def _capped(args: list[str], address_space: int = 3 << 30):
@@ -186,7 +187,8 @@ def test_a_small_recipe_of_10_to_the_12_combinations_is_counted_not_built(tmp_pa
     proc = _capped(["validate", str(path)])
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines() == [
-        f"error: {path}: methods[0].sweep expands to 1000000000000 methods; at most 256 (its 12 lists "
+        f"error: {path}: methods[0].sweep expands to 1000000000000 methods; at most 256 (its 12 "
+        "lists "
         "hold up to 10 values each)"
     ]
 
@@ -230,7 +232,8 @@ def test_methods_after_sweeps_times_models_are_capped():
         ),
         (
             {"backend": "rtn", "sweep": {"bits": [4, "auto"]}},
-            r"^recipe: methods\[1\]\.sweep \(the combination bits\[1\]\): bits: auto needs bits_budget",
+            r"^recipe: methods\[1\]\.sweep \(the combination bits\[1\]\): bits: auto needs "
+            r"bits_budget",
         ),
         (
             {"backend": "rtn", "options": {"bits": 9}, "sweep": {"group_size": [32, 64]}},

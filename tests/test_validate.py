@@ -50,8 +50,8 @@ def test_validate_says_what_it_could_not_check(tiny_model_dir, tmp_path, capsys)
     assert main(["validate", str(hub), "--set", "eval.source=wikitext2"]) == 0
     out = capsys.readouterr().out
     assert (
-        "not checked: the methods against HuggingFaceTB/SmolLM2-360M's architecture (not on this machine"
-        in out
+        "not checked: the methods against HuggingFaceTB/SmolLM2-360M's architecture (not on this "
+        "machine" in out
     )
     assert "not checked: the text source wikitext2 (online" in out
     local = _write(tmp_path / "local.yaml", tiny_model_dir, 32)

@@ -455,7 +455,8 @@ def make_plan(
         seq_len = DEFAULT_SEQ_LEN.get(convention) or model_context
         if seq_len is None:
             raise QuantlabError(
-                f"the {convention} convention needs eval.seq_len: the model states no context length"
+                f"the {convention} convention needs eval.seq_len: the model states no context "
+                "length"
             )
     if model_context is not None and seq_len > model_context:
         raise QuantlabError(

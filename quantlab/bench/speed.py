@@ -240,7 +240,8 @@ def bytes_per_token(model: nn.Module, stored: dict[str, int] | None = None) -> i
     once (shared tensors once); an input embedding table counts one row unless the output
     head reads the same tensor; layers that execute from a dense copy of packed weights
     count the dense copy (what the kernel reads), not the packed tensors; layers given a kernel
-    that reads packed weights (``fast``, see quantlab.formats.kernels) count that kernel's tensors; ``stored`` gives
+    that reads packed weights (``fast``, see quantlab.formats.kernels) count that kernel's tensors;
+    ``stored`` gives
     the bytes of modules whose library kernel reads its own packed form (bitsandbytes, torchao,
     quanto, fbgemm), counted as they are stored in the checkpoint."""
     seen: set[int] = set()
@@ -280,7 +281,8 @@ def bytes_per_token(model: nn.Module, stored: dict[str, int] | None = None) -> i
         if getattr(m, "kernel", None) == "dense-dequant":
             if m.weight is not None:
                 add(m.weight)
-            else:  # packed only (as a quantizer leaves it): each forward makes and reads a dense copy
+            # packed only (as a quantizer leaves it): each forward makes and reads a dense copy
+            else:
                 total += m.out_features * m.in_features * torch.finfo(m.compute_dtype).bits // 8
             add(getattr(m, "bias", None))
             continue

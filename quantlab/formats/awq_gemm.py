@@ -113,13 +113,17 @@ class AWQGemm(LayerFormat):
 
     def check(self, bits: int, sym: bool) -> str | None:
         if bits != 4:
-            return f"the AWQ gemm format stores 4-bit weights only (got bits={bits}); use format: gptq for 2, 3 or 8 bits"
+            return (
+                f"the AWQ gemm format stores 4-bit weights only (got bits={bits}); use format: "
+                "gptq for 2, 3 or 8 bits"
+            )
         return None
 
     def check_layer(self, name: str, in_features: int, out_features: int, bits: int) -> str | None:
         if out_features % 8:
             return (
-                f"layer '{name}' has output width {out_features}, not a multiple of 8 as the AWQ gemm "
+                f"layer '{name}' has output width {out_features}, not a multiple of 8 as the AWQ "
+                "gemm "
                 "format needs; use format: gptq or skip it"
             )
         return None

@@ -114,7 +114,8 @@ def grid_type(name: str, parts) -> str:
             f"{b}-bit {'symmetric' if s else 'with zero points'}" for b, s in GRID_TYPES
         )
         raise QuantlabError(
-            f"layer '{name}': a {bits}-bit {'symmetric' if symmetric else 'zero-point'} grid has no "
+            f"layer '{name}': a {bits}-bit {'symmetric' if symmetric else 'zero-point'} grid has "
+            "no "
             f"GGUF block type; GGUF export holds: {fits}"
         )
     if in_f % BLOCK:
@@ -125,7 +126,8 @@ def grid_type(name: str, parts) -> str:
     static = torch.equal(g_idx.cpu(), torch.arange(in_f) // group)
     if not static:
         raise QuantlabError(
-            f"layer '{name}': its groups are permuted (act_order without static groups), which GGUF "
+            f"layer '{name}': its groups are permuted (act_order without static groups), which "
+            "GGUF "
             "blocks cannot hold; act_order needs static_groups: true for GGUF export"
         )
     if group % BLOCK:
@@ -284,7 +286,8 @@ class _Layout:
 def _quantized_tensors(
     model: nn.Module, layout: _Layout, dequantized: bool
 ) -> list[tuple[str, np.ndarray, Any]]:
-    """(GGUF name, data, raw type) of every packed layer: its blocks, or F32 of its dequantized weight."""
+    """(GGUF name, data, raw type) of every packed layer: its blocks, or F32 of its dequantized
+    weight."""
     import gguf
 
     out = []

@@ -104,7 +104,8 @@ class HQQ(LayerFormat):
         unit = pack_unit(bits)
         if in_features % unit:
             return (
-                f"layer '{name}' has input width {in_features}, which {bits}-bit codes cannot pack into whole "
+                f"layer '{name}' has input width {in_features}, which {bits}-bit codes cannot pack "
+                "into whole "
                 f"32-bit words (needs a multiple of {unit}); add it to 'skip'"
             )
         return None

@@ -20,7 +20,8 @@ kernel that produced it, and the tests check each against ``dense``.
 
 ``auto`` prepares every kernel that can run a shape and times it against ``dense`` at several
 token counts, every pass running all the packed layers in model order (so the weights come
-from wherever a decode step finds them, not from a cache warmed by one layer), and keeps a kernel for the token counts up to the largest at which it beat
+from wherever a decode step finds them, not from a cache warmed by one layer), and keeps a kernel
+for the token counts up to the largest at which it beat
 ``dense`` at every smaller count; above that (prefill) the layer keeps its dense path. The
 choice and the timings are returned (and recorded in the results row); replaying a recorded
 choice (``choices``) skips the timing, so the speed phase measures what the scoring measured.
@@ -132,7 +133,10 @@ class Int4Pack(FastPath):
             if torch.cuda.get_device_capability(device) < (8, 0):
                 return "int4pack on CUDA needs compute capability 8.0 or newer"
             if in_f % 128 or out_f % 8:
-                return f"int4pack on CUDA needs input widths a multiple of 128 and outputs of 8 (got {in_f}x{out_f})"
+                return (
+                    "int4pack on CUDA needs input widths a multiple of 128 and outputs of 8 "
+                    f"(got {in_f}x{out_f})"
+                )
         return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -194,7 +194,8 @@ class GPTQConfig(WeightQuantConfig):
         odd = [b for b in self.widths() if b not in GPTQ_BITS]
         if odd:
             raise ValueError(
-                f"GPTQ packs {', '.join(map(str, GPTQ_BITS))} bits; bits_choices/module_bits ask for "
+                f"GPTQ packs {', '.join(map(str, GPTQ_BITS))} bits; bits_choices/module_bits ask "
+                "for "
                 f"{', '.join(map(str, odd))}"
             )
         if self.engine == "gptqmodel" and (self.bits == "auto" or self.module_bits):

@@ -8,7 +8,8 @@ of two engines:
   symmetric int8 activation scale per token, one weight scale per output channel. Accurate.
   On a CPU without a fast ``torch._int_mm`` (no VNNI/AMX) the matmul can be much slower than
   float; the results table's speed columns say how it ran (docs/methods.md, "Backends", has figures
-  measured on the development machine). The checkpoint is transformers' torchao format (``quant_method: torchao``),
+  measured on the development machine). The checkpoint is transformers' torchao format
+  (``quant_method: torchao``),
   loadable with ``AutoModelForCausalLM.from_pretrained``.
 - ``fbgemm`` (default for ``activations: per-tensor``): ``torch.ao.quantization.quantize_dynamic``,
   usually the fastest INT8 kernel on x86 CPUs. It scales
@@ -234,7 +235,8 @@ def fbgemm_save(model: nn.Module, out_dir: Path, per_channel: bool, per_token: b
             or not isinstance(v, torch.Tensor)
             or any(k.startswith(f"{n}.") for n in quantized)
         ):
-            continue  # the int8 layers' own entries (packed weights, scale, zero point) are written above
+            # the int8 layers' own entries (packed weights, scale, zero point) are written above
+            continue
         tensors[k] = v.detach().contiguous()
     save_file(tensors, str(out_dir / WEIGHTS_NAME), metadata={"format": "pt"})
     return {

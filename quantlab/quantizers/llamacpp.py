@@ -69,7 +69,8 @@ class LlamaCpp(Backend):
             from quantlab.errors import did_you_mean
 
             raise QuantlabError(
-                f"llama-quantize has no type '{self.config.type}'{did_you_mean(self.config.type, types)};"
+                "llama-quantize has no type "
+                f"'{self.config.type}'{did_you_mean(self.config.type, types)};"
                 f" types: {', '.join(sorted(types))}"
             )
 

@@ -2,7 +2,8 @@
 
 Each targeted linear layer's weight is split into groups of ``group_size`` input columns and
 rounded to the nearest point of a uniform ``bits``-bit grid (symmetric or with a zero
-point). The checkpoint uses the GPTQ v1 tensor layout (:mod:`quantlab.formats.gptq_v1`), so for 2, 3,
+point). The checkpoint uses the GPTQ v1 tensor layout (:mod:`quantlab.formats.gptq_v1`), so for 2,
+3,
 4 and 8 bits it is a standard ``quant_method: gptq`` checkpoint (a GPTQ without error
 correction); 5-7 bits use the same layout with a ``quant_method: quantlab`` config that only
 quantlab loads.
@@ -43,9 +44,12 @@ class RTNConfig(WeightQuantConfig):
     scale_search: Literal["none", "mse", "importance"] = Field(
         "none",
         description="How each group's range is chosen before rounding: 'none' (its min and max), "
-        "'mse' (the clipping of the range that minimises the group's squared weight error) or 'importance' "
-        "(the same, each input column's error weighted by the mean square of that input over the calibration "
-        "text, the diagonal of X^T X: llama.cpp's imatrix idea; needs calibration). Same checkpoint layout.",
+        "'mse' (the clipping of the range that minimises the group's squared weight error) or "
+        "'importance' "
+        "(the same, each input column's error weighted by the mean square of that input over the "
+        "calibration "
+        "text, the diagonal of X^T X: llama.cpp's imatrix idea; needs calibration). Same "
+        "checkpoint layout.",
     )
     search_grid: int = Field(
         20,

@@ -48,14 +48,16 @@ class WeightQuantConfig(BackendConfig):
 
     bits: int | Literal["auto"] = Field(
         4,
-        description="Bits per weight code (2-8), or 'auto': a width per layer chosen under bits_budget "
+        description="Bits per weight code (2-8), or 'auto': a width per layer chosen under "
+        "bits_budget "
         '(docs/methods.md, "Bit allocation").',
     )
     bits_budget: float | None = Field(
         None,
         gt=0,
         description="bits: auto: the average stored bits per weight of the quantized linears "
-        "(codes, scales, zeros and group index, as the results table's bits_per_weight counts them).",
+        "(codes, scales, zeros and group index, as the results table's bits_per_weight counts "
+        "them).",
     )
     bits_choices: list[int] = Field(
         default_factory=lambda: list(AUTO_CHOICES),
@@ -108,7 +110,8 @@ class WeightQuantConfig(BackendConfig):
             )
         if self.bits == "auto" and self.skip == "auto":
             raise ValueError(
-                "choose either skip: auto (which layers stay float) or bits: auto (a width per layer), "
+                "choose either skip: auto (which layers stay float) or bits: auto (a width per "
+                "layer), "
                 "not both"
             )
         return self

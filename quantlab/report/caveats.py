@@ -31,7 +31,10 @@ def _differs(frame: pd.DataFrame, col: str, what: str, scope: str) -> str | None
     if len(values) <= 1:
         return None
     parts = "; ".join(f"{v[:16]}: {_rows(frame, col, v)}" for v in values)
-    return f"{scope}: rows differ in {what} ({parts}); their {('perplexities' if col != 'device' else 'speeds')} are not directly comparable"
+    return (
+        f"{scope}: rows differ in {what} ({parts}); their "
+        f"{('perplexities' if col != 'device' else 'speeds')} are not directly comparable"
+    )
 
 
 def few_tokens(frame: pd.DataFrame) -> str | None:
@@ -51,8 +54,10 @@ def few_tokens(frame: pd.DataFrame) -> str | None:
         f" (standard error about ±{100 * rel.median():.1f}% of the perplexity)" if len(rel) else ""
     )
     return (
-        f"perplexity rests on only {n} scored tokens{err}: differences of a few percent between rows may "
-        f"be noise; raise eval.max_windows (or use more text) for {FEW_TOKENS}+ tokens, and compare rows by KL"
+        f"perplexity rests on only {n} scored tokens{err}: differences of a few percent between "
+        "rows may "
+        f"be noise; raise eval.max_windows (or use more text) for {FEW_TOKENS}+ tokens, and "
+        "compare rows by KL"
     )
 
 
@@ -67,8 +72,10 @@ def busy_machine(frame: pd.DataFrame) -> str | None:
         return None
     return (
         f"other processes used {other:.2f} cores on average while speed was measured: tokens/s are "
-        "disturbed (threads waiting for a shared core can slow decode many times over) and ratios are only "
-        "as good as the interleaving; measure again on an idle machine, or with fewer threads than free cores"
+        "disturbed (threads waiting for a shared core can slow decode many times over) and ratios "
+        "are only "
+        "as good as the interleaving; measure again on an idle machine, or with fewer threads than "
+        "free cores"
     )
 
 
@@ -97,7 +104,8 @@ def engine_disagreements(frame: pd.DataFrame, metrics: dict[str, dict]) -> list[
             if diff > noise:
                 out.append(
                     f"engines disagree: {la} (engine {oa['engine']}, ppl {ra['ppl']:.3f}) and {lb} "
-                    f"(engine {ob['engine']}, ppl {rb['ppl']:.3f}) run the same options but differ by "
+                    f"(engine {ob['engine']}, ppl {rb['ppl']:.3f}) run the same options but differ "
+                    "by "
                     f"{diff:.3f}, more than noise ({noise:.3f})"
                 )
     return out
@@ -134,7 +142,8 @@ def source_history(frame: pd.DataFrame, metrics: dict[str, dict]) -> list[str]:
     rows = f"; rows on that grid: {', '.join(hit)}" if hit else ""
     grid = f"{bits}-bit {'symmetric' if sym else 'with zero points'}, blocks of {group}"
     return [
-        f"the source model was quantized before ({gguf_name}: {qtype}, {grid}): its float weights sit on that "
+        f"the source model was quantized before ({gguf_name}: {qtype}, {grid}): its float weights "
+        "sit on that "
         f"grid, which flatters any method using the same grid{rows}"
     ]
 
@@ -216,8 +225,10 @@ def report_warnings(runs: list[RunData], frame: pd.DataFrame) -> list[str]:
             "QUICK PRESET"
         ):
             out.append(
-                f"{scope}: made with `quantlab run --quick` (8 calibration windows, 8 evaluation windows, "
-                "1 speed round): indicative figures, not a measurement to publish; run without --quick"
+                f"{scope}: made with `quantlab run --quick` (8 calibration windows, 8 evaluation "
+                "windows, "
+                "1 speed round): indicative figures, not a measurement to publish; run without "
+                "--quick"
             )
         few = few_tokens(part)
         if few:
@@ -234,9 +245,12 @@ def report_warnings(runs: list[RunData], frame: pd.DataFrame) -> list[str]:
                 latest = str(timed[sess].dropna().astype(str).max())
                 older = timed[timed[sess].astype(str) != latest]["method"].astype(str).tolist()
                 out.append(
-                    f"{scope}: speed of {', '.join(older)} was measured in an earlier session (finished "
-                    "methods are reused when a run resumes); the machine's load may have differed, so "
-                    "speed ratios between those rows and the others are unreliable (re-run with --force "
+                    f"{scope}: speed of {', '.join(older)} was measured in an earlier session "
+                    "(finished "
+                    "methods are reused when a run resumes); the machine's load may have differed, "
+                    "so "
+                    "speed ratios between those rows and the others are unreliable (re-run with "
+                    "--force "
                     "to measure all of them together)"
                 )
         busy = busy_machine(part)
@@ -258,7 +272,8 @@ def report_warnings(runs: list[RunData], frame: pd.DataFrame) -> list[str]:
         for label in part["method"].astype(str):
             if label not in run.metrics:
                 out.append(
-                    f"{scope}: {label} has no metrics.json (only its results row); its details are missing"
+                    f"{scope}: {label} has no metrics.json (only its results row); its details are "
+                    "missing"
                 )
             out += [f"{scope}: {w}" for w in checkpoint_warnings(run, label)]
         out += [f"{scope}: {n}" for n in run.notes]
@@ -270,7 +285,8 @@ def report_warnings(runs: list[RunData], frame: pd.DataFrame) -> list[str]:
         models = _distinct(frame, "model")
         if len(models) > 1:
             out.append(
-                f"the runs use different models ({', '.join(models)}): compare each method with its own "
+                f"the runs use different models ({', '.join(models)}): compare each method with "
+                "its own "
                 "run's baseline (Δppl_%, KL), not raw perplexities across models"
                 + (" (their tokenizers also differ)" if len(tok) > 1 else "")
             )
@@ -283,8 +299,10 @@ def report_warnings(runs: list[RunData], frame: pd.DataFrame) -> list[str]:
             values = _distinct(frame, col)
             if len(values) > 1:
                 out.append(
-                    f"the runs differ in {what} ({', '.join(v[:16] for v in values)}); perplexities across "
-                    "runs are not comparable; compare each run's Δppl_% against its own baseline instead"
+                    f"the runs differ in {what} ({', '.join(v[:16] for v in values)}); "
+                    "perplexities across "
+                    "runs are not comparable; compare each run's Δppl_% against its own baseline "
+                    "instead"
                 )
                 break
     return out

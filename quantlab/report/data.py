@@ -73,7 +73,8 @@ def results_file(path: Path) -> Path:
     hint = (
         f"; run directories inside it: {', '.join(nested)}"
         if nested
-        else "; a run directory gets results.csv when its first method finishes (quantlab run RECIPE)"
+        else "; a run directory gets results.csv when its first method finishes (quantlab run "
+        "RECIPE)"
     )
     raise QuantlabError(
         f"'{path}' holds no results.csv, so it is not a quantlab run directory{hint}"

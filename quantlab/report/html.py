@@ -46,26 +46,31 @@ PLOTS = [
     (
         "quality_vs_size",
         "Quality vs size",
-        "One point per method: perplexity (left) and mean KL divergence from the float model (right) against the "
-        "stored bits per weight of its weight files; the line is the Pareto front (no other method is both "
+        "One point per method: perplexity (left) and mean KL divergence from the float model "
+        "(right) against the "
+        "stored bits per weight of its weight files; the line is the Pareto front (no other method "
+        "is both "
         "smaller and better); the star is the float baseline.",
     ),
     (
         "speed",
         "Speed",
-        "Prefill and decode tokens/s at batch 1 (median, bars: min-max of the repeats); red ticks: the "
+        "Prefill and decode tokens/s at batch 1 (median, bars: min-max of the repeats); red ticks: "
+        "the "
         "memory-bandwidth bound of decode (measured bandwidth / weight bytes read per token).",
     ),
     (
         "layer_error",
         "Per-layer quantization error",
-        "Relative weight error per linear layer (decoder block × layer type) for the methods that record it; "
+        "Relative weight error per linear layer (decoder block × layer type) for the methods that "
+        "record it; "
         "one colour scale for all panels.",
     ),
     (
         "quantization_cost",
         "Cost of quantization",
-        "Seconds to quantize, stacked by the backend's stages (other: forward passes, packing...), and the "
+        "Seconds to quantize, stacked by the backend's stages (other: forward passes, packing...), "
+        "and the "
         "process's peak resident memory while quantizing, reloading the checkpoint and scoring it.",
     ),
 ]
@@ -136,7 +141,8 @@ def _facts(frame: pd.DataFrame, runs: list[RunData]) -> list[tuple[str, str]]:
         facts.append(
             (
                 "speed",
-                "batch 1 with KV cache; median (min-max) of repeats; ratios inside the spread are noise",
+                "batch 1 with KV cache; median (min-max) of repeats; ratios inside the spread are "
+                "noise",
             )
         )
     facts.append(
@@ -215,7 +221,8 @@ def _method_details(run: RunData, row: pd.Series, label: str, own: bool) -> dict
     facts.append(
         (
             "perplexity",
-            f"{ppl} ({row['ppl_convention']}, ctx {row['eval_seq_len']}, {row['eval_tokens']} tokens)",
+            f"{ppl} ({row['ppl_convention']}, ctx {row['eval_seq_len']}, {row['eval_tokens']} "
+            "tokens)",
         )
     )
     if pd.notna(row.get("kld_mean")):
@@ -253,11 +260,14 @@ def _method_details(run: RunData, row: pd.Series, label: str, own: bool) -> dict
         facts.append(
             (
                 "speed",
-                f"prefill {row['prefill_tokens_per_s']:.0f} tok/s, decode {row['decode_tokens_per_s']:.2f} "
-                f"tok/s ({row['decode_tokens_per_s_min']:.2f}-{row['decode_tokens_per_s_max']:.2f}), "
+                f"prefill {row['prefill_tokens_per_s']:.0f} tok/s, decode "
+                f"{row['decode_tokens_per_s']:.2f} "
+                f"tok/s ({row['decode_tokens_per_s_min']:.2f}-"
+                f"{row['decode_tokens_per_s_max']:.2f}), "
                 f"bound {row['decode_bound_tokens_per_s']:.1f} tok/s"
                 if pd.notna(row.get("decode_bound_tokens_per_s"))
-                else f"prefill {row['prefill_tokens_per_s']:.0f} tok/s, decode {row['decode_tokens_per_s']:.2f} tok/s",
+                else f"prefill {row['prefill_tokens_per_s']:.0f} tok/s, decode "
+                f"{row['decode_tokens_per_s']:.2f} tok/s",
             )
         )
     if m.get("measured_at"):

@@ -8,7 +8,8 @@ import pandas as pd
 
 CONVENTION_TEXT = {
     "gptq": "non-overlapping {seq}-token windows, mean NLL of every predicted token",
-    "llamacpp": "llama-perplexity: {seq}-token chunks, BOS-led where the tokenizer adds BOS, second half scored, ± standard error",
+    "llamacpp": "llama-perplexity: {seq}-token chunks, BOS-led where the tokenizer adds BOS, "
+    "second half scored, ± standard error",
     "strided": "sliding {seq}-token windows, each token scored once",
     "lm-eval": "lm-eval rolling log-likelihood per document, word perplexity, context {seq}",
 }
@@ -194,7 +195,8 @@ def format_summary(
             + vals("eval_seq_len")
         )
     lines = [
-        f"perplexity: convention {vals('ppl_convention')} ({how}), {vals('eval_tokens')} scored tokens of "
+        f"perplexity: convention {vals('ppl_convention')} ({how}), {vals('eval_tokens')} scored "
+        "tokens of "
         f"{vals('eval_source')}, tokenizer {vals('tokenizer')}",
         f"device {vals('device')}, dtype {vals('dtype')}, {vals('threads')} threads"
         + (f", {env['cpu']}" if env and env.get("cpu") else ""),
@@ -206,7 +208,8 @@ def format_summary(
         )
     if pd.notna(first.get("decode_tokens_per_s")):
         lines.append(
-            "speed: batch 1, KV cache, median (min-max) of repeats, all checkpoints measured together "
+            "speed: batch 1, KV cache, median (min-max) of repeats, all checkpoints measured "
+            "together "
             "in rounds alternating with the baseline; ×speed: median (min-max) over rounds of each "
             "method's ratio to the baseline beside it; %bound: decode speed as a share of memory "
             "bandwidth / weight bytes per token"
@@ -227,7 +230,8 @@ def format_summary(
     )
     if "skipped_layers" in frame and frame["skipped_layers"].notna().any():
         lines.append(
-            "float_layers: linear layers the sensitivity pass left in float (skip: auto), besides lm_head"
+            "float_layers: linear layers the sensitivity pass left in float (skip: auto), besides "
+            "lm_head"
         )
     if warnings is not None:
         lines += [f"WARNING: {w}" for w in warnings]
@@ -243,7 +247,8 @@ def format_summary(
             if sessions.nunique() > 1:
                 older = timed[timed[session].astype(str) != sessions.max()]["method"].astype(str)
                 lines.append(
-                    "SPEED FROM AN EARLIER SESSION (reused on resume; machine load may have differed, "
+                    "SPEED FROM AN EARLIER SESSION (reused on resume; machine load may have "
+                    "differed, "
                     f"--force re-measures): {', '.join(older)}"
                 )
         slower = slower_than_baseline(frame)
