@@ -7,8 +7,8 @@ Public API::
     # one method on a model already in memory (torchao / GPTQModel style)
     cfg = quantlab.config("gptq", bits=4, group_size=64)
     quantlab.quantize(model, cfg, tokenizer=tok, calibration="pydoc")
-    quantlab.save(model, "ckpt/gptq", tokenizer=tok); loaded = quantlab.load("ckpt/gptq",
-    kernel="auto")
+    quantlab.save(model, "ckpt/gptq", tokenizer=tok)
+    loaded = quantlab.load("ckpt/gptq", kernel="auto")
     # a recipe: several methods, scored from disk, speed, reports, resume
     recipe = quantlab.load_recipe("recipes/rtn_int4.yaml", overrides=["calibration.samples=32"])
     run = quantlab.run_recipe(recipe, out="runs/rtn")

@@ -1,10 +1,9 @@
 """The allocation issue's targets, measured: recipes/size_budget.yaml on the demo model,
-evaluated on WikiText-2 v1 test (../shared/data) as the GPTQ/AWQ table in docs/methods.md is, then
-each
-target printed with the figures behind it.
+evaluated on WikiText-2 v1 test (../shared/data) as the GPTQ/AWQ table in docs/methods.md is,
+then each target printed with the figures behind it.
 
-    .venv/bin/python scripts/bench_allocation.py [--windows 40] [--threads 2] [--out
-    runs/bench-allocation]
+    .venv/bin/python scripts/bench_allocation.py [--windows 40] [--threads 2] \\
+        [--out runs/bench-allocation]
 
 Needs ../shared/data/wikitext-2. Run it alone (allocation_s, the search's cost, is a target).
 """

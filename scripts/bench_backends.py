@@ -17,8 +17,8 @@ and the backend's library.
 
 Prints a table with every figure and its ratio to the float baseline.
 
-    .venv/bin/python scripts/bench_backends.py [--windows 8] [--granularity layer] [--out
-    runs/bench_backends]
+    .venv/bin/python scripts/bench_backends.py [--windows 8] [--granularity layer] \\
+        [--out runs/bench_backends]
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 scored by quantlab (torch) and by llama.cpp on WikiText-2 v1 test (../shared/data), ctx 512,
 the first N chunks, at a fixed thread count; then each target printed with the figures behind it.
 
-    .venv/bin/python scripts/bench_engines.py [--chunks 100] [--threads 2] [--samples 32] [--out
-    runs/bench-engines]
+    .venv/bin/python scripts/bench_engines.py [--chunks 100] [--threads 2] [--samples 32] \\
+        [--out runs/bench-engines]
 
 Needs llama.cpp's tools (bash scripts/llamacpp.sh) and ../shared/data/wikitext-2. Run it alone:
 speed ratios come from interleaved rounds, but a second benchmark on the same cores still

@@ -2,8 +2,8 @@
 kernels chosen at load, against llama.cpp's own Q4_0 on the same machine; optionally the
 stability of the speed phase's ratios under load.
 
-    .venv/bin/python scripts/bench_speed.py [--threads 2] [--rounds 2] [--stability] [--out
-    runs/bench-speed]
+    .venv/bin/python scripts/bench_speed.py [--threads 2] [--rounds 2] [--stability] \\
+        [--out runs/bench-speed]
 
 1. ``quantlab run`` of a small recipe exports the checkpoints (float baseline, RTN W4 g32,
    llama.cpp's Q4_0 through llama-quantize when its tools are built: ``bash scripts/llamacpp.sh``).

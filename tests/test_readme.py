@@ -2,9 +2,8 @@
 tests run in).
 
 Every line of the README's ```bash blocks after "The two commands", then of the docs pages'
-(in name order), runs in that order, in one scratch directory (later examples read what earlier
-ones wrote, as they would
-for a reader), as written, with three rules:
+(in name order), runs in that order, in one scratch directory (later examples read what
+earlier ones wrote, as they would for a reader), as written, with three rules:
 
 - ``quantlab run`` without ``--quick`` gets ``--quick`` appended: the same recipe and
   overrides, fewer windows, so CI can afford it;

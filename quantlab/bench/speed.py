@@ -240,10 +240,9 @@ def bytes_per_token(model: nn.Module, stored: dict[str, int] | None = None) -> i
     once (shared tensors once); an input embedding table counts one row unless the output
     head reads the same tensor; layers that execute from a dense copy of packed weights
     count the dense copy (what the kernel reads), not the packed tensors; layers given a kernel
-    that reads packed weights (``fast``, see quantlab.formats.kernels) count that kernel's tensors;
-    ``stored`` gives
-    the bytes of modules whose library kernel reads its own packed form (bitsandbytes, torchao,
-    quanto, fbgemm), counted as they are stored in the checkpoint."""
+    that reads packed weights (``fast``, see quantlab.formats.kernels) count that kernel's
+    tensors; ``stored`` gives the bytes of modules whose library kernel reads its own packed
+    form (bitsandbytes, torchao, quanto, fbgemm), counted as they are stored in the checkpoint."""
     seen: set[int] = set()
     total = 0
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None

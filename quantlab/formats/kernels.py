@@ -20,9 +20,9 @@ kernel that produced it, and the tests check each against ``dense``.
 
 ``auto`` prepares every kernel that can run a shape and times it against ``dense`` at several
 token counts, every pass running all the packed layers in model order (so the weights come
-from wherever a decode step finds them, not from a cache warmed by one layer), and keeps a kernel
-for the token counts up to the largest at which it beat
-``dense`` at every smaller count; above that (prefill) the layer keeps its dense path. The
+from wherever a decode step finds them, not from a cache warmed by one layer), and keeps a
+kernel for the token counts up to the largest at which it beat ``dense`` at every smaller
+count; above that (prefill) the layer keeps its dense path. The
 choice and the timings are returned (and recorded in the results row); replaying a recorded
 choice (``choices``) skips the timing, so the speed phase measures what the scoring measured.
 """

@@ -7,13 +7,13 @@ a few iterations. No calibration data, no Hessian: a per-layer cost comparable t
 
 The optimiser is torchao's (``optimize_weights_proximal_legacy``, the solver torchao's own
 ``Int4WeightOnlyConfig(int4_choose_qparams_algorithm="hqq")`` runs; torchao is the
-``[torchao]`` extra, wheels only); the starting grid is set up here as HQQ sets it up. The hqq
-library itself was not used: its sdist runs a CUDA
-extension build from ``egg_info`` and saves metadata with ``torch.save``. torchao's public
-HQQ path packs 4 bits only and for its own kernels, so quantlab calls the optimiser and
-stores the grid in its own layout (:mod:`quantlab.formats.hqq`, float zero points), for 2, 3,
-4 and 8 bits. Scales and zero points are rounded to float16 (what the checkpoint stores)
-before the codes are taken, so the model scored after reload is the one quantized.
+``[torchao]`` extra, wheels only); the starting grid is set up here as HQQ sets it up. The
+hqq library itself was not used: its sdist runs a CUDA extension build from ``egg_info`` and
+saves metadata with ``torch.save``. torchao's public HQQ path packs 4 bits only and for its
+own kernels, so quantlab calls the optimiser and stores the grid in its own layout
+(:mod:`quantlab.formats.hqq`, float zero points), for 2, 3, 4 and 8 bits. Scales and zero
+points are rounded to float16 (what the checkpoint stores) before the codes are taken, so
+the model scored after reload is the one quantized.
 """
 
 from __future__ import annotations

@@ -7,10 +7,9 @@ of two engines:
   ``Int8DynamicActivationInt8WeightConfig`` through ``torchao.quantization.quantize_``: one
   symmetric int8 activation scale per token, one weight scale per output channel. Accurate.
   On a CPU without a fast ``torch._int_mm`` (no VNNI/AMX) the matmul can be much slower than
-  float; the results table's speed columns say how it ran (docs/methods.md, "Backends", has figures
-  measured on the development machine). The checkpoint is transformers' torchao format
-  (``quant_method: torchao``),
-  loadable with ``AutoModelForCausalLM.from_pretrained``.
+  float; the results table's speed columns say how it ran (docs/methods.md, "Backends", has
+  figures measured on the development machine). The checkpoint is transformers' torchao
+  format (``quant_method: torchao``), loadable with ``AutoModelForCausalLM.from_pretrained``.
 - ``fbgemm`` (default for ``activations: per-tensor``): ``torch.ao.quantization.quantize_dynamic``,
   usually the fastest INT8 kernel on x86 CPUs. It scales
   activations per tensor; activation outliers in a few layers break that (the demo model's

@@ -2,9 +2,8 @@
 
 Each targeted linear layer's weight is split into groups of ``group_size`` input columns and
 rounded to the nearest point of a uniform ``bits``-bit grid (symmetric or with a zero
-point). The checkpoint uses the GPTQ v1 tensor layout (:mod:`quantlab.formats.gptq_v1`), so for 2,
-3,
-4 and 8 bits it is a standard ``quant_method: gptq`` checkpoint (a GPTQ without error
+point). The checkpoint uses the GPTQ v1 tensor layout (:mod:`quantlab.formats.gptq_v1`), so
+for 2, 3, 4 and 8 bits it is a standard ``quant_method: gptq`` checkpoint (a GPTQ without error
 correction); 5-7 bits use the same layout with a ``quant_method: quantlab`` config that only
 quantlab loads.
 
