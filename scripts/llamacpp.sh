@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build llama.cpp's command-line tools (llama-bench, llama-perplexity, llama-quantize,
-# llama-imatrix) from the llama.cpp sources vendored in the llama-cpp-python sdist on PyPI,
-# once, into quantlab's cache. quantlab finds them there (or at $QUANTLAB_LLAMACPP).
+# llama-imatrix, llama-server) from the llama.cpp sources vendored in the llama-cpp-python
+# sdist on PyPI, once, into quantlab's cache. quantlab finds them there (or at $QUANTLAB_LLAMACPP).
 #
 #   bash scripts/llamacpp.sh          # prints the bin directory when done
 #
@@ -17,12 +17,13 @@ cache="${QUANTLAB_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/quantlab}"
 # LLAMACPP_AMX=1 builds them in, into another directory (point QUANTLAB_LLAMACPP at its bin/)
 if [ "${LLAMACPP_AMX:-0}" = 1 ]; then
   flags=""
-  prefix="$cache/llamacpp/llama-cpp-python-$version-flush-amx"
+  prefix="$cache/llamacpp/llama-cpp-python-$version-flush-server-amx"
 else
   flags="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
-  prefix="$cache/llamacpp/llama-cpp-python-$version-flush"
+  prefix="$cache/llamacpp/llama-cpp-python-$version-flush-server"
 fi
-tools=(llama-bench llama-perplexity llama-quantize llama-imatrix)
+# "-server" in the name: builds from before llama-server was added lack it and are not reused
+tools=(llama-bench llama-perplexity llama-quantize llama-imatrix llama-server)
 if [ -f "$prefix/.complete" ]; then
   echo "$prefix/bin"
   exit 0
@@ -53,11 +54,12 @@ perl -0pi -e 's/(\n    llama_backend_free\(\);\n)(\n    return 0;\n\}\s*)$/$1   
 grep -q "common_log_flush(common_log_main());" "$src/tools/perplexity/perplexity.cpp" || {
   echo "llamacpp: could not add the log flush to llama-perplexity (sources changed?)" >&2; exit 1; }
 echo "llamacpp: building ${tools[*]} (cmake, $(nproc) jobs; about 10-15 minutes on 2 cores)" >&2
-# native CPU code (the machine that builds is the machine that measures); no network features
+# native CPU code (the machine that builds is the machine that measures); no network features;
+# llama-server for the serving benchmark, without its web UI (no npm, no prebuilt download)
 cmake -S "$src" -B "$work/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF \
   -DCMAKE_C_FLAGS="$flags" -DCMAKE_CXX_FLAGS="$flags" \
   -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-  -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF >&2
+  -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF >&2
 cmake --build "$work/build" --config Release -j "$(nproc)" --target "${tools[@]}" >&2
 rm -rf "$prefix.tmp"
 mkdir -p "$prefix.tmp/bin"

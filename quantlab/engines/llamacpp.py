@@ -1,5 +1,6 @@
 """llama.cpp as a measuring engine: its own perplexity / KL divergence (``llama-perplexity``)
-and speed (``llama-bench``) of GGUF files, run as the real command-line tools.
+and speed (``llama-bench``) of GGUF files, run as the real command-line tools; ``llama-server``
+serves them under load (quantlab.engines.serving).
 
 The tools are built by ``scripts/llamacpp.sh`` from the llama.cpp sources vendored in the
 llama-cpp-python sdist (a pinned version) into quantlab's cache; ``QUANTLAB_LLAMACPP`` (or a
@@ -19,7 +20,10 @@ from quantlab.procs import ToolError, run_tool
 
 #: the llama-cpp-python sdist whose vendored llama.cpp scripts/llamacpp.sh builds
 LLAMACPP_PACKAGE_VERSION = "0.3.36"
-TOOLS = ("llama-bench", "llama-perplexity", "llama-quantize", "llama-imatrix")
+TOOLS = ("llama-bench", "llama-perplexity", "llama-quantize", "llama-imatrix", "llama-server")
+#: the build's directory name (scripts/llamacpp.sh's prefix): "-flush" for llama-perplexity's
+#: log flush, "-server" since llama-server is built (older builds lack it and are not reused)
+BUILD_NAME = f"llama-cpp-python-{LLAMACPP_PACKAGE_VERSION}-flush-server"
 _HOW = (
     "build them once with `bash scripts/llamacpp.sh` (from the llama.cpp sources in PyPI's "
     f"llama-cpp-python {LLAMACPP_PACKAGE_VERSION} sdist; 10-15 minutes on 2 cores), or set "
@@ -30,7 +34,7 @@ _HOW = (
 def default_bin_dir() -> Path:
     from quantlab.models import cache_dir
 
-    return cache_dir() / "llamacpp" / f"llama-cpp-python-{LLAMACPP_PACKAGE_VERSION}-flush" / "bin"
+    return cache_dir() / "llamacpp" / BUILD_NAME / "bin"
 
 
 @dataclass(frozen=True)
@@ -116,7 +120,8 @@ def _grab(pattern: str, text: str, what: str, model: Path) -> tuple[float, ...]:
     found = re.search(pattern, text)
     if not found:
         raise QuantlabError(
-            f"llama-perplexity printed no {what} for '{model}'; its output ended: {text.strip()[-300:]}"
+            f"llama-perplexity printed no {what} for '{model}'; its output ended: "
+            f"{text.strip()[-300:]}"
         )
     return tuple(float(g) for g in found.groups())
 
