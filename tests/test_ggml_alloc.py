@@ -210,3 +210,34 @@ output: {{dir: "{tmp_path / "run"}"}}
     assert "Traceback" not in err and "error:" in err, err
     assert "size_target 3.0" in err and "nearest feasible: 4.500 bits per weight" in err, err
     assert not (tmp_path / "run" / "ok" / "checkpoint").exists()
+
+
+def test_the_scaled_probe_measures_one_type_per_unit_and_scales_the_others(tiny):
+    """probe: scaled: each unit's KL at its smallest type is the full probe's (the same
+    forward), the other types' are that KL times their weighted-error ratio, so a type with
+    more bytes of the same family never predicts more KL."""
+    from quantlab.quantizers import ggml_alloc as ga
+    from quantlab.quantizers.ggml import Ggml, _block_linears
+
+    model, tok = tiny
+    ids = _calibration(tok, 2, 64)
+    linears = _block_linears(model)
+    imp = dict.fromkeys(ga.allocated_weights(model, linears))
+    full, scaled = (
+        ga.choose_types(
+            model,
+            ids,
+            ga.plan(model, linears, cfg),
+            cfg,
+            imp,
+            lambda m: None,
+        )
+        for cfg in (
+            Ggml.Config(type="auto", size_target=5.5, probe=p, units="fused")
+            for p in ("full", "scaled")
+        )
+    )
+    assert scaled["probe"] == "scaled" and "prediction" in scaled["probe_means"]
+    for u, kls in scaled["kl"].items():
+        assert kls["Q4_0"] == pytest.approx(full["kl"][u]["Q4_0"], rel=1e-6), u
+        assert kls["Q8_0"] <= kls["Q5_0"] <= kls["Q4_0"], (u, kls)

@@ -39,7 +39,7 @@ SCRATCH_PREFIX = "quantlab-ggml-"
 ALLOCATION_FILE = "allocation.json"
 GgmlType = Literal["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "AUTO"]
 #: options that only type: auto reads
-_AUTO_KNOBS = ("size_target", "candidates", "units", "probe_windows", "probe_seq_len")
+_AUTO_KNOBS = ("size_target", "candidates", "units", "probe", "probe_windows", "probe_seq_len")
 
 
 class GgmlConfig(BackendConfig):
@@ -64,6 +64,12 @@ class GgmlConfig(BackendConfig):
         "tensor",
         description="type: auto: 'tensor': every tensor its own type; 'fused': the layers "
         "engines fuse (q/k/v, gate/up) share one (fewer probes).",
+    )
+    probe: Literal["full", "scaled"] = Field(
+        "full",
+        description="type: auto: 'full': each unit's KL measured at every candidate type (as "
+        "bits: auto); 'scaled': measured at its smallest type only, the others predicted by "
+        "the ratio of importance-weighted weight errors (one forward per unit, not per type).",
     )
     probe_windows: int = Field(
         4, ge=1, le=64, description="type: auto: calibration windows the KL is measured on."
@@ -289,21 +295,13 @@ class Ggml(Backend):
         import json
 
         from quantlab.log import log
-        from quantlab.quantizers import ggml_alloc as ga
+        from quantlab.quantizers.ggml_alloc import allocate_gguf
 
-        c = self.config
         if calibration is None:
             raise QuantlabError("ggml with type: auto needs calibration windows")
-        layout = ga.plan(model, _block_linears(model), c)
-        gnames = ga.gguf_name_map(model, list(layout["shapes"]), template)
-        # the blocks' tensors are quantized with the importance, the embedding/head without
-        imp = {
-            m: (importance or {}).get(g) if g.startswith("blk.") else None
-            for m, g in gnames.items()
-        }
-        ids = ga.probe_windows(calibration, c.probe_windows, c.probe_seq_len)
-        rec = ga.choose_types(model, ids, layout, c, imp, log)
-        rec["gguf_tensor_types"] = {gnames[m]: t for m, t in rec["tensor_types"].items()}
+        rec = allocate_gguf(
+            model, _block_linears(model), calibration, template, importance, self.config, log
+        )
         out.layer_stats["gguf_allocation"] = rec
         out.artifacts["allocation"] = json.dumps(rec, indent=1).encode()
         return rec["gguf_tensor_types"]

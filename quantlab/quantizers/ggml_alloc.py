@@ -219,22 +219,21 @@ def choose_types(
     config,
     importance: dict[str, np.ndarray | None],
     log: Callable[[str], None],
+    known_kl: dict | None = None,
 ) -> dict:
     """The allocation of ``layout`` (:func:`plan`) under ``config.size_target``, measured on
     ``ids`` [windows, tokens]; ``importance``: {module: the importance its blocks are
-    quantized with, or None}. Returns the record (JSON-ready; ``tensor_types``: {module:
-    type}). ``model`` is left as it was."""
-    from quantlab.allocation import measure, solve
+    quantized with, or None}; ``known_kl``: the "kl" of an earlier record of the same layout,
+    windows and probe (it does not depend on the target). Returns the record (JSON-ready;
+    ``tensor_types``: {module: type}). ``model`` is left as it was."""
+    from quantlab.allocation import solve
 
     t0 = time.perf_counter()
     units, types, cost, n = layout["units"], layout["types"], layout["cost"], layout["weights"]
     budget = target_bytes(config.size_target, n)
     probe = make_probe(model, ids, importance)
-    log(
-        f"type allocation: {len(units)} units, {sum(map(len, types.values()))} probes, KL on "
-        f"{ids.shape[0]} x {ids.shape[1]} tokens"
-    )
-    kl = measure(units, types, probe, log=log)
+    kl = known_kl or _unit_kls(model, layout, config.probe, probe, importance, log)
+    kl_s = time.perf_counter() - t0
     chosen = _solve(kl, cost, budget, solve)
     tensor_types = {m: chosen[u] for u, ms in units.items() for m in ms}
     used = sum(cost[u][t] for u, t in chosen.items())
@@ -253,8 +252,9 @@ def choose_types(
         "type_counts": _counts(tensor_types),
         "predicted_kl": sum(kl[u][t] for u, t in chosen.items()),
         "measured_kl": probe(tensor_types),
-        "probe": "llama.cpp's blocks of each type read back (ggml_quants.fake_quant, importance "
-        "as in the file), one unit at a time, KL(float || probe) per token (nats)",
+        "probe": config.probe,
+        "probe_means": PROBES[config.probe],
+        "kl_seconds": kl_s,
         "solver": f"multiple-choice knapsack (quantlab.allocation.solve), {STEPS} byte steps",
         "windows": int(ids.shape[0]),
         "seq_len": int(ids.shape[1]),
@@ -267,6 +267,57 @@ def choose_types(
         f"measured {rec['measured_kl']:.4f} in {rec['seconds']:.0f} s"
     )
     return rec
+
+
+#: what each ``probe`` measures
+PROBES = {
+    "full": "every unit at every candidate type: llama.cpp's blocks of the type read back "
+    "(ggml_quants.fake_quant, importance as in the file), the rest float, KL(float || probe) "
+    "per token (nats)",
+    "scaled": "every unit at its smallest quantized type, KL(float || probe) per token "
+    "(nats); its other types' KL = that KL x the ratio of their importance-weighted squared "
+    "weight errors (one forward per unit instead of one per type: a prediction)",
+}
+
+
+def _unit_kls(model, layout: dict, how: str, probe, importance: dict, log) -> dict:
+    """{unit: {type: KL}} by ``how`` (:data:`PROBES`)."""
+    from quantlab.allocation import measure
+
+    units, types, cost = layout["units"], layout["types"], layout["cost"]
+    if how == "full":
+        log(
+            f"type allocation: {len(units)} units, {sum(map(len, types.values()))} probes "
+            "(KL at every type)"
+        )
+        return measure(units, types, probe, log=log)
+    # the smallest quantized type has the largest error: the best-resolved KL of the unit
+    ref = {
+        u: min((t for t in types[u] if t not in FLOAT_BYTES), key=cost[u].get, default=types[u][0])
+        for u in units
+    }
+    log(f"type allocation: {len(units)} probes (KL at each unit's smallest type, scaled)")
+    at_ref = measure(units, {u: [ref[u]] for u in units}, probe, log=log)
+    out = {}
+    for u, members in units.items():
+        err = {
+            t: sum(_weighted_error(model, m, t, importance.get(m)) for m in members)
+            for t in types[u]
+        }
+        k = at_ref[u][ref[u]]
+        out[u] = {t: (k * err[t] / err[ref[u]] if err[ref[u]] > 0 else 0.0) for t in types[u]}
+    return out
+
+
+def _weighted_error(model: nn.Module, module: str, qtype: str, importance) -> float:
+    """sum_ij importance_j (w_q - w)_ij^2 of a module's weight stored as ``qtype`` (importance
+    1 where none)."""
+    w = model.get_submodule(module).weight.detach().float()
+    d = (_probe_weight(w, qtype, importance) - w).double()
+    col = torch.ones(w.shape[1], dtype=torch.float64)
+    if importance is not None:
+        col = torch.from_numpy(np.asarray(importance, dtype=np.float64))
+    return float((d * d).sum(0) @ col)
 
 
 def _solve(kl: dict, cost: dict, budget: float, solve) -> dict[str, str]:
@@ -335,6 +386,31 @@ def gguf_name_map(model: nn.Module, modules: list[str], template: Path) -> dict[
             raise QuantlabError(f"ggml type: auto: '{m}' has no tensor in the GGUF layout")
         out[m] = g
     return out
+
+
+def allocate_gguf(
+    model: nn.Module,
+    block_linears: list[str],
+    calibration: torch.Tensor,
+    template: Path,
+    importance: dict[str, np.ndarray] | None,
+    config,
+    log: Callable[[str], None],
+    known_kl: dict | None = None,
+) -> dict:
+    """The ggml backend's type: auto: the record of :func:`choose_types` on the first
+    ``config.probe_windows`` calibration windows, with ``gguf_tensor_types`` ({GGUF name:
+    type}, what :func:`write_mixed_gguf` takes). ``importance``: {GGUF name: imatrix} or None;
+    as in the file, it weighs the blocks' tensors and not the embedding/head."""
+    layout = plan(model, block_linears, config)
+    gnames = gguf_name_map(model, list(layout["shapes"]), template)
+    imp = {
+        m: (importance or {}).get(g) if g.startswith("blk.") else None for m, g in gnames.items()
+    }
+    ids = probe_windows(calibration, config.probe_windows, config.probe_seq_len)
+    rec = choose_types(model, ids, layout, config, imp, log, known_kl)
+    rec["gguf_tensor_types"] = {gnames[m]: t for m, t in rec["tensor_types"].items()}
+    return rec
 
 
 def probe_windows(calibration: torch.Tensor, windows: int, seq_len: int) -> torch.Tensor:
