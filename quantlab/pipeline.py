@@ -147,7 +147,8 @@ class _Collector:
 def _finish(
     plan: RunPlan, rows: list[dict], eval_text, on_results: OnResults | None
 ) -> pd.DataFrame:
-    """The speed phase, the llama.cpp and vLLM phases (when asked) and the final results files."""
+    """The speed phase, the llama.cpp and vLLM phases and the serving benchmark (when asked)
+    and the final results files."""
     ok = [r for r in rows if not r.get("error")]
     speed_phase(plan, ok, _log)
     if "llamacpp" in plan.recipe.eval.engines and ok:
@@ -156,6 +157,12 @@ def _finish(
         from quantlab.engines.vllm_phase import vllm_phase
 
         vllm_phase(plan, ok, _log)
+        for r in ok:
+            write_record(plan.run_dir.metrics(r["method"]), r)
+    if plan.recipe.eval.serving is not None and ok:
+        from quantlab.engines.serving_phase import serving_phase
+
+        serving_phase(plan, ok, _log)
         for r in ok:
             write_record(plan.run_dir.metrics(r["method"]), r)
     frame = results_frame(rows)
@@ -221,7 +228,8 @@ def _check_architecture(recipe: Recipe, backends: dict) -> None:
             model = AutoModelForCausalLM.from_config(config)
     except Exception as e:  # an architecture this transformers does not know: the run says so
         _log(
-            f"cannot build '{recipe.model.source}' from its config to check the methods ({type(e).__name__})"
+            f"cannot build '{recipe.model.source}' from its config to check the methods "
+            f"({type(e).__name__})"
         )
         return
     if getattr(config, "tie_word_embeddings", False):
@@ -231,8 +239,8 @@ def _check_architecture(recipe: Recipe, backends: dict) -> None:
 
 
 def _check_gguf(recipe: Recipe, backends: dict) -> None:
-    """GGUF exports whose grids GGUF cannot hold, and the llama.cpp engine without its tools:
-    errors before anything loads."""
+    """GGUF exports whose grids GGUF cannot hold, and the llama.cpp or vLLM engine (or the
+    serving benchmark) without its tools: errors before anything loads."""
     from quantlab.formats.gguf import check_gguf_grid
 
     for m in recipe.all_methods():
@@ -251,10 +259,14 @@ def _check_gguf(recipe: Recipe, backends: dict) -> None:
         from quantlab.engines.llamacpp import find_llamacpp
 
         find_llamacpp()
-    if "vllm" in recipe.eval.engines:
+    if "vllm" in recipe.eval.engines or recipe.eval.serving is not None:
         from quantlab.engines.vllm import find_vllm
 
-        find_vllm()
+        find_vllm()  # the serving benchmark's load generator runs there for every engine
+    if "llamacpp" in recipe.eval.serving_engines():
+        from quantlab.engines.llamacpp import find_llamacpp
+
+        find_llamacpp()
     methods = recipe.all_methods()
     if any("gguf" in m.export or backends[m.label].gguf_checkpoint for m in methods):
         _check_gguf_metadata(recipe.model.source)

@@ -256,6 +256,60 @@ class VllmSpec(_Strict):
     )
 
 
+class ServingSpec(_Strict):
+    """Serving benchmarks in a run (off unless ``eval.serving`` is set; docs/vllm.md): after
+    the rows are scored, every row is served by each engine's OpenAI-compatible server
+    (vLLM's for checkpoint directories, llama-server for the rows' GGUF files) and loaded by
+    vLLM's load generator at each concurrency, in rounds interleaved with the float model."""
+
+    engines: list[Literal["vllm", "llamacpp"]] | None = Field(
+        None,
+        min_length=1,
+        description="Engines that serve: 'vllm' (checkpoint directories) and 'llamacpp' "
+        "(llama-server, rows that export GGUF). None: those of eval.engines, else vllm.",
+    )
+    concurrency: list[int] = Field(
+        default_factory=lambda: [1, 8],
+        min_length=1,
+        description="Concurrent streaming clients; one load per number, each at least 1.",
+    )
+    requests: int = Field(
+        16, ge=1, description="Requests per load (at least the concurrency; warm-up extra)."
+    )
+    input_tokens: int = Field(256, ge=1, description="Prompt tokens of each random request.")
+    output_tokens: int = Field(
+        128, ge=1, description="Tokens each request generates (ignore_eos: exactly these)."
+    )
+    rounds: int = Field(
+        2, ge=1, le=20, description="Rounds: every server loaded once per concurrency in each."
+    )
+    float_dtypes: list[Literal["float32", "bfloat16", "float16"]] = Field(
+        default_factory=lambda: ["float32", "bfloat16"],
+        min_length=1,
+        description="vLLM: dtypes the float model is served in; the fastest is the reference.",
+    )
+    dtype: Literal["bfloat16", "float16"] = Field(
+        "bfloat16",
+        description="vLLM: activation dtype of quantized rows (its GPTQ/AWQ paths take no "
+        "float32).",
+    )
+    eager: bool = Field(
+        False, description="vLLM: no torch.compile (faster start, not what a deployment runs)."
+    )
+    threads: int | None = Field(None, ge=1, description="Threads of each server (None: the cores).")
+
+    @field_validator("concurrency")
+    @classmethod
+    def _concurrency(cls, v: list[int]) -> list[int]:
+        bad = [c for c in v if c < 1]
+        if bad or len(set(v)) != len(v):
+            raise ValueError(
+                f"concurrency {v}: give each number of concurrent clients once, each at "
+                "least 1 (e.g. [1, 8, 32])"
+            )
+        return v
+
+
 class EvalSpec(ScoringSpec, TextSpec):
     """How each reloaded checkpoint is scored: the text, the scoring options shared with
     ``quantlab eval`` (:class:`quantlab.evalspec.ScoringSpec`: convention, windows, batch size,
@@ -271,6 +325,11 @@ class EvalSpec(ScoringSpec, TextSpec):
     )
     llamacpp: LlamaCppSpec = LlamaCppSpec()
     vllm: VllmSpec = VllmSpec()
+    serving: ServingSpec | None = Field(
+        None,
+        description="Serving benchmarks (vLLM / llama-server under load); None: off. See "
+        "ServingSpec and docs/vllm.md.",
+    )
     tasks: list[str] = Field(
         default_factory=list,
         description="lm-eval tasks run on each "
@@ -284,6 +343,14 @@ class EvalSpec(ScoringSpec, TextSpec):
     task_fewshot: int | None = Field(
         None, ge=0, description="Few-shot examples (None: the task's default)."
     )
+
+    def serving_engines(self) -> list[str]:
+        """The engines that serve (none when eval.serving is off)."""
+        if self.serving is None:
+            return []
+        if self.serving.engines is not None:
+            return list(self.serving.engines)
+        return [e for e in self.engines if e in ("vllm", "llamacpp")] or ["vllm"]
 
     @model_validator(mode="after")
     def _task_keys(self) -> EvalSpec:
@@ -659,6 +726,13 @@ class Recipe(_Strict):
             raise ValueError(
                 "eval.engines has 'llamacpp' but no method exports GGUF; add export: [native, gguf] "
                 "to the methods llama.cpp should measure"
+            )
+        if "llamacpp" in self.eval.serving_engines() and not any(
+            "gguf" in m.export for m in self.methods
+        ):
+            raise ValueError(
+                "eval.serving serves with 'llamacpp' (llama-server) but no method exports GGUF; "
+                "add export: [native, gguf] to the methods llama-server should serve"
             )
         if len(self.all_methods()) > len(self.methods) and "baseline" in labels:
             raise ValueError(
