@@ -26,6 +26,7 @@ BACKENDS: dict[str, str] = {
     "quanto": "quantlab.quantizers.quanto:Quanto",
     "llamacpp": "quantlab.quantizers.llamacpp:LlamaCpp",
     "ggml": "quantlab.quantizers.ggml:Ggml",
+    "w8a8": "quantlab.quantizers.w8a8:W8A8",
 }
 
 

@@ -16,6 +16,14 @@ both formats, and compressed-tensors' signed value is c - 2**(bits-1) with zero 
 z - 2**(bits-1), so unpacking gives back exactly the method's grid (:func:`read_grids`
 checks it; tests compare with compressed-tensors' own unpacking). A grid whose groups follow
 a permuted column order (GPTQ act_order without static groups) is refused, by name.
+
+``int-quantized`` (W8A8 INT8, :func:`int8_quantization_config`) is written by the ``w8a8``
+backend itself (its checkpoint is this format, plus quantlab's sidecar). Per linear ``NAME``:
+  NAME.weight        int8 [out, in]  symmetric codes (no zero point)
+  NAME.weight_scale  float32 [out, 1]  one scale per output channel: weight = code * scale
+and one config group: weights ``{num_bits: 8, strategy: channel, symmetric: true}``, input
+activations ``{num_bits: 8, strategy: token, dynamic: true, symmetric: true}`` (quantized
+per token at run time; no scale stored), the float linears listed in ``ignore``.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from quantlab.formats import QuantizedWeight, unpack_layer
 from quantlab.formats.base import tied_parameter_names
 
 FORMAT = "pack-quantized"
+INT_FORMAT = "int-quantized"
 WEIGHTS = "model.safetensors"
 
 
@@ -210,3 +219,24 @@ def read_grids(ckpt_dir: str | Path) -> dict[str, dict[str, torch.Tensor]]:
             "scales": scales,
         }
     return grids
+
+
+def int8_quantization_config(ignore: list[str]) -> dict:
+    """compressed-tensors' ``int-quantized`` W8A8 config: int8 weights per output channel,
+    int8 activations per token, dynamic, both symmetric; ``ignore``: the linears kept float."""
+    int8 = {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None}
+    return {
+        "quant_method": "compressed-tensors",
+        "format": INT_FORMAT,
+        "quantization_status": "compressed",
+        "ignore": sorted(ignore),
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": {**int8, "strategy": "channel", "dynamic": False, "observer": "minmax"},
+                "input_activations": {**int8, "strategy": "token", "dynamic": True},
+                "output_activations": None,
+                "format": INT_FORMAT,
+            }
+        },
+    }
