@@ -183,6 +183,10 @@ def test_targets_no_mix_reaches_and_types_a_tensor_cannot_take_are_refused(tiny)
         Ggml.Config(type="auto")
     with pytest.raises(ValidationError, match="size_target only apply with type: auto"):
         Ggml.Config(type="q4_0", size_target=4.5)
+    with pytest.raises(ValidationError, match="type: auto chooses the embedding's type"):
+        Ggml.Config(type="auto", size_target=4.5, embedding_type="f16")
+    with pytest.raises(ValidationError, match="with type: auto use search: none"):
+        Ggml.Config(type="auto", size_target=4.5, search="awq")
     with pytest.raises(ValidationError, match="Q4_K unknown"):
         Ggml.Config(type="auto", size_target=4.5, candidates=["Q4_K"])
     with pytest.raises(ValidationError, match="bits per weight .* or bytes with a unit"):

@@ -150,6 +150,11 @@ class GgmlConfig(BackendConfig):
                 raise ValueError(
                     "type: auto needs size_target (bits per weight, e.g. 4.5, or bytes, '85MB')"
                 )
+            if self.embedding_type != type(self).model_fields["embedding_type"].default:
+                raise ValueError(
+                    "type: auto chooses the embedding's type with the rest; leave "
+                    "embedding_type out (candidates names the types)"
+                )
             if self.search != "none":
                 raise ValueError(
                     "search: awq needs one type to search for; with type: auto use search: none"
