@@ -10,6 +10,8 @@ RECIPE = "recipe.yaml"
 ENVIRONMENT = "environment.json"
 CALIBRATION = "calibration.json"
 REFERENCE = "reference"
+#: the float model's own KL in another dtype (quantlab.scoring.noise_floor)
+NOISE_FLOOR = "noise_floor.json"
 ALLOCATION = "allocation"
 RESULTS_CSV = "results.csv"
 RESULTS_PARQUET = "results.parquet"
@@ -27,6 +29,7 @@ RUN_ENTRIES = frozenset(
         ENVIRONMENT,
         CALIBRATION,
         REFERENCE,
+        NOISE_FLOOR,
         ALLOCATION,
         RESULTS_CSV,
         RESULTS_PARQUET,

@@ -116,7 +116,17 @@ def _quality(plan, ppl, div: dict) -> dict:
         "top1_agreement": div.get("top1_agreement"),
         "dp_rms": div.get("dp_rms"),
         "kld_tokens": div.get("kld_tokens"),
+        **_floor(plan, div),
         "divergence": div,
+    }
+
+
+def _floor(plan, div: dict) -> dict:
+    """The run's noise floor beside the row's KL (the same tokens; None without divergence)."""
+    floor = plan.noise_floor if div else None
+    return {
+        "kld_floor": floor["kld_mean"] if floor else None,
+        "kld_floor_dtype": floor["dtype"] if floor else None,
     }
 
 

@@ -27,10 +27,24 @@ from quantlab.env import environment
 from quantlab.errors import QuantlabError
 from quantlab.models import LoadedModel, content_digest, load_model, resolve_device, resolve_dtype
 from quantlab.recipe import Recipe, recipe_to_dict
-from quantlab.records import atomic_write_bytes, atomic_write_text, code_digest, stage_key
+from quantlab.records import (
+    atomic_write_bytes,
+    atomic_write_text,
+    code_digest,
+    read_record,
+    stage_key,
+    write_record,
+)
 from quantlab.registry import get_backend
 from quantlab.rundir import RunDir, prepare_run_dir
-from quantlab.scoring import build_plan, compute_reference, labels, plan_key
+from quantlab.scoring import (
+    build_plan,
+    compute_reference,
+    floor_dtype,
+    labels,
+    noise_floor,
+    plan_key,
+)
 
 PLAN_FORMAT = 1
 
@@ -64,6 +78,9 @@ class RunPlan:
     cal_text: TextRef | None
     base_load_s: float
     session: str
+    #: the float model's own KL in another dtype (quantlab.scoring.noise_floor), when divergence
+    #: is measured: the smallest KL difference these tokens can tell apart
+    noise_floor: dict[str, Any] | None = None
 
     @property
     def torch_device(self) -> torch.device:
@@ -232,6 +249,7 @@ def _plan_doc(p: RunPlan) -> dict[str, Any]:
         "cal_text": vars(p.cal_text) if p.cal_text else None,
         "base_load_s": p.base_load_s,
         "session": p.session,
+        "noise_floor": p.noise_floor,
     }
 
 
@@ -270,6 +288,7 @@ def _plan_from(doc: dict, t: dict[str, torch.Tensor], rd: RunDir) -> RunPlan:
         cal_text=TextRef(**doc["cal_text"]) if doc["cal_text"] else None,
         base_load_s=doc["base_load_s"],
         session=doc["session"],
+        noise_floor=doc.get("noise_floor"),
     )
 
 
@@ -521,9 +540,30 @@ def _reference(plan: RunPlan, base: LoadedModel, log) -> None:
         f"base model distributions on {part.scored_tokens} tokens ({len(part.segments)} windows) "
         "for divergence"
     )
-    compute_reference(base.model, part, plan.run_dir.reference(), ev.batch_size, key)
+    ref = compute_reference(base.model, part, plan.run_dir.reference(), ev.batch_size, key)
     plan.reference_key = key
     plan.keys["shared"]["reference_key"] = key
+    plan.noise_floor = _noise_floor(plan, base, part, ref, log)
+
+
+def _noise_floor(plan: RunPlan, base: LoadedModel, part, ref, log) -> dict:
+    """The float model's KL from its own reference in the other dtype, computed once per
+    reference and dtype (a digest-checked record beside it) and reused while both hold."""
+    dtype = floor_dtype(plan.torch_dtype)
+    key = f"{plan.reference_key}:{dtype}"
+    path = plan.run_dir.noise_floor()
+    if (found := read_record(path, key)) is not None:
+        return found["floor"]
+    name = str(dtype).removeprefix("torch.")
+    log(f"noise floor: the float model in {name} against its {plan.dtype} distributions")
+    floor = noise_floor(base.model, part, ref, plan.recipe.eval.batch_size, dtype)
+    log(
+        f"noise floor: KL {floor['kld_mean']:.6f} (p99 {floor['kld_p99']:.5f}), top-1 "
+        f"{floor['top1_agreement']:.4f} on {floor['kld_tokens']} tokens: smaller KL differences "
+        "between rows are not a method's"
+    )
+    write_record(path, {"key": key, "floor": floor})
+    return floor
 
 
 def backend_versions(backends: dict) -> dict:

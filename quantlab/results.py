@@ -37,6 +37,8 @@ COLUMNS = [
     "top1_agreement",
     "dp_rms",
     "kld_tokens",
+    "kld_floor",
+    "kld_floor_dtype",
     "size_bytes",
     "checkpoint_bytes",
     "quantized_tensor_bytes",

@@ -8,8 +8,8 @@ Layout::
       recipe.yaml                       the recipe as resolved (every default filled in)
       environment.json, calibration.json
       reference/                        the base model's distributions (divergence)
-      allocation/                       per-unit KLs of bits: auto, shared by the methods
-      (quantlab.allocation)
+      noise_floor.json                  the float model's own KL in another dtype
+      allocation/                       per-unit KLs of bits: auto (quantlab.allocation)
       results.csv, results.parquet      one row per method, rewritten as methods finish
       report.html, results.md, plots/
       LABEL/                            one directory per method
@@ -43,6 +43,7 @@ from quantlab.layout import (
     ERROR,
     EXPORT_RECORD,
     METRICS,
+    NOISE_FLOOR,
     PLAN_JSON,
     PLAN_TENSORS,
     PLOTS,
@@ -262,6 +263,9 @@ class RunDir:
 
     def reference(self) -> Path:
         return owned_path(self.root, REFERENCE, directory=True, what="divergence reference")
+
+    def noise_floor(self) -> Path:
+        return owned_path(self.root, NOISE_FLOOR, directory=False, what="noise floor")
 
     def allocation_cache(self, key: str) -> Path:
         folder = owned_path(self.root, ALLOCATION, directory=True, what="allocation measurements")

@@ -4,6 +4,7 @@ reloaded checkpoint) and ``quantlab eval`` (any model, nothing quantized)."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import weakref
@@ -116,6 +117,27 @@ def compute_reference(
     # (a model quantized in place after its reference was taken would score KL 0)
     done.base_model = weakref.ref(model)
     return done
+
+
+def floor_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The other way of running a model whose KL from itself is the noise floor: bfloat16
+    for a float32 run (what a user may serve), float32 for a half-precision run."""
+    return torch.bfloat16 if dtype == torch.float32 else torch.float32
+
+
+def noise_floor(
+    model, plan: WindowPlan, reference: ReferenceLogprobs, batch_size: int, dtype: torch.dtype
+) -> dict:
+    """The float model's own divergence from its ``reference`` when run in ``dtype``: the
+    KL that arithmetic alone produces. Two methods whose KLs differ by less than this are
+    not told apart by these tokens (the noise floor issue #30 asks for beside every KL)."""
+    twin = copy.deepcopy(model).to(dtype)  # the base stays as it is: rows compare against it
+    try:
+        _, div = evaluate(twin, plan, batch_size, reference)
+    finally:
+        del twin
+    keep = ("kld_mean", "kld_p99", "top1_agreement", "kld_tokens")
+    return {"dtype": str(dtype).removeprefix("torch."), **{k: div[k] for k in keep}}
 
 
 def evaluate(

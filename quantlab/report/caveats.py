@@ -79,6 +79,30 @@ def busy_machine(frame: pd.DataFrame) -> str | None:
     )
 
 
+def within_noise_floor(frame: pd.DataFrame) -> str | None:
+    """Neighbours in the KL ranking of the quantized rows whose KLs differ by less than the
+    noise floor (the float model's own KL in another dtype, on the same tokens): these
+    tokens do not tell them apart, so neither is the better method by this figure."""
+    if "kld_floor" not in frame or frame["kld_floor"].dropna().empty:
+        return None
+    floor = float(frame["kld_floor"].dropna().iloc[0])
+    dtype = str(frame["kld_floor_dtype"].dropna().iloc[0])
+    ranked = frame[frame["kld_mean"].notna() & (frame["backend"] != "none")]
+    ranked = ranked.sort_values("kld_mean")
+    kl, names = ranked["kld_mean"].astype(float).tolist(), ranked["method"].astype(str).tolist()
+    close = [
+        f"{names[i]} vs {names[i + 1]} (ΔKL {kl[i + 1] - kl[i]:.5f})"
+        for i in range(len(kl) - 1)
+        if kl[i + 1] - kl[i] < floor
+    ]
+    if not close:
+        return None
+    return (
+        f"KL differences below the noise floor ({floor:.5f}, the float model in {dtype} "
+        f"against itself on the same tokens) are not a method's win: {', '.join(close)}"
+    )
+
+
 def engine_disagreements(frame: pd.DataFrame, metrics: dict[str, dict]) -> list[str]:
     """Pairs of rows whose options are equal except for ``engine`` and whose perplexities
     differ by more than noise."""
@@ -230,9 +254,9 @@ def report_warnings(runs: list[RunData], frame: pd.DataFrame) -> list[str]:
                 "1 speed round): indicative figures, not a measurement to publish; run without "
                 "--quick"
             )
-        few = few_tokens(part)
-        if few:
-            out.append(f"{scope}: {few}" if multi else few)
+        for msg in (few_tokens(part), within_noise_floor(part)):
+            if msg:
+                out.append(f"{scope}: {msg}" if multi else msg)
         sess = (
             "speed_session"
             if "speed_session" in part and part["speed_session"].notna().any()

@@ -94,6 +94,15 @@ def _mb(v: Any) -> str:
     return "" if v is None or pd.isna(v) else f"{float(v) / 1e6:.1f} MB"
 
 
+def _floor_fact(row) -> str:
+    if pd.isna(row.get("kld_floor")):
+        return ""
+    return (
+        f"; noise floor {row['kld_floor']:.5f} (the float model in {row['kld_floor_dtype']} "
+        "against itself)"
+    )
+
+
 def _s(v: Any) -> str:
     return "" if v is None or pd.isna(v) else f"{float(v):.1f} s"
 
@@ -230,7 +239,7 @@ def _method_details(run: RunData, row: pd.Series, label: str, own: bool) -> dict
             (
                 "KL divergence",
                 f"mean {row['kld_mean']:.5f}, p99 {row['kld_p99']:.4f}, top-1 agreement "
-                f"{100 * row['top1_agreement']:.2f}%",
+                f"{100 * row['top1_agreement']:.2f}%" + _floor_fact(row),
             )
         )
     stages = m.get("quantize_stages") or {}
