@@ -197,3 +197,89 @@ def test_next_inputs_float_calibrates_later_layers_on_float_outputs(tiny):
         stats["quantized"][second]["awq_loss_identity"]
         != stats["float"][second]["awq_loss_identity"]
     )
+
+
+# ------------------------------------------------------------------ scoring by X^T X or forward
+
+
+def _ranking_agrees(a: torch.Tensor, b: torch.Tensor, rtol: float) -> bool:
+    """Every pair of candidates that ``a`` tells apart by more than ``rtol`` is in the same
+    order in ``b``."""
+    da, db = a.view(-1, 1) - a.view(1, -1), b.view(-1, 1) - b.view(1, -1)
+    apart = da.abs() > rtol * a.abs().max()
+    return bool(((da.sign() == db.sign()) | ~apart).all())
+
+
+@pytest.mark.parametrize("bits,group,duo", [(4, 32, True), (3, 64, False)])
+def test_forward_scoring_ranks_candidates_as_the_second_moment_does(bits, group, duo):
+    """The same objective two ways: sum((dW Sigma) * dW) / out and mean((x dW^T)^2). Not bit
+    for bit: the two sum the same products in different orders (float32 matmuls, a float64
+    total), so the losses agree to float rounding and the ranking and the chosen scales agree."""
+    from quantlab.quantizers.awq import forward_mse, output_mse
+
+    w, x = _problem(bits)
+    args = dict(bits=bits, group_size=group, sym=False, n_grid=10, duo_scaling=duo)
+    s_g, l_g = awq_search_scales(w, gram(x), x.abs().mean(0), **args)
+    s_f, l_f = awq_search_scales(w, None, x.abs().mean(0), inputs=x, **args)
+    assert torch.allclose(l_g, l_f, rtol=1e-4) and _ranking_agrees(l_g, l_f, 1e-4)
+    assert torch.equal(s_g, s_f)
+    dw = fake_quant(w, bits, group, False) - w
+    assert forward_mse(dw, x, chunk=100) == pytest.approx(output_mse(dw, gram(x)), rel=1e-5)
+
+
+def test_clip_blocks_from_tokens_are_the_second_moments_blocks():
+    from quantlab.quantizers.awq import gram_blocks
+
+    w, x = _problem(0)
+    blocks = gram_blocks(x, 32)
+    sig = gram(x)
+    assert torch.allclose(blocks[1], sig[32:64, 32:64], rtol=1e-4, atol=1e-4)
+    a = awq_search_clip(w, sig, 4, 32, False, n_grid=10)
+    b = awq_search_clip(w, None, 4, 32, False, n_grid=10, blocks=blocks)
+    assert torch.equal(a, b)
+
+
+def test_the_way_flips_at_the_width_the_op_count_says():
+    """X^T X costs t in^2 + C out in^2, the forward passes C t in out + t in g (C candidates):
+    forward is cheaper past in* = (C t out + t g) / (t + C out)."""
+    from quantlab.quantizers.awq import cheaper_way
+
+    t, out_f, n_grid, g = 8192, 1536, 20, 128
+    c = n_grid + 1
+    flip = (c * t * out_f + t * g) / (t + c * out_f)  # ~6540
+    assert cheaper_way(t, int(flip), out_f, n_grid, g) == "gram"
+    assert cheaper_way(t, int(flip) + 1, out_f, n_grid, g) == "forward"
+    # a 1.5B model's down_proj (8960 -> 1536): forward; the demo's widths (576, 1536 in;
+    # search_tokens 8192): X^T X, as before the choice existed
+    assert cheaper_way(t, 8960, 1536, n_grid, 128) == "forward"
+    for in_f, out_f in [(576, 576 + 2 * 192), (576, 576), (576, 2 * 1536), (1536, 576)]:
+        assert cheaper_way(t, in_f, out_f, n_grid, 64) == "gram"
+
+
+def test_auto_scores_by_the_cheaper_way_and_both_ways_choose_the_same_scales(tiny, capsys):
+    """On the tiny model (inputs 64 and 128 wide): 64 search tokens make every input cheaper
+    by forward passes, 256 by X^T X (the op count's flip: ~62 and ~217 wide); the log says
+    so, once per shape (q/k/v, o, gate/up, down).
+    Forced either way, every layer chooses the same grid point."""
+    from quantlab.data import pydoc_text, tokenize
+    from quantlab.quantizers.awq import cheaper_way
+
+    model, tok = tiny
+    cal = tokenize(pydoc_text("calibration"), tok)[: 6 * 64].view(6, 64)
+    assert cheaper_way(64, 128, 64, 20, 32) == "forward"
+    assert cheaper_way(256, 128, 64, 20, 32) == "gram"
+    stats = {}
+    for tokens, way in [(64, "forward"), (256, "gram")]:
+        capsys.readouterr()
+        AWQ(AWQ.Config(bits=4, group_size=32, search_tokens=tokens)).quantize(
+            copy.deepcopy(model), cal
+        )
+        said = [ln for ln in capsys.readouterr().err.splitlines() if "candidates scored" in ln]
+        assert len(said) == 4 and all(f"scored by {way} (auto" in ln for ln in said), said
+    for way in ("gram", "forward"):
+        cfg = AWQ.Config(bits=4, group_size=32, search_tokens=256, score_on=way)
+        stats[way] = AWQ(cfg).quantize(copy.deepcopy(model), cal).layer_stats
+    for n, v in stats["gram"].items():
+        if "awq_best_grid_index" in v:
+            assert v["awq_best_grid_index"] == stats["forward"][n]["awq_best_grid_index"], n
+            assert v["awq_loss_best"] == pytest.approx(stats["forward"][n]["awq_loss_best"], 1e-4)

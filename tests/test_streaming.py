@@ -1,5 +1,5 @@
 """Streaming (quantlab.streaming): models read lazily from safetensors shards, quantized and
-scored one decoder layer at a time. The key property: the streamed RTN and GPTQ exports of a
+scored one decoder layer at a time. The key property: the streamed RTN, GPTQ and AWQ exports of a
 model are the in-memory backends' exports byte for byte, and the streamed perplexity is the
 whole model's."""
 
@@ -23,6 +23,7 @@ from quantlab.checkpoint import export_checkpoint, load_checkpoint
 from quantlab.errors import QuantlabError
 from quantlab.models import load_model
 from quantlab.progress import Progress
+from quantlab.quantizers.awq import AWQ, AWQConfig
 from quantlab.quantizers.gptq import GPTQ, GPTQConfig
 from quantlab.quantizers.rtn import RTN, RTNConfig
 from quantlab.scoring import compute_reference, evaluate
@@ -70,12 +71,29 @@ def _sidecar(ckpt: Path) -> dict:
         ("gptq", dict(bits=4, group_size=16, act_order=True, sym=False, batch_size=4)),
         # the grouped path: q/k/v and gate/up share Hessians by the input tensor they read
         ("gptq", dict(bits=8, group_size=-1, true_sequential=False, batch_size=4)),
+        # AWQ: scales folded into the norms, the AutoAWQ gemm layout; and the GPTQ layout,
+        # calibrated on quantized outputs, candidates scored by forward passes
+        ("awq", dict(bits=4, group_size=32, search_tokens=256, batch_size=4)),
+        (
+            "awq",
+            dict(
+                bits=3,
+                group_size=16,
+                format="gptq",
+                next_inputs="quantized",
+                score_on="forward",
+                search_tokens=128,
+                module_bits={"*.down_proj": 8},
+            ),
+        ),
     ],
 )
 def test_streamed_export_is_the_in_memory_export_byte_for_byte(
     tiny_model_dir, tmp_path, backend, options
 ):
-    cls, cfg = {"rtn": (RTN, RTNConfig), "gptq": (GPTQ, GPTQConfig)}[backend]
+    cls, cfg = {"rtn": (RTN, RTNConfig), "gptq": (GPTQ, GPTQConfig), "awq": (AWQ, AWQConfig)}[
+        backend
+    ]
     stats = _in_memory(tiny_model_dir, cls(cfg(**options)), tmp_path / "whole")
     got = quantize_streaming(
         tiny_model_dir,
@@ -406,7 +424,8 @@ def test_why_a_method_does_not_stream():
 
     assert why_not_streamed("rtn", {"bits": 4, "scale_search": "importance"}) is None
     assert why_not_streamed("gptq", {"bits": 3, "act_order": True}) is None
-    assert "awq" in why_not_streamed("awq", {})
+    assert why_not_streamed("awq", {"bits": 4, "score_on": "forward"}) is None
+    assert "hqq" in why_not_streamed("hqq", {})
     assert "engine: quantlab" in why_not_streamed("gptq", {"engine": "gptqmodel"})
     assert "bits: auto" in why_not_streamed("rtn", {"bits": "auto", "bits_budget": 4.5})
     assert "skip: auto" in why_not_streamed("gptq", {"skip": "auto"})

@@ -234,7 +234,8 @@ def quantize_streaming(
         result.files, result.total_size = done["files"], done["total_size"]
         widths = {n: method.config.bits_for(n) for n in result.modules}
         with result.stage("finish export"):
-            write_model_files(tmp, source_dir, method.quantization_config(widths), dtype, tokenizer)
+            qconfig = method.quantization_config(widths, walk.model)
+            write_model_files(tmp, source_dir, qconfig, dtype, tokenizer)
             _sidecar(tmp, method, result, source or {"path": str(source_dir)}, label)
     result.quantize_s = time.perf_counter() - t0
     return result

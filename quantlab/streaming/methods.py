@@ -1,6 +1,7 @@
 """The per-layer work of each method the streaming path runs, on quantlab's own cores:
-RTN's grid (:func:`quantlab.grid.quantize_matrix`, :func:`quantlab.quantizers.rtn.search_clip`)
-and GPTQ's solver (:func:`quantlab.quantizers.gptq.gptq_quantize`) with the same
+RTN's grid (:func:`quantlab.grid.quantize_matrix`, :func:`quantlab.quantizers.rtn.search_clip`),
+GPTQ's solver (:func:`quantlab.quantizers.gptq.gptq_quantize`) and AWQ's layer
+(:func:`quantlab.quantizers.awq.quantize_layer`, the backend's own function) with the same
 orchestration as the in-memory backends (the same calls in the same order, so the same
 tensors). A method here is its validated backend Config plus what it does to one decoder layer.
 """
@@ -17,7 +18,9 @@ from quantlab.errors import QuantlabError
 from quantlab.formats import LAYOUTS, QuantizedWeight, drop_dense_weights
 from quantlab.grid import quantize_matrix
 from quantlab.quantizers.arch import ArchSpec
-from quantlab.quantizers.base import set_module
+from quantlab.quantizers.awq import AWQ, AWQConfig, LayerJob, check_scale_groups, search_subset
+from quantlab.quantizers.awq import quantize_layer as awq_quantize_layer
+from quantlab.quantizers.base import set_module, timed
 from quantlab.quantizers.gptq import GPTQConfig, gptq_quantize, same_tensor
 from quantlab.quantizers.rtn import RTNConfig, column_mean_squares, search_clip
 from quantlab.quantizers.sequential import (
@@ -86,16 +89,18 @@ class LayerMethod:
     def options(self) -> dict[str, Any]:
         return self.config.model_dump(mode="json")
 
-    def extra(self) -> dict[str, Any]:
+    def extra(self, model: nn.Module) -> dict[str, Any]:
+        """The backend's ``quantization_extra`` (``model``: the walked skeleton, its quantized
+        linears swapped for packed modules)."""
         return {}
 
-    def quantization_config(self, widths: dict[str, int]) -> dict[str, Any]:
+    def quantization_config(self, widths: dict[str, int], model: nn.Module) -> dict[str, Any]:
         """What LayoutBackend.save writes into config.json for these layers' widths."""
-        c = self.config
+        c, extra = self.config, self.extra(model)
         if not widths or len(set(widths.values())) == 1:
             bits = next(iter(widths.values()), c.bits if c.bits != "auto" else max(c.bits_choices))
-            return self.layout.quantization_config(bits, c.group_size, c.sym, **self.extra())
-        return mixed_quantization_config(self.layout, widths, c.group_size, c.sym, self.extra())
+            return self.layout.quantization_config(bits, c.group_size, c.sym, **extra)
+        return mixed_quantization_config(self.layout, widths, c.group_size, c.sym, extra)
 
 
 class RTNLayers(LayerMethod):
@@ -155,6 +160,39 @@ class RTNLayers(LayerMethod):
         return self._one(name, lin, stats)
 
 
+class AWQLayers(LayerMethod):
+    """``awq``: the whole-model backend's per-layer work (:func:`quantlab.quantizers.awq.
+    quantize_layer`: statistics pass, scale search and folding into the norms or linears in
+    front, clipping search, rounding) on the layer in memory; the search tokens drawn from
+    the first layer's inputs with the same seed, so the same tokens."""
+
+    backend = "awq"
+    needs_calibration = True
+
+    def __init__(self, config: AWQConfig):
+        super().__init__(config)
+        self.batch_size = config.batch_size
+        self.layout = AWQ(config).layout()
+        self._subset: tuple[torch.Tensor, int] | None = None
+        self._said: set = set()  # the scoring ways logged (once per shape, as the backend)
+
+    def check(self, model, targets):
+        super().check(model, targets)
+        check_scale_groups(model)
+
+    def quantize_layer(self, layer, prefix, mine, hidden, kwargs, spec, stats):
+        c = self.config
+        if self._subset is None:  # the first layer's inputs: those the backend draws from
+            self._subset = search_subset(hidden, c)
+        # the backend's inner stage times are not kept: the walk times 'quantize' as a whole
+        job = LayerJob(c, self.layout.pack, stats, lambda name: timed({}, name), self._subset)
+        job.said = self._said
+        return awq_quantize_layer(job, layer, spec, dict(mine), hidden, kwargs, prefix)
+
+    def extra(self, model):
+        return AWQ(self.config).quantization_extra(model)
+
+
 @torch.no_grad()
 def _float_pass(
     layer: nn.Module, mine: dict[str, nn.Linear], hidden: list, kwargs: list
@@ -183,7 +221,7 @@ class GPTQLayers(LayerMethod):
         super().__init__(config)
         self.batch_size = config.batch_size
 
-    def extra(self) -> dict[str, Any]:
+    def extra(self, model: nn.Module) -> dict[str, Any]:
         return {"desc_act": self.config.act_order}
 
     def quantize_layer(self, layer, prefix, mine, hidden, kwargs, spec, stats):
@@ -318,6 +356,7 @@ def _hessian(xs) -> torch.Tensor:
 METHODS: dict[str, tuple[type, Callable[[Any], LayerMethod]]] = {
     "rtn": (RTNConfig, RTNLayers),
     "gptq": (GPTQConfig, GPTQLayers),
+    "awq": (AWQConfig, AWQLayers),
 }
 
 
@@ -349,7 +388,7 @@ _WHOLE = "needs the whole model in memory"
 MEMORY_NEEDS: dict[str, str] = {
     "rtn": "streams one decoder layer at a time (bits: auto needs the whole model)",
     "gptq": "streams one decoder layer at a time (engine: quantlab; gptqmodel loads it whole)",
-    "awq": f"{_WHOLE} (not streamed yet)",
+    "awq": "streams one decoder layer at a time (bits: auto needs the whole model)",
     "hqq": f"{_WHOLE} (not streamed yet)",
     "ggml": f"{_WHOLE} (not streamed yet)",
     "none": "the float baseline: nothing quantized",
