@@ -363,8 +363,7 @@ def load_checkpoint(
         detail = (str(e).splitlines() or [""])[0][:200]
         raise QuantlabError(
             f"checkpoint '{ckpt_dir}' cannot be loaded by backend '{meta.get('backend')}' "
-            f"({type(e).__name__}: {detail}); re-export it (run its recipe again with "
-            "--force)"
+            f"({type(e).__name__}: {detail}); re-export it (run its recipe again with --force)"
         ) from None
     from quantlab.formats.kernels import apply_kernels
 
@@ -435,9 +434,8 @@ def _check_options(ckpt_dir: Path, meta: dict[str, Any], backend) -> None:
 
         bad = "; ".join(_format_errors(e, backend.Config, "options").splitlines()[:3])
         raise QuantlabError(
-            f"checkpoint '{ckpt_dir}' cannot be loaded by backend "
-            f"'{meta.get('backend')}': the sidecar's options are not valid "
-            f"{meta.get('backend')} options ({bad}); {hint}"
+            f"checkpoint '{ckpt_dir}' cannot be loaded by backend '{meta.get('backend')}': the "
+            f"sidecar's options are not valid {meta.get('backend')} options ({bad}); {hint}"
         ) from None
 
 

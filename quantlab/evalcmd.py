@@ -347,16 +347,14 @@ def _print_summary(out: dict, args) -> None:
     unit = "word perplexity" if conv == "lm-eval" else "perplexity"
     err = f" ± {out['ppl_stderr']:.4f}" if out.get("ppl_stderr") is not None else ""
     print(
-        f"{unit} {v['ppl']:.4f}{err}  ({conv}, seq_len {out['seq_len']}, "
-        f"{out['scored_tokens']} scored tokens in {out['windows']} windows of "
-        f"{out['text_source']}, "
-        f"tokenizer {out['tokenizer']}, {out['dtype']} on {out['device']})"
+        f"{unit} {v['ppl']:.4f}{err}  ({conv}, seq_len {out['seq_len']}, {out['scored_tokens']} "
+        f"scored tokens in {out['windows']} windows of {out['text_source']}, tokenizer "
+        f"{out['tokenizer']}, {out['dtype']} on {out['device']})"
     )
     if conv == "lm-eval":
         print(
-            f"byte perplexity {v['byte_perplexity']:.4f}, bits per byte "
-            f"{v['bits_per_byte']:.4f}, token perplexity {v['token_perplexity']:.4f} "
-            f"({out['documents']} documents)"
+            f"byte perplexity {v['byte_perplexity']:.4f}, bits per byte {v['bits_per_byte']:.4f}, "
+            f"token perplexity {v['token_perplexity']:.4f} ({out['documents']} documents)"
         )
     if "kld_mean" in out:
         print(
@@ -377,9 +375,8 @@ def _print_summary(out: dict, args) -> None:
     if args.speed:
         comp = f", compiled in {out['speed_compile_s']:.0f} s" if out.get("speed_compile_s") else ""
         print(
-            f"speed ({out['speed_mode']} decode{comp}, batch 1, "
-            f"{out['speed_prompt_tokens']}-token prompt): prefill "
-            f"{v['speed_prefill_tokens_per_s']:.1f} tok/s, decode "
+            f"speed ({out['speed_mode']} decode{comp}, batch 1, {out['speed_prompt_tokens']}-token "
+            f"prompt): prefill {v['speed_prefill_tokens_per_s']:.1f} tok/s, decode "
             f"{v['speed_decode_tokens_per_s']:.1f} tok/s, TTFT {v['speed_ttft_ms']:.1f} ms, "
             f"latency p50/p95 {v['speed_latency_p50_ms']:.1f}/{v['speed_latency_p95_ms']:.1f} ms"
         )

@@ -149,9 +149,8 @@ def check_resources(ray, methods, device: str) -> None:
         if not any(n.get("CPU", 0) >= cpus and n.get("GPU", 0) >= gpus for n in nodes):
             have = ", ".join(f"{n.get('CPU', 0):g} CPU/{n.get('GPU', 0):g} GPU" for n in nodes)
             raise QuantlabError(
-                f"method '{m.label}' asks for {cpus:g} CPUs and {gpus:g} GPUs; "
-                "no node of the Ray cluster has them "
-                f"({have or 'no nodes'}): lower its resources"
+                f"method '{m.label}' asks for {cpus:g} CPUs and {gpus:g} GPUs; no node of the Ray "
+                f"cluster has them ({have or 'no nodes'}): lower its resources"
             )
 
 

@@ -169,8 +169,7 @@ class RunPlan:
         except OSError as e:
             raise QuantlabError(
                 f"cannot read the run plan in '{run_dir}' ({e.strerror or e}); on a cluster the "
-                "run "
-                "directory must be on storage every node mounts at the same path"
+                "run directory must be on storage every node mounts at the same path"
             ) from None
         if (
             doc.get("format") != PLAN_FORMAT
@@ -356,8 +355,7 @@ def _refuse_foreign_run(rd: RunDir, recipe: Recipe, force: bool) -> None:
     if name != recipe.name:
         raise QuantlabError(
             f"'{rd.root}' holds the results of recipe '{name}', not '{recipe.name}'; choose "
-            "another "
-            "--out, or pass --force to replace them"
+            "another --out, or pass --force to replace them"
         )
 
 

@@ -149,9 +149,8 @@ def storage_errors(out_dir: Path):
         if problem is None:
             raise
         raise QuantlabError(
-            f"{problem} while writing into '{out_dir}'; free some space (or choose "
-            "another --out) and run the same command again: finished methods are "
-            "kept and reused"
+            f"{problem} while writing into '{out_dir}'; free some space (or choose another --out) "
+            "and run the same command again: finished methods are kept and reused"
         ) from None
 
 

@@ -108,9 +108,8 @@ def refuse_inside_output(path: Path, what: str) -> None:
     outer = _enclosing_output(Path(os.path.realpath(path)), through_containers=False)
     if outer is not None:
         raise QuantlabError(
-            f"{what} '{path}' is inside the quantlab {outer[1]} directory "
-            f"'{outer[0]}'; quantlab writes there only when it runs that "
-            "output's own command: choose a path outside it"
+            f"{what} '{path}' is inside the quantlab {outer[1]} directory '{outer[0]}'; quantlab "
+            "writes there only when it runs that output's own command: choose a path outside it"
         )
 
 

@@ -109,9 +109,8 @@ def compute_reference(
     done = ReferenceLogprobs.open(path, verify=False)
     if done is None:
         raise QuantlabError(
-            f"the reference distributions written to '{path}' were changed or "
-            "removed while being written: is another process writing there? "
-            "Run again"
+            f"the reference distributions written to '{path}' were changed or removed while being "
+            "written: is another process writing there? Run again"
         )
     # which object the distributions came from: evaluate() refuses to compare it with itself
     # (a model quantized in place after its reference was taken would score KL 0)

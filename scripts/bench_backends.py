@@ -162,12 +162,9 @@ def main() -> None:
     print(
         "\nperplexity: gptq convention, 512-token windows of the embedded pydoc evaluation split; "
         "KL: mean KL(float || method) per token; fresh process per checkpoint, nothing else "
-        "running: "
-        "prefill: 512-token prompt, decode: batch 1, 32 tokens after a 64-token prompt, medians "
-        "of "
-        f"{args.repeats}; model_MB: RSS after running minus RSS after imports; peak_MB: peak RSS "
-        "while "
-        "running minus RSS after imports"
+        "running: prefill: 512-token prompt, decode: batch 1, 32 tokens after a 64-token prompt, "
+        f"medians of {args.repeats}; model_MB: RSS after running minus RSS after imports; peak_MB: "
+        "peak RSS while running minus RSS after imports"
     )
     print(t.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     (Path(args.out) / "bench_backends.csv").write_text(t.to_csv(index=False))

@@ -115,8 +115,7 @@ def main() -> int:
     ]
     print(
         f"\nWikiText-2 v1 test, ctx 512, {args.chunks} chunks, {args.threads} threads; torch ppl "
-        "in the llamacpp "
-        "convention; llama.cpp figures from its own tools"
+        "in the llamacpp convention; llama.cpp figures from its own tools"
     )
     print(frame[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print("\ntargets:")

@@ -175,8 +175,7 @@ def main() -> int:
         ratio = rows[0]["tokens_per_s"] / row["tokens_per_s"]
         print(
             f"{row['engine']:28s} {row['dtype']:8s} PPL {row['ppl']:.4f} ± {row['ppl_stderr']:.4f} "
-            " "
-            f"{row['tokens_per_s']:7.1f} tok/s  (quantlab / this = {ratio:.2f}x)"
+            f" {row['tokens_per_s']:7.1f} tok/s  (quantlab / this = {ratio:.2f}x)"
         )
     return 0
 

@@ -275,9 +275,8 @@ def print_report(fits: dict[str, dict], bandwidth: float, card) -> bool:
             print(_line(r, engine))
         e = fit["efficiency"]
         print(
-            f"  {engine}: memory efficiency {e['memory']:.3f}, "
-            f"{e['layer_overhead_s'] * 1e6:.0f} us per layer, "
-            f"prefill {e['compute']:.3f} of the measured matmul rate"
+            f"  {engine}: memory efficiency {e['memory']:.3f}, {e['layer_overhead_s'] * 1e6:.0f} "
+            f"us per layer, prefill {e['compute']:.3f} of the measured matmul rate"
         )
     print(
         f"[{'MET' if ok else 'NOT MET'}] every row's decode within +-{TARGET:.0%} of its "

@@ -189,16 +189,14 @@ def _targets(res: dict, llamacpp: bool) -> list[tuple[str, str, bool | None]]:
     out = [
         (
             "compiled decode of the float model >= 2x eager",
-            f"{med['float compiled']:.2f}x "
-            f"({_median(fc, 'decode_tokens_per_s'):.1f} vs "
+            f"{med['float compiled']:.2f}x ({_median(fc, 'decode_tokens_per_s'):.1f} vs "
             f"{_median(fe, 'decode_tokens_per_s'):.1f} tok/s)",
             med["float compiled"] >= 2,
         ),
         (
             "compiled float decode >= 50% of its bandwidth bound",
             f"{_median(fc, 'decode_tokens_per_s') / fc[0]['bound']:.0%} of {fc[0]['bound']:.1f} "
-            "tok/s "
-            f"(eager: {_median(fe, 'decode_tokens_per_s') / fe[0]['bound']:.0%})",
+            f"tok/s (eager: {_median(fe, 'decode_tokens_per_s') / fe[0]['bound']:.0%})",
             _median(fc, "decode_tokens_per_s") / fc[0]["bound"] >= 0.5,
         ),
     ]
@@ -274,8 +272,7 @@ def _stability(out: Path, threads: int) -> list[tuple[str, str, bool | None]]:
         results.append((load, row["decode_x_float"], row["decode_x_min"], row["decode_x_max"]))
         print(
             f"stability run {i + 1} ({'one core busy' if load else 'idle'}, "
-            f"{time.perf_counter() - t0:.0f} s): "
-            f"x-speed {row['decode_x_float']:.3f} "
+            f"{time.perf_counter() - t0:.0f} s): x-speed {row['decode_x_float']:.3f} "
             f"({row['decode_x_min']:.3f}-{row['decode_x_max']:.3f})",
             flush=True,
         )

@@ -265,8 +265,7 @@ def _error(capsys, *argv) -> str:
 
 def test_bad_input_is_one_error_line(run, tmp_path, capsys):
     assert re.search(
-        r"unknown card 'H10'.*did you mean 'H100 SXM' or 'H100 PCIe'.*"
-        r"known cards: .*'RTX 4090'",
+        r"unknown card 'H10'.*did you mean 'H100 SXM' or 'H100 PCIe'.*known cards: .*'RTX 4090'",
         _error(capsys, run, "--card", "H10"),
     )
     assert "did you mean 'RTX 4090'" in _error(capsys, run, "--card", "rtx4900")
@@ -297,9 +296,8 @@ def test_bad_input_is_one_error_line(run, tmp_path, capsys):
 def test_a_bad_cards_file_names_every_problem(run, tmp_path, capsys):
     f = tmp_path / "bad.yaml"
     f.write_text(
-        "cards:\n  - {name: X, memory_gib: -1, bandwith_gb_s: 9, dense_tflops: 1}\n"
-        "  - {name: h100 sxm, memory_gib: 80, bandwidth_gb_s: 1, dense_tflops: 1, "
-        "source: s}\n"
+        "cards:\n  - {name: X, memory_gib: -1, bandwith_gb_s: 9, dense_tflops: 1}\n  - {name: h100 "
+        "sxm, memory_gib: 80, bandwidth_gb_s: 1, dense_tflops: 1, source: s}\n"
     )
     msg = _error(capsys, run, "--cards", f)
     for needle in (

@@ -34,8 +34,7 @@ def _chromium() -> str:
             return path
     message = (
         "no Chromium found: install Debian's browser with `apt-get install chromium` "
-        "(scripts/test.sh "
-        "does, as root), or set QUANTLAB_CHROMIUM to a Chromium/Chrome executable"
+        "(scripts/test.sh does, as root), or set QUANTLAB_CHROMIUM to a Chromium/Chrome executable"
     )
     if os.environ.get("QUANTLAB_REQUIRE_BROWSER") == "1":  # CI: the browser test must run
         pytest.fail(message)
@@ -62,8 +61,7 @@ def open_report(path: Path, screenshot: Path, script: str | None = None) -> dict
         images = page.eval_on_selector_all(
             "img",
             "els => els.map(e => ({alt: e.alt, complete: e.complete, w: e.naturalWidth, h: "
-            "e.naturalHeight, "
-            "shown: e.getBoundingClientRect().width}))",
+            "e.naturalHeight, shown: e.getBoundingClientRect().width}))",
         )
         rows = page.eval_on_selector_all(
             "table.results tbody tr", "els => els.map(e => e.innerText)"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from test_serving import _gone, _tools, _vllm
 
 
@@ -38,7 +39,7 @@ output: {{dir: "{out}", report: false}}
 """)
     assert main(["run", str(recipe)]) == 0
     rows = {m: json.loads((out / m / "metrics.json").read_text()) for m in ("baseline", "rtn-q4_0")}
-    for label, row in rows.items():
+    for row in rows.values():
         recs = row["serving"]
         assert [(r["engine"], r["concurrency"]) for r in recs] == [("llamacpp", 1), ("llamacpp", 2)]
         for r in recs:
@@ -56,3 +57,49 @@ output: {{dir: "{out}", report: false}}
     assert _gone(out / ".serving")
     fig = serving_plot({**rows, "rtn-w3": w3})
     assert fig is not None and len(fig.axes[0].lines) == 2
+
+
+@pytest.mark.slow
+def test_the_demo_model_is_served_by_vllm_and_llama_server_in_one_run(tmp_path, monkeypatch):
+    """The demo model's float and RTN W4 g32 rows served by vLLM (eager: the fast start) and
+    llama-server in one run, one serving table: every row holds both engines' records (or
+    vLLM's own refusal), ratios to the float model of the same engine, and no server is
+    left running. The file's one vLLM-starting test (two servers)."""
+    from quantlab.cli import main
+
+    monkeypatch.setenv("QUANTLAB_LLAMACPP", str(_tools().bin_dir))
+    _vllm()
+    out = tmp_path / "run"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""
+model: {{source: smollm2-135m}}
+methods:
+  - {{label: rtn-w4-g32, backend: rtn, options: {{bits: 4, group_size: 32, sym: true}},
+     export: [native, gguf]}}
+eval:
+  seq_len: 128
+  max_windows: 2
+  speed: {{enabled: false}}
+  serving: {{engines: [vllm, llamacpp], concurrency: [1, 4], requests: 4, input_tokens: 32,
+             output_tokens: 16, rounds: 1, float_dtypes: [float32], eager: true}}
+output: {{dir: "{out}", report: false}}
+""")
+    assert main(["run", str(recipe)]) == 0
+    rows = {
+        m: json.loads((out / m / "metrics.json").read_text()) for m in ("baseline", "rtn-w4-g32")
+    }
+    base = rows["baseline"]
+    assert {(r["engine"], r["dtype"], r["concurrency"]) for r in base["serving"]} == {
+        ("vllm", "float32", 1),
+        ("vllm", "float32", 4),
+        ("llamacpp", "F32", 1),
+        ("llamacpp", "F32", 4),
+    }
+    assert base["serving_vllm_c4_x_float"] == base["serving_llamacpp_c4_x_float"] == 1.0
+    q = rows["rtn-w4-g32"]
+    assert q["serving_llamacpp_c1_tok_s"] > 0 and q["serving_llamacpp_c4_x_float"] > 0
+    if "serving_vllm_c1_tok_s" not in q:  # this CPU's vLLM build has no W4A16 kernel
+        assert q["serving_error"].startswith("vllm: ") and "log" in q["serving_error"]
+    else:
+        assert {r["dtype"] for r in q["serving"] if r["engine"] == "vllm"} == {"bfloat16"}
+    assert _gone(out / ".serving")

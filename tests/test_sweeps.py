@@ -188,8 +188,7 @@ def test_a_small_recipe_of_10_to_the_12_combinations_is_counted_not_built(tmp_pa
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines() == [
         f"error: {path}: methods[0].sweep expands to 1000000000000 methods; at most 256 (its 12 "
-        "lists "
-        "hold up to 10 values each)"
+        "lists hold up to 10 values each)"
     ]
 
 

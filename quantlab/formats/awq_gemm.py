@@ -123,8 +123,7 @@ class AWQGemm(LayerFormat):
         if out_features % 8:
             return (
                 f"layer '{name}' has output width {out_features}, not a multiple of 8 as the AWQ "
-                "gemm "
-                "format needs; use format: gptq or skip it"
+                "gemm format needs; use format: gptq or skip it"
             )
         return None
 

@@ -115,8 +115,7 @@ def grid_type(name: str, parts) -> str:
         )
         raise QuantlabError(
             f"layer '{name}': a {bits}-bit {'symmetric' if symmetric else 'zero-point'} grid has "
-            "no "
-            f"GGUF block type; GGUF export holds: {fits}"
+            f"no GGUF block type; GGUF export holds: {fits}"
         )
     if in_f % BLOCK:
         raise QuantlabError(
@@ -127,8 +126,7 @@ def grid_type(name: str, parts) -> str:
     if not static:
         raise QuantlabError(
             f"layer '{name}': its groups are permuted (act_order without static groups), which "
-            "GGUF "
-            "blocks cannot hold; act_order needs static_groups: true for GGUF export"
+            "GGUF blocks cannot hold; act_order needs static_groups: true for GGUF export"
         )
     if group % BLOCK:
         raise QuantlabError(

@@ -105,8 +105,7 @@ class HQQ(LayerFormat):
         if in_features % unit:
             return (
                 f"layer '{name}' has input width {in_features}, which {bits}-bit codes cannot pack "
-                "into whole "
-                f"32-bit words (needs a multiple of {unit}); add it to 'skip'"
+                f"into whole 32-bit words (needs a multiple of {unit}); add it to 'skip'"
             )
         return None
 

@@ -126,10 +126,9 @@ _GPT_FAST = (
     "200 new tokens"
 )
 _TORCHAO = (
-    "torchao torchao/_models/llama/float8_benchmark_results.txt "
-    "(https://github.com/pytorch/ao, 2024-10-02) with benchmarks.sh ('Runs on H100'); its "
-    "2,003 GB/s effective bf16 read exceeds an H100 PCIe's 2,000 GB/s, so the card is the "
-    "SXM; prompt ~6 tokens, 200 new tokens"
+    "torchao torchao/_models/llama/float8_benchmark_results.txt (https://github.com/pytorch/ao, "
+    "2024-10-02) with benchmarks.sh ('Runs on H100'); its 2,003 GB/s effective bf16 read exceeds "
+    "an H100 PCIe's 2,000 GB/s, so the card is the SXM; prompt ~6 tokens, 200 new tokens"
 )
 _TRT = (
     "TensorRT-LLM docs/source/performance.md as of v0.6.1 (commit 138f96d), Low Latency "
@@ -141,9 +140,8 @@ _DOCS_SPEED = (
     "docs/results.md, Kernels and compiled decode (scripts/bench_speed.py): 64-token prompt, 32 new"
 )
 _DOCS_LLAMACPP = (
-    "docs/llamacpp.md, the cpu_deploy table (llama-bench tg128, 2 threads; the F32 "
-    "figure times the rounds' ratios); bandwidth taken from docs/results.md's "
-    "session on the same VM type"
+    "docs/llamacpp.md, the cpu_deploy table (llama-bench tg128, 2 threads; the F32 figure times "
+    "the rounds' ratios); bandwidth taken from docs/results.md's session on the same VM type"
 )
 _A100, _H100, _COMPILE = _gpu("A100 80GB SXM"), _gpu("H100 SXM"), "torch.compile"
 

@@ -33,9 +33,8 @@ def resolve_context(rows: list[RowModel], context: int | None) -> int:
         raise QuantlabError(f"--context must be at least 1 token, not {context}")
     if context > shortest.shape.max_context:
         raise QuantlabError(
-            f"--context {context} is longer than the model's context: "
-            f"{shortest.shape.max_context} tokens (max_position_embeddings of row "
-            f"'{shortest.method}' in {shortest.run})"
+            f"--context {context} is longer than the model's context: {shortest.shape.max_context} "
+            f"tokens (max_position_embeddings of row '{shortest.method}' in {shortest.run})"
         )
     return context
 

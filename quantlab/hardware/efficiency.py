@@ -76,9 +76,8 @@ def gpu_efficiency() -> Efficiency:
         memory,
         compute,
         overhead,
-        f"fit to {len(GPU_DECODE)} published GPU decode anchors "
-        f"({_names(GPU_DECODE)}) and {len(GPU_PREFILL)} prefill anchors "
-        "(TensorRT-LLM); docs/hardware.md",
+        f"fit to {len(GPU_DECODE)} published GPU decode anchors ({_names(GPU_DECODE)}) and "
+        f"{len(GPU_PREFILL)} prefill anchors (TensorRT-LLM); docs/hardware.md",
     )
 
 

@@ -94,9 +94,8 @@ def shape_from_config(cfg: dict, where: str = "config.json") -> ModelShape:
     moe = [k for k in MOE_KEYS if cfg.get(k)]
     if moe:
         raise QuantlabError(
-            f"{where} describes a mixture of experts ({moe[0]}={cfg[moe[0]]}): "
-            "only the routed experts' bytes are read per token, which this "
-            "projection does not model"
+            f"{where} describes a mixture of experts ({moe[0]}={cfg[moe[0]]}): only the routed "
+            "experts' bytes are read per token, which this projection does not model"
         )
     hidden, heads = _get(cfg, "hidden", where), _get(cfg, "heads", where)
     head_dim = cfg.get("head_dim") or hidden // heads

@@ -195,8 +195,7 @@ class GPTQConfig(WeightQuantConfig):
         if odd:
             raise ValueError(
                 f"GPTQ packs {', '.join(map(str, GPTQ_BITS))} bits; bits_choices/module_bits ask "
-                "for "
-                f"{', '.join(map(str, odd))}"
+                f"for {', '.join(map(str, odd))}"
             )
         if self.engine == "gptqmodel" and (self.bits == "auto" or self.module_bits):
             raise ValueError("several widths (bits: auto, module_bits) run with engine: quantlab")

@@ -44,11 +44,9 @@ class RTNConfig(WeightQuantConfig):
         "none",
         description="How each group's range is chosen before rounding: 'none' (its min and max), "
         "'mse' (the clipping of the range that minimises the group's squared weight error) or "
-        "'importance' "
-        "(the same, each input column's error weighted by the mean square of that input over the "
-        "calibration "
-        "text, the diagonal of X^T X: llama.cpp's imatrix idea; needs calibration). Same "
-        "checkpoint layout.",
+        "'importance' (the same, each input column's error weighted by the mean square of that "
+        "input over the calibration text, the diagonal of X^T X: llama.cpp's imatrix idea; needs "
+        "calibration). Same checkpoint layout.",
     )
     search_grid: int = Field(
         20,

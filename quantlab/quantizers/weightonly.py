@@ -111,8 +111,7 @@ class WeightQuantConfig(BackendConfig):
         if self.bits == "auto" and self.skip == "auto":
             raise ValueError(
                 "choose either skip: auto (which layers stay float) or bits: auto (a width per "
-                "layer), "
-                "not both"
+                "layer), not both"
             )
         return self
 

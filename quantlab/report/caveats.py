@@ -55,9 +55,8 @@ def few_tokens(frame: pd.DataFrame) -> str | None:
     )
     return (
         f"perplexity rests on only {n} scored tokens{err}: differences of a few percent between "
-        "rows may "
-        f"be noise; raise eval.max_windows (or use more text) for {FEW_TOKENS}+ tokens, and "
-        "compare rows by KL"
+        f"rows may be noise; raise eval.max_windows (or use more text) for {FEW_TOKENS}+ tokens, "
+        "and compare rows by KL"
     )
 
 
@@ -73,9 +72,8 @@ def busy_machine(frame: pd.DataFrame) -> str | None:
     return (
         f"other processes used {other:.2f} cores on average while speed was measured: tokens/s are "
         "disturbed (threads waiting for a shared core can slow decode many times over) and ratios "
-        "are only "
-        "as good as the interleaving; measure again on an idle machine, or with fewer threads than "
-        "free cores"
+        "are only as good as the interleaving; measure again on an idle machine, or with fewer "
+        "threads than free cores"
     )
 
 
@@ -129,8 +127,7 @@ def engine_disagreements(frame: pd.DataFrame, metrics: dict[str, dict]) -> list[
                 out.append(
                     f"engines disagree: {la} (engine {oa['engine']}, ppl {ra['ppl']:.3f}) and {lb} "
                     f"(engine {ob['engine']}, ppl {rb['ppl']:.3f}) run the same options but differ "
-                    "by "
-                    f"{diff:.3f}, more than noise ({noise:.3f})"
+                    f"by {diff:.3f}, more than noise ({noise:.3f})"
                 )
     return out
 
@@ -167,8 +164,7 @@ def source_history(frame: pd.DataFrame, metrics: dict[str, dict]) -> list[str]:
     grid = f"{bits}-bit {'symmetric' if sym else 'with zero points'}, blocks of {group}"
     return [
         f"the source model was quantized before ({gguf_name}: {qtype}, {grid}): its float weights "
-        "sit on that "
-        f"grid, which flatters any method using the same grid{rows}"
+        f"sit on that grid, which flatters any method using the same grid{rows}"
     ]
 
 
@@ -186,9 +182,8 @@ def checkpoint_warnings(run: RunData, label: str) -> list[str]:
         return []
     more = f" (and {len(changes) - 1} more)" if len(changes) > 1 else ""
     return [
-        f"the checkpoint of {label} changed since it was scored: {changes[0]}{more}; its "
-        "row describes the checkpoint as it was: run the recipe again to quantize and score it "
-        "anew"
+        f"the checkpoint of {label} changed since it was scored: {changes[0]}{more}; its row "
+        "describes the checkpoint as it was: run the recipe again to quantize and score it anew"
     ]
 
 
@@ -250,9 +245,8 @@ def report_warnings(runs: list[RunData], frame: pd.DataFrame) -> list[str]:
         ):
             out.append(
                 f"{scope}: made with `quantlab run --quick` (8 calibration windows, 8 evaluation "
-                "windows, "
-                "1 speed round): indicative figures, not a measurement to publish; run without "
-                "--quick"
+                "windows, 1 speed round): indicative figures, not a measurement to publish; run "
+                "without --quick"
             )
         for msg in (few_tokens(part), within_noise_floor(part)):
             if msg:
@@ -270,12 +264,9 @@ def report_warnings(runs: list[RunData], frame: pd.DataFrame) -> list[str]:
                 older = timed[timed[sess].astype(str) != latest]["method"].astype(str).tolist()
                 out.append(
                     f"{scope}: speed of {', '.join(older)} was measured in an earlier session "
-                    "(finished "
-                    "methods are reused when a run resumes); the machine's load may have differed, "
-                    "so "
-                    "speed ratios between those rows and the others are unreliable (re-run with "
-                    "--force "
-                    "to measure all of them together)"
+                    "(finished methods are reused when a run resumes); the machine's load may "
+                    "have differed, so speed ratios between those rows and the others are "
+                    "unreliable (re-run with --force to measure all of them together)"
                 )
         busy = busy_machine(part)
         if busy:
@@ -310,8 +301,7 @@ def report_warnings(runs: list[RunData], frame: pd.DataFrame) -> list[str]:
         if len(models) > 1:
             out.append(
                 f"the runs use different models ({', '.join(models)}): compare each method with "
-                "its own "
-                "run's baseline (Δppl_%, KL), not raw perplexities across models"
+                "its own run's baseline (Δppl_%, KL), not raw perplexities across models"
                 + (" (their tokenizers also differ)" if len(tok) > 1 else "")
             )
         for col, what in (
@@ -324,9 +314,8 @@ def report_warnings(runs: list[RunData], frame: pd.DataFrame) -> list[str]:
             if len(values) > 1:
                 out.append(
                     f"the runs differ in {what} ({', '.join(v[:16] for v in values)}); "
-                    "perplexities across "
-                    "runs are not comparable; compare each run's Δppl_% against its own baseline "
-                    "instead"
+                    "perplexities across runs are not comparable; compare each run's Δppl_% "
+                    "against its own baseline instead"
                 )
                 break
     return out

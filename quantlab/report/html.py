@@ -47,24 +47,20 @@ PLOTS = [
         "quality_vs_size",
         "Quality vs size",
         "One point per method: perplexity (left) and mean KL divergence from the float model "
-        "(right) against the "
-        "stored bits per weight of its weight files; the line is the Pareto front (no other method "
-        "is both "
-        "smaller and better); the star is the float baseline.",
+        "(right) against the stored bits per weight of its weight files; the line is the Pareto "
+        "front (no other method is both smaller and better); the star is the float baseline.",
     ),
     (
         "speed",
         "Speed",
         "Prefill and decode tokens/s at batch 1 (median, bars: min-max of the repeats); red ticks: "
-        "the "
-        "memory-bandwidth bound of decode (measured bandwidth / weight bytes read per token).",
+        "the memory-bandwidth bound of decode (measured bandwidth / weight bytes read per token).",
     ),
     (
         "layer_error",
         "Per-layer quantization error",
         "Relative weight error per linear layer (decoder block × layer type) for the methods that "
-        "record it; "
-        "one colour scale for all panels.",
+        "record it; one colour scale for all panels.",
     ),
     (
         "quantization_cost",
@@ -270,9 +266,8 @@ def _method_details(run: RunData, row: pd.Series, label: str, own: bool) -> dict
             (
                 "speed",
                 f"prefill {row['prefill_tokens_per_s']:.0f} tok/s, decode "
-                f"{row['decode_tokens_per_s']:.2f} "
-                f"tok/s ({row['decode_tokens_per_s_min']:.2f}-"
-                f"{row['decode_tokens_per_s_max']:.2f}), "
+                f"{row['decode_tokens_per_s']:.2f} tok/s "
+                f"({row['decode_tokens_per_s_min']:.2f}-{row['decode_tokens_per_s_max']:.2f}), "
                 f"bound {row['decode_bound_tokens_per_s']:.1f} tok/s"
                 if pd.notna(row.get("decode_bound_tokens_per_s"))
                 else f"prefill {row['prefill_tokens_per_s']:.0f} tok/s, decode "

@@ -196,8 +196,7 @@ def format_summary(
         )
     lines = [
         f"perplexity: convention {vals('ppl_convention')} ({how}), {vals('eval_tokens')} scored "
-        "tokens of "
-        f"{vals('eval_source')}, tokenizer {vals('tokenizer')}",
+        f"tokens of {vals('eval_source')}, tokenizer {vals('tokenizer')}",
         f"device {vals('device')}, dtype {vals('dtype')}, {vals('threads')} threads"
         + (f", {env['cpu']}" if env and env.get("cpu") else ""),
     ]
@@ -209,10 +208,9 @@ def format_summary(
     if pd.notna(first.get("decode_tokens_per_s")):
         lines.append(
             "speed: batch 1, KV cache, median (min-max) of repeats, all checkpoints measured "
-            "together "
-            "in rounds alternating with the baseline; ×speed: median (min-max) over rounds of each "
-            "method's ratio to the baseline beside it; %bound: decode speed as a share of memory "
-            "bandwidth / weight bytes per token"
+            "together in rounds alternating with the baseline; ×speed: median (min-max) over "
+            "rounds of each method's ratio to the baseline beside it; %bound: decode speed as a "
+            "share of memory bandwidth / weight bytes per token"
         )
         mode = (
             vals("speed_mode")
@@ -248,8 +246,7 @@ def format_summary(
                 older = timed[timed[session].astype(str) != sessions.max()]["method"].astype(str)
                 lines.append(
                     "SPEED FROM AN EARLIER SESSION (reused on resume; machine load may have "
-                    "differed, "
-                    f"--force re-measures): {', '.join(older)}"
+                    f"differed, --force re-measures): {', '.join(older)}"
                 )
         slower = slower_than_baseline(frame)
         if slower:
@@ -293,9 +290,8 @@ def _looks_numeric(text: str) -> bool:
 # ------------------------------------------------------------------ where to deploy (projected)
 
 PROJECTED_NOTE = (
-    "PROJECTED, not measured: datasheet figures x efficiencies fitted to published "
-    "measurements (docs/hardware.md); decode at the context's end, prefill of a "
-    "prompt that fills the context"
+    "PROJECTED, not measured: datasheet figures x efficiencies fitted to published measurements "
+    "(docs/hardware.md); decode at the context's end, prefill of a prompt that fills the context"
 )
 
 
