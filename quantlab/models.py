@@ -441,14 +441,28 @@ def _check_weights_present(path: Path, source: str) -> None:
         return
     if any(next(path.glob(pat), None) for pat in ("*.bin", "*.pt", "*.pth")):
         raise QuantlabError(
-            f"model directory '{source}' has weights only in pickle files (.bin/.pt), which can run code "
-            "when loaded; quantlab reads safetensors only. Convert them once in a process you trust "
-            "(model.save_pretrained(dir, safe_serialization=True)) and point quantlab at that"
+            f"model directory '{source}' has weights only in pickle files (.bin/.pt), which "
+            "can run code when loaded; quantlab reads safetensors only. Convert them once in a "
+            "process you trust (model.save_pretrained(dir, safe_serialization=True)) and point "
+            "quantlab at that"
         )
     raise QuantlabError(
         f"model directory '{source}' holds no weight files (*.safetensors); it has a "
         "config.json only. Point model.source at a directory with the model's weights"
     )
+
+
+def _check_weight_files(path: Path) -> None:
+    """Every weight file's header, before transformers reads them: a sharded model (an
+    index beside its shards) as the streaming source checks it (a shard missing, truncated,
+    outside the directory, a tensor stored twice: one error naming the file and what would
+    work), a single file by its header."""
+    from quantlab.streaming.shards import INDEX, ShardedSource
+
+    if (path / INDEX).is_file():
+        ShardedSource(path)
+    else:
+        check_safetensors(path)
 
 
 def load_model(
@@ -487,7 +501,7 @@ def load_model(
             _check_quantization_config(local, source)
             _check_weights_present(local, source)
         check_no_remote_code(local, source, trust_remote_code=trust_remote_code)
-        check_safetensors(local)
+        _check_weight_files(local)
         # what identifies the model for reuse of results: its content, not where it lies
         info["content_sha256"] = content or content_digest(local)
     kwargs = {"revision": revision} if kind == "hub" and revision else {}

@@ -168,6 +168,13 @@ def test_sharded_export_holds_the_same_tensors_and_scores_the_same(tiny_model_di
     a = streaming_perplexity(tmp_path / "one", plan, 3, **QUIET)
     b = streaming_perplexity(tmp_path / "many", plan, 3, **QUIET)
     assert a.ppl == b.ppl
+    # and the sharded checkpoint loads whole (load_checkpoint reads the index and its shards)
+    whole = [
+        load_checkpoint(tmp_path / d, dtype=torch.float32, device=CPU).model
+        for d in ("one", "many")
+    ]
+    with torch.inference_mode():
+        assert torch.equal(whole[0](ids[None, :64]).logits, whole[1](ids[None, :64]).logits)
 
 
 @pytest.mark.parametrize("convention", ["gptq", "strided"])

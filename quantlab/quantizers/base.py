@@ -232,9 +232,14 @@ def check_not_tied(model: nn.Module, targets: list[tuple[str, nn.Module]]) -> No
             )
 
 
-def save_weights(model: nn.Module, path: Path) -> None:
-    """Save the state dict as safetensors, storing tied tensors once."""
+def save_weights(model: nn.Module, path: Path, max_shard_bytes: int | None = None) -> None:
+    """Save the state dict as safetensors, storing tied tensors once: ``path`` (one file), or,
+    past ``max_shard_bytes`` of tensor data (default 5 GB, the Hub's convention), shards of
+    at most that much beside it with ``model.safetensors.index.json`` (the streamed export's
+    :class:`~quantlab.streaming.writer.ShardWriter`)."""
     from safetensors.torch import save_file
+
+    from quantlab.streaming.writer import DEFAULT_MAX_SHARD_BYTES, ShardWriter
 
     tied = tied_parameter_names(model)
     tensors = {}
@@ -242,19 +247,46 @@ def save_weights(model: nn.Module, path: Path) -> None:
         if name in tied:
             continue
         tensors[name] = t.detach().contiguous().cpu()
-    save_file(tensors, str(path), metadata={"format": "pt"})
+    budget = DEFAULT_MAX_SHARD_BYTES if max_shard_bytes is None else max_shard_bytes
+    if sum(t.numel() * t.element_size() for t in tensors.values()) <= budget:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+        return
+    writer = ShardWriter(Path(path).parent, budget)
+    try:
+        for name, t in tensors.items():
+            writer.add(name, t)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint's ``path`` (``DIR/model.safetensors``): that file, or, where
+    it is absent, ``DIR/model.safetensors.index.json`` and its shards, checked as the
+    streaming source checks them (one error naming the file and what would work)."""
+    from safetensors.torch import load_file
+
+    from quantlab.streaming.shards import INDEX, ShardedSource
+
+    path = Path(path)
+    if not path.exists() and (path.parent / INDEX).is_file():
+        source = ShardedSource(path.parent)
+        return source.read(source.names())
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise QuantlabError(
+            f"checkpoint weights '{path}' are missing (nor is there a {INDEX} beside it)"
+        ) from None
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise QuantlabError(f"checkpoint weights '{path}' cannot be read: {e}") from None
 
 
 def load_weights(model: nn.Module, path: Path) -> None:
-    """Load a safetensors file into ``model``; only tied tensors may be absent from it."""
-    from safetensors.torch import load_file
-
-    try:
-        state = load_file(str(path))
-    except FileNotFoundError:
-        raise QuantlabError(f"checkpoint weights '{path}' are missing") from None
-    except Exception as e:  # safetensors raises its own error types for corrupt files
-        raise QuantlabError(f"checkpoint weights '{path}' cannot be read: {e}") from None
+    """Load a checkpoint's safetensors weights into ``model`` (one file or shards with their
+    index: :func:`read_weights`); only tied tensors may be absent from them."""
+    state = read_weights(path)
     tied = tied_parameter_names(model)
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if k not in tied]
