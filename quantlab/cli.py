@@ -440,6 +440,7 @@ def _cmd_hardware(args) -> int:
 
 def _cmd_backends(args) -> int:
     from quantlab.api import backends
+    from quantlab.streaming.methods import memory_needs
 
     for b in backends():
         need = b["needs_calibration"]
@@ -451,6 +452,7 @@ def _cmd_backends(args) -> int:
         extra = f"; extra [{b['extra']}]" if b["extra"] else ""
         usable = "usable here" if b["usable"] is True else f"NOT usable here: {b['usable']}"
         print(f"{b['name']}: {b['description']} ({cal}{extra}) [{usable}]")
+        print(f"    memory: {memory_needs(b['name'])}")
         for key, opt in b["options"].items():
             print(f"    {key} = {opt['default']!r}  {opt['description']}")
     return 0

@@ -396,6 +396,7 @@ def test_every_backend_says_what_it_needs_in_memory():
     for name in backend_names():
         streams = memory_needs(name).startswith("streams")
         assert streams == (name in METHODS), name
+    assert memory_needs("awq") == AWQ.memory  # the backend's own class attribute, where set
 
 
 def test_a_long_unit_still_gets_its_minute_line():

@@ -504,6 +504,7 @@ class AWQ(LayoutBackend):
     Config = AWQConfig
     needs_calibration = True
     replaces_only = False  # it also rescales the norms and layers in front of the quantized ones
+    memory = "streams one decoder layer at a time (bits: auto needs the whole model)"
 
     def check(self, model: nn.Module) -> None:
         c = self.config

@@ -130,6 +130,10 @@ class Backend(ABC):
     #: the checkpoint is a GGUF file already (llama.cpp's own quantizers): the method exports
     #: GGUF unless told otherwise, and the GGUF export copies that file
     gguf_checkpoint: ClassVar[bool] = False
+    #: what quantizing needs in memory, one phrase for ``quantlab backends`` ("streams one
+    #: decoder layer at a time ..."); None: the streaming table's entry for this name
+    #: (:func:`quantlab.streaming.methods.memory_needs`: whole model unless it streams)
+    memory: ClassVar[str | None] = None
 
     def __init__(self, config: BackendConfig | None = None):
         self.config = config if config is not None else self.Config()

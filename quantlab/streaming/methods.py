@@ -388,7 +388,6 @@ _WHOLE = "needs the whole model in memory"
 MEMORY_NEEDS: dict[str, str] = {
     "rtn": "streams one decoder layer at a time (bits: auto needs the whole model)",
     "gptq": "streams one decoder layer at a time (engine: quantlab; gptqmodel loads it whole)",
-    "awq": "streams one decoder layer at a time (bits: auto needs the whole model)",
     "hqq": f"{_WHOLE} (not streamed yet)",
     "ggml": f"{_WHOLE} (not streamed yet)",
     "none": "the float baseline: nothing quantized",
@@ -397,6 +396,13 @@ MEMORY_NEEDS: dict[str, str] = {
 
 
 def memory_needs(backend: str) -> str:
-    """One phrase: whether ``backend`` streams, or what it needs (a backend not listed is a
+    """One phrase: whether ``backend`` streams, or what it needs: the backend class's
+    ``memory`` where it sets one, else this table's entry (a backend not listed is a
     library's, which quantizes the model it is given: the whole of it)."""
-    return MEMORY_NEEDS.get(backend, f"{_WHOLE} (its library quantizes the loaded model)")
+    from quantlab.registry import get_backend
+
+    try:
+        own = get_backend(backend).memory
+    except Exception:  # an optional library missing: the table still answers
+        own = None
+    return own or MEMORY_NEEDS.get(backend, f"{_WHOLE} (its library quantizes the loaded model)")
