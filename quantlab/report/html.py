@@ -31,6 +31,8 @@ from quantlab.records import atomic_write_bytes, atomic_write_text
 from quantlab.report import plots as P
 from quantlab.report.caveats import report_warnings
 from quantlab.report.data import RunData, combined_frame, load_runs
+from quantlab.report.serving import PLOT as SERVING_PLOT
+from quantlab.report.serving import serving_plot
 from quantlab.report.tables import (
     CONVENTION_TEXT,
     deploy_frame,
@@ -69,6 +71,7 @@ PLOTS = [
         "and the "
         "process's peak resident memory while quantizing, reloading the checkpoint and scoring it.",
     ),
+    SERVING_PLOT,
 ]
 
 
@@ -425,6 +428,7 @@ def build_report(
         ("speed", lambda: P.speed(frame)),
         ("layer_error", lambda: P.layer_error(metrics, frame)),
         ("quantization_cost", lambda: P.quantization_cost(frame, metrics)),
+        ("serving", lambda: serving_plot(metrics)),
     ]
     plots = [
         p

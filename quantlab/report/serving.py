@@ -80,7 +80,9 @@ def serving_plot(metrics: dict[str, dict[str, Any]]):
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=7)
-    left.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(1.1, -0.15), ncol=3)
     fig.suptitle(_title(records), fontsize=9)
     fig.tight_layout()
+    # below both panels (the saved figure's tight bounding box keeps it)
+    handles, labels = left.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=3, fontsize=7)
     return fig
