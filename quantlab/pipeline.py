@@ -162,9 +162,7 @@ def _finish(
     if plan.recipe.eval.serving is not None and ok:
         from quantlab.engines.serving_phase import serving_phase
 
-        serving_phase(plan, ok, _log)
-        for r in ok:
-            write_record(plan.run_dir.metrics(r["method"]), r)
+        serving_phase(plan, ok, _log, lambda r: write_record(plan.run_dir.metrics(r["method"]), r))
     frame = results_frame(rows)
     _write_run_files(plan)
     _write_results(plan.run_dir.root, frame, on_results)

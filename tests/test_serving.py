@@ -257,3 +257,50 @@ def test_the_serving_plot_draws_every_served_series_and_skips_errors():
     fig = serving_plot(metrics)
     assert [len(ax.lines) for ax in fig.axes] == [3, 3]
     assert serving_plot({"a": {"backend": "none"}}) is None
+
+
+_TABLE = """
+import sys
+from pathlib import Path
+from quantlab.engines.llamacpp import find_llamacpp
+from quantlab.engines.serving import serving_table
+from quantlab.engines.vllm import find_vllm
+e = {"engine": "llamacpp", "method": "f", "dtype": "F32", "dir": sys.argv[1], "float": True,
+     "name": "f", "tokenizer": sys.argv[3]}
+try:
+    serving_table(find_vllm(), [e], concurrency=[1], requests=500, input_tokens=16,
+                  output_tokens=64, rounds=1, log_dir=Path(sys.argv[2]), llamacpp=find_llamacpp(),
+                  threads=1)
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+"""
+
+
+def test_ctrl_c_during_a_load_stops_the_generator_and_the_server(
+    tiny_model_dir, tiny_gguf, tmp_path
+):
+    """Ctrl-C while vLLM's load generator is loading llama-server: the generator's group and
+    the server are stopped, nothing is left in the log directory's processes."""
+    tools, _ = _tools(), _vllm()
+    logs = tmp_path / "logs"
+    env = dict(os.environ, QUANTLAB_LLAMACPP=str(tools.bin_dir))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _TABLE, str(tiny_gguf), str(logs), str(tiny_model_dir)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
+    try:
+        t0 = time.monotonic()
+        while not list(logs.glob("f.c1.*.log")) and time.monotonic() - t0 < 120:
+            time.sleep(0.5)
+        time.sleep(3)  # the generator is importing vLLM or sending requests
+        assert proc.poll() is None and len(processes_in(logs)) >= 2  # server and generator
+        proc.send_signal(signal.SIGINT)
+        assert proc.communicate(timeout=60)[0].strip() == "interrupted"
+        assert _gone(logs), f"left running after Ctrl-C: {processes_in(logs)}"
+    finally:
+        proc.kill()
+        for pid in processes_in(logs):
+            os.kill(pid, signal.SIGKILL)

@@ -73,9 +73,13 @@ def _llamacpp_entry(e: dict, row: dict, root: Path, tokenizer: Path) -> dict:
     return {**e, "dtype": dtype, "dir": str(root / row["gguf_file"]), "tokenizer": str(tokenizer)}
 
 
-def serving_phase(plan, rows: list[dict], log: Callable[[str], None]) -> None:
+def serving_phase(
+    plan, rows: list[dict], log: Callable[[str], None], save: Callable[[dict], None]
+) -> None:
     """Serve every row with each engine of ``eval.serving``; the figures go into the rows (in
-    place). Rows whose serving finished are in the rows even when a later one fails."""
+    place) and each row is saved (``save``) twice: cleared of an earlier session's serving
+    fields before any server starts (an interrupted benchmark never leaves old figures
+    beside new ones), and with the figures once all rows are measured."""
     from quantlab.engines.serving import serving_table
     from quantlab.engines.vllm import find_vllm
     from quantlab.rundir import owned_path
@@ -86,6 +90,7 @@ def serving_phase(plan, rows: list[dict], log: Callable[[str], None]) -> None:
     for r in rows:
         for k in [k for k in r if k.startswith(PREFIX)]:
             del r[k]
+        save(r)
     entries = serving_entries(plan, rows, engines)
     todo = [e for e in entries if "error" not in e]
     threads = spec.threads or plan.recipe.threads or os.cpu_count() or 1
@@ -108,6 +113,8 @@ def serving_phase(plan, rows: list[dict], log: Callable[[str], None]) -> None:
         log=lambda msg: log(f"serving: {msg}"),
     )
     _into_rows(entries, records, spec, vllm.label, tools)
+    for r in rows:
+        save(r)
 
 
 def _llamacpp_tools():
