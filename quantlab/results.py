@@ -10,6 +10,7 @@ appear in one writer and be missing from the table.
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,9 @@ COLUMNS = [
     "vllm_dtype",
     "vllm_error",
     "vllm_warning",
+    # the serving benchmark (eval.serving); its serving_<engine>_c<N>_tok_s / _x_float columns
+    # follow COLUMNS, like task_* (which engines and concurrencies depends on the recipe)
+    "serving_error",
     # where the method ran (distributed runs) and why it failed, if it did
     "worker",
     "error",
@@ -145,6 +149,7 @@ DETAILS = frozenset(
         "llamacpp",
         "kernels",
         "allocation",
+        "serving",
     }
 )
 
@@ -153,9 +158,8 @@ _FIELDS = frozenset(COLUMNS) | DETAILS
 
 def check_row(row: dict[str, Any]) -> dict[str, Any]:
     """``row`` unchanged when every field is in the schema; else a ValueError naming them."""
-    unknown = sorted(
-        k for k in row if k not in _FIELDS and not k.startswith(("task_", "llamacpp_", "vllm_"))
-    )
+    prefixes = ("task_", "llamacpp_", "vllm_", "serving_")
+    unknown = sorted(k for k in row if k not in _FIELDS and not k.startswith(prefixes))
     if unknown:
         raise ValueError(f"result fields outside quantlab.results' schema: {', '.join(unknown)}")
     return row
@@ -179,10 +183,22 @@ class MethodResult:
         )
 
 
+def serving_columns(rows: list[dict]) -> list[str]:
+    """The rows' ``serving_<engine>_c<N>_<what>`` columns, by engine, then N as a number."""
+    pattern = re.compile(r"serving_(\w+)_c(\d+)_(tok_s|x_float)")
+    found = {k for r in rows for k in r if pattern.fullmatch(k)}
+
+    def key(k: str):
+        engine, c, what = pattern.fullmatch(k).groups()
+        return engine, int(c), what
+
+    return sorted(found, key=key)
+
+
 def results_frame(rows: list[dict]) -> pd.DataFrame:
     """A tidy DataFrame of the flat metric fields, in :data:`COLUMNS` order."""
     tasks = sorted({k for r in rows for k in r if k.startswith("task_")})
-    cols = COLUMNS + tasks
+    cols = COLUMNS + serving_columns(rows) + tasks
     frame = pd.DataFrame([{c: r.get(c) for c in cols} for r in rows], columns=cols)
     frame["group_size"] = frame["group_size"].astype("Int64")
     base = frame[frame["backend"] == "none"]

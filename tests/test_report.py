@@ -386,3 +386,22 @@ def test_summary_of_rows_that_all_failed_is_a_table_not_a_traceback():
     ]
     table = summary_frame(results_frame(rows))
     assert list(table["method"]) == ["baseline", "rtn-w4"] and list(table["ppl"]) == ["nan", "nan"]
+
+
+def test_serving_columns_follow_the_schema_by_engine_then_concurrency():
+    from quantlab.results import check_row, results_frame
+
+    row = {"method": "a", "backend": "rtn", "serving_error": None}
+    row |= {f"serving_vllm_c{n}_{w}": 1.0 for n in (8, 1, 16) for w in ("x_float", "tok_s")}
+    row["serving_llamacpp_c4_tok_s"] = 2.0
+    frame = results_frame([check_row(row)])
+    serving = [c for c in frame.columns if c.startswith("serving_") and c != "serving_error"]
+    assert serving == [
+        "serving_llamacpp_c4_tok_s",
+        "serving_vllm_c1_tok_s",
+        "serving_vllm_c1_x_float",
+        "serving_vllm_c8_tok_s",
+        "serving_vllm_c8_x_float",
+        "serving_vllm_c16_tok_s",
+        "serving_vllm_c16_x_float",
+    ]
