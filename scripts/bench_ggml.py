@@ -11,8 +11,9 @@ calibration windows, seed 0) is handed to both quantizers as the same file.
         [--alloc-units fused] [--alloc-probe scaled] [--alloc-windows 1] [--alloc-seq-len 256]
 
 ``auto`` rows: for each type of ``--auto-sizes``, ``llama-quantize --imatrix`` writes its
-preset file (a row of its own), and quantlab's ``type: auto`` file gets the bytes of that
-file's 2-D tensors as its size_target (the per-unit KLs are measured once for all sizes).
+preset file (a row of its own with ``preset`` in ``--rows``), and quantlab's ``type: auto``
+file gets the bytes of that file's 2-D tensors as its size_target (the per-unit KLs are
+measured once for all sizes, or read from ``--alloc-kl``).
 
 Rows are printed (and appended to OUT/rows.jsonl) as each is measured. Needs llama.cpp's tools
 (bash scripts/llamacpp.sh) and ../shared/data/wikitext-2.
@@ -87,10 +88,10 @@ def _auto_files(args, out: Path, model, cal, template, f32: Path, im, im_file: P
     from quantlab.quantizers.ggml_alloc import allocate_gguf, write_mixed_gguf
 
     importance = {n: im.importance(n) for n in im.sums}
-    kl = None
+    kl = json.loads(Path(args.alloc_kl).read_text())["kl"] if args.alloc_kl else None
     for qtype in args.auto_sizes.split(","):
         preset = _preset(out, f32, im_file, qtype)
-        if qtype not in args.types.split(",") or "preset" not in args.rows.split(","):
+        if qtype not in args.types.split(",") and "preset" in args.rows.split(","):
             yield f"llama-quantize --imatrix {qtype} (preset)", preset
         tensors = gguf.GGUFReader(str(preset)).tensors
         size = sum(int(t.n_bytes) for t in tensors if len(t.shape) == 2)
@@ -184,6 +185,9 @@ def main() -> int:
     p.add_argument("--alloc-windows", type=int, default=4, help="probe windows (pydoc)")
     p.add_argument("--alloc-seq-len", type=int, default=256, help="tokens per probe window")
     p.add_argument("--alloc-candidates", help="comma-separated types (default: ggml's)")
+    p.add_argument(
+        "--alloc-kl", help="an earlier auto row's JSON record: its per-unit KLs, not measured again"
+    )
     p.add_argument(
         "--reuse-base",
         action="store_true",

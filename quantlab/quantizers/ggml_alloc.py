@@ -232,7 +232,10 @@ def choose_types(
     units, types, cost, n = layout["units"], layout["types"], layout["cost"], layout["weights"]
     budget = target_bytes(config.size_target, n)
     probe = make_probe(model, ids, importance)
-    kl = known_kl or _unit_kls(model, layout, config.probe, probe, importance, log)
+    if known_kl:  # an earlier record's: only this layout's candidates
+        kl = {u: {t: known_kl[u][t] for t in types[u]} for u in units}
+    else:
+        kl = _unit_kls(model, layout, config.probe, probe, importance, log)
     kl_s = time.perf_counter() - t0
     chosen = _solve(kl, cost, budget, solve)
     tensor_types = {m: chosen[u] for u, ms in units.items() for m in ms}
