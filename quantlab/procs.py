@@ -18,13 +18,14 @@ The rule, for every one of them:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import glob
 import os
 import shutil
 import signal
 import subprocess
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from quantlab.errors import QuantlabError
@@ -48,6 +49,28 @@ def timeout_for(default_s: float) -> float:
     if not value > 0:
         raise QuantlabError(f"{TIMEOUT_ENV}={raw!r} is not a positive number of seconds")
     return value
+
+
+def _prctl():
+    """libc's prctl, looked up in quantlab's process (the child between fork and exec should
+    do as little as it can), or None where there is none (not Linux)."""
+    with contextlib.suppress(OSError, AttributeError):
+        return ctypes.CDLL(None, use_errno=True).prctl
+    return None
+
+
+_PRCTL = _prctl()
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """What a child runs before exec: SIGKILL it when the thread that started it ends (Linux's
+    PR_SET_PDEATHSIG). quantlab killed with SIGKILL runs no cleanup, so its tools and servers
+    must not outlive it; a server's own children are stopped with its group on every other
+    exit path. None where prctl does not exist."""
+    if _PRCTL is None:
+        return None
+    prctl = _PRCTL
+    return lambda: prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -89,6 +112,7 @@ def run_tool(
             cwd=cwd,
             env=env,
             start_new_session=True,
+            preexec_fn=die_with_parent(),
         )
     except OSError as e:
         raise ToolError(f"{what}: '{argv[0]}' cannot run ({e.strerror or e})") from None

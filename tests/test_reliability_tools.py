@@ -107,6 +107,31 @@ def test_ctrl_c_during_a_tool_stops_it_and_is_raised(tmp_path, monkeypatch):
     assert _gone(_pids(pids)) == []
 
 
+def test_a_tool_dies_with_a_quantlab_killed_outright(tmp_path):
+    """SIGKILL runs no cleanup in quantlab: the tool itself is killed by the kernel when its
+    parent goes (PR_SET_PDEATHSIG), so it cannot run on for hours unseen."""
+    tool = _script(tmp_path / "hangs", _HANGS)
+    pids = tmp_path / "pids"
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"from quantlab.procs import run_tool; run_tool([{str(tool)!r}], what='t', "
+            "timeout_s=300)",
+        ],
+        env=dict(os.environ, PIDS=str(pids)),
+    )
+    try:
+        shell = _pids(pids)[0]  # the tool quantlab started (its sleep is the shell's child)
+        parent.kill()
+        parent.wait()
+        assert _gone([shell]) == []
+    finally:
+        parent.kill()
+        for pid in _alive(_pids(pids, wait_s=0)):
+            os.kill(pid, signal.SIGKILL)
+
+
 def test_exit_0_without_the_promised_file_is_a_named_failure(tmp_path):
     tool = _script(tmp_path / "lazy", "echo 'all done'\n")
     with pytest.raises(

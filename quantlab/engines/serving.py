@@ -17,7 +17,6 @@ already finished are the caller's.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import re
 import signal
@@ -27,12 +26,12 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from quantlab.engines.vllm import VllmEnv, log_tail, refusal, run_worker
-from quantlab.procs import ToolError, timeout_for
+from quantlab.procs import ToolError, die_with_parent, timeout_for
 
 #: a server's start-up limit: loading and compiling took ~75-150 s on 2 busy cores
 START_TIMEOUT_S = 900.0
@@ -113,22 +112,6 @@ def server_env(threads: int | None = None) -> dict[str, str]:
     return env
 
 
-def _prctl():
-    """libc's prctl, looked up in quantlab's process (the child between fork and exec should
-    do as little as it can), or None where there is none."""
-    with contextlib.suppress(OSError, AttributeError):
-        return ctypes.CDLL(None, use_errno=True).prctl
-    return None
-
-
-def _die_with_parent(prctl) -> Callable[[], None] | None:
-    """What the server's process runs before exec: SIGKILL it when the process that started it
-    dies (quantlab killed with SIGKILL runs no cleanup; its servers must not outlive it)."""
-    if prctl is None:
-        return None
-    return lambda: prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-
-
 @contextlib.contextmanager
 def _serve(cmd: list, *, what: str, url: str, log: Path, env: dict, limit: float):
     """Run ``cmd`` (a server) in its own process group, output to ``log``; yields its pid once
@@ -142,7 +125,7 @@ def _serve(cmd: list, *, what: str, url: str, log: Path, env: dict, limit: float
                 cwd=log.parent,
                 env=env,
                 start_new_session=True,
-                preexec_fn=_die_with_parent(_prctl()),
+                preexec_fn=die_with_parent(),
             )
         except OSError as e:
             raise ToolError(f"{what} cannot start ({e.strerror or e}; log: {log})") from None

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quantlab.errors import QuantlabError
-from quantlab.procs import ToolError, timeout_for
+from quantlab.procs import ToolError, die_with_parent, timeout_for
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("vllm_worker.py")
@@ -156,6 +156,7 @@ def run_worker(
                 cwd=work,
                 env=env or worker_env(),
                 start_new_session=True,
+                preexec_fn=die_with_parent(),
             )
         except OSError as e:
             raise ToolError(f"vLLM's worker cannot start ({e.strerror or e})") from None
