@@ -299,11 +299,16 @@ def demo_w8a8(tmp_path_factory):
 @needs_vllm
 @pytest.mark.slow
 def test_vllm_scores_the_w8a8_checkpoint(demo_w8a8, tmp_path):
-    """vLLM loads the int-quantized export natively (CompressedTensorsW8A8Int8) and scores it in
-    float32 beside quantlab's score of the same checkpoint and windows. The gap is vLLM's
-    int8 kernel against exact int8 arithmetic: GAP_PCT below is what was measured on this
-    machine type plus a margin, not a claim that vLLM computes the same model. Where vLLM
-    refuses the scheme, the row carries vLLM's own message instead."""
+    """vLLM loads the int-quantized export natively (CompressedTensorsW8A8Int8,
+    CPUInt8ScaledMMLinearKernel) and scores it in float32 beside quantlab's score of the same
+    checkpoint and windows. The bound is what was measured plus a margin, per kind of CPU, not a
+    claim that vLLM computes the same model. With VNNI (AVX-512, 2-core AMD EPYC): these 2
+    windows 13.9552 vs 13.7360 (+1.60%), the whole pydoc evaluation text (50 windows) 14.6998
+    vs 14.7074 (-0.05%): per-window gaps of either sign that average out (vLLM's per-token
+    quantization gave the same codes and its oneDNN int8 GEMM was exact to 6e-8 on stored demo
+    layers, so the float parts' rounding, flipping int8 codes downstream, is the likely
+    source). On an AVX2 CPU without VNNI, FIELD-NOTES measured 3.9% (pre-VNNI int8 kernel).
+    Where vLLM refuses the scheme, the row carries vLLM's own message instead."""
     ckpt, plan, ppl = demo_w8a8
     row = engine.vllm_row(
         ckpt,
@@ -318,12 +323,14 @@ def test_vllm_scores_the_w8a8_checkpoint(demo_w8a8, tmp_path):
     if "vllm_error" in row:
         assert "log:" in row["vllm_error"] and "vllm_ppl" not in row
         pytest.skip(f"vLLM refused W8A8 here: {row['vllm_error'][:300]}")
-    print(f"W8A8 demo, 2x512 pydoc:evaluation, float32: vLLM {row['vllm_ppl']:.4f} vs quantlab ")
-    print(f"{ppl:.4f} ({row['vllm_ppl_gap_pct']:+.2f}%, {row['vllm_isa']})")
+    gap, isa = row["vllm_ppl_gap_pct"], row["vllm_isa"]
+    print(f"W8A8 demo, 2 x 512 pydoc:evaluation, float32, {isa}: vLLM {row['vllm_ppl']:.4f}")
+    print(f"quantlab {ppl:.4f} ({gap:+.3f}%)")
     assert row["vllm_dtype"] == "float32"
-    assert abs(row["vllm_ppl_gap_pct"]) < GAP_PCT, (row["vllm_ppl"], ppl)
+    bound = GAP_PCT["vnni" if "vnni" in isa or "amx_int8" in isa else "no-vnni"]
+    assert abs(gap) < bound, (row["vllm_ppl"], ppl, isa)
 
 
-#: |vLLM - quantlab| / quantlab perplexity of the W8A8 demo checkpoint, in percent: measured
-#: (see the test's docstring) plus margin
-GAP_PCT = 5.0
+#: |vLLM / quantlab - 1| perplexity bound for the W8A8 demo checkpoint on 2 windows, percent:
+#: measured (+1.60% with VNNI; 3.9% without, FIELD-NOTES, 8 WikiText windows) plus margin
+GAP_PCT = {"vnni": 3.0, "no-vnni": 6.0}
