@@ -201,6 +201,10 @@ def test_the_checkpoint_is_compressed_tensors_int_quantized(tiny, tmp_path):
     )
     meta = json.loads((ckpt / "quantlab.json").read_text())
     assert meta["backend"] == "w8a8" and len(meta["modules"]) == 12
+    # vLLM scores it in the run's float32, not in the bfloat16 its 4-bit paths need
+    from quantlab.engines.vllm import _int8_activations
+
+    assert _int8_activations(ckpt) and not _int8_activations(tmp_path)
 
 
 @needs_vllm

@@ -314,6 +314,16 @@ def ppl_gap_pct(vllm_ppl: float | None, ppl: float | None) -> float | None:
 GAP_TOLERANCE_PCT = {"float": 0.5, "quantized": 1.0}
 
 
+def _int8_activations(checkpoint: Path) -> bool:
+    """A compressed-tensors int-quantized (W8A8) checkpoint: vLLM runs it in float32 too."""
+    try:
+        config = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    qc = config.get("quantization_config") if isinstance(config, dict) else None
+    return isinstance(qc, dict) and qc.get("format") == "int-quantized"
+
+
 def vllm_row(
     checkpoint: str | Path,
     plan,
@@ -327,12 +337,14 @@ def vllm_row(
     threads: int | None = None,
 ) -> dict:
     """What a run adds to one method's row: :func:`vllm_perplexity` in ``dtype`` (default:
-    quantlab's scoring dtype; a quantized checkpoint in float32 is scored in bfloat16, the
-    only activation dtypes vLLM's GPTQ/AWQ paths take), ``vllm_ppl_gap_pct`` against
-    ``quantlab_ppl`` and, above :data:`GAP_TOLERANCE_PCT`, ``vllm_warning`` naming the
-    likely cause. A refusal is ``vllm_error`` (the row's other figures stand)."""
+    quantlab's scoring dtype; a weight-only 4-bit checkpoint in float32 is scored in
+    bfloat16, the only activation dtypes vLLM's GPTQ/AWQ paths take; W8A8 runs in float32),
+    ``vllm_ppl_gap_pct`` against ``quantlab_ppl`` and, above :data:`GAP_TOLERANCE_PCT`,
+    ``vllm_warning`` naming the likely cause. A refusal is ``vllm_error`` (the row's other
+    figures stand)."""
     if dtype is None:
-        dtype = "bfloat16" if quantized and quantlab_dtype == "float32" else quantlab_dtype
+        half_only = quantized and not _int8_activations(Path(checkpoint))
+        dtype = "bfloat16" if half_only and quantlab_dtype == "float32" else quantlab_dtype
     row = vllm_perplexity(
         checkpoint, plan, log_dir=log_dir, dtype=dtype, threads=threads, vllm=vllm
     )
