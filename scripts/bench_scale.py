@@ -5,7 +5,8 @@ written layer by layer, so building never holds the whole model), in a temporary
 that is removed afterwards (never committed), and measures, each in a fresh process (its peak
 resident memory is the process's own, imports included):
 
-- streamed RTN W4 g128 quantize + export (and GPTQ W4 g128 where asked, 1B by default);
+- streamed RTN W4 g128 quantize + export (and GPTQ or AWQ W4 g128 where asked; GPTQ on 1B
+  only by default);
 - streamed perplexity of the export on 4 windows of 256 tokens (random token ids: the figure
   is about time and memory; random weights make the perplexity itself meaningless).
 
@@ -73,7 +74,11 @@ SHAPES = {
         rms_norm_eps=1e-5,
     ),
 }
-METHODS = {"rtn": dict(bits=4, group_size=128), "gptq": dict(bits=4, group_size=128, batch_size=8)}
+METHODS = {
+    "rtn": dict(bits=4, group_size=128),
+    "gptq": dict(bits=4, group_size=128, batch_size=8),
+    "awq": dict(bits=4, group_size=128, batch_size=8),
+}
 
 
 def build(size: str, out: Path, layers: int | None = None) -> int:
@@ -251,7 +256,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="1b,3b,7b")
     ap.add_argument(
-        "--methods", default="rtn", help="rtn, gptq (gptq on 1b only unless --gptq-all)"
+        "--methods", default="rtn", help="rtn, gptq, awq (gptq on 1b only unless --gptq-all)"
     )
     ap.add_argument("--gptq-all", action="store_true")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
