@@ -28,6 +28,7 @@ model: the source file for a GGUF source, else the one llama.cpp's converter wri
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -349,32 +350,57 @@ def export_ggml(
     model: nn.Module,
     path: Path,
     template: Path,
-    qtype: str,
+    qtype: str | Mapping[str, str],
     *,
     embedding_type: str = "Q8_0",
     importance: dict[str, np.ndarray] | None = None,
 ) -> dict[str, str]:
     """Write ``model``'s float weights as a GGUF file quantized by llama.cpp's own quantizers
-    (:mod:`quantlab.formats.ggml_quants`, byte for byte what ``llama-quantize --pure`` writes):
-    every 2-D tensor of the blocks as ``qtype`` (with ``importance[GGUF name]``, float32
-    [columns], where given), the token embedding and an untied output head as
-    ``embedding_type`` (one of ggml_quants' types, or F16/F32; never with importance, as
-    llama.cpp, whose imatrix has no entry for them), norms F32. Metadata from ``template``.
-    Returns {tensor name: GGUF type}."""
+    (:mod:`quantlab.formats.ggml_quants`, byte for byte what ``llama-quantize --pure`` writes).
+    ``qtype``: one type for every 2-D tensor of the blocks, the token embedding and an untied
+    output head as ``embedding_type`` (one of ggml_quants' types, or F16/F32); or a type per
+    tensor, {GGUF name: type} (2-D tensors it does not name: F32; the file type in the
+    metadata is the one that holds the most weights). ``importance[GGUF name]`` (float32
+    [columns]) applies to the blocks' tensors only, as llama.cpp's imatrix has no entry for
+    the embedding or head; norms are F32. Metadata from ``template``. Returns {tensor name:
+    GGUF type}."""
     import gguf
 
     reader = gguf.GGUFReader(str(template))
     layout = _Layout.read(reader)
-    tensors = []
+    tensors, weights = [], {}
     for gname, t in ggml_source_tensors(model, layout).items():
-        ttype = qtype if gname.startswith("blk.") else embedding_type
-        if t.dim() == 1 or ttype in ("F32", "F16"):
-            tensors.append((gname, *_float_tensor(t, "F32" if t.dim() == 1 else ttype)))
+        ttype = _tensor_type(gname, t, qtype, embedding_type)
+        weights[ttype] = weights.get(ttype, 0) + t.numel()
+        if ttype in ("F32", "F16"):
+            tensors.append((gname, *_float_tensor(t, ttype)))
             continue
         imp = (importance or {}).get(gname) if gname.startswith("blk.") else None
         data = ggml_quantize(t.detach().float().cpu().numpy(), ttype, imp)
         tensors.append((gname, data, getattr(gguf.GGMLQuantizationType, ttype)))
-    return _write_file(path, reader, layout, tensors, file_type=qtype)
+    if isinstance(qtype, str):
+        main = qtype
+    else:
+        main = max((t for t in weights if t != "F32"), key=weights.get, default=None)
+    return _write_file(path, reader, layout, tensors, file_type=main)
+
+
+def _tensor_type(
+    gname: str, t: torch.Tensor, qtype: str | Mapping[str, str], embedding_type: str
+) -> str:
+    if t.dim() == 1:
+        return "F32"
+    if isinstance(qtype, str):
+        return qtype if gname.startswith("blk.") else embedding_type
+    return qtype.get(gname, "F32")
+
+
+def gguf_weight_names(modules: list[str], template: Path) -> dict[str, str | None]:
+    """{module name: the GGUF name of its weight in ``template``'s layout, or None}."""
+    import gguf
+
+    layout = _Layout.read(gguf.GGUFReader(str(template)))
+    return {m: layout.names.get_name(f"{m}.weight", try_suffixes=(".weight",)) for m in modules}
 
 
 def ggml_source_tensors(model: nn.Module, layout: _Layout | Path) -> dict[str, torch.Tensor]:

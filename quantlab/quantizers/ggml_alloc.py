@@ -354,40 +354,19 @@ def write_mixed_gguf(
     type}; blocks by :func:`quantlab.formats.ggml_quants.quantize`, with ``importance[GGUF
     name]`` for the blocks' tensors as llama.cpp applies it), 1-D tensors F32. The file type
     named in its metadata is the type that holds the most weights."""
-    import gguf
+    from quantlab.formats.gguf import export_ggml
 
-    from quantlab.formats.ggml_quants import quantize
-    from quantlab.formats.gguf import _float_tensor, _Layout, _write_file, ggml_source_tensors
-
-    reader = gguf.GGUFReader(str(template))
-    layout = _Layout.read(reader)
-    tensors, weights = [], {}
-    for gname, t in ggml_source_tensors(model, layout).items():
-        ttype = types.get(gname, "F32") if t.dim() == 2 else "F32"
-        weights[ttype] = weights.get(ttype, 0) + t.numel()
-        if ttype in FLOAT_BYTES:
-            tensors.append((gname, *_float_tensor(t, ttype)))
-            continue
-        imp = (importance or {}).get(gname) if gname.startswith("blk.") else None
-        data = quantize(t.detach().float().cpu().numpy(), ttype, imp)
-        tensors.append((gname, data, getattr(gguf.GGMLQuantizationType, ttype)))
-    main = max((t for t in weights if t != "F32"), key=weights.get, default=None)
-    return _write_file(path, reader, layout, tensors, file_type=main)
+    return export_ggml(model, path, template, types, importance=importance)
 
 
 def gguf_name_map(model: nn.Module, modules: list[str], template: Path) -> dict[str, str]:
     """{module name: GGUF tensor name of its weight}."""
-    import gguf
+    from quantlab.formats.gguf import gguf_weight_names
 
-    from quantlab.formats.gguf import _Layout
-
-    layout = _Layout.read(gguf.GGUFReader(str(template)))
-    out = {}
-    for m in modules:
-        g = layout.names.get_name(f"{m}.weight", try_suffixes=(".weight",))
+    out = gguf_weight_names(modules, template)
+    for m, g in out.items():
         if g is None:
             raise QuantlabError(f"ggml type: auto: '{m}' has no tensor in the GGUF layout")
-        out[m] = g
     return out
 
 
