@@ -60,9 +60,8 @@ def _add_run(sub) -> None:
     p.add_argument(
         "--executor",
         choices=["local", "ray"],
-        help="where the methods run: 'local' (one after "
-        "another in this process) or 'ray' (each a Ray task; the [ray] extra); default: the recipe's "
-        "executor.kind",
+        help="where the methods run: 'local' (one after another in this process) or 'ray' (each a "
+        "Ray task; the [ray] extra); default: the recipe's executor.kind",
     )
     p.add_argument(
         "--address",
@@ -172,9 +171,8 @@ def _add_eval(sub) -> None:
     p.add_argument(
         "--no-cache-base",
         action="store_true",
-        help="with --base: do not keep the base model's "
-        "distributions in the cache (by default the 3 most recent are kept and reused by later calls "
-        "on the same base, text and windows)",
+        help="with --base: do not keep the base model's distributions in the cache (by default the "
+        "3 most recent are kept and reused by later calls on the same base, text and windows)",
     )
     p.add_argument(
         "--speed", action="store_true", help="also measure prefill/decode speed at batch 1"
@@ -250,10 +248,9 @@ def _add_hardware(sub) -> None:
         "hardware",
         help="where to deploy: does each row fit on a GPU card, and how "
         "fast could it run there (PROJECTED from datasheets, never measured)",
-        description="Project every row of RUN onto cards (RTX 4090, A100, H100, "
-        "H200, this machine, your own): fit, largest batch, longest context, "
-        "projected decode and prefill tokens/s, labelled as projections "
-        "(docs/hardware.md).",
+        description="Project every row of RUN onto cards (RTX 4090, A100, H100, H200, this "
+        "machine, your own): fit, largest batch, longest context, projected decode and prefill "
+        "tokens/s, labelled as projections (docs/hardware.md).",
     )
     p.add_argument(
         "run", metavar="RUN", help="a run directory (it holds results.csv and the checkpoints)"
@@ -384,13 +381,14 @@ def _say_what_was_not_checked(recipe) -> None:
     for m in recipe.models or [recipe.model]:
         if local_model_dir(m.source) is None:
             print(
-                f"  not checked: the methods against {m.source}'s architecture (not on this machine; "
-                "`quantlab run` checks them once it is loaded)"
+                f"  not checked: the methods against {m.source}'s architecture (not on this "
+                "machine; `quantlab run` checks them once it is loaded)"
             )
     online = {s.source for s in (recipe.eval, recipe.calibration) if s.source == "wikitext2"}
     if online:
         print(
-            "  not checked: the text source wikitext2 (online; `quantlab run` loads it from the Hugging Face Hub)"
+            "  not checked: the text source wikitext2 (online; `quantlab run` loads it from the "
+            "Hugging Face Hub)"
         )
 
 
@@ -500,8 +498,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             again = " ".join(shlex.quote(a) for a in ["quantlab", *argv])
             print(
-                "\ninterrupted: finished methods (and exported checkpoints) are kept in the run directory;"
-                f" to resume, run the same command again:\n    {again}",
+                "\ninterrupted: finished methods (and exported checkpoints) are kept in the run "
+                f"directory; to resume, run the same command again:\n    {again}",
                 file=sys.stderr,
             )
         else:

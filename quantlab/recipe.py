@@ -80,11 +80,11 @@ class ModelSpec(_Strict):
     )
     streaming: Literal["auto", "on", "off"] = Field(
         "auto",
-        description="Quantize and export one decoder layer at a time, weights read lazily "
-        "from the safetensors shards (docs/streaming.md): 'auto' streams the methods that can "
-        "(rtn, gptq, from a local model directory; the checkpoint is byte for byte the one "
-        "quantizing the whole model writes), 'on' makes a method that cannot an error, 'off' "
-        "always quantizes the whole model in memory.",
+        description="Quantize and export one decoder layer at a time, weights read lazily from the "
+        "safetensors shards (docs/streaming.md): 'auto' streams the methods that can (rtn, gptq, "
+        "awq, from a local model directory; the checkpoint is byte for byte the one quantizing the "
+        "whole model writes), 'on' makes a method that cannot an error (the float baseline aside), "
+        "'off' always quantizes the whole model in memory.",
     )
     label: str | None = Field(
         None,
@@ -179,14 +179,16 @@ class SpeedSpec(_Strict):
         ge=1,
         le=50,
         description="Rounds of the speed phase: each measures every "
-        'checkpoint once, alternating with the baseline (docs/results.md, "Speed and the bandwidth bound").',
+        'checkpoint once, alternating with the baseline (docs/results.md, "Speed and the bandwidth '
+        'bound").',
     )
     mode: Literal["eager", "compiled"] = Field(
         "eager",
         description="'eager': a dynamic KV cache, every op dispatched from Python (what a plain "
-        "transformers generate() does); 'compiled': a static KV cache and the decode step compiled with "
-        "torch.compile (CUDA graphs on GPU), as gpt-fast and vLLM run; compilation is timed apart "
-        "(compile_s, ~30 s per batch size per measurement on 2 CPU cores) and excluded from tokens/s.",
+        "transformers generate() does); 'compiled': a static KV cache and the decode step compiled "
+        "with torch.compile (CUDA graphs on GPU), as gpt-fast and vLLM run; compilation is timed "
+        "apart (compile_s, ~30 s per batch size per measurement on 2 CPU cores) and excluded from "
+        "tokens/s.",
     )
 
 
@@ -232,8 +234,9 @@ class LlamaCppSpec(_Strict):
     )
     float_type: Literal["F32", "F16", "Q8_0"] = Field(
         "Q8_0",
-        description="GGUF type of the 2-D tensors a method leaves in float (embeddings, a tied output "
-        "head), the same for every quantized row (llama.cpp's presets keep them in 8 bits or more).",
+        description="GGUF type of the 2-D tensors a method leaves in float (embeddings, a tied "
+        "output head), the same for every quantized row (llama.cpp's presets keep them in 8 bits "
+        "or more).",
     )
     threads: int | None = Field(
         None, ge=1, description="Threads (-t; None: the recipe's threads, else the cores)."
@@ -319,9 +322,9 @@ class EvalSpec(ScoringSpec, TextSpec):
     speed: SpeedSpec = SpeedSpec()
     engines: list[Literal["torch", "llamacpp", "vllm"]] = Field(
         default_factory=lambda: ["torch"],
-        description="Engines that measure: 'torch' (every row, from the "
-        "checkpoint reloaded by quantlab), 'llamacpp' (rows that export GGUF, see eval.llamacpp) and "
-        "'vllm' (every checkpoint directory vLLM loads, see eval.vllm and docs/vllm.md).",
+        description="Engines that measure: 'torch' (every row, from the checkpoint reloaded by "
+        "quantlab), 'llamacpp' (rows that export GGUF, see eval.llamacpp) and 'vllm' (every "
+        "checkpoint directory vLLM loads, see eval.vllm and docs/vllm.md).",
     )
     llamacpp: LlamaCppSpec = LlamaCppSpec()
     vllm: VllmSpec = VllmSpec()
@@ -364,9 +367,9 @@ class EvalSpec(ScoringSpec, TextSpec):
 
 
 class SensitivitySpec(_Strict):
-    """The sensitivity pass (docs/methods.md, "Sensitivity and skip: auto"): each candidate (a linear
-    layer, or a layer type) quantized alone with the method's backend, its KL divergence
-    from the float model measured on calibration windows. With ``options.skip: auto`` the
+    """The sensitivity pass (docs/methods.md, "Sensitivity and skip: auto"): each candidate (a
+    linear layer, or a layer type) quantized alone with the method's backend, its KL
+    divergence from the float model measured on calibration windows. With ``options.skip: auto`` the
     fewest candidates that keep the KL within ``kl_budget`` stay in float; with an explicit
     skip list the pass only measures (for the report)."""
 
@@ -443,8 +446,8 @@ class MethodSpec(_Strict):
     resources: ResourcesSpec = ResourcesSpec()
     export: list[Literal["native", "gguf"]] = Field(
         default_factory=lambda: ["native"],
-        description="Formats written: 'native' (the method's ecosystem "
-        "checkpoint, always) and 'gguf' (llama.cpp blocks holding the same codes and scales; see docs/llamacpp.md).",
+        description="Formats written: 'native' (the method's ecosystem checkpoint, always) and "
+        "'gguf' (llama.cpp blocks holding the same codes and scales; see docs/llamacpp.md).",
     )
 
     @model_validator(mode="before")
@@ -724,8 +727,8 @@ class Recipe(_Strict):
             raise ValueError(f"method labels must be unique; repeated: {', '.join(dup)}")
         if "llamacpp" in self.eval.engines and not any("gguf" in m.export for m in self.methods):
             raise ValueError(
-                "eval.engines has 'llamacpp' but no method exports GGUF; add export: [native, gguf] "
-                "to the methods llama.cpp should measure"
+                "eval.engines has 'llamacpp' but no method exports GGUF; add export: [native, "
+                "gguf] to the methods llama.cpp should measure"
             )
         if "llamacpp" in self.eval.serving_engines() and not any(
             "gguf" in m.export for m in self.methods
@@ -737,7 +740,8 @@ class Recipe(_Strict):
         if len(self.all_methods()) > len(self.methods) and "baseline" in labels:
             raise ValueError(
                 "a method is labelled 'baseline', the name of the float baseline that 'baseline: "
-                "true' adds; rename the method, or set 'baseline: false' (or give it backend 'none')"
+                "true' adds; rename the method, or set 'baseline: false' (or give it backend "
+                "'none')"
             )
         origins = _origins(info, len(self.methods))
         for i, m in enumerate(self.methods):
@@ -771,9 +775,8 @@ class Recipe(_Strict):
                 how = "its label" if self.models[i].label else "the label its source gives it"
                 reserved = ", ".join(sorted(RESERVED_MODEL_LABELS))
                 raise RecipeError(
-                    f"models[{i}]: {how}, {label!r}, is the name of an entry "
-                    "quantlab writes into a several-models run (reserved: "
-                    f"{reserved}); give the model another label"
+                    f"models[{i}]: {how}, {label!r}, is the name of an entry quantlab writes into "
+                    f"a several-models run (reserved: {reserved}); give the model another label"
                 )
         return self
 

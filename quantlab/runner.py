@@ -231,7 +231,7 @@ def streams(plan: RunPlan, method, backend) -> bool:
     from quantlab.streaming.methods import why_not_streamed
 
     mode = plan.recipe.model.streaming
-    if mode == "off":
+    if mode == "off" or backend.name == "none":  # the float baseline quantizes nothing
         return False
     why = why_not_streamed(backend.name, backend.config)
     if why is None and method.sensitivity_spec() is not None:
@@ -298,7 +298,8 @@ def quantize_and_export(plan: RunPlan, method, backend, base, tag: str) -> dict:
         spec is not None and not allocating
     ):  # with bits: auto the block sets the allocation's windows
         log(
-            f"{tag}: sensitivity pass ({spec.granularity}, {spec.windows} x {spec.seq_len} calibration tokens)"
+            f"{tag}: sensitivity pass ({spec.granularity}, {spec.windows} x {spec.seq_len} "
+            "calibration tokens)"
         )
         backend, result = _sensitivity(plan, method, backend, spec, work, calibration, mdir)
         sens = result.as_dict()
@@ -467,9 +468,18 @@ def _score(plan: RunPlan, method, backend, stage: dict, export_key: str, tag: st
     gc.collect()
     kl = f", KL {div['kld_mean']:.4f}" if div else ""
     log(
-        f"{tag}: ppl {ppl.ppl:.3f} ({ppl.convention}, {ppl.scored_tokens} tokens of {plan.eval_text.name}){kl}"
+        f"{tag}: ppl {ppl.ppl:.3f} ({ppl.convention}, {ppl.scored_tokens} tokens of "
+        f"{plan.eval_text.name}){kl}"
     )
     return row
+
+
+def _allocation(stage: dict) -> dict | None:
+    """The row's allocation record: ``bits: auto``'s, or a GGUF file's type per tensor (the
+    ggml backend keeps it with its layer statistics)."""
+    layers = stage.get("layers")
+    gguf = layers.get("gguf_allocation") if isinstance(layers, dict) else None
+    return stage.get("allocation") or gguf
 
 
 def _cost(stage: dict) -> dict:
@@ -485,8 +495,8 @@ def _cost(stage: dict) -> dict:
         "skipped_layers": len(sens["chosen"]) if sens else None,
         "sensitivity_s": sens["seconds"] if sens else None,
         "sensitivity": sens,
-        "allocation": stage.get("allocation"),
-        "allocation_s": (stage.get("allocation") or {}).get("seconds"),
+        "allocation": _allocation(stage),
+        "allocation_s": (_allocation(stage) or {}).get("seconds"),
         # named stages of quantization; "other" is the rest (forward passes, packing...)
         "quantize_stages": dict(
             stage["stage_seconds"], other=quantize_s - sum(stage["stage_seconds"].values())

@@ -164,8 +164,8 @@ def llamacpp_phase(
     kw = {"ctx": spec.ctx, "chunks": spec.chunks, "threads": threads}
     t0 = time.perf_counter()
     log(
-        f"llama.cpp ({tools.version}, {threads} threads): perplexity of {len(gguf_rows)} GGUF files, ctx {spec.ctx}"
-        f"{f', {spec.chunks} chunks' if spec.chunks else ''}"
+        f"llama.cpp ({tools.version}, {threads} threads): perplexity of {len(gguf_rows)} GGUF "
+        f"files, ctx {spec.ctx}{f', {spec.chunks} chunks' if spec.chunks else ''}"
     )
     try:
         base.update(
@@ -230,8 +230,8 @@ def _speed_rounds(
     samples: dict[tuple[int, str], list[float]] = {}
     for k in range(spec.rounds):
         log(
-            f"llama.cpp: llama-bench round {k + 1}/{spec.rounds} ({len(files)} files, prefill {spec.n_prompt}, "
-            f"decode {spec.n_gen} tokens)"
+            f"llama.cpp: llama-bench round {k + 1}/{spec.rounds} ({len(files)} files, prefill "
+            f"{spec.n_prompt}, decode {spec.n_gen} tokens)"
         )
         records = bench(
             tools, files, threads=threads, n_prompt=spec.n_prompt, n_gen=spec.n_gen, repetitions=1
