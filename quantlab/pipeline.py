@@ -264,7 +264,7 @@ def _check_gguf(recipe: Recipe, backends: dict) -> None:
     if "llamacpp" in recipe.eval.serving_engines():
         from quantlab.engines.llamacpp import find_llamacpp
 
-        find_llamacpp()
+        find_llamacpp().server()
     methods = recipe.all_methods()
     if any("gguf" in m.export or backends[m.label].gguf_checkpoint for m in methods):
         _check_gguf_metadata(recipe.model.source)

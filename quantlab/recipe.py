@@ -312,6 +312,13 @@ class ServingSpec(_Strict):
             )
         return v
 
+    @field_validator("engines", "float_dtypes")
+    @classmethod
+    def _once(cls, v: list[str] | None, info) -> list[str] | None:
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError(f"{info.field_name} {v}: name each once")
+        return v
+
 
 class EvalSpec(ScoringSpec, TextSpec):
     """How each reloaded checkpoint is scored: the text, the scoring options shared with

@@ -124,13 +124,24 @@ def floor_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if dtype == torch.float32 else torch.float32
 
 
+def _twin(model, dtype: torch.dtype):
+    """A copy of ``model`` in ``dtype``, cast while copying (a float32 copy cast afterwards
+    would hold the model twice at once); tied weights stay tied, the base is left as it is."""
+    memo = {
+        id(p): torch.nn.Parameter(p.detach().to(dtype), requires_grad=False)
+        for p in model.parameters()
+        if p.is_floating_point()
+    }
+    return copy.deepcopy(model, memo).to(dtype)  # .to: the float buffers (rotary tables)
+
+
 def noise_floor(
     model, plan: WindowPlan, reference: ReferenceLogprobs, batch_size: int, dtype: torch.dtype
 ) -> dict:
     """The float model's own divergence from its ``reference`` when run in ``dtype``: the
     KL that arithmetic alone produces. Two methods whose KLs differ by less than this are
     not told apart by these tokens (the noise floor issue #30 asks for beside every KL)."""
-    twin = copy.deepcopy(model).to(dtype)  # the base stays as it is: rows compare against it
+    twin = _twin(model, dtype)
     try:
         _, div = evaluate(twin, plan, batch_size, reference)
     finally:

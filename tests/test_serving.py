@@ -101,6 +101,10 @@ def test_the_serving_block_is_checked(tiny_model_dir):
         _recipe(tiny_model_dir, "{serving: {engines: [llamacpp]}}")
     with pytest.raises(RecipeError, match=r"sglang"):
         _recipe(tiny_model_dir, "{serving: {engines: [sglang]}}")
+    with pytest.raises(RecipeError, match=r"float_dtypes .*: name each once"):
+        _recipe(tiny_model_dir, "{serving: {float_dtypes: [float32, float32]}}")
+    with pytest.raises(RecipeError, match=r"engines .*: name each once"):
+        _recipe(tiny_model_dir, "{serving: {engines: [vllm, vllm]}}")
 
 
 def test_llama_server_serves_a_gguf_under_load_and_stops(tiny_model_dir, tiny_gguf, tmp_path):
@@ -304,3 +308,21 @@ def test_ctrl_c_during_a_load_stops_the_generator_and_the_server(
         proc.kill()
         for pid in processes_in(logs):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_a_build_without_llama_server_serves_nothing_but_runs_the_rest(tmp_path, monkeypatch):
+    """llama-server is needed by serving only: its absence is one error there, and a build
+    from before it (the old directory) is still found for everything else."""
+    from quantlab.engines import llamacpp
+    from quantlab.errors import QuantlabError
+
+    tools = llamacpp.LlamaCpp(tmp_path, "llama.cpp (test)")
+    with pytest.raises(QuantlabError, match="llama-server is not in .*scripts/llamacpp.sh"):
+        tools.server()
+    monkeypatch.setenv("QUANTLAB_CACHE", str(tmp_path / "cache"))
+    old = tmp_path / "cache" / "llamacpp" / llamacpp.OLD_BUILD_NAME / "bin"
+    old.mkdir(parents=True)
+    assert llamacpp.default_bin_dir() == old
+    new = tmp_path / "cache" / "llamacpp" / llamacpp.BUILD_NAME / "bin"
+    new.mkdir(parents=True)
+    assert llamacpp.default_bin_dir() == new

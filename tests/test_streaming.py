@@ -439,3 +439,25 @@ def test_why_a_method_does_not_stream():
     assert "skip: auto" in why_not_streamed("gptq", {"skip": "auto"})
     with pytest.raises(Exception, match="group_size"):  # options are the backend's own Config's
         why_not_streamed("rtn", {"group_size": 0})
+
+
+def test_float8_tensors_are_sharded_and_read_back(tmp_path):
+    """quanto's float8 weights go through the shard writer (checkpoints past 5 GB)."""
+    from quantlab.quantizers.base import read_weights
+    from quantlab.streaming.writer import ShardWriter
+
+    t = {
+        "a": torch.randn(8, 16).to(torch.float8_e4m3fn),
+        "b": torch.randn(4, 4).to(torch.float8_e5m2),
+        "c": torch.randn(32, 32),
+    }
+    writer = ShardWriter(tmp_path, 600)
+    for name, x in t.items():
+        writer.add(name, x)
+    writer.close()
+    back = read_weights(tmp_path / "model.safetensors")
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
+    assert all(
+        back[k].dtype == x.dtype and torch.equal(back[k].view(torch.uint8), x.view(torch.uint8))
+        for k, x in t.items()
+    )

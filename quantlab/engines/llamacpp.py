@@ -20,10 +20,14 @@ from quantlab.procs import ToolError, run_tool
 
 #: the llama-cpp-python sdist whose vendored llama.cpp scripts/llamacpp.sh builds
 LLAMACPP_PACKAGE_VERSION = "0.3.36"
-TOOLS = ("llama-bench", "llama-perplexity", "llama-quantize", "llama-imatrix", "llama-server")
+#: what every llama.cpp feature needs; llama-server only the serving benchmark asks for
+#: (:meth:`LlamaCpp.server`), so a build without it still runs everything else
+TOOLS = ("llama-bench", "llama-perplexity", "llama-quantize", "llama-imatrix")
+SERVER = "llama-server"
 #: the build's directory name (scripts/llamacpp.sh's prefix): "-flush" for llama-perplexity's
-#: log flush, "-server" since llama-server is built (older builds lack it and are not reused)
+#: log flush, "-server" since llama-server is built; the build before it is still found
 BUILD_NAME = f"llama-cpp-python-{LLAMACPP_PACKAGE_VERSION}-flush-server"
+OLD_BUILD_NAME = f"llama-cpp-python-{LLAMACPP_PACKAGE_VERSION}-flush"
 _HOW = (
     "build them once with `bash scripts/llamacpp.sh` (from the llama.cpp sources in PyPI's "
     f"llama-cpp-python {LLAMACPP_PACKAGE_VERSION} sdist; 10-15 minutes on 2 cores), or set "
@@ -34,7 +38,9 @@ _HOW = (
 def default_bin_dir() -> Path:
     from quantlab.models import cache_dir
 
-    return cache_dir() / "llamacpp" / BUILD_NAME / "bin"
+    new = cache_dir() / "llamacpp" / BUILD_NAME / "bin"
+    old = cache_dir() / "llamacpp" / OLD_BUILD_NAME / "bin"
+    return old if not new.is_dir() and old.is_dir() else new
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,18 @@ class LlamaCpp:
 
     def tool(self, name: str) -> Path:
         return self.bin_dir / name
+
+    def server(self) -> Path:
+        """llama-server, or one error saying how to get it (builds before quantlab served
+        GGUF files lack it)."""
+        path = self.tool(SERVER)
+        if not os.access(path, os.X_OK):
+            raise QuantlabError(
+                f"llama-server is not in '{self.bin_dir}' (a build from before quantlab served "
+                "GGUF files); run `bash scripts/llamacpp.sh` again to build it (~14 minutes on 2 "
+                "cores), or set QUANTLAB_LLAMACPP to a build that has it"
+            )
+        return path
 
     @property
     def converter(self) -> Path | None:

@@ -198,7 +198,7 @@ def llama_server(
     (random prompts never share a prefix) and no web UI. Its log is ``log_dir/NAME.server.log``."""
     log = _log_path(log_dir, name)
     port = free_port()
-    cmd = [tools.tool("llama-server"), "-m", Path(gguf).resolve(), "--alias", name]
+    cmd = [tools.server(), "-m", Path(gguf).resolve(), "--alias", name]
     cmd += ["--host", "127.0.0.1", "--port", port, "-t", threads, "-np", parallel]
     cmd += ["-c", parallel * ctx_per_slot, "--cache-ram", "0", "--no-webui"]
     url = f"http://127.0.0.1:{port}"

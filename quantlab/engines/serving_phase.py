@@ -13,7 +13,7 @@ Each row gets ``serving``: one record per engine and concurrency (``engine, dtyp
 concurrency, threads``, output tokens/s, requests/s, TTFT and TPOT p50/p99, ``x_float``), and
 flat columns ``serving_<engine>_c<N>_tok_s`` and ``serving_<engine>_c<N>_x_float``. A row an
 engine cannot serve gets ``serving_error`` (the engine's own message, its log's path); the
-other rows go on. Servers and logs live under ``LABEL/serving/``; every server is stopped with
+other rows go on. Servers' logs live under ``RUN/.serving/``; every server is stopped with
 its process group at the end, on an error and on Ctrl-C.
 """
 
@@ -120,7 +120,9 @@ def serving_phase(
 def _llamacpp_tools():
     from quantlab.engines.llamacpp import find_llamacpp
 
-    return find_llamacpp()
+    tools = find_llamacpp()
+    tools.server()  # the one tool only serving needs: its absence is one error, before serving
+    return tools
 
 
 def _into_rows(entries, records, spec, vllm_label, tools) -> None:

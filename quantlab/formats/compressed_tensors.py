@@ -180,7 +180,10 @@ def export_compressed_tensors(checkpoint: str | Path, out_dir: str | Path) -> Pa
     tensors = state_dict(model, grids)
     with atomic_directory(out_dir) as tmp:
         for f in src.iterdir():
-            if f.is_file() and f.name not in (SIDECAR, WEIGHTS, "model.safetensors.index.json"):
+            # the source's weights (one file or shards and their index) are not copied:
+            # vLLM would load every *.safetensors beside the new model.safetensors
+            weights = f.name.endswith((".safetensors", ".safetensors.index.json"))
+            if f.is_file() and f.name != SIDECAR and not weights:
                 shutil.copy2(f, tmp / f.name)
         config = json.loads((src / "config.json").read_text())
         config["quantization_config"] = quantization_config(

@@ -273,19 +273,14 @@ class Ggml(Backend):
         with scratch_dir(SCRATCH_PREFIX, inside=context.scratch_dir) as work:
             gguf = work / CHECKPOINT_GGUF
             with out.stage("quantize and write GGUF"):
-                if types is not None:
-                    from quantlab.quantizers.ggml_alloc import write_mixed_gguf
-
-                    write_mixed_gguf(model, gguf, template, types, importance)
-                else:
-                    export_ggml(
-                        model,
-                        gguf,
-                        template,
-                        self.config.type,
-                        embedding_type=self.config.embedding_type,
-                        importance=importance,
-                    )
+                export_ggml(  # one type, or the allocation's type per tensor
+                    model,
+                    gguf,
+                    template,
+                    types if types is not None else self.config.type,
+                    embedding_type=self.config.embedding_type,
+                    importance=importance,
+                )
             out.layer_stats["gguf_tensor_types"] = gguf_type_counts(gguf)
             loaded = _load_gguf(gguf, next(model.parameters()).dtype)
             # held open: closed by save(); the name goes with work

@@ -36,6 +36,7 @@ from quantlab.quantizers.base import (
     Quantized,
     build_skeleton,
     quantizable_linears,
+    read_weights,
     save_weights,
     skip_field,
     target_linears,
@@ -126,18 +127,19 @@ class Quanto(Backend):
     def load(
         cls, ckpt_dir: Path, meta: dict, dtype: torch.dtype, device: torch.device
     ) -> nn.Module:
-        from safetensors.torch import load_file
         from transformers import AutoConfig
 
         q = _quanto()
         ckpt_dir = Path(ckpt_dir)
         try:
             qmap = json.loads((ckpt_dir / QMAP_NAME).read_text())
-            state = load_file(str(ckpt_dir / WEIGHTS_NAME))
+            state = read_weights(ckpt_dir / WEIGHTS_NAME)  # one file, or an index and shards
         except FileNotFoundError as e:
             raise QuantlabError(
                 f"quanto checkpoint '{ckpt_dir}' is incomplete: {e.filename} is missing"
             ) from None
+        except QuantlabError:
+            raise  # read_weights names the file and what would work
         except Exception as e:
             raise QuantlabError(f"quanto checkpoint '{ckpt_dir}' cannot be read: {e}") from None
         config = AutoConfig.from_pretrained(ckpt_dir, trust_remote_code=False)

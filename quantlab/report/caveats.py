@@ -96,8 +96,9 @@ def within_noise_floor(frame: pd.DataFrame) -> str | None:
     if not close:
         return None
     return (
-        f"KL differences below the noise floor ({floor:.5f}, the float model in {dtype} "
-        f"against itself on the same tokens) are not a method's win: {', '.join(close)}"
+        f"KL differences smaller than the noise floor ({floor:.5f}: what running the float "
+        f"model in {dtype} alone costs on the same tokens) are not claimed as a method's win: "
+        f"{', '.join(close)}"
     )
 
 

@@ -55,6 +55,8 @@ _TORCH_DTYPES = {
     "I8": torch.int8,
     "U8": torch.uint8,
     "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 _FIX = "re-download or re-export the model (every shard its index names, complete)"
 

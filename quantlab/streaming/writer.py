@@ -42,6 +42,8 @@ _ST_DTYPES = {
     torch.int8: "I8",
     torch.uint8: "U8",
     torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3",  # quanto's float8 weights
+    torch.float8_e5m2: "F8_E5M2",
 }
 _NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _COPY_CHUNK = 64 << 20
@@ -197,6 +199,8 @@ _RANK = {
     "BOOL": 0,
     "U8": 4,
     "I8": 5,
+    "F8_E5M2": 6,
+    "F8_E4M3": 7,
     "I16": 9,
     "U16": 10,
     "F16": 11,
