@@ -474,7 +474,7 @@ def _score(plan: RunPlan, method, backend, stage: dict, export_key: str, tag: st
     return row
 
 
-def _allocation(stage: dict) -> dict | None:
+def _allocation_record(stage: dict) -> dict | None:
     """The row's allocation record: ``bits: auto``'s, or a GGUF file's type per tensor (the
     ggml backend keeps it with its layer statistics)."""
     layers = stage.get("layers")
@@ -495,8 +495,8 @@ def _cost(stage: dict) -> dict:
         "skipped_layers": len(sens["chosen"]) if sens else None,
         "sensitivity_s": sens["seconds"] if sens else None,
         "sensitivity": sens,
-        "allocation": _allocation(stage),
-        "allocation_s": (_allocation(stage) or {}).get("seconds"),
+        "allocation": _allocation_record(stage),
+        "allocation_s": (_allocation_record(stage) or {}).get("seconds"),
         # named stages of quantization; "other" is the rest (forward passes, packing...)
         "quantize_stages": dict(
             stage["stage_seconds"], other=quantize_s - sum(stage["stage_seconds"].values())
