@@ -223,100 +223,110 @@ def version_differences(runs: list[RunData]) -> str | None:
 
 
 def report_warnings(runs: list[RunData], frame: pd.DataFrame) -> list[str]:
-    out: list[str] = []
+    """Every warning of a report: each run's own (:func:`_run_warnings`), then, for several
+    runs, what makes rows of different runs less comparable (:func:`_cross_run_warnings`)."""
     multi = len(runs) > 1
-    for run in runs:
-        part = run.frame
-        scope = f"run {run.path.name}" if multi else "this run"
-        for col, what in (
-            ("ppl_convention", "perplexity convention"),
-            ("eval_seq_len", "evaluation context length"),
-            ("eval_sha256", "evaluation text"),
-            ("eval_tokens", "number of scored tokens"),
-            ("dtype", "dtype"),
-            ("device", "device"),
-        ):
-            msg = _differs(part, col, what, scope)
-            if msg:
-                out.append(msg)
-        out += [f"{scope}: {w}" if multi else w for w in engine_disagreements(part, run.metrics)]
-        # runs before the field said so in their description
-        if run.recipe.get("quick") is True or str(run.recipe.get("description") or "").startswith(
-            "QUICK PRESET"
-        ):
-            out.append(
-                f"{scope}: made with `quantlab run --quick` (8 calibration windows, 8 evaluation "
-                "windows, 1 speed round): indicative figures, not a measurement to publish; run "
-                "without --quick"
-            )
-        for msg in (few_tokens(part), within_noise_floor(part)):
-            if msg:
-                out.append(f"{scope}: {msg}" if multi else msg)
-        sess = (
-            "speed_session"
-            if "speed_session" in part and part["speed_session"].notna().any()
-            else "session"
+    out = [w for run in runs for w in _run_warnings(run, multi)]
+    return out + (_cross_run_warnings(runs, frame) if multi else [])
+
+
+def _run_warnings(run: RunData, multi: bool) -> list[str]:
+    out: list[str] = []
+    part = run.frame
+    scope = f"run {run.path.name}" if multi else "this run"
+    for col, what in (
+        ("ppl_convention", "perplexity convention"),
+        ("eval_seq_len", "evaluation context length"),
+        ("eval_sha256", "evaluation text"),
+        ("eval_tokens", "number of scored tokens"),
+        ("dtype", "dtype"),
+        ("device", "device"),
+    ):
+        msg = _differs(part, col, what, scope)
+        if msg:
+            out.append(msg)
+    out += [f"{scope}: {w}" if multi else w for w in engine_disagreements(part, run.metrics)]
+    # runs before the field said so in their description
+    if run.recipe.get("quick") is True or str(run.recipe.get("description") or "").startswith(
+        "QUICK PRESET"
+    ):
+        out.append(
+            f"{scope}: made with `quantlab run --quick` (8 calibration windows, 8 evaluation "
+            "windows, 1 speed round): indicative figures, not a measurement to publish; run "
+            "without --quick"
         )
-        if sess in part and part["decode_tokens_per_s"].notna().any():
-            timed = part[part["decode_tokens_per_s"].notna()]
-            sessions = _distinct(timed, sess)
-            if len(sessions) > 1:
-                latest = str(timed[sess].dropna().astype(str).max())
-                older = timed[timed[sess].astype(str) != latest]["method"].astype(str).tolist()
-                out.append(
-                    f"{scope}: speed of {', '.join(older)} was measured in an earlier session "
-                    "(finished methods are reused when a run resumes); the machine's load may "
-                    "have differed, so speed ratios between those rows and the others are "
-                    "unreliable (re-run with --force to measure all of them together)"
-                )
-        busy = busy_machine(part)
-        if busy:
-            out.append(f"{scope}: {busy}" if multi else busy)
-        slower = slower_than_baseline(part)
-        if slower:
+    for msg in (few_tokens(part), within_noise_floor(part)):
+        if msg:
+            out.append(f"{scope}: {msg}" if multi else msg)
+    sess = (
+        "speed_session"
+        if "speed_session" in part and part["speed_session"].notna().any()
+        else "session"
+    )
+    if sess in part and part["decode_tokens_per_s"].notna().any():
+        timed = part[part["decode_tokens_per_s"].notna()]
+        sessions = _distinct(timed, sess)
+        if len(sessions) > 1:
+            latest = str(timed[sess].dropna().astype(str).max())
+            older = timed[timed[sess].astype(str) != latest]["method"].astype(str).tolist()
             out.append(
-                f"{scope}: slower than the float baseline on this device ({slower_basis(part)}): "
-                + ", ".join(f"{m} ({r:.2f}x)" for m, r in slower)
+                f"{scope}: speed of {', '.join(older)} was measured in an earlier session "
+                "(finished methods are reused when a run resumes); the machine's load may "
+                "have differed, so speed ratios between those rows and the others are "
+                "unreliable (re-run with --force to measure all of them together)"
             )
-        out += [f"{scope}: {w}" if multi else w for w in source_history(part, run.metrics)]
-        model = run.recipe.get("model") or {}
-        if model.get("trust_remote_code"):
+    busy = busy_machine(part)
+    if busy:
+        out.append(f"{scope}: {busy}" if multi else busy)
+    slower = slower_than_baseline(part)
+    if slower:
+        out.append(
+            f"{scope}: slower than the float baseline on this device ({slower_basis(part)}): "
+            + ", ".join(f"{m} ({r:.2f}x)" for m, r in slower)
+        )
+    out += [f"{scope}: {w}" if multi else w for w in source_history(part, run.metrics)]
+    model = run.recipe.get("model") or {}
+    if model.get("trust_remote_code"):
+        out.append(
+            f"{scope}: trust_remote_code was ON: code from the model repository "
+            f"'{model.get('source')}' ran in this process"
+        )
+    for label in part["method"].astype(str):
+        if label not in run.metrics:
             out.append(
-                f"{scope}: trust_remote_code was ON: code from the model repository "
-                f"'{model.get('source')}' ran in this process"
+                f"{scope}: {label} has no metrics.json (only its results row); its details are "
+                "missing"
             )
-        for label in part["method"].astype(str):
-            if label not in run.metrics:
-                out.append(
-                    f"{scope}: {label} has no metrics.json (only its results row); its details are "
-                    "missing"
-                )
-            out += [f"{scope}: {w}" for w in checkpoint_warnings(run, label)]
-        out += [f"{scope}: {n}" for n in run.notes]
-    if multi:
-        versions = version_differences(runs)
-        if versions:
-            out.append(versions)
-        tok = _distinct(frame, "tokenizer")
-        models = _distinct(frame, "model")
-        if len(models) > 1:
+        out += [f"{scope}: {w}" for w in checkpoint_warnings(run, label)]
+    out += [f"{scope}: {n}" for n in run.notes]
+    return out
+
+
+def _cross_run_warnings(runs: list[RunData], frame: pd.DataFrame) -> list[str]:
+    out: list[str] = []
+    versions = version_differences(runs)
+    if versions:
+        out.append(versions)
+    tok = _distinct(frame, "tokenizer")
+    models = _distinct(frame, "model")
+    if len(models) > 1:
+        out.append(
+            f"the runs use different models ({', '.join(models)}): compare each method with "
+            "its own run's baseline (Δppl_%, KL), not raw perplexities across models"
+            + (" (their tokenizers also differ)" if len(tok) > 1 else "")
+        )
+    for col, what in (
+        ("ppl_convention", "perplexity convention"),
+        ("eval_seq_len", "evaluation context length"),
+        ("eval_sha256", "evaluation text"),
+        ("eval_tokens", "number of scored tokens"),
+    ):
+        values = _distinct(frame, col)
+        if len(values) > 1:
             out.append(
-                f"the runs use different models ({', '.join(models)}): compare each method with "
-                "its own run's baseline (Δppl_%, KL), not raw perplexities across models"
-                + (" (their tokenizers also differ)" if len(tok) > 1 else "")
+                f"the runs differ in {what} ({', '.join(v[:16] for v in values)}); "
+                "perplexities across runs are not comparable; compare each run's Δppl_% "
+                "against its own baseline instead"
             )
-        for col, what in (
-            ("ppl_convention", "perplexity convention"),
-            ("eval_seq_len", "evaluation context length"),
-            ("eval_sha256", "evaluation text"),
-            ("eval_tokens", "number of scored tokens"),
-        ):
-            values = _distinct(frame, col)
-            if len(values) > 1:
-                out.append(
-                    f"the runs differ in {what} ({', '.join(v[:16] for v in values)}); "
-                    "perplexities across runs are not comparable; compare each run's Δppl_% "
-                    "against its own baseline instead"
-                )
-                break
+            break
     return out
