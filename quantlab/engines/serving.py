@@ -239,6 +239,32 @@ def run_load(
     keys), the load's parameters, and the generator's per-request latencies under
     ``samples``. ``backend``: the generator's name for the server's API (default: ``vllm``
     for vLLM's server, ``openai`` for llama-server; both stream ``/v1/completions``)."""
+    args = _generator_args(server, tokenizer, load, backend, endpoint)
+    name = f"{server.model}.c{load.concurrency}.{time.time_ns()}"
+    log_start = server.log.stat().st_size if server.engine == "llamacpp" else 0
+    limit = LOAD_BASE_S + LOAD_S_PER_REQUEST * (load.requests + load.warmups)
+    result, log = run_worker(
+        vllm, "bench", {"args": args}, Path(log_dir), name=name, timeout_s=limit, env=server_env()
+    )
+    if not result.get("ok"):
+        raise ToolError(f"vLLM's load generator failed: {result.get('error')} (log: {log})")
+    f = result["figures"]
+    if f.get("completed", 0) < load.requests:
+        errors = [e for e in f.get("errors", []) if e][:1]
+        failed = load.requests - f.get("completed", 0)
+        raise ToolError(
+            f"{failed} of {load.requests} requests failed ("
+            f"{errors[0][:300] if errors else 'no message'}; log: {log})"
+        )
+    if server.engine == "llamacpp":
+        f = _counted_by_server(f, load, _generated(server.log, log_start, load))
+    return _load_record(load, f, log)
+
+
+def _generator_args(
+    server: Server, tokenizer: str | Path, load: Load, backend: str | None, endpoint: str
+) -> list[str]:
+    """vLLM's ``bench serve`` arguments for ``load`` against ``server``."""
     backend = backend or {"vllm": "vllm", "llamacpp": "openai"}[server.engine]
     args = [
         "--backend",
@@ -277,24 +303,12 @@ def run_load(
         "50,99",
         "--save-detailed",  # per-request figures and errors in the result
     ]
-    name = f"{server.model}.c{load.concurrency}.{time.time_ns()}"
-    log_start = server.log.stat().st_size if server.engine == "llamacpp" else 0
-    limit = LOAD_BASE_S + LOAD_S_PER_REQUEST * (load.requests + load.warmups)
-    result, log = run_worker(
-        vllm, "bench", {"args": args}, Path(log_dir), name=name, timeout_s=limit, env=server_env()
-    )
-    if not result.get("ok"):
-        raise ToolError(f"vLLM's load generator failed: {result.get('error')} (log: {log})")
-    f = result["figures"]
-    if f.get("completed", 0) < load.requests:
-        errors = [e for e in f.get("errors", []) if e][:1]
-        failed = load.requests - f.get("completed", 0)
-        raise ToolError(
-            f"{failed} of {load.requests} requests failed ("
-            f"{errors[0][:300] if errors else 'no message'}; log: {log})"
-        )
-    if server.engine == "llamacpp":
-        f = _counted_by_server(f, load, _generated(server.log, log_start, load))
+    return args
+
+
+def _load_record(load: Load, f: dict, log: Path) -> dict:
+    """One load's record: its parameters, the generator's figures (units in the keys), the
+    per-request latencies under ``samples``."""
     return {
         "concurrency": load.concurrency,
         "requests": load.requests,
