@@ -94,24 +94,9 @@ def _add_validate(sub) -> None:
     )
 
 
-def _add_eval(sub) -> None:
-    d = scoring_defaults()  # the same defaults as a recipe's eval block
-    p = sub.add_parser(
-        "eval",
-        help="score any model or checkpoint: perplexity by a convention, "
-        "divergence from a base model, speed; nothing is quantized",
-        description="Score MODEL (demo alias, Hub id, directory, .gguf or a checkpoint "
-        "quantlab exported) on a text. Prints a summary, or one JSON object with --json.",
-    )
-    p.add_argument("model", help="model source or checkpoint directory")
-    p.add_argument(
-        "--data",
-        default="pydoc",
-        help="text source: pydoc (embedded, default), a .txt/.jsonl "
-        "file, a WikiText-style directory, or wikitext2 (online)",
-    )
-    p.add_argument("--split", help="part of the text source (pydoc: evaluation; directories: test)")
-    p.add_argument("--text-field", default="text", help="field of a .jsonl source (default: text)")
+def _add_scoring_options(p, d: dict) -> None:
+    """``quantlab eval``'s scoring options (convention, windows, batch), defaults from
+    :func:`scoring_defaults` (a recipe's eval block has the same)."""
     p.add_argument(
         "--convention",
         default=d["convention"],
@@ -159,6 +144,27 @@ def _add_eval(sub) -> None:
         default=d["batch_size"],
         help=f"windows per forward pass (default {d['batch_size']})",
     )
+
+
+def _add_eval(sub) -> None:
+    d = scoring_defaults()  # the same defaults as a recipe's eval block
+    p = sub.add_parser(
+        "eval",
+        help="score any model or checkpoint: perplexity by a convention, "
+        "divergence from a base model, speed; nothing is quantized",
+        description="Score MODEL (demo alias, Hub id, directory, .gguf or a checkpoint "
+        "quantlab exported) on a text. Prints a summary, or one JSON object with --json.",
+    )
+    p.add_argument("model", help="model source or checkpoint directory")
+    p.add_argument(
+        "--data",
+        default="pydoc",
+        help="text source: pydoc (embedded, default), a .txt/.jsonl "
+        "file, a WikiText-style directory, or wikitext2 (online)",
+    )
+    p.add_argument("--split", help="part of the text source (pydoc: evaluation; directories: test)")
+    p.add_argument("--text-field", default="text", help="field of a .jsonl source (default: text)")
+    _add_scoring_options(p, d)
     p.add_argument(
         "--base", help="also score divergence (KL, top-1, Δp) from this model on the same tokens"
     )
